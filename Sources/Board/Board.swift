@@ -1,0 +1,1 @@
+// Board assembly; see STYLE.md.

@@ -1,0 +1,1 @@
+// Board devices live here; see STYLE.md.

@@ -1,0 +1,99 @@
+/// QEMU's run states, as `query-status` reports them.
+public enum RunState: String, Sendable, CaseIterable {
+    case prelaunch
+    case running
+    case paused
+    case shutdown
+    case internalError = "internal-error"
+    case guestPanicked = "guest-panicked"
+    case debug
+    case finishMigrate = "finish-migrate"
+    case inmigrate
+    case postmigrate
+    case restoreVM = "restore-vm"
+    case saveVM = "save-vm"
+    case suspended
+    case watchdog
+    case colo
+    case ioError = "io-error"
+}
+
+/// Why the machine shut down or reset, with QEMU's `ShutdownCause` names.
+public enum ShutdownCause: String, Sendable {
+    case none
+    case hostError = "host-error"
+    case hostQMPQuit = "host-qmp-quit"
+    case hostQMPSystemReset = "host-qmp-system-reset"
+    case hostSignal = "host-signal"
+    case hostUI = "host-ui"
+    case guestShutdown = "guest-shutdown"
+    case guestReset = "guest-reset"
+    case guestPanic = "guest-panic"
+    case subsystemReset = "subsystem-reset"
+
+    /// True when the guest itself asked for it (the `guest` member of SHUTDOWN and RESET).
+    public var isGuest: Bool {
+        self == .guestShutdown || self == .guestReset || self == .guestPanic
+    }
+}
+
+/// Something that happened to the machine that clients are told about (QMP events).
+public enum MachineEvent: Sendable, Equatable {
+    case stop
+    case resume
+    case reset(cause: ShutdownCause)
+    case shutdown(cause: ShutdownCause)
+    case powerdown
+}
+
+/// What a device may ask of the whole system: the SiFive test device powers off or resets.
+///
+/// Called from the vCPU thread that performed the access; the request takes effect when that
+/// thread next leaves its run loop.
+public protocol SystemControl: AnyObject, Sendable {
+    /// The guest asks to power off (exit code is carried for the HTIF/test-device "fail" case).
+    func requestShutdown(cause: ShutdownCause, exitCode: Int32)
+    /// The guest asks for a reset.
+    func requestReset(cause: ShutdownCause)
+}
+
+/// Information about one vCPU, as `query-cpus-fast` reports it.
+public struct CPUInfo: Sendable, Equatable {
+    public var index: Int
+    public var threadID: Int
+    public var pc: UInt64
+    public init(index: Int, threadID: Int, pc: UInt64) {
+        self.index = index
+        self.threadID = threadID
+        self.pc = pc
+    }
+}
+
+/// The machine façade that the protocol servers (QMP, VNC) drive.
+///
+/// Every method may be called from any thread; each turns into one typed action executed on the
+/// machine's control thread, in order. Methods return once the action has taken effect
+/// (for `stop`, the vCPUs have left guest code).
+public protocol MachineControl: AnyObject, Sendable {
+    /// The current run state.
+    var runState: RunState { get }
+    /// The `-name` of the machine, if any.
+    var machineName: String? { get }
+    /// Pauses all vCPUs (emits STOP if it was running).
+    func stop()
+    /// Resumes all vCPUs (emits RESUME if it was paused).
+    func cont()
+    /// Resets the machine as if the reset line were pulsed (emits RESET).
+    func systemReset()
+    /// Presses the power button: the guest gets an ACPI-style power-key event (emits POWERDOWN).
+    func systemPowerdown()
+    /// Ends the server (emits SHUTDOWN with cause host-qmp-quit).
+    func quit()
+    /// Per-vCPU information.
+    func cpus() -> [CPUInfo]
+    /// Registers an observer that is called, on an arbitrary thread, for every machine event.
+    /// Returns a token for `removeEventObserver`.
+    func addEventObserver(_ observer: @escaping @Sendable (MachineEvent) -> Void) -> Int
+    /// Removes an observer registered with `addEventObserver`.
+    func removeEventObserver(_ token: Int)
+}

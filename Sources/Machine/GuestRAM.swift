@@ -1,0 +1,65 @@
+import Foundation
+
+/// The guest's DRAM: one host allocation mapped at a fixed guest physical base.
+///
+/// Owned by the machine; the pointer stays valid for the machine's life. Any thread may read or
+/// write through it (guest memory has no host-side lock, like real DRAM); ordering between
+/// vCPU and device threads follows the guest's own fences plus the host's memory model.
+public final class GuestRAM: @unchecked Sendable {
+    /// Where the RAM starts in guest physical space.
+    public let base: GuestPhysicalAddress
+    /// Size in bytes (a multiple of 4 KiB).
+    public let size: UInt64
+    /// Host address of guest physical `base`.
+    public let pointer: UnsafeMutableRawPointer
+
+    /// Allocates zeroed RAM. The memory is obtained with `mmap`, so untouched pages cost nothing.
+    public init(base: GuestPhysicalAddress, size: UInt64) throws {
+        precondition(size > 0 && size % 4096 == 0, "RAM size must be a positive multiple of 4 KiB")
+        let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let p, p != MAP_FAILED else {
+            throw MachineError.outOfHostMemory(requested: size)
+        }
+        self.base = base
+        self.size = size
+        self.pointer = p
+    }
+
+    deinit { munmap(pointer, Int(size)) }
+
+    /// The guest region that this RAM occupies.
+    public var region: GuestRegion { GuestRegion(base: base, size: size) }
+
+    /// True when `[address, address + length)` lies entirely in RAM.
+    @inlinable public func contains(_ address: GuestPhysicalAddress, length: UInt64 = 1) -> Bool {
+        let off = address.raw &- base.raw
+        return off < size && length <= size - off
+    }
+
+    /// Host pointer for a guest physical address, or nil when the range is not all RAM.
+    @inlinable public func hostPointer(_ address: GuestPhysicalAddress, length: UInt64 = 1) -> UnsafeMutableRawPointer? {
+        guard contains(address, length: length) else { return nil }
+        return pointer + Int(address.raw &- base.raw)
+    }
+
+    /// Copies bytes into guest RAM; throws when the destination is not entirely RAM.
+    public func write(_ bytes: UnsafeRawBufferPointer, at address: GuestPhysicalAddress) throws {
+        guard let dst = hostPointer(address, length: UInt64(bytes.count)) else {
+            throw MachineError.outsideRAM(address: address, length: UInt64(bytes.count))
+        }
+        if let src = bytes.baseAddress { dst.copyMemory(from: src, byteCount: bytes.count) }
+    }
+
+    /// Copies `data` into guest RAM.
+    public func write(_ data: Data, at address: GuestPhysicalAddress) throws {
+        try data.withUnsafeBytes { try write($0, at: address) }
+    }
+
+    /// Reads bytes out of guest RAM; throws when the source is not entirely RAM.
+    public func read(_ address: GuestPhysicalAddress, count: Int) throws -> [UInt8] {
+        guard let src = hostPointer(address, length: UInt64(count)) else {
+            throw MachineError.outsideRAM(address: address, length: UInt64(count))
+        }
+        return Array(UnsafeRawBufferPointer(start: src, count: count))
+    }
+}

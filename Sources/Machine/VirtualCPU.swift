@@ -1,0 +1,20 @@
+/// One guest hart as the board sees it. The CPU implementation lives in `Translator`.
+///
+/// Owned by its vCPU thread: `run()` is called on that thread only, and `reset` and `pc` only
+/// while `run()` is not executing (the control thread pauses the hart first).
+public protocol VirtualCPU: AnyObject {
+    /// The hart's `mhartid`.
+    var hartID: Int { get }
+    /// The interrupt lines, timer compare and wake-up signal of this hart.
+    var interrupts: HartInterrupts { get }
+    /// Puts the hart in its reset state in M-mode at `entry`, with a0, a1 and a2 as given
+    /// (QEMU's reset vector passes hartid, the device-tree address and fw_dynamic info).
+    func reset(entry: GuestPhysicalAddress, a0: UInt64, a1: UInt64, a2: UInt64)
+    /// Executes guest code on the calling thread until `interrupts.exitRequest` is seen; clears
+    /// the request and returns. Sleeps inside while the guest waits in `wfi`.
+    func run()
+    /// The guest program counter (virtual), for `query-cpus-fast` and error reports.
+    var pc: UInt64 { get }
+    /// Instructions retired since reset.
+    var instructionsRetired: UInt64 { get }
+}

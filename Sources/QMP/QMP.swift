@@ -1,0 +1,1 @@
+// QMP server; see STYLE.md.

@@ -1,0 +1,1 @@
+// Schema runtime; see STYLE.md.

@@ -1,0 +1,1 @@
+// VNC server; see STYLE.md.

@@ -1,0 +1,1 @@
+print("schema-gen: not written yet")
