@@ -26,7 +26,8 @@ let package = Package(
         // Core vocabulary: guest memory, bus, interrupt lines, clock, the machine façade.
         .target(name: "Machine", swiftSettings: optimized),
         // RV64GC CPU: decoder, translation-block cache, soft TLB, executor.
-        .target(name: "Translator", dependencies: ["Machine"], swiftSettings: optimized),
+        .target(name: "Translator", dependencies: ["Machine"],
+                swiftSettings: optimized + [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
         // Disk image formats (raw, qcow2), shared by virtio-blk and machine-img.
         .target(name: "Storage", dependencies: ["CZlib"]),
         // Devices: UART, ACLINT, PLIC, test device, RTC, HTIF, virtio transport and devices.

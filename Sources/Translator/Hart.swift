@@ -1,0 +1,387 @@
+import Foundation
+import Machine
+
+/// One RV64GC hart: the reference execution engine (pre-decoded translation blocks, a soft TLB,
+/// block chaining). A later JIT is tested against it.
+///
+/// Threading: owned by its vCPU thread. `run()` executes there; `reset` and the inspection
+/// properties are called by the control thread only while `run()` is not executing. Devices
+/// reach the hart only through its `HartInterrupts`.
+public final class Hart: VirtualCPU {
+    public let hartID: Int
+    public let interrupts: HartInterrupts
+    let ram: GuestRAM
+    let bus: MemoryBus
+    let clock: VirtualClock
+
+    // MARK: Hot state (one raw allocation at fixed offsets, see `StateLayout`)
+
+    let state: UnsafeMutableRawPointer
+    /// x0…x31 and the x0 sink at index 32.
+    let x: UnsafeMutablePointer<UInt64>
+    /// f0…f31 as raw 64-bit patterns.
+    let f: UnsafeMutablePointer<UInt64>
+
+    var pcValue: UInt64 {
+        get { state.load(fromByteOffset: StateLayout.pc, as: UInt64.self) }
+        set { state.storeBytes(of: newValue, toByteOffset: StateLayout.pc, as: UInt64.self) }
+    }
+
+    var privilege: Privilege = .machine {
+        didSet { state.storeBytes(of: privilege.rawValue, toByteOffset: StateLayout.privilege, as: UInt64.self) }
+    }
+
+    // MARK: CSRs
+
+    var mstatus: UInt64 = 0
+    var misa: UInt64 = (2 << 62) | (1 << 0) | (1 << 2) | (1 << 3) | (1 << 5) | (1 << 8) | (1 << 12) | (1 << 18) | (1 << 20)
+    var medeleg: UInt64 = 0
+    var mideleg: UInt64 = 0
+    var mie: UInt64 = 0
+    /// Software-writable pending bits (SSIP, STIP, SEIP); device lines are ORed in on read.
+    var mipSoftware: UInt64 = 0
+    /// MTIP as last computed from the clock and `mtimecmp`.
+    var mtipLevel = false
+    var mtvec: UInt64 = 0
+    var mcounteren: UInt64 = 0
+    var mscratch: UInt64 = 0
+    var mepc: UInt64 = 0
+    var mcause: UInt64 = 0
+    var mtval: UInt64 = 0
+    var menvcfg: UInt64 = 0
+    var mcountinhibit: UInt64 = 0
+    var stvec: UInt64 = 0
+    var scounteren: UInt64 = 0
+    var senvcfg: UInt64 = 0
+    var sscratch: UInt64 = 0
+    var sepc: UInt64 = 0
+    var scause: UInt64 = 0
+    var stval: UInt64 = 0
+    var satp: UInt64 = 0
+    var pmpcfg = [UInt64](repeating: 0, count: 8)
+    var pmpaddr = [UInt64](repeating: 0, count: 64)
+    /// fflags (low 5 bits) as last synchronised with the host's sticky exception flags.
+    var fflags: UInt64 = 0
+    var frm: UInt64 = 0
+    /// Instructions retired since reset.
+    var instret: UInt64 = 0
+
+    // MARK: Reservation (LR/SC)
+
+    var reservation: UInt64 = .max
+
+    // MARK: Execution bookkeeping
+
+    /// Set when a trap was taken inside a helper; the executor leaves the block.
+    var trapped = false
+    /// Set when a store invalidated translated code; the executor leaves the block.
+    var blockInvalidated = false
+    /// Set when something changed that may make an interrupt deliverable.
+    var interruptCheckNeeded = true
+    /// Set by `wfi`; the run loop sleeps until an interrupt is pending.
+    var waitingForInterrupt = false
+    /// The host rounding mode currently programmed (RISC-V encoding).
+    var hostRoundingMode: UInt64 = 0
+
+    // MARK: Soft TLB
+
+    static let tlbEntries = 256
+    /// Tags (virtual page numbers) per [mmu index][access type][entry]; `.max` is empty.
+    let tlbTags: UnsafeMutablePointer<UInt64>
+    /// Host address minus virtual address of the page, per entry.
+    let tlbAddends: UnsafeMutablePointer<Int>
+    /// The current MMU index for data accesses and for fetch (0 U, 1 S, 2 S+SUM, 3 M).
+    var dataMMUIndex = 3
+    var fetchMMUIndex = 3
+
+    // MARK: Translation-block cache
+
+    static let maxBlocks = 1 << 16
+    static let maxOps = 1 << 20
+    static let maxOpsPerBlock = 128
+    let blocks: UnsafeMutablePointer<TranslationBlock>
+    let ops: UnsafeMutablePointer<Op>
+    var blockCount = 0
+    var opCount = 0
+    /// Physical PC and privilege -> block index.
+    var blockByPhysical: [UInt64: Int32] = [:]
+    /// Physical page -> blocks that contain code from it.
+    var blocksByPage: [UInt64: [Int32]] = [:]
+    /// One byte per RAM page: nonzero when translated code came from the page.
+    let codePages: UnsafeMutablePointer<UInt8>
+    /// Virtual-PC jump cache per fetch MMU index: tag (virtual PC) and block index.
+    static let jumpCacheSize = 4096
+    let jumpTags: UnsafeMutablePointer<UInt64>
+    let jumpBlocks: UnsafeMutablePointer<Int32>
+    /// Bumped whenever translations may have changed (satp, sfence.vma, flush); chains made
+    /// under an older epoch are ignored.
+    var mmuEpoch: UInt32 = 1
+    /// Statistics for tests and benchmarks.
+    public internal(set) var blocksTranslated = 0
+    public internal(set) var blocksInvalidated = 0
+
+    /// Creates a hart in its reset state, stopped at address 0 in M-mode.
+    public init(hartID: Int, ram: GuestRAM, bus: MemoryBus, interrupts: HartInterrupts, clock: VirtualClock) {
+        self.hartID = hartID
+        self.ram = ram
+        self.bus = bus
+        self.interrupts = interrupts
+        self.clock = clock
+        state = UnsafeMutableRawPointer.allocate(byteCount: StateLayout.size, alignment: 64)
+        state.initializeMemory(as: UInt8.self, repeating: 0, count: StateLayout.size)
+        x = (state + StateLayout.x).assumingMemoryBound(to: UInt64.self)
+        f = (state + StateLayout.f).assumingMemoryBound(to: UInt64.self)
+        let tlbCount = 4 * 3 * Self.tlbEntries
+        tlbTags = .allocate(capacity: tlbCount)
+        tlbTags.initialize(repeating: .max, count: tlbCount)
+        tlbAddends = .allocate(capacity: tlbCount)
+        tlbAddends.initialize(repeating: 0, count: tlbCount)
+        blocks = .allocate(capacity: Self.maxBlocks)
+        blocks.initialize(repeating: TranslationBlock(), count: Self.maxBlocks)
+        ops = .allocate(capacity: Self.maxOps)
+        ops.initialize(repeating: Op(), count: Self.maxOps)
+        let pages = Int(ram.size / 4096)
+        codePages = .allocate(capacity: pages)
+        codePages.initialize(repeating: 0, count: pages)
+        jumpTags = .allocate(capacity: 4 * Self.jumpCacheSize)
+        jumpTags.initialize(repeating: .max, count: 4 * Self.jumpCacheSize)
+        jumpBlocks = .allocate(capacity: 4 * Self.jumpCacheSize)
+        jumpBlocks.initialize(repeating: -1, count: 4 * Self.jumpCacheSize)
+    }
+
+    deinit {
+        state.deallocate()
+        tlbTags.deallocate()
+        tlbAddends.deallocate()
+        blocks.deallocate()
+        ops.deallocate()
+        codePages.deallocate()
+        jumpTags.deallocate()
+        jumpBlocks.deallocate()
+    }
+
+    public var pc: UInt64 { pcValue }
+    public var instructionsRetired: UInt64 { instret }
+
+    /// Reads integer register `i` (0…31).
+    public func register(_ i: Int) -> UInt64 { i == 0 ? 0 : x[i] }
+    /// Writes integer register `i` (1…31); writes to x0 are ignored.
+    public func setRegister(_ i: Int, _ v: UInt64) { if i != 0 { x[i] = v } }
+    /// Reads FP register `i` as raw bits.
+    public func fpRegister(_ i: Int) -> UInt64 { f[i] }
+
+    public func reset(entry: GuestPhysicalAddress, a0: UInt64, a1: UInt64, a2: UInt64) {
+        for i in 0..<64 { x[i] = 0 }
+        for i in 0..<32 { f[i] = 0 }
+        x[10] = a0
+        x[11] = a1
+        x[12] = a2
+        pcValue = entry.raw
+        privilege = .machine
+        mstatus = MStatus.uxl | MStatus.sxl
+        medeleg = 0; mideleg = 0; mie = 0; mipSoftware = 0; mtipLevel = false
+        mtvec = 0; mcounteren = 0; mscratch = 0; mepc = 0; mcause = 0; mtval = 0
+        menvcfg = 0; mcountinhibit = 0
+        stvec = 0; scounteren = 0; senvcfg = 0; sscratch = 0; sepc = 0; scause = 0; stval = 0; satp = 0
+        for i in pmpcfg.indices { pmpcfg[i] = 0 }
+        for i in pmpaddr.indices { pmpaddr[i] = 0 }
+        fflags = 0; frm = 0
+        instret = 0
+        reservation = .max
+        waitingForInterrupt = false
+        interruptCheckNeeded = true
+        setHostRounding(0)
+        clearHostFlags()
+        flushAllTranslations()
+        updateMMUContext()
+    }
+
+    // MARK: Run loop
+
+    public func run() {
+        let lines = interrupts
+        var timerBudget = 0
+        while true {
+            if lines.exitRequest.load(ordering: .relaxed) {
+                lines.exitRequest.store(false, ordering: .sequentiallyConsistent)
+                return
+            }
+            if lines.kick.load(ordering: .relaxed) || timerBudget <= 0 {
+                lines.kick.store(false, ordering: .relaxed)
+                pollTimer()
+                interruptCheckNeeded = true
+                timerBudget = 256
+            }
+            if interruptCheckNeeded {
+                interruptCheckNeeded = false
+                if takePendingInterrupt() { waitingForInterrupt = false }
+            }
+            if waitingForInterrupt {
+                if pendingAndEnabledLocally() != 0 {
+                    waitingForInterrupt = false
+                } else {
+                    sleepUntilInterrupt()
+                    timerBudget = 0
+                    continue
+                }
+            }
+            // Execute a run of chained blocks.
+            var previous: Int32 = -1
+            var slot = -1
+            var budget = 64
+            while budget > 0 {
+                budget -= 1
+                let pc = pcValue
+                var index: Int32 = -1
+                if previous >= 0 && slot >= 0 {
+                    let p = blocks + Int(previous)
+                    if p.pointee.chainEpoch == mmuEpoch {
+                        let (c, cpc) = slot == 0 ? (p.pointee.chainTB.0, p.pointee.chainPC.0)
+                                                 : (p.pointee.chainTB.1, p.pointee.chainPC.1)
+                        if c >= 0 && cpc == pc && blocks[Int(c)].valid { index = c }
+                    }
+                }
+                if index < 0 {
+                    index = lookupBlock(pc)
+                    if index < 0 { break }  // fetch fault taken
+                    if previous >= 0 && slot >= 0 { link(previous, slot: slot, to: index, pc: pc) }
+                }
+                slot = execute(index, base: pc)
+                previous = slot >= 0 ? index : -1
+                if lines.kick.load(ordering: .relaxed) || interruptCheckNeeded || waitingForInterrupt { break }
+            }
+            timerBudget -= 1
+        }
+    }
+
+    private func link(_ from: Int32, slot: Int, to: Int32, pc: UInt64) {
+        let p = blocks + Int(from)
+        if p.pointee.chainEpoch != mmuEpoch {
+            p.pointee.chainEpoch = mmuEpoch
+            p.pointee.chainTB = (-1, -1)
+        }
+        if slot == 0 { p.pointee.chainTB.0 = to; p.pointee.chainPC.0 = pc }
+        else { p.pointee.chainTB.1 = to; p.pointee.chainPC.1 = pc }
+    }
+
+    // MARK: Interrupts
+
+    /// Recomputes MTIP from the virtual clock and this hart's `mtimecmp`.
+    func pollTimer() {
+        let saved = saveHostFlags()
+        mtipLevel = clock.ticks >= interrupts.mtimecmp.load(ordering: .relaxed)
+        restoreHostFlags(saved)
+    }
+
+    /// The `mip` value as the guest sees it.
+    var mip: UInt64 {
+        mipSoftware | (interrupts.lines.load(ordering: .relaxed) & (Irq.msi | Irq.mei | Irq.sei)) | (mtipLevel ? Irq.mti : 0)
+    }
+
+    /// Pending and individually enabled interrupts, ignoring global enables (what wakes `wfi`).
+    func pendingAndEnabledLocally() -> UInt64 {
+        pollTimer()
+        return mip & mie
+    }
+
+    /// Takes the highest-priority deliverable interrupt, if any; returns true when one was taken.
+    func takePendingInterrupt() -> Bool {
+        let pending = mip & mie
+        if pending == 0 { return false }
+        let mEnabled = privilege != .machine || (mstatus & MStatus.mie) != 0
+        let sEnabled = privilege == .user || (privilege == .supervisor && (mstatus & MStatus.sie) != 0)
+        let toM = pending & ~mideleg
+        let toS = pending & mideleg
+        var chosen: UInt64 = 0
+        if mEnabled && toM != 0 { chosen = toM }
+        else if sEnabled && toS != 0 && privilege != .machine { chosen = toS }
+        if chosen == 0 { return false }
+        // Priority: MEI, MSI, MTI, SEI, SSI, STI.
+        for cause: UInt64 in [11, 3, 7, 9, 1, 5] where chosen & (1 << cause) != 0 {
+            takeTrap(cause: cause | (1 << 63), tval: 0, pc: pcValue)
+            return true
+        }
+        return false
+    }
+
+    private func sleepUntilInterrupt() {
+        let saved = saveHostFlags()
+        let cmp = interrupts.mtimecmp.load(ordering: .relaxed)
+        let deadline = (mie & Irq.mti) != 0 ? clock.hostDeadline(forTicks: cmp) : nil
+        interrupts.waitForInterrupt(untilUptimeNanoseconds: deadline)
+        restoreHostFlags(saved)
+    }
+
+    // MARK: Traps
+
+    /// Enters the trap handler for `cause` (with bit 63 for interrupts), saving `pc`.
+    func takeTrap(cause: UInt64, tval: UInt64, pc: UInt64) {
+        let isInterrupt = cause >> 63 != 0
+        let code = cause & 0x3f
+        let delegated = privilege != .machine &&
+            ((isInterrupt ? mideleg : medeleg) >> code) & 1 != 0
+        if delegated {
+            sepc = pc
+            scause = cause
+            stval = tval
+            var s = mstatus
+            s = (s & ~MStatus.spie) | ((s & MStatus.sie) != 0 ? MStatus.spie : 0)
+            s &= ~MStatus.sie
+            s = (s & ~MStatus.spp) | (privilege == .supervisor ? MStatus.spp : 0)
+            mstatus = s
+            privilege = .supervisor
+            let base = stvec & ~3
+            pcValue = (stvec & 1 != 0 && isInterrupt) ? base &+ 4 &* code : base
+        } else {
+            mepc = pc
+            mcause = cause
+            mtval = tval
+            var s = mstatus
+            s = (s & ~MStatus.mpie) | ((s & MStatus.mie) != 0 ? MStatus.mpie : 0)
+            s &= ~MStatus.mie
+            s = (s & ~MStatus.mpp) | (privilege.rawValue << MStatus.mppShift)
+            mstatus = s
+            privilege = .machine
+            let base = mtvec & ~3
+            pcValue = (mtvec & 1 != 0 && isInterrupt) ? base &+ 4 &* code : base
+        }
+        updateMMUContext()
+        interruptCheckNeeded = true
+    }
+
+    /// Raises a synchronous exception at `pc`; the executor must leave the block.
+    func raise(_ cause: Cause, tval: UInt64, pc: UInt64) {
+        takeTrap(cause: cause.rawValue, tval: tval, pc: pc)
+        trapped = true
+    }
+
+    func mret(pc: UInt64) {
+        let s = mstatus
+        let mpp = (s & MStatus.mpp) >> MStatus.mppShift
+        var n = s
+        n = (n & ~MStatus.mie) | ((s & MStatus.mpie) != 0 ? MStatus.mie : 0)
+        n |= MStatus.mpie
+        n &= ~MStatus.mpp
+        let target = Privilege(rawValue: mpp) ?? .user
+        if target != .machine { n &= ~MStatus.mprv }
+        mstatus = n
+        privilege = target
+        pcValue = mepc
+        updateMMUContext()
+        interruptCheckNeeded = true
+    }
+
+    func sret(pc: UInt64) {
+        let s = mstatus
+        var n = s
+        n = (n & ~MStatus.sie) | ((s & MStatus.spie) != 0 ? MStatus.sie : 0)
+        n |= MStatus.spie
+        n &= ~MStatus.spp
+        n &= ~MStatus.mprv
+        mstatus = n
+        privilege = (s & MStatus.spp) != 0 ? .supervisor : .user
+        pcValue = sepc
+        updateMMUContext()
+        interruptCheckNeeded = true
+    }
+}

@@ -1,0 +1,64 @@
+/// The operations of the pre-decoded form. One guest instruction becomes one `Op`; the
+/// executor switches on `kind` and never looks at instruction bits again.
+enum OpKind: UInt8 {
+    case illegal
+    case nop
+    // RV64I
+    case lui, auipc, jal, jalr
+    case beq, bne, blt, bge, bltu, bgeu
+    case lb, lh, lw, ld, lbu, lhu, lwu
+    case sb, sh, sw, sd
+    case addi, slti, sltiu, xori, ori, andi, slli, srli, srai
+    case add, sub, sll, slt, sltu, xor, srl, sra, or, and
+    case addiw, slliw, srliw, sraiw, addw, subw, sllw, srlw, sraw
+    // M
+    case mul, mulh, mulhsu, mulhu, div, divu, rem, remu
+    case mulw, divw, divuw, remw, remuw
+    // A: `rm` holds the AMO function (funct5), `imm` the width (4 or 8)
+    case lr, sc, amo
+    // F and D loads/stores
+    case flw, fld, fsw, fsd
+    // F and D arithmetic: `rm` holds the rounding-mode field
+    case fmaddS, fmsubS, fnmsubS, fnmaddS, faddS, fsubS, fmulS, fdivS, fsqrtS
+    case fsgnjS, fsgnjnS, fsgnjxS, fminS, fmaxS, feqS, fltS, fleS, fclassS
+    case fcvtWS, fcvtWUS, fcvtLS, fcvtLUS, fcvtSW, fcvtSWU, fcvtSL, fcvtSLU, fmvXW, fmvWX
+    case fmaddD, fmsubD, fnmsubD, fnmaddD, faddD, fsubD, fmulD, fdivD, fsqrtD
+    case fsgnjD, fsgnjnD, fsgnjxD, fminD, fmaxD, feqD, fltD, fleD, fclassD
+    case fcvtWD, fcvtWUD, fcvtLD, fcvtLUD, fcvtDW, fcvtDWU, fcvtDL, fcvtDLU, fmvXD, fmvDX
+    case fcvtSD, fcvtDS
+    // System
+    case fence, fenceI, ecall, ebreak, mret, sret, wfi, sfenceVma
+    case csrrw, csrrs, csrrc, csrrwi, csrrsi, csrrci
+}
+
+/// One pre-decoded instruction.
+///
+/// `rd` of an integer destination is 32 (a scratch slot) when the instruction names x0, so the
+/// executor writes unconditionally and x0 stays zero. `pcOffset` is the instruction's offset in
+/// its translation block, so the block can be shared by every virtual alias of its physical page.
+struct Op {
+    var kind: OpKind = .illegal
+    var rd: UInt8 = 0
+    var rs1: UInt8 = 0
+    var rs2: UInt8 = 0
+    var rs3: UInt8 = 0
+    var rm: UInt8 = 0
+    /// Instruction length in bytes: 2 (compressed) or 4.
+    var length: UInt8 = 4
+    var pcOffset: UInt16 = 0
+    var imm: Int64 = 0
+    /// The original instruction bits (for `mtval` on an illegal instruction and for CSR numbers).
+    var raw: UInt32 = 0
+
+    /// True when the op ends a translation block (control flow or a change of machine state).
+    var endsBlock: Bool {
+        switch kind {
+        case .jal, .jalr, .beq, .bne, .blt, .bge, .bltu, .bgeu,
+             .illegal, .fenceI, .ecall, .ebreak, .mret, .sret, .wfi, .sfenceVma,
+             .csrrw, .csrrs, .csrrc, .csrrwi, .csrrsi, .csrrci:
+            return true
+        default:
+            return false
+        }
+    }
+}
