@@ -1,1 +1,0 @@
-// Board devices live here; see STYLE.md.

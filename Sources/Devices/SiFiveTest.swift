@@ -1,0 +1,40 @@
+import Machine
+
+/// The SiFive test device ("sifive,test0/1") at 0x10_0000 on `virt`: the guest powers off or
+/// resets the machine by writing one 32-bit word at offset 0.
+///
+/// Low 16 bits 0x5555 = pass (shutdown, exit code 0), 0x3333 = fail (shutdown, exit code in bits
+/// 31:16), 0x7777 = reset; other values are ignored. Reads return 0. Stateless: any vCPU thread
+/// may access it. Linux's syscon-poweroff/-reboot and OpenSBI's reset driver use it.
+public final class SiFiveTest: MMIODevice, Sendable {
+    /// Size of the register window on `virt`.
+    public static let windowSize: UInt64 = 0x1000
+    /// Command in the low 16 bits: fail, with an exit code in bits 31:16.
+    public static let fail: UInt64 = 0x3333
+    /// Command: pass (power off with exit code 0).
+    public static let pass: UInt64 = 0x5555
+    /// Command: reset.
+    public static let reset: UInt64 = 0x7777
+
+    public let name: String
+    private let system: any SystemControl
+
+    /// Creates the device; shutdown and reset requests go to `system`.
+    public init(name: String = "test", system: any SystemControl) {
+        self.name = name
+        self.system = system
+    }
+
+    public func read(offset: UInt64, size: Int) -> UInt64 { 0 }
+
+    public func write(offset: UInt64, size: Int, value: UInt64) {
+        guard offset == 0, size >= 4 else { return }
+        switch value & 0xFFFF {
+        case Self.pass: system.requestShutdown(cause: .guestShutdown, exitCode: 0)
+        case Self.fail:
+            system.requestShutdown(cause: .guestShutdown, exitCode: Int32((value >> 16) & 0xFFFF))
+        case Self.reset: system.requestReset(cause: .guestReset)
+        default: break
+        }
+    }
+}
