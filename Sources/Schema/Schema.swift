@@ -1,1 +1,0 @@
-// Schema runtime; see STYLE.md.
