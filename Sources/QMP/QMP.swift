@@ -1,1 +1,0 @@
-// QMP server; see STYLE.md.

@@ -1,0 +1,311 @@
+import Dispatch
+import Logging
+import Machine
+import NIOCore
+import NIOPosix
+import Schema
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Where a QMP server listens: `unix:PATH` or `tcp:HOST:PORT`.
+public enum QMPListenerSpec: Sendable, Equatable, CustomStringConvertible {
+    /// A unix socket at this path (created with mode 0600; a stale socket file is replaced).
+    case unix(path: String)
+    /// A TCP listener (port 0 picks a free port; see `QMPServer.boundAddresses`).
+    case tcp(host: String, port: Int)
+
+    /// Parses "unix:PATH" or "tcp:HOST:PORT"; the error names what is wrong.
+    public init(parsing text: String) throws(QMPServerError) {
+        if text.hasPrefix("unix:") {
+            let path = String(text.dropFirst(5))
+            guard !path.isEmpty else { throw .badListener(text, "the socket path is empty") }
+            self = .unix(path: path)
+        } else if text.hasPrefix("tcp:") {
+            guard let hp = SchemaCheck.parseHostPort(String(text.dropFirst(4))) else {
+                throw .badListener(text, "expected tcp:HOST:PORT")
+            }
+            self = .tcp(host: hp.host, port: Int(hp.port))
+        } else {
+            throw .badListener(text, "expected unix:PATH or tcp:HOST:PORT")
+        }
+    }
+
+    /// The spec in its textual form.
+    public var description: String {
+        switch self {
+        case .unix(let p): return "unix:\(p)"
+        case .tcp(let h, let p): return "tcp:\(h):\(p)"
+        }
+    }
+}
+
+/// Why the QMP server could not start.
+public enum QMPServerError: Error, Equatable, CustomStringConvertible {
+    /// A listener spec is malformed.
+    case badListener(String, String)
+    /// Binding a listener failed.
+    case bindFailed(String, String)
+    /// `start` was called twice or after `shutdown`.
+    case notStartable
+
+    /// A message naming the listener and the cause.
+    public var description: String {
+        switch self {
+        case .badListener(let s, let why): return "bad QMP listener '\(s)': \(why)"
+        case .bindFailed(let s, let why): return "cannot listen on \(s): \(why)"
+        case .notStartable: return "the QMP server was already started or shut down"
+        }
+    }
+}
+
+/// Settings for a QMP server.
+public struct QMPServerConfiguration: Sendable {
+    /// What `query-version` and the greeting report.
+    public var version: VersionInfo
+    /// The largest accepted message; a longer one gets an error and the connection is closed.
+    public var maxMessageSize: Int
+
+    /// Defaults: QEMU 7.2.0 behaviour, "machine-server 0.1.0", 4 MiB messages.
+    public init(version: VersionInfo = VersionInfo(qemu: VersionTriple(major: 7, minor: 2, micro: 0),
+                                                   package: "machine-server 0.1.0"),
+                maxMessageSize: Int = 4 << 20) {
+        self.version = version
+        self.maxMessageSize = maxMessageSize
+    }
+}
+
+/// The QMP server: listens on unix and TCP sockets, speaks QMP to any number of clients, each
+/// negotiating on its own, and forwards machine events to every negotiated client.
+///
+/// I/O runs on one SwiftNIO event-loop thread; commands run on a serial queue per connection
+/// (so a slow `stop` never blocks other clients' I/O) and replies go out in request order.
+/// All methods may be called from any thread.
+public final class QMPServer: Sendable {
+    private let control: any MachineControl
+    private let chardevs: any ChardevRegistry
+    private let configuration: QMPServerConfiguration
+    private let group: MultiThreadedEventLoopGroup
+    private let logger = Logger(label: "machine-server.qmp")
+
+    private struct State {
+        var started = false
+        var stopped = false
+        var listeners: [any Channel] = []
+        var connections: [ObjectIdentifier: QMPConnection] = [:]
+        var observerToken: Int?
+        var unixPaths: [String] = []
+    }
+    private let state = Mutex(State())
+
+    /// Creates a server for `control`; nothing listens until `start`.
+    public init(control: any MachineControl, chardevs: any ChardevRegistry,
+                configuration: QMPServerConfiguration = QMPServerConfiguration()) {
+        self.control = control
+        self.chardevs = chardevs
+        self.configuration = configuration
+        self.group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    }
+
+    /// Binds every listener and starts accepting clients. On failure nothing stays bound.
+    public func start(listeners: [QMPListenerSpec]) throws(QMPServerError) {
+        try state.withLock { s throws(QMPServerError) in
+            if s.started || s.stopped { throw .notStartable }
+            s.started = true
+        }
+        let token = control.addEventObserver { [weak self] event in self?.broadcast(event) }
+        state.withLock { $0.observerToken = token }
+        var bound: [any Channel] = []
+        for spec in listeners {
+            let bootstrap = ServerBootstrap(group: group)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelInitializer { [weak self] channel in
+                    guard let self else { return channel.close() }
+                    return channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(QMPChannelHandler(server: self))
+                    }
+                }
+            do {
+                let channel: any Channel
+                switch spec {
+                case .unix(let path):
+                    channel = try bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).wait()
+                    chmod(path, 0o600)
+                    state.withLock { $0.unixPaths.append(path) }
+                case .tcp(let host, let port):
+                    channel = try bootstrap.bind(host: host, port: port).wait()
+                }
+                bound.append(channel)
+                logger.info("QMP listening on \(channel.localAddress.map { "\($0)" } ?? spec.description)")
+            } catch {
+                for c in bound { _ = try? c.close().wait() }
+                throw .bindFailed(spec.description, "\(error)")
+            }
+        }
+        state.withLock { $0.listeners = bound }
+    }
+
+    /// The bound addresses ("unix:PATH" or "tcp:HOST:PORT"), in listener order; useful with port 0.
+    public var boundAddresses: [String] {
+        state.withLock { s in
+            s.listeners.compactMap { c -> String? in
+                guard let a = c.localAddress else { return nil }
+                if let p = a.pathname { return "unix:\(p)" }
+                return "tcp:\(a.ipAddress ?? "?"):\(a.port ?? 0)"
+            }
+        }
+    }
+
+    /// Stops listening, closes every connection (after pending replies are written) and ends the
+    /// I/O thread. Idempotent. Must not be called from a QMP command (it waits for I/O to finish).
+    public func shutdown() {
+        let (listeners, connections, token, paths) = state.withLock { s in
+            if s.stopped { return ([any Channel](), [QMPConnection](), Int?.none, [String]()) }
+            s.stopped = true
+            defer { s.listeners = []; s.connections = [:]; s.observerToken = nil }
+            return (s.listeners, Array(s.connections.values), s.observerToken, s.unixPaths)
+        }
+        if let token { control.removeEventObserver(token) }
+        for l in listeners { _ = try? l.close().wait() }
+        for c in connections { c.closeAfterPendingWork() }
+        for p in paths { unlink(p) }
+        try? group.syncShutdownGracefully()
+    }
+
+    fileprivate func makeConnection(channel: any Channel) -> QMPConnection {
+        let c = QMPConnection(channel: channel, server: self,
+                              executor: QMPCommandExecutor(control: control, chardevs: chardevs, version: configuration.version))
+        state.withLock { $0.connections[ObjectIdentifier(c)] = c }
+        return c
+    }
+
+    fileprivate func remove(_ c: QMPConnection) {
+        _ = state.withLock { $0.connections.removeValue(forKey: ObjectIdentifier(c)) }
+    }
+
+    fileprivate var version: VersionInfo { configuration.version }
+    fileprivate var maxMessageSize: Int { configuration.maxMessageSize }
+    fileprivate var machine: any MachineControl { control }
+
+    private func broadcast(_ event: MachineEvent) {
+        let qmpEvent: QMPEvent
+        switch event {
+        case .stop: qmpEvent = .stop
+        case .resume: qmpEvent = .resume
+        case .powerdown: qmpEvent = .powerdown
+        case .reset(let cause):
+            qmpEvent = .reset(ResetEventData(guest: cause.isGuest, reason: ShutdownCause(cause)))
+        case .shutdown(let cause):
+            qmpEvent = .shutdown(ShutdownEventData(guest: cause.isGuest, reason: ShutdownCause(cause)))
+        }
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        let message = QMPSession.eventMessage(qmpEvent, seconds: Int64(ts.tv_sec), microseconds: Int64(ts.tv_nsec / 1000))
+        let targets = state.withLock { Array($0.connections.values) }
+        for c in targets where c.isNegotiated { c.send(message) }
+    }
+}
+
+extension Schema.ShutdownCause {
+    /// The schema's value for a machine shutdown cause (the names are the same).
+    init(_ cause: Machine.ShutdownCause) {
+        self = Schema.ShutdownCause(rawValue: cause.rawValue) ?? .none
+    }
+}
+
+/// One client connection: its channel, its command queue and its executor.
+/// Thread-safe; the negotiated flag is set on the I/O thread and read by event broadcasts.
+final class QMPConnection: Sendable {
+    let channel: any Channel
+    let executor: QMPCommandExecutor
+    private let queue = DispatchQueue(label: "machine-server.qmp.connection")
+    private let negotiated = Atomic<Bool>(false)
+    private let machine: any MachineControl
+
+    fileprivate init(channel: any Channel, server: QMPServer, executor: QMPCommandExecutor) {
+        self.channel = channel
+        self.executor = executor
+        self.machine = server.machine
+    }
+
+    var isNegotiated: Bool { negotiated.load(ordering: .acquiring) }
+    func markNegotiated() { negotiated.store(true, ordering: .releasing) }
+
+    /// Writes one message followed by CRLF.
+    @discardableResult
+    func send(_ message: JSONValue) -> EventLoopFuture<Void> {
+        var buffer = channel.allocator.buffer(capacity: 256)
+        buffer.writeString(message.serialized())
+        buffer.writeString("\r\n")
+        return channel.writeAndFlush(buffer)
+    }
+
+    /// Queues an action behind earlier ones so replies keep request order.
+    func perform(_ action: QMPSession.Action) {
+        queue.async { [self] in
+            switch action {
+            case .send(let m):
+                send(m)
+            case .close:
+                channel.close(promise: nil)
+            case .execute(let id, let command):
+                let result = executor.run(command)
+                let written = send(QMPSession.reply(id: id, result: result))
+                if executor.takeQuitRequest() {
+                    // The reply must reach the client before the machine goes away.
+                    let machine = self.machine
+                    written.whenComplete { _ in DispatchQueue.global().async { machine.quit() } }
+                }
+            }
+        }
+    }
+
+    /// Closes the channel once every queued action has run.
+    func closeAfterPendingWork() {
+        queue.sync {}
+        _ = try? channel.close().wait()
+    }
+}
+
+/// The NIO handler: feeds bytes to the connection's `QMPSession` and hands the resulting actions
+/// to the connection. Lives on the channel's event loop.
+final class QMPChannelHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+
+    private let server: QMPServer
+    private var session: QMPSession
+    private var connection: QMPConnection?
+
+    init(server: QMPServer) {
+        self.server = server
+        self.session = QMPSession(maxMessageSize: server.maxMessageSize)
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        let c = server.makeConnection(channel: context.channel)
+        connection = c
+        c.perform(.send(QMPSession.greeting(version: server.version)))
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buffer = unwrapInboundIn(data)
+        guard let c = connection else { return }
+        let actions = session.receive(buffer.readableBytesView)
+        if session.negotiated && !c.isNegotiated { c.markNegotiated() }
+        for a in actions { c.perform(a) }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if let c = connection { server.remove(c) }
+        connection = nil
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}
