@@ -66,11 +66,25 @@ func setNonBlockingCloseOnExec(_ fd: Int32) {
     _ = fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC)
 }
 
-/// Starts a named host thread running `body`.
+/// Starts a host thread running `body`, named `name` (truncated to the 15 bytes Linux keeps)
+/// so that it shows in `top -H` and debuggers. The name is set from inside the thread:
+/// Foundation's `Thread.name` setter does not reliably name the new thread on Linux.
 func startThread(named name: String, _ body: @escaping @Sendable () -> Void) {
-    let t = Thread(block: body)
-    t.name = name
+    let t = Thread {
+        setCurrentThreadName(name)
+        body()
+    }
     t.start()
+}
+
+/// Names the calling thread by writing `/proc/thread-self/comm` (Glibc's
+/// `pthread_setname_np` is not visible to Swift); silently does nothing without /proc.
+func setCurrentThreadName(_ name: String) {
+    let fd = open("/proc/thread-self/comm", O_WRONLY | O_CLOEXEC)
+    guard fd >= 0 else { return }
+    let bytes = Array(name.utf8.prefix(15))
+    _ = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+    Glibc.close(fd)
 }
 
 /// Writes all of `bytes` to a blocking descriptor, retrying on EINTR and partial writes.
