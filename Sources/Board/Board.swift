@@ -1,1 +1,0 @@
-// Board assembly; see STYLE.md.

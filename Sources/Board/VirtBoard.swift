@@ -1,0 +1,330 @@
+import Devices
+import Machine
+
+/// QEMU's riscv `virt` board: RAM at 0x8000_0000, the CLINT, PLIC, UART0, RTC, SiFive test
+/// device, our HTIF, eight virtio-mmio slots and the mask ROM, with a device tree generated from
+/// the devices actually built, and the boot images placed as QEMU places them.
+///
+/// Threading: built and mutated (`attachVirtio`, `reset`, `loadBootImages`) on the machine's
+/// control thread while the vCPUs are stopped; the devices it owns are then accessed from vCPU
+/// and I/O threads through the bus, each protecting its own state.
+public final class VirtBoard: @unchecked Sendable {
+    /// The configuration the board was built from.
+    public let config: BoardConfig
+    /// The machine's timebase (`mtime`, the `time` CSR), 10 MHz.
+    public let clock: VirtualClock
+    /// Guest DRAM at `VirtMemoryMap.dramBase`.
+    public let ram: GuestRAM
+    /// Every device window.
+    public let bus: MemoryBus
+    /// Interrupt lines and timer compare of each hart, indexed by hart ID.
+    public let hartInterrupts: [HartInterrupts]
+    /// The CLINT.
+    public let clint: Aclint
+    /// The PLIC; `plic.line(n)` gives source n's input.
+    public let plic: Plic
+    /// UART0 (console).
+    public let uart: Uart16550
+    /// The Goldfish RTC.
+    public let rtc: GoldfishRTC
+    /// The SiFive test device.
+    public let testDevice: SiFiveTest
+    /// The HTIF test device (not in the device tree).
+    public let htif: Htif
+    /// The mask ROM with `fw_dynamic_info`.
+    public let maskROM: MaskROM
+    /// The boot-image placement, kept so every reset reloads the same bytes.
+    public let bootLoader: BootLoader
+    /// The device tree as built (inspectable), and its flattened form loaded into RAM.
+    public let deviceTree: DeviceTree
+    /// The flattened device tree (DTB) that the guest receives in a1.
+    public let deviceTreeBlob: [UInt8]
+    /// Where the DTB is loaded.
+    public let deviceTreeAddress: GuestPhysicalAddress
+
+    /// PLIC sources in use (fixed ones reserved at build, hot-plugged ones allocated).
+    public private(set) var irqs: IRQAllocator
+    /// The virtio-mmio slot bank.
+    public private(set) var virtioSlots: MMIOSlotBank
+    /// The virtio-mmio transports by slot.
+    public private(set) var virtioDevices: [Int: any MMIODevice] = [:]
+
+    /// The boot state after the last `loadBootImages()`.
+    public var bootState: BootState {
+        BootState(entry: bootLoader.entry, deviceTreeAddress: deviceTreeAddress,
+                  firmwareInfoAddress: VirtMemoryMap.maskROM.base)
+    }
+
+    /// Builds the board: allocates RAM, creates and maps every device, builds the virtio
+    /// transports of `config.virtioTransports` into slots 0…, reads and places the boot images,
+    /// and generates the device tree. Guest shutdown/reset requests (test device, HTIF) go to
+    /// `system`. Nothing is written to RAM until `loadBootImages()`.
+    /// Throws `BoardError`/`MachineError` naming the offending setting or file.
+    public init(config: BoardConfig, system: any SystemControl, clock: VirtualClock = VirtualClock()) throws {
+        guard config.cpuCount >= 1 && config.cpuCount <= VirtMemoryMap.maxHarts else {
+            throw BoardError.invalidConfig("cpu count \(config.cpuCount) is outside 1...\(VirtMemoryMap.maxHarts)")
+        }
+        guard config.memorySize >= 16 << 20, config.memorySize % 4096 == 0 else {
+            throw BoardError.invalidConfig("memory size \(config.memorySize) must be a multiple of 4 KiB and at least 16 MiB")
+        }
+        guard config.memorySize <= (1 << 40) else {
+            throw BoardError.invalidConfig("memory size \(config.memorySize) exceeds 1 TiB")
+        }
+        guard config.virtioTransports.count <= VirtMemoryMap.virtioSlotCount else {
+            throw BoardError.invalidConfig("\(config.virtioTransports.count) virtio-mmio transports given, "
+                                           + "the board has \(VirtMemoryMap.virtioSlotCount) slots")
+        }
+        self.config = config
+        self.clock = clock
+        ram = try GuestRAM(base: VirtMemoryMap.dramBase, size: config.memorySize)
+        bus = MemoryBus()
+        hartInterrupts = (0..<config.cpuCount).map { HartInterrupts(hartID: $0) }
+
+        plic = Plic(harts: hartInterrupts)
+        irqs = IRQAllocator(sourceCount: plic.sourceCount)
+        virtioSlots = MMIOSlotBank(base: VirtMemoryMap.virtioBase, stride: VirtMemoryMap.virtioStride,
+                                   count: VirtMemoryMap.virtioSlotCount, firstIRQ: VirtMemoryMap.virtioFirstIRQ)
+        for slot in 0..<virtioSlots.count { try irqs.reserve(virtioSlots.irq(ofSlot: slot)) }
+        try irqs.reserve(VirtMemoryMap.uart0IRQ)
+        try irqs.reserve(VirtMemoryMap.rtcIRQ)
+
+        clint = Aclint(harts: hartInterrupts, clock: clock)
+        uart = Uart16550(irq: plic.line(VirtMemoryMap.uart0IRQ), backend: config.serial)
+        rtc = GoldfishRTC(irq: plic.line(VirtMemoryMap.rtcIRQ))
+        testDevice = SiFiveTest(system: system)
+        htif = Htif(system: system, console: config.htifConsole)
+
+        bootLoader = try BootLoader(ram: ram.region, firmware: config.firmware, kernel: config.kernel,
+                                    initrd: config.initrd)
+        maskROM = MaskROM(bytes: bootLoader.firmwareInfo)
+
+        for (device, region) in [(maskROM, VirtMemoryMap.maskROM), (testDevice, VirtMemoryMap.test),
+                                 (rtc, VirtMemoryMap.rtc), (htif, VirtMemoryMap.htif),
+                                 (clint, VirtMemoryMap.clint), (plic, VirtMemoryMap.plic),
+                                 (uart, VirtMemoryMap.uart0)] as [(any MMIODevice, GuestRegion)] {
+            try bus.map(device, at: region)
+        }
+
+        let tree = VirtDeviceTree.build(config: config, timebase: clock.frequency, ram: ram.region,
+                                        plicSources: plic.sourceCount, virtioSlots: virtioSlots,
+                                        initrd: bootLoader.initrdRegion)
+        deviceTree = tree
+        deviceTreeBlob = tree.flattened()
+        deviceTreeAddress = try bootLoader.deviceTreeAddress(size: deviceTreeBlob.count)
+
+        for factory in config.virtioTransports { _ = try attachVirtio(factory) }
+    }
+
+    /// Builds a virtio-mmio transport into the lowest free slot and maps it; returns the slot.
+    /// The device tree already lists every slot, so the guest finds it when it probes (or on
+    /// rescan for hot-plug). Control thread, vCPUs stopped.
+    @discardableResult
+    public func attachVirtio(_ factory: MMIODeviceFactory) throws -> Int {
+        let slot = try virtioSlots.allocate()
+        let region = virtioSlots.region(ofSlot: slot)
+        let irqNumber = virtioSlots.irq(ofSlot: slot)
+        do {
+            let device = try factory(DeviceContext(ram: ram, irq: plic.line(irqNumber), irqNumber: irqNumber,
+                                                   region: region, clock: clock))
+            try bus.map(device, at: region)
+            virtioDevices[slot] = device
+        } catch {
+            virtioSlots.release(slot)
+            throw error
+        }
+        return slot
+    }
+
+    /// Unmaps the transport in `slot` and frees the slot (hot-unplug). Control thread.
+    public func detachVirtio(slot: Int) {
+        guard let device = virtioDevices.removeValue(forKey: slot) else { return }
+        bus.unmap(device)
+        virtioSlots.release(slot)
+    }
+
+    /// Copies the boot images and the device tree into RAM and returns the state the harts start
+    /// from. Call at power-on and on every system reset. Control thread, vCPUs stopped.
+    @discardableResult
+    public func loadBootImages() throws -> BootState {
+        try bootLoader.load(into: ram, deviceTree: deviceTreeBlob, at: deviceTreeAddress)
+        return bootState
+    }
+
+    /// Resets the board's own devices (UART, CLINT, PLIC, RTC alarm, HTIF) to power-on state.
+    /// Virtio transports are reset by their owners. Control thread, vCPUs stopped.
+    public func resetDevices() {
+        uart.reset()
+        clint.reset()
+        plic.reset()
+        rtc.reset()
+        htif.reset()
+    }
+
+    /// System reset: `resetDevices()` then `loadBootImages()`; apply the result to each hart.
+    @discardableResult
+    public func reset() throws -> BootState {
+        resetDevices()
+        return try loadBootImages()
+    }
+}
+
+/// Generates `virt`'s device tree from the board's layout, node for node as QEMU does for the
+/// devices we build (no PCI, flash, fw-cfg or PMU nodes; no HTIF node).
+enum VirtDeviceTree {
+    /// The ISA we implement and announce: RV64GC with Zicsr and Zifencei; nothing more.
+    static let isa = "rv64imafdc_zicsr_zifencei"
+    static let mmuType = "riscv,sv48"
+    static let uartClock: UInt32 = 0x38_4000
+
+    static func regCells(_ r: GuestRegion) -> DeviceTreeValue { .u64([r.base.raw, r.size]) }
+
+    static func build(config: BoardConfig, timebase: UInt64, ram: GuestRegion, plicSources: Int,
+                      virtioSlots: MMIOSlotBank, initrd: GuestRegion?) -> DeviceTree {
+        var phandle: UInt32 = 0
+        func nextPhandle() -> UInt32 {
+            phandle += 1
+            return phandle
+        }
+
+        var tree = DeviceTree()
+        tree.root.set("#address-cells", .u32([2]))
+        tree.root.set("#size-cells", .u32([2]))
+        tree.root.set("compatible", .string("riscv-virtio"))
+        tree.root.set("model", .string("riscv-virtio,qemu"))
+
+        // /cpus
+        var cpus = DeviceTreeNode("cpus")
+        cpus.set("#address-cells", .u32([1]))
+        cpus.set("#size-cells", .u32([0]))
+        cpus.set("timebase-frequency", .u32([UInt32(timebase)]))
+        var cpuPhandles: [UInt32] = []
+        var intcPhandles: [UInt32] = []
+        for hart in 0..<config.cpuCount {
+            var cpu = DeviceTreeNode("cpu@\(String(hart, radix: 16))")
+            let cpuPhandle = nextPhandle()
+            cpu.set("phandle", .u32([cpuPhandle]))
+            cpu.set("device_type", .string("cpu"))
+            cpu.set("reg", .u32([UInt32(hart)]))
+            cpu.set("status", .string("okay"))
+            cpu.set("compatible", .string("riscv"))
+            cpu.set("riscv,isa", .string(isa))
+            cpu.set("mmu-type", .string(mmuType))
+            var intc = DeviceTreeNode("interrupt-controller")
+            intc.set("#interrupt-cells", .u32([1]))
+            intc.set("interrupt-controller", .empty)
+            intc.set("compatible", .string("riscv,cpu-intc"))
+            let intcPhandle = nextPhandle()
+            intc.set("phandle", .u32([intcPhandle]))
+            cpu.add(intc)
+            cpus.add(cpu)
+            cpuPhandles.append(cpuPhandle)
+            intcPhandles.append(intcPhandle)
+        }
+        var cluster = DeviceTreeNode("cluster0")
+        for (hart, p) in cpuPhandles.enumerated() {
+            var core = DeviceTreeNode("core\(hart)")
+            core.set("cpu", .u32([p]))
+            cluster.add(core)
+        }
+        var cpuMap = DeviceTreeNode("cpu-map")
+        cpuMap.add(cluster)
+        cpus.add(cpuMap)
+
+        // /memory
+        var memory = DeviceTreeNode("memory@\(String(ram.base.raw, radix: 16))")
+        memory.set("device_type", .string("memory"))
+        memory.set("reg", regCells(ram))
+
+        // /soc
+        let plicPhandle = nextPhandle()
+        let testPhandle = nextPhandle()
+        var soc = DeviceTreeNode("soc")
+        soc.set("#address-cells", .u32([2]))
+        soc.set("#size-cells", .u32([2]))
+        soc.set("compatible", .string("simple-bus"))
+        soc.set("ranges", .empty)
+
+        func node(_ base: String, _ r: GuestRegion) -> DeviceTreeNode {
+            DeviceTreeNode("\(base)@\(String(r.base.raw, radix: 16))")
+        }
+
+        var rtc = node("rtc", VirtMemoryMap.rtc)
+        rtc.set("interrupts", .u32([UInt32(VirtMemoryMap.rtcIRQ)]))
+        rtc.set("interrupt-parent", .u32([plicPhandle]))
+        rtc.set("reg", regCells(VirtMemoryMap.rtc))
+        rtc.set("compatible", .string("google,goldfish-rtc"))
+        soc.add(rtc)
+
+        var serial = node("serial", VirtMemoryMap.uart0)
+        serial.set("interrupts", .u32([UInt32(VirtMemoryMap.uart0IRQ)]))
+        serial.set("interrupt-parent", .u32([plicPhandle]))
+        serial.set("clock-frequency", .u32([uartClock]))
+        serial.set("reg", regCells(VirtMemoryMap.uart0))
+        serial.set("compatible", .string("ns16550a"))
+        soc.add(serial)
+
+        var test = node("test", VirtMemoryMap.test)
+        test.set("phandle", .u32([testPhandle]))
+        test.set("reg", regCells(VirtMemoryMap.test))
+        test.set("compatible", .strings(["sifive,test1", "sifive,test0", "syscon"]))
+        soc.add(test)
+
+        // QEMU lists the virtio-mmio slots from the highest address down.
+        for slot in (0..<virtioSlots.count).reversed() {
+            let r = virtioSlots.region(ofSlot: slot)
+            var v = node("virtio_mmio", r)
+            v.set("interrupts", .u32([UInt32(virtioSlots.irq(ofSlot: slot))]))
+            v.set("interrupt-parent", .u32([plicPhandle]))
+            v.set("reg", regCells(r))
+            v.set("compatible", .string("virtio,mmio"))
+            soc.add(v)
+        }
+
+        var plic = node("plic", VirtMemoryMap.plic)
+        plic.set("phandle", .u32([plicPhandle]))
+        plic.set("riscv,ndev", .u32([UInt32(plicSources)]))
+        plic.set("reg", regCells(VirtMemoryMap.plic))
+        plic.set("interrupts-extended", .u32(intcPhandles.flatMap { [$0, 11, $0, 9] }))
+        plic.set("interrupt-controller", .empty)
+        plic.set("compatible", .strings(["sifive,plic-1.0.0", "riscv,plic0"]))
+        plic.set("#address-cells", .u32([0]))
+        plic.set("#interrupt-cells", .u32([1]))
+        soc.add(plic)
+
+        var clint = node("clint", VirtMemoryMap.clint)
+        clint.set("interrupts-extended", .u32(intcPhandles.flatMap { [$0, 3, $0, 7] }))
+        clint.set("reg", regCells(VirtMemoryMap.clint))
+        clint.set("compatible", .strings(["sifive,clint0", "riscv,clint0"]))
+        soc.add(clint)
+
+        // /chosen, /poweroff, /reboot
+        var chosen = DeviceTreeNode("chosen")
+        if let initrd {
+            chosen.set("linux,initrd-end", .u64([initrd.end.raw]))
+            chosen.set("linux,initrd-start", .u64([initrd.base.raw]))
+        }
+        if config.rngSeedBytes > 0 {
+            var rng = SystemRandomNumberGenerator()
+            chosen.set("rng-seed", .bytes((0..<config.rngSeedBytes).map { _ in UInt8.random(in: 0...255, using: &rng) }))
+        }
+        if let args = config.kernelCommandLine { chosen.set("bootargs", .string(args)) }
+        chosen.set("stdout-path", .string("/soc/\(serial.name)"))
+
+        func syscon(_ name: String, _ value: UInt64) -> DeviceTreeNode {
+            var n = DeviceTreeNode(name)
+            n.set("value", .u32([UInt32(value)]))
+            n.set("offset", .u32([0]))
+            n.set("regmap", .u32([testPhandle]))
+            n.set("compatible", .string("syscon-\(name)"))
+            return n
+        }
+
+        tree.root.add(chosen)
+        tree.root.add(syscon("poweroff", SiFiveTest.pass))
+        tree.root.add(syscon("reboot", SiFiveTest.reset))
+        tree.root.add(memory)
+        tree.root.add(cpus)
+        tree.root.add(soc)
+        return tree
+    }
+}
