@@ -328,3 +328,20 @@ enum VirtDeviceTree {
         return tree
     }
 }
+
+extension VirtBoard: MachineBoard {
+    /// Resets the board's devices, reloads the boot images, and gives every hart the same entry
+    /// with a0 = its hart ID, a1 = the device tree and a2 = `fw_dynamic_info`, as QEMU's reset
+    /// vector does. Control thread, vCPUs stopped.
+    public func resetForBoot() throws -> [HartResetVector] {
+        let state = try reset()
+        return hartInterrupts.map {
+            HartResetVector(entry: state.entry, a0: UInt64($0.hartID), a1: state.deviceTreeAddress.raw,
+                            a2: state.firmwareInfoAddress.raw)
+        }
+    }
+
+    /// QEMU's `virt` has no power-button device (no ACPI, no GPIO keys), so a press cannot
+    /// reach the guest: always false.
+    public func pressPowerButton() -> Bool { false }
+}

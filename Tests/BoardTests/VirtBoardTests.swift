@@ -207,3 +207,19 @@ struct VirtBoardTests {
         #expect(system.shutdowns.withLock { $0 } == [0, 3])
     }
 }
+
+struct VirtBoardMachineBoardTests {
+    @Test func resetForBootGivesEveryHartItsIDAndTheSharedPointers() throws {
+        var c = BoardConfig()
+        c.memorySize = 128 * mib
+        c.cpuCount = 2
+        c.firmware = .bytes(name: "fw", [1, 2, 3, 4])
+        let board = try VirtBoard(config: c, system: NullSystem())
+        let vectors = try board.resetForBoot()
+        #expect(vectors == [
+            HartResetVector(entry: GuestPhysicalAddress(0x8000_0000), a0: 0, a1: 0x87E0_0000, a2: 0x1000),
+            HartResetVector(entry: GuestPhysicalAddress(0x8000_0000), a0: 1, a1: 0x87E0_0000, a2: 0x1000),
+        ])
+        #expect(board.pressPowerButton() == false)
+    }
+}
