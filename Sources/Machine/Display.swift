@@ -456,7 +456,7 @@ public enum ImageEncoder {
     }
 
     /// Adler-32 as zlib defines it.
-    static func adler32(_ data: [UInt8]) -> UInt32 {
+    public static func adler32(_ data: [UInt8]) -> UInt32 {
         var a: UInt32 = 1, b: UInt32 = 0
         var i = 0
         while i < data.count {
@@ -479,7 +479,7 @@ public enum ImageEncoder {
     }
 
     /// CRC-32 (ISO-HDLC, as PNG chunks use).
-    static func crc32(_ data: [UInt8]) -> UInt32 {
+    public static func crc32(_ data: [UInt8]) -> UInt32 {
         var c: UInt32 = 0xffff_ffff
         for byte in data { c = crcTable[Int((c ^ UInt32(byte)) & 0xff)] ^ (c >> 8) }
         return c ^ 0xffff_ffff

@@ -1,1 +1,0 @@
-// VNC server; see STYLE.md.

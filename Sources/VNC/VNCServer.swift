@@ -1,0 +1,545 @@
+import CVNCServer
+import Foundation
+import Logging
+import Machine
+import Synchronization
+
+/// How the VNC server listens and authenticates. Plain data; defaults are safe (localhost only).
+public struct VNCConfiguration: Sendable, Equatable {
+    /// "HOST:PORT" for RFB viewers. `[v6addr]:PORT` for IPv6; an empty host means every
+    /// interface; port 0 picks a free port (see `VNCServer.port`). Viewers speaking WebSocket
+    /// (noVNC) are recognised on this port too: libvncserver sniffs the first bytes.
+    public var listen: String
+    /// An extra "HOST:PORT" listener meant for noVNC (QEMU's `websocket=`); nil for none.
+    /// Any client, WebSocket or plain RFB, is accepted on it.
+    public var websocket: String?
+    /// Whether viewers must give the VNC password (QEMU's `password=on`). With no password set
+    /// yet, nobody can log in until `setPassword` is called.
+    public var passwordRequired: Bool
+    /// The desktop name viewers show.
+    public var desktopName: String
+
+    /// Creates a configuration.
+    public init(listen: String = "127.0.0.1:5900", websocket: String? = nil, passwordRequired: Bool = false,
+                desktopName: String = "machine-server") {
+        self.listen = listen
+        self.websocket = websocket
+        self.passwordRequired = passwordRequired
+        self.desktopName = desktopName
+    }
+}
+
+/// Errors of the VNC server, each naming what is wrong.
+public enum VNCError: Error, CustomStringConvertible, Equatable {
+    case badAddress(String, reason: String)
+    case cannotListen(String, reason: String)
+    case passwordAuthDisabled
+    case cannotStart(reason: String)
+
+    public var description: String {
+        switch self {
+        case .badAddress(let a, let r): return "invalid VNC listen address '\(a)': \(r) (expected HOST:PORT)"
+        case .cannotListen(let a, let r): return "cannot listen for VNC on '\(a)': \(r)"
+        case .passwordAuthDisabled:
+            return "could not set password: VNC password authentication is not enabled (start with password required)"
+        case .cannotStart(let r): return "cannot start the VNC server: \(r)"
+        }
+    }
+}
+
+/// A viewer connection event, as QMP's VNC_CONNECTED / VNC_INITIALIZED / VNC_DISCONNECTED report.
+public enum VNCClientEvent: Sendable, Equatable {
+    case connected(RemoteDisplayInfo.Client)
+    case initialized(RemoteDisplayInfo.Client)
+    case disconnected(RemoteDisplayInfo.Client)
+}
+
+/// The built-in VNC server: shows a `Display` to any number of RFB viewers (and noVNC over
+/// WebSocket) and forwards their keyboard and pointer to the display's input devices.
+///
+/// libvncserver runs entirely on one event thread that this class owns: it accepts viewers,
+/// copies the rectangles the GPU reported dirty into its framebuffer (no whole-frame comparing),
+/// encodes and sends updates, and resizes the viewers' desktops when the guest changes mode.
+/// Display callbacks arrive on the vCPU thread and only queue work. Public methods are
+/// thread-safe.
+public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked Sendable {
+    /// The display shown.
+    public let display: Display
+    /// The configuration it was created with.
+    public let configuration: VNCConfiguration
+    /// The TCP port the RFB listener is bound to (the real one when configured with port 0).
+    public let port: Int
+    /// The port of the extra WebSocket listener, if configured.
+    public let websocketPort: Int?
+
+    private let logger: Logger
+    private let listeners: [Listener]
+
+    // Cross-thread state.
+    private struct Shared {
+        var surfaceChanged = false
+        var surface: DisplaySurface?
+        var dirty: [DisplayRect] = []
+        var password: [CChar]? = nil
+        var passwordExpiry: Date? = nil
+        var clients: [Int: RemoteDisplayInfo.Client] = [:]
+        var observer: (@Sendable (VNCClientEvent) -> Void)?
+        var running = false
+    }
+    private let shared = Mutex(Shared())
+    private let stopRequested = Atomic<Bool>(false)
+    private let finished = DispatchSemaphore(value: 0)
+
+    // Event-thread state (touched only on the event thread after `start`).
+    private var screen: rfbScreenInfoPtr?
+    private var framebuffer: UnsafeMutableRawPointer?
+    private var fbWidth = 0
+    private var fbHeight = 0
+    private var fbFormat = PixelFormat.r8g8b8x8
+    private var clientStates: [Int: ClientState] = [:]
+
+    private final class ClientState {
+        var keys = KeyMapper()
+        var pointer = PointerMapper()
+        var info: RemoteDisplayInfo.Client
+        var initialized = false
+        init(info: RemoteDisplayInfo.Client) { self.info = info }
+    }
+
+    private struct Listener {
+        var fd: Int32
+        var host: String
+        var port: Int
+        var family: String
+    }
+
+    /// Binds the listening sockets (so address errors surface here) without serving yet.
+    public init(display: Display, configuration: VNCConfiguration = VNCConfiguration(),
+                logger: Logger = Logger(label: "vnc")) throws {
+        self.display = display
+        self.configuration = configuration
+        self.logger = logger
+        var ls: [Listener] = []
+        do {
+            ls.append(try Self.listen(on: configuration.listen))
+            if let ws = configuration.websocket { ls.append(try Self.listen(on: ws)) }
+        } catch {
+            for l in ls { close(l.fd) }
+            throw error
+        }
+        listeners = ls
+        port = ls[0].port
+        websocketPort = configuration.websocket == nil ? nil : ls[1].port
+    }
+
+    deinit {
+        stop()
+        for l in listeners { close(l.fd) }
+    }
+
+    /// Registers the function told about viewers connecting, finishing the handshake and leaving.
+    /// Called on the event thread; must not block.
+    public func setClientObserver(_ observer: (@Sendable (VNCClientEvent) -> Void)?) {
+        shared.withLock { $0.observer = observer }
+    }
+
+    /// Starts the event thread and subscribes to the display. Calling it twice does nothing.
+    public func start() throws {
+        let already = shared.withLock { s -> Bool in
+            if s.running { return true }
+            s.running = true
+            return false
+        }
+        if already { return }
+        try setUpScreen()
+        display.addListener(self)
+        displaySurfaceChanged(display.surface)
+        let t = Thread { [self] in eventLoop() }
+        t.name = "vnc"
+        t.start()
+        logger.info("VNC server listening on \(configuration.listen) (port \(port))")
+    }
+
+    /// Disconnects every viewer and stops the event thread; returns once it has stopped.
+    public func stop() {
+        let wasRunning = shared.withLock { s -> Bool in
+            let r = s.running
+            s.running = false
+            return r
+        }
+        guard wasRunning else { return }
+        display.removeListener(self)
+        stopRequested.store(true, ordering: .sequentiallyConsistent)
+        finished.wait()
+    }
+
+    // MARK: RemoteDisplayServer
+
+    /// What `query-vnc` reports: the RFB listener and the viewers past their TCP connect.
+    public func info() -> RemoteDisplayInfo {
+        let l = listeners[0]
+        let clients = shared.withLock { s in s.clients.sorted { $0.key < $1.key }.map(\.value) }
+        return RemoteDisplayInfo(enabled: true, host: l.host, service: String(l.port), family: l.family,
+                                 auth: configuration.passwordRequired ? "vnc" : "none", clients: clients)
+    }
+
+    /// Sets the VNC password (its first 8 bytes count, as in every VNC server); clears any expiry.
+    public func setPassword(_ password: String) throws {
+        guard configuration.passwordRequired else { throw VNCError.passwordAuthDisabled }
+        let bytes = Array(password.utf8.prefix(8)).map { CChar(bitPattern: $0) } + [0]
+        shared.withLock {
+            $0.password = bytes
+            $0.passwordExpiry = nil
+        }
+    }
+
+    /// From `date` on, logins with the password fail (nil: it never expires).
+    public func expirePassword(at date: Date?) throws {
+        guard configuration.passwordRequired else { throw VNCError.passwordAuthDisabled }
+        shared.withLock { $0.passwordExpiry = date }
+    }
+
+    /// Parses QEMU's `expire_password` time: "now", "never", "+SECONDS" or absolute UNIX seconds.
+    /// Returns `.some(nil)` for never; nil when the text is none of those.
+    public static func parseExpiry(_ text: String, now: Date = Date()) -> Date?? {
+        switch text {
+        case "now": return .some(now)
+        case "never": return .some(nil)
+        default:
+            if text.hasPrefix("+"), let s = UInt64(text.dropFirst()) { return .some(now + TimeInterval(s)) }
+            if let s = UInt64(text) { return .some(Date(timeIntervalSince1970: TimeInterval(s))) }
+            return nil
+        }
+    }
+
+    // MARK: DisplayListener (vCPU thread: queue only)
+
+    /// Queues a mode change for the event thread.
+    public func displaySurfaceChanged(_ surface: DisplaySurface?) {
+        shared.withLock { s in
+            s.surfaceChanged = true
+            s.surface = surface
+            s.dirty.removeAll()
+        }
+    }
+
+    /// Queues a dirty rectangle for the event thread (merged into one when too many pile up).
+    public func displayRegionUpdated(_ rect: DisplayRect) {
+        shared.withLock { s in
+            if s.dirty.count >= 128 {
+                let all = s.dirty.reduce(rect) { $0.union($1) }
+                s.dirty = [all]
+            } else {
+                s.dirty.append(rect)
+            }
+        }
+    }
+
+    // MARK: Event thread
+
+    private func setUpScreen() throws {
+        rfbLogEnable(0)
+        let w = display.surface?.width ?? display.preferredWidth
+        let h = display.surface?.height ?? display.preferredHeight
+        var argc: Int32 = 0
+        guard let scr = rfbGetScreen(&argc, nil, Int32(w), Int32(h), 8, 3, 4) else {
+            throw VNCError.cannotStart(reason: "rfbGetScreen failed")
+        }
+        guard let fb = calloc(w * h, 4) else {
+            rfbScreenCleanup(scr)
+            throw VNCError.cannotStart(reason: "out of memory for a \(w)x\(h) framebuffer")
+        }
+        framebuffer = fb
+        fbWidth = w
+        fbHeight = h
+        fbFormat = Self.pixelFormat(of: scr.pointee.serverFormat)
+        scr.pointee.frameBuffer = fb.assumingMemoryBound(to: CChar.self)
+        scr.pointee.port = 0
+        scr.pointee.ipv6port = 0
+        scr.pointee.autoPort = 0
+        scr.pointee.alwaysShared = 1
+        // No server-drawn cursor: libvncserver would paint it into the framebuffer and later
+        // restore stale pixels from under it over what the guest drew meanwhile.
+        scr.pointee.cursor = nil
+        scr.pointee.screenData = Unmanaged.passUnretained(self).toOpaque()
+        scr.pointee.desktopName = Self.desktopNameStorage(configuration.desktopName)
+        scr.pointee.kbdAddEvent = { down, keysym, cl in
+            guard let cl, let server = VNCServer.owner(of: cl) else { return }
+            server.keyEvent(client: cl, keysym: UInt32(truncatingIfNeeded: keysym), down: down != 0)
+        }
+        scr.pointee.ptrAddEvent = { mask, x, y, cl in
+            guard let cl, let server = VNCServer.owner(of: cl) else { return }
+            server.pointerEvent(client: cl, mask: UInt8(truncatingIfNeeded: mask), x: Int(x), y: Int(y))
+        }
+        scr.pointee.newClientHook = { cl in
+            guard let cl, let server = VNCServer.owner(of: cl) else { return RFB_CLIENT_REFUSE }
+            server.clientConnected(cl)
+            return RFB_CLIENT_ACCEPT
+        }
+        if configuration.passwordRequired {
+            scr.pointee.authPasswdData = Unmanaged.passUnretained(self).toOpaque()
+            scr.pointee.passwordCheck = { cl, response, len in
+                guard let cl, let response, let server = VNCServer.owner(of: cl) else { return 0 }
+                return server.checkPassword(client: cl, response: response, length: Int(len)) ? 1 : 0
+            }
+        }
+        rfbInitServerWithPthreadsAndZRLE(scr)  // what rfb.h's rfbInitServer macro names on this build
+        screen = scr
+    }
+
+    /// The libvncserver pixel format as one of ours (32 bpp true colour, 8 bits a channel).
+    private static func pixelFormat(of f: rfbPixelFormat) -> PixelFormat {
+        switch (f.redShift, f.greenShift, f.blueShift) {
+        case (16, 8, 0): return .b8g8r8x8
+        case (24, 16, 8): return .x8r8g8b8
+        case (8, 16, 24): return .x8b8g8r8
+        default: return .r8g8b8x8
+        }
+    }
+
+    /// A C string that lives as long as the process (libvncserver keeps the pointer).
+    private static func desktopNameStorage(_ name: String) -> UnsafePointer<CChar> {
+        UnsafePointer(strdup(name)!)
+    }
+
+    fileprivate static func owner(of cl: rfbClientPtr) -> VNCServer? {
+        guard let data = cl.pointee.screen?.pointee.screenData else { return nil }
+        return Unmanaged<VNCServer>.fromOpaque(data).takeUnretainedValue()
+    }
+
+    private func eventLoop() {
+        guard let scr = screen else { return }
+        while !stopRequested.load(ordering: .sequentiallyConsistent) {
+            applyDisplayChanges(scr)
+            rfbProcessEvents(scr, 10_000)
+            acceptViewers(scr)
+            noticeInitializedClients(scr)
+        }
+        rfbShutdownServer(scr, 1)
+        rfbScreenCleanup(scr)
+        screen = nil
+        free(framebuffer)
+        framebuffer = nil
+        stopRequested.store(false, ordering: .sequentiallyConsistent)
+        finished.signal()
+    }
+
+    private func applyDisplayChanges(_ scr: rfbScreenInfoPtr) {
+        let (changed, surface, dirty) = shared.withLock { s -> (Bool, DisplaySurface?, [DisplayRect]) in
+            let r = (s.surfaceChanged, s.surface, s.dirty)
+            s.surfaceChanged = false
+            s.dirty.removeAll(keepingCapacity: true)
+            return r
+        }
+        guard let fb = framebuffer else { return }
+        if changed {
+            if let surface, surface.width != fbWidth || surface.height != fbHeight {
+                resize(scr, width: surface.width, height: surface.height)
+            }
+            guard let fb = framebuffer else { return }
+            let full = DisplayRect(x: 0, y: 0, width: fbWidth, height: fbHeight)
+            if let surface {
+                surface.copy(full, to: fb, destinationStride: fbWidth * 4, destinationFormat: fbFormat)
+            } else {
+                memset(fb, 0, fbWidth * fbHeight * 4)
+            }
+            rfbMarkRectAsModified(scr, 0, 0, Int32(fbWidth), Int32(fbHeight))
+            return
+        }
+        guard let surface, surface.width == fbWidth, surface.height == fbHeight else { return }
+        for r in dirty {
+            let c = r.clipped(width: fbWidth, height: fbHeight)
+            if c.isEmpty { continue }
+            surface.copy(c, to: fb, destinationStride: fbWidth * 4, destinationFormat: fbFormat)
+            rfbMarkRectAsModified(scr, Int32(c.x), Int32(c.y), Int32(c.x + c.width), Int32(c.y + c.height))
+        }
+    }
+
+    private func resize(_ scr: rfbScreenInfoPtr, width: Int, height: Int) {
+        guard let fb = calloc(width * height, 4) else {
+            logger.error("VNC: out of memory for a \(width)x\(height) framebuffer; keeping \(fbWidth)x\(fbHeight)")
+            return
+        }
+        rfbNewFramebuffer(scr, fb.assumingMemoryBound(to: CChar.self), Int32(width), Int32(height), 8, 3, 4)
+        fbFormat = Self.pixelFormat(of: scr.pointee.serverFormat)
+        free(framebuffer)
+        framebuffer = fb
+        fbWidth = width
+        fbHeight = height
+        logger.debug("VNC desktop resized to \(width)x\(height)")
+    }
+
+    private func acceptViewers(_ scr: rfbScreenInfoPtr) {
+        for l in listeners {
+            while true {
+                let fd = accept(l.fd, nil, nil)
+                if fd < 0 { break }
+                _ = rfbNewClient(scr, fd)
+            }
+        }
+    }
+
+    private func noticeInitializedClients(_ scr: rfbScreenInfoPtr) {
+        var fresh: [RemoteDisplayInfo.Client] = []
+        let it = rfbGetClientIterator(scr)
+        while let cl = rfbClientIteratorNext(it) {
+            if cl.pointee.state == RFB_NORMAL, let st = clientStates[Int(bitPattern: cl)], !st.initialized {
+                st.initialized = true
+                fresh.append(st.info)
+            }
+        }
+        rfbReleaseClientIterator(it)
+        if fresh.isEmpty { return }
+        let obs = shared.withLock { $0.observer }
+        for c in fresh { obs?(.initialized(c)) }
+    }
+
+    private func clientConnected(_ cl: rfbClientPtr) {
+        let info = Self.peerInfo(cl)
+        clientStates[Int(bitPattern: cl)] = ClientState(info: info)
+        cl.pointee.clientGoneHook = { cl in
+            guard let cl, let server = VNCServer.owner(of: cl) else { return }
+            server.clientGone(cl)
+        }
+        let obs = shared.withLock { s in
+            s.clients[Int(bitPattern: cl)] = info
+            return s.observer
+        }
+        logger.info("VNC viewer connected from \(info.host):\(info.service)\(info.websocket ? " (websocket)" : "")")
+        obs?(.connected(info))
+    }
+
+    private func clientGone(_ cl: rfbClientPtr) {
+        let key = Int(bitPattern: cl)
+        guard let st = clientStates.removeValue(forKey: key) else { return }
+        for report in st.keys.releaseAll() { display.sendInput(report) }
+        display.sendInput(st.pointer.releaseAll())
+        let obs = shared.withLock { s in
+            s.clients.removeValue(forKey: key)
+            return s.observer
+        }
+        logger.info("VNC viewer \(st.info.host):\(st.info.service) disconnected")
+        obs?(.disconnected(st.info))
+    }
+
+    private func keyEvent(client cl: rfbClientPtr, keysym: UInt32, down: Bool) {
+        guard let st = clientStates[Int(bitPattern: cl)] else { return }
+        let caps = display.keyboardLEDs.contains(.capsLock)
+        for report in st.keys.key(keysym, down: down, capsLock: caps) { display.sendInput(report) }
+    }
+
+    private func pointerEvent(client cl: rfbClientPtr, mask: UInt8, x: Int, y: Int) {
+        guard let st = clientStates[Int(bitPattern: cl)] else { return }
+        let report = st.pointer.pointer(x: x, y: y, buttonMask: mask, width: fbWidth, height: fbHeight)
+        display.sendInput(report)
+    }
+
+    private func checkPassword(client cl: rfbClientPtr, response: UnsafePointer<CChar>, length: Int) -> Bool {
+        let (pw, expiry) = shared.withLock { ($0.password, $0.passwordExpiry) }
+        guard var pw, length == 16 else { return false }
+        if let expiry, Date() >= expiry { return false }
+        var challenge = cl.pointee.authChallenge
+        let ok = withUnsafeMutableBytes(of: &challenge) { ch -> Bool in
+            pw.withUnsafeMutableBufferPointer { rfbEncryptBytes(ch.baseAddress!.assumingMemoryBound(to: UInt8.self), $0.baseAddress!) }
+            return memcmp(ch.baseAddress!, response, 16) == 0
+        }
+        if !ok { logger.info("VNC viewer from \(String(cString: cl.pointee.host)) failed authentication") }
+        return ok
+    }
+
+    private static func peerInfo(_ cl: rfbClientPtr) -> RemoteDisplayInfo.Client {
+        var ss = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+        var serv = [CChar](repeating: 0, count: Int(NI_MAXSERV))
+        var family = "unknown"
+        let sock = cl.pointee.sock
+        withUnsafeMutablePointer(to: &ss) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+                if getpeername(sock, sa, &len) == 0 {
+                    _ = getnameinfo(sa, len, &host, socklen_t(host.count), &serv, socklen_t(serv.count),
+                                    NI_NUMERICHOST | NI_NUMERICSERV)
+                    family = Int32(sa.pointee.sa_family) == AF_INET6 ? "ipv6" : "ipv4"
+                }
+            }
+        }
+        return RemoteDisplayInfo.Client(host: Self.string(host), service: Self.string(serv), family: family,
+                                        websocket: cl.pointee.wsctx != nil)
+    }
+
+    // MARK: Sockets
+
+    /// The text of a NUL-terminated C buffer.
+    private static func string(_ buf: [CChar]) -> String {
+        let bytes = buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// Splits "HOST:PORT" / "[V6]:PORT" / ":PORT".
+    static func parseAddress(_ text: String) throws -> (host: String, port: UInt16) {
+        var hostPart: Substring, portPart: Substring
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]") else { throw VNCError.badAddress(text, reason: "missing ']'") }
+            hostPart = text[text.index(after: text.startIndex)..<close]
+            let rest = text[text.index(after: close)...]
+            guard rest.hasPrefix(":") else { throw VNCError.badAddress(text, reason: "missing ':PORT'") }
+            portPart = rest.dropFirst()
+        } else {
+            guard let colon = text.lastIndex(of: ":") else { throw VNCError.badAddress(text, reason: "missing ':PORT'") }
+            hostPart = text[..<colon]
+            portPart = text[text.index(after: colon)...]
+            if hostPart.contains(":") {
+                throw VNCError.badAddress(text, reason: "IPv6 addresses must be written in brackets")
+            }
+        }
+        guard let port = UInt16(portPart) else {
+            throw VNCError.badAddress(text, reason: "'\(portPart)' is not a port number 0-65535")
+        }
+        return (String(hostPart), port)
+    }
+
+    private static func listen(on text: String) throws -> Listener {
+        let (host, port) = try parseAddress(text)
+        var hints = addrinfo()
+        hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var res: UnsafeMutablePointer<addrinfo>?
+        let rc = getaddrinfo(host.isEmpty ? nil : host, String(port), &hints, &res)
+        guard rc == 0, let first = res else {
+            throw VNCError.badAddress(text, reason: String(cString: gai_strerror(rc)))
+        }
+        defer { freeaddrinfo(res) }
+        var lastError = "no usable address"
+        var ai: UnsafeMutablePointer<addrinfo>? = first
+        while let a = ai {
+            ai = a.pointee.ai_next
+            let fd = socket(a.pointee.ai_family, a.pointee.ai_socktype, a.pointee.ai_protocol)
+            if fd < 0 { lastError = String(cString: strerror(errno)); continue }
+            var one: Int32 = 1
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+            guard bind(fd, a.pointee.ai_addr, a.pointee.ai_addrlen) == 0, Glibc.listen(fd, 16) == 0 else {
+                lastError = String(cString: strerror(errno))
+                close(fd)
+                continue
+            }
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            var ss = sockaddr_storage()
+            var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            var hostBuf = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+            var servBuf = [CChar](repeating: 0, count: Int(NI_MAXSERV))
+            withUnsafeMutablePointer(to: &ss) { p in
+                p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+                    _ = getsockname(fd, sa, &len)
+                    _ = getnameinfo(sa, len, &hostBuf, socklen_t(hostBuf.count), &servBuf, socklen_t(servBuf.count),
+                                    NI_NUMERICHOST | NI_NUMERICSERV)
+                }
+            }
+            let family = a.pointee.ai_family == AF_INET6 ? "ipv6" : "ipv4"
+            return Listener(fd: fd, host: Self.string(hostBuf), port: Int(Self.string(servBuf)) ?? Int(port),
+                            family: family)
+        }
+        throw VNCError.cannotListen(text, reason: lastError)
+    }
+}
