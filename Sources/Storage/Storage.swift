@@ -1,1 +1,0 @@
-// Disk image formats; see STYLE.md.

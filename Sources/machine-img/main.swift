@@ -1,1 +1,0 @@
-print("machine-img: not written yet")
