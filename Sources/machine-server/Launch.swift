@@ -1,0 +1,167 @@
+import Board
+import Dispatch
+import Foundation
+import Machine
+import QMP
+import Schema
+import Synchronization
+import Translator
+
+/// Builds and runs one machine from a checked `LaunchPlan`, on the main thread.
+///
+/// Order: check everything (`LaunchPlan`), take over the terminating signals, open the serial
+/// backend, build the board and harts (`VirtualMachine`), start the protocol servers, start
+/// the machine, wait for it to end, then tear down in reverse and return the exit status.
+struct Launch {
+    let options: MachineServerCommand
+
+    func run() throws -> Int32 {
+        let plan = try LaunchPlan(options: options)
+        try refuseUnavailable(plan)
+
+        // Signals become an orderly shutdown (SHUTDOWN, cause host-signal). Installed before
+        // the stdio backend, which then leaves these signals to us.
+        let machineBox = MachineBox()
+        let signalSources = [Int32(SIGINT), Int32(SIGTERM), Int32(SIGHUP)].map { sig -> any DispatchSourceSignal in
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { machineBox.requestHostShutdown(cause: .hostSignal) }
+            source.resume()
+            return source
+        }
+        signal(SIGPIPE, SIG_IGN)
+        defer { for s in signalSources { s.cancel() } }
+
+        let serial: (any CharBackend)?
+        do {
+            serial = try plan.serial.makeBackend(id: "serial0") {
+                machineBox.requestHostShutdown(cause: .hostUI)
+            }
+        } catch {
+            throw LaunchError("serial: \(error)")
+        }
+        let chardevs = MachineChardevs(serial.map { [$0] } ?? [])
+        defer { chardevs.closeAll() }
+
+        let machine: VirtualMachine
+        do {
+            machine = try makeMachine(plan: plan, serial: serial)
+        } catch let e as LaunchError {
+            throw e
+        } catch {
+            throw LaunchError("\(error)")
+        }
+        machineBox.set(machine)
+
+        let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, plan: plan)
+        defer { servers.shutdown() }
+
+        do {
+            try machine.start()
+        } catch {
+            throw LaunchError("cannot start the machine: \(error)")
+        }
+        return machine.waitUntilExit()
+    }
+
+    /// Refuses parts of a description this build cannot provide yet, naming the field, rather
+    /// than silently running a different machine than the one described.
+    private func refuseUnavailable(_ plan: LaunchPlan) throws {
+        if let first = plan.devices.first {
+            throw LaunchError("devices[0]: '\(first.driver.rawValue)' cannot be attached by this build of machine-server yet")
+        }
+        if plan.vnc != nil {
+            throw LaunchError("display.vnc: the VNC display cannot be served by this build of machine-server yet")
+        }
+    }
+
+    /// Builds the `virt` board from the plan and one `Hart` per CPU.
+    private func makeMachine(plan: LaunchPlan, serial: (any CharBackend)?) throws -> VirtualMachine {
+        var config = BoardConfig()
+        config.memorySize = plan.memoryBytes
+        config.cpuCount = plan.cpuCount
+        config.kernelCommandLine = plan.commandLine
+        config.firmware = plan.firmware.map { .path($0) }
+        config.kernel = plan.kernel.map { .path($0) }
+        config.initrd = plan.initrd.map { .path($0) }
+        config.serial = serial
+        config.htifConsole = serial
+        return try VirtualMachine(
+            name: plan.name, startPaused: plan.startPaused,
+            makeBoard: { system in try VirtBoard(config: config, system: system) },
+            makeCPU: { hartID, ram, bus, interrupts, clock in
+                Hart(hartID: hartID, ram: ram, bus: bus, interrupts: interrupts, clock: clock)
+            })
+    }
+}
+
+/// The protocol servers that drive a machine (QMP now; VNC plugs in here).
+///
+/// Started on the main thread after the machine is built and before it starts, so a client
+/// can connect to a machine started paused; shut down on the main thread after it ends.
+struct ProtocolServers {
+    let qmp: QMPServer?
+
+    /// Starts every server the plan asks for; throws `LaunchError` naming the listener.
+    static func start(machine: VirtualMachine, chardevs: MachineChardevs, plan: LaunchPlan) throws -> ProtocolServers {
+        var qmp: QMPServer? = nil
+        if !plan.qmp.isEmpty {
+            let server = QMPServer(control: machine, chardevs: chardevs)
+            do {
+                try server.start(listeners: plan.qmp)
+            } catch {
+                throw LaunchError("qmp: \(error)")
+            }
+            qmp = server
+        }
+        return ProtocolServers(qmp: qmp)
+    }
+
+    /// Stops every server (QMP writes pending replies first).
+    func shutdown() {
+        qmp?.shutdown()
+    }
+}
+
+/// The machine's chardevs as QMP sees them (`query-chardev`, `ringbuf-read`, `ringbuf-write`).
+/// Any thread.
+final class MachineChardevs: ChardevRegistry, Sendable {
+    private let backends: [any CharBackend]
+
+    init(_ backends: [any CharBackend]) { self.backends = backends }
+
+    func chardevs() -> [any CharBackend] { backends }
+
+    func readRingbuf(id: String, maxBytes: Int) throws(ChardevRegistryError) -> [UInt8] {
+        try ringbuf(id).read(maxBytes: maxBytes)
+    }
+
+    func writeRingbuf(id: String, bytes: [UInt8]) throws(ChardevRegistryError) {
+        try ringbuf(id).inject(bytes)
+    }
+
+    /// Closes every backend (restores the terminal for stdio).
+    func closeAll() { for b in backends { b.close() } }
+
+    private func ringbuf(_ id: String) throws(ChardevRegistryError) -> RingbufChardev {
+        guard let b = backends.first(where: { $0.id == id }) else { throw .notFound(id: id) }
+        guard let r = b as? RingbufChardev else { throw .notARingbuf(id: id) }
+        return r
+    }
+}
+
+/// Lets signal handlers and the stdio escape reach the machine, which is built after them.
+/// Before the machine exists a request exits at once with status 0. Any thread.
+final class MachineBox: Sendable {
+    private let machine = Mutex<VirtualMachine?>(nil)
+
+    func set(_ m: VirtualMachine) { machine.withLock { $0 = m } }
+
+    func requestHostShutdown(cause: Machine.ShutdownCause) {
+        if let m = machine.withLock({ $0 }) {
+            m.requestHostShutdown(cause: cause, exitCode: 0)
+        } else {
+            exit(0)
+        }
+    }
+}
