@@ -142,6 +142,8 @@ public final class QMPServer: Sendable {
                 logger.info("QMP listening on \(channel.localAddress.map { "\($0)" } ?? spec.description)")
             } catch {
                 for c in bound { _ = try? c.close().wait() }
+                control.removeEventObserver(token)
+                state.withLock { $0.observerToken = nil }
                 throw .bindFailed(spec.description, "\(error)")
             }
         }
