@@ -3,7 +3,7 @@
 Environment:
   MACHINE_SERVER      path of the machine-server executable (required; tests skip without it).
   MACHINE_SERVER_CMD  optional command template; "{server}" and "{description}" are replaced.
-                      Default: "{server} {description}".
+                      Default: "{server} --config {description}".
   GUEST_DIR           directory with the shared guest (default: ../shared/guests from the repo).
 
 Each test writes a machine description (schema/machine-description.json) with a QMP unix
@@ -46,7 +46,7 @@ def start_server(tmp_path: Path):
     }
     desc_path = tmp_path / "machine.json"
     desc_path.write_text(json.dumps(description))
-    template = os.environ.get("MACHINE_SERVER_CMD", "{server} {description}")
+    template = os.environ.get("MACHINE_SERVER_CMD", "{server} --config {description}")
     cmd = [part.format(server=SERVER, description=str(desc_path)) for part in shlex.split(template)]
     log = open(tmp_path / "server.log", "wb")
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
