@@ -69,6 +69,7 @@ public struct Qcow2Header: Sendable, Equatable {
     public static func parse(_ bytes: [UInt8], fileSize: UInt64, path: String) throws -> Qcow2Header {
         func bad(_ r: String) -> StorageError { .invalidImage(path: path, reason: r) }
         guard bytes.count >= 72, BE.u32(bytes, 0) == magic else { throw bad("no qcow2 magic") }
+        guard fileSize >= 72 else { throw bad("the file (\(fileSize) bytes) is too short for a qcow2 header") }
         var h = Qcow2Header()
         h.version = BE.u32(bytes, 4)
         guard h.version == 2 || h.version == 3 else {
@@ -90,7 +91,7 @@ public struct Qcow2Header: Sendable, Equatable {
         h.snapshotCount = BE.u32(bytes, 60)
         h.snapshotsOffset = BE.u64(bytes, 64)
         if h.version == 3 {
-            guard bytes.count >= 104 else { throw bad("version 3 header is truncated") }
+            guard bytes.count >= 104, fileSize >= 104 else { throw bad("the file is too short for a version 3 header") }
             h.incompatibleFeatures = BE.u64(bytes, 72)
             h.compatibleFeatures = BE.u64(bytes, 80)
             h.autoclearFeatures = BE.u64(bytes, 88)
