@@ -1,7 +1,8 @@
 import Machine
 
 /// The SiFive test device ("sifive,test0/1") at 0x10_0000 on `virt`: the guest powers off or
-/// resets the machine by writing one 32-bit word at offset 0.
+/// resets the machine by writing a 16- or 32-bit value at offset 0 (OpenSBI uses 16-bit
+/// stores; QEMU accepts 2- to 4-byte accesses).
 ///
 /// Low 16 bits 0x5555 = pass (shutdown, exit code 0), 0x3333 = fail (shutdown, exit code in bits
 /// 31:16), 0x7777 = reset; other values are ignored. Reads return 0. Stateless: any vCPU thread
@@ -28,7 +29,7 @@ public final class SiFiveTest: MMIODevice, Sendable {
     public func read(offset: UInt64, size: Int) -> UInt64 { 0 }
 
     public func write(offset: UInt64, size: Int, value: UInt64) {
-        guard offset == 0, size >= 4 else { return }
+        guard offset == 0, size >= 2 else { return }
         switch value & 0xFFFF {
         case Self.pass: system.requestShutdown(cause: .guestShutdown, exitCode: 0)
         case Self.fail:

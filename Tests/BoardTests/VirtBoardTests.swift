@@ -4,6 +4,7 @@ import Machine
 import Synchronization
 import Testing
 @testable import Board
+import Translator
 
 final class NullSystem: SystemControl {
     let shutdowns = Mutex<[Int32]>([])
@@ -222,4 +223,62 @@ struct VirtBoardMachineBoardTests {
         ])
         #expect(board.pressPowerButton() == false)
     }
+}
+
+/// Collects console output and stops the hart when the guest powers off.
+final class GuestConsole: CharBackend, SystemControl {
+    let id = "serial0", filename = "test", isConnected = true
+    let output = Mutex<[UInt8]>([])
+    let exitCode = Mutex<Int32?>(nil)
+    let interrupts = Mutex<HartInterrupts?>(nil)
+    func write(_ bytes: UnsafeRawBufferPointer) { output.withLock { $0.append(contentsOf: bytes) } }
+    func setReceiver(_ receiver: @escaping @Sendable ([UInt8]) -> Void) {}
+    func close() {}
+    func requestShutdown(cause: ShutdownCause, exitCode code: Int32) {
+        exitCode.withLock { $0 = code }
+        interrupts.withLock { $0 }?.requestExit()
+    }
+    func requestReset(cause: ShutdownCause) { interrupts.withLock { $0 }?.requestExit() }
+    var text: String { String(decoding: output.withLock { $0 }, as: UTF8.self) }
+}
+
+struct VirtBoardGuestTests {
+    /// An S-mode "kernel": SBI system reset (SRST, shutdown), then spin.
+    static let sbiShutdown: [UInt8] = [0xB7, 0x58, 0x52, 0x53, 0x9B, 0x88, 0x48, 0x35, 0x01, 0x48, 0x01, 0x45,
+                                       0x81, 0x45, 0x73, 0x00, 0x00, 0x00, 0x01, 0xA0]
+
+    @Test(.enabled(if: FileManager.default.fileExists(atPath: fwDynamicBin), "OpenSBI is not installed"))
+    func openSBIBootsOnTheBoardAndPowersOffThroughTheTestDevice() throws {
+        let console = GuestConsole()
+        var c = BoardConfig()
+        c.memorySize = 128 * mib
+        c.firmware = .path(fwDynamicBin)
+        c.kernel = .bytes(name: "sbi-shutdown", Self.sbiShutdown)
+        c.serial = console
+        let board = try VirtBoard(config: c, system: console)
+        let hart = Hart(hartID: 0, ram: board.ram, bus: board.bus, interrupts: board.hartInterrupts[0], clock: board.clock)
+        console.interrupts.withLock { $0 = board.hartInterrupts[0] }
+        try board.resetForBoot()[0].apply(to: hart)
+        let interrupts = board.hartInterrupts[0]
+        let watchdog = Thread {
+            Thread.sleep(forTimeInterval: 30)
+            interrupts.requestExit()
+        }
+        watchdog.start()
+        hart.run()
+        watchdog.cancel()
+        let text = console.text
+        #expect(console.exitCode.withLock { $0 } == 0, "guest did not power off; console:\n\(text)")
+        #expect(text.contains("Platform Console Device   : uart8250"))
+        #expect(text.contains("Platform Timer Device     : aclint-mtimer @ 10000000Hz"))
+        #expect(text.contains("Platform Shutdown Device  : sifive_test"))
+        #expect(text.contains("Domain0 Next Address      : 0x0000000080200000"))
+        #expect(text.contains("Domain0 Next Arg1         : 0x0000000087e00000"))
+        #expect(text.contains("Domain0 Next Mode         : S-mode"))
+    }
+}
+
+extension HartResetVector {
+    /// Resets `cpu` to this vector.
+    func apply(to cpu: any VirtualCPU) { cpu.reset(entry: entry, a0: a0, a1: a1, a2: a2) }
 }
