@@ -118,10 +118,10 @@ extension Qcow2Image {
             }
         }
 
-        // Compare with the stored refcounts, including clusters covered by refcount blocks past the end.
-        let covered = UInt64(refTable.lastIndex { $0 != 0 }.map { $0 + 1 } ?? 0) * refsPerBlock
+        // Compare with the stored refcounts of every cluster in the file (like QEMU, refcounts of
+        // clusters past the end of the file are not examined).
         var lastUsed: UInt64 = 0
-        for c in 0..<max(nClusters, min(covered, nClusters + 1 << 20)) {
+        for c in 0..<nClusters {
             let computed = c < nClusters ? UInt64(refs[Int(c)]) : 0
             let stored = try refcount(c)
             if computed > 0 { lastUsed = c + 1 }
