@@ -11,6 +11,9 @@ extension Hart {
             let b = jumpBlocks[jc]
             if blocks[Int(b)].valid { return b }
         }
+        // Translation uses Swift collections whose growth arithmetic touches the host FPU.
+        let savedFlags = saveHostFlags()
+        defer { restoreHostFlags(savedFlags) }
         if pc & 1 != 0 {
             raise(.instructionMisaligned, tval: pc, pc: pc)
             trapped = false

@@ -116,6 +116,9 @@ public final class Hart: VirtualCPU {
     /// Bumped whenever translations may have changed (satp, sfence.vma, flush); chains made
     /// under an older epoch are ignored.
     var mmuEpoch: UInt32 = 1
+    /// Called with the virtual PC before each block executes, when set (debug tracing, like
+    /// QEMU's `-d exec`). Costs one nil check per block when unset.
+    public var blockTrace: ((UInt64) -> Void)?
     /// Statistics for tests and benchmarks.
     public internal(set) var blocksTranslated = 0
     public internal(set) var blocksInvalidated = 0
@@ -246,6 +249,7 @@ public final class Hart: VirtualCPU {
                     if index < 0 { break }  // fetch fault taken
                     if previous >= 0 && slot >= 0 { link(previous, slot: slot, to: index, pc: pc) }
                 }
+                if let trace = blockTrace { trace(pc) }
                 slot = execute(index, base: pc)
                 previous = slot >= 0 ? index : -1
                 if lines.kick.load(ordering: .relaxed) || interruptCheckNeeded || waitingForInterrupt { break }

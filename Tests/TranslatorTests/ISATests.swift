@@ -1,0 +1,73 @@
+import Foundation
+import Machine
+import Testing
+@testable import Translator
+
+/// Runs the project's bare-metal ISA programs (tests/isa/*.S, assembled here with Debian's
+/// riscv64 cross toolchain) on a bare hart with RAM and a `tohost` register.
+@Suite struct ISATests {
+    static let sourceDir = URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("tests/isa")
+
+    /// A `tohost` register: records the first value written and stops the hart.
+    final class ToHost: MMIODevice, @unchecked Sendable {
+        let name = "tohost"
+        var value: UInt64?
+        let interrupts: HartInterrupts
+        init(_ i: HartInterrupts) { interrupts = i }
+        func read(offset: UInt64, size: Int) -> UInt64 { 0 }
+        func write(offset: UInt64, size: Int, value v: UInt64) {
+            if offset == 0 && value == nil {
+                value = v
+                interrupts.requestExit()
+            }
+        }
+    }
+
+    static func assemble(_ name: String) throws -> Data {
+        let out = FileManager.default.temporaryDirectory.appendingPathComponent("isa-\(name)-\(getpid())")
+        try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true)
+        let elf = out.appendingPathComponent("\(name).elf").path
+        let bin = out.appendingPathComponent("\(name).bin").path
+        for (tool, args) in [
+            ("riscv64-linux-gnu-gcc", ["-march=rv64gc", "-mabi=lp64d", "-nostdlib", "-nostartfiles",
+                                       "-T", sourceDir.appendingPathComponent("link.ld").path,
+                                       "-o", elf, sourceDir.appendingPathComponent("\(name).S").path]),
+            ("riscv64-linux-gnu-objcopy", ["-O", "binary", elf, bin]),
+        ] {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/\(tool)")
+            p.arguments = args
+            try p.run()
+            p.waitUntilExit()
+            guard p.terminationStatus == 0 else { throw CocoaError(.executableLoad) }
+        }
+        return try Data(contentsOf: URL(fileURLWithPath: bin))
+    }
+
+    /// Runs one program; returns what it wrote to tohost (nil on timeout).
+    static func run(_ name: String) throws -> UInt64? {
+        let image = try assemble(name)
+        let ram = try GuestRAM(base: GuestPhysicalAddress(0x8000_0000), size: 16 << 20)
+        try ram.write(image, at: ram.base)
+        let bus = MemoryBus()
+        let interrupts = HartInterrupts(hartID: 0)
+        let tohost = ToHost(interrupts)
+        try bus.map(tohost, at: GuestRegion(base: GuestPhysicalAddress(0x0010_2000), size: 0x1000))
+        let hart = Hart(hartID: 0, ram: ram, bus: bus, interrupts: interrupts, clock: VirtualClock())
+        hart.reset(entry: ram.base, a0: 0, a1: 0, a2: 0)
+        let watchdog = DispatchWorkItem { interrupts.requestExit() }
+        DispatchQueue.global().asyncAfter(deadline: .now() + 20, execute: watchdog)
+        hart.run()
+        watchdog.cancel()
+        return tohost.value
+    }
+
+    @Test(arguments: ["alu", "mem", "atomic", "trap", "vm", "smc", "fp"])
+    func program(_ name: String) throws {
+        let result = try Self.run(name)
+        let failed = result.map { $0 >> 1 } ?? 0
+        #expect(result == 1, "ISA test \(name) failed at check \(failed) (tohost = \(String(describing: result)))")
+    }
+}
