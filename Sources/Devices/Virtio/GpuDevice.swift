@@ -202,6 +202,7 @@ public final class VirtioGPU: VirtioDevice, @unchecked Sendable {
         if reply.type >= Response.errUnspecified {
             state.withLock { $0.commandErrors &+= 1 }
         }
+        logger.trace("\(name): command 0x\(String(req.bytes.count >= 4 ? req.u32(0) : 0, radix: 16)) -> 0x\(String(reply.type, radix: 16)), fence flags \(flags)")
         var out = [UInt8](repeating: 0, count: Self.headerSize)
         func put32(_ v: UInt32, _ o: Int) { for i in 0..<4 { out[o + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt32(i))) } }
         put32(reply.type, 0)
