@@ -48,11 +48,17 @@ extension Hart {
             return false
         }
         if isWrite {
+            // Only the software-writable SEIP bit takes part in a read-modify-write of mip/sip
+            // (privileged spec, 3.1.9); the PLIC's line must not be latched into it.
+            var base = old
+            if csr == CSRNumber.mip || csr == CSRNumber.sip {
+                base = (old & ~Irq.sei) | (mipSoftware & Irq.sei)
+            }
             let new: UInt64
             switch o.kind {
             case .csrrw, .csrrwi: new = source
-            case .csrrs, .csrrsi: new = old | source
-            default: new = old & ~source
+            case .csrrs, .csrrsi: new = base | source
+            default: new = base & ~source
             }
             if !writeCSR(csr, new) {
                 raise(.illegalInstruction, tval: UInt64(o.raw), pc: pc)

@@ -10,7 +10,9 @@ import Testing
         .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
         .appendingPathComponent("tests/isa")
 
-    /// A `tohost` register: records the first value written and stops the hart.
+    /// A `tohost` register (offset 0): records the first value written and stops the hart.
+    /// Test controls: offset 8 drives the hart's external SEIP line, offset 16 sets `mtimecmp`
+    /// (the harness clock runs, so `time` advances).
     final class ToHost: MMIODevice, @unchecked Sendable {
         let name = "tohost"
         var value: UInt64?
@@ -18,9 +20,13 @@ import Testing
         init(_ i: HartInterrupts) { interrupts = i }
         func read(offset: UInt64, size: Int) -> UInt64 { 0 }
         func write(offset: UInt64, size: Int, value v: UInt64) {
-            if offset == 0 && value == nil {
+            switch offset {
+            case 0 where value == nil:
                 value = v
                 interrupts.requestExit()
+            case 8: interrupts.set(HartInterrupts.seip, v != 0)
+            case 16: interrupts.setTimerCompare(v)
+            default: break
             }
         }
     }
@@ -64,7 +70,7 @@ import Testing
         return tohost.value
     }
 
-    @Test(arguments: ["alu", "mem", "atomic", "trap", "vm", "smc", "fp"])
+    @Test(arguments: ["alu", "mem", "atomic", "trap", "vm", "smc", "fp", "irq"])
     func program(_ name: String) throws {
         let result = try Self.run(name)
         let failed = result.map { $0 >> 1 } ?? 0
