@@ -1,22 +1,30 @@
 import Machine
 
 extension Hart {
-    /// Executes block `index` entered at virtual PC `base`. Leaves `pcValue` at the next PC and
-    /// returns the chain slot it left through (0 taken/jump, 1 fall-through) or -1 when the next
-    /// block must not be chained (indirect jump, trap, system instruction).
+    /// Executes block `index` entered at virtual PC `base`, then keeps going through chained
+    /// successors (or, for indirect jumps, the jump cache) for up to `budget` blocks without
+    /// returning to the run loop. Leaves `pcValue` at the next PC and `lastBlock` at the last
+    /// block executed, and returns the chain slot that block left through (0 taken/jump,
+    /// 1 fall-through) or -1 when the next block must not be chained to it (indirect jump,
+    /// trap, system instruction).
     @inline(never)
-    func execute(_ index: Int32, base: UInt64) -> Int {
-        let block = blocks[Int(index)]
+    func execute(_ index: Int32, base: UInt64, budget: Int) -> Int {
         let r = x
         let fr = f
-        var op = ops + Int(block.opStart)
-        let end = op + Int(block.opCount)
         let rIdx = dataMMUIndex
         let readTags = tlbTags + tlbBase(rIdx, .read)
         let readAdd = tlbAddends + tlbBase(rIdx, .read)
         let writeTags = tlbTags + tlbBase(rIdx, .write)
         let writeAdd = tlbAddends + tlbBase(rIdx, .write)
         let mask = UInt64(Hart.tlbEntries - 1)
+        let jumpBase = fetchMMUIndex * Hart.jumpCacheSize
+        let jumpMask = UInt64(Hart.jumpCacheSize - 1)
+        let lines = interrupts
+        var index = index
+        var base = base
+        var budget = budget
+        var block = TranslationBlock()
+        var opBase = ops
 
         @inline(__always) func readPtr(_ va: UInt64, _ size: UInt64) -> UnsafeMutableRawPointer? {
             let vpn = va >> 12
@@ -36,13 +44,22 @@ extension Hart {
         }
         /// Retires the ops before the current one and reports a trap exit.
         @inline(__always) func trapExit(_ op: UnsafeMutablePointer<Op>) -> Int {
-            instret &+= UInt64(op - (ops + Int(block.opStart)))
+            instret &+= UInt64(op - opBase)
             trapped = false
+            lastBlock = index
             return -1
         }
         @inline(__always) func pcOf(_ op: UnsafeMutablePointer<Op>) -> UInt64 { base &+ UInt64(op.pointee.pcOffset) }
 
-        while op < end {
+        blockLoop: while true {
+        block = blocks[Int(index)]
+        opBase = ops + Int(block.opStart)
+        var op = opBase
+        let end = op + Int(block.opCount)
+        var slot = 1
+        lastBlock = index
+
+        opLoop: while op < end {
             let o = op.pointee
             let rd = Int(o.rd), rs1 = Int(o.rs1), rs2 = Int(o.rs2)
             switch o.kind {
@@ -56,15 +73,15 @@ extension Hart {
                 let pc = pcOf(op)
                 r[rd] = pc &+ UInt64(o.length)
                 pcValue = pc &+ UInt64(bitPattern: o.imm)
-                instret &+= UInt64(block.opCount)
-                return 0
+                slot = 0
+                break opLoop
             case .jalr:
                 let pc = pcOf(op)
                 let target = (r[rs1] &+ UInt64(bitPattern: o.imm)) & ~1
                 r[rd] = pc &+ UInt64(o.length)
                 pcValue = target
-                instret &+= UInt64(block.opCount)
-                return -1
+                slot = -1
+                break opLoop
             case .beq, .bne, .blt, .bge, .bltu, .bgeu:
                 let a = r[rs1], b = r[rs2]
                 let taken: Bool
@@ -77,13 +94,13 @@ extension Hart {
                 default: taken = a >= b
                 }
                 let pc = pcOf(op)
-                instret &+= UInt64(block.opCount)
                 if taken {
                     pcValue = pc &+ UInt64(bitPattern: o.imm)
-                    return 0
+                    slot = 0
+                } else {
+                    pcValue = pc &+ UInt64(o.length)
                 }
-                pcValue = pc &+ UInt64(o.length)
-                return 1
+                break opLoop
 
             // Loads
             case .lb, .lbu:
@@ -118,22 +135,22 @@ extension Hart {
             case .sb:
                 let va = r[rs1] &+ UInt64(bitPattern: o.imm)
                 if let p = writePtr(va, 1) { p.storeBytes(of: UInt8(truncatingIfNeeded: r[rs2]), as: UInt8.self) } else {
-                    if let e = storeSlowExit(op, va, 1, r[rs2], pcOf(op), block) { return e }
+                    if let e = storeSlowExit(op, va, 1, r[rs2], pcOf(op), opBase) { return e }
                 }
             case .sh:
                 let va = r[rs1] &+ UInt64(bitPattern: o.imm)
                 if let p = writePtr(va, 2) { p.storeBytes(of: UInt16(truncatingIfNeeded: r[rs2]), as: UInt16.self) } else {
-                    if let e = storeSlowExit(op, va, 2, r[rs2], pcOf(op), block) { return e }
+                    if let e = storeSlowExit(op, va, 2, r[rs2], pcOf(op), opBase) { return e }
                 }
             case .sw:
                 let va = r[rs1] &+ UInt64(bitPattern: o.imm)
                 if let p = writePtr(va, 4) { p.storeBytes(of: UInt32(truncatingIfNeeded: r[rs2]), as: UInt32.self) } else {
-                    if let e = storeSlowExit(op, va, 4, r[rs2], pcOf(op), block) { return e }
+                    if let e = storeSlowExit(op, va, 4, r[rs2], pcOf(op), opBase) { return e }
                 }
             case .sd:
                 let va = r[rs1] &+ UInt64(bitPattern: o.imm)
                 if let p = writePtr(va, 8) { p.storeBytes(of: r[rs2], as: UInt64.self) } else {
-                    if let e = storeSlowExit(op, va, 8, r[rs2], pcOf(op), block) { return e }
+                    if let e = storeSlowExit(op, va, 8, r[rs2], pcOf(op), opBase) { return e }
                 }
 
             // Integer register-immediate
@@ -216,7 +233,7 @@ extension Hart {
                 if !executeAtomic(o, pc: pcOf(op)) { return trapExit(op) }
                 if blockInvalidated {
                     blockInvalidated = false
-                    instret &+= UInt64(op - (ops + Int(block.opStart)) + 1)
+                    instret &+= UInt64(op - opBase + 1)
                     pcValue = pcOf(op) &+ UInt64(o.length)
                     return -1
                 }
@@ -242,11 +259,11 @@ extension Hart {
                     markFPDirty()
                 case .fsw:
                     if let p = writePtr(va, 4) { p.storeBytes(of: UInt32(truncatingIfNeeded: fr[rs2]), as: UInt32.self) } else {
-                        if let e = storeSlowExit(op, va, 4, fr[rs2], pcOf(op), block) { return e }
+                        if let e = storeSlowExit(op, va, 4, fr[rs2], pcOf(op), opBase) { return e }
                     }
                 default:
                     if let p = writePtr(va, 8) { p.storeBytes(of: fr[rs2], as: UInt64.self) } else {
-                        if let e = storeSlowExit(op, va, 8, fr[rs2], pcOf(op), block) { return e }
+                        if let e = storeSlowExit(op, va, 8, fr[rs2], pcOf(op), opBase) { return e }
                     }
                 }
 
@@ -270,7 +287,7 @@ extension Hart {
                 instret &+= UInt64(block.opCount)
                 return -1
             case .csrrw, .csrrs, .csrrc, .csrrwi, .csrrsi, .csrrci:
-                let retiredBefore = UInt64(op - (ops + Int(block.opStart)))
+                let retiredBefore = UInt64(op - opBase)
                 instret &+= retiredBefore
                 if !executeCSR(o, pc: pcOf(op)) {
                     trapped = false
@@ -290,19 +307,45 @@ extension Hart {
             }
             op += 1
         }
-        // Fell off the end of the block (page end or op limit).
+        if op == end {
+            // Fell off the end of the block (page end or op limit).
+            pcValue = base &+ UInt64(block.byteLength)
+        }
         instret &+= UInt64(block.opCount)
-        pcValue = base &+ UInt64(block.byteLength)
-        return 1
+
+        // Go on to the successor without returning to the run loop, while allowed.
+        budget -= 1
+        if budget <= 0 || lines.kick.load(ordering: .relaxed) { return slot }
+        let next = pcValue
+        if slot >= 0 && block.chainEpoch == mmuEpoch {
+            let (c, cpc) = slot == 0 ? (block.chainTB.0, block.chainPC.0) : (block.chainTB.1, block.chainPC.1)
+            if c >= 0 && cpc == next && blocks[Int(c)].valid {
+                index = c
+                base = next
+                continue blockLoop
+            }
+        }
+        let jc = jumpBase + Int((next >> 1) & jumpMask)
+        if jumpTags[jc] == next {
+            let c = jumpBlocks[jc]
+            if blocks[Int(c)].valid {
+                if slot >= 0 { link(index, slot: slot, to: c, pc: next) }
+                index = c
+                base = next
+                continue blockLoop
+            }
+        }
+        return slot
+        }
     }
 
     /// The slow path of a store from inside a block: returns the exit slot when the block must
     /// be left (a trap, or the store overwrote translated code), nil to continue.
     @inline(never)
     func storeSlowExit(_ op: UnsafeMutablePointer<Op>, _ va: UInt64, _ size: Int, _ value: UInt64,
-                       _ pc: UInt64, _ block: TranslationBlock) -> Int? {
+                       _ pc: UInt64, _ opBase: UnsafeMutablePointer<Op>) -> Int? {
         storeSlow(va, size: size, value: value, pc: pc)
-        let done = UInt64(op - (ops + Int(block.opStart)))
+        let done = UInt64(op - opBase)
         if trapped {
             trapped = false
             instret &+= done

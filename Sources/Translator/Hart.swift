@@ -80,6 +80,10 @@ public final class Hart: VirtualCPU {
     var interruptCheckNeeded = true
     /// Set by `wfi`; the run loop sleeps until an interrupt is pending.
     var waitingForInterrupt = false
+    /// The last block `execute` ran, and the chain slot it left through (-1: do not chain).
+    var lastBlock: Int32 = -1
+    var previousBlock: Int32 = -1
+    var previousSlot = -1
     /// The host rounding mode currently programmed (RISC-V encoding).
     var hostRoundingMode: UInt64 = 0
 
@@ -213,7 +217,7 @@ public final class Hart: VirtualCPU {
                 lines.kick.store(false, ordering: .relaxed)
                 pollTimer()
                 interruptCheckNeeded = true
-                timerBudget = 256
+                timerBudget = 1
             }
             if interruptCheckNeeded {
                 interruptCheckNeeded = false
@@ -228,37 +232,32 @@ public final class Hart: VirtualCPU {
                     continue
                 }
             }
-            // Execute a run of chained blocks.
-            var previous: Int32 = -1
-            var slot = -1
-            var budget = 64
-            while budget > 0 {
-                budget -= 1
-                let pc = pcValue
-                var index: Int32 = -1
-                if previous >= 0 && slot >= 0 {
-                    let p = blocks + Int(previous)
-                    if p.pointee.chainEpoch == mmuEpoch {
-                        let (c, cpc) = slot == 0 ? (p.pointee.chainTB.0, p.pointee.chainPC.0)
-                                                 : (p.pointee.chainTB.1, p.pointee.chainPC.1)
-                        if c >= 0 && cpc == pc && blocks[Int(c)].valid { index = c }
-                    }
-                }
-                if index < 0 {
-                    index = lookupBlock(pc)
-                    if index < 0 { break }  // fetch fault taken
-                    if previous >= 0 && slot >= 0 { link(previous, slot: slot, to: index, pc: pc) }
-                }
-                if let trace = blockTrace { trace(pc) }
-                slot = execute(index, base: pc)
-                previous = slot >= 0 ? index : -1
-                if lines.kick.load(ordering: .relaxed) || interruptCheckNeeded || waitingForInterrupt { break }
+            // Execute a run of blocks; `execute` follows chains itself.
+            let pc = pcValue
+            let index = lookupBlock(pc)
+            if index < 0 { continue }  // fetch fault taken
+            if let trace = blockTrace {
+                trace(pc)
+                linkPrevious(to: index, pc: pc)
+                previousSlot = execute(index, base: pc, budget: 1)
+            } else {
+                linkPrevious(to: index, pc: pc)
+                previousSlot = execute(index, base: pc, budget: 512)
             }
+            previousBlock = lastBlock
             timerBudget -= 1
         }
     }
 
-    private func link(_ from: Int32, slot: Int, to: Int32, pc: UInt64) {
+    /// Chains the block the run loop last left (through `previousSlot`) to `index`.
+    private func linkPrevious(to index: Int32, pc: UInt64) {
+        if previousBlock >= 0 && previousSlot >= 0 && blocks[Int(previousBlock)].valid {
+            link(previousBlock, slot: previousSlot, to: index, pc: pc)
+        }
+        previousBlock = -1
+    }
+
+    func link(_ from: Int32, slot: Int, to: Int32, pc: UInt64) {
         let p = blocks + Int(from)
         if p.pointee.chainEpoch != mmuEpoch {
             p.pointee.chainEpoch = mmuEpoch
