@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// The guest's DRAM: one host allocation mapped at a fixed guest physical base.
 ///
@@ -26,6 +27,27 @@ public final class GuestRAM: @unchecked Sendable {
     }
 
     deinit { munmap(pointer, Int(size)) }
+
+    /// Logs of RAM pages written by someone other than a CPU (device DMA), one per CPU that
+    /// caches translated code. Registered at machine assembly, before any device runs.
+    private let writeLogs = Mutex<[ExternalWriteLog]>([])
+
+    /// Registers a log that will receive every page devices write from now on.
+    public func addExternalWriteLog() -> ExternalWriteLog {
+        let log = ExternalWriteLog()
+        writeLogs.withLock { $0.append(log) }
+        return log
+    }
+
+    /// Records that a device wrote `[address, address + length)` behind the CPUs' backs, so
+    /// CPUs drop code translated from those pages at their next `fence.i`. Any thread.
+    public func noteExternalWrite(_ address: GuestPhysicalAddress, length: UInt64) {
+        guard length > 0, contains(address, length: length) else { return }
+        let first = (address.raw &- base.raw) >> 12
+        let last = (address.raw &- base.raw &+ length &- 1) >> 12
+        let logs = writeLogs.withLock { $0 }
+        for log in logs { log.add(pages: first...last) }
+    }
 
     /// The guest region that this RAM occupies.
     public var region: GuestRegion { GuestRegion(base: base, size: size) }
@@ -61,5 +83,29 @@ public final class GuestRAM: @unchecked Sendable {
             throw MachineError.outsideRAM(address: address, length: UInt64(count))
         }
         return Array(UnsafeRawBufferPointer(start: src, count: count))
+    }
+}
+
+/// Pages of guest RAM written by devices since the owner last drained the log.
+///
+/// Written from device threads, drained by one vCPU thread.
+public final class ExternalWriteLog: Sendable {
+    private let pages = Mutex<Set<UInt64>>([])
+    /// True when pages are waiting (a cheap check before taking the lock).
+    public let isEmpty = Atomic<Bool>(true)
+
+    func add(pages range: ClosedRange<UInt64>) {
+        pages.withLock { p in for page in range { p.insert(page) } }
+        isEmpty.store(false, ordering: .releasing)
+    }
+
+    /// Returns and forgets the logged page indices (relative to the RAM base).
+    public func drain() -> Set<UInt64> {
+        isEmpty.store(true, ordering: .relaxed)
+        return pages.withLock { p in
+            let out = p
+            p.removeAll()
+            return out
+        }
     }
 }

@@ -279,6 +279,13 @@ extension Hart {
                 raise(.breakpoint, tval: pcOf(op), pc: pcOf(op))
                 return trapExit(op)
             case .fenceI:
+                // Our own stores already invalidated what they overwrote; device DMA did not.
+                if !externalWrites.isEmpty.load(ordering: .acquiring) {
+                    for page in externalWrites.drain() where page < ram.size >> 12 && codePages[Int(page)] != 0 {
+                        invalidateCode(physicalPage: page)
+                    }
+                    blockInvalidated = false
+                }
                 instret &+= UInt64(block.opCount)
                 pcValue = pcOf(op) &+ UInt64(o.length)
                 return -1

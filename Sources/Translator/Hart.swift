@@ -120,6 +120,8 @@ public final class Hart: VirtualCPU {
     /// Bumped whenever translations may have changed (satp, sfence.vma, flush); chains made
     /// under an older epoch are ignored.
     var mmuEpoch: UInt32 = 1
+    /// Pages devices wrote behind this hart's back; drained at `fence.i`.
+    let externalWrites: ExternalWriteLog
     /// Called with the virtual PC before each block executes, when set (debug tracing, like
     /// QEMU's `-d exec`). Costs one nil check per block when unset.
     public var blockTrace: ((UInt64) -> Void)?
@@ -134,6 +136,7 @@ public final class Hart: VirtualCPU {
         self.bus = bus
         self.interrupts = interrupts
         self.clock = clock
+        externalWrites = ram.addExternalWriteLog()
         state = UnsafeMutableRawPointer.allocate(byteCount: StateLayout.size, alignment: 64)
         state.initializeMemory(as: UInt8.self, repeating: 0, count: StateLayout.size)
         x = (state + StateLayout.x).assumingMemoryBound(to: UInt64.self)

@@ -12,12 +12,18 @@ import Testing
 
     /// A `tohost` register (offset 0): records the first value written and stops the hart.
     /// Test controls: offset 8 drives the hart's external SEIP line, offset 16 sets `mtimecmp`
-    /// (the harness clock runs, so `time` advances).
+    /// (the harness clock runs, so `time` advances); offset 24 sets an address and a write to
+    /// offset 32 stores 4 bytes there the way a device's DMA does (behind the CPU's back).
     final class ToHost: MMIODevice, @unchecked Sendable {
         let name = "tohost"
         var value: UInt64?
         let interrupts: HartInterrupts
-        init(_ i: HartInterrupts) { interrupts = i }
+        let ram: GuestRAM
+        var dmaAddress: UInt64 = 0
+        init(_ i: HartInterrupts, _ ram: GuestRAM) {
+            interrupts = i
+            self.ram = ram
+        }
         func read(offset: UInt64, size: Int) -> UInt64 { 0 }
         func write(offset: UInt64, size: Int, value v: UInt64) {
             switch offset {
@@ -26,6 +32,11 @@ import Testing
                 interrupts.requestExit()
             case 8: interrupts.set(HartInterrupts.seip, v != 0)
             case 16: interrupts.setTimerCompare(v)
+            case 24: dmaAddress = v
+            case 32:
+                let a = GuestPhysicalAddress(dmaAddress)
+                ram.hostPointer(a, length: 4)?.storeBytes(of: UInt32(truncatingIfNeeded: v), as: UInt32.self)
+                ram.noteExternalWrite(a, length: 4)
             default: break
             }
         }
@@ -59,7 +70,7 @@ import Testing
         try ram.write(image, at: ram.base)
         let bus = MemoryBus()
         let interrupts = HartInterrupts(hartID: 0)
-        let tohost = ToHost(interrupts)
+        let tohost = ToHost(interrupts, ram)
         try bus.map(tohost, at: GuestRegion(base: GuestPhysicalAddress(0x0010_2000), size: 0x1000))
         let hart = Hart(hartID: 0, ram: ram, bus: bus, interrupts: interrupts, clock: VirtualClock())
         hart.reset(entry: ram.base, a0: 0, a1: 0, a2: 0)

@@ -119,6 +119,7 @@ public struct DescriptorChain: Sendable, Equatable {
             // Validated when the chain was built; RAM never moves, so this cannot fail.
             guard let host = ram.hostPointer(b.address + UInt64(skip), length: UInt64(n)) else { break }
             body(host, done, n)
+            ram.noteExternalWrite(b.address + UInt64(skip), length: UInt64(n))
             done += n
             skip = 0
         }
