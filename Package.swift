@@ -23,10 +23,13 @@ let package = Package(
         .systemLibrary(name: "CVNCServer", pkgConfig: "libvncserver", providers: [.apt(["libvncserver-dev"])]),
         .systemLibrary(name: "CZlib", providers: [.apt(["zlib1g-dev"])]),
 
+        // Atomic read-modify-write on guest RAM for AMOs and LR/SC across vCPU threads.
+        .target(name: "CAtomics"),
+
         // Core vocabulary: guest memory, bus, interrupt lines, clock, the machine façade.
         .target(name: "Machine", swiftSettings: optimized),
         // RV64GC CPU: decoder, translation-block cache, soft TLB, executor.
-        .target(name: "Translator", dependencies: ["Machine"],
+        .target(name: "Translator", dependencies: ["Machine", "CAtomics"],
                 swiftSettings: optimized + [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
         // Disk image formats (raw, qcow2), shared by virtio-blk and machine-img.
         .target(name: "Storage", dependencies: ["CZlib"]),

@@ -24,9 +24,24 @@ public final class GuestRAM: @unchecked Sendable {
         self.base = base
         self.size = size
         self.pointer = p
+        codePages = .allocate(capacity: Int(size / 4096))
+        codePages.initialize(repeating: 0, count: Int(size / 4096))
     }
 
-    deinit { munmap(pointer, Int(size)) }
+    /// One byte per RAM page, nonzero while some CPU may hold code translated from the page;
+    /// CPUs send stores to such pages down their slow path. Shared by every vCPU thread: a
+    /// byte store or load is atomic on the hosts we run on, and a stale read only delays an
+    /// invalidation until the next `codeEpoch` check or `fence.i`, which the guest must issue
+    /// anyway before running modified code.
+    public let codePages: UnsafeMutablePointer<UInt8>
+    /// Bumped whenever a page becomes a code page, so every CPU drops write-TLB entries that
+    /// would let stores to it bypass the slow path.
+    public let codeEpoch = Atomic<UInt64>(0)
+
+    deinit {
+        munmap(pointer, Int(size))
+        codePages.deallocate()
+    }
 
     /// Logs of RAM pages written by someone other than a CPU (device DMA), one per CPU that
     /// caches translated code. Registered at machine assembly, before any device runs.

@@ -118,16 +118,24 @@ extension Hart {
         let ramPage = Int((page &- ram.base.raw) >> 12)
         if codePages[ramPage] == 0 {
             codePages[ramPage] = 1
-            flushWriteTLB()
+            ram.codeEpoch.add(1, ordering: .acquiringAndReleasing)
+            checkCodeEpoch()
         }
         blocksByPage[page, default: []].append(block)
     }
 
-    /// Invalidates every block with code from the RAM page `physicalPage` (a page index
-    /// relative to the RAM base), after a store into it.
+    /// A store from this hart hit a code page: drop this hart's blocks from it now, and tell
+    /// the other harts, which drop theirs at their next `fence.i`.
+    func storeHitCode(physicalPage: UInt64) {
+        codePages[Int(physicalPage)] = 0
+        invalidateCode(physicalPage: physicalPage)
+        ram.noteExternalWrite(GuestPhysicalAddress(ram.base.raw &+ (physicalPage << 12)), length: 4096)
+    }
+
+    /// Invalidates this hart's blocks with code from the RAM page `physicalPage` (a page index
+    /// relative to the RAM base).
     func invalidateCode(physicalPage: UInt64) {
         let page = ram.base.raw &+ (physicalPage << 12)
-        codePages[Int(physicalPage)] = 0
         guard let list = blocksByPage.removeValue(forKey: page) else { return }
         for b in list where blocks[Int(b)].valid {
             blocks[Int(b)].valid = false
@@ -145,7 +153,7 @@ extension Hart {
         var a = region.base.raw & ~0xfff
         while a < region.end.raw {
             let off = a &- ram.base.raw
-            if off < ram.size && codePages[Int(off >> 12)] != 0 { invalidateCode(physicalPage: off >> 12) }
+            if off < ram.size { invalidateCode(physicalPage: off >> 12) }
             a &+= 4096
         }
     }
@@ -157,7 +165,8 @@ extension Hart {
         opCount = 0
         blockByPhysical.removeAll(keepingCapacity: true)
         blocksByPage.removeAll(keepingCapacity: true)
-        codePages.update(repeating: 0, count: Int(ram.size / 4096))
+        // The shared code-page map is left as it is: other harts may still have code there,
+        // and a stale mark costs one slow-path store.
         jumpTags.update(repeating: .max, count: 4 * Hart.jumpCacheSize)
         flushTLB()
         mmuEpoch &+= 1

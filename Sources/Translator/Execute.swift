@@ -1,3 +1,4 @@
+import CAtomics
 import Machine
 
 extension Hart {
@@ -281,7 +282,7 @@ extension Hart {
             case .fenceI:
                 // Our own stores already invalidated what they overwrote; device DMA did not.
                 if !externalWrites.isEmpty.load(ordering: .acquiring) {
-                    for page in externalWrites.drain() where page < ram.size >> 12 && codePages[Int(page)] != 0 {
+                    for page in externalWrites.drain() where page < ram.size >> 12 {
                         invalidateCode(physicalPage: page)
                     }
                     blockInvalidated = false
@@ -323,6 +324,7 @@ extension Hart {
         // Go on to the successor without returning to the run loop, while allowed.
         budget -= 1
         if budget <= 0 || lines.kick.load(ordering: .relaxed) { return slot }
+        checkCodeEpoch()
         let next = pcValue
         if slot >= 0 && block.chainEpoch == mmuEpoch {
             let (c, cpc) = slot == 0 ? (block.chainTB.0, block.chainPC.0) : (block.chainTB.1, block.chainPC.1)
@@ -368,64 +370,93 @@ extension Hart {
     }
 
     /// LR, SC and AMOs. Returns false when a trap was taken.
+    ///
+    /// Every read-modify-write is a host atomic, so harts on other threads see it whole. SC is
+    /// a compare-and-swap against the value LR read: it succeeds when the reserved word still
+    /// holds that value (an ABA change in between is not detected, which the ISA permits only
+    /// in the absence of other stores; Linux's uses of LR/SC tolerate it).
     func executeAtomic(_ o: Op, pc: UInt64) -> Bool {
         let r = x
         let va = r[Int(o.rs1)]
         let size = Int(o.imm)
+        let src = r[Int(o.rs2)]
         switch o.kind {
         case .lr:
             guard let p = atomicPointer(va, size: size, write: false, pc: pc) else { trapped = false; return false }
-            r[Int(o.rd)] = size == 4 ? sx32(p.load(as: UInt32.self)) : p.load(as: UInt64.self)
+            let v = size == 4 ? sx32(catomic_load_32(p.assumingMemoryBound(to: UInt32.self)))
+                              : catomic_load_64(p.assumingMemoryBound(to: UInt64.self))
+            r[Int(o.rd)] = v
             reservation = physicalForReservation(va)
+            reservationValue = v
             return true
         case .sc:
             guard let p = atomicPointer(va, size: size, write: true, pc: pc) else { trapped = false; return false }
             let pa = physicalForReservation(va)
+            var ok = false
             if reservation != .max && reservation == pa {
-                if size == 4 { p.storeBytes(of: UInt32(truncatingIfNeeded: r[Int(o.rs2)]), as: UInt32.self) }
-                else { p.storeBytes(of: r[Int(o.rs2)], as: UInt64.self) }
-                r[Int(o.rd)] = 0
-            } else {
-                r[Int(o.rd)] = 1
+                if size == 4 {
+                    ok = catomic_cas_32(p.assumingMemoryBound(to: UInt32.self),
+                                        UInt32(truncatingIfNeeded: reservationValue), UInt32(truncatingIfNeeded: src))
+                } else {
+                    ok = catomic_cas_64(p.assumingMemoryBound(to: UInt64.self), reservationValue, src)
+                }
             }
+            r[Int(o.rd)] = ok ? 0 : 1
             reservation = .max
             return true
         default:
             guard let p = atomicPointer(va, size: size, write: true, pc: pc) else { trapped = false; return false }
-            let src = r[Int(o.rs2)]
             if size == 4 {
-                let old = p.load(as: UInt32.self)
+                let w = p.assumingMemoryBound(to: UInt32.self)
                 let b = UInt32(truncatingIfNeeded: src)
-                let new: UInt32
+                let old: UInt32
                 switch o.rm {
-                case 0x01: new = b
-                case 0x00: new = old &+ b
-                case 0x04: new = old ^ b
-                case 0x0c: new = old & b
-                case 0x08: new = old | b
-                case 0x10: new = Int32(bitPattern: old) < Int32(bitPattern: b) ? old : b
-                case 0x14: new = Int32(bitPattern: old) > Int32(bitPattern: b) ? old : b
-                case 0x18: new = old < b ? old : b
-                default: new = old > b ? old : b
+                case 0x01: old = catomic_swap_32(w, b)
+                case 0x00: old = catomic_add_32(w, b)
+                case 0x04: old = catomic_xor_32(w, b)
+                case 0x0c: old = catomic_and_32(w, b)
+                case 0x08: old = catomic_or_32(w, b)
+                default:
+                    var cur = catomic_load_32(w)
+                    while true {
+                        let new: UInt32
+                        switch o.rm {
+                        case 0x10: new = Int32(bitPattern: cur) < Int32(bitPattern: b) ? cur : b
+                        case 0x14: new = Int32(bitPattern: cur) > Int32(bitPattern: b) ? cur : b
+                        case 0x18: new = cur < b ? cur : b
+                        default: new = cur > b ? cur : b
+                        }
+                        if catomic_cas_32(w, cur, new) { break }
+                        cur = catomic_load_32(w)
+                    }
+                    old = cur
                 }
-                p.storeBytes(of: new, as: UInt32.self)
                 r[Int(o.rd)] = sx32(old)
             } else {
-                let old = p.load(as: UInt64.self)
+                let w = p.assumingMemoryBound(to: UInt64.self)
                 let b = src
-                let new: UInt64
+                let old: UInt64
                 switch o.rm {
-                case 0x01: new = b
-                case 0x00: new = old &+ b
-                case 0x04: new = old ^ b
-                case 0x0c: new = old & b
-                case 0x08: new = old | b
-                case 0x10: new = Int64(bitPattern: old) < Int64(bitPattern: b) ? old : b
-                case 0x14: new = Int64(bitPattern: old) > Int64(bitPattern: b) ? old : b
-                case 0x18: new = old < b ? old : b
-                default: new = old > b ? old : b
+                case 0x01: old = catomic_swap_64(w, b)
+                case 0x00: old = catomic_add_64(w, b)
+                case 0x04: old = catomic_xor_64(w, b)
+                case 0x0c: old = catomic_and_64(w, b)
+                case 0x08: old = catomic_or_64(w, b)
+                default:
+                    var cur = catomic_load_64(w)
+                    while true {
+                        let new: UInt64
+                        switch o.rm {
+                        case 0x10: new = Int64(bitPattern: cur) < Int64(bitPattern: b) ? cur : b
+                        case 0x14: new = Int64(bitPattern: cur) > Int64(bitPattern: b) ? cur : b
+                        case 0x18: new = cur < b ? cur : b
+                        default: new = cur > b ? cur : b
+                        }
+                        if catomic_cas_64(w, cur, new) { break }
+                        cur = catomic_load_64(w)
+                    }
+                    old = cur
                 }
-                p.storeBytes(of: new, as: UInt64.self)
                 r[Int(o.rd)] = old
             }
             return true

@@ -69,6 +69,8 @@ public final class Hart: VirtualCPU {
     // MARK: Reservation (LR/SC)
 
     var reservation: UInt64 = .max
+    /// The value LR read at the reservation; SC compares against it.
+    var reservationValue: UInt64 = 0
 
     // MARK: Execution bookkeeping
 
@@ -111,8 +113,10 @@ public final class Hart: VirtualCPU {
     var blockByPhysical: [UInt64: Int32] = [:]
     /// Physical page -> blocks that contain code from it.
     var blocksByPage: [UInt64: [Int32]] = [:]
-    /// One byte per RAM page: nonzero when translated code came from the page.
+    /// The shared map of RAM pages holding translated code (see `GuestRAM.codePages`).
     let codePages: UnsafeMutablePointer<UInt8>
+    /// `GuestRAM.codeEpoch` as of this hart's last write-TLB flush.
+    var seenCodeEpoch: UInt64 = 0
     /// Virtual-PC jump cache per fetch MMU index: tag (virtual PC) and block index.
     static let jumpCacheSize = 4096
     let jumpTags: UnsafeMutablePointer<UInt64>
@@ -150,9 +154,7 @@ public final class Hart: VirtualCPU {
         blocks.initialize(repeating: TranslationBlock(), count: Self.maxBlocks)
         ops = .allocate(capacity: Self.maxOps)
         ops.initialize(repeating: Op(), count: Self.maxOps)
-        let pages = Int(ram.size / 4096)
-        codePages = .allocate(capacity: pages)
-        codePages.initialize(repeating: 0, count: pages)
+        codePages = ram.codePages
         jumpTags = .allocate(capacity: 4 * Self.jumpCacheSize)
         jumpTags.initialize(repeating: .max, count: 4 * Self.jumpCacheSize)
         jumpBlocks = .allocate(capacity: 4 * Self.jumpCacheSize)
@@ -165,7 +167,6 @@ public final class Hart: VirtualCPU {
         tlbAddends.deallocate()
         blocks.deallocate()
         ops.deallocate()
-        codePages.deallocate()
         jumpTags.deallocate()
         jumpBlocks.deallocate()
     }
@@ -216,6 +217,7 @@ public final class Hart: VirtualCPU {
                 lines.exitRequest.store(false, ordering: .sequentiallyConsistent)
                 return
             }
+            checkCodeEpoch()
             if lines.kick.load(ordering: .relaxed) || timerBudget <= 0 {
                 lines.kick.store(false, ordering: .relaxed)
                 pollTimer()
@@ -249,6 +251,15 @@ public final class Hart: VirtualCPU {
             }
             previousBlock = lastBlock
             timerBudget -= 1
+        }
+    }
+
+    /// Drops write-TLB entries when another hart (or this one) turned a page into code.
+    @inline(__always) func checkCodeEpoch() {
+        let e = ram.codeEpoch.load(ordering: .acquiring)
+        if e != seenCodeEpoch {
+            seenCodeEpoch = e
+            flushWriteTLB()
         }
     }
 

@@ -188,7 +188,7 @@ extension Hart {
         case .ok(let pa):
             if let p = ram.hostPointer(GuestPhysicalAddress(pa), length: UInt64(size)) {
                 let page = (pa &- ram.base.raw) >> 12
-                if codePages[Int(page)] != 0 { invalidateCode(physicalPage: page) }
+                if codePages[Int(page)] != 0 { storeHitCode(physicalPage: page) }
                 switch size {
                 case 1: p.storeBytes(of: UInt8(truncatingIfNeeded: value), as: UInt8.self)
                 case 2: p.storeBytes(of: UInt16(truncatingIfNeeded: value), as: UInt16.self)
@@ -228,7 +228,7 @@ extension Hart {
             }
             if write {
                 let page = (pa &- ram.base.raw) >> 12
-                if codePages[Int(page)] != 0 { invalidateCode(physicalPage: page) }
+                if codePages[Int(page)] != 0 { storeHitCode(physicalPage: page) }
             }
             return p
         }
