@@ -74,6 +74,10 @@ public struct BoardConfig: Sendable {
     /// The virtio-mmio transports, in slot order (at most `VirtMemoryMap.virtioSlotCount`):
     /// slot i is at 0x1000_1000 + i·0x1000 with PLIC IRQ i + 1, like QEMU.
     public var virtioTransports: [MMIODeviceFactory] = []
+    /// What pressing the power button does (`system_powerdown`): machine-server sets it to press
+    /// KEY_POWER on the virtio keyboard when there is one. Nil: the board has no power button
+    /// the guest can see (QEMU's `virt` has none). Called on the machine's control thread.
+    public var powerButton: (@Sendable () -> Void)? = nil
     /// Extra bytes filled with host entropy into `/chosen/rng-seed` (QEMU passes 32); 0 omits it.
     public var rngSeedBytes: Int = 32
 

@@ -2,7 +2,8 @@ import Devices
 import Machine
 
 /// QEMU's riscv `virt` board: RAM at 0x8000_0000, the CLINT, PLIC, UART0, RTC, SiFive test
-/// device, our HTIF, eight virtio-mmio slots and the mask ROM, with a device tree generated from
+/// device, our HTIF, eight virtio-mmio slots (every one mapped; empty ones answer DeviceID 0)
+/// and the mask ROM, with a device tree generated from
 /// the devices actually built, and the boot images placed as QEMU places them.
 ///
 /// Threading: built and mutated (`attachVirtio`, `reset`, `loadBootImages`) on the machine's
@@ -46,8 +47,12 @@ public final class VirtBoard: @unchecked Sendable {
     public private(set) var irqs: IRQAllocator
     /// The virtio-mmio slot bank.
     public private(set) var virtioSlots: MMIOSlotBank
-    /// The virtio-mmio transports by slot.
+    /// The virtio-mmio transports by slot (only slots holding a device).
     public private(set) var virtioDevices: [Int: any MMIODevice] = [:]
+    /// The empty transports (DeviceID 0) mapped in every slot without a device, as QEMU's `virt`
+    /// maps all eight: the guest's probe then finds magic "virt", version 2, DeviceID 0 and
+    /// skips the slot quietly instead of complaining about a wrong magic value.
+    public private(set) var emptyVirtioSlots: [Int: VirtioMMIOTransport] = [:]
 
     /// The boot state after the last `loadBootImages()`.
     public var bootState: BootState {
@@ -112,7 +117,18 @@ public final class VirtBoard: @unchecked Sendable {
         deviceTreeBlob = tree.flattened()
         deviceTreeAddress = try bootLoader.deviceTreeAddress(size: deviceTreeBlob.count)
 
+        for slot in 0..<virtioSlots.count { try mapEmptyTransport(slot: slot) }
         for factory in config.virtioTransports { _ = try attachVirtio(factory) }
+    }
+
+    /// Maps an empty virtio-mmio transport (no device) in `slot`. Control thread.
+    private func mapEmptyTransport(slot: Int) throws {
+        let irqNumber = virtioSlots.irq(ofSlot: slot)
+        let region = virtioSlots.region(ofSlot: slot)
+        let empty = VirtioMMIOTransport(device: nil, ram: ram, interrupt: plic.line(irqNumber),
+                                        name: "virtio-mmio@\(String(region.base.raw, radix: 16)) (empty)")
+        try bus.map(empty, at: region)
+        emptyVirtioSlots[slot] = empty
     }
 
     /// Builds a virtio-mmio transport into the lowest free slot and maps it; returns the slot.
@@ -123,6 +139,8 @@ public final class VirtBoard: @unchecked Sendable {
         let slot = try virtioSlots.allocate()
         let region = virtioSlots.region(ofSlot: slot)
         let irqNumber = virtioSlots.irq(ofSlot: slot)
+        let empty = emptyVirtioSlots.removeValue(forKey: slot)
+        if let empty { bus.unmap(empty) }
         do {
             let device = try factory(DeviceContext(ram: ram, irq: plic.line(irqNumber), irqNumber: irqNumber,
                                                    region: region, clock: clock))
@@ -130,16 +148,22 @@ public final class VirtBoard: @unchecked Sendable {
             virtioDevices[slot] = device
         } catch {
             virtioSlots.release(slot)
+            if let empty {
+                try? bus.map(empty, at: region)
+                emptyVirtioSlots[slot] = empty
+            }
             throw error
         }
         return slot
     }
 
-    /// Unmaps the transport in `slot` and frees the slot (hot-unplug). Control thread.
+    /// Unmaps the transport in `slot`, puts an empty transport back in its place and frees the
+    /// slot (hot-unplug). Control thread.
     public func detachVirtio(slot: Int) {
         guard let device = virtioDevices.removeValue(forKey: slot) else { return }
         bus.unmap(device)
         virtioSlots.release(slot)
+        try? mapEmptyTransport(slot: slot)
     }
 
     /// Copies the boot images and the device tree into RAM and returns the state the harts start
@@ -341,7 +365,12 @@ extension VirtBoard: MachineBoard {
         }
     }
 
-    /// QEMU's `virt` has no power-button device (no ACPI, no GPIO keys), so a press cannot
-    /// reach the guest: always false.
-    public func pressPowerButton() -> Bool { false }
+    /// QEMU's `virt` has no power-button device (no ACPI, no GPIO keys); a press reaches the
+    /// guest only through `config.powerButton` (KEY_POWER on a virtio keyboard). Returns whether
+    /// there was one.
+    public func pressPowerButton() -> Bool {
+        guard let press = config.powerButton else { return false }
+        press()
+        return true
+    }
 }
