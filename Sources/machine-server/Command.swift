@@ -49,7 +49,7 @@ struct MachineServerCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("A QMP listener (unix:PATH or tcp:HOST:PORT); repeatable; replaces \"qmp\".", valueName: "SPEC"))
     var qmp: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Serve the display over VNC on HOST:PORT; overrides display.vnc.listen.", valueName: "HOST:PORT"))
+    @Option(name: .long, help: ArgumentHelp("Serve the display over VNC on HOST:PORT (a bare PORT means 127.0.0.1:PORT); overrides display.vnc.listen. Adds a virtio GPU, keyboard and tablet when the description lists no GPU.", valueName: "HOST:PORT"))
     var vnc: String?
 
     @Option(name: .long, help: ArgumentHelp("The machine's name (query-name); overrides \"name\".", valueName: "NAME"))

@@ -6,6 +6,7 @@ import QMP
 import Schema
 import Synchronization
 import Translator
+import VNC
 
 /// Builds and runs one machine from a checked `LaunchPlan`, on the main thread.
 ///
@@ -17,7 +18,6 @@ struct Launch {
 
     func run() throws -> Int32 {
         let plan = try LaunchPlan(options: options)
-        try refuseUnavailable(plan)
 
         // Signals become an orderly shutdown (SHUTDOWN, cause host-signal). Installed before
         // the stdio backend, which then leaves these signals to us.
@@ -43,9 +43,14 @@ struct Launch {
         let chardevs = MachineChardevs(serial.map { [$0] } ?? [])
         defer { chardevs.closeAll() }
 
+        // Images are opened (and locked) before the board, so a busy or broken image stops the
+        // launch with a message naming the device; they are flushed once the machine has ended.
+        let devices = try MachineDevices(plan.devices)
+        defer { devices.close() }
+
         let machine: VirtualMachine
         do {
-            machine = try makeMachine(plan: plan, serial: serial)
+            machine = try makeMachine(plan: plan, serial: serial, devices: devices)
         } catch let e as LaunchError {
             throw e
         } catch {
@@ -53,7 +58,7 @@ struct Launch {
         }
         machineBox.set(machine)
 
-        let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, plan: plan)
+        let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, plan: plan)
         defer { servers.shutdown() }
 
         do {
@@ -64,19 +69,8 @@ struct Launch {
         return machine.waitUntilExit()
     }
 
-    /// Refuses parts of a description this build cannot provide yet, naming the field, rather
-    /// than silently running a different machine than the one described.
-    private func refuseUnavailable(_ plan: LaunchPlan) throws {
-        if let first = plan.devices.first {
-            throw LaunchError("devices[0]: '\(first.driver.rawValue)' cannot be attached by this build of machine-server yet")
-        }
-        if plan.vnc != nil {
-            throw LaunchError("display.vnc: the VNC display cannot be served by this build of machine-server yet")
-        }
-    }
-
     /// Builds the `virt` board from the plan and one `Hart` per CPU.
-    private func makeMachine(plan: LaunchPlan, serial: (any CharBackend)?) throws -> VirtualMachine {
+    private func makeMachine(plan: LaunchPlan, serial: (any CharBackend)?, devices: MachineDevices) throws -> VirtualMachine {
         var config = BoardConfig()
         config.memorySize = plan.memoryBytes
         config.cpuCount = plan.cpuCount
@@ -86,6 +80,11 @@ struct Launch {
         config.initrd = plan.initrd.map { .path($0) }
         config.serial = serial
         config.htifConsole = serial
+        config.virtioTransports = devices.transports
+        if let keyboard = devices.keyboards.first {
+            // system_powerdown presses KEY_POWER; the POWERDOWN event is sent either way.
+            config.powerButton = { keyboard.pressPowerKey() }
+        }
         return try VirtualMachine(
             name: plan.name, startPaused: plan.startPaused,
             makeBoard: { system in try VirtBoard(config: config, system: system) },
@@ -95,15 +94,33 @@ struct Launch {
     }
 }
 
-/// The protocol servers that drive a machine (QMP now; VNC plugs in here).
+/// The protocol servers that drive a machine: QMP and VNC.
 ///
 /// Started on the main thread after the machine is built and before it starts, so a client
 /// can connect to a machine started paused; shut down on the main thread after it ends.
 struct ProtocolServers {
     let qmp: QMPServer?
+    let vnc: VNCServer?
 
     /// Starts every server the plan asks for; throws `LaunchError` naming the listener.
-    static func start(machine: VirtualMachine, chardevs: MachineChardevs, plan: LaunchPlan) throws -> ProtocolServers {
+    static func start(machine: VirtualMachine, chardevs: MachineChardevs, devices: MachineDevices,
+                      plan: LaunchPlan) throws -> ProtocolServers {
+        var vnc: VNCServer? = nil
+        if let v = plan.vnc, let display = devices.display {
+            let field = plan.vncFromCommandLine ? "--vnc" : "display.vnc"
+            let configuration = VNCConfiguration(listen: v.listen, websocket: v.websocket,
+                                                 passwordRequired: v.password != nil,
+                                                 desktopName: plan.name ?? "machine-server")
+            let server: VNCServer
+            do {
+                server = try VNCServer(display: display, configuration: configuration)
+                if let password = v.password { try server.setPassword(password) }
+                try server.start()
+            } catch {
+                throw LaunchError("\(field): \(error)")
+            }
+            vnc = server
+        }
         var qmp: QMPServer? = nil
         if !plan.qmp.isEmpty {
             let server = QMPServer(control: machine, chardevs: chardevs)
@@ -114,12 +131,13 @@ struct ProtocolServers {
             }
             qmp = server
         }
-        return ProtocolServers(qmp: qmp)
+        return ProtocolServers(qmp: qmp, vnc: vnc)
     }
 
-    /// Stops every server (QMP writes pending replies first).
+    /// Stops every server (QMP writes pending replies first; VNC disconnects its viewers).
     func shutdown() {
         qmp?.shutdown()
+        vnc?.stop()
     }
 }
 

@@ -20,7 +20,10 @@ struct LaunchPlan {
     var qmp: [QMPListenerSpec]
     /// The VNC listen address and options, when a display is wanted.
     var vnc: VNCDescription?
-    var devices: [DeviceDescription]
+    /// True when `vnc` came from --vnc (for messages).
+    var vncFromCommandLine: Bool
+    /// The devices in slot order, checked (including what a VNC display adds automatically).
+    var devices: [PlannedDevice]
 
     /// Where Debian's `opensbi` package (and QEMU's own packages) put OpenSBI's generic
     /// fw_dynamic firmware, tried in order when the description names no firmware.
@@ -115,7 +118,10 @@ struct LaunchPlan {
             }
         }
 
-        if let listen = options.vnc {
+        if var listen = options.vnc {
+            // A bare port (or ":PORT") listens on localhost only, never on every interface.
+            if UInt16(listen) != nil { listen = "127.0.0.1:" + listen }
+            if listen.hasPrefix(":"), UInt16(listen.dropFirst()) != nil { listen = "127.0.0.1" + listen }
             guard SchemaCheck.parseHostPort(listen) != nil else {
                 throw LaunchError("--vnc: '\(listen)' is not HOST:PORT (for example 127.0.0.1:5900)")
             }
@@ -125,7 +131,12 @@ struct LaunchPlan {
         } else {
             vnc = d.display?.vnc
         }
-        devices = d.devices ?? []
+        if let ws = vnc?.websocket, ws == vnc?.listen {
+            throw LaunchError("display.vnc.websocket: '\(ws)' is also the VNC listen address")
+        }
+        vncFromCommandLine = options.vnc != nil
+        let vncOrigin = options.vnc != nil ? "--vnc" : (vnc != nil ? "display.vnc" : nil)
+        devices = try PlannedDevice.plan(d.devices ?? [], vnc: vncOrigin, resolve: resolve)
     }
 
     /// The chardev SPEC for the description's `serial` member (default: stdio).

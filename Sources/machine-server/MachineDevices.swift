@@ -1,0 +1,118 @@
+import Board
+import Devices
+import Foundation
+import Logging
+import Machine
+import Storage
+
+/// The live devices of one machine: opened images, the virtio devices, the display they share,
+/// and the factories that put each into its virtio-mmio slot.
+///
+/// Built on the main thread before the board (so image errors stop the launch before anything
+/// runs); `close()` runs on the main thread after the machine has stopped.
+final class MachineDevices: @unchecked Sendable {
+    /// One virtio-blk device and its image.
+    struct Block {
+        let id: String
+        let hasExplicitID: Bool
+        let device: VirtioBlock
+        let image: any BlockImage
+        let readOnly: Bool
+    }
+
+    /// The display hub the GPU publishes to and the input devices read from; nil when the
+    /// description has no GPU, keyboard or tablet (then nothing display-related exists).
+    let display: Display?
+    let blocks: [Block]
+    let gpu: VirtioGPU?
+    let keyboards: [VirtioInput]
+    let tablets: [VirtioInput]
+    /// The transports in slot order, for `BoardConfig.virtioTransports`.
+    let transports: [MMIODeviceFactory]
+
+    /// Opens every image (taking QEMU-compatible locks) and builds every device.
+    /// Throws `LaunchError` naming the device (`devices[i]`) and the file.
+    init(_ planned: [PlannedDevice]) throws {
+        let needsDisplay = planned.contains { $0.kind == .gpu || $0.kind == .keyboard || $0.kind == .tablet }
+        let display = needsDisplay ? Display(id: "video0") : nil
+        var blocks: [Block] = []
+        var gpu: VirtioGPU?
+        var keyboards: [VirtioInput] = []
+        var tablets: [VirtioInput] = []
+        var transports: [MMIODeviceFactory] = []
+        var blockIndex = 0
+        do {
+            for p in planned {
+                let device: any VirtioDevice
+                switch p.kind {
+                case .block(let file, let format, let readOnly):
+                    let image: any BlockImage
+                    do {
+                        image = try openImage(path: file, format: Storage.ImageFormat(rawValue: format.rawValue),
+                                              readOnly: readOnly, lock: true)
+                    } catch let e as StorageError {
+                        throw LaunchError("\(p.origin).drive.file: \(Self.oneLine(e.description))")
+                    }
+                    let name = "virtio-blk\(blockIndex)"
+                    blockIndex += 1
+                    let blk = VirtioBlock(drive: DriveConfig(image: image, readOnly: readOnly,
+                                                             serial: p.hasExplicitID ? p.id : ""),
+                                          name: name, logger: Logger(label: "machine.\(name)"))
+                    blocks.append(Block(id: p.id, hasExplicitID: p.hasExplicitID, device: blk, image: image, readOnly: readOnly))
+                    device = blk
+                case .gpu:
+                    let g = VirtioGPU(display: display!, logger: Self.logger("machine.virtio-gpu"))
+                    gpu = g
+                    device = g
+                case .keyboard:
+                    let k = VirtioInput(kind: .keyboard, display: display, name: "virtio-keyboard\(keyboards.count)")
+                    keyboards.append(k)
+                    device = k
+                case .tablet:
+                    let t = VirtioInput(kind: .tablet, display: display, name: "virtio-tablet\(tablets.count)")
+                    tablets.append(t)
+                    device = t
+                }
+                transports.append { context in
+                    VirtioMMIOTransport(device: device, ram: context.ram, interrupt: context.irq,
+                                        name: "virtio-mmio@\(String(context.region.base.raw, radix: 16)) (\(device.name))")
+                }
+            }
+        } catch {
+            for b in blocks { b.device.reset() }
+            throw error
+        }
+        self.display = display
+        self.blocks = blocks
+        self.gpu = gpu
+        self.keyboards = keyboards
+        self.tablets = tablets
+        self.transports = transports
+    }
+
+    /// Finishes in-flight block requests and flushes every writable image to disk. Call once the
+    /// vCPUs have stopped; the images' locks go when the process exits.
+    func close() {
+        for b in blocks {
+            b.device.reset()   // drains the device's I/O queue
+            if !b.readOnly {
+                do {
+                    try b.image.flush()
+                } catch {
+                    FileHandle.standardError.write(Data("machine-server: warning: flushing '\(b.image.path)' failed: \(error)\n".utf8))
+                }
+            }
+        }
+    }
+
+    /// A logger whose level comes from MACHINE_SERVER_TRACE (a comma-separated list of labels
+    /// to log at trace level, e.g. "machine.virtio-gpu"); otherwise the default level.
+    static func logger(_ label: String) -> Logger {
+        var l = Logger(label: label)
+        let wanted = ProcessInfo.processInfo.environment["MACHINE_SERVER_TRACE"]?.split(separator: ",").map(String.init) ?? []
+        if wanted.contains(label) || wanted.contains("all") { l.logLevel = .trace }
+        return l
+    }
+
+    private static func oneLine(_ s: String) -> String { s.replacingOccurrences(of: "\n", with: "; ") }
+}
