@@ -52,13 +52,17 @@ extension Hart {
         }
         @inline(__always) func pcOf(_ op: UnsafeMutablePointer<Op>) -> UInt64 { base &+ UInt64(op.pointee.pcOffset) }
 
+        var reload = true
+        var end = ops
         blockLoop: while true {
-        block = blocks[Int(index)]
-        opBase = ops + Int(block.opStart)
+        if reload {
+            block = blocks[Int(index)]
+            opBase = ops + Int(block.opStart)
+            end = opBase + Int(block.opCount)
+            lastBlock = index
+        }
         var op = opBase
-        let end = op + Int(block.opCount)
         var slot = 1
-        lastBlock = index
 
         opLoop: while op < end {
             let o = op.pointee
@@ -326,6 +330,13 @@ extension Hart {
         if budget <= 0 || lines.kick.load(ordering: .relaxed) { return slot }
         checkCodeEpoch()
         let next = pcValue
+        if slot == 0 && next == base {
+            // A loop back to this block's start (a block that overwrote itself has already
+            // returned), so nothing needs looking up.
+            reload = false
+            continue blockLoop
+        }
+        reload = true
         if slot >= 0 && block.chainEpoch == mmuEpoch {
             let (c, cpc) = slot == 0 ? (block.chainTB.0, block.chainPC.0) : (block.chainTB.1, block.chainPC.1)
             if c >= 0 && cpc == next && blocks[Int(c)].valid {
