@@ -12,13 +12,17 @@ import Synchronization
 public final class QMPCommandExecutor: QMPCommandHandler {
     private let control: any MachineControl
     private let chardevs: any ChardevRegistry
+    /// The display, VNC server and block devices; nil for a machine with none of them.
+    let devices: (any DeviceRegistry)?
     private let version: VersionInfo
     private let quitRequested = Mutex(false)
 
     /// Creates an executor for one connection.
-    public init(control: any MachineControl, chardevs: any ChardevRegistry, version: VersionInfo) {
+    public init(control: any MachineControl, chardevs: any ChardevRegistry, devices: (any DeviceRegistry)? = nil,
+                version: VersionInfo) {
         self.control = control
         self.chardevs = chardevs
+        self.devices = devices
         self.version = version
     }
 
@@ -70,7 +74,7 @@ public final class QMPCommandExecutor: QMPCommandHandler {
     /// Resets the machine.
     public func systemReset() throws { control.systemReset() }
 
-    /// Presses the power button.
+    /// Presses the power button (POWERDOWN; KEY_POWER on the virtio keyboard if there is one).
     public func systemPowerdown() throws { control.systemPowerdown() }
 
     /// Records the quit request; the connection acts on it after replying.

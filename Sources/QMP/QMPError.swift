@@ -1,3 +1,4 @@
+import Machine
 import Schema
 
 /// A QMP error class and message: the `error` member of a reply.
@@ -38,6 +39,8 @@ public struct QMPError: Error, Equatable, CustomStringConvertible {
         case let e as QMPError: return e
         case let e as SchemaDecodingError: return QMPError(.genericError, e.qmpDescription)
         case let e as ChardevRegistryError: return QMPError(.genericError, e.description)
+        case let e as DeviceRegistryError: return QMPError(.deviceNotFound, e.description)
+        case let e as DisplayError: return QMPError(.genericError, e.description)
         case let e as JSONParseError: return QMPError(.genericError, "JSON parse error, \(e)")
         default: return QMPError(.genericError, String(describing: error))
         }

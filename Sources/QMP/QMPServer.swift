@@ -87,6 +87,7 @@ public struct QMPServerConfiguration: Sendable {
 public final class QMPServer: Sendable {
     private let control: any MachineControl
     private let chardevs: any ChardevRegistry
+    private let devices: (any DeviceRegistry)?
     private let configuration: QMPServerConfiguration
     private let group: MultiThreadedEventLoopGroup
     private let logger = Logger(label: "machine-server.qmp")
@@ -102,10 +103,11 @@ public final class QMPServer: Sendable {
     private let state = Mutex(State())
 
     /// Creates a server for `control`; nothing listens until `start`.
-    public init(control: any MachineControl, chardevs: any ChardevRegistry,
+    public init(control: any MachineControl, chardevs: any ChardevRegistry, devices: (any DeviceRegistry)? = nil,
                 configuration: QMPServerConfiguration = QMPServerConfiguration()) {
         self.control = control
         self.chardevs = chardevs
+        self.devices = devices
         self.configuration = configuration
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     }
@@ -179,7 +181,8 @@ public final class QMPServer: Sendable {
 
     fileprivate func makeConnection(channel: any Channel) -> QMPConnection {
         let c = QMPConnection(channel: channel, server: self,
-                              executor: QMPCommandExecutor(control: control, chardevs: chardevs, version: configuration.version))
+                              executor: QMPCommandExecutor(control: control, chardevs: chardevs, devices: devices,
+                                                                version: configuration.version))
         state.withLock { $0.connections[ObjectIdentifier(c)] = c }
         return c
     }
@@ -192,6 +195,16 @@ public final class QMPServer: Sendable {
     fileprivate var maxMessageSize: Int { configuration.maxMessageSize }
     fileprivate var machine: any MachineControl { control }
 
+    /// Sends `event` to every negotiated client, with the current time. Any thread; used for
+    /// events that do not come from `MachineControl` (the VNC connection events).
+    public func emit(_ event: QMPEvent) {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        let message = QMPSession.eventMessage(event, seconds: Int64(ts.tv_sec), microseconds: Int64(ts.tv_nsec / 1000))
+        let targets = state.withLock { Array($0.connections.values) }
+        for c in targets where c.isNegotiated { c.send(message) }
+    }
+
     private func broadcast(_ event: MachineEvent) {
         let qmpEvent: QMPEvent
         switch event {
@@ -203,11 +216,7 @@ public final class QMPServer: Sendable {
         case .shutdown(let cause):
             qmpEvent = .shutdown(ShutdownEventData(guest: cause.isGuest, reason: ShutdownCause(cause)))
         }
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        let message = QMPSession.eventMessage(qmpEvent, seconds: Int64(ts.tv_sec), microseconds: Int64(ts.tv_nsec / 1000))
-        let targets = state.withLock { Array($0.connections.values) }
-        for c in targets where c.isNegotiated { c.send(message) }
+        emit(qmpEvent)
     }
 }
 

@@ -103,33 +103,46 @@ struct ProtocolServers {
     let vnc: VNCServer?
 
     /// Starts every server the plan asks for; throws `LaunchError` naming the listener.
+    /// The VNC server binds first, QMP starts, then VNC starts serving with its connection
+    /// events forwarded to QMP clients.
     static func start(machine: VirtualMachine, chardevs: MachineChardevs, devices: MachineDevices,
                       plan: LaunchPlan) throws -> ProtocolServers {
         var vnc: VNCServer? = nil
+        let field = plan.vncFromCommandLine ? "--vnc" : "display.vnc"
         if let v = plan.vnc, let display = devices.display {
-            let field = plan.vncFromCommandLine ? "--vnc" : "display.vnc"
             let configuration = VNCConfiguration(listen: v.listen, websocket: v.websocket,
                                                  passwordRequired: v.password != nil,
                                                  desktopName: plan.name ?? "machine-server")
-            let server: VNCServer
             do {
-                server = try VNCServer(display: display, configuration: configuration)
+                let server = try VNCServer(display: display, configuration: configuration)
                 if let password = v.password { try server.setPassword(password) }
-                try server.start()
+                vnc = server
             } catch {
                 throw LaunchError("\(field): \(error)")
             }
-            vnc = server
         }
+        let registry = MachineDeviceRegistry(devices: devices, vnc: vnc)
         var qmp: QMPServer? = nil
         if !plan.qmp.isEmpty {
-            let server = QMPServer(control: machine, chardevs: chardevs)
+            let server = QMPServer(control: machine, chardevs: chardevs, devices: registry)
             do {
                 try server.start(listeners: plan.qmp)
             } catch {
                 throw LaunchError("qmp: \(error)")
             }
             qmp = server
+        }
+        if let vnc {
+            if let qmp {
+                let serverInfo = vnc.info()
+                vnc.setClientObserver { event in qmp.emit(QMPVNCEvents.event(event, server: serverInfo)) }
+            }
+            do {
+                try vnc.start()
+            } catch {
+                qmp?.shutdown()
+                throw LaunchError("\(field): \(error)")
+            }
         }
         return ProtocolServers(qmp: qmp, vnc: vnc)
     }

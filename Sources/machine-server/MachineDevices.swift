@@ -27,6 +27,8 @@ final class MachineDevices: @unchecked Sendable {
     let gpu: VirtioGPU?
     let keyboards: [VirtioInput]
     let tablets: [VirtioInput]
+    /// Every input device with its id (explicit or generated), for `input-send-event`'s `device`.
+    let inputs: [(id: String, device: VirtioInput)]
     /// The transports in slot order, for `BoardConfig.virtioTransports`.
     let transports: [MMIODeviceFactory]
 
@@ -39,6 +41,7 @@ final class MachineDevices: @unchecked Sendable {
         var gpu: VirtioGPU?
         var keyboards: [VirtioInput] = []
         var tablets: [VirtioInput] = []
+        var inputs: [(id: String, device: VirtioInput)] = []
         var transports: [MMIODeviceFactory] = []
         var blockIndex = 0
         do {
@@ -67,10 +70,12 @@ final class MachineDevices: @unchecked Sendable {
                 case .keyboard:
                     let k = VirtioInput(kind: .keyboard, display: display, name: "virtio-keyboard\(keyboards.count)")
                     keyboards.append(k)
+                    inputs.append((p.id, k))
                     device = k
                 case .tablet:
                     let t = VirtioInput(kind: .tablet, display: display, name: "virtio-tablet\(tablets.count)")
                     tablets.append(t)
+                    inputs.append((p.id, t))
                     device = t
                 }
                 transports.append { context in
@@ -87,6 +92,7 @@ final class MachineDevices: @unchecked Sendable {
         self.gpu = gpu
         self.keyboards = keyboards
         self.tablets = tablets
+        self.inputs = inputs
         self.transports = transports
     }
 

@@ -9,7 +9,7 @@ import Testing
     /// A value of the right type for a member type name.
     func sample(_ type: String, _ infos: [String: SchemaInfo]) -> JSONValue {
         switch type {
-        case "int": return 1
+        case "int": return 0
         case "str": return "serial0"
         case "bool": return true
         case "number": return 1.5
@@ -23,6 +23,11 @@ import Testing
         case .object(let o):
             var obj = JSONObject()
             for m in o.members where m.default == nil { obj[m.name] = sample(m.type, infos) }
+            // A union: take its first branch, with the tag naming it.
+            if let tag = o.tag, let branch = o.variants?.first {
+                obj[tag] = .string(branch.case)
+                if case .object(let b) = sample(branch.type, infos) { for m in b { obj[m.key] = m.value } }
+            }
             return .object(obj)
         default: return nil
         }

@@ -11,8 +11,9 @@ struct Harness {
     let executor: QMPCommandExecutor
     var closed = false
 
-    init(negotiate: Bool = true) {
-        executor = QMPCommandExecutor(control: machine, chardevs: chardevs, version: QMPServerConfiguration().version)
+    init(negotiate: Bool = true, devices: (any DeviceRegistry)? = nil) {
+        executor = QMPCommandExecutor(control: machine, chardevs: chardevs, devices: devices,
+                                      version: QMPServerConfiguration().version)
         if negotiate { _ = send(#"{"execute":"qmp_capabilities"}"#) }
     }
 

@@ -6,6 +6,8 @@
 /// at a time per connection, always with arguments that already passed the schema's checks.
 /// Errors thrown are mapped to QMP error classes by the server.
 public protocol QMPCommandHandler: Sendable {
+    /// `query-block`: Lists the virtio block devices and their images.
+    func queryBlock() throws -> [BlockInfo]
     /// `query-chardev`: Lists the character devices.
     func queryChardev() throws -> [ChardevInfo]
     /// `ringbuf-write`: Sends bytes to the guest through a ring-buffer chardev, as if typed on its serial line.
@@ -28,7 +30,7 @@ public protocol QMPCommandHandler: Sendable {
     func cont() throws
     /// `system_reset`: Resets the machine as if its reset line were pulsed. Emits RESET with reason host-qmp-system-reset.
     func systemReset() throws
-    /// `system_powerdown`: Presses the power button: the guest is asked to shut down and may ignore it. Emits POWERDOWN.
+    /// `system_powerdown`: Presses the power button: emits POWERDOWN and, when the machine has a virtio keyboard, presses and releases KEY_POWER on it (the `virt` board has no other power button). The guest decides what to do and may ignore it.
     func systemPowerdown() throws
     /// `quit`: Ends the server. The reply is sent before the machine shuts down; SHUTDOWN (reason host-qmp-quit) follows and the connection closes.
     func quit() throws
@@ -36,12 +38,26 @@ public protocol QMPCommandHandler: Sendable {
     func queryCpusFast() throws -> [CpuInfoFast]
     /// `human-monitor-command`: Runs one human-monitor (HMP) command line and returns its output. Supported: info status, info version, info name, info cpus, stop, cont, system_reset, system_powerdown, quit; other commands print an error line.
     func humanMonitorCommand(_ arguments: HumanMonitorCommandArguments) throws -> String
+    /// `query-vnc`: Returns the state of the VNC server; 'enabled' is false when the machine has no VNC display.
+    func queryVnc() throws -> VncInfo
+    /// `set_password`: Sets the VNC password (VNC authentication uses its first 8 characters) and clears any expiry. Fails unless the display was started with a password (display.vnc.password), as in QEMU.
+    func setPassword(_ arguments: SetPasswordArguments) throws
+    /// `expire_password`: Makes the VNC password stop working at a given time. Fails unless the display was started with a password.
+    func expirePassword(_ arguments: ExpirePasswordArguments) throws
+    /// `screendump`: Writes the current screen to a file on the host. Fails with DeviceNotFound when the machine has no display, and with GenericError while the guest has not set a video mode.
+    func screendump(_ arguments: ScreendumpArguments) throws
+    /// `send-key`: Presses the keys in order, holds them, then releases them in reverse order: the way to type key combinations such as ctrl-alt-delete. The keys go to the virtio keyboard; fails with DeviceNotFound when the machine has none.
+    func sendKey(_ arguments: SendKeyArguments) throws
+    /// `input-send-event`: Sends input events to the guest's virtio keyboard and tablet as one report (the guest sees them together). Fails with DeviceNotFound when the machine has no input device.
+    func inputSendEvent(_ arguments: InputSendEventArguments) throws
     /// `query-qmp-schema`: Returns the whole QMP schema: every command, event and type reachable from them.
     func queryQmpSchema() throws -> [SchemaInfo]
 }
 
 /// One command with its decoded, checked arguments: the typed action a request becomes.
 public enum QMPCommand: Sendable, Equatable {
+    /// `query-block`.
+    case queryBlock
     /// `query-chardev`.
     case queryChardev
     /// `ringbuf-write`.
@@ -72,11 +88,24 @@ public enum QMPCommand: Sendable, Equatable {
     case queryCpusFast
     /// `human-monitor-command`.
     case humanMonitorCommand(HumanMonitorCommandArguments)
+    /// `query-vnc`.
+    case queryVnc
+    /// `set_password`.
+    case setPassword(SetPasswordArguments)
+    /// `expire_password`.
+    case expirePassword(ExpirePasswordArguments)
+    /// `screendump`.
+    case screendump(ScreendumpArguments)
+    /// `send-key`.
+    case sendKey(SendKeyArguments)
+    /// `input-send-event`.
+    case inputSendEvent(InputSendEventArguments)
     /// `query-qmp-schema`.
     case queryQmpSchema
 
     /// Every command name, in schema order.
     public static let names: [String] = [
+        "query-block",
         "query-chardev",
         "ringbuf-write",
         "ringbuf-read",
@@ -92,12 +121,19 @@ public enum QMPCommand: Sendable, Equatable {
         "quit",
         "query-cpus-fast",
         "human-monitor-command",
+        "query-vnc",
+        "set_password",
+        "expire_password",
+        "screendump",
+        "send-key",
+        "input-send-event",
         "query-qmp-schema",
     ]
 
     /// The command's name.
     public var name: String {
         switch self {
+        case .queryBlock: return "query-block"
         case .queryChardev: return "query-chardev"
         case .ringbufWrite: return "ringbuf-write"
         case .ringbufRead: return "ringbuf-read"
@@ -113,6 +149,12 @@ public enum QMPCommand: Sendable, Equatable {
         case .quit: return "quit"
         case .queryCpusFast: return "query-cpus-fast"
         case .humanMonitorCommand: return "human-monitor-command"
+        case .queryVnc: return "query-vnc"
+        case .setPassword: return "set_password"
+        case .expirePassword: return "expire_password"
+        case .screendump: return "screendump"
+        case .sendKey: return "send-key"
+        case .inputSendEvent: return "input-send-event"
         case .queryQmpSchema: return "query-qmp-schema"
         }
     }
@@ -121,6 +163,11 @@ public enum QMPCommand: Sendable, Equatable {
 /// Errors name the offending argument.
 public static func decode(name: String, arguments: JSONObject) throws(SchemaDecodingError) -> QMPCommand? {
     switch name {
+        case "query-block":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryBlock
         case "query-chardev":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -184,6 +231,21 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
             return .queryCpusFast
         case "human-monitor-command":
             return .humanMonitorCommand(try HumanMonitorCommandArguments(json: .object(arguments), at: .root))
+        case "query-vnc":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryVnc
+        case "set_password":
+            return .setPassword(try SetPasswordArguments(json: .object(arguments), at: .root))
+        case "expire_password":
+            return .expirePassword(try ExpirePasswordArguments(json: .object(arguments), at: .root))
+        case "screendump":
+            return .screendump(try ScreendumpArguments(json: .object(arguments), at: .root))
+        case "send-key":
+            return .sendKey(try SendKeyArguments(json: .object(arguments), at: .root))
+        case "input-send-event":
+            return .inputSendEvent(try InputSendEventArguments(json: .object(arguments), at: .root))
         case "query-qmp-schema":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -198,6 +260,8 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
 /// (an empty object for commands without a return value).
 public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
     switch self {
+        case .queryBlock:
+            return try handler.queryBlock().json
         case .queryChardev:
             return try handler.queryChardev().json
         case .ringbufWrite(let arguments):
@@ -235,6 +299,23 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
             return try handler.queryCpusFast().json
         case .humanMonitorCommand(let arguments):
             return try handler.humanMonitorCommand(arguments).json
+        case .queryVnc:
+            return try handler.queryVnc().json
+        case .setPassword(let arguments):
+            try handler.setPassword(arguments)
+            return .object(JSONObject())
+        case .expirePassword(let arguments):
+            try handler.expirePassword(arguments)
+            return .object(JSONObject())
+        case .screendump(let arguments):
+            try handler.screendump(arguments)
+            return .object(JSONObject())
+        case .sendKey(let arguments):
+            try handler.sendKey(arguments)
+            return .object(JSONObject())
+        case .inputSendEvent(let arguments):
+            try handler.inputSendEvent(arguments)
+            return .object(JSONObject())
         case .queryQmpSchema:
             return try handler.queryQmpSchema().json
         }

@@ -12,6 +12,12 @@ public enum QMPEvent: Sendable, Equatable {
     case shutdown(ShutdownEventData)
     /// `POWERDOWN`: The power button was pressed (system_powerdown); the guest decides what to do.
     case powerdown
+    /// `VNC_CONNECTED`: A VNC viewer connected (before authentication).
+    case vncConnected(VncConnectedEventData)
+    /// `VNC_INITIALIZED`: A VNC viewer finished the handshake (authenticated, session running).
+    case vncInitialized(VncInitializedEventData)
+    /// `VNC_DISCONNECTED`: A VNC viewer disconnected.
+    case vncDisconnected(VncDisconnectedEventData)
 
     /// Every event name, in schema order.
     public static let names: [String] = [
@@ -20,6 +26,9 @@ public enum QMPEvent: Sendable, Equatable {
         "RESET",
         "SHUTDOWN",
         "POWERDOWN",
+        "VNC_CONNECTED",
+        "VNC_INITIALIZED",
+        "VNC_DISCONNECTED",
     ]
 
     /// The event's name as sent on the wire.
@@ -30,6 +39,9 @@ public enum QMPEvent: Sendable, Equatable {
         case .reset: return "RESET"
         case .shutdown: return "SHUTDOWN"
         case .powerdown: return "POWERDOWN"
+        case .vncConnected: return "VNC_CONNECTED"
+        case .vncInitialized: return "VNC_INITIALIZED"
+        case .vncDisconnected: return "VNC_DISCONNECTED"
         }
     }
 
@@ -41,6 +53,9 @@ public enum QMPEvent: Sendable, Equatable {
         case .reset(let d): return d.json
         case .shutdown(let d): return d.json
         case .powerdown: return nil
+        case .vncConnected(let d): return d.json
+        case .vncInitialized(let d): return d.json
+        case .vncDisconnected(let d): return d.json
         }
     }
 }
