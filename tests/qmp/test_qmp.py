@@ -103,7 +103,7 @@ def test_run_control_and_events(tmp_path):
             await client.execute("no-such-command")
             raise AssertionError("unknown command accepted")
         except qmp.ExecuteError as err:
-            assert err.error.class_ == "CommandNotFound"
+            assert err.error_class == "CommandNotFound"
 
         await client.execute("system_powerdown")
         await next_event(client, "POWERDOWN")
