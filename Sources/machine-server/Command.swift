@@ -33,6 +33,8 @@ struct MachineServerCommand: ParsableCommand {
           ringbuf[:SIZE]    kept in memory for QMP ringbuf-read / ringbuf-write
           none              not connected
 
+        Devices ("devices", each in its own virtio-mmio slot, at most 8): virtio-blk-device with "id" and "drive": {"file", "format": "raw"|"qcow2", "read-only"}; virtio-gpu-device (needs a VNC display); virtio-keyboard-device; virtio-tablet-device. A VNC display ("display": {"vnc": {"listen": "127.0.0.1:5900", "password": ..., "websocket": ...}} or --vnc) adds a GPU, keyboard and tablet when no GPU is listed.
+
         QMP SPECs (--qmp, repeatable): unix:PATH or tcp:HOST:PORT. Talk to it with any QMP client, for example:
 
           socat - UNIX-CONNECT:/tmp/machine.qmp

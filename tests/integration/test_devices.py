@@ -272,3 +272,20 @@ def test_vnc_shows_the_console_and_types_into_the_guest(tmp_path):
         server.proc.wait(timeout=30)
     finally:
         server.stop()
+
+
+KBD = {"driver": "virtio-keyboard-device"}
+
+
+@pytest.mark.parametrize("devices,display,message", [
+    ([disk("a", "missing.raw", "raw")], None, "devices[0].drive.file: "),
+    ([KBD | {"id": "k"}, KBD | {"id": "k"}], None, "devices[1].id: 'k' is already the id of devices[0]"),
+    ([{"driver": "virtio-gpu-device"}], None, "devices[0]: a virtio-gpu-device needs a display"),
+    ([KBD] * 9, None, "devices[8]: the virt board has 8 virtio-mmio slots"),
+    ([KBD] * 7, {"vnc": {"listen": "127.0.0.1:0"}}, "display.vnc: the VNC display adds virtio-gpu-device"),
+])
+def test_bad_device_lists_are_refused_naming_the_device(tmp_path, devices, display, message):
+    extra = {"display": display} if display else {}
+    r = subprocess.run([SERVER, "--config", description(tmp_path, devices, **extra)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert message in r.stderr, r.stderr
