@@ -4,7 +4,9 @@ import Foundation
 /// The machine's virtual timebase: a 10 MHz counter (QEMU `virt`'s `timebase-frequency`) that
 /// follows host monotonic time while the machine runs and stands still while it is paused.
 ///
-/// Read from any thread; paused and resumed by the control thread.
+/// Read from any thread; paused and resumed by the control thread. Reading the time uses
+/// integer arithmetic only, so vCPU threads may call it without guarding the host FPU flags
+/// that hold the guest's `fflags`.
 public final class VirtualClock: @unchecked Sendable {
     /// Ticks per second of `mtime` and the `time` CSR.
     public let frequency: UInt64

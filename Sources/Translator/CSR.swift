@@ -101,9 +101,7 @@ extension Hart {
             return instret
         case CSRNumber.time:
             guard counterAllowed(1) else { return nil }
-            let saved = saveHostFlags()
-            defer { restoreHostFlags(saved) }
-            return clock.ticks
+            return clock.ticks  // integer arithmetic only: no host FPU flags to guard
         case 0xc03...0xc1f:
             guard counterAllowed(csr & 0x1f) else { return nil }
             return 0

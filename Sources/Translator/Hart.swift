@@ -284,10 +284,9 @@ public final class Hart: VirtualCPU {
     // MARK: Interrupts
 
     /// Recomputes MTIP from the virtual clock and this hart's `mtimecmp`.
+    /// `VirtualClock` computes in integers only, so no host FPU flags need guarding here.
     func pollTimer() {
-        let saved = saveHostFlags()
         mtipLevel = clock.ticks >= interrupts.mtimecmp.load(ordering: .relaxed)
-        restoreHostFlags(saved)
     }
 
     /// The `mip` value as the guest sees it.
