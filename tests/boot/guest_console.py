@@ -4,7 +4,7 @@ text on it, failing with the tail of the serial log when the text does not come 
 Environment:
   MACHINE_SERVER  path of the built machine-server executable (tests skip without it)
   GUEST_DIR       the shared guest directory (default: ../shared/guests beside the repo)
-  BOOT_TIMEOUT    seconds allowed for one boot to "guest: boot ok" (default 300)
+  BOOT_TIMEOUT    seconds allowed for one boot to "guest: boot ok" (default 120)
 """
 import json
 import os
@@ -24,7 +24,7 @@ KERNEL = GUEST_DIR / "linux-6.1-rv64-Image"
 INITRD = GUEST_DIR / "initramfs-rv64.cpio.gz"
 OPENSBI = Path("/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_dynamic.bin")
 UBOOT = Path("/usr/lib/u-boot/qemu-riscv64_smode/u-boot.bin")
-BOOT_TIMEOUT = float(os.environ.get("BOOT_TIMEOUT", "300"))
+BOOT_TIMEOUT = float(os.environ.get("BOOT_TIMEOUT", "120"))
 BOOT_OK = "guest: boot ok"
 
 
@@ -99,7 +99,7 @@ class Console:
             return self._buf.decode("utf-8", errors="replace")
 
     def tail(self, lines: int = 30) -> str:
-        out = self.text().replace("\r\n", "\n").replace("\r", "\n")
+        out = re.sub(r"\r*\n", "\n", self.text()).replace("\r", "\n")
         last = "\n".join(out.rstrip("\n").split("\n")[-lines:])
         err = ""
         try:
@@ -130,7 +130,7 @@ class Console:
                     f"before {pattern!r} appeared{' (' + why + ')' if why else ''}\n{self.tail()}")
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"{self.what}: {pattern!r} did not appear within {timeout:.0f} s "
+                    f"{self.what}: {pattern!r} did not appear within {timeout:g} s "
                     f"({elapsed:.0f} s since start){' (' + why + ')' if why else ''}; "
                     f"the guest looks stalled\n{self.tail()}")
             time.sleep(0.05)
