@@ -12,6 +12,7 @@ Environment:
   MACHINE_SERVER  path of the built machine-server executable (tests skip without it)
   MACHINE_IMG     path of machine-img (default: next to MACHINE_SERVER)
   GUEST_DIR       the shared guest (default ../shared/guests relative to the repository)
+  DURABILITY_SEED seed of the random kill delays (printed by a failing test; default: the clock)
 Needs qemu-img. Each boot is bounded; the whole file takes about a minute and a half with a release
 build.
 """
@@ -137,7 +138,9 @@ def test_qcow2_survives_sigkill_during_heavy_writes(tmp_path, creator):
                        capture_output=True)
     else:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(IMAGE_SIZE)], check=True)
-    rng = random.Random()
+    seed = int(os.environ.get("DURABILITY_SEED", time.time_ns() % (1 << 32)))
+    print(f"kill delays drawn with DURABILITY_SEED={seed}")  # shown by pytest when the test fails
+    rng = random.Random(seed)
     acked = {}
     for run in range(KILLS):
         acked[run] = kill_while_writing(tmp_path, image, run, rng)
