@@ -30,7 +30,7 @@ SERVER = os.environ.get("MACHINE_SERVER")
 pytestmark = pytest.mark.skipif(not SERVER, reason="MACHINE_SERVER is not set")
 
 
-def start_server(tmp_path: Path):
+def start_server(tmp_path: Path, append: str = "console=ttyS0", serial=None):
     sock = tmp_path / "qmp.sock"
     description = {
         "version": 2,
@@ -40,8 +40,8 @@ def start_server(tmp_path: Path):
         "memory": "256M",
         "kernel": str(GUEST_DIR / "linux-6.1-rv64-Image"),
         "initrd": str(GUEST_DIR / "initramfs-rv64.cpio.gz"),
-        "append": "console=ttyS0",
-        "serial": {"backend": "ringbuf"},
+        "append": append,
+        "serial": serial or {"backend": "ringbuf"},
         "qmp": [{"backend": "unix", "path": str(sock)}],
     }
     desc_path = tmp_path / "machine.json"
@@ -112,6 +112,64 @@ def test_run_control_and_events(tmp_path):
             await client.execute("quit")
         except (qmp.ExecInterruptedError, EOFError):
             pass  # the guest may already have acted on the power button and shut down
+        await client.disconnect()
+
+    try:
+        asyncio.run(scenario())
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# A guest loop that prints the guest's uptime every second, 15 times, then returns; the init
+# then powers the machine off (commas become spaces in guest.run).
+UPTIME_LOOP = "guest.run=i=0;while,[,$i,-lt,15,];do,echo,up,$(cut,-d.,-f1,/proc/uptime);sleep,1;i=$((i+1));done"
+
+
+def test_stop_freezes_the_guest_and_guest_poweroff_is_a_guest_shutdown(tmp_path):
+    """stop: the serial line goes quiet and guest time does not advance while paused; cont
+    resumes where it stopped; the guest's own poweroff ends in SHUTDOWN (guest: true) and
+    exit status 0."""
+    console = tmp_path / "serial.log"
+    proc, sock = start_server(tmp_path, append=f"console=ttyS0 {UPTIME_LOOP}",
+                              serial={"backend": "file", "path": str(console)})
+
+    def uptimes():
+        return [int(line.split()[1]) for line in console.read_text(errors="replace").splitlines()
+                if line.startswith("up ") and len(line.split()) == 2 and line.split()[1].isdigit()]
+
+    async def wait_for_uptimes(n, timeout):
+        deadline = time.monotonic() + timeout
+        while len(uptimes()) < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"guest printed {uptimes()} within {timeout} s; serial:\n"
+                                     + console.read_text(errors="replace")[-2000:])
+            await asyncio.sleep(0.2)
+
+    async def scenario():
+        client = QMPClient("machine-server-test")
+        await client.connect(str(sock))
+        await wait_for_uptimes(3, 180)
+
+        await client.execute("stop")
+        await next_event(client, "STOP")
+        frozen_size = console.stat().st_size
+        before = uptimes()
+        await asyncio.sleep(4)
+        assert console.stat().st_size == frozen_size, "the serial line kept talking while stopped"
+
+        await client.execute("cont")
+        await next_event(client, "RESUME")
+        await wait_for_uptimes(len(before) + 2, 30)
+        after = uptimes()
+        # Printed once a second: with 4 paused seconds counted, the step would be 5 or more.
+        step = after[len(before)] - before[-1]
+        assert step <= 2, f"guest time advanced while stopped: {before} then {after}"
+
+        shutdown = await next_event(client, "SHUTDOWN", timeout=120)
+        assert shutdown["data"]["guest"] is True
+        assert shutdown["data"]["reason"] == "guest-shutdown"
         await client.disconnect()
 
     try:
