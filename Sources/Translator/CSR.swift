@@ -181,7 +181,6 @@ extension Hart {
             setMStatus((mstatus & ~mask) | (v & mask))
         case CSRNumber.sie:
             mie = (mie & ~mideleg) | (v & mideleg)
-            interruptCheckNeeded = true
         case CSRNumber.stvec: stvec = v & ~2
         case CSRNumber.scounteren: scounteren = v & 0xffff_ffff
         case CSRNumber.senvcfg: senvcfg = v & 1
@@ -193,7 +192,6 @@ extension Hart {
             // Only SSIP is writable from S-mode.
             let mask = Irq.ssi & mideleg
             mipSoftware = (mipSoftware & ~mask) | (v & mask)
-            interruptCheckNeeded = true
         case CSRNumber.satp:
             if privilege == .supervisor && (mstatus & MStatus.tvm) != 0 { return false }
             let mode = v >> 60
@@ -207,10 +205,8 @@ extension Hart {
         case CSRNumber.medeleg: medeleg = v & 0xb3ff   // not ecall-from-M (11) or reserved bits
         case CSRNumber.mideleg:
             mideleg = v & Irq.sMask
-            interruptCheckNeeded = true
         case CSRNumber.mie:
             mie = v & Irq.all
-            interruptCheckNeeded = true
         case CSRNumber.mtvec: mtvec = v & ~2
         case CSRNumber.mcounteren: mcounteren = v & 0xffff_ffff
         case CSRNumber.menvcfg: menvcfg = v & 1
@@ -222,7 +218,6 @@ extension Hart {
         case CSRNumber.mip:
             let mask = Irq.ssi | Irq.sti | Irq.sei
             mipSoftware = (mipSoftware & ~mask) | (v & mask)
-            interruptCheckNeeded = true
         case 0x3a0...0x3af:
             guard csr & 1 == 0 else { return false }
             let i = (csr - 0x3a0) / 2
@@ -256,7 +251,6 @@ extension Hart {
         mstatus = n
         if (old ^ n) & (MStatus.mxr) != 0 { flushTLB() }
         updateMMUContext()
-        interruptCheckNeeded = true
     }
 
     /// Whether F/D instructions may execute (`mstatus.FS` is not Off).

@@ -78,8 +78,6 @@ public final class Hart: VirtualCPU {
     var trapped = false
     /// Set when a store invalidated translated code; the executor leaves the block.
     var blockInvalidated = false
-    /// Set when something changed that may make an interrupt deliverable.
-    var interruptCheckNeeded = true
     /// Set by `wfi`; the run loop sleeps until an interrupt is pending.
     var waitingForInterrupt = false
     /// The last block `execute` ran, and the chain slot it left through (-1: do not chain).
@@ -200,7 +198,6 @@ public final class Hart: VirtualCPU {
         instret = 0
         reservation = .max
         waitingForInterrupt = false
-        interruptCheckNeeded = true
         setHostRounding(0)
         clearHostFlags()
         flushAllTranslations()
@@ -211,29 +208,22 @@ public final class Hart: VirtualCPU {
 
     public func run() {
         let lines = interrupts
-        var timerBudget = 0
         while true {
             if lines.exitRequest.load(ordering: .relaxed) {
                 lines.exitRequest.store(false, ordering: .sequentiallyConsistent)
                 return
             }
+            // Between runs of blocks (at most 512 blocks apart, or sooner when kicked): see
+            // code-page changes, the timer and any interrupt that became deliverable.
             checkCodeEpoch()
-            if lines.kick.load(ordering: .relaxed) || timerBudget <= 0 {
-                lines.kick.store(false, ordering: .relaxed)
-                pollTimer()
-                interruptCheckNeeded = true
-                timerBudget = 1
-            }
-            if interruptCheckNeeded {
-                interruptCheckNeeded = false
-                if takePendingInterrupt() { waitingForInterrupt = false }
-            }
+            lines.kick.store(false, ordering: .relaxed)
+            pollTimer()
+            if takePendingInterrupt() { waitingForInterrupt = false }
             if waitingForInterrupt {
                 if pendingAndEnabledLocally() != 0 {
                     waitingForInterrupt = false
                 } else {
                     sleepUntilInterrupt()
-                    timerBudget = 0
                     continue
                 }
             }
@@ -250,7 +240,6 @@ public final class Hart: VirtualCPU {
                 previousSlot = execute(index, base: pc, budget: 512)
             }
             previousBlock = lastBlock
-            timerBudget -= 1
         }
     }
 
@@ -362,7 +351,6 @@ public final class Hart: VirtualCPU {
             pcValue = (mtvec & 1 != 0 && isInterrupt) ? base &+ 4 &* code : base
         }
         updateMMUContext()
-        interruptCheckNeeded = true
     }
 
     /// Raises a synchronous exception at `pc`; the executor must leave the block.
@@ -384,7 +372,6 @@ public final class Hart: VirtualCPU {
         privilege = target
         pcValue = mepc
         updateMMUContext()
-        interruptCheckNeeded = true
     }
 
     func sret(pc: UInt64) {
@@ -398,6 +385,5 @@ public final class Hart: VirtualCPU {
         privilege = (s & MStatus.spp) != 0 ? .supervisor : .user
         pcValue = sepc
         updateMMUContext()
-        interruptCheckNeeded = true
     }
 }
