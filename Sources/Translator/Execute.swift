@@ -55,307 +55,307 @@ extension Hart {
         var reload = true
         var end = ops
         blockLoop: while true {
-        if reload {
-            block = blocks[Int(index)]
-            opBase = ops + Int(block.opStart)
-            end = opBase + Int(block.opCount)
-            lastBlock = index
-        }
-        var op = opBase
-        var slot = 1
+            if reload {
+                block = blocks[Int(index)]
+                opBase = ops + Int(block.opStart)
+                end = opBase + Int(block.opCount)
+                lastBlock = index
+            }
+            var op = opBase
+            var slot = 1
 
-        opLoop: while op < end {
-            let o = op.pointee
-            let rd = Int(o.rd), rs1 = Int(o.rs1), rs2 = Int(o.rs2)
-            switch o.kind {
-            case .nop, .fence:
-                break
-            case .lui:
-                r[rd] = UInt64(bitPattern: o.imm)
-            case .auipc:
-                r[rd] = pcOf(op) &+ UInt64(bitPattern: o.imm)
-            case .jal:
-                let pc = pcOf(op)
-                r[rd] = pc &+ UInt64(o.length)
-                pcValue = pc &+ UInt64(bitPattern: o.imm)
-                slot = 0
-                break opLoop
-            case .jalr:
-                let pc = pcOf(op)
-                let target = (r[rs1] &+ UInt64(bitPattern: o.imm)) & ~1
-                r[rd] = pc &+ UInt64(o.length)
-                pcValue = target
-                slot = -1
-                break opLoop
-            case .beq, .bne, .blt, .bge, .bltu, .bgeu:
-                let a = r[rs1], b = r[rs2]
-                let taken: Bool
+            opLoop: while op < end {
+                let o = op.pointee
+                let rd = Int(o.rd), rs1 = Int(o.rs1), rs2 = Int(o.rs2)
                 switch o.kind {
-                case .beq: taken = a == b
-                case .bne: taken = a != b
-                case .blt: taken = Int64(bitPattern: a) < Int64(bitPattern: b)
-                case .bge: taken = Int64(bitPattern: a) >= Int64(bitPattern: b)
-                case .bltu: taken = a < b
-                default: taken = a >= b
-                }
-                let pc = pcOf(op)
-                if taken {
+                case .nop, .fence:
+                    break
+                case .lui:
+                    r[rd] = UInt64(bitPattern: o.imm)
+                case .auipc:
+                    r[rd] = pcOf(op) &+ UInt64(bitPattern: o.imm)
+                case .jal:
+                    let pc = pcOf(op)
+                    r[rd] = pc &+ UInt64(o.length)
                     pcValue = pc &+ UInt64(bitPattern: o.imm)
                     slot = 0
-                } else {
-                    pcValue = pc &+ UInt64(o.length)
-                }
-                break opLoop
+                    break opLoop
+                case .jalr:
+                    let pc = pcOf(op)
+                    let target = (r[rs1] &+ UInt64(bitPattern: o.imm)) & ~1
+                    r[rd] = pc &+ UInt64(o.length)
+                    pcValue = target
+                    slot = -1
+                    break opLoop
+                case .beq, .bne, .blt, .bge, .bltu, .bgeu:
+                    let a = r[rs1], b = r[rs2]
+                    let taken: Bool
+                    switch o.kind {
+                    case .beq: taken = a == b
+                    case .bne: taken = a != b
+                    case .blt: taken = Int64(bitPattern: a) < Int64(bitPattern: b)
+                    case .bge: taken = Int64(bitPattern: a) >= Int64(bitPattern: b)
+                    case .bltu: taken = a < b
+                    default: taken = a >= b
+                    }
+                    let pc = pcOf(op)
+                    if taken {
+                        pcValue = pc &+ UInt64(bitPattern: o.imm)
+                        slot = 0
+                    } else {
+                        pcValue = pc &+ UInt64(o.length)
+                    }
+                    break opLoop
 
-            // Loads
-            case .lb, .lbu:
-                let va = r[rs1] &+ UInt64(bitPattern: o.imm)
-                let v: UInt64
-                if let p = readPtr(va, 1) { v = UInt64(p.load(as: UInt8.self)) } else {
-                    v = loadSlow(va, size: 1, pc: pcOf(op)); if trapped { return trapExit(op) }
-                }
-                r[rd] = o.kind == .lb ? UInt64(bitPattern: Int64(Int8(truncatingIfNeeded: v))) : v
-            case .lh, .lhu:
-                let va = r[rs1] &+ UInt64(bitPattern: o.imm)
-                let v: UInt64
-                if let p = readPtr(va, 2) { v = UInt64(p.loadUnaligned(as: UInt16.self)) } else {
-                    v = loadSlow(va, size: 2, pc: pcOf(op)); if trapped { return trapExit(op) }
-                }
-                r[rd] = o.kind == .lh ? UInt64(bitPattern: Int64(Int16(truncatingIfNeeded: v))) : v
-            case .lw, .lwu:
-                let va = r[rs1] &+ UInt64(bitPattern: o.imm)
-                let v: UInt64
-                if let p = readPtr(va, 4) { v = UInt64(p.loadUnaligned(as: UInt32.self)) } else {
-                    v = loadSlow(va, size: 4, pc: pcOf(op)); if trapped { return trapExit(op) }
-                }
-                r[rd] = o.kind == .lw ? UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: v))) : v
-            case .ld:
-                let va = r[rs1] &+ UInt64(bitPattern: o.imm)
-                if let p = readPtr(va, 8) { r[rd] = p.loadUnaligned(as: UInt64.self) } else {
-                    let v = loadSlow(va, size: 8, pc: pcOf(op)); if trapped { return trapExit(op) }
-                    r[rd] = v
-                }
-
-            // Stores
-            case .sb:
-                let va = r[rs1] &+ UInt64(bitPattern: o.imm)
-                if let p = writePtr(va, 1) { p.storeBytes(of: UInt8(truncatingIfNeeded: r[rs2]), as: UInt8.self) } else {
-                    if let e = storeSlowExit(op, va, 1, r[rs2], pcOf(op), opBase) { return e }
-                }
-            case .sh:
-                let va = r[rs1] &+ UInt64(bitPattern: o.imm)
-                if let p = writePtr(va, 2) { p.storeBytes(of: UInt16(truncatingIfNeeded: r[rs2]), as: UInt16.self) } else {
-                    if let e = storeSlowExit(op, va, 2, r[rs2], pcOf(op), opBase) { return e }
-                }
-            case .sw:
-                let va = r[rs1] &+ UInt64(bitPattern: o.imm)
-                if let p = writePtr(va, 4) { p.storeBytes(of: UInt32(truncatingIfNeeded: r[rs2]), as: UInt32.self) } else {
-                    if let e = storeSlowExit(op, va, 4, r[rs2], pcOf(op), opBase) { return e }
-                }
-            case .sd:
-                let va = r[rs1] &+ UInt64(bitPattern: o.imm)
-                if let p = writePtr(va, 8) { p.storeBytes(of: r[rs2], as: UInt64.self) } else {
-                    if let e = storeSlowExit(op, va, 8, r[rs2], pcOf(op), opBase) { return e }
-                }
-
-            // Integer register-immediate
-            case .addi: r[rd] = r[rs1] &+ UInt64(bitPattern: o.imm)
-            case .slti: r[rd] = Int64(bitPattern: r[rs1]) < o.imm ? 1 : 0
-            case .sltiu: r[rd] = r[rs1] < UInt64(bitPattern: o.imm) ? 1 : 0
-            case .xori: r[rd] = r[rs1] ^ UInt64(bitPattern: o.imm)
-            case .ori: r[rd] = r[rs1] | UInt64(bitPattern: o.imm)
-            case .andi: r[rd] = r[rs1] & UInt64(bitPattern: o.imm)
-            case .slli: r[rd] = r[rs1] << UInt64(o.imm)
-            case .srli: r[rd] = r[rs1] >> UInt64(o.imm)
-            case .srai: r[rd] = UInt64(bitPattern: Int64(bitPattern: r[rs1]) >> o.imm)
-            case .addiw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1] &+ UInt64(bitPattern: o.imm)))
-            case .slliw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1]) << UInt32(o.imm))
-            case .srliw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1]) >> UInt32(o.imm))
-            case .sraiw: r[rd] = UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: r[rs1]) >> Int32(o.imm)))
-
-            // Integer register-register
-            case .add: r[rd] = r[rs1] &+ r[rs2]
-            case .sub: r[rd] = r[rs1] &- r[rs2]
-            case .sll: r[rd] = r[rs1] << (r[rs2] & 63)
-            case .slt: r[rd] = Int64(bitPattern: r[rs1]) < Int64(bitPattern: r[rs2]) ? 1 : 0
-            case .sltu: r[rd] = r[rs1] < r[rs2] ? 1 : 0
-            case .xor: r[rd] = r[rs1] ^ r[rs2]
-            case .srl: r[rd] = r[rs1] >> (r[rs2] & 63)
-            case .sra: r[rd] = UInt64(bitPattern: Int64(bitPattern: r[rs1]) >> Int64(r[rs2] & 63))
-            case .or: r[rd] = r[rs1] | r[rs2]
-            case .and: r[rd] = r[rs1] & r[rs2]
-            case .addw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1] &+ r[rs2]))
-            case .subw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1] &- r[rs2]))
-            case .sllw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1]) << UInt32(r[rs2] & 31))
-            case .srlw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1]) >> UInt32(r[rs2] & 31))
-            case .sraw: r[rd] = UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: r[rs1]) >> Int32(r[rs2] & 31)))
-
-            // M
-            case .mul: r[rd] = r[rs1] &* r[rs2]
-            case .mulh:
-                r[rd] = UInt64(bitPattern: Int64(bitPattern: r[rs1]).multipliedFullWidth(by: Int64(bitPattern: r[rs2])).high)
-            case .mulhu:
-                r[rd] = r[rs1].multipliedFullWidth(by: r[rs2]).high
-            case .mulhsu:
-                let a = Int64(bitPattern: r[rs1]), b = r[rs2]
-                var high = a.magnitude.multipliedFullWidth(by: b)
-                if a < 0 {
-                    // Two's complement negate the 128-bit product.
-                    let lowNeg = (~high.low) &+ 1
-                    high = (high: ~high.high &+ (lowNeg == 0 ? 1 : 0), low: lowNeg)
-                }
-                r[rd] = high.high
-            case .div:
-                let a = Int64(bitPattern: r[rs1]), b = Int64(bitPattern: r[rs2])
-                r[rd] = b == 0 ? .max : (a == .min && b == -1) ? UInt64(bitPattern: a) : UInt64(bitPattern: a / b)
-            case .divu:
-                let b = r[rs2]
-                r[rd] = b == 0 ? .max : r[rs1] / b
-            case .rem:
-                let a = Int64(bitPattern: r[rs1]), b = Int64(bitPattern: r[rs2])
-                r[rd] = b == 0 ? UInt64(bitPattern: a) : (a == .min && b == -1) ? 0 : UInt64(bitPattern: a % b)
-            case .remu:
-                let b = r[rs2]
-                r[rd] = b == 0 ? r[rs1] : r[rs1] % b
-            case .mulw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1] &* r[rs2]))
-            case .divw:
-                let a = Int32(truncatingIfNeeded: r[rs1]), b = Int32(truncatingIfNeeded: r[rs2])
-                let q: Int32 = b == 0 ? -1 : (a == .min && b == -1) ? a : a / b
-                r[rd] = UInt64(bitPattern: Int64(q))
-            case .divuw:
-                let a = UInt32(truncatingIfNeeded: r[rs1]), b = UInt32(truncatingIfNeeded: r[rs2])
-                r[rd] = sx32(b == 0 ? .max : a / b)
-            case .remw:
-                let a = Int32(truncatingIfNeeded: r[rs1]), b = Int32(truncatingIfNeeded: r[rs2])
-                let m: Int32 = b == 0 ? a : (a == .min && b == -1) ? 0 : a % b
-                r[rd] = UInt64(bitPattern: Int64(m))
-            case .remuw:
-                let a = UInt32(truncatingIfNeeded: r[rs1]), b = UInt32(truncatingIfNeeded: r[rs2])
-                r[rd] = sx32(b == 0 ? a : a % b)
-
-            // A
-            case .lr, .sc, .amo:
-                if !executeAtomic(o, pc: pcOf(op)) { return trapExit(op) }
-                if blockInvalidated {
-                    blockInvalidated = false
-                    instret &+= UInt64(op - opBase + 1)
-                    pcValue = pcOf(op) &+ UInt64(o.length)
-                    return -1
-                }
-
-            // FP loads and stores
-            case .flw, .fld, .fsw, .fsd:
-                if !fpEnabled { raise(.illegalInstruction, tval: UInt64(o.raw), pc: pcOf(op)); return trapExit(op) }
-                let va = r[rs1] &+ UInt64(bitPattern: o.imm)
-                switch o.kind {
-                case .flw:
+                // Loads
+                case .lb, .lbu:
+                    let va = r[rs1] &+ UInt64(bitPattern: o.imm)
+                    let v: UInt64
+                    if let p = readPtr(va, 1) { v = UInt64(p.load(as: UInt8.self)) } else {
+                        v = loadSlow(va, size: 1, pc: pcOf(op)); if trapped { return trapExit(op) }
+                    }
+                    r[rd] = o.kind == .lb ? UInt64(bitPattern: Int64(Int8(truncatingIfNeeded: v))) : v
+                case .lh, .lhu:
+                    let va = r[rs1] &+ UInt64(bitPattern: o.imm)
+                    let v: UInt64
+                    if let p = readPtr(va, 2) { v = UInt64(p.loadUnaligned(as: UInt16.self)) } else {
+                        v = loadSlow(va, size: 2, pc: pcOf(op)); if trapped { return trapExit(op) }
+                    }
+                    r[rd] = o.kind == .lh ? UInt64(bitPattern: Int64(Int16(truncatingIfNeeded: v))) : v
+                case .lw, .lwu:
+                    let va = r[rs1] &+ UInt64(bitPattern: o.imm)
                     let v: UInt64
                     if let p = readPtr(va, 4) { v = UInt64(p.loadUnaligned(as: UInt32.self)) } else {
                         v = loadSlow(va, size: 4, pc: pcOf(op)); if trapped { return trapExit(op) }
                     }
-                    fr[rd] = v | 0xffff_ffff_0000_0000
-                    markFPDirty()
-                case .fld:
-                    let v: UInt64
-                    if let p = readPtr(va, 8) { v = p.loadUnaligned(as: UInt64.self) } else {
-                        v = loadSlow(va, size: 8, pc: pcOf(op)); if trapped { return trapExit(op) }
+                    r[rd] = o.kind == .lw ? UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: v))) : v
+                case .ld:
+                    let va = r[rs1] &+ UInt64(bitPattern: o.imm)
+                    if let p = readPtr(va, 8) { r[rd] = p.loadUnaligned(as: UInt64.self) } else {
+                        let v = loadSlow(va, size: 8, pc: pcOf(op)); if trapped { return trapExit(op) }
+                        r[rd] = v
                     }
-                    fr[rd] = v
-                    markFPDirty()
-                case .fsw:
-                    if let p = writePtr(va, 4) { p.storeBytes(of: UInt32(truncatingIfNeeded: fr[rs2]), as: UInt32.self) } else {
-                        if let e = storeSlowExit(op, va, 4, fr[rs2], pcOf(op), opBase) { return e }
-                    }
-                default:
-                    if let p = writePtr(va, 8) { p.storeBytes(of: fr[rs2], as: UInt64.self) } else {
-                        if let e = storeSlowExit(op, va, 8, fr[rs2], pcOf(op), opBase) { return e }
-                    }
-                }
 
-            // System
-            case .illegal:
-                raise(.illegalInstruction, tval: UInt64(o.raw), pc: pcOf(op))
-                return trapExit(op)
-            case .ecall:
-                let cause: Cause = privilege == .user ? .ecallFromU : privilege == .supervisor ? .ecallFromS : .ecallFromM
-                raise(cause, tval: 0, pc: pcOf(op))
-                return trapExit(op)
-            case .ebreak:
-                raise(.breakpoint, tval: pcOf(op), pc: pcOf(op))
-                return trapExit(op)
-            case .fenceI:
-                // Our own stores already invalidated what they overwrote; device DMA did not.
-                if !externalWrites.isEmpty.load(ordering: .acquiring) {
-                    for page in externalWrites.drain() where page < ram.size >> 12 {
-                        invalidateCode(physicalPage: page)
+                // Stores
+                case .sb:
+                    let va = r[rs1] &+ UInt64(bitPattern: o.imm)
+                    if let p = writePtr(va, 1) { p.storeBytes(of: UInt8(truncatingIfNeeded: r[rs2]), as: UInt8.self) } else {
+                        if let e = storeSlowExit(op, va, 1, r[rs2], pcOf(op), opBase) { return e }
                     }
-                    blockInvalidated = false
-                }
-                instret &+= UInt64(block.opCount)
-                pcValue = pcOf(op) &+ UInt64(o.length)
-                return -1
-            case .mret, .sret, .wfi, .sfenceVma:
-                if !executePrivileged(o, pc: pcOf(op)) { return trapExit(op) }
-                instret &+= UInt64(block.opCount)
-                return -1
-            case .csrrw, .csrrs, .csrrc, .csrrwi, .csrrsi, .csrrci:
-                let retiredBefore = UInt64(op - opBase)
-                instret &+= retiredBefore
-                if !executeCSR(o, pc: pcOf(op)) {
-                    trapped = false
-                    return -1
-                }
-                instret &+= UInt64(block.opCount) &- retiredBefore
-                pcValue = pcOf(op) &+ UInt64(o.length)
-                return -1
+                case .sh:
+                    let va = r[rs1] &+ UInt64(bitPattern: o.imm)
+                    if let p = writePtr(va, 2) { p.storeBytes(of: UInt16(truncatingIfNeeded: r[rs2]), as: UInt16.self) } else {
+                        if let e = storeSlowExit(op, va, 2, r[rs2], pcOf(op), opBase) { return e }
+                    }
+                case .sw:
+                    let va = r[rs1] &+ UInt64(bitPattern: o.imm)
+                    if let p = writePtr(va, 4) { p.storeBytes(of: UInt32(truncatingIfNeeded: r[rs2]), as: UInt32.self) } else {
+                        if let e = storeSlowExit(op, va, 4, r[rs2], pcOf(op), opBase) { return e }
+                    }
+                case .sd:
+                    let va = r[rs1] &+ UInt64(bitPattern: o.imm)
+                    if let p = writePtr(va, 8) { p.storeBytes(of: r[rs2], as: UInt64.self) } else {
+                        if let e = storeSlowExit(op, va, 8, r[rs2], pcOf(op), opBase) { return e }
+                    }
 
-            default:
-                // Floating-point arithmetic.
-                if !fpEnabled { raise(.illegalInstruction, tval: UInt64(o.raw), pc: pcOf(op)); return trapExit(op) }
-                if !executeFP(o) {
+                // Integer register-immediate
+                case .addi: r[rd] = r[rs1] &+ UInt64(bitPattern: o.imm)
+                case .slti: r[rd] = Int64(bitPattern: r[rs1]) < o.imm ? 1 : 0
+                case .sltiu: r[rd] = r[rs1] < UInt64(bitPattern: o.imm) ? 1 : 0
+                case .xori: r[rd] = r[rs1] ^ UInt64(bitPattern: o.imm)
+                case .ori: r[rd] = r[rs1] | UInt64(bitPattern: o.imm)
+                case .andi: r[rd] = r[rs1] & UInt64(bitPattern: o.imm)
+                case .slli: r[rd] = r[rs1] << UInt64(o.imm)
+                case .srli: r[rd] = r[rs1] >> UInt64(o.imm)
+                case .srai: r[rd] = UInt64(bitPattern: Int64(bitPattern: r[rs1]) >> o.imm)
+                case .addiw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1] &+ UInt64(bitPattern: o.imm)))
+                case .slliw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1]) << UInt32(o.imm))
+                case .srliw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1]) >> UInt32(o.imm))
+                case .sraiw: r[rd] = UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: r[rs1]) >> Int32(o.imm)))
+
+                // Integer register-register
+                case .add: r[rd] = r[rs1] &+ r[rs2]
+                case .sub: r[rd] = r[rs1] &- r[rs2]
+                case .sll: r[rd] = r[rs1] << (r[rs2] & 63)
+                case .slt: r[rd] = Int64(bitPattern: r[rs1]) < Int64(bitPattern: r[rs2]) ? 1 : 0
+                case .sltu: r[rd] = r[rs1] < r[rs2] ? 1 : 0
+                case .xor: r[rd] = r[rs1] ^ r[rs2]
+                case .srl: r[rd] = r[rs1] >> (r[rs2] & 63)
+                case .sra: r[rd] = UInt64(bitPattern: Int64(bitPattern: r[rs1]) >> Int64(r[rs2] & 63))
+                case .or: r[rd] = r[rs1] | r[rs2]
+                case .and: r[rd] = r[rs1] & r[rs2]
+                case .addw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1] &+ r[rs2]))
+                case .subw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1] &- r[rs2]))
+                case .sllw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1]) << UInt32(r[rs2] & 31))
+                case .srlw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1]) >> UInt32(r[rs2] & 31))
+                case .sraw: r[rd] = UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: r[rs1]) >> Int32(r[rs2] & 31)))
+
+                // M
+                case .mul: r[rd] = r[rs1] &* r[rs2]
+                case .mulh:
+                    r[rd] = UInt64(bitPattern: Int64(bitPattern: r[rs1]).multipliedFullWidth(by: Int64(bitPattern: r[rs2])).high)
+                case .mulhu:
+                    r[rd] = r[rs1].multipliedFullWidth(by: r[rs2]).high
+                case .mulhsu:
+                    let a = Int64(bitPattern: r[rs1]), b = r[rs2]
+                    var high = a.magnitude.multipliedFullWidth(by: b)
+                    if a < 0 {
+                        // Two's complement negate the 128-bit product.
+                        let lowNeg = (~high.low) &+ 1
+                        high = (high: ~high.high &+ (lowNeg == 0 ? 1 : 0), low: lowNeg)
+                    }
+                    r[rd] = high.high
+                case .div:
+                    let a = Int64(bitPattern: r[rs1]), b = Int64(bitPattern: r[rs2])
+                    r[rd] = b == 0 ? .max : (a == .min && b == -1) ? UInt64(bitPattern: a) : UInt64(bitPattern: a / b)
+                case .divu:
+                    let b = r[rs2]
+                    r[rd] = b == 0 ? .max : r[rs1] / b
+                case .rem:
+                    let a = Int64(bitPattern: r[rs1]), b = Int64(bitPattern: r[rs2])
+                    r[rd] = b == 0 ? UInt64(bitPattern: a) : (a == .min && b == -1) ? 0 : UInt64(bitPattern: a % b)
+                case .remu:
+                    let b = r[rs2]
+                    r[rd] = b == 0 ? r[rs1] : r[rs1] % b
+                case .mulw: r[rd] = sx32(UInt32(truncatingIfNeeded: r[rs1] &* r[rs2]))
+                case .divw:
+                    let a = Int32(truncatingIfNeeded: r[rs1]), b = Int32(truncatingIfNeeded: r[rs2])
+                    let q: Int32 = b == 0 ? -1 : (a == .min && b == -1) ? a : a / b
+                    r[rd] = UInt64(bitPattern: Int64(q))
+                case .divuw:
+                    let a = UInt32(truncatingIfNeeded: r[rs1]), b = UInt32(truncatingIfNeeded: r[rs2])
+                    r[rd] = sx32(b == 0 ? .max : a / b)
+                case .remw:
+                    let a = Int32(truncatingIfNeeded: r[rs1]), b = Int32(truncatingIfNeeded: r[rs2])
+                    let m: Int32 = b == 0 ? a : (a == .min && b == -1) ? 0 : a % b
+                    r[rd] = UInt64(bitPattern: Int64(m))
+                case .remuw:
+                    let a = UInt32(truncatingIfNeeded: r[rs1]), b = UInt32(truncatingIfNeeded: r[rs2])
+                    r[rd] = sx32(b == 0 ? a : a % b)
+
+                // A
+                case .lr, .sc, .amo:
+                    if !executeAtomic(o, pc: pcOf(op)) { return trapExit(op) }
+                    if blockInvalidated {
+                        blockInvalidated = false
+                        instret &+= UInt64(op - opBase + 1)
+                        pcValue = pcOf(op) &+ UInt64(o.length)
+                        return -1
+                    }
+
+                // FP loads and stores
+                case .flw, .fld, .fsw, .fsd:
+                    if !fpEnabled { raise(.illegalInstruction, tval: UInt64(o.raw), pc: pcOf(op)); return trapExit(op) }
+                    let va = r[rs1] &+ UInt64(bitPattern: o.imm)
+                    switch o.kind {
+                    case .flw:
+                        let v: UInt64
+                        if let p = readPtr(va, 4) { v = UInt64(p.loadUnaligned(as: UInt32.self)) } else {
+                            v = loadSlow(va, size: 4, pc: pcOf(op)); if trapped { return trapExit(op) }
+                        }
+                        fr[rd] = v | 0xffff_ffff_0000_0000
+                        markFPDirty()
+                    case .fld:
+                        let v: UInt64
+                        if let p = readPtr(va, 8) { v = p.loadUnaligned(as: UInt64.self) } else {
+                            v = loadSlow(va, size: 8, pc: pcOf(op)); if trapped { return trapExit(op) }
+                        }
+                        fr[rd] = v
+                        markFPDirty()
+                    case .fsw:
+                        if let p = writePtr(va, 4) { p.storeBytes(of: UInt32(truncatingIfNeeded: fr[rs2]), as: UInt32.self) } else {
+                            if let e = storeSlowExit(op, va, 4, fr[rs2], pcOf(op), opBase) { return e }
+                        }
+                    default:
+                        if let p = writePtr(va, 8) { p.storeBytes(of: fr[rs2], as: UInt64.self) } else {
+                            if let e = storeSlowExit(op, va, 8, fr[rs2], pcOf(op), opBase) { return e }
+                        }
+                    }
+
+                // System
+                case .illegal:
                     raise(.illegalInstruction, tval: UInt64(o.raw), pc: pcOf(op))
                     return trapExit(op)
+                case .ecall:
+                    let cause: Cause = privilege == .user ? .ecallFromU : privilege == .supervisor ? .ecallFromS : .ecallFromM
+                    raise(cause, tval: 0, pc: pcOf(op))
+                    return trapExit(op)
+                case .ebreak:
+                    raise(.breakpoint, tval: pcOf(op), pc: pcOf(op))
+                    return trapExit(op)
+                case .fenceI:
+                    // Our own stores already invalidated what they overwrote; device DMA did not.
+                    if !externalWrites.isEmpty.load(ordering: .acquiring) {
+                        for page in externalWrites.drain() where page < ram.size >> 12 {
+                            invalidateCode(physicalPage: page)
+                        }
+                        blockInvalidated = false
+                    }
+                    instret &+= UInt64(block.opCount)
+                    pcValue = pcOf(op) &+ UInt64(o.length)
+                    return -1
+                case .mret, .sret, .wfi, .sfenceVma:
+                    if !executePrivileged(o, pc: pcOf(op)) { return trapExit(op) }
+                    instret &+= UInt64(block.opCount)
+                    return -1
+                case .csrrw, .csrrs, .csrrc, .csrrwi, .csrrsi, .csrrci:
+                    let retiredBefore = UInt64(op - opBase)
+                    instret &+= retiredBefore
+                    if !executeCSR(o, pc: pcOf(op)) {
+                        trapped = false
+                        return -1
+                    }
+                    instret &+= UInt64(block.opCount) &- retiredBefore
+                    pcValue = pcOf(op) &+ UInt64(o.length)
+                    return -1
+
+                default:
+                    // Floating-point arithmetic.
+                    if !fpEnabled { raise(.illegalInstruction, tval: UInt64(o.raw), pc: pcOf(op)); return trapExit(op) }
+                    if !executeFP(o) {
+                        raise(.illegalInstruction, tval: UInt64(o.raw), pc: pcOf(op))
+                        return trapExit(op)
+                    }
+                }
+                op += 1
+            }
+            if op == end {
+                // Fell off the end of the block (page end or op limit).
+                pcValue = base &+ UInt64(block.byteLength)
+            }
+            instret &+= UInt64(block.opCount)
+
+            // Go on to the successor without returning to the run loop, while allowed.
+            budget -= 1
+            if budget <= 0 || lines.kick.load(ordering: .relaxed) { return slot }
+            checkCodeEpoch()
+            let next = pcValue
+            if slot == 0 && next == base {
+                // A loop back to this block's start (a block that overwrote itself has already
+                // returned), so nothing needs looking up.
+                reload = false
+                continue blockLoop
+            }
+            reload = true
+            if slot >= 0 && block.chainEpoch == mmuEpoch {
+                let (c, cpc) = slot == 0 ? (block.chainTB.0, block.chainPC.0) : (block.chainTB.1, block.chainPC.1)
+                if c >= 0 && cpc == next && blocks[Int(c)].valid {
+                    index = c
+                    base = next
+                    continue blockLoop
                 }
             }
-            op += 1
-        }
-        if op == end {
-            // Fell off the end of the block (page end or op limit).
-            pcValue = base &+ UInt64(block.byteLength)
-        }
-        instret &+= UInt64(block.opCount)
-
-        // Go on to the successor without returning to the run loop, while allowed.
-        budget -= 1
-        if budget <= 0 || lines.kick.load(ordering: .relaxed) { return slot }
-        checkCodeEpoch()
-        let next = pcValue
-        if slot == 0 && next == base {
-            // A loop back to this block's start (a block that overwrote itself has already
-            // returned), so nothing needs looking up.
-            reload = false
-            continue blockLoop
-        }
-        reload = true
-        if slot >= 0 && block.chainEpoch == mmuEpoch {
-            let (c, cpc) = slot == 0 ? (block.chainTB.0, block.chainPC.0) : (block.chainTB.1, block.chainPC.1)
-            if c >= 0 && cpc == next && blocks[Int(c)].valid {
-                index = c
-                base = next
-                continue blockLoop
+            let jc = jumpBase + Int((next >> 1) & jumpMask)
+            if jumpTags[jc] == next {
+                let c = jumpBlocks[jc]
+                if blocks[Int(c)].valid {
+                    if slot >= 0 { link(index, slot: slot, to: c, pc: next) }
+                    index = c
+                    base = next
+                    continue blockLoop
+                }
             }
-        }
-        let jc = jumpBase + Int((next >> 1) & jumpMask)
-        if jumpTags[jc] == next {
-            let c = jumpBlocks[jc]
-            if blocks[Int(c)].valid {
-                if slot >= 0 { link(index, slot: slot, to: c, pc: next) }
-                index = c
-                base = next
-                continue blockLoop
-            }
-        }
-        return slot
+            return slot
         }
     }
 
