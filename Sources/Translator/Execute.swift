@@ -397,12 +397,12 @@ extension Hart {
             let v = size == 4 ? sx32(catomic_load_32(p.assumingMemoryBound(to: UInt32.self)))
                               : catomic_load_64(p.assumingMemoryBound(to: UInt64.self))
             r[Int(o.rd)] = v
-            reservation = physicalForReservation(va)
+            reservation = physicalAddress(of: p)
             reservationValue = v
             return true
         case .sc:
             guard let p = atomicPointer(va, size: size, write: true, pc: pc) else { trapped = false; return false }
-            let pa = physicalForReservation(va)
+            let pa = physicalAddress(of: p)
             var ok = false
             if reservation != .max && reservation == pa {
                 if size == 4 {

@@ -234,9 +234,9 @@ extension Hart {
         }
     }
 
-    /// Physical address of `va` for an atomic access (for the LR/SC reservation).
-    func physicalForReservation(_ va: UInt64) -> UInt64 {
-        if case .ok(let pa) = translate(va, .read, mmuIndex: dataMMUIndex) { return pa }
-        return .max
+    /// The guest physical address of a host pointer into RAM that `atomicPointer` returned
+    /// (the LR/SC reservation), without walking the page table a second time.
+    @inline(__always) func physicalAddress(of p: UnsafeMutableRawPointer) -> UInt64 {
+        ram.base.raw &+ UInt64(p - ram.pointer)
     }
 }
