@@ -37,7 +37,7 @@ let package = Package(
         .target(name: "Devices", dependencies: ["Machine", "Storage", .product(name: "Logging", package: "swift-log")],
                 swiftSettings: optimized),
         // Board assembly: the `virt` layout, device tree, boot loading, the running machine.
-        .target(name: "Board", dependencies: ["Machine", "Translator", "Devices", "Storage",
+        .target(name: "Board", dependencies: ["Machine", "Translator", "Devices", "Storage", "CZlib",
                                              .product(name: "Logging", package: "swift-log")]),
         // Schema runtime: JSON values (libjansson), and the types generated from schema/.
         .target(name: "Schema", dependencies: ["CJansson"]),

@@ -43,6 +43,9 @@ public final class VirtBoard: @unchecked Sendable {
     /// Where the DTB is loaded.
     public let deviceTreeAddress: GuestPhysicalAddress
 
+    /// The owner of every device's reset, quiesce/resume and saved state.
+    public let deviceManager = DeviceManager()
+
     /// PLIC sources in use (fixed ones reserved at build, hot-plugged ones allocated).
     public private(set) var irqs: IRQAllocator
     /// The virtio-mmio slot bank.
@@ -117,6 +120,7 @@ public final class VirtBoard: @unchecked Sendable {
         deviceTreeBlob = tree.flattened()
         deviceTreeAddress = try bootLoader.deviceTreeAddress(size: deviceTreeBlob.count)
 
+        for device in [clint, plic, uart, rtc, htif] as [any ManagedDevice] { try deviceManager.register(device) }
         for slot in 0..<virtioSlots.count { try mapEmptyTransport(slot: slot) }
         for factory in config.virtioTransports { _ = try attachVirtio(factory) }
     }
@@ -145,6 +149,14 @@ public final class VirtBoard: @unchecked Sendable {
             let device = try factory(DeviceContext(ram: ram, irq: plic.line(irqNumber), irqNumber: irqNumber,
                                                    region: region, clock: clock))
             try bus.map(device, at: region)
+            if let managed = device as? any ManagedDevice {
+                do {
+                    try deviceManager.register(managed)
+                } catch {
+                    bus.unmap(device)
+                    throw error
+                }
+            }
             virtioDevices[slot] = device
         } catch {
             virtioSlots.release(slot)
@@ -162,6 +174,7 @@ public final class VirtBoard: @unchecked Sendable {
     public func detachVirtio(slot: Int) {
         guard let device = virtioDevices.removeValue(forKey: slot) else { return }
         bus.unmap(device)
+        if let managed = device as? any ManagedDevice { deviceManager.unregister(managed) }
         virtioSlots.release(slot)
         try? mapEmptyTransport(slot: slot)
     }
@@ -174,14 +187,10 @@ public final class VirtBoard: @unchecked Sendable {
         return bootState
     }
 
-    /// Resets the board's own devices (UART, CLINT, PLIC, RTC alarm, HTIF) to power-on state.
-    /// Virtio transports are reset by their owners. Control thread, vCPUs stopped.
+    /// Resets every managed device (CLINT, PLIC, UART, RTC, HTIF and every virtio transport,
+    /// whose devices then drop their queues) to its power-on state. Control thread, vCPUs stopped.
     public func resetDevices() {
-        uart.reset()
-        clint.reset()
-        plic.reset()
-        rtc.reset()
-        htif.reset()
+        deviceManager.reset()
     }
 
     /// System reset: `resetDevices()` then `loadBootImages()`; apply the result to each hart.

@@ -36,6 +36,8 @@ public protocol MachineBoard: AnyObject, Sendable {
     /// Delivers a power-button press to the guest; false when the board has no device through
     /// which the guest could notice it.
     func pressPowerButton() -> Bool
+    /// The owner of every device's lifecycle and saved state.
+    var deviceManager: DeviceManager { get }
 }
 
 /// Builds the CPU for one hart: (hart id, RAM, bus, the hart's interrupts, clock).
@@ -53,8 +55,10 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
     public let board: any MachineBoard
     public let machineName: String?
 
-    private let vcpus: [VCPUThread]
-    private let startPaused: Bool
+    let vcpus: [VCPUThread]
+    let startPaused: Bool
+    /// Started for an incoming migration: waits in `inmigrate` instead of running.
+    let incoming: Bool
     private let control = DispatchQueue(label: "machine control")
     private let onControlQueue = DispatchSpecificKey<Bool>()
     private let shared = Mutex(Shared())
@@ -72,9 +76,25 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
     /// Builds the board (handing it this machine as its `SystemControl`) and one CPU per hart.
     /// Nothing runs until `start()`. `startPaused` keeps the machine in `prelaunch` until the
     /// first `cont()`, like QEMU's `-S`.
-    public init(name: String? = nil, startPaused: Bool = false,
+    /// What a saved state must match to be loaded here: a canonical JSON of the machine's
+    /// shape (cpus, memory, devices), written into every state stream's header.
+    public let stateIdentity: String
+    /// Names the difference between a stream's identity and this machine's (saved, current).
+    let describeIdentityMismatch: @Sendable (String, String) -> String
+    /// The current or last migration.
+    let migration = Mutex(MigrationProgress())
+    /// Where migrations run (the control queue is used only for the paused part).
+    let migrationQueue = DispatchQueue(label: "machine migration")
+
+    public init(name: String? = nil, startPaused: Bool = false, incoming: Bool = false, stateIdentity: String = "{}",
+                describeIdentityMismatch: @escaping @Sendable (String, String) -> String = { saved, current in
+                    "saved \(saved), this machine \(current)"
+                },
                 makeBoard: (any SystemControl) throws -> any MachineBoard,
                 makeCPU: CPUFactory) throws {
+        self.stateIdentity = stateIdentity
+        self.describeIdentityMismatch = describeIdentityMismatch
+        self.incoming = incoming
         let relay = SystemControlRelay()
         let board = try makeBoard(relay)
         var vcpus = [VCPUThread]()
@@ -99,9 +119,10 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
             guard !self.shared.withLock({ s in defer { s.started = true }; return s.started }) else { return }
             try self.resetBoardAndHarts()
             for v in self.vcpus { v.launch() }
-            if self.startPaused {
+            if self.startPaused || self.incoming {
+                self.board.deviceManager.quiesce()
                 self.board.clock.pause()
-                self.setRunState(.prelaunch)
+                self.setRunState(self.incoming ? .inmigrate : .prelaunch)
             } else {
                 self.board.clock.resume()
                 self.setRunState(.running)
@@ -132,6 +153,7 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
         onControl {
             guard self.isLive, self.runState == .running else { return }
             self.pauseHarts()
+            self.board.deviceManager.quiesce()
             self.board.clock.pause()
             self.setRunState(.paused)
             self.emit(.stop)
@@ -142,10 +164,8 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
         onControl {
             guard self.isLive, self.shared.withLock({ $0.started }) else { return }
             let state = self.runState
-            guard state == .paused || state == .prelaunch else { return }
-            self.board.clock.resume()
-            self.setRunState(.running)
-            for v in self.vcpus { v.resume() }
+            guard state == .paused || state == .prelaunch || state == .postmigrate else { return }
+            self.resumeAll()
             self.emit(.resume)
         }
     }
@@ -198,7 +218,10 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
 
     // MARK: Actions (control queue only)
 
-    private var isLive: Bool { shared.withLock { $0.exitCode == nil } }
+    var isLive: Bool { shared.withLock { $0.exitCode == nil } }
+
+    /// Whether `start()` has run.
+    var hasStarted: Bool { shared.withLock { $0.started } }
 
     private func resetNow(cause: ShutdownCause) {
         guard isLive, shared.withLock({ $0.started }) else { return }
@@ -218,7 +241,10 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
 
     private func shutdownNow(cause: ShutdownCause, exitCode: Int32) {
         guard isLive else { return }
-        if runState == .running { pauseHarts() }
+        if runState == .running {
+            pauseHarts()
+            board.deviceManager.quiesce()
+        }
         board.clock.pause()
         setRunState(.shutdown)
         emit(.shutdown(cause: cause))
@@ -235,21 +261,29 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
         for (v, r) in zip(vcpus, vectors) { v.reset(r) }
     }
 
+    /// Lets the clock, the devices and the harts run (from any paused state).
+    func resumeAll() {
+        board.deviceManager.resume()
+        board.clock.resume()
+        setRunState(.running)
+        for v in vcpus { v.resume() }
+    }
+
     /// Makes every hart leave guest code and waits until all have.
-    private func pauseHarts() {
+    func pauseHarts() {
         for v in vcpus { v.requestPause() }
         for v in vcpus { v.waitUntilPaused() }
     }
 
-    private func setRunState(_ s: RunState) { shared.withLock { $0.runState = s } }
+    func setRunState(_ s: RunState) { shared.withLock { $0.runState = s } }
 
-    private func emit(_ event: MachineEvent) {
+    func emit(_ event: MachineEvent) {
         let observers = shared.withLock { Array($0.observers.sorted { $0.key < $1.key }.map(\.value)) }
         for o in observers { o(event) }
     }
 
     /// Runs `body` on the control queue and returns its result; inline when already there.
-    private func onControl<T>(_ body: () throws -> T) rethrows -> T {
+    func onControl<T>(_ body: () throws -> T) rethrows -> T {
         if DispatchQueue.getSpecific(key: onControlQueue) == true { return try body() }
         return try control.sync(execute: body)
     }
@@ -278,7 +312,7 @@ private struct WeakMachine {
 /// The thread loops: wait until told to run, call `cpu.run()` until it returns, repeat. The
 /// control queue tells it to run or pause and waits for the pause; `reset` and `pc` touch the
 /// CPU only while it is out of `run()`. `cond` guards every `var`.
-private final class VCPUThread: @unchecked Sendable {
+final class VCPUThread: @unchecked Sendable {
     let index: Int
     private let cpu: any VirtualCPU
     private let cond = NSCondition()
@@ -340,6 +374,25 @@ private final class VCPUThread: @unchecked Sendable {
         defer { cond.unlock() }
         precondition(!inRun, "vcpu \(index) reset while running")
         cpu.reset(entry: v.entry, a0: v.a0, a1: v.a1, a2: v.a2)
+        lastPC = cpu.pc
+    }
+
+    /// Writes the CPU's state. Only while paused.
+    func saveState(to w: inout StateWriter) {
+        cond.lock()
+        defer { cond.unlock() }
+        precondition(!inRun, "vcpu \(index) saved while running")
+        cpu.saveState(to: &w)
+    }
+
+    var stateVersion: UInt32 { cpu.stateVersion }
+
+    /// Loads the CPU's state. Only while paused.
+    func loadState(from r: inout StateReader, version: UInt32) throws(SavedStateError) {
+        cond.lock()
+        defer { cond.unlock() }
+        precondition(!inRun, "vcpu \(index) loaded while running")
+        try cpu.loadState(from: &r, version: version)
         lastPC = cpu.pc
     }
 

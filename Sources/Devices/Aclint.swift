@@ -88,3 +88,53 @@ public final class Aclint: MMIODevice, Sendable {
         return (reg & ~mask) | ((value << (8 * byteOffset)) & mask)
     }
 }
+
+// MARK: Saved state
+
+extension Aclint: StatefulDevice {
+    /// Each hart's MSIP bit and `mtimecmp` (`mtime` is the machine's virtual clock, saved with it).
+    public struct State: DeviceState {
+        public static let version: UInt32 = 1
+        public var msip: [Bool]
+        public var mtimecmp: [UInt64]
+
+        public func encode(to w: inout StateWriter) {
+            w.count(msip.count)
+            for b in msip { w.bool(b) }
+            w.u64s(mtimecmp)
+        }
+
+        public init(from r: inout StateReader, version: UInt32) throws(SavedStateError) {
+            let n = try r.count("msip", limit: Aclint.maxHarts)
+            var bits = [Bool]()
+            for _ in 0..<n { bits.append(try r.bool("msip")) }
+            msip = bits
+            mtimecmp = try r.u64s("mtimecmp", limit: Aclint.maxHarts)
+        }
+
+        init(msip: [Bool], mtimecmp: [UInt64]) {
+            self.msip = msip
+            self.mtimecmp = mtimecmp
+        }
+    }
+
+    public var stateSection: String { name }
+
+    public func captureState() -> State {
+        State(msip: harts.map { $0.lines.load(ordering: .relaxed) & HartInterrupts.msip != 0 },
+              mtimecmp: harts.map { $0.mtimecmp.load(ordering: .relaxed) })
+    }
+
+    public func applyState(_ s: State) throws(SavedStateError) {
+        guard s.msip.count == harts.count else {
+            throw SavedStateError(section: name, field: "msip", reason: "\(s.msip.count) harts, this machine has \(harts.count)")
+        }
+        guard s.mtimecmp.count == harts.count else {
+            throw SavedStateError(section: name, field: "mtimecmp", reason: "\(s.mtimecmp.count) harts, this machine has \(harts.count)")
+        }
+        for (i, h) in harts.enumerated() {
+            h.set(HartInterrupts.msip, s.msip[i])
+            h.setTimerCompare(s.mtimecmp[i])
+        }
+    }
+}

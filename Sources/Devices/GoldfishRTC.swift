@@ -44,6 +44,8 @@ public final class GoldfishRTC: MMIODevice, Sendable {
         var irqLevel = false
         /// Bumped whenever the alarm changes, so stale timers do nothing.
         var alarmGeneration: UInt64 = 0
+        /// While the machine is paused, a due alarm waits for `resume()`.
+        var quiesced = false
     }
 
     /// Creates the RTC driving `irq`; `wallClock` supplies host time (injectable for tests).
@@ -128,6 +130,7 @@ public final class GoldfishRTC: MMIODevice, Sendable {
     /// Fires the alarm now if it is due; otherwise returns how long to wait and the generation.
     private func arm(_ s: inout Registers) -> (deadline: UInt64, generation: UInt64)? {
         s.alarmGeneration &+= 1
+        if s.quiesced { return nil }
         let now = wallClock() &+ s.offset
         if Int64(bitPattern: s.alarm &- now) <= 0 {
             fire(&s)
@@ -164,5 +167,90 @@ public final class GoldfishRTC: MMIODevice, Sendable {
             s.irqLevel = level
             irq.set(level)
         }
+    }
+}
+
+// MARK: Saved state and lifecycle
+
+extension GoldfishRTC: StatefulDevice {
+    /// The RTC's registers. Guest time is kept as its offset from the host's wall clock, as
+    /// QEMU's goldfish RTC does, so a restored guest's clock follows real time.
+    public struct State: DeviceState {
+        public static let version: UInt32 = 1
+        public var offset: UInt64
+        public var latchedHigh: UInt32
+        public var alarm: UInt64
+        public var alarmArmed: Bool
+        public var irqEnabled: Bool
+        public var irqPending: Bool
+
+        public func encode(to w: inout StateWriter) {
+            w.u64(offset)
+            w.u32(latchedHigh)
+            w.u64(alarm)
+            w.bool(alarmArmed)
+            w.bool(irqEnabled)
+            w.bool(irqPending)
+        }
+
+        public init(from r: inout StateReader, version: UInt32) throws(SavedStateError) {
+            offset = try r.u64("offset")
+            latchedHigh = try r.u32("time-high")
+            alarm = try r.u64("alarm")
+            alarmArmed = try r.bool("alarm-armed")
+            irqEnabled = try r.bool("irq-enabled")
+            irqPending = try r.bool("irq-pending")
+        }
+
+        init(offset: UInt64, latchedHigh: UInt32, alarm: UInt64, alarmArmed: Bool, irqEnabled: Bool, irqPending: Bool) {
+            self.offset = offset
+            self.latchedHigh = latchedHigh
+            self.alarm = alarm
+            self.alarmArmed = alarmArmed
+            self.irqEnabled = irqEnabled
+            self.irqPending = irqPending
+        }
+    }
+
+    public var stateSection: String { name }
+
+    public func captureState() -> State {
+        state.withLock { s in
+            State(offset: s.offset, latchedHigh: s.latchedHigh, alarm: s.alarm, alarmArmed: s.alarmArmed,
+                  irqEnabled: s.irqEnabled, irqPending: s.irqPending)
+        }
+    }
+
+    public func applyState(_ n: State) throws(SavedStateError) {
+        let schedule: (deadline: UInt64, generation: UInt64)? = state.withLock { s in
+            s.offset = n.offset
+            s.latchedHigh = n.latchedHigh
+            s.alarm = n.alarm
+            s.alarmArmed = n.alarmArmed
+            s.irqEnabled = n.irqEnabled
+            s.irqPending = n.irqPending
+            s.irqLevel = s.irqPending && s.irqEnabled
+            irq.set(s.irqLevel)
+            s.alarmGeneration &+= 1
+            return s.alarmArmed ? arm(&s) : nil
+        }
+        if let schedule { scheduleCheck(afterNanoseconds: schedule.deadline, generation: schedule.generation) }
+    }
+
+    /// Holds a due alarm back until `resume()` (the alarm raises an interrupt; a paused
+    /// machine's devices stay still).
+    public func quiesce() {
+        state.withLock { s in
+            s.quiesced = true
+            s.alarmGeneration &+= 1
+        }
+    }
+
+    public func resume() {
+        let schedule: (deadline: UInt64, generation: UInt64)? = state.withLock { s in
+            s.quiesced = false
+            return s.alarmArmed ? arm(&s) : nil
+        }
+        if let schedule { scheduleCheck(afterNanoseconds: schedule.deadline, generation: schedule.generation) }
     }
 }

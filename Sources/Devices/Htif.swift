@@ -84,3 +84,37 @@ public final class Htif: MMIODevice, Sendable {
         }
     }
 }
+
+// MARK: Saved state
+
+extension Htif: StatefulDevice {
+    /// The two HTIF registers.
+    public struct State: DeviceState {
+        public static let version: UInt32 = 1
+        public var tohost: UInt64
+        public var fromhost: UInt64
+
+        public func encode(to w: inout StateWriter) {
+            w.u64(tohost)
+            w.u64(fromhost)
+        }
+
+        public init(from r: inout StateReader, version: UInt32) throws(SavedStateError) {
+            tohost = try r.u64("tohost")
+            fromhost = try r.u64("fromhost")
+        }
+
+        init(tohost: UInt64, fromhost: UInt64) {
+            self.tohost = tohost
+            self.fromhost = fromhost
+        }
+    }
+
+    public var stateSection: String { name }
+
+    public func captureState() -> State { state.withLock { State(tohost: $0.tohost, fromhost: $0.fromhost) } }
+
+    public func applyState(_ s: State) throws(SavedStateError) {
+        state.withLock { $0 = Registers(tohost: s.tohost, fromhost: s.fromhost) }
+    }
+}

@@ -29,9 +29,9 @@ public final class Plic: MMIODevice, Sendable {
     /// Highest valid source number; source 0 means "no interrupt".
     public let sourceCount: Int
     private let harts: [HartInterrupts]
-    private let state: Mutex<State>
+    private let state: Mutex<Live>
 
-    private struct State {
+    private struct Live {
         var priority: [UInt32]
         /// Bit words indexed by source (bit s % 32 of word s / 32).
         var level: [UInt32]
@@ -54,9 +54,9 @@ public final class Plic: MMIODevice, Sendable {
         self.state = Mutex(Self.initialState(sourceCount: sourceCount, contexts: harts.count * 2))
     }
 
-    private static func initialState(sourceCount: Int, contexts: Int) -> State {
+    private static func initialState(sourceCount: Int, contexts: Int) -> Live {
         let words = sourceCount / 32 + 1
-        return State(priority: [UInt32](repeating: 0, count: sourceCount + 1),
+        return Live(priority: [UInt32](repeating: 0, count: sourceCount + 1),
                      level: [UInt32](repeating: 0, count: words),
                      pending: [UInt32](repeating: 0, count: words),
                      claimed: [UInt32](repeating: 0, count: words),
@@ -183,7 +183,7 @@ public final class Plic: MMIODevice, Sendable {
 
     /// The best pending, enabled, unclaimed source above the context's threshold (ties go to the
     /// lowest number), or 0.
-    private func best(_ s: State, context: Int) -> Int {
+    private func best(_ s: Live, context: Int) -> Int {
         var bestSource = 0
         var bestPriority = s.threshold[context]
         for w in 0..<s.pending.count {
@@ -201,7 +201,7 @@ public final class Plic: MMIODevice, Sendable {
         return bestSource
     }
 
-    private func claim(_ s: inout State, context: Int) -> Int {
+    private func claim(_ s: inout Live, context: Int) -> Int {
         let src = best(s, context: context)
         if src != 0 {
             let w = src / 32, bit = UInt32(1) << UInt32(src % 32)
@@ -211,7 +211,7 @@ public final class Plic: MMIODevice, Sendable {
         return src
     }
 
-    private func complete(_ s: inout State, context: Int, source: Int) {
+    private func complete(_ s: inout Live, context: Int, source: Int) {
         guard source >= 1 && source <= sourceCount else { return }
         let w = source / 32, bit = UInt32(1) << UInt32(source % 32)
         // The spec ignores completions for sources not enabled for this context.
@@ -220,7 +220,7 @@ public final class Plic: MMIODevice, Sendable {
         if s.level[w] & bit != 0 { s.pending[w] |= bit }
     }
 
-    private func updateOutputs(_ s: inout State) {
+    private func updateOutputs(_ s: inout Live) {
         for ctx in 0..<contextCount {
             let level = best(s, context: ctx) != 0
             if level != s.output[ctx] {
@@ -242,4 +242,93 @@ final class PlicLine: InterruptLine {
     }
 
     func set(_ level: Bool) { plic.setLevel(source: source, level) }
+}
+
+// MARK: Saved state
+
+extension Plic: StatefulDevice {
+    /// Priorities, input levels, pending and claimed bits, and each context's enables and
+    /// threshold. The outputs to the harts are derived from these.
+    public struct State: DeviceState {
+        public static let version: UInt32 = 1
+        public var priority: [UInt32]
+        public var level: [UInt32]
+        public var pending: [UInt32]
+        public var claimed: [UInt32]
+        public var enable: [[UInt32]]
+        public var threshold: [UInt32]
+
+        public func encode(to w: inout StateWriter) {
+            w.u32s(priority)
+            w.u32s(level)
+            w.u32s(pending)
+            w.u32s(claimed)
+            w.count(enable.count)
+            for e in enable { w.u32s(e) }
+            w.u32s(threshold)
+        }
+
+        public init(from r: inout StateReader, version: UInt32) throws(SavedStateError) {
+            priority = try r.u32s("priority", limit: 1024)
+            level = try r.u32s("level", limit: 33)
+            pending = try r.u32s("pending", limit: 33)
+            claimed = try r.u32s("claimed", limit: 33)
+            let contexts = try r.count("enable", limit: 15872, minimumElementSize: 4)
+            var e = [[UInt32]]()
+            for i in 0..<contexts { e.append(try r.u32s("enable[\(i)]", limit: 33)) }
+            enable = e
+            threshold = try r.u32s("threshold", limit: 15872)
+        }
+
+        init(priority: [UInt32], level: [UInt32], pending: [UInt32], claimed: [UInt32], enable: [[UInt32]],
+             threshold: [UInt32]) {
+            self.priority = priority
+            self.level = level
+            self.pending = pending
+            self.claimed = claimed
+            self.enable = enable
+            self.threshold = threshold
+        }
+    }
+
+    public var stateSection: String { name }
+
+    public func captureState() -> State {
+        state.withLock { s in
+            State(priority: s.priority, level: s.level, pending: s.pending, claimed: s.claimed, enable: s.enable,
+                  threshold: s.threshold)
+        }
+    }
+
+    public func applyState(_ n: State) throws(SavedStateError) {
+        func bad(_ field: String, _ reason: String) -> SavedStateError {
+            SavedStateError(section: name, field: field, reason: reason)
+        }
+        let words = sourceCount / 32 + 1
+        guard n.priority.count == sourceCount + 1 else { throw bad("priority", "\(n.priority.count) entries, expected \(sourceCount + 1)") }
+        guard n.priority.allSatisfy({ $0 <= Self.priorityMask }) else { throw bad("priority", "a priority is above \(Self.priorityMask)") }
+        for (field, a) in [("level", n.level), ("pending", n.pending), ("claimed", n.claimed)] where a.count != words {
+            throw bad(field, "\(a.count) words, expected \(words)")
+        }
+        guard n.enable.count == contextCount, n.enable.allSatisfy({ $0.count == words }) else {
+            throw bad("enable", "\(n.enable.count) contexts, expected \(contextCount) of \(words) words")
+        }
+        guard n.threshold.count == contextCount, n.threshold.allSatisfy({ $0 <= Self.priorityMask }) else {
+            throw bad("threshold", "expected \(contextCount) thresholds of at most \(Self.priorityMask)")
+        }
+        state.withLock { s in
+            s.priority = n.priority
+            s.level = n.level
+            s.pending = n.pending
+            s.claimed = n.claimed
+            s.enable = n.enable
+            s.threshold = n.threshold
+            // Drive every output to its derived level, whatever it was before.
+            for ctx in 0..<contextCount {
+                let level = best(s, context: ctx) != 0
+                s.output[ctx] = level
+                harts[ctx / 2].set(ctx % 2 == 0 ? HartInterrupts.meip : HartInterrupts.seip, level)
+            }
+        }
+    }
 }

@@ -295,3 +295,97 @@ public final class Uart16550: MMIODevice, Sendable {
         }
     }
 }
+
+// MARK: Saved state
+
+extension ByteRing {
+    /// The queued bytes, oldest first.
+    var contents: [UInt8] {
+        var out = [UInt8]()
+        out.reserveCapacity(count)
+        var copy = self
+        while let b = copy.removeFirst() { out.append(b) }
+        return out
+    }
+}
+
+extension Uart16550: StatefulDevice {
+    /// The UART's registers and the host input not yet read by the guest (receive FIFO first).
+    public struct State: DeviceState {
+        public static let version: UInt32 = 1
+        public var ier: UInt8, lcr: UInt8, mcr: UInt8, scr: UInt8, dll: UInt8, dlm: UInt8
+        public var fifoEnabled: Bool
+        public var triggerLevel: UInt8
+        public var lineErrors: UInt8
+        public var msrDelta: UInt8
+        public var thrInterruptPending: Bool
+        public var input: [UInt8]
+
+        public func encode(to w: inout StateWriter) {
+            for v in [ier, lcr, mcr, scr, dll, dlm] { w.u8(v) }
+            w.bool(fifoEnabled)
+            w.u8(triggerLevel)
+            w.u8(lineErrors)
+            w.u8(msrDelta)
+            w.bool(thrInterruptPending)
+            w.bytes(input)
+        }
+
+        public init(from r: inout StateReader, version: UInt32) throws(SavedStateError) {
+            ier = try r.u8("ier"); lcr = try r.u8("lcr"); mcr = try r.u8("mcr"); scr = try r.u8("scr")
+            dll = try r.u8("dll"); dlm = try r.u8("dlm")
+            fifoEnabled = try r.bool("fifo-enabled")
+            triggerLevel = try r.u8("trigger-level")
+            lineErrors = try r.u8("lsr-errors")
+            msrDelta = try r.u8("msr-delta")
+            thrInterruptPending = try r.bool("thr-interrupt-pending")
+            input = try r.bytes("input", limit: 1 << 24)
+        }
+
+        init(_ g: Uart16550Registers) {
+            ier = g.ier; lcr = g.lcr; mcr = g.mcr; scr = g.scr; dll = g.dll; dlm = g.dlm
+            fifoEnabled = g.fifoEnabled
+            triggerLevel = UInt8(g.triggerLevel)
+            lineErrors = g.lineErrors
+            msrDelta = g.msrDelta
+            thrInterruptPending = g.thrInterruptPending
+            input = g.input.contents
+        }
+    }
+
+    public var stateSection: String { name }
+
+    public func captureState() -> State { state.withLock { State($0.regs) } }
+
+    public func applyState(_ s: State) throws(SavedStateError) {
+        func bad(_ field: String, _ reason: String) -> SavedStateError {
+            SavedStateError(section: name, field: field, reason: reason)
+        }
+        guard [1, 4, 8, 14].contains(s.triggerLevel) else { throw bad("trigger-level", "\(s.triggerLevel) is not 1, 4, 8 or 14") }
+        guard s.mcr <= 0x1F else { throw bad("mcr", "0x\(String(s.mcr, radix: 16)) sets reserved bits") }
+        guard s.ier <= 0x0F else { throw bad("ier", "0x\(String(s.ier, radix: 16)) sets reserved bits") }
+        guard s.lineErrors & ~Uart16550Registers.lsrErrorBits == 0 else {
+            throw bad("lsr-errors", "0x\(String(s.lineErrors, radix: 16)) is not a set of error bits")
+        }
+        guard s.msrDelta <= 0x0F else { throw bad("msr-delta", "0x\(String(s.msrDelta, radix: 16)) sets reserved bits") }
+        try state.withLock { (l: inout Locked) throws(SavedStateError) in
+            let capacity = l.regs.input.capacity
+            guard s.input.count <= capacity else {
+                throw bad("input", "\(s.input.count) bytes exceed the input queue of \(capacity)")
+            }
+            var g = Uart16550Registers(inputCapacity: capacity)
+            g.ier = s.ier; g.lcr = s.lcr; g.mcr = s.mcr; g.scr = s.scr; g.dll = s.dll; g.dlm = s.dlm
+            g.fifoEnabled = s.fifoEnabled
+            g.triggerLevel = Int(s.triggerLevel)
+            g.lineErrors = s.lineErrors
+            g.msrDelta = s.msrDelta
+            g.thrInterruptPending = s.thrInterruptPending
+            _ = g.receive(s.input)
+            l.regs = g
+            // Drive the line whatever its live level was: the PLIC's saved state is loaded
+            // first and every device then re-asserts its own line.
+            l.irqLevel = g.interruptAsserted
+            irq.set(l.irqLevel)
+        }
+    }
+}

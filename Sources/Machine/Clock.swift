@@ -67,6 +67,14 @@ public final class VirtualClock: @unchecked Sendable {
         }
     }
 
+    /// Sets the paused clock to `nanoseconds` of virtual time (a state load); it runs on from
+    /// there at the next `resume()`. Control thread, machine paused.
+    public func restore(nanoseconds: UInt64) {
+        lock.withLock { s in
+            s.frozenNanos = nanoseconds
+        }
+    }
+
     /// Sets virtual time back to zero (machine reset keeps the clock monotonic in QEMU; we do
     /// the same, so this exists only for tests).
     public func resetForTesting() {

@@ -97,3 +97,44 @@ public protocol MachineControl: AnyObject, Sendable {
     /// Removes an observer registered with `addEventObserver`.
     func removeEventObserver(_ token: Int)
 }
+
+/// The progress of the current or last migration (a machine-state save to a destination), as
+/// `query-migrate` reports it.
+public struct MigrationProgress: Sendable, Equatable {
+    /// QEMU's `MigrationStatus` names that machine-server uses.
+    public enum Status: String, Sendable {
+        case none, setup, active, completed, failed
+    }
+
+    public var status: Status = .none
+    /// Milliseconds from start to end (or until now while active).
+    public var totalTime: UInt64 = 0
+    /// Milliseconds the guest was paused for it.
+    public var downtime: UInt64 = 0
+    /// Milliseconds spent opening the destination.
+    public var setupTime: UInt64 = 0
+    /// Bytes of the stream written.
+    public var transferred: UInt64 = 0
+    /// Guest RAM size in bytes.
+    public var ramTotal: UInt64 = 0
+    /// Zero pages skipped and pages sent.
+    public var zeroPages: UInt64 = 0
+    public var normalPages: UInt64 = 0
+    /// Why it failed.
+    public var error: String? = nil
+
+    public init() {}
+}
+
+/// Saving and loading the whole machine's state through a URI (`file:PATH`, `exec:CMD`), as
+/// QEMU's `migrate` and `migrate-incoming` do. Any thread.
+public protocol MachineMigration: AnyObject, Sendable {
+    /// Starts saving the machine's state to `uri` and returns; the machine ends paused in
+    /// `postmigrate`. Throws at once for a URI it cannot use or while another one runs.
+    func startMigration(uri: String) throws
+    /// The current or last migration's progress.
+    func migrationProgress() -> MigrationProgress
+    /// Loads the machine's state from `uri` (a machine waiting with `--incoming defer`), and
+    /// runs it unless it was started with -S. Returns when the state is loaded.
+    func incomingMigration(uri: String) throws
+}

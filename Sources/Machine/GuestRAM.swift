@@ -80,6 +80,30 @@ public final class GuestRAM: @unchecked Sendable {
     }
 
     /// Copies bytes into guest RAM; throws when the destination is not entirely RAM.
+    /// Replaces all of RAM with zero pages (one remap; pages mapped from a file are dropped).
+    /// Control thread, no hart in guest code, no device touching RAM.
+    public func zeroAll() throws {
+        let p = mmap(pointer, Int(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
+        guard p == pointer else { throw MachineError.outOfHostMemory(requested: size) }
+        codePages.update(repeating: 0, count: Int(size / 4096))
+        codeEpoch.add(1, ordering: .sequentiallyConsistent)
+    }
+
+    /// Maps `pageCount` pages of a file at `fileOffset` (page-aligned) copy-on-write over RAM
+    /// from page `firstPage`: the guest sees the file's bytes, and its writes stay private.
+    /// Control thread, as `zeroAll`.
+    public func mapPrivate(fileDescriptor fd: Int32, fileOffset: UInt64, firstPage: UInt64, pageCount: UInt64) throws {
+        let pages = size / 4096
+        guard fileOffset % 4096 == 0, firstPage <= pages, pageCount <= pages - firstPage else {
+            throw MachineError.outsideRAM(address: base + firstPage * 4096, length: pageCount * 4096)
+        }
+        let at = pointer + Int(firstPage * 4096)
+        let p = mmap(at, Int(pageCount * 4096), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd, off_t(fileOffset))
+        guard p == at else {
+            throw MachineError.invalidImage(what: "RAM mapping", reason: String(cString: strerror(errno)))
+        }
+    }
+
     public func write(_ bytes: UnsafeRawBufferPointer, at address: GuestPhysicalAddress) throws {
         guard let dst = hostPointer(address, length: UInt64(bytes.count)) else {
             throw MachineError.outsideRAM(address: address, length: UInt64(bytes.count))

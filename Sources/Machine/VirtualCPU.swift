@@ -17,4 +17,11 @@ public protocol VirtualCPU: AnyObject {
     var pc: UInt64 { get }
     /// Instructions retired since reset.
     var instructionsRetired: UInt64 { get }
+    /// The layout version `saveState` writes.
+    var stateVersion: UInt32 { get }
+    /// Writes the hart's complete architectural state. Only while `run()` is not executing.
+    func saveState(to w: inout StateWriter)
+    /// Replaces the hart's state with a saved one after validating it (nothing changes when it
+    /// is refused). Only while `run()` is not executing.
+    func loadState(from r: inout StateReader, version: UInt32) throws(SavedStateError)
 }

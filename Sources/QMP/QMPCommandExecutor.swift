@@ -44,6 +44,9 @@ public final class QMPCommandExecutor: QMPCommandHandler {
         }
     }
 
+    /// The machine, for the migration commands (which need `MachineMigration` too).
+    var controlForMigration: any MachineControl { control }
+
     /// Only reachable after negotiation, where it always fails (the session handles the first one).
     public func qmpCapabilities(_ arguments: QmpCapabilitiesArguments) throws {
         throw QMPError(.commandNotFound, "Capabilities negotiation is already complete, command ignored")
@@ -142,9 +145,26 @@ public final class QMPCommandExecutor: QMPCommandHandler {
                 return try queryCpusFast().enumerated().map { i, cpu in
                     "\(i == 0 ? "*" : " ") CPU #\(cpu.cpuIndex): thread_id=\(cpu.threadId)\r\n"
                 }.joined()
+            case "migrate":
+                let m = try queryMigrate()
+                guard let status = m.status else { return "" }
+                var out = "Migration status: \(status.rawValue)\r\n"
+                if let t = m.totalTime { out += "total time: \(t) ms\r\n" }
+                if let d = m.downtime { out += "downtime: \(d) ms\r\n" }
+                if let ram = m.ram {
+                    out += "transferred ram: \(ram.transferred / 1024) kbytes\r\n"
+                    out += "total ram: \(ram.total / 1024) kbytes\r\n"
+                    out += "duplicate: \(ram.duplicate) pages\r\n"
+                    out += "normal: \(ram.normal) pages\r\n"
+                }
+                if let e = m.errorDesc { out += "error description: \(e)\r\n" }
+                return out
             default:
-                return "info: unknown item '\(words[1])' (known: status, version, name, cpus)\r\n"
+                return "info: unknown item '\(words[1])' (known: status, version, name, cpus, migrate)\r\n"
             }
+        case ("migrate", 2):
+            try migrate(MigrateArguments(uri: words[1]))
+            return ""
         default:
             return "unknown command: '\(arguments.commandLine)'\r\n"
         }

@@ -34,7 +34,7 @@ public final class Hart: VirtualCPU {
     // MARK: CSRs
 
     var mstatus: UInt64 = 0
-    var misa: UInt64 = (2 << 62) | (1 << 0) | (1 << 2) | (1 << 3) | (1 << 5) | (1 << 8) | (1 << 12) | (1 << 18) | (1 << 20)
+    var misa: UInt64 = Hart.misaValue
     var medeleg: UInt64 = 0
     var mideleg: UInt64 = 0
     var mie: UInt64 = 0
@@ -86,6 +86,10 @@ public final class Hart: VirtualCPU {
     var previousSlot = -1
     /// The host rounding mode currently programmed (RISC-V encoding).
     var hostRoundingMode: UInt64 = 0
+    /// Set when the hart's state was replaced from another thread (reset, state load): the
+    /// vCPU thread's host rounding mode and sticky flags (both per thread) are reprogrammed
+    /// when `run()` next starts.
+    var hostFPUStale = true
 
     // MARK: Soft TLB
 
@@ -198,8 +202,8 @@ public final class Hart: VirtualCPU {
         instret = 0
         reservation = .max
         waitingForInterrupt = false
-        setHostRounding(0)
-        clearHostFlags()
+        hostRoundingMode = 0
+        hostFPUStale = true
         flushAllTranslations()
         updateMMUContext()
     }
@@ -208,9 +212,17 @@ public final class Hart: VirtualCPU {
 
     public func run() {
         let lines = interrupts
+        if hostFPUStale {
+            hostFPUStale = false
+            setHostRounding(hostRoundingMode)
+            clearHostFlags()
+        }
         while true {
             if lines.exitRequest.load(ordering: .relaxed) {
                 lines.exitRequest.store(false, ordering: .sequentiallyConsistent)
+                // The guest's fflags may still sit in this thread's sticky host flags: fold
+                // them in so that the state is complete while the hart is out of `run()`.
+                syncFlags()
                 return
             }
             // Between runs of blocks (at most 512 blocks apart, or sooner when kicked): see

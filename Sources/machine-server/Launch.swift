@@ -66,6 +66,20 @@ struct Launch {
         } catch {
             throw LaunchError("cannot start the machine: \(error)")
         }
+        if let incoming = plan.incoming {
+            // Like QEMU's -incoming: the machine waits in `inmigrate`; with a URI the state is
+            // loaded now (and the machine runs unless -S), with `defer` QMP migrate-incoming
+            // brings it later.
+            if incoming != "defer" {
+                do {
+                    try machine.incomingMigration(uri: incoming)
+                } catch {
+                    machine.requestHostShutdown(cause: .hostError, exitCode: 1)
+                    _ = machine.waitUntilExit()
+                    throw LaunchError("--incoming: \(error)")
+                }
+            }
+        }
         return machine.waitUntilExit()
     }
 
@@ -86,7 +100,9 @@ struct Launch {
             config.powerButton = { keyboard.pressPowerKey() }
         }
         return try VirtualMachine(
-            name: plan.name, startPaused: plan.startPaused,
+            name: plan.name, startPaused: plan.startPaused, incoming: plan.incoming != nil,
+            stateIdentity: StateIdentity.of(plan),
+            describeIdentityMismatch: { StateIdentity.describeMismatch(saved: $0, current: $1) },
             makeBoard: { system in try VirtBoard(config: config, system: system) },
             makeCPU: { hartID, ram, bus, interrupts, clock in
                 Hart(hartID: hartID, ram: ram, bus: bus, interrupts: interrupts, clock: clock)

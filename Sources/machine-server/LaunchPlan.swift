@@ -24,6 +24,8 @@ struct LaunchPlan {
     var vncFromCommandLine: Bool
     /// The devices in slot order, checked (including what a VNC display adds automatically).
     var devices: [PlannedDevice]
+    /// `--incoming URI|defer`: load a saved state (or wait for migrate-incoming) instead of booting.
+    var incoming: String?
 
     /// Where Debian's `opensbi` package (and QEMU's own packages) put OpenSBI's generic
     /// fw_dynamic firmware, tried in order when the description names no firmware.
@@ -70,6 +72,12 @@ struct LaunchPlan {
 
         name = options.name ?? d.name
         startPaused = options.paused || d.start == .paused
+        if let incoming = options.incoming {
+            guard incoming == "defer" || incoming.hasPrefix("file:") || incoming.hasPrefix("exec:") else {
+                throw LaunchError("--incoming: '\(incoming)' is not file:PATH, exec:CMD or defer")
+            }
+        }
+        self.incoming = options.incoming
         cpuCount = Int(d.cpus)
         memoryBytes = d.memoryBytes
 

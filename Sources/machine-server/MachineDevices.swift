@@ -80,7 +80,8 @@ final class MachineDevices: @unchecked Sendable {
                 }
                 transports.append { context in
                     VirtioMMIOTransport(device: device, ram: context.ram, interrupt: context.irq,
-                                        name: "virtio-mmio@\(String(context.region.base.raw, radix: 16)) (\(device.name))")
+                                        name: "virtio-mmio@\(String(context.region.base.raw, radix: 16)) (\(device.name))",
+                                        stateSection: "virtio-mmio@\(String(context.region.base.raw, radix: 16))")
                 }
             }
         } catch {

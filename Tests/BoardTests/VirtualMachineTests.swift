@@ -15,6 +15,7 @@ final class FakeBoard: MachineBoard, @unchecked Sendable {
     let resets = Atomic<Int>(0)
     let powerPresses = Atomic<Int>(0)
     let failNextReset = Atomic<Bool>(false)
+    let deviceManager = DeviceManager()
 
     init(harts: Int, system: any SystemControl) throws {
         ram = try GuestRAM(base: GuestPhysicalAddress(0x8000_0000), size: 1 << 20)
@@ -59,6 +60,16 @@ final class FakeCPU: VirtualCPU, @unchecked Sendable {
         self.hartID = hartID
         self.interrupts = interrupts
         self.system = system
+    }
+
+    let stateVersion: UInt32 = 1
+
+    /// The fake's whole state is its pc.
+    func saveState(to w: inout StateWriter) { w.u64(pc) }
+
+    func loadState(from r: inout StateReader, version: UInt32) throws(SavedStateError) {
+        precondition(!inRun.load(ordering: .sequentiallyConsistent), "load while in run()")
+        pc = try r.u64("pc")
     }
 
     func reset(entry: GuestPhysicalAddress, a0: UInt64, a1: UInt64, a2: UInt64) {

@@ -72,6 +72,8 @@ public final class VirtioGPU: VirtioDevice, @unchecked Sendable {
     private let logger: Logger
 
     private struct Backing: @unchecked Sendable {  // points into guest RAM, which outlives the device
+        /// The guest-physical address the driver gave (what a saved state keeps).
+        var address: GuestPhysicalAddress
         var host: UnsafeMutableRawPointer
         var length: Int
     }
@@ -79,6 +81,8 @@ public final class VirtioGPU: VirtioDevice, @unchecked Sendable {
     private struct Resource {
         var width: Int
         var height: Int
+        /// The virtio format code (`formats`' key).
+        var formatCode: UInt32
         var format: PixelFormat
         var buffer: PixelBuffer
         var backing: [Backing] = []
@@ -283,7 +287,7 @@ public final class VirtioGPU: VirtioDevice, @unchecked Sendable {
                 return .error(Response.errOutOfMemory)
             }
             s.hostMemory += bytes
-            s.resources[id] = Resource(width: Int(width), height: Int(height), format: format, buffer: buffer)
+            s.resources[id] = Resource(width: Int(width), height: Int(height), formatCode: code, format: format, buffer: buffer)
             return .ok
         }
     }
@@ -401,7 +405,7 @@ public final class VirtioGPU: VirtioDevice, @unchecked Sendable {
                 logger.debug("\(name): backing entry \(i) (\(len) bytes at \(addr)) is not guest RAM")
                 return .error(Response.errInvalidParameter)
             }
-            backing.append(Backing(host: host, length: Int(len)))
+            backing.append(Backing(address: addr, host: host, length: Int(len)))
         }
         return state.withLock { s in
             guard s.resources[id] != nil else { return .error(Response.errInvalidResourceID) }
@@ -409,5 +413,104 @@ public final class VirtioGPU: VirtioDevice, @unchecked Sendable {
             s.resources[id]!.backing = backing
             return .ok
         }
+    }
+}
+
+// MARK: Saved state
+
+extension VirtioGPU {
+    public var deviceStateVersion: UInt32 { 1 }
+
+    /// Every resource (size, format, pixels, backing as guest-physical ranges), the scanout and
+    /// the config events.
+    public func saveDeviceState(to w: inout StateWriter) {
+        state.withLock { s in
+            w.u32(s.eventsRead)
+            w.count(s.resources.count)
+            for (id, r) in s.resources.sorted(by: { $0.key < $1.key }) {
+                w.u32(id)
+                w.u32(UInt32(r.width))
+                w.u32(UInt32(r.height))
+                w.u32(r.formatCode)
+                w.bytes(UnsafeRawBufferPointer(start: r.buffer.bytes, count: r.buffer.count))
+                w.count(r.backing.count)
+                for b in r.backing {
+                    w.u64(b.address.raw)
+                    w.u32(UInt32(b.length))
+                }
+            }
+            w.optional(s.scanout) { w, sc in
+                w.u32(sc.resourceID)
+                for v in [sc.rect.x, sc.rect.y, sc.rect.width, sc.rect.height] { w.u32(UInt32(v)) }
+            }
+        }
+    }
+
+    /// Rebuilds resources and the scanout, checking sizes against the host-memory limit, formats
+    /// against the known ones and backing ranges against guest RAM.
+    public func loadDeviceState(from r: inout StateReader, version: UInt32, ram: GuestRAM) throws(SavedStateError) {
+        guard version == 1 else { throw r.invalid("(device version)", "layout version \(version) is not supported") }
+        let eventsRead = try r.u32("events-read")
+        let n = try r.count("resources", limit: 1 << 16, minimumElementSize: 24)
+        var resources: [UInt32: Resource] = [:]
+        var memory = 0
+        for i in 0..<n {
+            let f = "resources[\(i)]"
+            let id = try r.u32(f + ".id")
+            let width = Int(try r.u32(f + ".width")), height = Int(try r.u32(f + ".height"))
+            let code = try r.u32(f + ".format")
+            guard id != 0, resources[id] == nil else { throw r.invalid(f + ".id", "\(id) is zero or repeated") }
+            guard let format = Self.formats[code] else { throw r.invalid(f + ".format", "\(code) is not a known format") }
+            guard width > 0, height > 0, width <= Self.maxDimension, height <= Self.maxDimension else {
+                throw r.invalid(f + ".width", "\(width)x\(height) is outside 1...\(Self.maxDimension)")
+            }
+            let size = width * height * 4
+            guard memory + size <= hostMemoryLimit else {
+                throw r.invalid(f, "resources exceed the host memory limit of \(hostMemoryLimit) bytes")
+            }
+            let pixels = try r.bytes(f + ".pixels", limit: size)
+            guard pixels.count == size else { throw r.invalid(f + ".pixels", "\(pixels.count) bytes, expected \(size)") }
+            guard let buffer = PixelBuffer(count: size) else { throw r.invalid(f, "cannot allocate \(size) bytes") }
+            pixels.withUnsafeBytes { buffer.bytes.copyMemory(from: $0.baseAddress!, byteCount: size) }
+            memory += size
+            let bn = try r.count(f + ".backing", limit: Self.maxBackingEntries, minimumElementSize: 12)
+            var backing: [Backing] = []
+            for j in 0..<bn {
+                let addr = GuestPhysicalAddress(try r.u64(f + ".backing[\(j)].address"))
+                let len = try r.u32(f + ".backing[\(j)].length")
+                guard len > 0, let host = ram.hostPointer(addr, length: UInt64(len)) else {
+                    throw r.invalid(f + ".backing[\(j)]", "\(len) bytes at \(addr) are not guest RAM")
+                }
+                backing.append(Backing(address: addr, host: host, length: Int(len)))
+            }
+            resources[id] = Resource(width: width, height: height, formatCode: code, format: format, buffer: buffer,
+                                     backing: backing)
+        }
+        let scanout = try r.optional("scanout") { (r: inout StateReader) throws(SavedStateError) -> Scanout in
+            let rid = try r.u32("scanout.resource")
+            let x = Int(try r.u32("scanout.x")), y = Int(try r.u32("scanout.y"))
+            let w = Int(try r.u32("scanout.width")), h = Int(try r.u32("scanout.height"))
+            return Scanout(resourceID: rid, rect: DisplayRect(x: x, y: y, width: w, height: h))
+        }
+        var surface: DisplaySurface?
+        if let sc = scanout {
+            guard let res = resources[sc.resourceID] else {
+                throw r.invalid("scanout.resource", "\(sc.resourceID) is not a saved resource")
+            }
+            let rect = (x: sc.rect.x, y: sc.rect.y, width: sc.rect.width, height: sc.rect.height)
+            guard sc.rect.width > 0, sc.rect.height > 0, Self.fits(rect, width: res.width, height: res.height),
+                  let made = DisplaySurface(buffer: res.buffer, offset: rect.y * res.stride + rect.x * 4, width: rect.width,
+                                            height: rect.height, stride: res.stride, format: res.format)
+            else { throw r.invalid("scanout", "the rectangle does not fit resource \(sc.resourceID)") }
+            surface = made
+        }
+        state.withLock { s in
+            s.eventsRead = eventsRead
+            s.resources = resources
+            s.scanout = scanout
+            s.hostMemory = memory
+        }
+        display.setSurface(surface)
+        if let surface { display.update(DisplayRect(x: 0, y: 0, width: surface.width, height: surface.height)) }
     }
 }

@@ -60,6 +60,8 @@ public final class VirtioInput: VirtioDevice, InputSink, @unchecked Sendable {
         var dropped: UInt64 = 0
         var delivered: UInt64 = 0
         var leds: KeyboardLEDs = []
+        /// While the machine is paused, reports wait in `pending` until `resume()`.
+        var quiesced = false
     }
     private let state = Mutex(State())
 
@@ -178,6 +180,7 @@ public final class VirtioInput: VirtioDevice, InputSink, @unchecked Sendable {
             s.pending.removeAll()
             s.select = 0
             s.subsel = 0
+            s.leds = []
         }
     }
 
@@ -266,7 +269,7 @@ public final class VirtioInput: VirtioDevice, InputSink, @unchecked Sendable {
 
     /// Moves pending events into eventq buffers (under the lock).
     private func flush(_ s: inout State, _ ctx: VirtioContext) {
-        guard let q = ctx.queues[0], !s.pending.isEmpty else { return }
+        guard !s.quiesced, let q = ctx.queues[0], !s.pending.isEmpty else { return }
         var n = 0
         do {
             while n < s.pending.count, let chain = try q.nextChain() {
@@ -285,5 +288,51 @@ public final class VirtioInput: VirtioDevice, InputSink, @unchecked Sendable {
         s.pending.removeFirst(n)
         s.delivered &+= UInt64(n)
         if q.needsNotification() { ctx.interrupt.signalUsedBuffer(queue: 0) }
+    }
+}
+
+// MARK: Lifecycle and saved state
+
+extension VirtioInput {
+    /// Keeps VNC input out of guest RAM while the machine is paused: reports queue up (within
+    /// `pendingLimit`) and are delivered on `resume()`.
+    public func quiesce() { state.withLock { $0.quiesced = true } }
+
+    public func resume() {
+        state.withLock { s in
+            s.quiesced = false
+            if let ctx = s.context { flush(&s, ctx) }
+        }
+    }
+
+    public var deviceStateVersion: UInt32 { 1 }
+
+    /// Config selectors, undelivered events and the LED state.
+    public func saveDeviceState(to w: inout StateWriter) {
+        state.withLock { s in
+            w.u8(s.select)
+            w.u8(s.subsel)
+            w.u8(s.leds.rawValue)
+            w.count(s.pending.count)
+            for (type, code, value) in s.pending {
+                w.u16(type)
+                w.u16(code)
+                w.u32(value)
+            }
+        }
+    }
+
+    public func loadDeviceState(from r: inout StateReader, version: UInt32, ram: GuestRAM) throws(SavedStateError) {
+        guard version == 1 else { throw r.invalid("(device version)", "layout version \(version) is not supported") }
+        let select = try r.u8("select"), subsel = try r.u8("subsel"), leds = try r.u8("leds")
+        let n = try r.count("pending", limit: Self.pendingLimit, minimumElementSize: 8)
+        var pending: [(UInt16, UInt16, UInt32)] = []
+        for _ in 0..<n { pending.append((try r.u16("pending.type"), try r.u16("pending.code"), try r.u32("pending.value"))) }
+        state.withLock { s in
+            s.select = select
+            s.subsel = subsel
+            s.leds = KeyboardLEDs(rawValue: leds)
+            s.pending = pending
+        }
     }
 }

@@ -104,4 +104,27 @@ public protocol VirtioDevice: AnyObject, Sendable {
     /// Returns the device to its initial state. When this returns, the device no longer touches
     /// guest memory or the queues of the previous activation (in-flight work is finished or dropped).
     func reset()
+
+    /// Stops the device touching guest RAM and its queues (machine paused, state being saved);
+    /// returns once in-flight requests are complete. Control thread.
+    func quiesce()
+    /// Lets the device go on after `quiesce`, picking up what the driver queued meanwhile.
+    func resume()
+    /// The layout version of `saveDeviceState`.
+    var deviceStateVersion: UInt32 { get }
+    /// Writes the device's own state beyond its queues (which the transport saves). Quiesced.
+    func saveDeviceState(to w: inout StateWriter)
+    /// Loads what `saveDeviceState` wrote, validating it (guest addresses against `ram`), after
+    /// the transport reset the device and before it re-activates it. Quiesced.
+    func loadDeviceState(from r: inout StateReader, version: UInt32, ram: GuestRAM) throws(SavedStateError)
+}
+
+extension VirtioDevice {
+    /// Devices whose work all happens on the vCPU thread that notifies them need no quiescing.
+    public func quiesce() {}
+    public func resume() {}
+    /// Devices whose whole state is their queues save nothing of their own.
+    public var deviceStateVersion: UInt32 { 1 }
+    public func saveDeviceState(to w: inout StateWriter) {}
+    public func loadDeviceState(from r: inout StateReader, version: UInt32, ram: GuestRAM) throws(SavedStateError) {}
 }

@@ -52,6 +52,8 @@ public final class VirtioMMIOTransport: MMIODevice, @unchecked Sendable {
         var status: UInt32 = 0
         var queues: [QueueRegisters]
         var active = false
+        /// The queues of the current activation (their ring indices are saved state).
+        var live: [Virtqueue?] = []
     }
 
     /// Interrupt state shared with the device's I/O thread.
@@ -95,6 +97,8 @@ public final class VirtioMMIOTransport: MMIODevice, @unchecked Sendable {
 
     /// Window name for logs ("virtio-mmio@10008000").
     public let name: String
+    /// The saved-state section name (stable: the slot's address, e.g. "virtio-mmio@10008000").
+    public let stateSection: String
     /// The device behind the transport, or nil for an empty slot.
     public let device: (any VirtioDevice)?
     private let ram: GuestRAM
@@ -105,8 +109,9 @@ public final class VirtioMMIOTransport: MMIODevice, @unchecked Sendable {
     /// Creates a transport for `device` (nil for an empty slot) whose queues live in `ram` and
     /// whose interrupt output drives `interrupt`.
     public init(device: (any VirtioDevice)?, ram: GuestRAM, interrupt: any InterruptLine,
-                name: String? = nil, logger: Logger = Logger(label: "machine.virtio-mmio")) {
+                name: String? = nil, stateSection: String? = nil, logger: Logger = Logger(label: "machine.virtio-mmio")) {
         self.device = device
+        self.stateSection = stateSection ?? name ?? "virtio-mmio(\(device?.name ?? "empty"))"
         self.ram = ram
         self.name = name ?? "virtio-mmio(\(device?.name ?? "empty"))"
         self.logger = logger
@@ -277,6 +282,7 @@ public final class VirtioMMIOTransport: MMIODevice, @unchecked Sendable {
                                             driverArea: GuestPhysicalAddress(q.driver),
                                             deviceArea: GuestPhysicalAddress(q.device), ram: ram, eventIndex: eventIndex))
             }
+            registers.withLock { $0.live = queues }
             try device.activate(VirtioContext(queues: queues, ram: ram, features: features, interrupt: signal))
         } catch {
             signal.markNeedsReset(reason: "activation failed: \(error)")
@@ -289,5 +295,217 @@ public final class VirtioMMIOTransport: MMIODevice, @unchecked Sendable {
             r = Registers(queues: Array(repeating: QueueRegisters(), count: r.queues.count))
         }
         signal.clear()
+    }
+}
+
+// MARK: Lifecycle and saved state
+
+extension VirtioMMIOTransport: ManagedDevice {
+    /// The transport's registers, the ring indices of each live queue, the interrupt status,
+    /// and the device's own state.
+    public struct State: DeviceState {
+        public static let version: UInt32 = 1
+
+        public struct Queue: Equatable, Sendable {
+            public var num: UInt32
+            public var ready: Bool
+            public var desc: UInt64, driver: UInt64, device: UInt64
+            public var indices: Virtqueue.RingIndices?
+        }
+
+        public var deviceID: UInt32
+        public var deviceFeaturesSel: UInt32
+        public var driverFeaturesSel: UInt32
+        public var driverFeatures: UInt64
+        public var queueSel: UInt32
+        public var status: UInt32
+        public var active: Bool
+        public var queues: [Queue]
+        public var interruptStatus: UInt32
+        public var configGeneration: UInt32
+        public var needsReset: Bool
+        public var deviceStateVersion: UInt32
+        public var deviceState: [UInt8]
+
+        public func encode(to w: inout StateWriter) {
+            w.u32(deviceID)
+            w.u32(deviceFeaturesSel)
+            w.u32(driverFeaturesSel)
+            w.u64(driverFeatures)
+            w.u32(queueSel)
+            w.u32(status)
+            w.bool(active)
+            w.count(queues.count)
+            for q in queues {
+                w.u32(q.num)
+                w.bool(q.ready)
+                w.u64(q.desc)
+                w.u64(q.driver)
+                w.u64(q.device)
+                w.optional(q.indices) { w, i in
+                    w.u16(i.lastAvail)
+                    w.u16(i.usedIndex)
+                    w.u16(i.signalledUsed)
+                    w.bool(i.pendingSignal)
+                }
+            }
+            w.u32(interruptStatus)
+            w.u32(configGeneration)
+            w.bool(needsReset)
+            w.u32(deviceStateVersion)
+            w.bytes(deviceState)
+        }
+
+        public init(from r: inout StateReader, version: UInt32) throws(SavedStateError) {
+            deviceID = try r.u32("device-id")
+            deviceFeaturesSel = try r.u32("device-features-sel")
+            driverFeaturesSel = try r.u32("driver-features-sel")
+            driverFeatures = try r.u64("driver-features")
+            queueSel = try r.u32("queue-sel")
+            status = try r.u32("status")
+            active = try r.bool("active")
+            let n = try r.count("queues", limit: 1024, minimumElementSize: 30)
+            var qs = [Queue]()
+            for i in 0..<n {
+                let f = "queues[\(i)]"
+                let num = try r.u32(f + ".num")
+                let ready = try r.bool(f + ".ready")
+                let desc = try r.u64(f + ".desc"), driver = try r.u64(f + ".driver"), device = try r.u64(f + ".device")
+                let indices = try r.optional(f + ".indices") { (r: inout StateReader) throws(SavedStateError) in
+                    Virtqueue.RingIndices(lastAvail: try r.u16(f + ".last-avail"), usedIndex: try r.u16(f + ".used-index"),
+                                          signalledUsed: try r.u16(f + ".signalled-used"),
+                                          pendingSignal: try r.bool(f + ".pending-signal"))
+                }
+                qs.append(Queue(num: num, ready: ready, desc: desc, driver: driver, device: device, indices: indices))
+            }
+            queues = qs
+            interruptStatus = try r.u32("interrupt-status")
+            configGeneration = try r.u32("config-generation")
+            needsReset = try r.bool("needs-reset")
+            deviceStateVersion = try r.u32("device-state-version")
+            deviceState = try r.bytes("device-state", limit: 1 << 30)
+        }
+
+        init(deviceID: UInt32, deviceFeaturesSel: UInt32, driverFeaturesSel: UInt32, driverFeatures: UInt64,
+             queueSel: UInt32, status: UInt32, active: Bool, queues: [Queue], interruptStatus: UInt32,
+             configGeneration: UInt32, needsReset: Bool, deviceStateVersion: UInt32, deviceState: [UInt8]) {
+            self.deviceID = deviceID
+            self.deviceFeaturesSel = deviceFeaturesSel
+            self.driverFeaturesSel = driverFeaturesSel
+            self.driverFeatures = driverFeatures
+            self.queueSel = queueSel
+            self.status = status
+            self.active = active
+            self.queues = queues
+            self.interruptStatus = interruptStatus
+            self.configGeneration = configGeneration
+            self.needsReset = needsReset
+            self.deviceStateVersion = deviceStateVersion
+            self.deviceState = deviceState
+        }
+    }
+
+    public var stateVersion: UInt32 { State.version }
+
+    /// System reset: the device drops its activation (it no longer touches guest RAM) and the
+    /// registers return to their power-on values, as a driver's status write of 0 does.
+    public func reset() { resetDevice() }
+
+    public func quiesce() { device?.quiesce() }
+
+    public func resume() { device?.resume() }
+
+    /// The transport's state as a value. Quiesced.
+    public func captureState() -> State {
+        let sig = signal.state.withLock { $0 }
+        var deviceState = StateWriter()
+        device?.saveDeviceState(to: &deviceState)
+        return registers.withLock { r in
+            let queues = r.queues.enumerated().map { i, q in
+                State.Queue(num: q.num, ready: q.ready, desc: q.desc, driver: q.driver, device: q.device,
+                            indices: r.active && i < r.live.count ? r.live[i]?.indices : nil)
+            }
+            return State(deviceID: device?.deviceID ?? 0, deviceFeaturesSel: r.deviceFeaturesSel,
+                         driverFeaturesSel: r.driverFeaturesSel, driverFeatures: r.driverFeatures, queueSel: r.queueSel,
+                         status: r.status, active: r.active, queues: queues, interruptStatus: sig.status,
+                         configGeneration: sig.generation, needsReset: sig.needsReset,
+                         deviceStateVersion: device?.deviceStateVersion ?? 1, deviceState: deviceState.bytes)
+        }
+    }
+
+    public func saveState(to w: inout StateWriter) { captureState().encode(to: &w) }
+
+    public func loadState(from r: inout StateReader, version: UInt32) throws(SavedStateError) {
+        try State.check(version: version, in: r)
+        let s = try State(from: &r, version: version)
+        try r.finish()
+        try applyState(s)
+    }
+
+    /// Validates `s` (device identity, queue sizes, ring addresses inside RAM), then resets the
+    /// device and rebuilds the registers, the live queues at their saved indices and the
+    /// device's own state. Nothing changes when it is refused. Quiesced.
+    public func applyState(_ s: State) throws(SavedStateError) {
+        func bad(_ field: String, _ reason: String) -> SavedStateError {
+            SavedStateError(section: stateSection, field: field, reason: reason)
+        }
+        let ownID = device?.deviceID ?? 0
+        guard s.deviceID == ownID else { throw bad("device-id", "saved device \(s.deviceID), this slot holds device \(ownID)") }
+        let queueCount = device?.queueCount ?? 0
+        guard s.queues.count == queueCount else { throw bad("queues", "\(s.queues.count) queues, the device has \(queueCount)") }
+        guard s.driverFeatures & ~offeredFeatures == 0 else {
+            throw bad("driver-features", "0x\(String(s.driverFeatures, radix: 16)) includes features the device does not offer")
+        }
+        guard s.interruptStatus & ~3 == 0 else { throw bad("interrupt-status", "\(s.interruptStatus) has unknown bits") }
+        guard !s.active || s.status & Virtio.Status.driverOK != 0 else { throw bad("active", "active without DRIVER_OK") }
+        var queues: [Virtqueue?] = []
+        if s.active, let device {
+            let eventIndex = s.driverFeatures & Virtio.featureEventIndex != 0
+            for (i, q) in s.queues.enumerated() {
+                guard q.ready else {
+                    guard q.indices == nil else { throw bad("queues[\(i)].indices", "saved for a queue that is not ready") }
+                    queues.append(nil)
+                    continue
+                }
+                guard let indices = q.indices else { throw bad("queues[\(i)].indices", "missing for a ready queue") }
+                guard q.num > 0, q.num <= UInt32(device.maxQueueSize) else {
+                    throw bad("queues[\(i)].num", "\(q.num) is not a queue size the device accepts (1...\(device.maxQueueSize))")
+                }
+                do {
+                    queues.append(try Virtqueue(index: i, size: UInt16(q.num), descriptorTable: GuestPhysicalAddress(q.desc),
+                                                driverArea: GuestPhysicalAddress(q.driver),
+                                                deviceArea: GuestPhysicalAddress(q.device), ram: ram,
+                                                eventIndex: eventIndex, indices: indices))
+                } catch {
+                    throw bad("queues[\(i)]", error.description)
+                }
+            }
+        }
+        // Checked; now replace the live state.
+        device?.reset()
+        if let device {
+            var r = StateReader(section: stateSection, bytes: s.deviceState)
+            try device.loadDeviceState(from: &r, version: s.deviceStateVersion, ram: ram)
+            try r.finish()
+        }
+        registers.withLock { r in
+            r.deviceFeaturesSel = s.deviceFeaturesSel
+            r.driverFeaturesSel = s.driverFeaturesSel
+            r.driverFeatures = s.driverFeatures
+            r.queueSel = s.queueSel
+            r.status = s.status
+            r.active = s.active
+            r.queues = s.queues.map { QueueRegisters(num: $0.num, ready: $0.ready, desc: $0.desc, driver: $0.driver, device: $0.device) }
+            r.live = queues
+        }
+        signal.state.withLock { $0 = Signal.State(status: s.interruptStatus, generation: s.configGeneration, needsReset: s.needsReset) }
+        signal.line.set(s.interruptStatus != 0)
+        if s.active, let device {
+            do {
+                try device.activate(VirtioContext(queues: queues, ram: ram, features: s.driverFeatures, interrupt: signal))
+            } catch {
+                throw bad("active", "the device refused its saved activation: \(error)")
+            }
+        }
     }
 }

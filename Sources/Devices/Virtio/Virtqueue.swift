@@ -156,8 +156,34 @@ public final class Virtqueue: @unchecked Sendable {
 
     /// Creates a queue over the driver's ring areas, validating size, alignment and that each
     /// area lies in `ram`.
+    /// The device's position in the rings: what a saved state keeps of a live queue (its
+    /// addresses are the transport's registers).
+    public struct RingIndices: Sendable, Equatable {
+        /// The next available-ring entry the device will take.
+        public var lastAvail: UInt16 = 0
+        /// The device's used index.
+        public var usedIndex: UInt16 = 0
+        /// The used index as of the last notification decision.
+        public var signalledUsed: UInt16 = 0
+        /// Whether used buffers were added since that decision.
+        public var pendingSignal = false
+
+        public init(lastAvail: UInt16 = 0, usedIndex: UInt16 = 0, signalledUsed: UInt16 = 0, pendingSignal: Bool = false) {
+            self.lastAvail = lastAvail
+            self.usedIndex = usedIndex
+            self.signalledUsed = signalledUsed
+            self.pendingSignal = pendingSignal
+        }
+    }
+
+    /// The ring indices now. Only by the thread that drives the queue, or while it is quiesced.
+    public var indices: RingIndices {
+        RingIndices(lastAvail: lastAvail, usedIndex: usedIndex, signalledUsed: signalledUsed, pendingSignal: pendingSignal)
+    }
+
     public init(index: Int, size: UInt16, descriptorTable: GuestPhysicalAddress, driverArea: GuestPhysicalAddress,
-                deviceArea: GuestPhysicalAddress, ram: GuestRAM, eventIndex: Bool) throws(VirtqueueError) {
+                deviceArea: GuestPhysicalAddress, ram: GuestRAM, eventIndex: Bool,
+                indices: RingIndices = RingIndices()) throws(VirtqueueError) {
         guard size > 0, size <= 32768 else { throw .badQueueSize(size) }
         let n = UInt64(size)
         func area(_ name: String, _ a: GuestPhysicalAddress, _ align: UInt64, _ len: UInt64) throws(VirtqueueError)
@@ -173,6 +199,10 @@ public final class Virtqueue: @unchecked Sendable {
         self.size = size
         self.eventIndex = eventIndex
         self.ram = ram
+        lastAvail = indices.lastAvail
+        usedIndex = indices.usedIndex
+        signalledUsed = indices.signalledUsed
+        pendingSignal = indices.pendingSignal
     }
 
     private func load16(_ p: UnsafeMutableRawPointer, _ off: Int) -> UInt16 {

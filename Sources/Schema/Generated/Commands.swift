@@ -52,6 +52,12 @@ public protocol QMPCommandHandler: Sendable {
     func inputSendEvent(_ arguments: InputSendEventArguments) throws
     /// `query-qmp-schema`: Returns the whole QMP schema: every command, event and type reachable from them.
     func queryQmpSchema() throws -> [SchemaInfo]
+    /// `migrate`: Saves the machine's state to a destination and leaves the machine paused (run state postmigrate), as QEMU does. The command returns at once; query-migrate tells when the state is written. Destinations: `file:PATH` writes PATH (via a temporary file renamed into place once complete, so a crash never leaves a partial file under PATH) with RAM pages aligned so that `--incoming file:PATH` maps them instead of reading them; `exec:CMD` runs CMD with /bin/sh and writes the stream to its standard input. tcp: and unix: destinations are not supported yet.
+    func migrate(_ arguments: MigrateArguments) throws
+    /// `query-migrate`: Returns the state of the current or last migration.
+    func queryMigrate() throws -> MigrationInfo
+    /// `migrate-incoming`: Loads a machine state from a source into a machine started with `--incoming defer`, then runs it (or leaves it paused when started with -S). Sources: `file:PATH` (RAM is mapped copy-on-write from the file) and `exec:CMD` (the stream is read from CMD's standard output).
+    func migrateIncoming(_ arguments: MigrateIncomingArguments) throws
 }
 
 /// One command with its decoded, checked arguments: the typed action a request becomes.
@@ -102,6 +108,12 @@ public enum QMPCommand: Sendable, Equatable {
     case inputSendEvent(InputSendEventArguments)
     /// `query-qmp-schema`.
     case queryQmpSchema
+    /// `migrate`.
+    case migrate(MigrateArguments)
+    /// `query-migrate`.
+    case queryMigrate
+    /// `migrate-incoming`.
+    case migrateIncoming(MigrateIncomingArguments)
 
     /// Every command name, in schema order.
     public static let names: [String] = [
@@ -128,6 +140,9 @@ public enum QMPCommand: Sendable, Equatable {
         "send-key",
         "input-send-event",
         "query-qmp-schema",
+        "migrate",
+        "query-migrate",
+        "migrate-incoming",
     ]
 
     /// The command's name.
@@ -156,6 +171,9 @@ public enum QMPCommand: Sendable, Equatable {
         case .sendKey: return "send-key"
         case .inputSendEvent: return "input-send-event"
         case .queryQmpSchema: return "query-qmp-schema"
+        case .migrate: return "migrate"
+        case .queryMigrate: return "query-migrate"
+        case .migrateIncoming: return "migrate-incoming"
         }
     }
 
@@ -251,6 +269,15 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
             }
             return .queryQmpSchema
+        case "migrate":
+            return .migrate(try MigrateArguments(json: .object(arguments), at: .root))
+        case "query-migrate":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryMigrate
+        case "migrate-incoming":
+            return .migrateIncoming(try MigrateIncomingArguments(json: .object(arguments), at: .root))
         default:
             return nil
         }
@@ -318,6 +345,14 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
             return .object(JSONObject())
         case .queryQmpSchema:
             return try handler.queryQmpSchema().json
+        case .migrate(let arguments):
+            try handler.migrate(arguments)
+            return .object(JSONObject())
+        case .queryMigrate:
+            return try handler.queryMigrate().json
+        case .migrateIncoming(let arguments):
+            try handler.migrateIncoming(arguments)
+            return .object(JSONObject())
         }
     }
 }

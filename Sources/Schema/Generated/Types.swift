@@ -3917,3 +3917,260 @@ public struct MachineDescription: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+// MARK: - migration
+
+/// Where a migration stands, with QEMU's names. machine-server uses none, setup, active, completed and failed.
+public enum MigrationStatus: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "none".
+    case none = "none"
+    /// The value "setup".
+    case setup = "setup"
+    /// The value "cancelling".
+    case cancelling = "cancelling"
+    /// The value "cancelled".
+    case cancelled = "cancelled"
+    /// The value "active".
+    case active = "active"
+    /// The value "postcopy-active".
+    case postcopyActive = "postcopy-active"
+    /// The value "postcopy-paused".
+    case postcopyPaused = "postcopy-paused"
+    /// The value "postcopy-recover-setup".
+    case postcopyRecoverSetup = "postcopy-recover-setup"
+    /// The value "postcopy-recover".
+    case postcopyRecover = "postcopy-recover"
+    /// The value "completed".
+    case completed = "completed"
+    /// The value "failed".
+    case failed = "failed"
+    /// The value "colo".
+    case colo = "colo"
+    /// The value "pre-switchover".
+    case preSwitchover = "pre-switchover"
+    /// The value "device".
+    case device = "device"
+    /// The value "wait-unplug".
+    case waitUnplug = "wait-unplug"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// What the RAM part of a migration moved.
+public struct MigrationStats: SchemaCodable, Equatable {
+    /// Bytes of the whole stream written so far.
+    public var transferred: Int64
+    /// Bytes of RAM still to be sent (0 once the stream is complete).
+    public var remaining: Int64
+    /// The guest's RAM size in bytes.
+    public var total: Int64
+    /// Pages not sent because they were all zero.
+    public var duplicate: Int64
+    /// Pages sent whole.
+    public var normal: Int64
+    /// Bytes of the pages sent whole.
+    public var normalBytes: Int64
+    /// The throughput in megabits per second.
+    public var mbps: Double
+
+    /// Creates a value from its members.
+    public init(transferred: Int64, remaining: Int64, total: Int64, duplicate: Int64, normal: Int64, normalBytes: Int64, mbps: Double) {
+        self.transferred = transferred
+        self.remaining = remaining
+        self.total = total
+        self.duplicate = duplicate
+        self.normal = normal
+        self.normalBytes = normalBytes
+        self.mbps = mbps
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["transferred", "remaining", "total", "duplicate", "normal", "normal-bytes", "mbps"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.transferred = try r.required("transferred", as: Int64.self)
+        self.remaining = try r.required("remaining", as: Int64.self)
+        self.total = try r.required("total", as: Int64.self)
+        self.duplicate = try r.required("duplicate", as: Int64.self)
+        self.normal = try r.required("normal", as: Int64.self)
+        self.normalBytes = try r.required("normal-bytes", as: Int64.self)
+        self.mbps = try r.required("mbps", as: Double.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["transferred"] = self.transferred.json
+        o["remaining"] = self.remaining.json
+        o["total"] = self.total.json
+        o["duplicate"] = self.duplicate.json
+        o["normal"] = self.normal.json
+        o["normal-bytes"] = self.normalBytes.json
+        o["mbps"] = self.mbps.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The state of the current or last migration.
+public struct MigrationInfo: SchemaCodable, Equatable {
+    /// Absent when no migration has been started. Optional.
+    public var status: MigrationStatus?
+    /// RAM figures, once the migration has started. Optional.
+    public var ram: MigrationStats?
+    /// Milliseconds from the start to the end (or until now while active). Optional.
+    public var totalTime: Int64?
+    /// Milliseconds the guest was paused for the migration (completed migrations). Optional.
+    public var downtime: Int64?
+    /// Milliseconds spent setting up (opening the destination). Optional.
+    public var setupTime: Int64?
+    /// Why the migration failed. Optional.
+    public var errorDesc: String?
+
+    /// Creates a value from its members.
+    public init(status: MigrationStatus? = nil, ram: MigrationStats? = nil, totalTime: Int64? = nil, downtime: Int64? = nil, setupTime: Int64? = nil, errorDesc: String? = nil) {
+        self.status = status
+        self.ram = ram
+        self.totalTime = totalTime
+        self.downtime = downtime
+        self.setupTime = setupTime
+        self.errorDesc = errorDesc
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["status", "ram", "total-time", "downtime", "setup-time", "error-desc"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.status = try r.optional("status", as: MigrationStatus.self)
+        self.ram = try r.optional("ram", as: MigrationStats.self)
+        self.totalTime = try r.optional("total-time", as: Int64.self)
+        self.downtime = try r.optional("downtime", as: Int64.self)
+        self.setupTime = try r.optional("setup-time", as: Int64.self)
+        self.errorDesc = try r.optional("error-desc", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.status { o["status"] = v.json }
+        if let v = self.ram { o["ram"] = v.json }
+        if let v = self.totalTime { o["total-time"] = v.json }
+        if let v = self.downtime { o["downtime"] = v.json }
+        if let v = self.setupTime { o["setup-time"] = v.json }
+        if let v = self.errorDesc { o["error-desc"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `migrate` command.
+public struct MigrateArguments: SchemaCodable, Equatable {
+    /// The destination, e.g. "file:/var/lib/vm/state" or "exec:gzip -c > /tmp/state.gz".
+    public var uri: String
+    /// Accepted for compatibility; migrate always returns at once. Optional.
+    public var detach: Bool?
+    /// Must be false or absent (paused postcopy migrations do not exist here). Optional.
+    public var resume: Bool?
+
+    /// Creates a value from its members.
+    public init(uri: String, detach: Bool? = nil, resume: Bool? = nil) {
+        self.uri = uri
+        self.detach = detach
+        self.resume = resume
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["uri", "detach", "resume"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.uri = try r.required("uri", as: String.self)
+        self.detach = try r.optional("detach", as: Bool.self)
+        self.resume = try r.optional("resume", as: Bool.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["uri"] = self.uri.json
+        if let v = self.detach { o["detach"] = v.json }
+        if let v = self.resume { o["resume"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `migrate-incoming` command.
+public struct MigrateIncomingArguments: SchemaCodable, Equatable {
+    /// The source, e.g. "file:/var/lib/vm/state".
+    public var uri: String
+
+    /// Creates a value from its members.
+    public init(uri: String) {
+        self.uri = uri
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["uri"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.uri = try r.required("uri", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["uri"] = self.uri.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+

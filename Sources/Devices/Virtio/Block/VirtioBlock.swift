@@ -63,6 +63,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     /// The current activation; touched only on `io`.
     private nonisolated(unsafe) var context: VirtioContext?
     private nonisolated(unsafe) var broken = false
+    /// Set while the machine is paused: requests stay in the ring until `resume()`.
+    private nonisolated(unsafe) var quiesced = false
 
     /// Creates a block device for `drive`. `name` is used for logs and the I/O thread label.
     public init(drive: DriveConfig, name: String = "virtio-blk0", logger: Logger = Logger(label: "machine.virtio-blk")) {
@@ -122,7 +124,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     // MARK: I/O thread
 
     private func process(queue index: Int) {
-        guard let ctx = context, !broken, index < ctx.queues.count, let q = ctx.queues[index] else { return }
+        guard let ctx = context, !broken, !quiesced, index < ctx.queues.count, let q = ctx.queues[index] else { return }
         do {
             while let chain = try q.nextChain() {
                 let written = handle(chain, ram: ctx.ram)
@@ -210,5 +212,22 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
             logger.error("\(name): \(error)")
             return finish(RequestStatus.ioError)
         }
+    }
+}
+
+// MARK: Lifecycle
+
+extension VirtioBlock {
+    /// Waits for the request being handled (requests run to completion on the I/O queue) and
+    /// leaves new ones in the ring, so no guest RAM is touched until `resume()`. A request is
+    /// never split: the ring indices saved afterwards describe exactly the completed requests.
+    public func quiesce() {
+        io.sync { quiesced = true }
+    }
+
+    /// Lets the I/O queue run again and picks up what the driver queued meanwhile.
+    public func resume() {
+        io.sync { quiesced = false }
+        io.async { self.process(queue: 0) }
     }
 }

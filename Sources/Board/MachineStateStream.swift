@@ -1,0 +1,445 @@
+import CZlib
+import Foundation
+import Machine
+
+/// The machine-state stream: what `migrate` to a file or a socket, `--incoming`, and internal
+/// snapshots (`savevm`) write and read.
+///
+/// Layout (all integers little-endian):
+///
+/// | part | contents |
+/// |---|---|
+/// | header | magic `MSVMSTAT`, format version (u32), flags (u32), the machine identity (u32 length + UTF-8 JSON), CRC-32 of the header so far |
+/// | section record | kind 1, name (u32 length + UTF-8), layout version (u32), length (u64), CRC-32 (u32), payload |
+/// | RAM record | kind 2, RAM size (u64), run count (u32), runs of non-zero pages (first page u64, count u64), CRC-32 of the run table, CRC-32 of the page data, zero padding to the next 4 KiB of the stream, then the pages of every run in order |
+/// | end record | kind 0xFF, the magic again |
+///
+/// Zero pages are not stored. Page data starts 4 KiB-aligned in the stream, so a file can be
+/// mapped copy-on-write straight into guest RAM (restore time then does not grow with RAM).
+/// Each device section carries its own layout version, so one device can change without
+/// breaking old streams; the format version changes only when this framing does.
+public enum MachineStateFormat {
+    public static let magic: [UInt8] = Array("MSVMSTAT".utf8)
+    public static let version: UInt32 = 1
+    public static let pageSize = 4096
+    static let kindSection: UInt8 = 1
+    static let kindRAM: UInt8 = 2
+    static let kindEnd: UInt8 = 0xFF
+    /// Largest section payload accepted (GPU resources are the largest sections).
+    static let maxSectionBytes: UInt64 = 1 << 30
+    /// Largest identity accepted.
+    static let maxIdentityBytes = 1 << 20
+}
+
+/// Why a machine-state stream was refused or could not be written.
+public struct MachineStateError: Error, CustomStringConvertible, Equatable {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// A CRC-32 (zlib's) over a buffer, continuing `crc`.
+func crc32Update(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
+    guard let base = bytes.baseAddress, bytes.count > 0 else { return crc }
+    var c = UInt(crc)
+    var p = base.assumingMemoryBound(to: UInt8.self)
+    var left = bytes.count
+    while left > 0 {
+        let n = min(left, 1 << 30)
+        c = CZlib.crc32(c, p, UInt32(n))
+        p += n
+        left -= n
+    }
+    return UInt32(truncatingIfNeeded: c)
+}
+
+// MARK: Byte sinks and sources
+
+/// Where a state stream goes: a file, a pipe or a socket. Writes are buffered. Not thread-safe.
+public final class StateSink {
+    private let fd: Int32
+    private let closeOnFinish: Bool
+    private var buffer = [UInt8]()
+    /// Bytes accepted so far (the stream offset of the next byte).
+    public private(set) var position: UInt64 = 0
+    private static let flushSize = 1 << 20
+
+    /// Writes to `fd`; `close` says whether `finish()` closes it.
+    public init(fileDescriptor fd: Int32, close: Bool) {
+        self.fd = fd
+        self.closeOnFinish = close
+        buffer.reserveCapacity(Self.flushSize)
+    }
+
+    public func write(_ bytes: UnsafeRawBufferPointer) throws {
+        position += UInt64(bytes.count)
+        if buffer.count + bytes.count <= Self.flushSize {
+            buffer.append(contentsOf: bytes)
+            return
+        }
+        try flushBuffer()
+        if bytes.count >= Self.flushSize {
+            try writeAll(bytes)
+        } else {
+            buffer.append(contentsOf: bytes)
+        }
+    }
+
+    public func write(_ bytes: [UInt8]) throws { try bytes.withUnsafeBytes { try write($0) } }
+
+    /// Flushes and (if owned) closes; throws if any write failed.
+    public func finish() throws {
+        try flushBuffer()
+        if closeOnFinish { close(fd) }
+    }
+
+    private func flushBuffer() throws {
+        if buffer.isEmpty { return }
+        try buffer.withUnsafeBytes { try writeAll($0) }
+        buffer.removeAll(keepingCapacity: true)
+    }
+
+    private func writeAll(_ bytes: UnsafeRawBufferPointer) throws {
+        var done = 0
+        while done < bytes.count {
+            let n = Foundation.write(fd, bytes.baseAddress! + done, bytes.count - done)
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw MachineStateError("write failed: \(String(cString: strerror(errno)))")
+            }
+            done += n
+        }
+    }
+}
+
+/// Where a state stream comes from. Reads are buffered and exact: a stream that ends early is
+/// refused as truncated. Not thread-safe.
+public final class StateSource {
+    /// The descriptor, for mapping RAM pages of a regular file.
+    let fd: Int32
+    /// Whether `fd` is a regular file (RAM may then be mapped instead of read).
+    let isRegularFile: Bool
+    private let fileSize: UInt64
+    private var buffer = [UInt8](repeating: 0, count: 1 << 20)
+    private var bufferStart = 0
+    private var bufferEnd = 0
+    /// Stream offset of the next byte to be returned.
+    public private(set) var position: UInt64 = 0
+
+    public init(fileDescriptor fd: Int32) {
+        self.fd = fd
+        var st = stat()
+        if fstat(fd, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG {
+            isRegularFile = true
+            fileSize = UInt64(st.st_size)
+        } else {
+            isRegularFile = false
+            fileSize = 0
+        }
+    }
+
+    /// Bytes of a regular file after the current position.
+    var remainingFileBytes: UInt64 { fileSize > position ? fileSize - position : 0 }
+
+    public func read(into out: UnsafeMutableRawBufferPointer, what: String) throws {
+        var done = 0
+        while done < out.count {
+            if bufferStart == bufferEnd {
+                // Large reads bypass the buffer.
+                if out.count - done >= buffer.count {
+                    let n = try readSome(out.baseAddress! + done, out.count - done, what: what)
+                    done += n
+                    position += UInt64(n)
+                    continue
+                }
+                let n = try buffer.withUnsafeMutableBytes { try readSome($0.baseAddress!, $0.count, what: what) }
+                bufferStart = 0
+                bufferEnd = n
+            }
+            let n = min(bufferEnd - bufferStart, out.count - done)
+            buffer.withUnsafeBytes { (out.baseAddress! + done).copyMemory(from: $0.baseAddress! + bufferStart, byteCount: n) }
+            bufferStart += n
+            done += n
+            position += UInt64(n)
+        }
+    }
+
+    public func bytes(_ count: Int, what: String) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        try out.withUnsafeMutableBytes { try read(into: $0, what: what) }
+        return out
+    }
+
+    /// Moves past `count` bytes of a regular file without reading them.
+    func skipInFile(_ count: UInt64, what: String) throws {
+        precondition(isRegularFile)
+        guard count <= remainingFileBytes else { throw MachineStateError("the stream is truncated in \(what)") }
+        let buffered = UInt64(bufferEnd - bufferStart)
+        if count <= buffered {
+            bufferStart += Int(count)
+        } else {
+            bufferStart = 0
+            bufferEnd = 0
+            guard lseek(fd, off_t(position + count), SEEK_SET) >= 0 else {
+                throw MachineStateError("cannot seek in the stream: \(String(cString: strerror(errno)))")
+            }
+        }
+        position += count
+    }
+
+    private func readSome(_ p: UnsafeMutableRawPointer, _ n: Int, what: String) throws -> Int {
+        while true {
+            let r = Foundation.read(fd, p, n)
+            if r > 0 { return r }
+            if r == 0 { throw MachineStateError("the stream is truncated in \(what)") }
+            if errno == EINTR { continue }
+            throw MachineStateError("read failed in \(what): \(String(cString: strerror(errno)))")
+        }
+    }
+}
+
+// MARK: Writing
+
+/// One saved section: a device (or hart, or the clock) and its payload.
+public struct StateSection: Equatable, Sendable {
+    public var name: String
+    public var version: UInt32
+    public var payload: [UInt8]
+    public init(name: String, version: UInt32, payload: [UInt8]) {
+        self.name = name
+        self.version = version
+        self.payload = payload
+    }
+}
+
+/// Writes a machine-state stream. Control thread, machine paused.
+public enum MachineStateWriter {
+    /// Writes the header, every section, guest RAM (non-zero pages only) and the end record.
+    /// Returns the number of RAM pages written.
+    @discardableResult
+    public static func write(identity: String, sections: [StateSection], ram: GuestRAM, to sink: StateSink) throws -> UInt64 {
+        var h = StateWriter()
+        for b in MachineStateFormat.magic { h.u8(b) }
+        h.u32(MachineStateFormat.version)
+        h.u32(0)
+        h.string(identity)
+        let headerCRC = h.bytes.withUnsafeBytes { crc32Update(0, $0) }
+        h.u32(headerCRC)
+        try sink.write(h.bytes)
+
+        for s in sections {
+            var w = StateWriter()
+            w.u8(MachineStateFormat.kindSection)
+            w.string(s.name)
+            w.u32(s.version)
+            w.u64(UInt64(s.payload.count))
+            w.u32(s.payload.withUnsafeBytes { crc32Update(0, $0) })
+            try sink.write(w.bytes)
+            try sink.write(s.payload)
+        }
+
+        let pages = try writeRAM(ram, to: sink)
+
+        var end = StateWriter()
+        end.u8(MachineStateFormat.kindEnd)
+        for b in MachineStateFormat.magic { end.u8(b) }
+        try sink.write(end.bytes)
+        return pages
+    }
+
+    /// Runs of non-zero pages: (first page, page count).
+    static func nonZeroRuns(_ ram: GuestRAM) -> [(UInt64, UInt64)] {
+        let pages = Int(ram.size) / MachineStateFormat.pageSize
+        var runs: [(UInt64, UInt64)] = []
+        var start = -1
+        for i in 0..<pages {
+            let p = (ram.pointer + i * MachineStateFormat.pageSize).assumingMemoryBound(to: UInt64.self)
+            var zero = true
+            for w in 0..<(MachineStateFormat.pageSize / 8) where p[w] != 0 {
+                zero = false
+                break
+            }
+            if !zero {
+                if start < 0 { start = i }
+            } else if start >= 0 {
+                runs.append((UInt64(start), UInt64(i - start)))
+                start = -1
+            }
+        }
+        if start >= 0 { runs.append((UInt64(start), UInt64(pages - start))) }
+        return runs
+    }
+
+    private static func writeRAM(_ ram: GuestRAM, to sink: StateSink) throws -> UInt64 {
+        let runs = nonZeroRuns(ram)
+        var table = StateWriter()
+        for (first, count) in runs {
+            table.u64(first)
+            table.u64(count)
+        }
+        var dataCRC: UInt32 = 0
+        for (first, count) in runs {
+            let p = UnsafeRawBufferPointer(start: ram.pointer + Int(first) * MachineStateFormat.pageSize,
+                                           count: Int(count) * MachineStateFormat.pageSize)
+            dataCRC = crc32Update(dataCRC, p)
+        }
+        var w = StateWriter()
+        w.u8(MachineStateFormat.kindRAM)
+        w.u64(ram.size)
+        w.count(runs.count)
+        try sink.write(w.bytes)
+        try sink.write(table.bytes)
+        var t = StateWriter()
+        t.u32(table.bytes.withUnsafeBytes { crc32Update(0, $0) })
+        t.u32(dataCRC)
+        try sink.write(t.bytes)
+        let pad = (MachineStateFormat.pageSize - Int(sink.position % UInt64(MachineStateFormat.pageSize))) % MachineStateFormat.pageSize
+        try sink.write([UInt8](repeating: 0, count: pad))
+        for (first, count) in runs {
+            try sink.write(UnsafeRawBufferPointer(start: ram.pointer + Int(first) * MachineStateFormat.pageSize,
+                                                  count: Int(count) * MachineStateFormat.pageSize))
+        }
+        return runs.reduce(0) { $0 + $1.1 }
+    }
+}
+
+// MARK: Reading
+
+/// A parsed stream up to its RAM record: the identity and every section, checked. The RAM is
+/// then loaded with `loadRAM`. Control thread.
+public struct MachineStateReader {
+    public let identity: String
+    public let sections: [StateSection]
+    private let source: StateSource
+
+    /// Reads and checks the header and every section record (magic, versions, lengths, CRCs),
+    /// stopping at the RAM record.
+    public init(source: StateSource) throws {
+        self.source = source
+        let magic = try source.bytes(8, what: "the header")
+        guard magic == MachineStateFormat.magic else {
+            throw MachineStateError("not a machine-state stream (bad magic)")
+        }
+        let fixedBytes = try source.bytes(12, what: "the header")
+        var fixed = StateReader(section: "header", bytes: fixedBytes)
+        let version = try fixed.u32("format version")
+        _ = try fixed.u32("flags")
+        let idLength = Int(try fixed.u32("identity length"))
+        guard version == MachineStateFormat.version else {
+            throw MachineStateError("stream format version \(version) is not supported (this build reads \(MachineStateFormat.version))")
+        }
+        guard idLength <= MachineStateFormat.maxIdentityBytes else {
+            throw MachineStateError("header: the machine identity is \(idLength) bytes, over the limit")
+        }
+        let idBytes = try source.bytes(idLength, what: "the header")
+        var crcBytes = StateReader(section: "header", bytes: try source.bytes(4, what: "the header"))
+        let storedCRC = try crcBytes.u32("crc")
+        var crc = magic.withUnsafeBytes { crc32Update(0, $0) }
+        crc = fixedBytes.withUnsafeBytes { crc32Update(crc, $0) }
+        crc = idBytes.withUnsafeBytes { crc32Update(crc, $0) }
+        guard crc == storedCRC else { throw MachineStateError("header: checksum mismatch (the stream is corrupt)") }
+        guard let identity = String(validating: idBytes, as: UTF8.self) else {
+            throw MachineStateError("header: the machine identity is not UTF-8")
+        }
+        self.identity = identity
+
+        var sections: [StateSection] = []
+        while true {
+            let kind = try source.bytes(1, what: "a record kind")[0]
+            if kind == MachineStateFormat.kindRAM { break }
+            guard kind == MachineStateFormat.kindSection else {
+                throw MachineStateError("unknown record kind \(kind) at offset \(source.position - 1)")
+            }
+            var lenReader = StateReader(section: "record", bytes: try source.bytes(4, what: "a section name"))
+            let nameLength = Int(try lenReader.u32("name length"))
+            guard nameLength <= 256 else { throw MachineStateError("a section name of \(nameLength) bytes is over the limit") }
+            guard let name = String(validating: try source.bytes(nameLength, what: "a section name"), as: UTF8.self) else {
+                throw MachineStateError("a section name is not UTF-8")
+            }
+            var r = StateReader(section: name, bytes: try source.bytes(16, what: "section \(name)"))
+            let version = try r.u32("version")
+            let length = try r.u64("length")
+            let storedCRC = try r.u32("crc")
+            guard length <= MachineStateFormat.maxSectionBytes else {
+                throw MachineStateError("section \(name): \(length) bytes is over the limit")
+            }
+            if source.isRegularFile && length > source.remainingFileBytes {
+                throw MachineStateError("the stream is truncated in section \(name)")
+            }
+            let payload = try source.bytes(Int(length), what: "section \(name)")
+            guard payload.withUnsafeBytes({ crc32Update(0, $0) }) == storedCRC else {
+                throw MachineStateError("section \(name): checksum mismatch (the stream is corrupt)")
+            }
+            guard !sections.contains(where: { $0.name == name }) else {
+                throw MachineStateError("section \(name) appears twice")
+            }
+            sections.append(StateSection(name: name, version: version, payload: payload))
+        }
+        self.sections = sections
+    }
+
+    /// Loads guest RAM from the RAM record and checks the end record. RAM is zeroed first; for
+    /// a regular file the pages are mapped copy-on-write (their checksum is then not verified:
+    /// that would read every page), otherwise they are read and verified.
+    public func loadRAM(into ram: GuestRAM) throws {
+        var head = StateReader(section: "ram", bytes: try source.bytes(12, what: "the RAM record"))
+        let size = try head.u64("size")
+        let runCount = Int(try head.u32("run count"))
+        guard size == ram.size else {
+            throw MachineStateError("ram: the stream holds \(size) bytes of RAM, this machine has \(ram.size)")
+        }
+        let pages = size / UInt64(MachineStateFormat.pageSize)
+        guard UInt64(runCount) <= pages else { throw MachineStateError("ram: \(runCount) runs for \(pages) pages") }
+        let tableBytes = try source.bytes(runCount * 16, what: "the RAM run table")
+        var table = StateReader(section: "ram", bytes: tableBytes)
+        var runs: [(UInt64, UInt64)] = []
+        var next: UInt64 = 0
+        var total: UInt64 = 0
+        for i in 0..<runCount {
+            let first = try table.u64("runs[\(i)].first"), count = try table.u64("runs[\(i)].count")
+            guard count > 0, first >= next, first <= pages, count <= pages - first else {
+                throw MachineStateError("ram: run \(i) (\(count) pages at page \(first)) is out of order or outside RAM")
+            }
+            runs.append((first, count))
+            next = first + count
+            total += count
+        }
+        var crcs = StateReader(section: "ram", bytes: try source.bytes(8, what: "the RAM record"))
+        let tableCRC = try crcs.u32("run table crc"), dataCRC = try crcs.u32("data crc")
+        guard tableBytes.withUnsafeBytes({ crc32Update(0, $0) }) == tableCRC else {
+            throw MachineStateError("ram: run table checksum mismatch (the stream is corrupt)")
+        }
+        let pageSize = UInt64(MachineStateFormat.pageSize)
+        let pad = (pageSize - source.position % pageSize) % pageSize
+        _ = try source.bytes(Int(pad), what: "the RAM record")
+        let dataBytes = total * pageSize
+        if source.isRegularFile {
+            guard dataBytes + 9 <= source.remainingFileBytes else { throw MachineStateError("the stream is truncated in the RAM pages") }
+            var end = [UInt8](repeating: 0, count: 9)
+            let n = end.withUnsafeMutableBytes { pread(source.fd, $0.baseAddress, 9, off_t(source.position + dataBytes)) }
+            guard n == 9, end[0] == MachineStateFormat.kindEnd, Array(end[1...]) == MachineStateFormat.magic else {
+                throw MachineStateError("the end record is missing or corrupt")
+            }
+            try ram.zeroAll()
+            var offset = source.position
+            for (first, count) in runs {
+                try ram.mapPrivate(fileDescriptor: source.fd, fileOffset: offset, firstPage: first, pageCount: count)
+                offset += count * pageSize
+            }
+            try source.skipInFile(dataBytes, what: "the RAM pages")
+        } else {
+            try ram.zeroAll()
+            var crc: UInt32 = 0
+            for (first, count) in runs {
+                let p = UnsafeMutableRawBufferPointer(start: ram.pointer + Int(first * pageSize), count: Int(count * pageSize))
+                try source.read(into: p, what: "the RAM pages")
+                crc = crc32Update(crc, UnsafeRawBufferPointer(p))
+            }
+            guard crc == dataCRC else { throw MachineStateError("ram: page data checksum mismatch (the stream is corrupt)") }
+        }
+        let end = try source.bytes(9, what: "the end record")
+        guard end[0] == MachineStateFormat.kindEnd, Array(end[1...]) == MachineStateFormat.magic else {
+            throw MachineStateError("the end record is missing or corrupt")
+        }
+    }
+}

@@ -1,0 +1,200 @@
+import Foundation
+import Machine
+
+/// A migration destination or source, parsed from QEMU's URI syntax.
+enum MigrationURI: Equatable {
+    /// `file:PATH` (QEMU 8.2's file migration).
+    case file(String)
+    /// `exec:CMD`, run with /bin/sh.
+    case exec(String)
+
+    init(_ uri: String) throws {
+        if uri.hasPrefix("file:") {
+            let path = String(uri.dropFirst(5))
+            guard !path.isEmpty else { throw MachineStateError("file: needs a path") }
+            guard !path.contains(",") else { throw MachineStateError("file: options (offset=) are not supported") }
+            self = .file(path)
+        } else if uri.hasPrefix("exec:") {
+            let command = String(uri.dropFirst(5))
+            guard !command.isEmpty else { throw MachineStateError("exec: needs a command") }
+            self = .exec(command)
+        } else if uri.hasPrefix("tcp:") || uri.hasPrefix("unix:") || uri.hasPrefix("rdma:") || uri.hasPrefix("fd:") {
+            let scheme = uri.prefix { $0 != ":" }
+            throw MachineStateError("migration URI scheme '\(scheme):' is not supported yet (use file: or exec:)")
+        } else {
+            throw MachineStateError("unknown migration protocol: \(uri)")
+        }
+    }
+}
+
+private func milliseconds(since start: UInt64) -> UInt64 {
+    (DispatchTime.now().uptimeNanoseconds &- start) / 1_000_000
+}
+
+/// Runs `/bin/sh -c command` with one end of a pipe as its stdin (`toChild`) or its stdout.
+private final class ShellPipe {
+    let process = Process()
+    let fd: Int32
+    private let pipe = Pipe()
+
+    init(command: String, toChild: Bool) throws {
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.arguments = ["-c", command]
+        if toChild {
+            process.standardInput = pipe
+            fd = pipe.fileHandleForWriting.fileDescriptor
+        } else {
+            process.standardOutput = pipe
+            fd = pipe.fileHandleForReading.fileDescriptor
+        }
+        do {
+            try process.run()
+        } catch {
+            throw MachineStateError("exec: cannot run '\(command)': \(error.localizedDescription)")
+        }
+    }
+
+    /// Closes our end and waits for the command; throws when it failed.
+    func finish(closing: Bool) throws {
+        if closing { close(fd) }
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            throw MachineStateError("exec: the command exited with status \(process.terminationStatus)")
+        }
+    }
+}
+
+extension VirtualMachine: MachineMigration {
+    public func startMigration(uri: String) throws {
+        let target = try MigrationURI(uri)
+        let start = DispatchTime.now().uptimeNanoseconds
+        try migration.withLock { m in
+            if m.status == .setup || m.status == .active {
+                throw MachineStateError("There's a migration process in progress")
+            }
+            m = MigrationProgress()
+            m.status = .setup
+            m.ramTotal = board.ram.size
+        }
+        migrationQueue.async { self.runMigration(target, start: start) }
+    }
+
+    public func migrationProgress() -> MigrationProgress {
+        migration.withLock { m in
+            var copy = m
+            if copy.status == .setup || copy.status == .active { copy.totalTime = 0 }
+            return copy
+        }
+    }
+
+    /// Saves the state to `target`; records the outcome in `migration`. Migration queue.
+    private func runMigration(_ target: MigrationURI, start: UInt64) {
+        do {
+            let sink: StateSink
+            let finishTarget: () throws -> Void
+            switch target {
+            case .file(let path):
+                // Written beside the target and renamed into place once complete and synced,
+                // so a crash at any moment leaves either the old file or the whole new one.
+                let partial = path + ".partial-\(getpid())"
+                let fd = open(partial, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+                guard fd >= 0 else {
+                    throw MachineStateError("cannot create '\(partial)': \(String(cString: strerror(errno)))")
+                }
+                sink = StateSink(fileDescriptor: fd, close: false)
+                finishTarget = {
+                    defer { close(fd) }
+                    guard fsync(fd) == 0 else {
+                        unlink(partial)
+                        throw MachineStateError("cannot sync '\(partial)': \(String(cString: strerror(errno)))")
+                    }
+                    guard rename(partial, path) == 0 else {
+                        unlink(partial)
+                        throw MachineStateError("cannot rename '\(partial)' to '\(path)': \(String(cString: strerror(errno)))")
+                    }
+                    let dir = open((path as NSString).deletingLastPathComponent.isEmpty ? "." : (path as NSString).deletingLastPathComponent,
+                                   O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+                    if dir >= 0 { fsync(dir); close(dir) }
+                }
+                do {
+                    try saveToSink(sink, start: start)
+                } catch {
+                    close(fd)
+                    unlink(partial)
+                    throw error
+                }
+                try finishTarget()
+            case .exec(let command):
+                let shell = try ShellPipe(command: command, toChild: true)
+                sink = StateSink(fileDescriptor: shell.fd, close: false)
+                do {
+                    try saveToSink(sink, start: start)
+                } catch {
+                    try? shell.finish(closing: true)
+                    throw error
+                }
+                try shell.finish(closing: true)
+            }
+            migration.withLock { m in
+                m.status = .completed
+                m.totalTime = milliseconds(since: start)
+                m.transferred = sink.position
+            }
+        } catch {
+            migration.withLock { m in
+                m.status = .failed
+                m.error = "\(error)"
+                m.totalTime = milliseconds(since: start)
+            }
+        }
+    }
+
+    /// The paused part: the machine stops, its state goes to `sink`, and it stays in
+    /// `postmigrate` (as QEMU leaves a source after a completed migration).
+    private func saveToSink(_ sink: StateSink, start: UInt64) throws {
+        let pausedAt = DispatchTime.now().uptimeNanoseconds
+        migration.withLock { m in
+            m.status = .active
+            m.setupTime = (pausedAt &- start) / 1_000_000
+        }
+        let written = try saveState(identity: stateIdentity, to: sink, runStateDuring: .finishMigrate,
+                                    runStateAfter: .postmigrate)
+        migration.withLock { m in
+            m.downtime = milliseconds(since: pausedAt)
+            m.normalPages = written.pages
+            m.zeroPages = board.ram.size / UInt64(MachineStateFormat.pageSize) - written.pages
+            m.transferred = sink.position
+        }
+    }
+
+    public func incomingMigration(uri: String) throws {
+        let source = try MigrationURI(uri)
+        switch source {
+        case .file(let path):
+            let fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
+            guard fd >= 0 else { throw MachineStateError("cannot open '\(path)': \(String(cString: strerror(errno)))") }
+            defer { close(fd) }
+            var st = stat()
+            guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
+                throw MachineStateError("'\(path)' is not a regular file")
+            }
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
+            try loadIncoming(StateSource(fileDescriptor: fd))
+        case .exec(let command):
+            let shell = try ShellPipe(command: command, toChild: false)
+            do {
+                try loadIncoming(StateSource(fileDescriptor: shell.fd))
+            } catch {
+                shell.process.terminate()
+                try? shell.finish(closing: true)
+                throw error
+            }
+            try shell.finish(closing: true)
+        }
+    }
+
+    private func loadIncoming(_ source: StateSource) throws {
+        try loadState(identity: stateIdentity, from: source, runAfter: !startPaused,
+                      describeMismatch: describeIdentityMismatch)
+    }
+}

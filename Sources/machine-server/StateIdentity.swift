@@ -1,0 +1,36 @@
+import Foundation
+
+/// The machine's shape as a saved state records it: what a state can only be loaded into a
+/// machine of the same shape for (CPU count, RAM size, and the devices in slot order with their
+/// drivers). File paths, listeners and names may differ, as between two hosts of a migration.
+enum StateIdentity {
+    /// Canonical JSON of the plan's shape.
+    static func of(_ plan: LaunchPlan) -> String {
+        let devices = plan.devices.map { "{\"driver\":\(quote($0.driver)),\"id\":\(quote($0.id))}" }
+        return "{\"board\":\"virt\",\"cpus\":\(plan.cpuCount),\"memory\":\(plan.memoryBytes),\"devices\":[\(devices.joined(separator: ","))]}"
+    }
+
+    private static func quote(_ s: String) -> String {
+        let data = try? JSONSerialization.data(withJSONObject: [s], options: [.withoutEscapingSlashes])
+        let text = data.flatMap { String(data: $0, encoding: .utf8) } ?? "[\"?\"]"
+        return String(text.dropFirst().dropLast())
+    }
+
+    /// Names the first difference between a saved identity and this machine's.
+    static func describeMismatch(saved: String, current: String) -> String {
+        func parse(_ s: String) -> [String: Any]? {
+            (try? JSONSerialization.jsonObject(with: Data(s.utf8))) as? [String: Any]
+        }
+        guard let a = parse(saved), let b = parse(current) else { return "the saved machine description is unreadable" }
+        for key in ["board", "cpus", "memory"] where "\(a[key] ?? "none")" != "\(b[key] ?? "none")" {
+            return "\(key): saved \(a[key] ?? "none"), this machine \(b[key] ?? "none")"
+        }
+        let da = (a["devices"] as? [[String: String]]) ?? [], db = (b["devices"] as? [[String: String]]) ?? []
+        for i in 0..<max(da.count, db.count) {
+            let x = i < da.count ? "\(da[i]["driver"] ?? "?") '\(da[i]["id"] ?? "?")'" : "none"
+            let y = i < db.count ? "\(db[i]["driver"] ?? "?") '\(db[i]["id"] ?? "?")'" : "none"
+            if x != y { return "devices[\(i)]: saved \(x), this machine \(y)" }
+        }
+        return "the machine descriptions differ"
+    }
+}
