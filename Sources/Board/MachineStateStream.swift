@@ -411,7 +411,9 @@ public struct MachineStateReader {
         }
         let pageSize = UInt64(MachineStateFormat.pageSize)
         let pad = (pageSize - source.position % pageSize) % pageSize
-        _ = try source.bytes(Int(pad), what: "the RAM record")
+        guard try source.bytes(Int(pad), what: "the RAM record").allSatisfy({ $0 == 0 }) else {
+            throw MachineStateError("ram: the padding before the pages is not zero (the stream is corrupt)")
+        }
         let dataBytes = total * pageSize
         if source.isRegularFile {
             guard dataBytes + 9 <= source.remainingFileBytes else { throw MachineStateError("the stream is truncated in the RAM pages") }
