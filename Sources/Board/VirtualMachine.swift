@@ -95,6 +95,7 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
         self.stateIdentity = stateIdentity
         self.describeIdentityMismatch = describeIdentityMismatch
         self.incoming = incoming
+        if incoming { shared.withLock { $0.runState = .inmigrate } }
         let relay = SystemControlRelay()
         let board = try makeBoard(relay)
         var vcpus = [VCPUThread]()

@@ -1,0 +1,331 @@
+"""Whole-guest tests of saved machine state: `migrate` to a file or a command, `--incoming`
+restore in a new server, what a paused machine's devices may do, and system_reset under disk
+I/O.
+
+Environment:
+  MACHINE_SERVER  path of the built machine-server executable (tests skip without it)
+The shared guest (Linux 6.1 + busybox initramfs) comes from GUEST_DIR (default
+../shared/guests). Guest commands go on the kernel command line as guest.run=...; init turns
+commas into spaces and runs the result with sh -c.
+"""
+import json
+import os
+import random
+import re
+import shutil
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("qemu.qmp")
+from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: E402
+
+SERVER = os.environ.get("MACHINE_SERVER")
+REPO = Path(__file__).resolve().parents[2]
+GUEST_DIR = Path(os.environ.get("GUEST_DIR", REPO.parent / "shared" / "guests"))
+KERNEL = GUEST_DIR / "linux-6.1-rv64-Image"
+INITRD = GUEST_DIR / "initramfs-rv64.cpio.gz"
+BOOT_TIMEOUT = float(os.environ.get("BOOT_TIMEOUT", "120"))
+# guest-bench,1 under qemu-system-riscv64 (the same value tests/boot checks against QEMU).
+QEMU_CHECKSUM_SCALE1 = "0170a8bc544c8311"
+COUNTER = "i=0;while,true;do,echo,count,$i;i=$((i+1));sleep,0.2;done"
+
+pytestmark = [
+    pytest.mark.skipif(not SERVER, reason="MACHINE_SERVER is not set"),
+    pytest.mark.skipif(not KERNEL.exists(), reason=f"no shared guest in {GUEST_DIR}"),
+]
+
+
+class Server:
+    """One machine-server with its serial console in a file and a QMP unix socket."""
+
+    def __init__(self, tmp: Path, name: str, append: str, extra=(), memory="256M", devices=(), display=None):
+        self.tmp = tmp
+        self.serial = tmp / f"{name}.serial.log"
+        self.sock = tmp / f"{name}.qmp"
+        desc = {
+            "version": 2, "machine": "virt", "cpus": 1, "memory": memory,
+            "kernel": str(KERNEL), "initrd": str(INITRD), "append": append,
+            "serial": {"backend": "file", "path": str(self.serial)},
+            "qmp": [{"backend": "unix", "path": str(self.sock)}],
+            "devices": list(devices),
+        }
+        if display:
+            desc["display"] = display
+        self.desc_path = tmp / f"{name}.json"
+        self.desc_path.write_text(json.dumps(desc))
+        self.log = tmp / f"{name}.log"
+        self.proc = subprocess.Popen([SERVER, "--config", str(self.desc_path), *extra], stdin=subprocess.DEVNULL,
+                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        self.qmp = None
+
+    def connect(self, timeout=30):
+        deadline = time.monotonic() + timeout
+        while not self.sock.exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"machine-server exited with {self.proc.returncode}: {self.log.read_text()}")
+            assert time.monotonic() < deadline, "QMP socket did not appear"
+            time.sleep(0.05)
+        self.qmp = QEMUMonitorProtocol(str(self.sock))
+        self.qmp.connect()
+        return self
+
+    def cmd(self, name, **args):
+        r = self.qmp.cmd_raw(name, args or None)
+        assert "return" in r, f"{name}: {r}"
+        return r["return"]
+
+    def text(self) -> str:
+        try:
+            return self.serial.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def expect(self, pattern, timeout, start=0):
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.text(), start)
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited ({self.proc.returncode}) before {pattern!r}:\n"
+                                     f"{self.text()[-2000:]}\n{self.log.read_text()[-2000:]}")
+            assert time.monotonic() < deadline, f"{pattern!r} did not appear in {timeout} s:\n{self.text()[-2000:]}"
+            time.sleep(0.05)
+
+    def migrate(self, uri, timeout=60):
+        self.cmd("migrate", uri=uri)
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.cmd("query-migrate")
+            if info.get("status") in ("completed", "failed"):
+                return info
+            assert time.monotonic() < deadline, f"migration did not finish: {info}"
+            time.sleep(0.02)
+
+    def settled_status(self, timeout=30):
+        """The run state once an incoming state has been loaded (inmigrate and restore-vm
+        are the states while it loads)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.cmd("query-status")["status"]
+            if status not in ("inmigrate", "restore-vm"):
+                return status
+            assert time.monotonic() < deadline, f"still {status} after {timeout} s"
+            time.sleep(0.02)
+
+    def close(self):
+        if self.qmp:
+            try:
+                self.qmp.close()
+            except Exception:
+                pass
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def servers():
+    started = []
+    yield started
+    for s in started:
+        s.close()
+
+
+def counts(text):
+    return [int(n) for n in re.findall(r"count (\d+)", text)]
+
+
+def test_file_snapshot_restores_in_a_new_server(tmp_path, servers):
+    """A guest counts on the serial line; migrate to a file leaves the source paused in
+    postmigrate; a new server started with --incoming file: goes on counting from exactly the
+    next value, with the guest's RAM mapped from the file."""
+    src = Server(tmp_path, "src", f"console=ttyS0 guest.run={COUNTER}")
+    servers.append(src)
+    src.connect()
+    src.expect(r"count 5\b", BOOT_TIMEOUT)
+    info = src.migrate(f"file:{tmp_path / 'state'}")
+    assert info["status"] == "completed", info
+    assert info["ram"]["total"] == 256 << 20 and info["ram"]["normal"] > 0 and info["ram"]["duplicate"] > 0
+    assert src.cmd("query-status")["status"] == "postmigrate"
+    time.sleep(0.6)  # a paused source prints nothing more
+    last = counts(src.text())[-1]
+    assert counts(src.text())[-1] == last
+    assert not list(tmp_path.glob("state.partial-*")), "the temporary file was left behind"
+    src.cmd("quit")
+    src.proc.wait(10)
+
+    dst = Server(tmp_path, "dst", f"console=ttyS0 guest.run={COUNTER}", extra=["--incoming", f"file:{tmp_path / 'state'}"])
+    servers.append(dst)
+    dst.connect()
+    dst.expect(r"count \d+", 10)
+    assert dst.settled_status() == "running"
+    assert counts(dst.text())[0] == last + 1, f"restored counter went from {last} to {counts(dst.text())[:3]}"
+    assert "boot ok" not in dst.text(), "the destination booted instead of restoring"
+    # The restored source can also go on itself (cont from postmigrate), as QEMU allows.
+
+
+def test_exec_migration_and_paused_incoming(tmp_path, servers):
+    """exec: writes the stream to a command and --incoming exec: reads it back; with -S the
+    restored machine waits paused until cont; migrate-incoming serves --incoming defer."""
+    src = Server(tmp_path, "src", f"console=ttyS0 guest.run={COUNTER}")
+    servers.append(src)
+    src.connect()
+    src.expect(r"count 3\b", BOOT_TIMEOUT)
+    state = tmp_path / "state.gz"
+    info = src.migrate(f"exec:gzip -c > {state}")
+    assert info["status"] == "completed", info
+    last = counts(src.text())[-1]
+    src.cmd("quit")
+
+    dst = Server(tmp_path, "dst", f"console=ttyS0 guest.run={COUNTER}",
+                 extra=["-S", "--incoming", f"exec:gzip -dc {state}"])
+    servers.append(dst)
+    dst.connect()
+    assert dst.settled_status() == "paused"
+    time.sleep(0.5)
+    assert counts(dst.text()) == []
+    dst.cmd("cont")
+    dst.expect(r"count \d+", 10)
+    assert counts(dst.text())[0] == last + 1
+
+    later = Server(tmp_path, "later", f"console=ttyS0 guest.run={COUNTER}", extra=["--incoming", "defer"])
+    servers.append(later)
+    later.connect()
+    assert later.cmd("query-status")["status"] == "inmigrate"
+    later.cmd("migrate-incoming", uri=f"exec:gzip -dc {state}")
+    later.expect(r"count \d+", 10)
+    assert counts(later.text())[0] == last + 1
+    assert later.cmd("query-status")["status"] == "running"
+
+
+def test_a_state_from_another_machine_is_refused(tmp_path, servers):
+    """A state taken from a 256 MiB machine does not load into a 512 MiB one: the server exits
+    1 naming the difference."""
+    src = Server(tmp_path, "src", "console=ttyS0")
+    servers.append(src)
+    src.connect()
+    src.expect(r"boot ok", BOOT_TIMEOUT)
+    assert src.migrate(f"file:{tmp_path / 'state'}")["status"] == "completed"
+    src.cmd("quit")
+    dst = Server(tmp_path, "dst", "console=ttyS0", memory="512M", extra=["--incoming", f"file:{tmp_path / 'state'}"])
+    servers.append(dst)
+    assert dst.proc.wait(30) == 1
+    out = dst.log.read_text()
+    assert "--incoming" in out and "memory: saved 268435456, this machine 536870912" in out, out
+
+
+def ram_pages(path: Path) -> dict:
+    """Guest RAM of a state file as {page number: bytes} (the layout is documented in
+    Sources/Board/MachineStateStream.swift)."""
+    data = path.read_bytes()
+    assert data[:8] == b"MSVMSTAT"
+    (id_len,) = struct.unpack_from("<I", data, 16)
+    pos = 20 + id_len + 4
+    while data[pos] == 1:  # device sections
+        (name_len,) = struct.unpack_from("<I", data, pos + 1)
+        pos += 5 + name_len
+        _, length, _ = struct.unpack_from("<IQI", data, pos)
+        pos += 16 + length
+    assert data[pos] == 2, "no RAM record"
+    _, run_count = struct.unpack_from("<QI", data, pos + 1)
+    pos += 13
+    runs = [struct.unpack_from("<QQ", data, pos + 16 * i) for i in range(run_count)]
+    pos += 16 * run_count + 8
+    pos = (pos + 4095) // 4096 * 4096
+    pages = {}
+    for first, count in runs:
+        for i in range(count):
+            pages[first + i] = data[pos:pos + 4096]
+            pos += 4096
+    return pages
+
+
+def test_a_paused_machine_does_not_touch_guest_ram(tmp_path, servers):
+    """While stopped, a guest with a disk write loop in flight and a VNC client typing keeps
+    its RAM exactly as it was: two saves 2 s apart hold the same pages."""
+    vncdo = shutil.which("vncdo")
+    if vncdo is None or shutil.which("qemu-img") is None:
+        pytest.skip("needs vncdo and qemu-img")
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    port = 5900 + random.randint(200, 900)
+    loop = "while,true;do,dd,if=/dev/urandom,of=/dev/vda,bs=64k,count=64,conv=fsync,2>/dev/null;echo,wrote;done"
+    src = Server(tmp_path, "src", f"console=ttyS0 guest.run={loop}",
+                 devices=[{"driver": "virtio-blk-device", "id": "d0", "drive": {"file": str(disk), "format": "qcow2"}}],
+                 display={"vnc": {"listen": f"127.0.0.1:{port}"}})
+    servers.append(src)
+    src.connect()
+    src.expect(r"wrote", BOOT_TIMEOUT)
+    typing = subprocess.Popen([vncdo, "-s", f"127.0.0.1::{port}", "type", "x" * 400],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        src.cmd("stop")
+        assert src.migrate(f"file:{tmp_path / 'a'}")["status"] == "completed"
+        time.sleep(2)
+        assert src.migrate(f"file:{tmp_path / 'b'}")["status"] == "completed"
+    finally:
+        typing.kill()
+        typing.wait()
+    a, b = ram_pages(tmp_path / "a"), ram_pages(tmp_path / "b")
+    changed = sorted(p for p in set(a) | set(b) if a.get(p) != b.get(p))
+    assert not changed, f"guest RAM changed while paused: {len(changed)} pages, first at {0x8000_0000 + changed[0] * 4096:#x}"
+    src.cmd("cont")
+    n = len(re.findall("wrote", src.text()))
+    src.expect(r"wrote", 30, start=src.text().rfind("wrote") + 1)
+    assert len(re.findall("wrote", src.text())) > n
+    src.cmd("quit")
+    src.proc.wait(10)
+    check = subprocess.run(["qemu-img", "check", str(disk)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_system_reset_during_disk_io_boots_clean(tmp_path, servers):
+    """system_reset while the guest writes its disk: the next boot is clean (the virtio
+    transport is reset with the board, so nothing keeps using the old rings) and the image
+    passes qemu-img check."""
+    if shutil.which("qemu-img") is None:
+        pytest.skip("needs qemu-img")
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    loop = "for,n,in,1,2,3,4,5,6,7,8;do,dd,if=/dev/urandom,of=/dev/vda,bs=256k,count=32,seek=$n,2>/dev/null;echo,wrote,$n;done"
+    src = Server(tmp_path, "src", f"console=ttyS0 guest.run={loop}",
+                 devices=[{"driver": "virtio-blk-device", "id": "d0", "drive": {"file": str(disk), "format": "qcow2"}}])
+    servers.append(src)
+    src.connect()
+    src.expect(r"wrote 2", BOOT_TIMEOUT)
+    src.cmd("system_reset")
+    first = src.text().rfind("wrote")
+    src.expect(r"boot ok", BOOT_TIMEOUT, start=first)
+    src.expect(r"wrote 8", BOOT_TIMEOUT, start=first)
+    assert src.proc.wait(60) == 0, src.text()[-2000:]
+    check = subprocess.run(["qemu-img", "check", str(disk)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.slow
+def test_guest_bench_saved_mid_run_gives_qemus_checksum(tmp_path, servers):
+    """guest-bench saved part-way and restored in a new server finishes with the checksum it
+    computes under QEMU."""
+    src = Server(tmp_path, "src", "console=ttyS0 guest.run=guest-bench,1")
+    servers.append(src)
+    src.connect()
+    src.expect(r"boot ok", BOOT_TIMEOUT)
+    time.sleep(3)
+    assert src.migrate(f"file:{tmp_path / 'state'}")["status"] == "completed"
+    assert "checksum" not in src.text(), "guest-bench finished before the save; save earlier"
+    src.cmd("quit")
+    dst = Server(tmp_path, "dst", "console=ttyS0 guest.run=guest-bench,1", extra=["--incoming", f"file:{tmp_path / 'state'}"])
+    servers.append(dst)
+    m = dst.expect(r"guest-bench total +([0-9.]+) s checksum ([0-9a-f]{16})", 480)
+    assert m.group(2) == QEMU_CHECKSUM_SCALE1
