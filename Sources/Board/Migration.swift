@@ -168,6 +168,35 @@ extension VirtualMachine: MachineMigration {
     }
 
     public func incomingMigration(uri: String) throws {
+        let start = DispatchTime.now().uptimeNanoseconds
+        defer {
+            let micros = Double(DispatchTime.now().uptimeNanoseconds &- start) / 1000
+            migration.withLock { m in
+                m.totalTime = UInt64(micros / 1000)
+                m.downtime = m.totalTime
+            }
+        }
+        migration.withLock { m in
+            m = MigrationProgress()
+            m.status = .active
+            m.ramTotal = board.ram.size
+        }
+        do {
+            try loadFrom(uri)
+        } catch {
+            migration.withLock { m in
+                m.status = .failed
+                m.error = "\(error)"
+            }
+            throw error
+        }
+        let micros = Double(DispatchTime.now().uptimeNanoseconds &- start) / 1000
+        migration.withLock { $0.status = .completed }
+        FileHandle.standardError.write(Data(String(format: "machine-server: restored the machine state from %@ in %.3f ms\n",
+                                                   uri, micros / 1000).utf8))
+    }
+
+    private func loadFrom(_ uri: String) throws {
         let source = try MigrationURI(uri)
         switch source {
         case .file(let path):
