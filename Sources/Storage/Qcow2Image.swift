@@ -43,7 +43,7 @@ public final class Qcow2Image: BlockImage, @unchecked Sendable {
     var l2Cache: [UInt64: [UInt64]] = [:]
     var refBlockCache: [UInt64: [UInt8]] = [:]
     /// Index of the first cluster past everything allocated (new clusters are appended here).
-    private var endCluster: UInt64
+    var endCluster: UInt64
     /// Byte offset where the next compressed cluster may be packed (in the last allocated cluster).
     private var compressedTail: UInt64?
     private var suppressRefTableWrites = false
@@ -458,7 +458,7 @@ public final class Qcow2Image: BlockImage, @unchecked Sendable {
         try file.write(Array(block[byteRange]), at: blockOffset + UInt64(byteRange.lowerBound))
     }
 
-    func adjustRefcount(_ c: UInt64, by delta: Int) throws {
+    private func adjustRefcount(_ c: UInt64, by delta: Int) throws {
         let old = try refcount(c)
         if delta < 0 && old == 0 { throw bad("refcount of cluster \(c) would drop below zero") }
         try setRefcount(c, delta < 0 ? old - UInt64(-delta) : old + UInt64(delta))

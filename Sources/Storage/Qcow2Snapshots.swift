@@ -1,29 +1,25 @@
 import Foundation
 
-/// Internal snapshots written the way QEMU writes them (block/qcow2-snapshot.c), so that
-/// `qemu-img snapshot` and QEMU's savevm/loadvm interoperate with machine-server's:
+/// Internal snapshots in QEMU's on-disk format (docs/interop/qcow2.txt, block/qcow2-snapshot.c),
+/// so that `qemu-img snapshot` and QEMU's savevm/loadvm interoperate with machine-server's:
 ///
-/// - The VM state of a snapshot lives in the image itself, past the virtual disk: at the first
+/// - The VM state of a snapshot lives in the image, past the virtual disk: from the first
 ///   L1-entry boundary at or after the disk's end (`vmStateOffset`, QEMU's
 ///   `qcow2_vm_state_offset`), mapped through the active L1 table like guest data (the table
-///   grows as needed). `createSnapshot` then copies the active L1 table, so the snapshot
-///   keeps it, and drops it from the active table.
-/// - Creating a snapshot copies the active L1 table to fresh clusters, adds one reference to
-///   every L2 table and every cluster they map, clears the COPIED flags that no longer hold,
-///   writes the whole snapshot table (with the new entry) to fresh clusters, and only then
-///   points the header at it. Writes after that copy shared clusters and shared L2 tables on
-///   write (`writeInCluster`/`ensureL2` honour the COPIED flags).
-/// - Applying a snapshot takes a reference to everything it maps, writes its L1 table (with
-///   corrected COPIED flags) to fresh clusters and switches the header to it in one write; the
-///   old active tree is released afterwards.
-/// - Deleting a snapshot rewrites the snapshot table without it, then releases its tree.
-///
-/// Crash consistency: a kill at any moment leaves the disk content and every snapshot in the
-/// table exactly as before or after the operation (each commit is one small write inside the
-/// header, preceded by a flush). What a kill can leave behind is leaked clusters and, for the
-/// clusters whose refcount was being changed at that instant, COPIED flags that disagree with
-/// their refcount (QEMU has the same window). Both are harmless — a cluster is written in place
-/// only if nothing else references it — and `qemu-img check -r all` repairs them.
+///   grows as needed). Creating the snapshot hands it to the snapshot alone.
+/// - Snapshot table entries are written as QEMU writes them (40-byte header, 24 bytes of extra
+///   data: 64-bit VM state size, disk size, icount; then ID and name); other entries are kept
+///   byte for byte. The snapshot's L1 table and reference counting follow QEMU's rules, so
+///   `qemu-img check` finds every state clean and QEMU can apply and delete our snapshots.
+/// - Where QEMU updates metadata in place (refcounts, COPIED flags, the active L1 table), which
+///   leaves leaks and COPIED/refcount mismatches when killed in the middle, every operation here
+///   builds the changed metadata in fresh clusters — the new active L1 table and copies of its L2
+///   tables, copies of the refcount blocks that change and a new refcount table, the new snapshot
+///   table — and commits it with one 48-byte write inside the header (`MetadataUpdate`).
+///   A kill at any moment therefore leaves the image exactly as before or exactly as after the
+///   operation, with no leak (tests/storage/snapshot-kill.sh kills at every write).
+/// - Writes after a snapshot copy shared data clusters on write (`writeInCluster` honours the
+///   COPIED flags); the active image gets its own L2 tables at every create and apply.
 extension Qcow2Image {
     /// Longest snapshot name QEMU keeps (its `QEMUSnapshotInfo.name` holds 255 bytes).
     public static let maxSnapshotNameBytes = 255
@@ -132,8 +128,8 @@ extension Qcow2Image {
     /// Ends with the snapshot durable (fsync). Takes the image's lock, so it is atomic with
     /// respect to guest I/O, but call it only while the device using the image is quiesced:
     /// the snapshot captures whatever writes completed before it.
-    /// If it throws and `snapshots` does not contain the snapshot, nothing changed but leaked
-    /// clusters; if it contains it, the snapshot was committed and a clean-up step failed.
+    /// If it throws, nothing changed (unless the final flush failed: then `snapshots` shows the
+    /// committed snapshot, whose durability the error puts in doubt).
     @discardableResult
     public func createSnapshot(name: String, id: String? = nil, vmStateSize: UInt64 = 0,
                                vmClockNanoseconds: UInt64 = 0, date: Date = Date(),
@@ -205,45 +201,31 @@ extension Qcow2Image {
         }
         let dateSeconds = UInt32(seconds.rounded(.down))
         let dateNanoseconds = UInt32(min(999_999_999, ((seconds - seconds.rounded(.down)) * 1e9).rounded(.down)))
-
         let existing = try rawSnapshotEntries()
-        let tree = try collectTree(l1)  // validates every table before anything is written
-        let oldCount = header.snapshotCount
-        // 1. The snapshot's own L1 table: a copy of the active one (COPIED flags mean nothing there).
-        let l1Copy = l1.map { $0 & ~Self.copiedBit }
-        var copyOffset: UInt64 = 0
-        var referenced = false
-        do {
-            copyOffset = try writeNewTable(l1Copy)
-            // 2. One more reference to everything the active table maps; COPIED flags follow.
-            try addRefcounts(tree, delta: 1)
-            referenced = true
-            try refreshActiveCopiedFlags()
-            try file.sync()
-            // 3. The snapshot table with the new entry, then the header (the commit).
-            let entry = Self.snapshotEntry(l1Offset: copyOffset, l1Size: UInt32(l1Copy.count), id: idBytes, name: nameBytes,
-                                           dateSeconds: dateSeconds, dateNanoseconds: dateNanoseconds,
-                                           vmClock: vmClockNanoseconds, vmStateSize: vmStateSize,
-                                           diskSize: header.size, icount: icount)
-            let parsed = try Qcow2Snapshot.parseTable(entry, count: 1, header: header,
-                                                      fileSize: fileClusters * clusterSize, path: path).snapshots[0]
-            try commitSnapshotTable(existing.entries + [entry], snapshots: snapshots + [parsed], oldLength: existing.length)
-        } catch {
-            if header.snapshotCount == oldCount {
-                // Not committed: give back what was taken (best effort; a failure here only leaks).
-                if referenced {
-                    try? addRefcounts(tree, delta: -1)
-                    try? refreshActiveCopiedFlags()
-                }
-                if copyOffset != 0 { try? freeClusters(at: copyOffset, bytes: UInt64(l1Copy.count) * 8) }
-            }
-            throw error
+
+        // The active L1 table, as it is on disk, becomes the snapshot's. The new active table
+        // maps the disk (not the VM state, which stays the snapshot's alone) through copies of
+        // the L2 tables whose entries lose their COPIED flags: every mapped cluster gains the new
+        // active table's reference.
+        var u = MetadataUpdate(image: self)
+        let vmIndex = try l1Entries(covering: header.size)
+        var newL1 = [UInt64](repeating: 0, count: l1.count)
+        for i in 0..<min(vmIndex, l1.count) {
+            guard let l2 = try l2Offset(l1[i], index: i) else { continue }
+            let t = try loadL2(l2)
+            u.plus += try mappedClusters(t, table: l2)
+            newL1[i] = try u.newTable(t.map { $0 & ~Self.copiedBit }) | Self.copiedBit
         }
-        // 4. The VM state is the snapshot's now; keeping it in the active table would only make
-        // the next savevm copy it on write (QEMU discards it the same way).
-        try dropVMStateFromActiveTable()
-        try file.sync()
-        return snapshots[snapshots.count - 1]
+        u.replaceActiveL1(newL1, keepingOld: true)
+        let entry = Self.snapshotEntry(l1Offset: header.l1TableOffset, l1Size: UInt32(l1.count), id: idBytes, name: nameBytes,
+                                       dateSeconds: dateSeconds, dateNanoseconds: dateNanoseconds,
+                                       vmClock: vmClockNanoseconds, vmStateSize: vmStateSize,
+                                       diskSize: header.size, icount: icount)
+        let parsed = try Qcow2Snapshot.parseTable(entry, count: 1, header: header,
+                                                  fileSize: fileClusters * clusterSize, path: path).snapshots[0]
+        u.replaceSnapshotTable(existing.entries + [entry], snapshots: snapshots + [parsed], oldLength: existing.length)
+        try u.commit()
+        return parsed
     }
 
     private func applySnapshotLocked(_ idOrName: String) throws -> Qcow2Snapshot {
@@ -255,44 +237,20 @@ extension Qcow2Image {
             throw bad("snapshot '\(sn.name)' has a disk size of \(sn.diskSize) bytes")
         }
         let snL1 = try readTable(at: sn.l1TableOffset, count: Int(sn.l1Size))
-        let newCount = max(l1.count, snL1.count, try l1Entries(covering: sn.diskSize))
-        let snTree = try collectTree(snL1)
-        let oldTree = try collectTree(l1)
-        try addRefcounts(snTree, delta: 1)
-        var newOffset: UInt64 = 0
-        var committed = false
-        do {
-            var newL1 = try refreshCopiedFlags(snL1)
-            newL1 += [UInt64](repeating: 0, count: newCount - newL1.count)
-            newOffset = try writeNewTable(newL1)
-            try file.sync()
-            // The commit: disk size, L1 size and L1 offset in one write inside the header.
-            var h = [UInt8](repeating: 0, count: 24)
-            BE.put(sn.diskSize, &h, 0)
-            BE.put(header.cryptMethod, &h, 8)
-            BE.put(UInt32(newCount), &h, 12)
-            BE.put(newOffset, &h, 16)
-            try file.write(h, at: 24)
-            committed = true
-            let oldOffset = header.l1TableOffset, oldEntries = l1.count
-            header.size = sn.diskSize
-            header.l1Size = UInt32(newCount)
-            header.l1TableOffset = newOffset
-            l1 = newL1
-            try file.sync()
-            // Release the old active tree, then set COPIED where a refcount dropped to one.
-            try addRefcounts(oldTree, delta: -1)
-            try freeClusters(at: oldOffset, bytes: UInt64(oldEntries) * 8)
-            try refreshActiveCopiedFlags()
-            try file.sync()
-        } catch {
-            if !committed {
-                try? addRefcounts(snTree, delta: -1)
-                if newOffset != 0 { try? freeClusters(at: newOffset, bytes: UInt64(newCount) * 8) }
-                try? refreshActiveCopiedFlags()
-            }
-            throw error
+        var u = MetadataUpdate(image: self)
+        // The new active table maps what the snapshot maps (VM state included, for loadvm)
+        // through copies of its L2 tables; everything mapped gains that reference.
+        var newL1 = [UInt64](repeating: 0, count: max(l1.count, snL1.count, try l1Entries(covering: sn.diskSize)))
+        for (j, e) in snL1.enumerated() {
+            guard let l2 = try l2Offset(e, index: j) else { continue }
+            let t = try loadL2(l2)
+            u.plus += try mappedClusters(t, table: l2)
+            newL1[j] = try u.newTable(t.map { $0 & ~Self.copiedBit }) | Self.copiedBit
         }
+        // The old active tree loses the active table's reference.
+        try u.releaseTree(l1)
+        u.replaceActiveL1(newL1, size: sn.diskSize)
+        try u.commit()
         return sn
     }
 
@@ -301,19 +259,38 @@ extension Qcow2Image {
             throw StorageError.invalidArgument("Can't find snapshot '\(idOrName)' in '\(path)'")
         }
         let sn = snapshots[index]
-        let snL1 = try readTable(at: sn.l1TableOffset, count: Int(sn.l1Size))
-        let tree = try collectTree(snL1)
         var existing = try rawSnapshotEntries()
-        guard existing.entries.count == snapshots.count else { throw bad("snapshot table changed under us") }
+        guard existing.entries.count == snapshots.count else { throw bad("the snapshot table does not match its header") }
+        var u = MetadataUpdate(image: self)
+        try u.releaseTree(try readTable(at: sn.l1TableOffset, count: Int(sn.l1Size)), l1Offset: sn.l1TableOffset)
         existing.entries.remove(at: index)
         var remaining = snapshots
         remaining.remove(at: index)
-        try commitSnapshotTable(existing.entries, snapshots: remaining, oldLength: existing.length)
-        // The snapshot is gone; from here a failure can only leak clusters.
-        try addRefcounts(tree, delta: -1)
-        try freeClusters(at: sn.l1TableOffset, bytes: UInt64(sn.l1Size) * 8)
-        try refreshActiveCopiedFlags()
-        try file.sync()
+        u.replaceSnapshotTable(existing.entries, snapshots: remaining, oldLength: existing.length)
+        // Clusters the active table shares only with this snapshot become exclusively its own:
+        // their COPIED flags must be set. L2 tables whose entries change are replaced by copies
+        // (a live table is never modified before the commit); the L1 table too if it changes.
+        let delta = u.deltas()
+        func finalRefcount(_ c: UInt64) throws -> Int64 { Int64(try refcount(c)) + (delta[c] ?? 0) }
+        var newL1 = l1
+        for (i, e) in l1.enumerated() {
+            guard let l2 = try l2Offset(e, index: i) else { continue }
+            let t = try loadL2(l2)
+            var fixed = t
+            for k in t.indices where t[k] != 0 {
+                let host = try exclusiveHost(t[k], table: l2, entry: k)
+                let plain = t[k] & ~Self.copiedBit
+                fixed[k] = try host.map { try finalRefcount($0 / clusterSize) == 1 } == true ? plain | Self.copiedBit : plain
+            }
+            if fixed != t {
+                u.minus.append(l2 / clusterSize)
+                newL1[i] = try u.newTable(fixed) | Self.copiedBit
+            } else {
+                newL1[i] = try finalRefcount(l2 / clusterSize) == 1 ? l2 | Self.copiedBit : l2
+            }
+        }
+        if newL1 != l1 { u.replaceActiveL1(newL1) }
+        try u.commit()
         return sn
     }
 
@@ -361,192 +338,74 @@ extension Qcow2Image {
         return (0..<count).map { BE.u64(bytes, $0 * 8) }
     }
 
-    private static func tableBytes(_ table: [UInt64], paddedTo size: Int) -> [UInt8] {
+    static func tableBytes(_ table: [UInt64], paddedTo size: Int) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: size)
         for (i, e) in table.enumerated() where e != 0 { BE.put(e, &bytes, i * 8) }
         return bytes
     }
 
-    /// Writes `table` to freshly allocated clusters and returns their offset (0 for an empty table).
-    private func writeNewTable(_ table: [UInt64]) throws -> UInt64 {
-        guard !table.isEmpty else { return 0 }
-        let clusters = (UInt64(table.count) * 8 + clusterSize - 1) / clusterSize
-        let offset = try allocateClusters(clusters)
-        try file.write(Self.tableBytes(table, paddedTo: Int(clusters * clusterSize)), at: offset)
-        return offset
+    /// Clusters needed to hold `entries` 8-byte table entries.
+    func tableClusters(_ entries: Int) -> UInt64 { (UInt64(entries) * 8 + clusterSize - 1) / clusterSize }
+
+    /// The L2 table offset in L1 entry `e` (nil when unmapped), validated.
+    fileprivate func l2Offset(_ e: UInt64, index i: Int) throws -> UInt64? {
+        let l2 = e & Self.offsetMask
+        guard l2 != 0 else { return nil }
+        guard l2 % clusterSize == 0, l2 >= clusterSize, l2 / clusterSize < fileClusters else {
+            throw bad("L1 entry \(i) points at an invalid L2 table offset 0x\(String(l2, radix: 16))")
+        }
+        return l2
     }
 
-    /// Drops one reference from each cluster covering `[offset, offset+bytes)`.
-    private func freeClusters(at offset: UInt64, bytes: UInt64) throws {
-        guard bytes > 0 else { return }
-        try addRefcounts(Array((offset / clusterSize)...((offset + bytes - 1) / clusterSize)), delta: -1)
+    /// The host cluster an L2 entry maps that can carry a COPIED flag (data, preallocated zero).
+    private func exclusiveHost(_ entry: UInt64, table: UInt64, entry k: Int) throws -> UInt64? {
+        switch try decode(entry, at: "L2 table at 0x\(String(table, radix: 16)) entry \(k)") {
+        case .zero(let h, _), .data(let h, _): return h != 0 ? h : nil
+        case .unallocated, .compressed: return nil
+        }
+    }
+
+    /// Every host cluster the entries of L2 table `t` reference, once per reference (data,
+    /// preallocated zero, each cluster a compressed cluster spans): what `check` counts.
+    fileprivate func mappedClusters(_ t: [UInt64], table: UInt64) throws -> [UInt64] {
+        var out: [UInt64] = []
+        for (k, entry) in t.enumerated() where entry != 0 {
+            switch try decode(entry, at: "L2 table at 0x\(String(table, radix: 16)) entry \(k)") {
+            case .unallocated: break
+            case .zero(let host, _), .data(let host, _):
+                if host != 0 { out.append(host / clusterSize) }
+            case .compressed(let host, let length):
+                out += Array((host / clusterSize)...((host + length - 1) / clusterSize))
+            }
+        }
+        return out
     }
 
     /// Grows the active L1 table to at least `minEntries` (by half again each step, as QEMU's
-    /// `qcow2_grow_l1_table`): new table in fresh clusters, then the header, then the old freed.
+    /// `qcow2_grow_l1_table`), committed like a snapshot operation.
     private func growL1(minEntries: Int) throws {
         var n = max(l1.count, 1)
         while n < minEntries { n = (n * 3 + 1) / 2 }
         n = min(n, Int(Qcow2Header.maxL1Bytes / 8))
         guard n >= minEntries else { throw StorageError.invalidArgument("the L1 table of '\(path)' cannot grow further") }
-        let table = l1 + [UInt64](repeating: 0, count: n - l1.count)
-        let newOffset = try writeNewTable(table)
-        try file.sync()
-        var h = [UInt8](repeating: 0, count: 12)
-        BE.put(UInt32(n), &h, 0)
-        BE.put(newOffset, &h, 4)
-        try file.write(h, at: 36)
-        let oldOffset = header.l1TableOffset, oldEntries = l1.count
-        header.l1Size = UInt32(n)
-        header.l1TableOffset = newOffset
-        l1 = table
-        try file.sync()
-        try freeClusters(at: oldOffset, bytes: UInt64(oldEntries) * 8)
+        var u = MetadataUpdate(image: self)
+        u.replaceActiveL1(l1 + [UInt64](repeating: 0, count: n - l1.count))
+        try u.commit()
     }
 
-    /// Every cluster the L1 `table` references, once per reference: its L2 tables and every
-    /// cluster they map (data, preallocated zero, each cluster a compressed cluster spans) —
-    /// the references `check` counts for one L1 table. Validates every entry on the way.
-    private func collectTree(_ table: [UInt64]) throws -> [UInt64] {
-        var out: [UInt64] = []
-        let end = fileClusters
-        for (i, e) in table.enumerated() {
-            let l2 = e & Self.offsetMask
-            guard l2 != 0 else { continue }
-            guard l2 % clusterSize == 0, l2 >= clusterSize, l2 / clusterSize < end else {
-                throw bad("L1 entry \(i) points at an invalid L2 table offset 0x\(String(l2, radix: 16))")
-            }
-            out.append(l2 / clusterSize)
-            for (k, entry) in try loadL2(l2).enumerated() where entry != 0 {
-                switch try decode(entry, at: "L2 table at 0x\(String(l2, radix: 16)) entry \(k)") {
-                case .unallocated: break
-                case .zero(let host, _), .data(let host, _):
-                    if host != 0 { out.append(host / clusterSize) }
-                case .compressed(let host, let length):
-                    out += Array((host / clusterSize)...((host + length - 1) / clusterSize))
-                }
-            }
-        }
-        return out
-    }
-
-    /// Adds `delta` (±1) to the refcount of each cluster in `clusters` (a cluster listed n times
-    /// changes by n). Every new value is computed and checked against overflow and underflow
-    /// before anything is written; then each refcount block is written once.
-    private func addRefcounts(_ clusters: [UInt64], delta: Int) throws {
-        precondition(delta == 1 || delta == -1)
-        let bits = refcountBits
-        let maxRefcount: UInt64 = bits == 64 ? .max : (1 << bits) - 1
-        let sorted = clusters.sorted()
-        var updates: [(offset: UInt64, block: [UInt8], bytes: Range<Int>)] = []
-        var i = 0
-        while i < sorted.count {
-            let blockIndex = sorted[i] / refsPerBlock
-            guard blockIndex < UInt64(refTable.count), refTable[Int(blockIndex)] != 0 else {
-                throw bad("cluster \(sorted[i]) has no refcount block")
-            }
-            let blockOffset = refTable[Int(blockIndex)]
-            var block = try loadRefBlock(blockOffset)
-            var lo = Int.max, hi = 0
-            while i < sorted.count && sorted[i] / refsPerBlock == blockIndex {
-                let c = sorted[i]
-                var n: UInt64 = 0
-                while i < sorted.count && sorted[i] == c { n += 1; i += 1 }
-                let k = Int(c % refsPerBlock)
-                let old = Self.refcountEntry(block, k, bits: bits)
-                let new: UInt64
-                if delta > 0 {
-                    guard old <= maxRefcount - n else { throw bad("refcount of cluster \(c) would overflow \(bits) bits") }
-                    new = old + n
-                } else {
-                    guard old >= n else { throw bad("refcount of cluster \(c) would drop below zero") }
-                    new = old - n
-                }
-                let r = Self.putRefcountEntry(&block, k, bits: bits, new)
-                lo = min(lo, r.lowerBound)
-                hi = max(hi, r.upperBound)
-            }
-            updates.append((blockOffset, block, lo..<hi))
-        }
-        for u in updates {
-            refBlockCache[u.offset] = u.block
-            try file.write(Array(u.block[u.bytes]), at: u.offset + UInt64(u.bytes.lowerBound))
-        }
-    }
-
-    /// Stores refcount `value` at index `i` of a refcount block; returns the bytes changed.
-    private static func putRefcountEntry(_ block: inout [UInt8], _ i: Int, bits: UInt64, _ value: UInt64) -> Range<Int> {
+    /// Stores refcount `value` at index `i` of a refcount block.
+    static func putRefcountEntry(_ block: inout [UInt8], _ i: Int, bits: UInt64, _ value: UInt64) {
         switch bits {
-        case 8: block[i] = UInt8(value); return i..<(i + 1)
-        case 16: BE.put(UInt16(value), &block, i * 2); return (i * 2)..<(i * 2 + 2)
-        case 32: BE.put(UInt32(value), &block, i * 4); return (i * 4)..<(i * 4 + 4)
-        case 64: BE.put(value, &block, i * 8); return (i * 8)..<(i * 8 + 8)
+        case 8: block[i] = UInt8(value)
+        case 16: BE.put(UInt16(value), &block, i * 2)
+        case 32: BE.put(UInt32(value), &block, i * 4)
+        case 64: BE.put(value, &block, i * 8)
         default:
             let perByte = 8 / Int(bits), shift = UInt8(i % perByte) * UInt8(bits)
             let mask = UInt8((1 << bits) - 1) << shift
             let b = i / perByte
             block[b] = (block[b] & ~mask) | (UInt8(value) << shift)
-            return b..<(b + 1)
         }
-    }
-
-    /// Sets each COPIED flag in the L2 tables `table` references to "refcount is exactly one"
-    /// (never for compressed or unallocated entries), writing the L2 tables that change, and
-    /// returns `table` with its own COPIED flags set the same way (QEMU's
-    /// `qcow2_update_snapshot_refcount` with addend 0).
-    private func refreshCopiedFlags(_ table: [UInt64]) throws -> [UInt64] {
-        var out = table
-        for (i, e) in table.enumerated() {
-            let l2 = e & Self.offsetMask
-            guard l2 != 0 else { continue }
-            var t = try loadL2(l2)
-            var lo = Int.max, hi = -1
-            for k in t.indices where t[k] != 0 {
-                let plain = t[k] & ~Self.copiedBit
-                var host: UInt64 = 0
-                switch try decode(t[k], at: "L2 table at 0x\(String(l2, radix: 16)) entry \(k)") {
-                case .zero(let h, _), .data(let h, _): host = h
-                case .unallocated, .compressed: break
-                }
-                let exclusive = host != 0 ? try refcount(host / clusterSize) == 1 : false
-                let new = exclusive ? plain | Self.copiedBit : plain
-                if new != t[k] {
-                    t[k] = new
-                    lo = min(lo, k)
-                    hi = max(hi, k)
-                }
-            }
-            if hi >= 0 {
-                l2Cache[l2] = t
-                try file.write(Self.tableBytes(Array(t[lo...hi]), paddedTo: (hi - lo + 1) * 8), at: l2 + UInt64(lo) * 8)
-            }
-            out[i] = try refcount(l2 / clusterSize) == 1 ? l2 | Self.copiedBit : l2
-        }
-        return out
-    }
-
-    /// `refreshCopiedFlags` on the active L1 table, written in place (only the entries that change).
-    private func refreshActiveCopiedFlags() throws {
-        let new = try refreshCopiedFlags(l1)
-        guard let lo = new.indices.first(where: { new[$0] != l1[$0] }),
-              let hi = new.indices.last(where: { new[$0] != l1[$0] }) else { return }
-        try file.write(Self.tableBytes(Array(new[lo...hi]), paddedTo: (hi - lo + 1) * 8),
-                       at: header.l1TableOffset + UInt64(lo) * 8)
-        l1 = new
-    }
-
-    /// Removes the VM-state area (every L1 entry past the disk) from the active L1 table: the
-    /// entries are zeroed first, then their trees lose one reference.
-    private func dropVMStateFromActiveTable() throws {
-        let first = try l1Entries(covering: header.size)
-        guard first < l1.count else { return }
-        let dropped = l1[first...].filter { $0 & Self.offsetMask != 0 }
-        guard !dropped.isEmpty else { return }
-        let tree = try collectTree(Array(dropped))
-        try file.write([UInt8](repeating: 0, count: (l1.count - first) * 8), at: header.l1TableOffset + UInt64(first) * 8)
-        for i in first..<l1.count { l1[i] = 0 }
-        try file.sync()
-        try addRefcounts(tree, delta: -1)
     }
 
     /// The snapshot table's entries as stored (unpadded, unknown extra data kept byte for byte)
@@ -590,41 +449,226 @@ extension Qcow2Image {
         BE.put(icount ?? .max, &b, 56)
         return b + id + name
     }
+}
 
-    /// Writes the snapshot table `entries` to fresh clusters, flushes, points the header at it
-    /// (count and offset in one write: the commit), flushes, then frees the old table.
-    private func commitSnapshotTable(_ entries: [[UInt8]], snapshots newList: [Qcow2Snapshot], oldLength: Int) throws {
-        var table: [UInt8] = []
-        for e in entries {
-            table += [UInt8](repeating: 0, count: (8 - table.count % 8) % 8)
-            table += e
+/// A change of qcow2 metadata prepared entirely in fresh clusters past the end of the file and
+/// committed by one write of 48 bytes inside the header (disk size, L1 table, refcount table,
+/// snapshot table): before that write the image on disk is exactly the old one, after it exactly
+/// the new one; a kill in between leaves nothing but unreferenced clusters with refcount 0.
+///
+/// Refcounts change by delta (`plus`/`minus`: one reference per listed cluster), so metadata this
+/// implementation does not know (bitmaps, for instance) keeps its refcounts. Every refcount block
+/// that changes is written as a copy, and a new refcount table points at the copies; the old
+/// blocks, table and whatever loses its last reference drop to 0 in the new blocks.
+/// Used with the image's lock held, by one operation at a time.
+struct MetadataUpdate {
+    let image: Qcow2Image
+    /// Clusters gaining one reference each (listed once per reference).
+    var plus: [UInt64] = []
+    /// Clusters losing one reference each (listed once per reference).
+    var minus: [UInt64] = []
+    /// New disk size.
+    var size: UInt64
+    private var writes: [(offset: UInt64, bytes: [UInt8])] = []
+    private var newL2: [(offset: UInt64, table: [UInt64])] = []
+    /// Next free cluster index: fresh clusters are appended past everything allocated.
+    private var next: UInt64
+    private var l1: [UInt64]?
+    private var l1Offset: UInt64
+    private var snapshotEntries: [[UInt8]]?
+    private var snapshots: [Qcow2Snapshot]?
+    private var oldSnapshotTableLength = 0
+
+    init(image: Qcow2Image) {
+        self.image = image
+        next = image.endCluster
+        size = image.header.size
+        l1Offset = image.header.l1TableOffset
+    }
+
+    /// Allocates `n` fresh clusters (with one reference each); returns the byte offset.
+    mutating func allocate(_ n: UInt64) -> UInt64 {
+        let first = next
+        next += n
+        plus += Array(first..<next)
+        return first * image.clusterSize
+    }
+
+    /// Writes L2 table `t` to a fresh cluster; returns its offset.
+    mutating func newTable(_ t: [UInt64]) throws -> UInt64 {
+        let offset = allocate(1)
+        writes.append((offset, Qcow2Image.tableBytes(t, paddedTo: Int(image.clusterSize))))
+        newL2.append((offset, t))
+        return offset
+    }
+
+    /// One L1 table's references go away: its L2 tables, everything they map and, given its
+    /// offset, the L1 table's own clusters.
+    mutating func releaseTree(_ table: [UInt64], l1Offset offset: UInt64? = nil) throws {
+        for (i, e) in table.enumerated() {
+            guard let l2 = try image.l2Offset(e, index: i) else { continue }
+            minus.append(l2 / image.clusterSize)
+            minus += try image.mappedClusters(try image.loadL2(l2), table: l2)
         }
-        guard table.count <= 64 << 20 else { throw StorageError.invalidArgument("the snapshot table would exceed 64 MiB") }
-        let oldOffset = header.snapshotsOffset, oldCount = header.snapshotCount
-        var newOffset: UInt64 = 0
-        var clusters: UInt64 = 0
-        if !table.isEmpty {
-            clusters = (UInt64(table.count) + clusterSize - 1) / clusterSize
-            newOffset = try allocateClusters(clusters)
+        if let offset, !table.isEmpty {
+            let first = offset / image.clusterSize
+            minus += Array(first..<(first + image.tableClusters(table.count)))
         }
-        do {
-            if !table.isEmpty {
-                try file.write(table + [UInt8](repeating: 0, count: Int(clusters * clusterSize) - table.count), at: newOffset)
+    }
+
+    /// The active L1 table becomes `table` (in fresh clusters); `size` changes the disk size.
+    /// The old active table's clusters are released unless `keepingOld` (it became a snapshot's).
+    mutating func replaceActiveL1(_ table: [UInt64], size newSize: UInt64? = nil, keepingOld: Bool = false) {
+        let n = image.tableClusters(table.count)
+        l1Offset = n == 0 ? 0 : allocate(n)
+        if n > 0 { writes.append((l1Offset, Qcow2Image.tableBytes(table, paddedTo: Int(n * image.clusterSize)))) }
+        l1 = table
+        if let newSize { size = newSize }
+        if !keepingOld && !image.l1.isEmpty {
+            let first = image.header.l1TableOffset / image.clusterSize
+            minus += Array(first..<(first + image.tableClusters(image.l1.count)))
+        }
+    }
+
+    /// The snapshot table becomes `entries` (raw, in order); `snapshots` is their parsed form and
+    /// `oldLength` the length of the table being replaced.
+    mutating func replaceSnapshotTable(_ entries: [[UInt8]], snapshots parsed: [Qcow2Snapshot], oldLength: Int) {
+        snapshotEntries = entries
+        snapshots = parsed
+        oldSnapshotTableLength = oldLength
+    }
+
+    /// Net reference change per cluster so far.
+    func deltas() -> [UInt64: Int64] {
+        var d: [UInt64: Int64] = [:]
+        for c in plus { d[c, default: 0] += 1 }
+        for c in minus { d[c, default: 0] -= 1 }
+        return d
+    }
+
+    /// Lays out the snapshot table and the refcount structures, checks every new refcount,
+    /// writes all fresh clusters, flushes, commits with the header write, flushes, and updates
+    /// the image's in-memory state. Throws before the commit if any refcount would overflow or
+    /// drop below zero, leaving the image unchanged.
+    mutating func commit() throws {
+        let img = image, cs = img.clusterSize, h = img.header
+        var snapshotCount = h.snapshotCount, snapshotsOffset = h.snapshotsOffset
+        if let entries = snapshotEntries {
+            var table: [UInt8] = []
+            for e in entries {
+                table += [UInt8](repeating: 0, count: (8 - table.count % 8) % 8)
+                table += e
             }
-            try file.sync()
-            var h = [UInt8](repeating: 0, count: 12)
-            BE.put(UInt32(entries.count), &h, 0)
-            BE.put(newOffset, &h, 4)
-            try file.write(h, at: 60)
-        } catch {
-            if clusters > 0 { try? freeClusters(at: newOffset, bytes: clusters * clusterSize) }
-            throw error
+            guard table.count <= 64 << 20 else { throw StorageError.invalidArgument("the snapshot table would exceed 64 MiB") }
+            if h.snapshotCount > 0 && oldSnapshotTableLength > 0 {
+                let first = h.snapshotsOffset / cs, last = (h.snapshotsOffset + UInt64(oldSnapshotTableLength) - 1) / cs
+                minus += Array(first...last)
+            }
+            snapshotsOffset = 0
+            if !table.isEmpty {
+                let n = (UInt64(table.count) + cs - 1) / cs
+                snapshotsOffset = allocate(n)
+                writes.append((snapshotsOffset, table + [UInt8](repeating: 0, count: Int(n * cs) - table.count)))
+            }
+            snapshotCount = UInt32(entries.count)
         }
-        header.snapshotCount = UInt32(entries.count)
-        header.snapshotsOffset = newOffset
-        snapshots = newList
-        try file.sync()
-        if oldCount > 0 { try freeClusters(at: oldOffset, bytes: UInt64(oldLength)) }
+
+        // Refcount structures: the new table right after the payload, then a copy of every
+        // refcount block that changes. Both count themselves, so iterate to a fixed point.
+        let perBlock = img.refsPerBlock, perTableCluster = Int(cs / 8)
+        let oldTableFirst = h.refcountTableOffset / cs
+        let oldTable = Array(oldTableFirst..<(oldTableFirst + UInt64(h.refcountTableClusters)))
+        let tableStart = next
+        var tableClusters = UInt64(h.refcountTableClusters), blockCount = 0
+        var touched: [UInt64] = [], ownPlus: [UInt64] = [], ownMinus: [UInt64] = []
+        var settled = false
+        for _ in 0..<64 {
+            ownPlus = Array(tableStart..<(tableStart + tableClusters + UInt64(blockCount)))
+            ownMinus = oldTable
+            var blocks = Set((plus + minus + ownPlus + ownMinus).map { $0 / perBlock })
+            var work = Array(blocks)
+            while let bi = work.popLast() {  // a replaced block releases its old copy
+                guard bi < UInt64(img.refTable.count), img.refTable[Int(bi)] != 0 else { continue }
+                let old = img.refTable[Int(bi)] / cs
+                ownMinus.append(old)
+                if blocks.insert(old / perBlock).inserted { work.append(old / perBlock) }
+            }
+            let entries = max(UInt64(img.refTable.count), (blocks.max() ?? 0) + 1)
+            let needed = (entries + UInt64(perTableCluster) - 1) / UInt64(perTableCluster)
+            if blocks.count == blockCount && needed <= tableClusters {
+                touched = blocks.sorted()
+                settled = true
+                break
+            }
+            blockCount = blocks.count
+            tableClusters = max(tableClusters, needed)
+        }
+        guard settled else { throw img.bad("the refcount blocks could not be laid out") }
+        guard tableClusters * cs <= Qcow2Header.maxRefTableBytes else { throw img.bad("the refcount table would grow too large") }
+        let blocksStart = tableStart + tableClusters
+        let newEnd = blocksStart + UInt64(blockCount)
+
+        var delta: [UInt64: Int64] = [:]
+        for c in plus + ownPlus { delta[c, default: 0] += 1 }
+        for c in minus + ownMinus { delta[c, default: 0] -= 1 }
+        var byBlock: [UInt64: [(cluster: UInt64, delta: Int64)]] = [:]
+        for (c, d) in delta where d != 0 { byBlock[c / perBlock, default: []].append((c, d)) }
+        let bits = img.refcountBits
+        let maxRefcount: UInt64 = bits == 64 ? .max : (1 << bits) - 1
+        var newRefTable = img.refTable
+        newRefTable += [UInt64](repeating: 0, count: Int(tableClusters) * perTableCluster - newRefTable.count)
+        var blockWrites: [(offset: UInt64, bytes: [UInt8])] = []
+        for (k, bi) in touched.enumerated() {
+            let oldOffset = bi < UInt64(img.refTable.count) ? img.refTable[Int(bi)] : 0
+            var block = oldOffset != 0 ? try img.loadRefBlock(oldOffset) : [UInt8](repeating: 0, count: Int(cs))
+            for (c, d) in byBlock[bi] ?? [] {
+                let i = Int(c % perBlock)
+                let old = Qcow2Image.refcountEntry(block, i, bits: bits)
+                if d < 0 {
+                    guard old >= UInt64(-d) else { throw img.bad("refcount of cluster \(c) would drop below zero") }
+                    Qcow2Image.putRefcountEntry(&block, i, bits: bits, old - UInt64(-d))
+                } else {
+                    guard old <= maxRefcount, UInt64(d) <= maxRefcount - old else {
+                        throw img.bad("refcount of cluster \(c) would overflow \(bits) bits")
+                    }
+                    Qcow2Image.putRefcountEntry(&block, i, bits: bits, old + UInt64(d))
+                }
+            }
+            let offset = (blocksStart + UInt64(k)) * cs
+            newRefTable[Int(bi)] = offset
+            blockWrites.append((offset, block))
+        }
+        let tableWrite = (offset: tableStart * cs, bytes: Qcow2Image.tableBytes(newRefTable, paddedTo: Int(tableClusters * cs)))
+
+        for w in writes + blockWrites + [tableWrite] { try img.file.write(w.bytes, at: w.offset) }
+        try img.file.sync()
+        let newL1Count = UInt32((l1 ?? img.l1).count)
+        var fields = [UInt8](repeating: 0, count: 48)
+        BE.put(size, &fields, 0)
+        BE.put(h.cryptMethod, &fields, 8)
+        BE.put(newL1Count, &fields, 12)
+        BE.put(l1Offset, &fields, 16)
+        BE.put(tableStart * cs, &fields, 24)
+        BE.put(UInt32(tableClusters), &fields, 32)
+        BE.put(snapshotCount, &fields, 36)
+        BE.put(snapshotsOffset, &fields, 40)
+        try img.file.write(fields, at: 24)  // the commit
+
+        img.header.size = size
+        img.header.l1Size = newL1Count
+        img.header.l1TableOffset = l1Offset
+        img.header.refcountTableOffset = tableStart * cs
+        img.header.refcountTableClusters = UInt32(tableClusters)
+        img.header.snapshotCount = snapshotCount
+        img.header.snapshotsOffset = snapshotsOffset
+        img.endCluster = newEnd
+        img.refTable = newRefTable
+        img.refBlockCache.removeAll(keepingCapacity: true)
+        for b in blockWrites { img.refBlockCache[b.offset] = b.bytes }
+        if let l1 { img.l1 = l1 }
+        for t in newL2 { img.l2Cache[t.offset] = t.table }
+        if let snapshots { img.snapshots = snapshots }
+        try img.file.sync()
     }
 }
 
