@@ -262,23 +262,56 @@ extension Array where Element == Int {
     }
 }
 
-/// Runs `executable` with `args` (and `input` on stdin); returns its exit status and its merged
-/// stdout and stderr.
-@discardableResult
-func runTool(_ executable: String, _ args: [String], input: String? = nil) throws -> (status: Int32, output: String) {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: executable)
-    p.arguments = args
-    let out = Pipe(), inp = Pipe()
-    p.standardOutput = out
-    p.standardError = out
-    p.standardInput = inp
-    try p.run()
-    if let input { inp.fileHandleForWriting.write(Data(input.utf8)) }
-    try inp.fileHandleForWriting.close()
-    let data = out.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+/// One long-lived `/bin/sh` that runs the tools a test needs, one command at a time.
+///
+/// Spawning from the test process is kept to one per test on purpose: a child inherits every
+/// open file description of the (multi-threaded) test process until it execs, so an image just
+/// closed by a test running in parallel would stay OFD-locked for that moment and its next
+/// locked open would fail. The shell spawns the tools from a process that holds no image.
+final class ToolShell {
+    private let process = Process()
+    private let input = Pipe(), output = Pipe()
+    private let marker = "@@rc-\(UUID().uuidString)="
+
+    init() throws {
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.standardInput = input
+        process.standardOutput = output
+        process.standardError = output
+        try process.run()
+    }
+
+    deinit {
+        try? input.fileHandleForWriting.close()
+        process.waitUntilExit()
+    }
+
+    /// Runs `executable args...` (stdin from `stdin`, or empty); returns its exit status and its
+    /// merged stdout and stderr.
+    @discardableResult
+    func run(_ executable: String, _ args: [String], stdin: String? = nil) throws -> (status: Int32, output: String) {
+        func quote(_ s: String) -> String { "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'" }
+        var source = "/dev/null"
+        if let stdin {
+            source = FileManager.default.temporaryDirectory.appendingPathComponent("stdin-\(UUID().uuidString)").path
+            try Data(stdin.utf8).write(to: URL(fileURLWithPath: source))
+        }
+        defer { if stdin != nil { try? FileManager.default.removeItem(atPath: source) } }
+        let line = ([executable] + args).map(quote).joined(separator: " ") + " <\(quote(source)) 2>&1; rc=$?; echo; echo \"\(marker)$rc\"\n"
+        input.fileHandleForWriting.write(Data(line.utf8))
+        var text = ""
+        while true {
+            let data = output.fileHandleForReading.availableData
+            guard !data.isEmpty else { throw StorageError.invalidArgument("the tool shell exited") }
+            text += String(decoding: data, as: UTF8.self)
+            if let m = text.range(of: marker), let end = text[m.upperBound...].firstIndex(of: "\n") {
+                let status = Int32(text[m.upperBound..<end]) ?? -1
+                var out = String(text[..<m.lowerBound])
+                out.removeLast()  // the newline `echo` added before the marker
+                return (status, out)
+            }
+        }
+    }
 }
 
 /// Internal snapshots exchanged with Debian's qemu-img (and QEMU's savevm/loadvm when
@@ -286,10 +319,13 @@ func runTool(_ executable: String, _ args: [String], input: String? = nil) throw
 @Suite(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-img")))
 struct Qcow2SnapshotInteropTests {
     let dir = tempDir()
+    let shell: ToolShell
     static let qemuSystem = "/usr/bin/qemu-system-riscv64"
 
+    init() throws { shell = try ToolShell() }
+
     @discardableResult
-    func qemuImg(_ args: String...) throws -> (status: Int32, output: String) { try runTool("/usr/bin/qemu-img", args) }
+    func qemuImg(_ args: String...) throws -> (status: Int32, output: String) { try shell.run("/usr/bin/qemu-img", args) }
 
     func expectQemuCheckClean(_ path: String, _ what: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
         let (rc, out) = try qemuImg("check", path)
@@ -350,9 +386,9 @@ struct Qcow2SnapshotInteropTests {
     @Test func qemuSnapshotIsAppliedAndDeletedByUs() throws {
         let p = dir + "/q.qcow2"
         try qemuImg("create", "-q", "-f", "qcow2", p, "8M")
-        try runTool("/usr/bin/qemu-io", ["-c", "write -P 0x11 0 1M", "-c", "write -P 0x33 5M 64k", p])
+        try shell.run("/usr/bin/qemu-io", ["-c", "write -P 0x11 0 1M", "-c", "write -P 0x33 5M 64k", p])
         try qemuImg("snapshot", "-c", "qs", p)
-        try runTool("/usr/bin/qemu-io", ["-c", "write -P 0x22 512k 1M", "-c", "write -z 5M 64k", p])
+        try shell.run("/usr/bin/qemu-io", ["-c", "write -P 0x22 512k 1M", "-c", "write -z 5M 64k", p])
         var expected = [UInt8](repeating: 0, count: 8 << 20)
         expected.replaceSubrange(0..<(1 << 20), with: [UInt8](repeating: 0x11, count: 1 << 20))
         expected.replaceSubrange((5 << 20)..<((5 << 20) + 65536), with: [UInt8](repeating: 0x33, count: 65536))
@@ -448,9 +484,9 @@ struct Qcow2SnapshotInteropTests {
         let p = dir + "/machine.qcow2"
         try qemuImg("create", "-q", "-f", "qcow2", p, "64M")
         func qemu(_ extra: [String], monitor: String) throws -> (status: Int32, output: String) {
-            try runTool(Self.qemuSystem, ["-machine", "virt", "-bios", "none", "-nodefaults", "-display", "none", "-S",
+            try shell.run(Self.qemuSystem, ["-machine", "virt", "-bios", "none", "-nodefaults", "-display", "none", "-S",
                                           "-m", "64", "-drive", "file=\(p),if=none,id=d0,format=qcow2",
-                                          "-monitor", "stdio"] + extra, input: monitor)
+                                          "-monitor", "stdio"] + extra, stdin: monitor)
         }
         let saved = try qemu([], monitor: "savevm s1\nquit\n")
         #expect(saved.status == 0, "\(saved.output)")
