@@ -95,6 +95,21 @@ extension Qcow2Image {
         try openSnapshot(idOrName).readVMState(into: buffer, at: position)
     }
 
+    /// Unmaps the VM-state area of the active image (every L1 entry past the disk), for a savevm
+    /// that failed after writing VM state, or to drop the state an `applySnapshot` mapped once it
+    /// has been read. Snapshots keep theirs. Committed atomically like a snapshot operation.
+    public func discardVMState() throws {
+        try checkWritable()
+        try lock.withLock {
+            let first = try l1Entries(covering: header.size)
+            guard first < l1.count, l1[first...].contains(where: { $0 & Self.offsetMask != 0 }) else { return }
+            var u = MetadataUpdate(image: self)
+            try u.releaseTree(Array(l1[first...]))
+            u.replaceActiveL1(Array(l1[..<first]) + [UInt64](repeating: 0, count: l1.count - first))
+            try u.commit()
+        }
+    }
+
     /// A sequential writer of VM state from position 0 that hands the image whole clusters.
     /// Its `finish()` returns the size to pass to `createSnapshot(vmStateSize:)`.
     public func vmStateWriter() throws -> Qcow2VMStateWriter {

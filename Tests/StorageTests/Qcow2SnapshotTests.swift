@@ -513,3 +513,40 @@ struct Qcow2SnapshotInteropTests {
         try expectQemuCheckClean(p, "after QEMU loaded our snapshot")
     }
 }
+
+extension Qcow2SnapshotTests {
+    @Test func savevmLoadvmSavevmKeepsEveryStateAndDiscardFreesTheArea() throws {
+        // savevm s1 → loadvm s1 → guest writes → savevm s2 (its state overwrites the area s1's
+        // state is mapped in, which must copy on write) → both states and disks read back.
+        let p = dir + "/cycle.qcow2", size = 4 << 20
+        try Qcow2Image.create(path: p, size: UInt64(size), clusterBits: 12)
+        let img = try Qcow2Image(path: p, readOnly: false)
+        let state1 = pseudoRandomBytes(700_000, seed: 31), state2 = pseudoRandomBytes(300_001, seed: 32)
+        let disk1 = pseudoRandomBytes(size, seed: 33)
+        try img.write(disk1, at: 0)
+        try img.createSnapshot(name: "s1") { try $0.write(state1) }
+        try img.write(pseudoRandomBytes(100_000, seed: 34), at: 0)
+        let s1 = try img.applySnapshot("s1")
+        #expect(try img.vmStateReader(size: s1.vmStateSize).read(count: state1.count) == state1)
+        #expect(try img.read(count: size, at: 0) == disk1)
+        var disk2 = disk1
+        disk2.replaceSubrange(5000..<5003, with: [1, 2, 3])
+        try img.write([1, 2, 3], at: 5000)
+        try img.createSnapshot(name: "s2") { try $0.write(state2) }
+        try expectClean(img, "after the second savevm")
+        #expect(try img.vmStateReader(snapshot: "s1").read(count: state1.count + 1) == state1)
+        #expect(try img.vmStateReader(snapshot: "s2").read(count: state2.count + 1) == state2)
+        #expect(try img.openSnapshot("s1").read(count: size, at: 0) == disk1)
+        #expect(try img.openSnapshot("s2").read(count: size, at: 0) == disk2)
+
+        // A savevm that fails after writing state: discardVMState unmaps it, nothing leaks.
+        try img.writeVMState(pseudoRandomBytes(50_000, seed: 35), at: 0)
+        let mapped = img.l1[(size >> 21)...].filter { $0 != 0 }.count
+        #expect(mapped > 0)
+        try img.discardVMState()
+        #expect(img.l1[(size >> 21)...].allSatisfy { $0 == 0 })
+        #expect(try img.read(count: size, at: 0) == disk2)
+        try expectClean(img, "after discardVMState")
+        #expect(try img.vmStateReader(snapshot: "s2").read(count: state2.count) == state2)
+    }
+}
