@@ -142,7 +142,9 @@ extension Qcow2Image {
     /// `icount` nil is stored as -1 ("not recorded", as QEMU's savevm); qemu-img stores 0.
     /// Ends with the snapshot durable (fsync). Takes the image's lock, so it is atomic with
     /// respect to guest I/O, but call it only while the device using the image is quiesced:
-    /// the snapshot captures whatever writes completed before it.
+    /// the snapshot captures whatever writes completed before it. (QEMU's savevm with a tag that
+    /// exists first deletes the old snapshots of that name on every disk; do the same with
+    /// `deleteSnapshot` when that is wanted.)
     /// If it throws, nothing changed (unless the final flush failed: then `snapshots` shows the
     /// committed snapshot, whose durability the error puts in doubt).
     @discardableResult
@@ -157,14 +159,21 @@ extension Qcow2Image {
     }
 
     /// Streams the VM state through `body` (given a writer positioned at 0), then creates the
-    /// snapshot with the size written; see `createSnapshot(name:id:vmStateSize:...)`.
+    /// snapshot with the size written; see `createSnapshot(name:id:vmStateSize:...)`. If `body`
+    /// throws, the state written so far is discarded (`discardVMState`) and the error rethrown.
     @discardableResult
     public func createSnapshot(name: String, id: String? = nil, vmClockNanoseconds: UInt64 = 0,
                                date: Date = Date(), icount: UInt64? = nil,
                                writingVMState body: (Qcow2VMStateWriter) throws -> Void) throws -> Qcow2Snapshot {
         let writer = try vmStateWriter()
-        try body(writer)
-        let size = try writer.finish()
+        let size: UInt64
+        do {
+            try body(writer)
+            size = try writer.finish()
+        } catch {
+            try? discardVMState()
+            throw error
+        }
         return try createSnapshot(name: name, id: id, vmStateSize: size, vmClockNanoseconds: vmClockNanoseconds,
                                   date: date, icount: icount)
     }
@@ -182,8 +191,9 @@ extension Qcow2Image {
         return try lock.withLock { try applySnapshotLocked(idOrName) }
     }
 
-    /// Deletes snapshot `idOrName` (ID first, then name), as QEMU's `qcow2_snapshot_delete`:
-    /// the snapshot table is rewritten without it, then the clusters only it used are freed.
+    /// Deletes snapshot `idOrName` (ID first, then name), as QEMU's `qcow2_snapshot_delete`: in
+    /// one commit the snapshot table loses its entry, the clusters only it used are freed and the
+    /// active image's COPIED flags are set where it becomes the sole owner.
     /// Returns the deleted snapshot. Same locking rules as `createSnapshot`; views opened on the
     /// snapshot with `openSnapshot` must not be used afterwards.
     @discardableResult

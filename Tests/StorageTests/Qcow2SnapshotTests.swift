@@ -550,3 +550,24 @@ extension Qcow2SnapshotTests {
         #expect(try img.vmStateReader(snapshot: "s2").read(count: state2.count) == state2)
     }
 }
+
+extension Qcow2SnapshotTests {
+    struct SerializationFailed: Error {}
+
+    @Test func aSavevmWhoseStateFailsLeavesNoSnapshotAndNoState() throws {
+        let p = dir + "/fail.qcow2"
+        try Qcow2Image.create(path: p, size: 4 << 20, clusterBits: 12)
+        let img = try Qcow2Image(path: p, readOnly: false)
+        try img.write([1, 2, 3], at: 0)
+        #expect(throws: SerializationFailed.self) {
+            try img.createSnapshot(name: "broken") { w in
+                try w.write(pseudoRandomBytes(200_000, seed: 41))
+                throw SerializationFailed()
+            }
+        }
+        #expect(img.snapshots.isEmpty)
+        #expect(img.l1[2...].allSatisfy { $0 == 0 }, "the half-written state is unmapped")
+        #expect(try img.read(count: 3, at: 0) == [1, 2, 3])
+        try expectClean(img, "after the failed savevm")
+    }
+}
