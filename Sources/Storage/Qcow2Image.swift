@@ -1,7 +1,8 @@
 import Foundation
 
 /// A qcow2 image (versions 2 and 3): L1/L2 mapping, refcounts, copy-on-write, backing files,
-/// compressed and zero clusters, internal snapshots (listed and readable).
+/// compressed and zero clusters, internal snapshots (listed, readable, created, applied and
+/// deleted: `Qcow2Snapshots.swift`).
 ///
 /// Crash consistency (against the process being killed at any point): a newly allocated
 /// cluster's refcount is written before anything points at it, and data is written before the
@@ -13,13 +14,14 @@ public final class Qcow2Image: BlockImage, @unchecked Sendable {
     /// The open image file.
     public let file: HostFile
     /// The header as currently on disk.
-    public private(set) var header: Qcow2Header
+    public internal(set) var header: Qcow2Header
     /// The opened backing image, if the header names one.
     public let backing: (any BlockImage)?
     /// Path of the backing file as resolved (relative names resolved against this image's directory).
     public let backingPath: String?
-    /// Internal snapshots from the snapshot table.
-    public let snapshots: [Qcow2Snapshot]
+    /// Internal snapshots from the snapshot table. Changed only by `createSnapshot` and
+    /// `deleteSnapshot`; read it while no snapshot operation runs on another thread.
+    public internal(set) var snapshots: [Qcow2Snapshot]
     public var path: String { file.path }
     public var format: ImageFormat { .qcow2 }
     public let isReadOnly: Bool
@@ -38,10 +40,10 @@ public final class Qcow2Image: BlockImage, @unchecked Sendable {
     let l2Entries: UInt64
     var l1: [UInt64]
     var refTable: [UInt64]
-    private var l2Cache: [UInt64: [UInt64]] = [:]
-    private var refBlockCache: [UInt64: [UInt8]] = [:]
+    var l2Cache: [UInt64: [UInt64]] = [:]
+    var refBlockCache: [UInt64: [UInt8]] = [:]
     /// Index of the first cluster past everything allocated (new clusters are appended here).
-    private var endCluster: UInt64
+    var endCluster: UInt64
     /// Byte offset where the next compressed cluster may be packed (in the last allocated cluster).
     private var compressedTail: UInt64?
     private var suppressRefTableWrites = false
@@ -270,7 +272,7 @@ public final class Qcow2Image: BlockImage, @unchecked Sendable {
     }
 
     /// Reads the whole content of a virtual cluster given its mapping.
-    private func readCluster(_ m: Mapping, virtualCluster vc: UInt64, into buf: UnsafeMutableRawBufferPointer,
+    func readCluster(_ m: Mapping, virtualCluster vc: UInt64, into buf: UnsafeMutableRawBufferPointer,
                              from: Int, count: Int) throws {
         let dst = UnsafeMutableRawBufferPointer(rebasing: buf[0..<count])
         switch m {
@@ -559,7 +561,7 @@ public final class Qcow2Image: BlockImage, @unchecked Sendable {
         try release(m)
     }
 
-    private func writeInCluster(_ vc: UInt64, at inCluster: Int, _ data: UnsafeRawBufferPointer) throws {
+    func writeInCluster(_ vc: UInt64, at inCluster: Int, _ data: UnsafeRawBufferPointer) throws {
         let m = try mapping(virtualCluster: vc)
         if case .data(let host, true) = m {
             // Ensure the L2 table itself is not shared before writing in place.

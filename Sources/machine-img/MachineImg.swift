@@ -209,21 +209,24 @@ struct Info: ParsableCommand {
     }
 }
 
+/// The snapshot list as qemu-img prints it (QEMU's bdrv_snapshot_dump: "%-10s%-17s%8s%20s%13s%11s"
+/// for the header, "%-9s %-16s %8s%20s%13s%11s" for each row, dates in local time).
 func snapshotTable(_ snaps: [Qcow2Snapshot]) -> [String] {
     func pad(_ s: String, _ n: Int, right: Bool = false) -> String {
         s.count >= n ? s : (right ? String(repeating: " ", count: n - s.count) + s : s + String(repeating: " ", count: n - s.count))
     }
-    var lines = [pad("ID", 8) + "  " + pad("TAG", 16) + "  " + pad("VM SIZE", 8, right: true) + "  " + pad("DATE", 19)
-                 + "  " + pad("VM CLOCK", 15) + "  ICOUNT"]
+    var lines = [pad("ID", 10) + pad("TAG", 17) + pad("VM SIZE", 8, right: true) + pad("DATE", 20, right: true)
+                 + pad("VM CLOCK", 13, right: true) + pad("ICOUNT", 11, right: true)]
     let df = DateFormatter()
     df.dateFormat = "yyyy-MM-dd HH:mm:ss"
     for s in snaps {
         let date = df.string(from: Date(timeIntervalSince1970: TimeInterval(s.dateSeconds)))
         let ns = s.vmClockNanoseconds
-        let clock = String(format: "%04llu:%02llu:%02llu.%03llu", ns / 3_600_000_000_000, ns / 60_000_000_000 % 60,
+        let clock = String(format: "%02llu:%02llu:%02llu.%03llu", ns / 3_600_000_000_000, ns / 60_000_000_000 % 60,
                            ns / 1_000_000_000 % 60, ns / 1_000_000 % 1000)
-        lines.append(pad(s.id, 8) + "  " + pad(s.name, 16) + "  " + pad(humanSize(s.vmStateSize), 8, right: true) + "  "
-                     + date + "  " + pad(clock, 15) + "  " + pad(s.icount.map(String.init) ?? "", 10, right: true))
+        lines.append(pad(s.id, 9) + " " + pad(s.name, 16) + " " + pad(humanSize(s.vmStateSize), 8, right: true)
+                     + pad(date, 20, right: true) + pad(clock, 13, right: true)
+                     + pad(s.icount.map(String.init) ?? "", 11, right: true))
     }
     return lines
 }
@@ -364,14 +367,43 @@ struct Resize: ParsableCommand {
 }
 
 struct Snapshot: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "List internal snapshots (-l).")
+    static let configuration = CommandConfiguration(
+        abstract: "List (-l, the default), create (-c TAG), apply (-a TAG) or delete (-d TAG) internal snapshots.")
     @Flag(name: .short, help: "List snapshots.") var l = false
+    @Option(name: .short, help: ArgumentHelp("Create a snapshot named TAG.", valueName: "TAG")) var c: String?
+    @Option(name: .short, help: ArgumentHelp("Apply (revert the disk to) snapshot TAG (ID or name).", valueName: "TAG"))
+    var a: String?
+    @Option(name: .short, help: ArgumentHelp("Delete snapshot TAG (ID or name).", valueName: "TAG")) var d: String?
     @Option(name: .short, help: "Image format.") var f: String?
+    @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
+    @Flag(name: .customShort("U"), help: "Open the image without taking locks (force share; -l only).") var forceShare = false
     @Argument var filename: String
 
     func run() throws {
-        guard l else { fail("Only 'snapshot -l' is supported") }
-        let img = attempt { try openImage(path: filename, format: formatArgument(f), readOnly: true) }
+        guard [l, c != nil, a != nil, d != nil].filter({ $0 }).count <= 1 else {
+            fail("Cannot mix '-l', '-a', '-c', '-d'\nTry 'machine-img --help' for more information")
+        }
+        guard c != nil || a != nil || d != nil else { return try list() }
+        let img = attempt { try openImage(path: filename, format: formatArgument(f), readOnly: false) }
+        let q = img as? Qcow2Image
+        if let tag = c {
+            guard let q else { fail("Could not create snapshot '\(tag)': -95 (Operation not supported)") }
+            // qemu-img records icount 0 (QEMU's savevm records -1, "none").
+            do { try q.createSnapshot(name: tag, icount: 0) } catch { fail("Could not create snapshot '\(tag)': \(error)") }
+        } else if let tag = a {
+            guard let q else { fail("Could not apply snapshot '\(tag)': Block driver does not support snapshots") }
+            guard q.findSnapshot(tag) != nil else {
+                fail("Could not apply snapshot '\(tag)': Failed to load snapshot: No such file or directory")
+            }
+            do { try q.applySnapshot(tag) } catch { fail("Could not apply snapshot '\(tag)': \(error)") }
+        } else if let tag = d {
+            guard let q, q.findSnapshot(tag) != nil else { fail("Could not delete snapshot '\(tag)': snapshot not found") }
+            do { try q.deleteSnapshot(tag) } catch { fail("Could not delete snapshot '\(tag)': \(error)") }
+        }
+    }
+
+    private func list() throws {
+        let img = attempt { try openImage(path: filename, format: formatArgument(f), readOnly: true, lock: !forceShare) }
         guard let q = img as? Qcow2Image else { return }
         if q.snapshots.isEmpty { return }
         print("Snapshot list:")
