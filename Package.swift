@@ -60,7 +60,7 @@ let package = Package(
             ]),
         .executableTarget(
             name: "machine-img",
-            dependencies: ["Storage", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+            dependencies: ["Storage", "Machine", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
 
         .testTarget(name: "MachineTests", dependencies: ["Machine"]),
         .testTarget(name: "TranslatorTests", dependencies: ["Translator", "Machine"]),

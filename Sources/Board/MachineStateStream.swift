@@ -55,19 +55,37 @@ func crc32Update(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
 
 // MARK: Byte sinks and sources
 
-/// Where a state stream goes: a file, a pipe or a socket. Writes are buffered. Not thread-safe.
+/// Where a state stream goes: a file, a pipe, a socket or a disk image's VM-state area.
+/// Writes are buffered. Not thread-safe.
 public final class StateSink {
-    private let fd: Int32
-    private let closeOnFinish: Bool
+    private let output: (UnsafeRawBufferPointer) throws -> Void
+    private let done: () throws -> Void
     private var buffer = [UInt8]()
     /// Bytes accepted so far (the stream offset of the next byte).
     public private(set) var position: UInt64 = 0
     private static let flushSize = 1 << 20
 
     /// Writes to `fd`; `close` says whether `finish()` closes it.
-    public init(fileDescriptor fd: Int32, close: Bool) {
-        self.fd = fd
-        self.closeOnFinish = close
+    public convenience init(fileDescriptor fd: Int32, close: Bool) {
+        self.init(write: { bytes in
+            var done = 0
+            while done < bytes.count {
+                let n = Foundation.write(fd, bytes.baseAddress! + done, bytes.count - done)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw MachineStateError("write failed: \(String(cString: strerror(errno)))")
+                }
+                done += n
+            }
+        }, finish: {
+            if close { Foundation.close(fd) }
+        })
+    }
+
+    /// Hands the stream to `write` in chunks of about 1 MiB; `finish` runs after the last one.
+    public init(write: @escaping (UnsafeRawBufferPointer) throws -> Void, finish: @escaping () throws -> Void = {}) {
+        output = write
+        done = finish
         buffer.reserveCapacity(Self.flushSize)
     }
 
@@ -79,7 +97,7 @@ public final class StateSink {
         }
         try flushBuffer()
         if bytes.count >= Self.flushSize {
-            try writeAll(bytes)
+            try output(bytes)
         } else {
             buffer.append(contentsOf: bytes)
         }
@@ -87,47 +105,53 @@ public final class StateSink {
 
     public func write(_ bytes: [UInt8]) throws { try bytes.withUnsafeBytes { try write($0) } }
 
-    /// Flushes and (if owned) closes; throws if any write failed.
+    /// Writes what is buffered and finishes the output; throws if any write failed.
     public func finish() throws {
         try flushBuffer()
-        if closeOnFinish { close(fd) }
+        try done()
     }
 
     private func flushBuffer() throws {
         if buffer.isEmpty { return }
-        try buffer.withUnsafeBytes { try writeAll($0) }
+        try buffer.withUnsafeBytes { try output($0) }
         buffer.removeAll(keepingCapacity: true)
-    }
-
-    private func writeAll(_ bytes: UnsafeRawBufferPointer) throws {
-        var done = 0
-        while done < bytes.count {
-            let n = Foundation.write(fd, bytes.baseAddress! + done, bytes.count - done)
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw MachineStateError("write failed: \(String(cString: strerror(errno)))")
-            }
-            done += n
-        }
     }
 }
 
 /// Where a state stream comes from. Reads are buffered and exact: a stream that ends early is
 /// refused as truncated. Not thread-safe.
 public final class StateSource {
-    /// The descriptor, for mapping RAM pages of a regular file.
+    /// The descriptor, for mapping RAM pages of a regular file (-1 for other sources).
     let fd: Int32
     /// Whether `fd` is a regular file (RAM may then be mapped instead of read).
     let isRegularFile: Bool
     private let fileSize: UInt64
+    /// Reads up to n bytes into p; 0 at the end.
+    private let input: (UnsafeMutableRawPointer, Int) throws -> Int
     private var buffer = [UInt8](repeating: 0, count: 1 << 20)
     private var bufferStart = 0
     private var bufferEnd = 0
     /// Stream offset of the next byte to be returned.
     public private(set) var position: UInt64 = 0
 
+    /// A source that is not a file: `read` fills up to n bytes and returns how many (0 at the end).
+    public init(read: @escaping (UnsafeMutableRawPointer, Int) throws -> Int) {
+        fd = -1
+        isRegularFile = false
+        fileSize = 0
+        input = read
+    }
+
     public init(fileDescriptor fd: Int32) {
         self.fd = fd
+        input = { p, n in
+            while true {
+                let r = Foundation.read(fd, p, n)
+                if r >= 0 { return r }
+                if errno == EINTR { continue }
+                throw MachineStateError("read failed: \(String(cString: strerror(errno)))")
+            }
+        }
         var st = stat()
         if fstat(fd, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG {
             isRegularFile = true
@@ -188,13 +212,9 @@ public final class StateSource {
     }
 
     private func readSome(_ p: UnsafeMutableRawPointer, _ n: Int, what: String) throws -> Int {
-        while true {
-            let r = Foundation.read(fd, p, n)
-            if r > 0 { return r }
-            if r == 0 { throw MachineStateError("the stream is truncated in \(what)") }
-            if errno == EINTR { continue }
-            throw MachineStateError("read failed in \(what): \(String(cString: strerror(errno)))")
-        }
+        let r = try input(p, n)
+        if r == 0 { throw MachineStateError("the stream is truncated in \(what)") }
+        return r
     }
 }
 

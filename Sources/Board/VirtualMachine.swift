@@ -83,6 +83,10 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
     let describeIdentityMismatch: @Sendable (String, String) -> String
     /// The current or last migration.
     let migration = Mutex(MigrationProgress())
+    /// The snapshot jobs.
+    let jobTable = JobTable()
+    /// The disks internal snapshots cover (set by whoever opened them).
+    private let disks = Mutex<[SnapshotDisk]>([])
     /// Where migrations run (the control queue is used only for the paused part).
     let migrationQueue = DispatchQueue(label: "machine migration")
 
@@ -131,6 +135,12 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
             }
         }
     }
+
+    /// Tells the machine which disks it has, for internal snapshots. Any thread.
+    public func setSnapshotDisks(_ list: [SnapshotDisk]) { disks.withLock { $0 = list } }
+
+    /// The disks internal snapshots cover.
+    func snapshotDisks() -> [SnapshotDisk] { disks.withLock { $0 } }
 
     /// Blocks until the machine has shut down and returns the process exit code: the guest's
     /// code for a guest power-off, 0 for `quit` and host-initiated shutdowns.

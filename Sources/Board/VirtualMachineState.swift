@@ -11,7 +11,7 @@ extension VirtualMachine {
     static func hartSection(_ i: Int) -> String { "hart\(i)" }
 
     /// Collects every section. Control queue; harts paused, devices quiesced.
-    private func collectSections() -> [StateSection] {
+    func collectSections() -> [StateSection] {
         var sections: [StateSection] = []
         var clock = StateWriter()
         clock.u64(board.clock.nanoseconds)
@@ -31,7 +31,7 @@ extension VirtualMachine {
 
     /// Runs `body` with the harts out of guest code and the devices quiesced, then puts the
     /// machine back as it was unless `body` returns a new run state to stay in. Control queue.
-    private func whilePaused(during: RunState, _ body: () throws -> RunState?) throws {
+    func whilePaused(during: RunState, _ body: () throws -> RunState?) throws {
         let before = runState
         let wasRunning = before == .running
         if wasRunning {
@@ -120,7 +120,7 @@ extension VirtualMachine {
     }
 
     /// Every section this machine needs is there, and no section is unknown.
-    private func checkSectionsPresent(_ sections: [StateSection]) throws {
+    func checkSectionsPresent(_ sections: [StateSection]) throws {
         var needed = Set([Self.clockSection])
         for v in vcpus { needed.insert(Self.hartSection(v.index)) }
         for d in board.deviceManager.all { needed.insert(d.stateSection) }
@@ -134,7 +134,7 @@ extension VirtualMachine {
     }
 
     /// Applies device, hart and clock sections. Control queue, paused.
-    private func applySections(_ sections: [StateSection]) throws {
+    func applySections(_ sections: [StateSection]) throws {
         for s in sections {
             var r = StateReader(section: s.name, bytes: s.payload)
             if s.name == Self.clockSection {

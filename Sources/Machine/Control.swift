@@ -44,6 +44,8 @@ public enum MachineEvent: Sendable, Equatable {
     case reset(cause: ShutdownCause)
     case shutdown(cause: ShutdownCause)
     case powerdown
+    /// A background job changed state (QEMU's JOB_STATUS_CHANGE).
+    case jobStatusChange(id: String, status: JobStatus)
 }
 
 /// What a device may ask of the whole system: the SiFive test device powers off or resets.
@@ -137,4 +139,80 @@ public protocol MachineMigration: AnyObject, Sendable {
     /// Loads the machine's state from `uri` (a machine waiting with `--incoming defer`), and
     /// runs it unless it was started with -S. Returns when the state is loaded.
     func incomingMigration(uri: String) throws
+}
+
+/// A background job's state, with QEMU's `JobStatus` names.
+public enum JobStatus: String, Sendable {
+    case created, running, waiting, pending, aborting, concluded, null
+}
+
+/// What a snapshot job does (QEMU's `JobType` names).
+public enum SnapshotJobKind: String, Sendable {
+    case save = "snapshot-save"
+    case load = "snapshot-load"
+    case delete = "snapshot-delete"
+}
+
+/// One background job, as `query-jobs` reports it.
+public struct JobInfo: Sendable, Equatable {
+    public var id: String
+    public var kind: SnapshotJobKind
+    public var status: JobStatus
+    public var currentProgress: Int
+    public var totalProgress: Int
+    public var error: String?
+
+    public init(id: String, kind: SnapshotJobKind, status: JobStatus, currentProgress: Int = 0, totalProgress: Int = 1,
+                error: String? = nil) {
+        self.id = id
+        self.kind = kind
+        self.status = status
+        self.currentProgress = currentProgress
+        self.totalProgress = totalProgress
+        self.error = error
+    }
+}
+
+/// One internal snapshot as `info snapshots` lists it.
+public struct SnapshotListing: Sendable, Equatable {
+    public var id: String
+    public var name: String
+    public var vmStateSize: UInt64
+    public var dateSeconds: UInt32
+    public var dateNanoseconds: UInt32
+    public var vmClockNanoseconds: UInt64
+    public var icount: UInt64?
+
+    public init(id: String, name: String, vmStateSize: UInt64, dateSeconds: UInt32, dateNanoseconds: UInt32,
+                vmClockNanoseconds: UInt64, icount: UInt64?) {
+        self.id = id
+        self.name = name
+        self.vmStateSize = vmStateSize
+        self.dateSeconds = dateSeconds
+        self.dateNanoseconds = dateNanoseconds
+        self.vmClockNanoseconds = vmClockNanoseconds
+        self.icount = icount
+    }
+}
+
+/// Internal snapshots: the machine's state and its disks saved inside its qcow2 images, as
+/// QEMU's savevm/loadvm and snapshot jobs do. Any thread.
+public protocol MachineSnapshots: AnyObject, Sendable {
+    /// Starts a snapshot job (QMP `snapshot-save`/`-load`/`-delete`); throws at once for a
+    /// duplicate job id. Disks are named by device id; `vmstate` is nil for delete.
+    func startSnapshotJob(_ kind: SnapshotJobKind, jobID: String, tag: String, vmstate: String?, devices: [String]) throws
+    /// The jobs not yet dismissed.
+    func jobs() -> [JobInfo]
+    /// Dismisses a concluded job.
+    func dismissJob(id: String) throws
+    /// HMP `savevm`: a snapshot of every writable disk, the machine state in the first one.
+    /// Replaces snapshots of the same name. Returns when done.
+    func saveSnapshot(tag: String) throws
+    /// HMP `loadvm`. Returns when done.
+    func loadSnapshot(tag: String) throws
+    /// HMP `delvm`. Returns when done.
+    func deleteSnapshot(tag: String) throws
+    /// HMP `info snapshots`: the snapshots with machine state on the first writable disk that
+    /// every other writable disk also has.
+    func listSnapshots() throws -> [SnapshotListing]
 }

@@ -123,6 +123,10 @@ public final class QMPCommandExecutor: QMPCommandHandler {
     public func humanMonitorCommand(_ arguments: HumanMonitorCommandArguments) throws -> String {
         let words = arguments.commandLine.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init)
         guard let verb = words.first else { return "" }
+        if ["savevm", "loadvm", "delvm"].contains(verb) || (verb == "info" && words.count == 2 && words[1] == "snapshots"),
+           let out = try snapshotHMP(words) {
+            return out
+        }
         switch (verb, words.count) {
         case ("stop", 1): try stop(); return ""
         case ("cont", 1), ("c", 1): try cont(); return ""
@@ -160,7 +164,7 @@ public final class QMPCommandExecutor: QMPCommandHandler {
                 if let e = m.errorDesc { out += "error description: \(e)\r\n" }
                 return out
             default:
-                return "info: unknown item '\(words[1])' (known: status, version, name, cpus, migrate)\r\n"
+                return "info: unknown item '\(words[1])' (known: status, version, name, cpus, migrate, snapshots)\r\n"
             }
         case ("migrate", 2):
             try migrate(MigrateArguments(uri: words[1]))

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Machine
 import Storage
 
 /// Parses a qemu-img style size: a number with an optional k/M/G/T/P/E suffix (powers of 1024).
@@ -19,14 +20,7 @@ func parseSize(_ s: String) throws -> UInt64 {
 }
 
 /// qemu-img's human size ("1 GiB", "196 KiB").
-func humanSize(_ n: UInt64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-    var v = Double(n), i = 0
-    while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
-    if i == 0 { return "\(n) B" }
-    let s = String(format: "%.3g", v)
-    return "\(s) \(units[i])"
-}
+func humanSize(_ n: UInt64) -> String { SnapshotTable.humanSize(n) }
 
 /// Prints "machine-img: message" to stderr and exits with `code`, as qemu-img does.
 func fail(_ message: String, code: Int32 = 1) -> Never {
@@ -212,23 +206,10 @@ struct Info: ParsableCommand {
 /// The snapshot list as qemu-img prints it (QEMU's bdrv_snapshot_dump: "%-10s%-17s%8s%20s%13s%11s"
 /// for the header, "%-9s %-16s %8s%20s%13s%11s" for each row, dates in local time).
 func snapshotTable(_ snaps: [Qcow2Snapshot]) -> [String] {
-    func pad(_ s: String, _ n: Int, right: Bool = false) -> String {
-        s.count >= n ? s : (right ? String(repeating: " ", count: n - s.count) + s : s + String(repeating: " ", count: n - s.count))
-    }
-    var lines = [pad("ID", 10) + pad("TAG", 17) + pad("VM SIZE", 8, right: true) + pad("DATE", 20, right: true)
-                 + pad("VM CLOCK", 13, right: true) + pad("ICOUNT", 11, right: true)]
-    let df = DateFormatter()
-    df.dateFormat = "yyyy-MM-dd HH:mm:ss"
-    for s in snaps {
-        let date = df.string(from: Date(timeIntervalSince1970: TimeInterval(s.dateSeconds)))
-        let ns = s.vmClockNanoseconds
-        let clock = String(format: "%02llu:%02llu:%02llu.%03llu", ns / 3_600_000_000_000, ns / 60_000_000_000 % 60,
-                           ns / 1_000_000_000 % 60, ns / 1_000_000 % 1000)
-        lines.append(pad(s.id, 9) + " " + pad(s.name, 16) + " " + pad(humanSize(s.vmStateSize), 8, right: true)
-                     + pad(date, 20, right: true) + pad(clock, 13, right: true)
-                     + pad(s.icount.map(String.init) ?? "", 11, right: true))
-    }
-    return lines
+    SnapshotTable.lines(snaps.map {
+        SnapshotListing(id: $0.id, name: $0.name, vmStateSize: $0.vmStateSize, dateSeconds: $0.dateSeconds,
+                        dateNanoseconds: $0.dateNanoseconds, vmClockNanoseconds: $0.vmClockNanoseconds, icount: $0.icount)
+    })
 }
 
 struct Convert: ParsableCommand {

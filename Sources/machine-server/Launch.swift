@@ -57,6 +57,7 @@ struct Launch {
             throw LaunchError("\(error)")
         }
         machineBox.set(machine)
+        machine.setSnapshotDisks(devices.blocks.map { SnapshotDisk(id: $0.id, image: $0.image, readOnly: $0.readOnly) })
 
         let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, plan: plan)
         defer { servers.shutdown() }

@@ -58,6 +58,16 @@ public protocol QMPCommandHandler: Sendable {
     func queryMigrate() throws -> MigrationInfo
     /// `migrate-incoming`: Loads a machine state from a source into a machine started with `--incoming defer`, then runs it (or leaves it paused when started with -S). Sources: `file:PATH` (RAM is mapped copy-on-write from the file) and `exec:CMD` (the stream is read from CMD's standard output).
     func migrateIncoming(_ arguments: MigrateIncomingArguments) throws
+    /// `query-jobs`: Lists the jobs that have not been dismissed.
+    func queryJobs() throws -> [JobInfo]
+    /// `job-dismiss`: Removes a concluded job from query-jobs (its status becomes null).
+    func jobDismiss(_ arguments: JobDismissArguments) throws
+    /// `snapshot-save`: Starts a job that saves an internal snapshot named tag: the machine pauses, its state is written into the VM-state area of the vmstate disk's qcow2 image, every disk in devices gets a disk snapshot named tag, and the machine runs again if it was running. Every writable disk of the machine must be listed (as QEMU requires). Disks are named by their device id (the node names of query-block).
+    func snapshotSave(_ arguments: SnapshotSaveArguments) throws
+    /// `snapshot-load`: Starts a job that loads internal snapshot tag: the machine pauses, every disk in devices reverts to it, the machine state is read from the vmstate disk and the machine runs again if it was running. A snapshot taken from a machine of another shape is refused.
+    func snapshotLoad(_ arguments: SnapshotLoadArguments) throws
+    /// `snapshot-delete`: Starts a job that deletes internal snapshot tag from every disk in devices.
+    func snapshotDelete(_ arguments: SnapshotDeleteArguments) throws
 }
 
 /// One command with its decoded, checked arguments: the typed action a request becomes.
@@ -114,6 +124,16 @@ public enum QMPCommand: Sendable, Equatable {
     case queryMigrate
     /// `migrate-incoming`.
     case migrateIncoming(MigrateIncomingArguments)
+    /// `query-jobs`.
+    case queryJobs
+    /// `job-dismiss`.
+    case jobDismiss(JobDismissArguments)
+    /// `snapshot-save`.
+    case snapshotSave(SnapshotSaveArguments)
+    /// `snapshot-load`.
+    case snapshotLoad(SnapshotLoadArguments)
+    /// `snapshot-delete`.
+    case snapshotDelete(SnapshotDeleteArguments)
 
     /// Every command name, in schema order.
     public static let names: [String] = [
@@ -143,6 +163,11 @@ public enum QMPCommand: Sendable, Equatable {
         "migrate",
         "query-migrate",
         "migrate-incoming",
+        "query-jobs",
+        "job-dismiss",
+        "snapshot-save",
+        "snapshot-load",
+        "snapshot-delete",
     ]
 
     /// The command's name.
@@ -174,6 +199,11 @@ public enum QMPCommand: Sendable, Equatable {
         case .migrate: return "migrate"
         case .queryMigrate: return "query-migrate"
         case .migrateIncoming: return "migrate-incoming"
+        case .queryJobs: return "query-jobs"
+        case .jobDismiss: return "job-dismiss"
+        case .snapshotSave: return "snapshot-save"
+        case .snapshotLoad: return "snapshot-load"
+        case .snapshotDelete: return "snapshot-delete"
         }
     }
 
@@ -278,6 +308,19 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
             return .queryMigrate
         case "migrate-incoming":
             return .migrateIncoming(try MigrateIncomingArguments(json: .object(arguments), at: .root))
+        case "query-jobs":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryJobs
+        case "job-dismiss":
+            return .jobDismiss(try JobDismissArguments(json: .object(arguments), at: .root))
+        case "snapshot-save":
+            return .snapshotSave(try SnapshotSaveArguments(json: .object(arguments), at: .root))
+        case "snapshot-load":
+            return .snapshotLoad(try SnapshotLoadArguments(json: .object(arguments), at: .root))
+        case "snapshot-delete":
+            return .snapshotDelete(try SnapshotDeleteArguments(json: .object(arguments), at: .root))
         default:
             return nil
         }
@@ -352,6 +395,20 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
             return try handler.queryMigrate().json
         case .migrateIncoming(let arguments):
             try handler.migrateIncoming(arguments)
+            return .object(JSONObject())
+        case .queryJobs:
+            return try handler.queryJobs().json
+        case .jobDismiss(let arguments):
+            try handler.jobDismiss(arguments)
+            return .object(JSONObject())
+        case .snapshotSave(let arguments):
+            try handler.snapshotSave(arguments)
+            return .object(JSONObject())
+        case .snapshotLoad(let arguments):
+            try handler.snapshotLoad(arguments)
+            return .object(JSONObject())
+        case .snapshotDelete(let arguments):
+            try handler.snapshotDelete(arguments)
             return .object(JSONObject())
         }
     }

@@ -18,6 +18,8 @@ public enum QMPEvent: Sendable, Equatable {
     case vncInitialized(VncInitializedEventData)
     /// `VNC_DISCONNECTED`: A VNC viewer disconnected.
     case vncDisconnected(VncDisconnectedEventData)
+    /// `JOB_STATUS_CHANGE`: A job changed state.
+    case jobStatusChange(JobStatusChangeEventData)
 
     /// Every event name, in schema order.
     public static let names: [String] = [
@@ -29,6 +31,7 @@ public enum QMPEvent: Sendable, Equatable {
         "VNC_CONNECTED",
         "VNC_INITIALIZED",
         "VNC_DISCONNECTED",
+        "JOB_STATUS_CHANGE",
     ]
 
     /// The event's name as sent on the wire.
@@ -42,6 +45,7 @@ public enum QMPEvent: Sendable, Equatable {
         case .vncConnected: return "VNC_CONNECTED"
         case .vncInitialized: return "VNC_INITIALIZED"
         case .vncDisconnected: return "VNC_DISCONNECTED"
+        case .jobStatusChange: return "JOB_STATUS_CHANGE"
         }
     }
 
@@ -56,6 +60,7 @@ public enum QMPEvent: Sendable, Equatable {
         case .vncConnected(let d): return d.json
         case .vncInitialized(let d): return d.json
         case .vncDisconnected(let d): return d.json
+        case .jobStatusChange(let d): return d.json
         }
     }
 }

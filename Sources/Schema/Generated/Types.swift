@@ -4174,3 +4174,363 @@ public struct MigrateIncomingArguments: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+// MARK: - snapshot
+
+/// What a job does (QEMU's names; machine-server runs the snapshot jobs).
+public enum JobType: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "commit".
+    case commit = "commit"
+    /// The value "stream".
+    case stream = "stream"
+    /// The value "mirror".
+    case mirror = "mirror"
+    /// The value "backup".
+    case backup = "backup"
+    /// The value "create".
+    case create = "create"
+    /// The value "amend".
+    case amend = "amend"
+    /// The value "snapshot-load".
+    case snapshotLoad = "snapshot-load"
+    /// The value "snapshot-save".
+    case snapshotSave = "snapshot-save"
+    /// The value "snapshot-delete".
+    case snapshotDelete = "snapshot-delete"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// A job's state, with QEMU's names. Snapshot jobs go created, running, waiting, pending, concluded (through aborting when they fail), and null once dismissed.
+public enum JobStatus: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "undefined".
+    case undefined = "undefined"
+    /// The value "created".
+    case created = "created"
+    /// The value "running".
+    case running = "running"
+    /// The value "paused".
+    case paused = "paused"
+    /// The value "ready".
+    case ready = "ready"
+    /// The value "standby".
+    case standby = "standby"
+    /// The value "waiting".
+    case waiting = "waiting"
+    /// The value "pending".
+    case pending = "pending"
+    /// The value "aborting".
+    case aborting = "aborting"
+    /// The value "concluded".
+    case concluded = "concluded"
+    /// The value "null".
+    case null = "null"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// One job.
+public struct JobInfo: SchemaCodable, Equatable {
+    /// The job's id (its job-id).
+    public var id: String
+    /// What it does.
+    public var type: JobType
+    /// Where it stands.
+    public var status: JobStatus
+    /// Work done, in units of total-progress.
+    public var currentProgress: Int64
+    /// Work to do (steps of the job).
+    public var totalProgress: Int64
+    /// Why it failed, once concluded after a failure. Optional.
+    public var error: String?
+
+    /// Creates a value from its members.
+    public init(id: String, type: JobType, status: JobStatus, currentProgress: Int64, totalProgress: Int64, error: String? = nil) {
+        self.id = id
+        self.type = type
+        self.status = status
+        self.currentProgress = currentProgress
+        self.totalProgress = totalProgress
+        self.error = error
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["id", "type", "status", "current-progress", "total-progress", "error"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.id = try r.required("id", as: String.self)
+        self.type = try r.required("type", as: JobType.self)
+        self.status = try r.required("status", as: JobStatus.self)
+        self.currentProgress = try r.required("current-progress", as: Int64.self)
+        self.totalProgress = try r.required("total-progress", as: Int64.self)
+        self.error = try r.optional("error", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["id"] = self.id.json
+        o["type"] = self.type.json
+        o["status"] = self.status.json
+        o["current-progress"] = self.currentProgress.json
+        o["total-progress"] = self.totalProgress.json
+        if let v = self.error { o["error"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `job-dismiss` command.
+public struct JobDismissArguments: SchemaCodable, Equatable {
+    /// The job's id.
+    public var id: String
+
+    /// Creates a value from its members.
+    public init(id: String) {
+        self.id = id
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["id"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.id = try r.required("id", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["id"] = self.id.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `snapshot-save` command.
+public struct SnapshotSaveArguments: SchemaCodable, Equatable {
+    /// The new job's id.
+    public var jobId: String
+    /// The snapshot's name.
+    public var tag: String
+    /// The disk whose image receives the machine state.
+    public var vmstate: String
+    /// The disks to snapshot (vmstate among them).
+    public var devices: [String]
+
+    /// Creates a value from its members.
+    public init(jobId: String, tag: String, vmstate: String, devices: [String]) {
+        self.jobId = jobId
+        self.tag = tag
+        self.vmstate = vmstate
+        self.devices = devices
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["job-id", "tag", "vmstate", "devices"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.jobId = try r.required("job-id", as: String.self)
+        self.tag = try r.required("tag", as: String.self)
+        self.vmstate = try r.required("vmstate", as: String.self)
+        self.devices = try r.required("devices", as: [String].self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["job-id"] = self.jobId.json
+        o["tag"] = self.tag.json
+        o["vmstate"] = self.vmstate.json
+        o["devices"] = self.devices.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `snapshot-load` command.
+public struct SnapshotLoadArguments: SchemaCodable, Equatable {
+    /// The new job's id.
+    public var jobId: String
+    /// The snapshot's name (or ID).
+    public var tag: String
+    /// The disk holding the machine state.
+    public var vmstate: String
+    /// The disks to revert.
+    public var devices: [String]
+
+    /// Creates a value from its members.
+    public init(jobId: String, tag: String, vmstate: String, devices: [String]) {
+        self.jobId = jobId
+        self.tag = tag
+        self.vmstate = vmstate
+        self.devices = devices
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["job-id", "tag", "vmstate", "devices"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.jobId = try r.required("job-id", as: String.self)
+        self.tag = try r.required("tag", as: String.self)
+        self.vmstate = try r.required("vmstate", as: String.self)
+        self.devices = try r.required("devices", as: [String].self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["job-id"] = self.jobId.json
+        o["tag"] = self.tag.json
+        o["vmstate"] = self.vmstate.json
+        o["devices"] = self.devices.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `snapshot-delete` command.
+public struct SnapshotDeleteArguments: SchemaCodable, Equatable {
+    /// The new job's id.
+    public var jobId: String
+    /// The snapshot's name (or ID).
+    public var tag: String
+    /// The disks to delete it from.
+    public var devices: [String]
+
+    /// Creates a value from its members.
+    public init(jobId: String, tag: String, devices: [String]) {
+        self.jobId = jobId
+        self.tag = tag
+        self.devices = devices
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["job-id", "tag", "devices"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.jobId = try r.required("job-id", as: String.self)
+        self.tag = try r.required("tag", as: String.self)
+        self.devices = try r.required("devices", as: [String].self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["job-id"] = self.jobId.json
+        o["tag"] = self.tag.json
+        o["devices"] = self.devices.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The data of the `JOB_STATUS_CHANGE` event.
+public struct JobStatusChangeEventData: SchemaCodable, Equatable {
+    /// The job's id.
+    public var id: String
+    /// Its new state.
+    public var status: JobStatus
+
+    /// Creates a value from its members.
+    public init(id: String, status: JobStatus) {
+        self.id = id
+        self.status = status
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["id", "status"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.id = try r.required("id", as: String.self)
+        self.status = try r.required("status", as: JobStatus.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["id"] = self.id.json
+        o["status"] = self.status.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
