@@ -295,15 +295,16 @@ extension Qcow2Image {
         // Clusters the active table shares only with this snapshot become exclusively its own:
         // their COPIED flags must be set. L2 tables whose entries change are replaced by copies
         // (a live table is never modified before the commit); the L1 table too if it changes.
-        let delta = u.deltas()
-        func finalRefcount(_ c: UInt64) throws -> Int64 { Int64(try refcount(c)) + (delta[c] ?? 0) }
+        let change = u.netChange()
+        func finalRefcount(_ c: UInt64) throws -> Int64 { Int64(try refcount(c)) + change(c) }
         var newL1 = l1
         for (i, e) in l1.enumerated() {
             guard let l2 = try l2Offset(e, index: i) else { continue }
             let t = try loadL2(l2)
             var fixed = t
+            let what = "L2 table at 0x\(String(l2, radix: 16))"
             for k in t.indices where t[k] != 0 {
-                let host = try exclusiveHost(t[k], table: l2, entry: k)
+                let host = try exclusiveHost(t[k], what: what)
                 let plain = t[k] & ~Self.copiedBit
                 fixed[k] = try host.map { try finalRefcount($0 / clusterSize) == 1 } == true ? plain | Self.copiedBit : plain
             }
@@ -383,8 +384,8 @@ extension Qcow2Image {
     }
 
     /// The host cluster an L2 entry maps that can carry a COPIED flag (data, preallocated zero).
-    private func exclusiveHost(_ entry: UInt64, table: UInt64, entry k: Int) throws -> UInt64? {
-        switch try decode(entry, at: "L2 table at 0x\(String(table, radix: 16)) entry \(k)") {
+    private func exclusiveHost(_ entry: UInt64, what: String) throws -> UInt64? {
+        switch try decode(entry, at: what) {
         case .zero(let h, _), .data(let h, _): return h != 0 ? h : nil
         case .unallocated, .compressed: return nil
         }
@@ -394,8 +395,10 @@ extension Qcow2Image {
     /// preallocated zero, each cluster a compressed cluster spans): what `check` counts.
     fileprivate func mappedClusters(_ t: [UInt64], table: UInt64) throws -> [UInt64] {
         var out: [UInt64] = []
-        for (k, entry) in t.enumerated() where entry != 0 {
-            switch try decode(entry, at: "L2 table at 0x\(String(table, radix: 16)) entry \(k)") {
+        out.reserveCapacity(t.count)
+        let what = "L2 table at 0x\(String(table, radix: 16))"
+        for entry in t where entry != 0 {
+            switch try decode(entry, at: what) {
             case .unallocated: break
             case .zero(let host, _), .data(let host, _):
                 if host != 0 { out.append(host / clusterSize) }
@@ -495,7 +498,6 @@ struct MetadataUpdate {
     /// New disk size.
     var size: UInt64
     private var writes: [(offset: UInt64, bytes: [UInt8])] = []
-    private var newL2: [(offset: UInt64, table: [UInt64])] = []
     /// Next free cluster index: fresh clusters are appended past everything allocated.
     private var next: UInt64
     private var l1: [UInt64]?
@@ -519,11 +521,11 @@ struct MetadataUpdate {
         return first * image.clusterSize
     }
 
-    /// Writes L2 table `t` to a fresh cluster; returns its offset.
+    /// Writes L2 table `t` to a fresh cluster now (nothing references it before the commit);
+    /// returns its offset.
     mutating func newTable(_ t: [UInt64]) throws -> UInt64 {
         let offset = allocate(1)
-        writes.append((offset, Qcow2Image.tableBytes(t, paddedTo: Int(image.clusterSize))))
-        newL2.append((offset, t))
+        try image.file.write(Qcow2Image.tableBytes(t, paddedTo: Int(image.clusterSize)), at: offset)
         return offset
     }
 
@@ -563,12 +565,17 @@ struct MetadataUpdate {
         oldSnapshotTableLength = oldLength
     }
 
-    /// Net reference change per cluster so far.
-    func deltas() -> [UInt64: Int64] {
-        var d: [UInt64: Int64] = [:]
-        for c in plus { d[c, default: 0] += 1 }
-        for c in minus { d[c, default: 0] -= 1 }
-        return d
+    /// The net reference change of a cluster so far (a lookup over sorted copies).
+    func netChange() -> (UInt64) -> Int64 {
+        let ups = plus.sorted(), downs = minus.sorted()
+        func count(_ a: [UInt64], _ c: UInt64) -> Int64 {
+            var lo = 0, hi = a.count
+            while lo < hi { let m = (lo + hi) / 2; if a[m] < c { lo = m + 1 } else { hi = m } }
+            var n: Int64 = 0
+            while lo < a.count && a[lo] == c { n += 1; lo += 1 }
+            return n
+        }
+        return { c in count(ups, c) - count(downs, c) }
     }
 
     /// Lays out the snapshot table and the refcount structures, checks every new refcount,
@@ -607,10 +614,11 @@ struct MetadataUpdate {
         var tableClusters = UInt64(h.refcountTableClusters), blockCount = 0
         var touched: [UInt64] = [], ownPlus: [UInt64] = [], ownMinus: [UInt64] = []
         var settled = false
+        let payloadBlocks = Set(plus.map { $0 / perBlock }).union(minus.map { $0 / perBlock })
         for _ in 0..<64 {
             ownPlus = Array(tableStart..<(tableStart + tableClusters + UInt64(blockCount)))
             ownMinus = oldTable
-            var blocks = Set((plus + minus + ownPlus + ownMinus).map { $0 / perBlock })
+            var blocks = payloadBlocks.union((ownPlus + ownMinus).map { $0 / perBlock })
             var work = Array(blocks)
             while let bi = work.popLast() {  // a replaced block releases its old copy
                 guard bi < UInt64(img.refTable.count), img.refTable[Int(bi)] != 0 else { continue }
@@ -633,11 +641,9 @@ struct MetadataUpdate {
         let blocksStart = tableStart + tableClusters
         let newEnd = blocksStart + UInt64(blockCount)
 
-        var delta: [UInt64: Int64] = [:]
-        for c in plus + ownPlus { delta[c, default: 0] += 1 }
-        for c in minus + ownMinus { delta[c, default: 0] -= 1 }
-        var byBlock: [UInt64: [(cluster: UInt64, delta: Int64)]] = [:]
-        for (c, d) in delta where d != 0 { byBlock[c / perBlock, default: []].append((c, d)) }
+        // Every listed cluster lies in a touched block; walk both sorted lists block by block.
+        let ups = (plus + ownPlus).sorted(), downs = (minus + ownMinus).sorted()
+        var ui = 0, di = 0
         let bits = img.refcountBits
         let maxRefcount: UInt64 = bits == 64 ? .max : (1 << bits) - 1
         var newRefTable = img.refTable
@@ -646,7 +652,13 @@ struct MetadataUpdate {
         for (k, bi) in touched.enumerated() {
             let oldOffset = bi < UInt64(img.refTable.count) ? img.refTable[Int(bi)] : 0
             var block = oldOffset != 0 ? try img.loadRefBlock(oldOffset) : [UInt8](repeating: 0, count: Int(cs))
-            for (c, d) in byBlock[bi] ?? [] {
+            let end = (bi + 1) * perBlock
+            while (ui < ups.count && ups[ui] < end) || (di < downs.count && downs[di] < end) {
+                let c = min(ui < ups.count ? ups[ui] : .max, di < downs.count ? downs[di] : .max)
+                var d: Int64 = 0
+                while ui < ups.count && ups[ui] == c { d += 1; ui += 1 }
+                while di < downs.count && downs[di] == c { d -= 1; di += 1 }
+                guard d != 0 else { continue }
                 let i = Int(c % perBlock)
                 let old = Qcow2Image.refcountEntry(block, i, bits: bits)
                 if d < 0 {
@@ -663,6 +675,7 @@ struct MetadataUpdate {
             newRefTable[Int(bi)] = offset
             blockWrites.append((offset, block))
         }
+        guard ui == ups.count && di == downs.count else { throw img.bad("refcount changes outside the blocks laid out") }
         let tableWrite = (offset: tableStart * cs, bytes: Qcow2Image.tableBytes(newRefTable, paddedTo: Int(tableClusters * cs)))
 
         for w in writes + blockWrites + [tableWrite] { try img.file.write(w.bytes, at: w.offset) }
@@ -691,7 +704,6 @@ struct MetadataUpdate {
         img.refBlockCache.removeAll(keepingCapacity: true)
         for b in blockWrites { img.refBlockCache[b.offset] = b.bytes }
         if let l1 { img.l1 = l1 }
-        for t in newL2 { img.l2Cache[t.offset] = t.table }
         if let snapshots { img.snapshots = snapshots }
         try img.file.sync()
     }

@@ -571,3 +571,36 @@ extension Qcow2SnapshotTests {
         try expectClean(img, "after the failed savevm")
     }
 }
+
+extension Qcow2SnapshotTests {
+    @Test func commitsThatNeedNewRefcountBlocksAndALargerRefcountTable() throws {
+        // 512-byte clusters: a refcount block covers 256 clusters, one table cluster 64 blocks
+        // (8 MiB of file), an L2 table 32 KiB of disk. Each snapshot copies hundreds of L2
+        // tables, so commits add refcount blocks and outgrow the refcount table.
+        let p = dir + "/tiny.qcow2", size = 6 << 20
+        try Qcow2Image.create(path: p, size: UInt64(size), clusterBits: 9)
+        let img = try Qcow2Image(path: p, readOnly: false)
+        var model = pseudoRandomBytes(size, seed: 51)
+        try img.write(model, at: 0)
+        var saved: [[UInt8]] = []
+        let tableBefore = img.header.refcountTableClusters
+        for round in 0..<3 {
+            try img.createSnapshot(name: "t\(round)")
+            saved.append(model)
+            let patch = pseudoRandomBytes(700_000, seed: UInt64(52 + round))
+            try img.write(patch, at: UInt64(round) * 1_000_000)
+            model.replaceSubrange((round * 1_000_000)..<(round * 1_000_000 + patch.count), with: patch)
+            try expectClean(img, "round \(round)")
+        }
+        #expect(img.header.refcountTableClusters > tableBefore, "the refcount table grew during the commits")
+        try img.applySnapshot("t1")
+        #expect(try img.read(count: size, at: 0) == saved[1])
+        try img.deleteSnapshot("t0")
+        try expectClean(img, "after apply and delete")
+        let reopened = try Qcow2Image(path: p, readOnly: true, lock: false)
+        for (i, content) in saved.enumerated() where i > 0 {
+            #expect(try reopened.openSnapshot("t\(i)").read(count: size, at: 0) == content)
+        }
+        try expectClean(reopened, "reopened")
+    }
+}
