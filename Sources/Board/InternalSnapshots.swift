@@ -152,8 +152,8 @@ extension VirtualMachine: MachineSnapshots {
             throw SnapshotError("Snapshot name '\(tag)' is empty or longer than \(Qcow2Image.maxSnapshotNameBytes) bytes")
         }
         guard devices.contains(vmstate) else { throw SnapshotError("Device '\(vmstate)' (vmstate) is not in the list of devices") }
-        try checkAllWritableListed(devices)
         let disks = try resolve(devices)
+        try checkAllWritableListed(devices)
         try onControl {
             guard isLive, hasStarted else { throw SnapshotError("the machine is not running") }
             try whilePaused(during: .saveVM) {
@@ -192,8 +192,8 @@ extension VirtualMachine: MachineSnapshots {
 
     private func load(tag: String, vmstate: String, devices: [String]) throws {
         guard devices.contains(vmstate) else { throw SnapshotError("Device '\(vmstate)' (vmstate) is not in the list of devices") }
-        try checkAllWritableListed(devices)
         let disks = try resolve(devices)
+        try checkAllWritableListed(devices)
         for (id, image) in disks where image.findSnapshot(tag) == nil {
             throw SnapshotError("Snapshot '\(tag)' does not exist in device '\(id)'")
         }

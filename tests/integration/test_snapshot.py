@@ -329,3 +329,136 @@ def test_guest_bench_saved_mid_run_gives_qemus_checksum(tmp_path, servers):
     servers.append(dst)
     m = dst.expect(r"guest-bench total +([0-9.]+) s checksum ([0-9a-f]{16})", 480)
     assert m.group(2) == QEMU_CHECKSUM_SCALE1
+
+
+def qcow2_disk(tmp_path: Path, name="disk.qcow2", size="64M") -> Path:
+    disk = tmp_path / name
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), size], check=True)
+    return disk
+
+
+def hmp(server: Server, line: str) -> str:
+    return server.cmd("human-monitor-command", **{"command-line": line})
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+def test_savevm_loadvm_in_the_qcow2_image(tmp_path, servers):
+    """HMP savevm writes the machine state into the disk's qcow2 image, where qemu-img lists
+    it with its VM state size; loadvm brings the counter back to the saved value, in this
+    server and in a new one; delvm removes it; qemu-img check stays clean throughout."""
+    disk = qcow2_disk(tmp_path)
+    drive = [{"driver": "virtio-blk-device", "id": "disk0", "drive": {"file": str(disk), "format": "qcow2"}}]
+    src = Server(tmp_path, "src", f"console=ttyS0 guest.run={COUNTER}", devices=drive)
+    servers.append(src)
+    src.connect()
+    src.expect(r"count 5\b", BOOT_TIMEOUT)
+    assert hmp(src, "savevm first") == ""
+    saved = counts(src.text())[-1]
+    assert src.cmd("query-status")["status"] == "running"
+    listing = hmp(src, "info snapshots")
+    assert re.search(r"--\s+first\s+\d+(\.\d+)? MiB", listing), listing
+    src.expect(rf"count {saved + 5}\b", 10)
+    mark = len(src.text())
+    assert hmp(src, "loadvm first") == ""
+    src.expect(r"count \d+", 10, start=mark)
+    assert counts(src.text()[mark:])[0] == saved + 1, f"after loadvm: {counts(src.text()[mark:])[:3]}, saved {saved}"
+    assert "Error" in hmp(src, "loadvm missing")
+    src.cmd("quit")
+    src.proc.wait(10)
+
+    out = subprocess.run(["qemu-img", "snapshot", "-l", str(disk)], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"\bfirst\s+\d+(\.\d+)? MiB", out), out
+    assert subprocess.run(["qemu-img", "check", str(disk)], capture_output=True).returncode == 0
+
+    again = Server(tmp_path, "again", f"console=ttyS0 guest.run={COUNTER}", devices=drive)
+    servers.append(again)
+    again.connect()
+    again.expect(r"count 1\b", BOOT_TIMEOUT)
+    mark = len(again.text())
+    assert hmp(again, "loadvm first") == ""
+    again.expect(r"count \d+", 10, start=mark)
+    assert counts(again.text()[mark:])[0] == saved + 1
+    assert hmp(again, "delvm first") == ""
+    assert hmp(again, "info snapshots").startswith("There is no snapshot")
+    again.cmd("quit")
+    again.proc.wait(10)
+    assert subprocess.run(["qemu-img", "check", str(disk)], capture_output=True).returncode == 0
+    out = subprocess.run(["qemu-img", "snapshot", "-l", str(disk)], capture_output=True, text=True, check=True).stdout
+    assert "first" not in out
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+def test_snapshot_jobs_and_their_events(tmp_path, servers):
+    """snapshot-save, -load and -delete run as jobs with QEMU's JOB_STATUS_CHANGE sequence,
+    are listed by query-jobs until job-dismiss, and report a failure in the job's error."""
+    disk = qcow2_disk(tmp_path)
+    drive = [{"driver": "virtio-blk-device", "id": "disk0", "drive": {"file": str(disk), "format": "qcow2"}}]
+    src = Server(tmp_path, "src", f"console=ttyS0 guest.run={COUNTER}", devices=drive)
+    servers.append(src)
+    src.connect()
+    src.expect(r"count 3\b", BOOT_TIMEOUT)
+
+    def run_job(command, job_id, **args):
+        src.cmd(command, **{"job-id": job_id, **args})
+        deadline = time.monotonic() + 60
+        while True:
+            jobs = {j["id"]: j for j in src.cmd("query-jobs")}
+            if jobs[job_id]["status"] == "concluded":
+                break
+            assert time.monotonic() < deadline, jobs
+            time.sleep(0.02)
+        statuses = [e["data"]["status"] for e in src.qmp.get_events() if e["event"] == "JOB_STATUS_CHANGE"
+                    and e["data"]["id"] == job_id]
+        src.cmd("job-dismiss", id=job_id)
+        assert job_id not in [j["id"] for j in src.cmd("query-jobs")]
+        return jobs[job_id], statuses
+
+    job, statuses = run_job("snapshot-save", "save0", tag="snap", vmstate="disk0", devices=["disk0"])
+    assert "error" not in job, job
+    assert statuses == ["created", "running", "waiting", "pending", "concluded"], statuses
+    saved = counts(src.text())[-1]
+    src.expect(rf"count {saved + 3}\b", 10)
+    mark = len(src.text())
+    job, _ = run_job("snapshot-load", "load0", tag="snap", vmstate="disk0", devices=["disk0"])
+    assert "error" not in job, job
+    src.expect(r"count \d+", 10, start=mark)
+    assert counts(src.text()[mark:])[0] == saved + 1
+    job, statuses = run_job("snapshot-save", "save1", tag="snap", vmstate="disk0", devices=["disk0"])
+    assert job["error"] == "Snapshot 'snap' already exists in one or more devices", job
+    assert "aborting" in statuses
+    job, _ = run_job("snapshot-save", "save2", tag="other", vmstate="nodisk", devices=["nodisk"])
+    assert "nodisk" in job["error"]
+    job, _ = run_job("snapshot-delete", "del0", tag="snap", devices=["disk0"])
+    assert "error" not in job
+    r = src.qmp.cmd_raw("job-dismiss", {"id": "nope"})
+    assert r["error"]["class"] == "GenericError"
+    src.cmd("quit")
+    src.proc.wait(10)
+    assert subprocess.run(["qemu-img", "check", str(disk)], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+def test_screendump_after_loadvm_equals_the_one_at_savevm(tmp_path, servers):
+    """The display comes back with the snapshot: the screendump after loadvm equals the one
+    taken at savevm (the framebuffer is guest RAM and GPU resources, both saved)."""
+    disk = qcow2_disk(tmp_path)
+    drive = [{"driver": "virtio-blk-device", "id": "disk0", "drive": {"file": str(disk), "format": "qcow2"}}]
+    port = 5900 + random.randint(200, 900)
+    on_screen = "i=0;while,true;do,echo,count,$i;echo,count,$i>/dev/tty1;i=$((i+1));sleep,0.2;done"
+    src = Server(tmp_path, "src", f"console=tty0 console=ttyS0 guest.run={on_screen}", devices=drive,
+                 display={"vnc": {"listen": f"127.0.0.1:{port}"}})
+    servers.append(src)
+    src.connect()
+    src.expect(r"count 10\b", BOOT_TIMEOUT)
+    src.cmd("stop")
+    assert hmp(src, "savevm screen") == ""
+    src.cmd("screendump", filename=str(tmp_path / "at-save.ppm"))
+    src.cmd("cont")
+    src.expect(rf"count {counts(src.text())[-1] + 5}\b", 10)
+    src.cmd("stop")
+    src.cmd("screendump", filename=str(tmp_path / "later.ppm"))
+    assert hmp(src, "loadvm screen") == ""
+    src.cmd("screendump", filename=str(tmp_path / "after-load.ppm"))
+    at_save = (tmp_path / "at-save.ppm").read_bytes()
+    assert (tmp_path / "later.ppm").read_bytes() != at_save, "the screen did not change after the save; the test proves nothing"
+    assert (tmp_path / "after-load.ppm").read_bytes() == at_save
