@@ -134,8 +134,7 @@ public final class QMPServer: Sendable {
                 let channel: any Channel
                 switch spec {
                 case .unix(let path):
-                    channel = try bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).wait()
-                    chmod(path, 0o600)
+                    channel = try Self.bindPrivately { try bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).wait() }
                     state.withLock { $0.unixPaths.append(path) }
                 case .tcp(let host, let port):
                     channel = try bootstrap.bind(host: host, port: port).wait()
@@ -150,6 +149,22 @@ public final class QMPServer: Sendable {
             }
         }
         state.withLock { $0.listeners = bound }
+    }
+
+    /// Serializes `bindPrivately` between servers of one process.
+    private static let umaskLock = Mutex(())
+
+    /// Runs `bind` with the umask at 0177, so that a unix socket file is created with mode
+    /// 0600 from the start (a chmod after bind left it open to everyone for a moment under a
+    /// permissive umask). The umask is process-wide: for the microseconds of a bind, a file
+    /// created by another thread gets at most mode 0600 too; the launch binds before the
+    /// machine runs, when no other thread creates files.
+    private static func bindPrivately<T>(_ bind: () throws -> T) throws -> T {
+        try umaskLock.withLock { _ in
+            let old = umask(0o177)
+            defer { umask(old) }
+            return try bind()
+        }
     }
 
     /// The bound addresses ("unix:PATH" or "tcp:HOST:PORT"), in listener order; useful with port 0.

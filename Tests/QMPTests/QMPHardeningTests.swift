@@ -1,3 +1,4 @@
+import Foundation
 import Schema
 import Testing
 @testable import QMP
@@ -65,5 +66,45 @@ import Testing
         for _ in 0..<1000 { out += s.feed([UInt8](repeating: 0x61, count: 1024)) }  // 1 MB string
         out += s.feed(Array("\"]{}".utf8))
         #expect(out == [.error("JSON token size limit exceeded"), .message(Array("{}".utf8))], "\(out)")
+    }
+}
+
+/// The QMP unix socket must never exist with a mode other than 0600, even under umask 000.
+@Suite(.serialized) struct QMPSocketModeTests {
+    @Test func theUnixSocketIsCreatedWithMode0600FromTheStart() throws {
+        var template = Array("/tmp/qmpmode.XXXXXX".utf8CString)
+        let dir = String(cString: try #require(mkdtemp(&template)))
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/qmp.sock"
+        // Every change to the directory's entries is queued here and read after start():
+        // a chmod after creation shows as IN_ATTRIB, i.e. the socket first had another mode.
+        let watch = inotify_init1(Int32(IN_NONBLOCK))
+        try #require(watch >= 0)
+        defer { close(watch) }
+        #expect(inotify_add_watch(watch, dir, UInt32(IN_CREATE | IN_ATTRIB)) >= 0)
+
+        let server = QMPServer(control: FakeMachine(), chardevs: FakeChardevs())
+        defer { server.shutdown() }
+        let oldMask = umask(0)
+        defer { umask(oldMask) }
+        try server.start(listeners: [.unix(path: path)])
+
+        var st = stat()
+        #expect(lstat(path, &st) == 0)
+        #expect(st.st_mode & 0o777 == 0o600, "mode \(String(st.st_mode & 0o777, radix: 8))")
+        var buf = [UInt8](repeating: 0, count: 4096)
+        let n = buf.withUnsafeMutableBytes { read(watch, $0.baseAddress, $0.count) }
+        var events: [(mask: UInt32, name: String)] = []
+        var o = 0
+        while n > 0 && o + 16 <= n {
+            let mask = buf.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: o + 4, as: UInt32.self) }
+            let len = Int(buf.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: o + 12, as: UInt32.self) })
+            let name = String(decoding: buf[(o + 16)..<(o + 16 + len)].prefix { $0 != 0 }, as: UTF8.self)
+            events.append((mask, name))
+            o += 16 + len
+        }
+        #expect(events.contains { $0.name == "qmp.sock" && $0.mask & UInt32(IN_CREATE) != 0 }, "\(events)")
+        #expect(!events.contains { $0.name == "qmp.sock" && $0.mask & UInt32(IN_ATTRIB) != 0 },
+                "the socket's mode was changed after it was created: \(events)")
     }
 }
