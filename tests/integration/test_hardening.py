@@ -121,3 +121,115 @@ def test_a_serial_write_error_is_reported_once_and_the_guest_keeps_running(tmp_p
     assert len(reports) == 1, r.stderr
     assert "No space left on device" in reports[0], reports
     assert r.returncode == 0, r.stderr  # the guest ran its command and powered off
+
+
+# --- QMP under misbehaving clients -------------------------------------------------------
+
+def start_paused_server(tmp_path, **members):
+    """Starts a paused machine with a QMP unix socket; returns (process, socket path)."""
+    sock = tmp_path / "qmp.sock"
+    cfg = write_description(tmp_path, qmp=[{"backend": "unix", "path": str(sock)}], start="paused", **members)
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen([SERVER, "--config", str(cfg)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert proc.poll() is None, (tmp_path / "server.log").read_text(errors="replace")
+        assert time.monotonic() < deadline, "the QMP socket did not appear"
+        time.sleep(0.05)
+    return proc, sock
+
+
+def stop_server(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("machine-server did not end within 20 s of SIGTERM")
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def qmp_connect(sock, timeout=10):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(str(sock))
+    f = s.makefile("rb")
+    json.loads(f.readline())  # greeting
+    s.sendall(b'{"execute":"qmp_capabilities"}\n')
+    assert "return" in json.loads(f.readline())
+    return s, f
+
+
+def test_qmp_clients_that_never_read_are_throttled_not_buffered(tmp_path):
+    """20 clients send commands as fast as the server takes them and never read a reply. The
+    server used to buffer every reply (2.45 GB after a minute) and starve other clients; it
+    must stop reading from them instead, keep answering a well-behaved client, and give the
+    memory back when they leave."""
+    import threading
+    proc, sock = start_paused_server(tmp_path)
+    stop = threading.Event()
+    flooders = []
+    try:
+        good, good_f = qmp_connect(sock)
+        time.sleep(0.5)
+        baseline = rss_bytes(proc.pid)
+        request = b'{"execute":"query-qmp-schema"}' * 256
+
+        def flood(s):
+            s.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    s.sendall(request)
+                except (socket.timeout, BlockingIOError):
+                    pass  # the server stopped reading from this client: that is the point
+                except OSError:
+                    return
+
+        for _ in range(20):
+            s, _ = qmp_connect(sock)
+            flooders.append(s)
+        threads = [threading.Thread(target=flood, args=(s,), daemon=True) for s in flooders]
+        for t in threads:
+            t.start()
+        worst_latency = 0.0
+        peak = baseline
+        end = time.monotonic() + 15
+        while time.monotonic() < end:
+            t = time.monotonic()
+            good.sendall(b'{"execute":"query-status","id":"probe"}\n')
+            while True:
+                m = json.loads(good_f.readline())
+                if m.get("id") == "probe":
+                    break
+            worst_latency = max(worst_latency, time.monotonic() - t)
+            peak = max(peak, rss_bytes(proc.pid))
+            time.sleep(0.1)
+        stop.set()
+        for t in threads:
+            t.join()
+        print(f"peak growth {(peak - baseline) >> 20} MiB, worst latency {worst_latency:.2f} s")
+        assert peak - baseline < 200 << 20, f"the server grew by {(peak - baseline) >> 20} MiB"
+        assert worst_latency < 2.0, f"a well-behaved client waited {worst_latency:.1f} s for a reply"
+        for s in flooders:
+            s.close()
+        flooders = []
+        time.sleep(2)
+        after = rss_bytes(proc.pid)
+        assert after - baseline < 64 << 20, f"{(after - baseline) >> 20} MiB still held after the clients left"
+        good.sendall(b'{"execute":"query-status","id":"last"}\n')
+        assert json.loads(good_f.readline()).get("id") == "last"
+        good.close()
+    finally:
+        stop.set()
+        for s in flooders:
+            s.close()
+        stop_server(proc)
