@@ -233,3 +233,78 @@ def test_qmp_clients_that_never_read_are_throttled_not_buffered(tmp_path):
         for s in flooders:
             s.close()
         stop_server(proc)
+
+
+# --- VNC under half-open connections ------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rfb_handshake(port, timeout):
+    """A minimal RFB 3.8 viewer: version, security type None, ClientInit; returns the
+    desktop size from ServerInit. Raises on timeout."""
+    deadline = time.monotonic() + timeout
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+    def read(n):
+        data = b""
+        while len(data) < n:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = s.recv(n - len(data))
+            if not chunk:
+                raise AssertionError("the VNC server closed the connection")
+            data += chunk
+        return data
+    try:
+        assert read(12).startswith(b"RFB 003.")
+        s.sendall(b"RFB 003.008\n")
+        count = read(1)[0]
+        types = read(count)
+        assert 1 in types, types
+        s.sendall(b"\x01")
+        assert read(4) == b"\0\0\0\0"
+        s.sendall(b"\x01")
+        init = read(24)
+        read(int.from_bytes(init[20:24], "big"))
+        return int.from_bytes(init[0:2], "big"), int.from_bytes(init[2:4], "big")
+    finally:
+        s.close()
+
+
+def test_half_open_vnc_connections_block_neither_a_viewer_nor_shutdown(tmp_path):
+    """20 connections that send a few bytes and go quiet used to hold libvncserver's event
+    thread (a 4-byte peek that spins on fewer bytes, then blocking reads of partial messages):
+    no viewer got in and SIGTERM never ended the server."""
+    port = free_port()
+    proc, sock = start_paused_server(tmp_path, display={"vnc": {"listen": f"127.0.0.1:{port}"}})
+    stalled = []
+    try:
+        for i in range(20):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if i % 2 == 0:
+                s.sendall(b"RF")  # part of a handshake, before the server spoke
+            stalled.append(s)
+        time.sleep(0.5)
+        for s in stalled[1::2]:
+            s.sendall(b"RFB 00")  # after the server's greeting: part of the version
+        time.sleep(0.2)
+        start = time.monotonic()
+        width, height = rfb_handshake(port, timeout=5)
+        assert width > 0 and height > 0
+        assert time.monotonic() - start < 5
+        start = time.monotonic()
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("machine-server did not end within 20 s of SIGTERM with half-open VNC clients")
+        assert proc.returncode == 0, proc.returncode
+    finally:
+        for s in stalled:
+            s.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
