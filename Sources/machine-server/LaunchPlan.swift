@@ -51,18 +51,18 @@ struct LaunchPlan {
         func resolve(_ path: String) -> String {
             path.hasPrefix("/") ? path : (baseDirectory as NSString).appendingPathComponent(path)
         }
-        name = options.name ?? d.name
-        startPaused = options.paused || d.start == .paused
-        cpuCount = Int(d.cpus)
-        memoryBytes = d.memoryBytes
-        let ram = memoryBytes
         /// A boot image: a readable regular file no larger than guest RAM (checked by fstat,
         /// without reading it).
         func readableFile(_ field: String, _ path: String) throws -> String {
             let full = resolve(path)
-            try Self.checkRegularFile(field, full, limit: ram, limitName: "the guest RAM")
+            try Self.checkRegularFile(field, full, limit: d.memoryBytes, limitName: "the guest RAM")
             return full
         }
+
+        name = options.name ?? d.name
+        startPaused = options.paused || d.start == .paused
+        cpuCount = Int(d.cpus)
+        memoryBytes = d.memoryBytes
 
         switch d.firmware {
         case "none"?:
