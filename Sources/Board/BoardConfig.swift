@@ -18,16 +18,46 @@ public enum BootFile: Sendable, Equatable {
     }
 
     /// Reads the image's bytes; throws `BoardError.unreadableFile` naming the file.
-    public func load() throws -> [UInt8] {
+    ///
+    /// A file is opened non-blocking and checked with fstat before it is read: it must be a
+    /// regular file (a FIFO or device would block or never end), and one larger than `limit`
+    /// bytes is refused as `MachineError.imageTooLarge(what:)` without reading any of it.
+    public func load(what: String = "boot image", limit: UInt64 = .max) throws -> [UInt8] {
         switch self {
-        case .bytes(_, let b): return b
-        case .path(let p):
-            do {
-                return [UInt8](try Data(contentsOf: URL(fileURLWithPath: p)))
-            } catch {
-                throw BoardError.unreadableFile(path: p, reason: (error as NSError).localizedDescription)
+        case .bytes(_, let b):
+            guard UInt64(b.count) <= limit else {
+                throw MachineError.imageTooLarge(what: what, size: UInt64(b.count), room: limit)
             }
+            return b
+        case .path(let p):
+            return try Self.readRegularFile(p, what: what, limit: limit)
         }
+    }
+
+    static func readRegularFile(_ path: String, what: String, limit: UInt64) throws -> [UInt8] {
+        func failure(_ e: Int32) -> BoardError { .unreadableFile(path: path, reason: String(cString: strerror(e))) }
+        let fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY)
+        guard fd >= 0 else { throw failure(errno) }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw failure(errno) }
+        guard st.st_mode & S_IFMT == S_IFREG else {
+            throw BoardError.unreadableFile(path: path, reason: "not a regular file")
+        }
+        let size = UInt64(max(0, st.st_size))
+        guard size <= limit else { throw MachineError.imageTooLarge(what: what, size: size, room: limit) }
+        var bytes = [UInt8](repeating: 0, count: Int(size))
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, $0.count - done, off_t(done)) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw failure(errno)
+            }
+            if n == 0 { break }  // the file shrank while it was read
+            done += n
+        }
+        return done == bytes.count ? bytes : Array(bytes[0..<done])
     }
 }
 

@@ -103,20 +103,22 @@ public struct BootLoader: Sendable {
         self.ram = ram
         var fw: PlacedImage? = nil
         if let firmware {
-            fw = try Self.place(what: "firmware '\(firmware.displayName)'", bytes: try firmware.load(),
+            let what = "firmware '\(firmware.displayName)'"
+            fw = try Self.place(what: what, bytes: try firmware.load(what: what, limit: ram.size),
                                 rawAt: ram.base, ram: ram, linuxHeader: false)
         }
         let kernelBase = GuestPhysicalAddress(Self.alignUp(fw?.end.raw ?? ram.base.raw, Self.alignment))
         var k: PlacedImage? = nil
         if let kernel {
-            k = try Self.place(what: "kernel '\(kernel.displayName)'", bytes: try kernel.load(),
+            let what = "kernel '\(kernel.displayName)'"
+            k = try Self.place(what: what, bytes: try kernel.load(what: what, limit: ram.size),
                                rawAt: kernelBase, ram: ram, linuxHeader: true)
         }
         var rd: PlacedImage? = nil
         var rdRegion: GuestRegion? = nil
         if let initrd {
             let what = "initrd '\(initrd.displayName)'"
-            let bytes = try initrd.load()
+            let bytes = try initrd.load(what: what, limit: ram.size)
             let start = (k?.entry ?? kernelBase) + min(ram.size / 2, 128 << 20)
             guard ram.contains(start) else {
                 throw MachineError.imageTooLarge(what: what, size: UInt64(bytes.count), room: 0)

@@ -134,8 +134,7 @@ public final class QMPServer: Sendable {
                 let channel: any Channel
                 switch spec {
                 case .unix(let path):
-                    channel = try bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).wait()
-                    chmod(path, 0o600)
+                    channel = try Self.bindPrivately { try bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).wait() }
                     state.withLock { $0.unixPaths.append(path) }
                 case .tcp(let host, let port):
                     channel = try bootstrap.bind(host: host, port: port).wait()
@@ -150,6 +149,22 @@ public final class QMPServer: Sendable {
             }
         }
         state.withLock { $0.listeners = bound }
+    }
+
+    /// Serializes `bindPrivately` between servers of one process.
+    private static let umaskLock = Mutex(())
+
+    /// Runs `bind` with the umask at 0177, so that a unix socket file is created with mode
+    /// 0600 from the start (a chmod after bind left it open to everyone for a moment under a
+    /// permissive umask). The umask is process-wide: for the microseconds of a bind, a file
+    /// created by another thread gets at most mode 0600 too; the launch binds before the
+    /// machine runs, when no other thread creates files.
+    private static func bindPrivately<T>(_ bind: () throws -> T) throws -> T {
+        try umaskLock.withLock { _ in
+            let old = umask(0o177)
+            defer { umask(old) }
+            return try bind()
+        }
     }
 
     /// The bound addresses ("unix:PATH" or "tcp:HOST:PORT"), in listener order; useful with port 0.
@@ -202,7 +217,7 @@ public final class QMPServer: Sendable {
         clock_gettime(CLOCK_REALTIME, &ts)
         let message = QMPSession.eventMessage(event, seconds: Int64(ts.tv_sec), microseconds: Int64(ts.tv_nsec / 1000))
         let targets = state.withLock { Array($0.connections.values) }
-        for c in targets where c.isNegotiated { c.send(message) }
+        for c in targets where c.isNegotiated { c.sendEvent(message) }
     }
 
     private func broadcast(_ event: MachineEvent) {
@@ -231,11 +246,20 @@ extension Schema.ShutdownCause {
 
 /// One client connection: its channel, its command queue and its executor.
 /// Thread-safe; the negotiated flag is set on the I/O thread and read by event broadcasts.
+///
+/// Output is bounded: `pendingOutputBytes` counts what was handed to the channel and not yet
+/// written to the socket. Replies are throttled upstream (the handler stops reading and
+/// executing while the channel is not writable); an event that would push a client that has
+/// stopped reading past `QMPConnection.maxPendingOutput` closes that client instead.
 final class QMPConnection: Sendable {
+    /// The most unwritten output kept for one client before it is disconnected.
+    static let maxPendingOutput = 4 << 20
+
     let channel: any Channel
     let executor: QMPCommandExecutor
     private let queue = DispatchQueue(label: "machine-server.qmp.connection")
     private let negotiated = Atomic<Bool>(false)
+    private let pending = Atomic<Int>(0)
     private let machine: any MachineControl
 
     fileprivate init(channel: any Channel, server: QMPServer, executor: QMPCommandExecutor) {
@@ -247,18 +271,38 @@ final class QMPConnection: Sendable {
     var isNegotiated: Bool { negotiated.load(ordering: .acquiring) }
     func markNegotiated() { negotiated.store(true, ordering: .releasing) }
 
+    /// Bytes handed to the channel and not yet written to the socket.
+    var pendingOutputBytes: Int { pending.load(ordering: .relaxed) }
+
     /// Writes one message followed by CRLF.
     @discardableResult
     func send(_ message: JSONValue) -> EventLoopFuture<Void> {
         var buffer = channel.allocator.buffer(capacity: 256)
         buffer.writeString(message.serialized())
         buffer.writeString("\r\n")
-        return channel.writeAndFlush(buffer)
+        let n = buffer.readableBytes
+        pending.add(n, ordering: .relaxed)
+        let written = channel.writeAndFlush(buffer)
+        written.whenComplete { [self] _ in pending.subtract(n, ordering: .relaxed) }
+        return written
     }
 
-    /// Queues an action behind earlier ones so replies keep request order.
-    func perform(_ action: QMPSession.Action) {
+    /// Sends an event unless the client has stopped reading: past `maxPendingOutput` bytes of
+    /// unwritten output the connection is closed instead (QEMU likewise stops serving a
+    /// monitor client that does not read).
+    func sendEvent(_ message: JSONValue) {
+        if pendingOutputBytes > Self.maxPendingOutput {
+            channel.close(promise: nil)
+            return
+        }
+        send(message)
+    }
+
+    /// Queues an action behind earlier ones so replies keep request order; `done` runs (on
+    /// the connection's queue) once the action has run and its output was handed to the channel.
+    func perform(_ action: QMPSession.Action, done: (@Sendable () -> Void)? = nil) {
         queue.async { [self] in
+            defer { done?() }
             switch action {
             case .send(let m):
                 send(m)
@@ -285,12 +329,29 @@ final class QMPConnection: Sendable {
 
 /// The NIO handler: feeds bytes to the connection's `QMPSession` and hands the resulting actions
 /// to the connection. Lives on the channel's event loop.
-final class QMPChannelHandler: ChannelInboundHandler {
+///
+/// Flow control, like QEMU's monitor (which suspends reading from a client while its requests
+/// are queued): at most `maxInFlight` actions are on the connection's queue, so that the
+/// dispatch pool serves every client in turn and one client's burst cannot queue up work ahead
+/// of the others; the rest of a read's actions wait here, and nothing more is read from the socket while actions wait or while the channel is
+/// not writable (its unwritten output is above NIO's high-water mark). A client that sends
+/// commands and never reads its replies is thereby throttled by TCP/unix backpressure, and the
+/// server holds at most one read's worth of parsed actions and a bounded amount of output for it.
+final class QMPChannelHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+
+    /// Actions handed to the connection's queue at once: one, so commands of different
+    /// clients interleave (replies still keep request order).
+    static let maxInFlight = 1
 
     private let server: QMPServer
     private var session: QMPSession
     private var connection: QMPConnection?
+    private var waiting: [QMPSession.Action] = []
+    private var waitingHead = 0
+    private var inFlight = 0
+    private var readWithheld = false
 
     init(server: QMPServer) {
         self.server = server
@@ -309,16 +370,64 @@ final class QMPChannelHandler: ChannelInboundHandler {
         guard let c = connection else { return }
         let actions = session.receive(buffer.readableBytesView)
         if session.negotiated && !c.isNegotiated { c.markNegotiated() }
-        for a in actions { c.perform(a) }
+        waiting += actions
+        pump(context: context)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        pump(context: context)
+        context.fireChannelWritabilityChanged()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if mustWait(context) {
+            readWithheld = true
+        } else {
+            context.read()
+        }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
         if let c = connection { server.remove(c) }
         connection = nil
+        waiting = []
+        waitingHead = 0
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
+    }
+
+    private func mustWait(_ context: ChannelHandlerContext) -> Bool {
+        waitingHead < waiting.count || inFlight >= Self.maxInFlight || !context.channel.isWritable
+    }
+
+    /// Hands waiting actions to the connection while there is room, then resumes reading when
+    /// nothing is held back.
+    private func pump(context: ChannelHandlerContext) {
+        guard let c = connection else { return }
+        while waitingHead < waiting.count && inFlight < Self.maxInFlight && context.channel.isWritable {
+            let action = waiting[waitingHead]
+            waitingHead += 1
+            inFlight += 1
+            let loop = context.eventLoop
+            let bound = NIOLoopBound((self, context), eventLoop: loop)
+            c.perform(action) {
+                loop.execute {
+                    let (handler, ctx) = bound.value
+                    handler.inFlight -= 1
+                    handler.pump(context: ctx)
+                }
+            }
+        }
+        if waitingHead == waiting.count {
+            waiting.removeAll(keepingCapacity: waiting.count <= 64)
+            waitingHead = 0
+        }
+        if readWithheld && !mustWait(context) {
+            readWithheld = false
+            context.read()
+        }
     }
 }

@@ -61,10 +61,9 @@ public struct QMPSession: Sendable {
             switch out {
             case .message(let text):
                 actions.append(handle(text))
-            case .overLimit(let why):
-                actions.append(.send(QMPSession.reply(id: nil, result: .failure(QMPError(.genericError, "JSON parse error, \(why)")))))
-                actions.append(.close)
-                return actions
+            case .error(let description):
+                // As QEMU: answer the bad input and keep reading (the splitter has resynchronized).
+                actions.append(.send(QMPSession.reply(id: nil, result: .failure(QMPError(.genericError, description)))))
             }
         }
         return actions

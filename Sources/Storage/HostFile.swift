@@ -25,15 +25,46 @@ public final class HostFile: @unchecked Sendable {
     ]
 
     /// Opens `path`; `create` creates or truncates it.
+    ///
+    /// Only a regular file or a block device is accepted. The file is opened non-blocking and
+    /// checked with fstat before anything else touches it, so a FIFO, socket or character
+    /// device given as an image (or as a backing file) is refused at once instead of blocking
+    /// in open or read forever.
     public init(path: String, readOnly: Bool, create: Bool = false) throws {
         self.path = path
         self.readOnly = readOnly
         var flags = readOnly ? O_RDONLY : O_RDWR
         if create { flags |= O_CREAT | O_TRUNC }
-        flags |= O_CLOEXEC
+        flags |= O_CLOEXEC | O_NONBLOCK | O_NOCTTY
         let fd = open(path, flags, 0o644)
         guard fd >= 0 else { throw Self.error(path, "open", errno) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            let e = errno
+            close(fd)
+            throw Self.error(path, "stat", e)
+        }
+        let kind = st.st_mode & S_IFMT
+        guard kind == S_IFREG || kind == S_IFBLK else {
+            close(fd)
+            throw StorageError.notAFile(path: path, kind: Self.fileKind(kind))
+        }
+        // Regular files and block devices never block; clear O_NONBLOCK all the same so that
+        // reads and writes behave as on an ordinary descriptor.
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
         self.fd = fd
+    }
+
+    /// A human name for a file type from `st_mode & S_IFMT`.
+    static func fileKind(_ kind: mode_t) -> String {
+        switch kind {
+        case S_IFIFO: return "a FIFO"
+        case S_IFCHR: return "a character device"
+        case S_IFSOCK: return "a socket"
+        case S_IFDIR: return "a directory"
+        case S_IFLNK: return "a symbolic link"
+        default: return "a special file"
+        }
     }
 
     deinit { close(fd) }

@@ -50,6 +50,10 @@ extension Qcow2Image {
             ref(offset, UInt64(table.count) * 8, "L1 table")
             var lastHost: UInt64?
             for (i, e) in table.enumerated() {
+                if e & Self.l1ReservedMask != 0 {
+                    r.corruptions += 1
+                    r.messages.append("ERROR found L1 entry with reserved bits set: 0x\(String(e, radix: 16))")
+                }
                 let l2 = e & Self.offsetMask
                 guard l2 != 0 else { continue }
                 guard l2 % cs == 0, l2 / cs < nClusters else {
@@ -76,6 +80,10 @@ extension Qcow2Image {
                     switch m {
                     case .unallocated: break
                     case .zero(let host, let copied), .data(let host, let copied):
+                        if host != 0 && entry & Self.l2ReservedMask != 0 {
+                            r.corruptions += 1
+                            r.messages.append("ERROR found L2 entry with reserved bits set: 0x\(String(entry, radix: 16))")
+                        }
                         if host != 0 {
                             ref(host, cs, "data cluster")
                             if active {

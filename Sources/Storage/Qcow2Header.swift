@@ -157,8 +157,9 @@ public struct Qcow2Header: Sendable, Equatable {
         }
 
         if h.backingFileOffset != 0 {
-            guard h.backingFileSize > 0, h.backingFileSize <= 1023,
-                  h.backingFileOffset + UInt64(h.backingFileSize) <= min(cs, UInt64(bytes.count)) else {
+            let (end, overflow) = h.backingFileOffset.addingReportingOverflow(UInt64(h.backingFileSize))
+            guard h.backingFileSize > 0, h.backingFileSize <= 1023, !overflow,
+                  end <= min(cs, UInt64(bytes.count)) else {
                 throw bad("backing file name (\(h.backingFileSize) bytes at \(h.backingFileOffset)) is invalid")
             }
             let start = Int(h.backingFileOffset)

@@ -31,6 +31,10 @@ public final class Qcow2Image: BlockImage, @unchecked Sendable {
     static let copiedBit: UInt64 = 1 << 63
     static let compressedBit: UInt64 = 1 << 62
     static let zeroBit: UInt64 = 1
+    /// Bits of an L1 entry that must be zero (QEMU's L1E_RESERVED_MASK): 0-8 and 56-62.
+    static let l1ReservedMask: UInt64 = 0x7f00_0000_0000_01ff
+    /// Bits of a standard (uncompressed) L2 entry that must be zero (L2E_STD_RESERVED_MASK).
+    static let l2ReservedMask: UInt64 = 0x3f00_0000_0000_01fe
     /// Deepest backing chain accepted.
     public static let maxBackingDepth = 32
 
@@ -107,7 +111,8 @@ public final class Qcow2Image: BlockImage, @unchecked Sendable {
         for (i, e) in l1.enumerated() {
             let off = e & Self.offsetMask
             guard off != 0 else { continue }
-            guard e & 0x1ff == 0, off % cs == 0 else { throw bad("L1 entry \(i) has an unaligned L2 offset 0x\(String(off, radix: 16))") }
+            // Reserved bits are not fatal here (QEMU reads such images too); `check` reports them.
+            guard off % cs == 0 else { throw bad("L1 entry \(i) has an unaligned L2 offset 0x\(String(off, radix: 16))") }
             guard off < fileSize, cs <= fileSize - off || off + cs <= (fileSize + cs - 1) / cs * cs else {
                 throw bad("L1 entry \(i) points outside the image file (0x\(String(off, radix: 16)))")
             }

@@ -17,6 +17,9 @@ public enum StorageError: Error, Equatable, CustomStringConvertible {
     case invalidArgument(String)
     /// A backing chain that loops or is absurdly deep.
     case backingChain(path: String, reason: String)
+    /// The path names something that cannot hold an image (a FIFO, socket, character device
+    /// or directory); `kind` says which ("a FIFO").
+    case notAFile(path: String, kind: String)
 
     public var description: String {
         switch self {
@@ -29,6 +32,7 @@ public enum StorageError: Error, Equatable, CustomStringConvertible {
         case .outOfRange(let o, let l, let s): return "Request of \(l) bytes at offset \(o) is beyond the image size \(s)"
         case .invalidArgument(let m): return m
         case .backingChain(let p, let r): return "Backing chain of '\(p)': \(r)"
+        case .notAFile(let p, let k): return "Could not open '\(p)': it is \(k), not a regular file or block device"
         }
     }
 }

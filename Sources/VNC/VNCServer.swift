@@ -97,14 +97,34 @@ public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked S
     private var fbHeight = 0
     private var fbFormat = PixelFormat.r8g8b8x8
     private var clientStates: [Int: ClientState] = [:]
+    /// Accepted connections not yet handed to libvncserver (see `admitPendingViewers`).
+    private var pendingViewers: [PendingViewer] = []
 
     private final class ClientState {
         var keys = KeyMapper()
         var pointer = PointerMapper()
         var info: RemoteDisplayInfo.Client
         var initialized = false
+        /// Since when the client's next message has been incomplete (nil: it is not).
+        var partialSince: DispatchTime?
         init(info: RemoteDisplayInfo.Client) { self.info = info }
     }
+
+    private struct PendingViewer {
+        var fd: Int32
+        var accepted: DispatchTime
+    }
+
+    /// How long a plain RFB viewer stays silent before it is handed to libvncserver (it waits
+    /// for the server's greeting; a WebSocket client speaks first).
+    static let silentViewerDelay: UInt64 = 150_000_000
+    /// How long a connection may take to send its first complete message (the WebSocket
+    /// request, or the rest of a message it started) before it is closed.
+    static let stalledClientTimeout: UInt64 = 10_000_000_000
+    /// libvncserver's limit for one blocking read or write on a client (ms); the default is
+    /// 20 s. Writes to a viewer that stops reading can still hold the event thread this long
+    /// (select granularity is 5 s) before the viewer is dropped.
+    static let maxClientWaitMilliseconds: Int32 = 5000
 
     private struct Listener {
         var fd: Int32
@@ -170,7 +190,10 @@ public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked S
         guard wasRunning else { return }
         display.removeListener(self)
         stopRequested.store(true, ordering: .sequentiallyConsistent)
-        finished.wait()
+        if finished.wait(timeout: .now() + 10) == .timedOut {
+            // Never let shutdown hang on the event thread (it keeps this object alive).
+            logger.warning("the VNC event thread did not stop within 10 s; leaving it behind")
+        }
     }
 
     // MARK: RemoteDisplayServer
@@ -258,6 +281,7 @@ public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked S
         scr.pointee.ipv6port = 0
         scr.pointee.autoPort = 0
         scr.pointee.alwaysShared = 1
+        scr.pointee.maxClientWait = Self.maxClientWaitMilliseconds
         // No server-drawn cursor: libvncserver would paint it into the framebuffer and later
         // restore stale pixels from under it over what the guest drew meanwhile.
         scr.pointee.cursor = nil
@@ -311,10 +335,14 @@ public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked S
         guard let scr = screen else { return }
         while !stopRequested.load(ordering: .sequentiallyConsistent) {
             applyDisplayChanges(scr)
+            holdIncompleteClients(scr)
             rfbProcessEvents(scr, 10_000)
             acceptViewers(scr)
+            admitPendingViewers(scr)
             noticeInitializedClients(scr)
         }
+        for p in pendingViewers { close(p.fd) }
+        pendingViewers = []
         rfbShutdownServer(scr, 1)
         rfbScreenCleanup(scr)
         screen = nil
@@ -374,8 +402,193 @@ public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked S
             while true {
                 let fd = accept(l.fd, nil, nil)
                 if fd < 0 { break }
-                _ = rfbNewClient(scr, fd)
+                _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+                _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+                pendingViewers.append(PendingViewer(fd: fd, accepted: .now()))
             }
+        }
+    }
+
+    /// Bytes waiting in a socket's receive queue (FIONREAD).
+    private static func available(_ fd: Int32) -> Int {
+        var n: Int32 = 0
+        return ioctl(fd, UInt(FIONREAD), &n) == 0 ? Int(n) : 0
+    }
+
+    /// Copies up to `count` waiting bytes without consuming them.
+    private static func peek(_ fd: Int32, _ count: Int) -> [UInt8] {
+        var buf = [UInt8](repeating: 0, count: count)
+        let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_PEEK) | Int32(MSG_DONTWAIT)) }
+        return n > 0 ? Array(buf[0..<n]) : []
+    }
+
+    /// True when the peer closed its side (a zero-byte read is waiting).
+    private static func peerClosed(_ fd: Int32) -> Bool {
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&pfd, 1, 0) == 1 else { return false }
+        if pfd.revents & Int16(POLLERR | POLLNVAL) != 0 { return true }
+        var b: UInt8 = 0
+        return recv(fd, &b, 1, Int32(MSG_PEEK) | Int32(MSG_DONTWAIT)) == 0
+    }
+
+    /// Hands accepted connections to libvncserver only when its handshake check
+    /// (`webSocketsCheck` in `rfbNewClient`, which peeks at 4 bytes with blocking reads and
+    /// spins forever on a client that sent 1 to 3 bytes) cannot block: after 150 ms of silence
+    /// (a plain RFB viewer, which waits for the server to speak first), or once a WebSocket
+    /// request's headers are complete. A connection that sends a few bytes and goes quiet is
+    /// closed after 10 s without ever reaching libvncserver. Event thread.
+    private func admitPendingViewers(_ scr: rfbScreenInfoPtr) {
+        guard !pendingViewers.isEmpty else { return }
+        let now = DispatchTime.now().uptimeNanoseconds
+        var keep: [PendingViewer] = []
+        for p in pendingViewers {
+            let age = now - p.accepted.uptimeNanoseconds
+            let waiting = Self.available(p.fd)
+            var admit = false
+            var drop = false
+            if waiting == 0 {
+                if Self.peerClosed(p.fd) { drop = true } else { admit = age >= Self.silentViewerDelay }
+            } else if waiting >= 4 {
+                let head = Self.peek(p.fd, min(waiting, 8192))
+                if head.starts(with: Array("GET ".utf8)) {
+                    // The WebSocket handshake reads the request line by line: wait for all of it.
+                    let complete = head.count >= 4 && (0...(head.count - 4)).contains { i in
+                        head[i] == 13 && head[i + 1] == 10 && head[i + 2] == 13 && head[i + 3] == 10
+                    }
+                    admit = complete
+                    drop = !complete && head.count >= 8192
+                } else if head.first == 0x16 || head.first == 0x80 {
+                    drop = true  // TLS (wss): not configured
+                } else {
+                    admit = true  // "RFB " or garbage: libvncserver decides without blocking
+                }
+            }
+            if !admit && !drop && age >= Self.stalledClientTimeout { drop = true }
+            if drop {
+                close(p.fd)
+            } else if admit {
+                // With SO_RCVLOWAT 4, select() in libvncserver's 4-byte peek stays quiet until 4
+                // bytes arrive, so bytes trickling in during its 100 ms wait cannot make it spin.
+                var lowat: Int32 = 4
+                setsockopt(p.fd, SOL_SOCKET, SO_RCVLOWAT, &lowat, socklen_t(MemoryLayout<Int32>.size))
+                let cl = rfbNewClient(scr, p.fd)
+                if cl != nil {
+                    lowat = 1
+                    setsockopt(p.fd, SOL_SOCKET, SO_RCVLOWAT, &lowat, socklen_t(MemoryLayout<Int32>.size))
+                }
+            } else {
+                keep.append(p)
+            }
+        }
+        pendingViewers = keep
+    }
+
+    /// The bytes libvncserver will read at once for the client's next message, judged from
+    /// what is waiting on the socket; nil when that cannot be told (libvncserver then decides).
+    /// Only message types whose length is certain are measured.
+    private static func nextMessageLength(state: Int, head: [UInt8]) -> Int? {
+        switch state {
+        case Int(RFB_PROTOCOL_VERSION): return 12
+        case Int(RFB_SECURITY_TYPE): return 1
+        case Int(RFB_AUTHENTICATION): return 16
+        case Int(RFB_INITIALISATION): return 1
+        case Int(RFB_NORMAL):
+            guard let type = head.first else { return 1 }
+            func u16(_ o: Int) -> Int? { head.count >= o + 2 ? Int(head[o]) << 8 | Int(head[o + 1]) : nil }
+            func u32(_ o: Int) -> Int? {
+                head.count >= o + 4 ? (0..<4).reduce(0) { $0 << 8 | Int(head[o + $1]) } : nil
+            }
+            switch Int32(type) {
+            case rfbSetPixelFormat: return 20
+            case rfbSetEncodings: return u16(2).map { 4 + 4 * $0 } ?? 4
+            case rfbFramebufferUpdateRequest: return 10
+            case rfbKeyEvent: return 8
+            case rfbPointerEvent: return 6
+            case rfbClientCutText:
+                // The length is signed: negative for the extended clipboard format.
+                guard let raw = u32(4) else { return 8 }
+                let length = Int(Int32(bitPattern: UInt32(raw))).magnitude
+                return 8 + Int(min(length, 1 << 24))
+            default: return nil
+            }
+        default: return nil
+        }
+    }
+
+    /// Adds `fd` to (`held` false) or removes it from (`held` true) an fd_set, as FD_SET and
+    /// FD_CLR do (the macros are not visible to Swift).
+    private static func setSelected(_ fd: Int32, _ held: Bool, in set: inout fd_set) {
+        guard fd >= 0 && fd < Int32(FD_SETSIZE) else { return }
+        withUnsafeMutableBytes(of: &set) { raw in
+            let words = raw.bindMemory(to: UInt.self)
+            let bits = UInt.bitWidth
+            let bit = UInt(1) << UInt(Int(fd) % bits)
+            if held { words[Int(fd) / bits] &= ~bit } else { words[Int(fd) / bits] |= bit }
+        }
+    }
+
+    /// The length of the WebSocket frame at the start of `head`, or nil while its header is
+    /// incomplete.
+    private static func webSocketFrameLength(_ head: [UInt8]) -> Int? {
+        guard head.count >= 2 else { return nil }
+        let masked = head[1] & 0x80 != 0
+        var length = Int(head[1] & 0x7f)
+        var header = 2
+        if length == 126 {
+            guard head.count >= 4 else { return nil }
+            length = Int(head[2]) << 8 | Int(head[3])
+            header = 4
+        } else if length == 127 {
+            guard head.count >= 10 else { return nil }
+            length = Int(min((2...9).reduce(UInt64(0)) { $0 << 8 | UInt64(head[$1]) }, 1 << 24))
+            header = 10
+        }
+        return header + (masked ? 4 : 0) + length
+    }
+
+    /// Lets libvncserver look only at clients whose next message has fully arrived (or that
+    /// closed): every other client's socket is kept out of its select set and put on hold
+    /// (`onHold`), so libvncserver's blocking read of a message never waits for bytes a stalled
+    /// client will not send, and bytes that arrive while it waits in select cannot wake it for
+    /// an incomplete message. A client whose message stays incomplete for 10 s is closed.
+    /// Event thread, before `rfbProcessEvents`.
+    private func holdIncompleteClients(_ scr: rfbScreenInfoPtr) {
+        let now = DispatchTime.now()
+        var stalled: [rfbClientPtr] = []
+        let it = rfbGetClientIterator(scr)
+        while let cl = rfbClientIteratorNext(it) {
+            let fd = cl.pointee.sock
+            guard fd >= 0 else { continue }
+            let waiting = Self.available(fd)
+            var partial = false
+            if waiting > 0 {
+                let needed: Int?
+                if cl.pointee.wsctx != nil {
+                    needed = Self.webSocketFrameLength(Self.peek(fd, min(waiting, 16))) ?? Int.max  // header incomplete
+                } else {
+                    needed = Self.nextMessageLength(state: Int(cl.pointee.state), head: Self.peek(fd, min(waiting, 8)))
+                }
+                if let needed { partial = waiting < needed }
+            }
+            let selected = waiting > 0 ? !partial : Self.peerClosed(fd)
+            cl.pointee.onHold = partial ? 1 : 0
+            Self.setSelected(fd, !selected, in: &scr.pointee.allFds)
+            if let st = clientStates[Int(bitPattern: cl)] {
+                if !partial {
+                    st.partialSince = nil
+                } else if let since = st.partialSince {
+                    if now.uptimeNanoseconds - since.uptimeNanoseconds >= Self.stalledClientTimeout { stalled.append(cl) }
+                } else {
+                    st.partialSince = now
+                }
+            }
+        }
+        rfbReleaseClientIterator(it)
+        for cl in stalled {
+            Self.setSelected(cl.pointee.sock, false, in: &scr.pointee.allFds)
+            logger.info("VNC viewer \(clientStates[Int(bitPattern: cl)]?.info.host ?? "?") sent an incomplete message and went quiet; disconnecting it")
+            cl.pointee.onHold = 0
+            rfbCloseClient(cl)
         }
     }
 

@@ -38,14 +38,9 @@ struct LaunchPlan {
     /// Throws `LaunchError` naming the offending file, option or description field.
     init(options: MachineServerCommand) throws {
         let configPath = options.config
-        guard FileManager.default.fileExists(atPath: configPath) else {
-            throw LaunchError("--config: '\(configPath)' does not exist")
-        }
-        let text: String
-        do {
-            text = try String(contentsOfFile: configPath, encoding: .utf8)
-        } catch {
-            throw LaunchError("--config: cannot read '\(configPath)': \(Self.reason(error))")
+        let configBytes = try Self.readRegularFile("--config", configPath, limit: Self.maxDescriptionBytes)
+        guard let text = String(validating: configBytes, as: UTF8.self) else {
+            throw LaunchError("--config: '\(configPath)' is not UTF-8 text")
         }
         let d: MachineDescription
         do {
@@ -58,15 +53,11 @@ struct LaunchPlan {
         func resolve(_ path: String) -> String {
             path.hasPrefix("/") ? path : (baseDirectory as NSString).appendingPathComponent(path)
         }
+        /// A boot image: a readable regular file no larger than guest RAM (checked by fstat,
+        /// without reading it).
         func readableFile(_ field: String, _ path: String) throws -> String {
             let full = resolve(path)
-            var isDirectory: ObjCBool = false
-            guard FileManager.default.fileExists(atPath: full, isDirectory: &isDirectory) else {
-                throw LaunchError("\(field): '\(full)' does not exist")
-            }
-            guard !isDirectory.boolValue, FileManager.default.isReadableFile(atPath: full) else {
-                throw LaunchError("\(field): '\(full)' is not a readable file")
-            }
+            try Self.checkRegularFile(field, full, limit: d.memoryBytes, limitName: "the guest RAM")
             return full
         }
 
@@ -160,11 +151,64 @@ struct LaunchPlan {
         }
     }
 
-    private static func reason(_ error: any Error) -> String {
-        let ns = error as NSError
-        if let underlying = ns.userInfo[NSUnderlyingErrorKey] as? NSError, underlying.domain == NSPOSIXErrorDomain {
-            return String(cString: strerror(Int32(underlying.code)))
+    /// The largest machine description read (a description is a few kilobytes).
+    static let maxDescriptionBytes: UInt64 = 16 << 20
+
+    /// Opens `path` non-blocking, checks with fstat that it is a regular file of at most
+    /// `limit` bytes, and returns the open descriptor. Never blocks (a FIFO is refused, not
+    /// opened for reading) and never reads. Throws `LaunchError` starting with `field`.
+    private static func openRegularFile(_ field: String, _ path: String, limit: UInt64, limitName: String) throws -> (fd: Int32, size: UInt64) {
+        let fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY)
+        guard fd >= 0 else {
+            let e = errno
+            switch e {
+            case ENOENT: throw LaunchError("\(field): '\(path)' does not exist")
+            case EACCES: throw LaunchError("\(field): '\(path)' is not readable (permission denied)")
+            default: throw LaunchError("\(field): cannot open '\(path)': \(String(cString: strerror(e)))")
+            }
         }
-        return ns.localizedDescription
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            let e = errno
+            close(fd)
+            throw LaunchError("\(field): cannot stat '\(path)': \(String(cString: strerror(e)))")
+        }
+        let kind = st.st_mode & S_IFMT
+        guard kind == S_IFREG else {
+            close(fd)
+            let what = kind == S_IFDIR ? "a directory" : kind == S_IFIFO ? "a FIFO" : kind == S_IFCHR ? "a character device"
+                : kind == S_IFBLK ? "a block device" : kind == S_IFSOCK ? "a socket" : "a special file"
+            throw LaunchError("\(field): '\(path)' is \(what), not a regular file")
+        }
+        let size = UInt64(max(0, st.st_size))
+        guard size <= limit else {
+            close(fd)
+            throw LaunchError("\(field): '\(path)' is \(size) bytes, larger than \(limitName) (\(limit) bytes)")
+        }
+        return (fd, size)
+    }
+
+    /// Checks that `path` is a readable regular file of at most `limit` bytes (see
+    /// `openRegularFile`), without reading it.
+    static func checkRegularFile(_ field: String, _ path: String, limit: UInt64, limitName: String) throws {
+        close(try openRegularFile(field, path, limit: limit, limitName: limitName).fd)
+    }
+
+    /// Reads a regular file of at most `limit` bytes; errors name `field`.
+    static func readRegularFile(_ field: String, _ path: String, limit: UInt64) throws -> [UInt8] {
+        let (fd, size) = try openRegularFile(field, path, limit: limit, limitName: "the limit for this file")
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0, count: Int(size))
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, $0.count - done, off_t(done)) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw LaunchError("\(field): cannot read '\(path)': \(String(cString: strerror(errno)))")
+            }
+            if n == 0 { break }
+            done += n
+        }
+        return Array(bytes[0..<done])
     }
 }

@@ -103,12 +103,15 @@ func errorOf(_ reply: JSONValue) -> (String, String)? {
         #expect(h.machine.calls.isEmpty)
     }
 
-    @Test func oversizeMessageGetsAnErrorAndCloses() {
+    @Test func oversizeMessageGetsOneErrorAndTheStreamRecovers() {
         var h = Harness()
         let big = #"{"execute":"stop","arguments":{"x":""# + String(repeating: "a", count: 70 * 1024) + #""}}"#
-        let r = h.send(big)
+        let r = h.send(big + #"{"execute":"query-name","id":"next"}"#)
+        #expect(r.count == 2, "\(r)")
         #expect(errorOf(r.first ?? .null)?.0 == "GenericError")
-        #expect(h.closed)
+        #expect(errorOf(r.first ?? .null)?.1 == "JSON token size limit exceeded")
+        #expect(r.last?["id"] == "next" && r.last?["return"] != nil)
+        #expect(!h.closed)
         #expect(h.machine.calls.isEmpty)
     }
 

@@ -55,8 +55,8 @@ import Testing
 
     @Test func enforcesSizeAndDepthLimits() {
         var s = JSONStreamSplitter(maxMessageSize: 16, maxDepth: 3)
-        #expect(s.feed(Array(#"{"aaaaaaaaaaaaaaaaaaaa":1}"#.utf8)).contains { if case .overLimit = $0 { true } else { false } })
+        #expect(s.feed(Array(#"{"aaaaaaaaaaaaaaaaaaaa":1}"#.utf8)) == [.error("JSON token size limit exceeded")])
         var d = JSONStreamSplitter(maxMessageSize: 100, maxDepth: 3)
-        #expect(d.feed(Array("[[[[1]]]]".utf8)).first == .overLimit("JSON nesting deeper than 3 levels"))
+        #expect(d.feed(Array("[[[[1]]]]".utf8)) == [.error("JSON nesting depth limit exceeded")])
     }
 }

@@ -6,31 +6,91 @@ import Synchronization
 ///
 /// The file is truncated when opened, or appended to with `append`. `write` is called on the
 /// vCPU thread and writes straight to the file (a local file is not a peer that can stall).
+/// The path must be a regular file or a character device (`/dev/null`); it is opened
+/// non-blocking and checked with fstat first, so a FIFO is refused instead of blocking the
+/// launch in open. A write error (a full disk, `/dev/full`) is reported once through
+/// `report` and the machine keeps running; output that could not be written is counted in
+/// `droppedBytes`.
 public final class FileChardev: CharBackend, @unchecked Sendable {
     public let id: String
     /// The file being written.
     public let path: String
-    private let fd = Mutex<Int32>(-1)
+    private let state = Mutex(State())
+    private let report: @Sendable (String) -> Void
 
-    /// Opens (creating with mode 0644 if needed) the file at `path`; throws when the host refuses.
-    public init(id: String, path: String, append: Bool) throws {
-        let flags = O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : O_TRUNC)
+    private struct State {
+        var fd: Int32 = -1
+        var dropped: UInt64 = 0
+        var reported = false
+    }
+
+    /// Writes `message` and a newline to the server's stderr: the default error reporter.
+    public static let reportToStderr: @Sendable (String) -> Void = { message in
+        let line = Array("machine-server: \(message)\n".utf8)
+        line.withUnsafeBytes { _ = writeAll(2, $0) }
+    }
+
+    /// Opens (creating with mode 0644 if needed) the file at `path`; throws when the host
+    /// refuses or the path is not a regular file or character device. `report` receives the
+    /// one message about a failed write (default: stderr).
+    public init(id: String, path: String, append: Bool,
+                report: @escaping @Sendable (String) -> Void = FileChardev.reportToStderr) throws {
+        let flags = O_WRONLY | O_CREAT | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | (append ? O_APPEND : O_TRUNC)
         let f = open(path, flags, 0o644)
-        guard f >= 0 else { throw ChardevError.system(what: "cannot open '\(path)' for serial output", errno: errno) }
+        guard f >= 0 else {
+            if errno == ENXIO {
+                throw ChardevError.invalidSpec(spec: "file:\(path)", reason: "'\(path)' is a FIFO (or a device) with nothing reading it; serial output needs a regular file")
+            }
+            throw ChardevError.system(what: "cannot open '\(path)' for serial output", errno: errno)
+        }
+        var st = stat()
+        guard fstat(f, &st) == 0 else {
+            let e = errno
+            Glibc.close(f)
+            throw ChardevError.system(what: "cannot stat '\(path)'", errno: e)
+        }
+        let kind = st.st_mode & S_IFMT
+        guard kind == S_IFREG || kind == S_IFCHR else {
+            Glibc.close(f)
+            let what = kind == S_IFIFO ? "a FIFO" : kind == S_IFSOCK ? "a socket" : kind == S_IFBLK ? "a block device" : "not a regular file"
+            throw ChardevError.invalidSpec(spec: "file:\(path)", reason: "'\(path)' is \(what); serial output needs a regular file or a character device")
+        }
+        // Writes are meant to complete (see the type's documentation): back to blocking mode.
+        _ = fcntl(f, F_SETFL, fcntl(f, F_GETFL) & ~O_NONBLOCK)
         self.id = id
         self.path = path
-        fd.withLock { $0 = f }
+        self.report = report
+        state.withLock { $0.fd = f }
     }
 
     public var filename: String { "file:\(path)" }
     /// Always true: a file is always there to take output.
     public var isConnected: Bool { true }
+    /// Output bytes that could not be written (after a write error).
+    public var droppedBytes: UInt64 { state.withLock { $0.dropped } }
 
     /// Appends guest output to the file. vCPU thread.
     public func write(_ bytes: UnsafeRawBufferPointer) {
         guard bytes.count > 0 else { return }
-        fd.withLock { f in
-            if f >= 0 { writeAll(f, bytes) }
+        let failure = state.withLock { s -> Int32? in
+            guard s.fd >= 0 else { return nil }
+            var off = 0
+            while off < bytes.count {
+                let n = Glibc.write(s.fd, bytes.baseAddress! + off, bytes.count - off)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    let e = errno
+                    s.dropped &+= UInt64(bytes.count - off)
+                    if s.reported { return nil }
+                    s.reported = true
+                    return e
+                }
+                off += n
+            }
+            return nil
+        }
+        if let failure {
+            report("\(id): cannot write serial output to '\(path)': \(String(cString: strerror(failure))); output that cannot be written is dropped (reported once)")
         }
     }
 
@@ -39,9 +99,9 @@ public final class FileChardev: CharBackend, @unchecked Sendable {
 
     /// Closes the file. Idempotent; any thread.
     public func close() {
-        fd.withLock { f in
-            if f >= 0 { Glibc.close(f) }
-            f = -1
+        state.withLock { s in
+            if s.fd >= 0 { Glibc.close(s.fd) }
+            s.fd = -1
         }
     }
 }
