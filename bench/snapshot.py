@@ -115,7 +115,10 @@ class Machine:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-        self.qmp.close()
+        try:
+            self.qmp.close()
+        except (EOFError, OSError):
+            pass  # the server closed the connection on quit
 
 
 def measure(kind, memory, tmp: Path, savevm: bool):
@@ -146,7 +149,7 @@ def measure(kind, memory, tmp: Path, savevm: bool):
         out["file save (exec:cat)"] = m.migrate(f"exec:cat > {state}")
     m.close()
     uri = f"file:{state}" if kind == "ours" else f"exec:cat {state}"
-    d = Machine(kind, tmp, f"{kind}-dst", memory, incoming=uri)
+    d = Machine(kind, tmp, f"{kind}-dst", memory, incoming=uri, disk=disk)
     out["restore to running (from spawn)"] = d.wait_running()
     out["state file MiB"] = state.stat().st_size / (1 << 20)
     d.close()
