@@ -67,7 +67,14 @@ public final class StateSink {
 
     /// Writes to `fd`; `close` says whether `finish()` closes it.
     public convenience init(fileDescriptor fd: Int32, close: Bool) {
-        self.init(write: { bytes in
+        self.init(write: Self.writeAll(to: fd), finish: {
+            if close { Foundation.close(fd) }
+        })
+    }
+
+    /// A `write` function for `init(write:finish:)` that writes whole buffers to `fd`.
+    public static func writeAll(to fd: Int32) -> (UnsafeRawBufferPointer) throws -> Void {
+        { bytes in
             var done = 0
             while done < bytes.count {
                 let n = Foundation.write(fd, bytes.baseAddress! + done, bytes.count - done)
@@ -77,9 +84,7 @@ public final class StateSink {
                 }
                 done += n
             }
-        }, finish: {
-            if close { Foundation.close(fd) }
-        })
+        }
     }
 
     /// Hands the stream to `write` in chunks of about 1 MiB; `finish` runs after the last one.

@@ -88,10 +88,13 @@ extension VirtualMachine: MachineMigration {
     }
 
     /// Saves the state to `target`; records the outcome in `migration`. Migration queue.
+    /// Finishing the destination (fsync and rename, or the command's exit) is part of the
+    /// paused save, so a migration that fails at any point leaves the machine as it was
+    /// (running again if it was running), as a failed QEMU migration does.
     private func runMigration(_ target: MigrationURI, start: UInt64) {
         do {
             let sink: StateSink
-            let finishTarget: () throws -> Void
+            var cleanup: () -> Void = {}
             switch target {
             case .file(let path):
                 // Written beside the target and renamed into place once complete and synced,
@@ -101,39 +104,41 @@ extension VirtualMachine: MachineMigration {
                 guard fd >= 0 else {
                     throw MachineStateError("cannot create '\(partial)': \(String(cString: strerror(errno)))")
                 }
-                sink = StateSink(fileDescriptor: fd, close: false)
-                finishTarget = {
-                    defer { close(fd) }
+                var closed = false
+                cleanup = {
+                    if !closed { close(fd) }
+                    unlink(partial)
+                }
+                sink = StateSink(write: StateSink.writeAll(to: fd), finish: {
                     guard fsync(fd) == 0 else {
-                        unlink(partial)
                         throw MachineStateError("cannot sync '\(partial)': \(String(cString: strerror(errno)))")
                     }
+                    close(fd)
+                    closed = true
                     guard rename(partial, path) == 0 else {
-                        unlink(partial)
                         throw MachineStateError("cannot rename '\(partial)' to '\(path)': \(String(cString: strerror(errno)))")
                     }
-                    let dir = open((path as NSString).deletingLastPathComponent.isEmpty ? "." : (path as NSString).deletingLastPathComponent,
-                                   O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-                    if dir >= 0 { fsync(dir); close(dir) }
-                }
-                do {
-                    try saveToSink(sink, start: start)
-                } catch {
-                    close(fd)
-                    unlink(partial)
-                    throw error
-                }
-                try finishTarget()
+                    let directory = (path as NSString).deletingLastPathComponent
+                    let dir = open(directory.isEmpty ? "." : directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+                    if dir >= 0 {
+                        fsync(dir)
+                        close(dir)
+                    }
+                })
             case .exec(let command):
                 let shell = try ShellPipe(command: command, toChild: true)
-                sink = StateSink(fileDescriptor: shell.fd, close: false)
-                do {
-                    try saveToSink(sink, start: start)
-                } catch {
-                    try? shell.finish(closing: true)
-                    throw error
-                }
-                try shell.finish(closing: true)
+                var finished = false
+                cleanup = { if !finished { try? shell.finish(closing: true) } }
+                sink = StateSink(write: StateSink.writeAll(to: shell.fd), finish: {
+                    finished = true
+                    try shell.finish(closing: true)
+                })
+            }
+            do {
+                try saveToSink(sink, start: start)
+            } catch {
+                cleanup()
+                throw error
             }
             migration.withLock { m in
                 m.status = .completed

@@ -73,9 +73,6 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
         var exitCode: Int32? = nil
     }
 
-    /// Builds the board (handing it this machine as its `SystemControl`) and one CPU per hart.
-    /// Nothing runs until `start()`. `startPaused` keeps the machine in `prelaunch` until the
-    /// first `cont()`, like QEMU's `-S`.
     /// What a saved state must match to be loaded here: a canonical JSON of the machine's
     /// shape (cpus, memory, devices), written into every state stream's header.
     public let stateIdentity: String
@@ -90,6 +87,11 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
     /// Where migrations run (the control queue is used only for the paused part).
     let migrationQueue = DispatchQueue(label: "machine migration")
 
+    /// Builds the board (handing it this machine as its `SystemControl`) and one CPU per hart.
+    /// Nothing runs until `start()`. `startPaused` keeps the machine in `prelaunch` until the
+    /// first `cont()`, like QEMU's `-S`; `incoming` keeps it in `inmigrate` until a saved state
+    /// is loaded (`incomingMigration`). `stateIdentity` is written into and checked against
+    /// every saved state; `describeIdentityMismatch` names how a saved identity differs.
     public init(name: String? = nil, startPaused: Bool = false, incoming: Bool = false, stateIdentity: String = "{}",
                 describeIdentityMismatch: @escaping @Sendable (String, String) -> String = { saved, current in
                     "saved \(saved), this machine \(current)"

@@ -30,14 +30,16 @@ extension VirtualMachine {
     }
 
     /// Runs `body` with the harts out of guest code and the devices quiesced, then puts the
-    /// machine back as it was unless `body` returns a new run state to stay in. Control queue.
+    /// machine back as it was unless `body` returns a new run state to stay in. A running
+    /// machine emits STOP when it pauses and RESUME when it runs again, as QEMU's savevm,
+    /// loadvm and migration do. Control queue.
     func whilePaused(during: RunState, _ body: () throws -> RunState?) throws {
         let before = runState
-        let wasRunning = before == .running
-        if wasRunning {
+        if before == .running {
             pauseHarts()
             board.deviceManager.quiesce()
             board.clock.pause()
+            emit(.stop)
         }
         setRunState(during)
         var after: RunState? = nil
@@ -45,12 +47,12 @@ extension VirtualMachine {
             let final = after ?? before
             if final == .running {
                 resumeAll()
+                emit(.resume)
             } else {
                 setRunState(final)
             }
         }
         after = try body()
-        if wasRunning && after != nil && after != .running { emit(.stop) }
     }
 
     /// Writes the whole machine state to `sink`. The guest is paused for the duration

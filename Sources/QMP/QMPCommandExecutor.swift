@@ -124,7 +124,7 @@ public final class QMPCommandExecutor: QMPCommandHandler {
         let words = arguments.commandLine.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init)
         guard let verb = words.first else { return "" }
         if ["savevm", "loadvm", "delvm"].contains(verb) || (verb == "info" && words.count == 2 && words[1] == "snapshots"),
-           let out = try snapshotHMP(words) {
+           let out = snapshotHMP(words) {
             return out
         }
         switch (verb, words.count) {

@@ -64,8 +64,13 @@ extension QMPCommandExecutor {
 
     /// HMP savevm/loadvm/delvm/info snapshots; nil for other command lines. Errors are printed
     /// as HMP prints them ("Error: ..."), not raised.
-    func snapshotHMP(_ words: [String]) throws -> String? {
-        let s = try snapshots
+    func snapshotHMP(_ words: [String]) -> String? {
+        let s: any MachineSnapshots
+        do {
+            s = try snapshots
+        } catch {
+            return "Error: \((error as? QMPError)?.desc ?? "\(error)")\r\n"
+        }
         func run(_ body: () throws -> Void) -> String {
             do {
                 try body()

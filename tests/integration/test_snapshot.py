@@ -182,6 +182,11 @@ def test_exec_migration_and_paused_incoming(tmp_path, servers):
     servers.append(src)
     src.connect()
     src.expect(r"count 3\b", BOOT_TIMEOUT)
+    # A destination that fails leaves the source running, as a failed QEMU migration does.
+    for uri in ("exec:cat > /dev/null; exit 3", f"file:{tmp_path / 'no' / 'such' / 'dir'}"):
+        info = src.migrate(uri)
+        assert info["status"] == "failed" and info.get("error-desc"), info
+        assert src.cmd("query-status")["status"] == "running", uri
     state = tmp_path / "state.gz"
     info = src.migrate(f"exec:gzip -c > {state}")
     assert info["status"] == "completed", info
