@@ -27,13 +27,21 @@ public final class Hart: VirtualCPU {
         set { state.storeBytes(of: newValue, toByteOffset: StateLayout.pc, as: UInt64.self) }
     }
 
-    var privilege: Privilege = .machine {
-        didSet { state.storeBytes(of: privilege.rawValue, toByteOffset: StateLayout.privilege, as: UInt64.self) }
+    var privilege: Privilege {
+        get { Privilege(rawValue: state.load(fromByteOffset: StateLayout.privilege, as: UInt64.self)) ?? .machine }
+        set { state.storeBytes(of: newValue.rawValue, toByteOffset: StateLayout.privilege, as: UInt64.self) }
     }
+
+    /// A 64-bit field of the hot state at a `StateLayout` offset.
+    @inline(__always) func hot(_ offset: Int) -> UInt64 { state.load(fromByteOffset: offset, as: UInt64.self) }
+    @inline(__always) func setHot(_ offset: Int, _ v: UInt64) { state.storeBytes(of: v, toByteOffset: offset, as: UInt64.self) }
 
     // MARK: CSRs
 
-    var mstatus: UInt64 = 0
+    var mstatus: UInt64 {
+        get { hot(StateLayout.mstatus) }
+        set { setHot(StateLayout.mstatus, newValue) }
+    }
     var misa: UInt64 = (2 << 62) | (1 << 0) | (1 << 2) | (1 << 3) | (1 << 5) | (1 << 8) | (1 << 12) | (1 << 18) | (1 << 20)
     var medeleg: UInt64 = 0
     var mideleg: UInt64 = 0
@@ -61,10 +69,19 @@ public final class Hart: VirtualCPU {
     var pmpcfg = [UInt64](repeating: 0, count: 8)
     var pmpaddr = [UInt64](repeating: 0, count: 64)
     /// fflags (low 5 bits) as last synchronised with the host's sticky exception flags.
-    var fflags: UInt64 = 0
-    var frm: UInt64 = 0
+    var fflags: UInt64 {
+        get { hot(StateLayout.fflags) }
+        set { setHot(StateLayout.fflags, newValue) }
+    }
+    var frm: UInt64 {
+        get { hot(StateLayout.frm) }
+        set { setHot(StateLayout.frm, newValue) }
+    }
     /// Instructions retired since reset.
-    var instret: UInt64 = 0
+    var instret: UInt64 {
+        get { hot(StateLayout.instret) }
+        set { setHot(StateLayout.instret, newValue) }
+    }
 
     // MARK: Reservation (LR/SC)
 
@@ -157,6 +174,10 @@ public final class Hart: VirtualCPU {
         jumpTags.initialize(repeating: .max, count: 4 * Self.jumpCacheSize)
         jumpBlocks = .allocate(capacity: 4 * Self.jumpCacheSize)
         jumpBlocks.initialize(repeating: -1, count: 4 * Self.jumpCacheSize)
+        privilege = .machine
+        state.storeBytes(of: Unmanaged.passUnretained(self).toOpaque(), toByteOffset: StateLayout.hart,
+                         as: UnsafeMutableRawPointer.self)
+        updateMMUContext()
     }
 
     deinit {
