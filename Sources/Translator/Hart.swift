@@ -147,9 +147,32 @@ public final class Hart: VirtualCPU {
     /// Statistics for tests and benchmarks.
     public internal(set) var blocksTranslated = 0
     public internal(set) var blocksInvalidated = 0
+    /// Bytes of host code the JIT generated since the hart was created.
+    public internal(set) var jitBytes = 0
 
-    /// Creates a hart in its reset state, stopped at address 0 in M-mode.
-    public init(hartID: Int, ram: GuestRAM, bus: MemoryBus, interrupts: HartInterrupts, clock: VirtualClock) {
+    // MARK: JIT
+
+    /// The engine that actually runs this hart (the JIT falls back to the interpreter when the
+    /// host cannot run it).
+    public let engine: ExecutionEngine
+    /// Generated code (JIT engine only).
+    let codeCache: CodeCache?
+    let jitHelpers: JITHelpers
+    /// Size of each hart's code cache.
+    static let codeCacheSize = 32 << 20
+
+    /// Creates a hart in its reset state, stopped at address 0 in M-mode, executing with
+    /// `engine` when the host supports it (else with the interpreter).
+    public init(hartID: Int, ram: GuestRAM, bus: MemoryBus, interrupts: HartInterrupts, clock: VirtualClock,
+                engine: ExecutionEngine = .hostDefault) {
+        if engine == .jit && ExecutionEngine.jitSupported, let cache = CodeCache(size: Self.codeCacheSize) {
+            codeCache = cache
+            self.engine = .jit
+        } else {
+            codeCache = nil
+            self.engine = .interpreter
+        }
+        jitHelpers = JITHelpers()
         self.hartID = hartID
         self.ram = ram
         self.bus = bus
@@ -252,13 +275,18 @@ public final class Hart: VirtualCPU {
             let pc = pcValue
             let index = lookupBlock(pc)
             if index < 0 { continue }  // fetch fault taken
+            let budget: Int
             if let trace = blockTrace {
                 trace(pc)
-                linkPrevious(to: index, pc: pc)
-                previousSlot = execute(index, base: pc, budget: 1)
+                budget = 1
             } else {
-                linkPrevious(to: index, pc: pc)
-                previousSlot = execute(index, base: pc, budget: 512)
+                budget = 512
+            }
+            linkPrevious(to: index, pc: pc)
+            if let cache = codeCache {
+                previousSlot = executeJIT(index, base: pc, budget: budget, cache: cache)
+            } else {
+                previousSlot = execute(index, base: pc, budget: budget)
             }
             previousBlock = lastBlock
         }

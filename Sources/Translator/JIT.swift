@@ -1,0 +1,451 @@
+/// The x86-64 block compiler.
+///
+/// A translation block's ops become one piece of host code that runs with the hart state pinned
+/// in rbx (every guest register at its `StateLayout` offset). Integer ALU ops, multiplies,
+/// branches and jumps, and integer and FP loads and stores (with the soft-TLB fast path inline)
+/// are emitted directly; every other op is a call to a helper that runs the interpreter's code
+/// for that single op, so every op is covered and keeps the interpreter's exact semantics.
+///
+/// Conventions inside a block: `state.pc` holds the virtual PC the block was entered at until
+/// the block leaves, when it is set to the next PC; instret is added per exit for exactly the
+/// ops retired. The block returns (in eax) one of the `JITExit` codes.
+///
+/// Threading: runs on the hart's vCPU thread.
+enum JITExit {
+    /// Left through the taken branch or direct jump (chain slot 0).
+    static let taken: Int64 = 0
+    /// Fell through (chain slot 1).
+    static let fallThrough: Int64 = 1
+    /// Indirect jump: continue through the jump cache, but do not chain.
+    static let indirect: Int64 = 2
+    /// A trap was taken or a system instruction ran: return to the run loop.
+    static let toRunLoop: Int64 = -1
+}
+
+/// Helper results: continue with the next op, a trap was taken (the op did not retire), or the
+/// op retired and the block must be left (the helper set the next PC).
+enum JITStatus {
+    static let next: Int64 = 0
+    static let trapped: Int64 = 1
+    static let leave: Int64 = 2
+}
+
+/// Addresses of the helpers generated code calls.
+struct JITHelpers {
+    typealias OpHelper = @convention(c) (UnsafeMutableRawPointer, UnsafeRawPointer, UInt64) -> Int64
+    typealias MemHelper = @convention(c) (UnsafeMutableRawPointer, UnsafeRawPointer, UInt64, UInt64) -> Int64
+    typealias DivHelper = @convention(c) (UInt64, UInt64, UInt64) -> UInt64
+
+    let load: UInt64
+    let store: UInt64
+    let atomic: UInt64
+    let fp: UInt64
+    let system: UInt64
+    let divRem: UInt64
+
+    init() {
+        let load: MemHelper = { s, o, va, pc in Hart.from(s).jitLoadSlow(o.assumingMemoryBound(to: Op.self), va: va, pc: pc) }
+        let store: MemHelper = { s, o, va, pc in Hart.from(s).jitStoreSlow(o.assumingMemoryBound(to: Op.self), va: va, pc: pc) }
+        let atomic: OpHelper = { s, o, pc in Hart.from(s).jitAtomic(o.assumingMemoryBound(to: Op.self), pc: pc) }
+        let fp: OpHelper = { s, o, pc in Hart.from(s).jitFP(o.assumingMemoryBound(to: Op.self), pc: pc) }
+        let system: OpHelper = { s, o, pc in Hart.from(s).jitSystem(o.assumingMemoryBound(to: Op.self), pc: pc) }
+        let divRem: DivHelper = { a, b, kind in jitDivRem(a, b, OpKind(rawValue: UInt8(kind)) ?? .div) }
+        self.load = UInt64(UInt(bitPattern: unsafeBitCast(load, to: UnsafeRawPointer.self)))
+        self.store = UInt64(UInt(bitPattern: unsafeBitCast(store, to: UnsafeRawPointer.self)))
+        self.atomic = UInt64(UInt(bitPattern: unsafeBitCast(atomic, to: UnsafeRawPointer.self)))
+        self.fp = UInt64(UInt(bitPattern: unsafeBitCast(fp, to: UnsafeRawPointer.self)))
+        self.system = UInt64(UInt(bitPattern: unsafeBitCast(system, to: UnsafeRawPointer.self)))
+        self.divRem = UInt64(UInt(bitPattern: unsafeBitCast(divRem, to: UnsafeRawPointer.self)))
+    }
+}
+
+/// Compiles one block into the code cache.
+struct BlockCompiler {
+    var e: X86Emitter
+    let helpers: JITHelpers
+    let exitOffset: Int
+    /// Ops of this block already added to instret on the current straight-line path.
+    var retired = 0
+
+    static let state = X86Reg.rbx
+
+    @inline(__always) static func xr(_ i: UInt8) -> X86Mem { X86Mem(.rbx, Int32(StateLayout.x + 8 * Int(i))) }
+    @inline(__always) static func fr(_ i: UInt8) -> X86Mem { X86Mem(.rbx, Int32(StateLayout.f + 8 * Int(i))) }
+    @inline(__always) static func field(_ offset: Int) -> X86Mem { X86Mem(.rbx, Int32(offset)) }
+
+    init(emitter: X86Emitter, helpers: JITHelpers, exitOffset: Int) {
+        e = emitter
+        self.helpers = helpers
+        self.exitOffset = exitOffset
+    }
+
+    // MARK: Exits
+
+    /// Adds `count` to instret.
+    mutating func retire(_ count: Int) {
+        if count != 0 { e.alu(.add, Self.field(StateLayout.instret), imm: Int32(count)) }
+    }
+
+    /// Leaves the block with `code`, retiring ops up to (not including) op `upTo`.
+    mutating func exit(_ code: Int64, retiringUpTo upTo: Int) {
+        retire(upTo - retired)
+        e.movImm(.rax, UInt64(bitPattern: code))
+        e.jmp(to: exitOffset)
+    }
+
+    /// After a helper call for op `k` returned a nonzero status in rax (trapped: retire the ops
+    /// before `k`; leave: retire `k` too), leaves the block for the run loop.
+    mutating func helperExit(op k: Int) {
+        // instret += k + status - 1 - retired
+        e.lea(.rax, X86Mem(.rax, Int32(k - 1 - retired)))
+        e.alu(.add, Self.field(StateLayout.instret), .rax)
+        e.movImm(.rax, UInt64(bitPattern: JITExit.toRunLoop))
+        e.jmp(to: exitOffset)
+    }
+
+    /// Calls an op helper `(state, op, pc)`; on a nonzero status leaves the block.
+    mutating func callOpHelper(_ address: UInt64, op: UnsafeMutablePointer<Op>, k: Int, endsBlock: Bool) {
+        e.mov(.rdi, .rbx)
+        e.movImm(.rsi, UInt64(UInt(bitPattern: op)))
+        e.load(.rdx, Self.field(StateLayout.pc))
+        e.alu(.add, .rdx, imm: Int32(op.pointee.pcOffset))
+        e.movImm(.rax, address)
+        e.call(.rax)
+        if endsBlock {
+            helperExit(op: k)
+        } else {
+            e.test(.rax, .rax)
+            let ok = e.jcc(.e)
+            helperExit(op: k)
+            e.patch(ok, to: e.position)
+        }
+    }
+
+    // MARK: Block
+
+    /// Emits the whole block. `ops` are its ops; `byteLength` the guest bytes it covers.
+    mutating func compile(ops: UnsafeMutablePointer<Op>, count: Int, byteLength: Int) {
+        var k = 0
+        while k < count {
+            let op = ops + k
+            if compileOp(op, k: k) { return }
+            k += 1
+        }
+        // Fell off the end (page end or op limit).
+        e.alu(.add, Self.field(StateLayout.pc), imm: Int32(byteLength))
+        exit(JITExit.fallThrough, retiringUpTo: count)
+    }
+
+    /// Emits one op; returns true when the op ended the block (its exits are emitted).
+    private mutating func compileOp(_ opPtr: UnsafeMutablePointer<Op>, k: Int) -> Bool {
+        let o = opPtr.pointee
+        let rd = Self.xr(o.rd), rs1 = Self.xr(o.rs1), rs2 = Self.xr(o.rs2)
+        let imm32 = Int32(truncatingIfNeeded: o.imm)
+        switch o.kind {
+        case .nop, .fence:
+            break
+        case .lui:
+            e.movImm(.rax, UInt64(bitPattern: o.imm))
+            e.store(rd, .rax)
+        case .auipc:
+            e.load(.rax, Self.field(StateLayout.pc))
+            addConstant(.rax, o.imm &+ Int64(o.pcOffset))
+            e.store(rd, .rax)
+        case .jal:
+            e.load(.rax, Self.field(StateLayout.pc))
+            e.lea(.rcx, X86Mem(.rax, Int32(o.pcOffset) + Int32(o.length)))
+            e.store(rd, .rcx)
+            addConstant(.rax, o.imm &+ Int64(o.pcOffset))
+            e.store(Self.field(StateLayout.pc), .rax)
+            exit(JITExit.taken, retiringUpTo: k + 1)
+            return true
+        case .jalr:
+            e.load(.rax, rs1)
+            e.alu(.add, .rax, imm: imm32)
+            e.alu(.and, .rax, imm: -2)
+            e.load(.rcx, Self.field(StateLayout.pc))
+            e.alu(.add, .rcx, imm: Int32(o.pcOffset) + Int32(o.length))
+            e.store(rd, .rcx)
+            e.store(Self.field(StateLayout.pc), .rax)
+            exit(JITExit.indirect, retiringUpTo: k + 1)
+            return true
+        case .beq, .bne, .blt, .bge, .bltu, .bgeu:
+            e.load(.rax, rs1)
+            e.alu(.cmp, .rax, rs2)
+            let cc: X86Cond
+            switch o.kind {
+            case .beq: cc = .e
+            case .bne: cc = .ne
+            case .blt: cc = .l
+            case .bge: cc = .ge
+            case .bltu: cc = .b
+            default: cc = .ae
+            }
+            let taken = e.jcc(cc)
+            e.alu(.add, Self.field(StateLayout.pc), imm: Int32(o.pcOffset) + Int32(o.length))
+            exit(JITExit.fallThrough, retiringUpTo: k + 1)
+            e.patch(taken, to: e.position)
+            addConstantToPC(o.imm &+ Int64(o.pcOffset))
+            exit(JITExit.taken, retiringUpTo: k + 1)
+            return true
+
+        case .lb: emitLoad(opPtr, k: k, size: .b8, signed: true, fp: false)
+        case .lbu: emitLoad(opPtr, k: k, size: .b8, signed: false, fp: false)
+        case .lh: emitLoad(opPtr, k: k, size: .b16, signed: true, fp: false)
+        case .lhu: emitLoad(opPtr, k: k, size: .b16, signed: false, fp: false)
+        case .lw: emitLoad(opPtr, k: k, size: .b32, signed: true, fp: false)
+        case .lwu: emitLoad(opPtr, k: k, size: .b32, signed: false, fp: false)
+        case .ld: emitLoad(opPtr, k: k, size: .b64, signed: false, fp: false)
+        case .sb: emitStore(opPtr, k: k, size: .b8, fp: false)
+        case .sh: emitStore(opPtr, k: k, size: .b16, fp: false)
+        case .sw: emitStore(opPtr, k: k, size: .b32, fp: false)
+        case .sd: emitStore(opPtr, k: k, size: .b64, fp: false)
+        case .flw, .fld, .fsw, .fsd:
+            // FP disabled: the system helper raises illegal instruction.
+            e.test(Self.field(StateLayout.mstatus), imm: Int32(MStatus.fs))
+            let enabled = e.jcc(.ne)
+            callOpHelper(helpers.system, op: opPtr, k: k, endsBlock: true)
+            e.patch(enabled, to: e.position)
+            switch o.kind {
+            case .flw: emitLoad(opPtr, k: k, size: .b32, signed: false, fp: true)
+            case .fld: emitLoad(opPtr, k: k, size: .b64, signed: false, fp: true)
+            case .fsw: emitStore(opPtr, k: k, size: .b32, fp: true)
+            default: emitStore(opPtr, k: k, size: .b64, fp: true)
+            }
+
+        case .addi: aluImm(.add, o)
+        case .xori: aluImm(.xor, o)
+        case .ori: aluImm(.or, o)
+        case .andi: aluImm(.and, o)
+        case .slti, .sltiu:
+            e.alu(.xor, .rcx, .rcx, .b32)
+            e.load(.rax, rs1)
+            e.alu(.cmp, .rax, imm: imm32)
+            e.setcc(o.kind == .slti ? .l : .b, .rcx)
+            e.store(rd, .rcx)
+        case .slli, .srli, .srai:
+            e.load(.rax, rs1)
+            e.shift(o.kind == .slli ? .shl : o.kind == .srli ? .shr : .sar, .rax, UInt8(o.imm & 63))
+            e.store(rd, .rax)
+        case .addiw:
+            e.load(.rax, rs1)
+            e.alu(.add, .rax, imm: imm32, .b32)
+            e.movsxd(.rax, .rax)
+            e.store(rd, .rax)
+        case .slliw, .srliw, .sraiw:
+            e.load(.rax, rs1)
+            e.shift(o.kind == .slliw ? .shl : o.kind == .srliw ? .shr : .sar, .rax, UInt8(o.imm & 31), .b32)
+            e.movsxd(.rax, .rax)
+            e.store(rd, .rax)
+
+        case .add: aluReg(.add, o)
+        case .sub: aluReg(.sub, o)
+        case .xor: aluReg(.xor, o)
+        case .or: aluReg(.or, o)
+        case .and: aluReg(.and, o)
+        case .slt, .sltu:
+            e.alu(.xor, .rcx, .rcx, .b32)
+            e.load(.rax, rs1)
+            e.alu(.cmp, .rax, rs2)
+            e.setcc(o.kind == .slt ? .l : .b, .rcx)
+            e.store(rd, .rcx)
+        case .sll, .srl, .sra, .sllw, .srlw, .sraw:
+            e.load(.rcx, rs2)
+            e.load(.rax, rs1)
+            let w = o.kind == .sllw || o.kind == .srlw || o.kind == .sraw
+            let s: X86Shift = (o.kind == .sll || o.kind == .sllw) ? .shl : (o.kind == .srl || o.kind == .srlw) ? .shr : .sar
+            e.shiftCL(s, .rax, w ? .b32 : .b64)
+            if w { e.movsxd(.rax, .rax) }
+            e.store(rd, .rax)
+        case .addw, .subw:
+            e.load(.rax, rs1)
+            e.alu(o.kind == .addw ? .add : .sub, .rax, rs2, .b32)
+            e.movsxd(.rax, .rax)
+            e.store(rd, .rax)
+
+        case .mul:
+            e.load(.rax, rs1)
+            e.imul(.rax, rs2)
+            e.store(rd, .rax)
+        case .mulw:
+            e.load(.rax, rs1)
+            e.imul(.rax, rs2, .b32)
+            e.movsxd(.rax, .rax)
+            e.store(rd, .rax)
+        case .mulh, .mulhu:
+            e.load(.rax, rs1)
+            e.mulWide(signed: o.kind == .mulh, rs2)
+            e.store(rd, .rdx)
+        case .mulhsu:
+            // high(signed a * unsigned b) = high(unsigned a * b) - (a < 0 ? b : 0)
+            e.load(.rax, rs1)
+            e.mov(.rcx, .rax)
+            e.mulWide(signed: false, rs2)
+            e.shift(.sar, .rcx, 63)
+            e.alu(.and, .rcx, rs2)
+            e.alu(.sub, .rdx, .rcx)
+            e.store(rd, .rdx)
+        case .div, .divu, .rem, .remu, .divw, .divuw, .remw, .remuw:
+            e.load(.rdi, rs1)
+            e.load(.rsi, rs2)
+            e.movImm(.rdx, UInt64(o.kind.rawValue))
+            e.movImm(.rax, helpers.divRem)
+            e.call(.rax)
+            e.store(rd, .rax)
+
+        case .lr, .sc, .amo:
+            callOpHelper(helpers.atomic, op: opPtr, k: k, endsBlock: false)
+
+        case .csrrw, .csrrs, .csrrc, .csrrwi, .csrrsi, .csrrci:
+            // The CSR may read instret: retire the ops before it first.
+            retire(k - retired)
+            retired = k
+            callOpHelper(helpers.system, op: opPtr, k: k, endsBlock: true)
+            return true
+        case .illegal, .ecall, .ebreak, .fenceI, .mret, .sret, .wfi, .sfenceVma:
+            callOpHelper(helpers.system, op: opPtr, k: k, endsBlock: true)
+            return true
+
+        default:
+            // Floating-point arithmetic.
+            callOpHelper(helpers.fp, op: opPtr, k: k, endsBlock: false)
+        }
+        return false
+    }
+
+    private mutating func addConstant(_ r: X86Reg, _ v: Int64) {
+        if v >= Int64(Int32.min) && v <= Int64(Int32.max) {
+            e.alu(.add, r, imm: Int32(v))
+        } else {
+            e.movImm(.rdx, UInt64(bitPattern: v))
+            e.alu(.add, r, .rdx)
+        }
+    }
+
+    private mutating func addConstantToPC(_ v: Int64) {
+        if v >= Int64(Int32.min) && v <= Int64(Int32.max) {
+            e.alu(.add, Self.field(StateLayout.pc), imm: Int32(v))
+        } else {
+            e.load(.rax, Self.field(StateLayout.pc))
+            addConstant(.rax, v)
+            e.store(Self.field(StateLayout.pc), .rax)
+        }
+    }
+
+    private mutating func aluImm(_ op: X86ALU, _ o: Op) {
+        e.load(.rax, Self.xr(o.rs1))
+        e.alu(op, .rax, imm: Int32(truncatingIfNeeded: o.imm))
+        e.store(Self.xr(o.rd), .rax)
+    }
+
+    private mutating func aluReg(_ op: X86ALU, _ o: Op) {
+        e.load(.rax, Self.xr(o.rs1))
+        e.alu(op, .rax, Self.xr(o.rs2))
+        e.store(Self.xr(o.rd), .rax)
+    }
+
+    // MARK: Memory
+
+    /// Computes the virtual address into rsi and looks it up in the TLB whose tags and addends
+    /// pointers sit at `tagsField`/`addendsField`; on a hit leaves the host address in rdx+rsi
+    /// (rdx = addend) and falls through, on a miss (or a page-crossing access) jumps to the
+    /// returned patch positions.
+    private mutating func tlbLookup(_ o: Op, size: X86Size, tagsField: Int, addendsField: Int) -> [Int] {
+        var misses: [Int] = []
+        e.load(.rsi, Self.xr(o.rs1))
+        e.alu(.add, .rsi, imm: Int32(truncatingIfNeeded: o.imm))
+        let bytes: Int32 = size == .b8 ? 1 : size == .b16 ? 2 : size == .b32 ? 4 : 8
+        if bytes > 1 {
+            e.mov(.rax, .rsi)
+            e.alu(.and, .rax, imm: 0xfff, .b32)
+            e.alu(.cmp, .rax, imm: 4096 - bytes, .b32)
+            misses.append(e.jcc(.a))
+        }
+        e.mov(.rax, .rsi)
+        e.shift(.shr, .rax, 12)
+        e.rr(0x0fb6, .b8, reg: X86Reg.rcx.rawValue, rm: X86Reg.rax.rawValue)   // movzx ecx, al: 256 entries
+        e.load(.rdx, Self.field(tagsField))
+        e.alu(.cmp, .rax, X86Mem(.rdx, index: .rcx, scale: 3))
+        misses.append(e.jcc(.ne))
+        e.load(.rdx, Self.field(addendsField))
+        e.load(.rdx, X86Mem(.rdx, index: .rcx, scale: 3))
+        return misses
+    }
+
+    private mutating func emitLoad(_ opPtr: UnsafeMutablePointer<Op>, k: Int, size: X86Size, signed: Bool, fp: Bool) {
+        let o = opPtr.pointee
+        let misses = tlbLookup(o, size: size, tagsField: StateLayout.readTags, addendsField: StateLayout.readAddends)
+        let host = X86Mem(.rdx, index: .rsi, scale: 0)
+        if signed { e.loadSigned(.rax, host, size) } else { e.load(.rax, host, size) }
+        if fp {
+            if size == .b32 {
+                e.movImm(.rcx, 0xffff_ffff_0000_0000)
+                e.alu(.or, .rax, .rcx)
+            }
+            e.store(Self.fr(o.rd), .rax)
+            e.alu(.or, Self.field(StateLayout.mstatus), imm: Int32(MStatus.fs))
+        } else {
+            e.store(Self.xr(o.rd), .rax)
+        }
+        let resume = e.jmp()
+        slowPath(misses: misses, resume: resume, helper: helpers.load, op: opPtr, k: k)
+    }
+
+    private mutating func emitStore(_ opPtr: UnsafeMutablePointer<Op>, k: Int, size: X86Size, fp: Bool) {
+        let o = opPtr.pointee
+        let misses = tlbLookup(o, size: size, tagsField: StateLayout.writeTags, addendsField: StateLayout.writeAddends)
+        e.load(.rax, fp ? Self.fr(o.rs2) : Self.xr(o.rs2))
+        e.store(X86Mem(.rdx, index: .rsi, scale: 0), .rax, size)
+        let resume = e.jmp()
+        slowPath(misses: misses, resume: resume, helper: helpers.store, op: opPtr, k: k)
+    }
+
+    /// Emits the TLB-miss path in line (jumped over on a hit): `helper(state, op, va, pc)`,
+    /// then back to the fast path's continuation, or out of the block on a trap or when the
+    /// access overwrote translated code.
+    private mutating func slowPath(misses: [Int], resume: Int, helper: UInt64, op: UnsafeMutablePointer<Op>, k: Int) {
+        for m in misses { e.patch(m, to: e.position) }
+        e.mov(.rdx, .rsi)
+        e.mov(.rdi, .rbx)
+        e.movImm(.rsi, UInt64(UInt(bitPattern: op)))
+        e.load(.rcx, Self.field(StateLayout.pc))
+        e.alu(.add, .rcx, imm: Int32(op.pointee.pcOffset))
+        e.movImm(.rax, helper)
+        e.call(.rax)
+        e.test(.rax, .rax)
+        let ok = e.jcc(.e)
+        helperExit(op: k)
+        e.patch(ok, to: e.position)
+        e.patch(resume, to: e.position)
+    }
+}
+
+/// Integer division and remainder with RISC-V's results for division by zero and overflow.
+func jitDivRem(_ x: UInt64, _ y: UInt64, _ kind: OpKind) -> UInt64 {
+    switch kind {
+    case .div:
+        let a = Int64(bitPattern: x), b = Int64(bitPattern: y)
+        return b == 0 ? .max : (a == .min && b == -1) ? UInt64(bitPattern: a) : UInt64(bitPattern: a / b)
+    case .divu:
+        return y == 0 ? .max : x / y
+    case .rem:
+        let a = Int64(bitPattern: x), b = Int64(bitPattern: y)
+        return b == 0 ? UInt64(bitPattern: a) : (a == .min && b == -1) ? 0 : UInt64(bitPattern: a % b)
+    case .remu:
+        return y == 0 ? x : x % y
+    case .divw:
+        let a = Int32(truncatingIfNeeded: x), b = Int32(truncatingIfNeeded: y)
+        let q: Int32 = b == 0 ? -1 : (a == .min && b == -1) ? a : a / b
+        return UInt64(bitPattern: Int64(q))
+    case .divuw:
+        let a = UInt32(truncatingIfNeeded: x), b = UInt32(truncatingIfNeeded: y)
+        return sx32(b == 0 ? .max : a / b)
+    case .remw:
+        let a = Int32(truncatingIfNeeded: x), b = Int32(truncatingIfNeeded: y)
+        let m: Int32 = b == 0 ? a : (a == .min && b == -1) ? 0 : a % b
+        return UInt64(bitPattern: Int64(m))
+    default:
+        let a = UInt32(truncatingIfNeeded: x), b = UInt32(truncatingIfNeeded: y)
+        return sx32(b == 0 ? a : a % b)
+    }
+}
