@@ -89,7 +89,7 @@ struct Launch {
             name: plan.name, startPaused: plan.startPaused,
             makeBoard: { system in try VirtBoard(config: config, system: system) },
             makeCPU: { hartID, ram, bus, interrupts, clock in
-                Hart(hartID: hartID, ram: ram, bus: bus, interrupts: interrupts, clock: clock)
+                Hart(hartID: hartID, ram: ram, bus: bus, interrupts: interrupts, clock: clock, engine: plan.engine)
             })
     }
 }
