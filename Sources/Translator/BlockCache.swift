@@ -105,7 +105,7 @@ extension Hart {
         block.opCount = Int32(n)
         block.byteLength = Int32(offset)
         block.valid = true
-        if let cache = codeCache { block.jitCode = compileJIT(block, cache) }
+        if let cache = codeCache { compileJIT(&block, index: index, cache) }
         blocks[Int(index)] = block
         blockCount += 1
         opCount += n

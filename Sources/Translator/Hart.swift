@@ -138,7 +138,10 @@ public final class Hart: VirtualCPU {
     let jumpBlocks: UnsafeMutablePointer<Int32>
     /// Bumped whenever translations may have changed (satp, sfence.vma, flush); chains made
     /// under an older epoch are ignored.
-    var mmuEpoch: UInt32 = 1
+    var mmuEpoch: UInt32 {
+        get { state.load(fromByteOffset: StateLayout.mmuEpoch, as: UInt32.self) }
+        set { state.storeBytes(of: newValue, toByteOffset: StateLayout.mmuEpoch, as: UInt32.self) }
+    }
     /// Pages devices wrote behind this hart's back; drained at `fence.i`.
     let externalWrites: ExternalWriteLog
     /// Called with the virtual PC before each block executes, when set (debug tracing, like
@@ -198,8 +201,11 @@ public final class Hart: VirtualCPU {
         jumpBlocks = .allocate(capacity: 4 * Self.jumpCacheSize)
         jumpBlocks.initialize(repeating: -1, count: 4 * Self.jumpCacheSize)
         privilege = .machine
+        mmuEpoch = 1
         state.storeBytes(of: Unmanaged.passUnretained(self).toOpaque(), toByteOffset: StateLayout.hart,
                          as: UnsafeMutableRawPointer.self)
+        state.storeBytes(of: UnsafeMutableRawPointer(blocks), toByteOffset: StateLayout.blocks, as: UnsafeMutableRawPointer.self)
+        state.storeBytes(of: codeCache?.executable, toByteOffset: StateLayout.codeBase, as: UnsafeMutableRawPointer?.self)
         updateMMUContext()
     }
 
@@ -317,6 +323,13 @@ public final class Hart: VirtualCPU {
         }
         if slot == 0 { p.pointee.chainTB.0 = to; p.pointee.chainPC.0 = pc }
         else { p.pointee.chainTB.1 = to; p.pointee.chainPC.1 = pc }
+        if let cache = codeCache {
+            let site = slot == 0 ? p.pointee.jitSites.0 : p.pointee.jitSites.1
+            let target = blocks[Int(to)].jitCode
+            if site >= 0 && target >= 0 {
+                BlockCompiler.patchChain(cache, site: Int(site), epoch: mmuEpoch, pc: pc, target: Int(target))
+            }
+        }
     }
 
     // MARK: Interrupts

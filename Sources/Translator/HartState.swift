@@ -17,6 +17,12 @@
 /// | 840  | frm |
 /// | 848  | mstatus (without the read-only views UXL/SXL/SD) |
 /// | 856  | blocks a JIT chain may still run before it returns to the run loop |
+/// | 864  | MMU epoch (32 bits): chains made under another epoch are stale |
+/// | 872  | jump-cache tags of the current fetch MMU context (pointer) |
+/// | 880  | jump-cache block indices of the current fetch MMU context (pointer) |
+/// | 888  | the translation-block pool (pointer) |
+/// | 896  | the executable base of the JIT code cache (pointer) |
+/// | 904  | the last block a JIT chain ran (32 bits) |
 enum StateLayout {
     static let x = 0
     static let xSink = 32
@@ -33,6 +39,12 @@ enum StateLayout {
     static let frm = 840
     static let mstatus = 848
     static let budget = 856
+    static let mmuEpoch = 864
+    static let jumpTags = 872
+    static let jumpBlocks = 880
+    static let blocks = 888
+    static let codeBase = 896
+    static let lastBlock = 904
     static let size = 1024
 }
 

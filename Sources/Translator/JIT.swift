@@ -44,11 +44,12 @@ struct JITHelpers {
     let divRem: UInt64
 
     init() {
-        let load: MemHelper = { s, o, va, pc in Hart.from(s).jitLoadSlow(o.assumingMemoryBound(to: Op.self), va: va, pc: pc) }
-        let store: MemHelper = { s, o, va, pc in Hart.from(s).jitStoreSlow(o.assumingMemoryBound(to: Op.self), va: va, pc: pc) }
-        let atomic: OpHelper = { s, o, pc in Hart.from(s).jitAtomic(o.assumingMemoryBound(to: Op.self), pc: pc) }
-        let fp: OpHelper = { s, o, pc in Hart.from(s).jitFP(o.assumingMemoryBound(to: Op.self), pc: pc) }
-        let system: OpHelper = { s, o, pc in Hart.from(s).jitSystem(o.assumingMemoryBound(to: Op.self), pc: pc) }
+        // `withHart` borrows the hart without retaining it: these run once per helper call.
+        let load: MemHelper = { s, o, va, pc in Hart.withHart(s) { $0.jitLoadSlow(o.assumingMemoryBound(to: Op.self), va: va, pc: pc) } }
+        let store: MemHelper = { s, o, va, pc in Hart.withHart(s) { $0.jitStoreSlow(o.assumingMemoryBound(to: Op.self), va: va, pc: pc) } }
+        let atomic: OpHelper = { s, o, pc in Hart.withHart(s) { $0.jitAtomic(o.assumingMemoryBound(to: Op.self), pc: pc) } }
+        let fp: OpHelper = { s, o, pc in Hart.withHart(s) { $0.jitFP(o.assumingMemoryBound(to: Op.self), pc: pc) } }
+        let system: OpHelper = { s, o, pc in Hart.withHart(s) { $0.jitSystem(o.assumingMemoryBound(to: Op.self), pc: pc) } }
         let divRem: DivHelper = { a, b, kind in jitDivRem(a, b, OpKind(rawValue: UInt8(kind)) ?? .div) }
         self.load = UInt64(UInt(bitPattern: unsafeBitCast(load, to: UnsafeRawPointer.self)))
         self.store = UInt64(UInt(bitPattern: unsafeBitCast(store, to: UnsafeRawPointer.self)))
@@ -66,6 +67,10 @@ struct BlockCompiler {
     let exitOffset: Int
     /// Ops of this block already added to instret on the current straight-line path.
     var retired = 0
+    /// The block's index, recorded in the state at every exit.
+    let blockIndex: Int32
+    /// Chain sites emitted for slots 0 and 1 (offsets in the code cache), or -1.
+    var sites: (Int32, Int32) = (-1, -1)
 
     static let state = X86Reg.rbx
 
@@ -73,10 +78,82 @@ struct BlockCompiler {
     @inline(__always) static func fr(_ i: UInt8) -> X86Mem { X86Mem(.rbx, Int32(StateLayout.f + 8 * Int(i))) }
     @inline(__always) static func field(_ offset: Int) -> X86Mem { X86Mem(.rbx, Int32(offset)) }
 
-    init(emitter: X86Emitter, helpers: JITHelpers, exitOffset: Int) {
+    init(emitter: X86Emitter, helpers: JITHelpers, exitOffset: Int, blockIndex: Int32) {
         e = emitter
         self.helpers = helpers
         self.exitOffset = exitOffset
+        self.blockIndex = blockIndex
+    }
+
+    // MARK: Chaining
+
+    /// Layout of a chain site (see `chainExit`): where the epoch, the PC and the jump's
+    /// displacement sit relative to the site's start.
+    static let siteEpoch = 19, sitePC = 31, siteJump = 53, siteEnd = 57
+
+    /// Leaves through chain slot `slot` (state.pc already holds the next PC): counts the block
+    /// against the budget, then, when the site is linked and still valid (same MMU epoch, same
+    /// next PC), jumps straight into the successor's code; otherwise returns `slot`.
+    mutating func chainExit(_ slot: Int64, retiringUpTo upTo: Int) {
+        retire(upTo - retired)
+        let site = e.position
+        e.dec(Self.field(StateLayout.budget))                       // 7 bytes (disp32)
+        let noBudget = e.jcc(.le)
+        e.rm(0x81, .b32, reg: X86ALU.cmp.rawValue, Self.field(StateLayout.mmuEpoch))
+        e.u32(0)                                                     // epoch, patched
+        let staleEpoch = e.jcc(.ne)
+        e.byte(0x48)
+        e.byte(0xb8)
+        e.u64(0)                                                     // mov rax, pc (patched)
+        e.alu(.cmp, Self.field(StateLayout.pc), .rax)
+        let otherPC = e.jcc(.ne)
+        let link = e.jmp()                                           // patched to the successor
+        precondition(link == site + Self.siteJump && e.position == site + Self.siteEnd, "chain site layout")
+        for j in [noBudget, staleEpoch, otherPC, link] { e.patch(j, to: e.position) }
+        if slot == 0 { sites.0 = Int32(site) } else { sites.1 = Int32(site) }
+        leave(slot)
+    }
+
+    /// Links the chain site at `site` to the code at `target` for `epoch` and next PC `pc`.
+    static func patchChain(_ cache: CodeCache, site: Int, epoch: UInt32, pc: UInt64, target: Int) {
+        let e = X86Emitter(buffer: cache.writable, capacity: cache.size, position: site)
+        e.write32(epoch, at: site + siteEpoch)
+        e.write32(UInt32(truncatingIfNeeded: pc), at: site + sitePC)
+        e.write32(UInt32(truncatingIfNeeded: pc >> 32), at: site + sitePC + 4)
+        e.patch(site + siteJump, to: target)
+    }
+
+    /// Indirect jump (state.pc holds the target, also in rax): looks the target up in the jump
+    /// cache and enters its block directly when it is there and valid; otherwise returns
+    /// `JITExit.indirect`.
+    mutating func indirectExit() {
+        var misses: [Int] = []
+        e.dec(Self.field(StateLayout.budget))
+        misses.append(e.jcc(.le))
+        e.mov(.rcx, .rax)
+        e.shift(.shr, .rcx, 1)
+        e.alu(.and, .rcx, imm: Int32(Hart.jumpCacheSize - 1), .b32)
+        e.load(.rdx, Self.field(StateLayout.jumpTags))
+        e.alu(.cmp, .rax, X86Mem(.rdx, index: .rcx, scale: 3))
+        misses.append(e.jcc(.ne))
+        e.load(.rdx, Self.field(StateLayout.jumpBlocks))
+        e.loadSigned(.rcx, X86Mem(.rdx, index: .rcx, scale: 2), .b32)
+        e.imul(.rcx, .rcx, imm: Int32(MemoryLayout<TranslationBlock>.stride))
+        e.alu(.add, .rcx, Self.field(StateLayout.blocks))
+        e.cmpByte(X86Mem(.rcx, Int32(MemoryLayout<TranslationBlock>.offset(of: \.valid)!)), 0)
+        misses.append(e.jcc(.e))
+        e.loadSigned(.rdx, X86Mem(.rcx, Int32(MemoryLayout<TranslationBlock>.offset(of: \.jitCode)!)), .b32)
+        e.alu(.add, .rdx, Self.field(StateLayout.codeBase))
+        e.jmp(.rdx)
+        for m in misses { e.patch(m, to: e.position) }
+        leave(JITExit.indirect)
+    }
+
+    /// Records this block as the last one run and returns `code` to the caller of the chain.
+    mutating func leave(_ code: Int64) {
+        e.storeImm32(Self.field(StateLayout.lastBlock), blockIndex)
+        e.movImm(.rax, UInt64(bitPattern: code))
+        e.jmp(to: exitOffset)
     }
 
     // MARK: Exits
@@ -86,12 +163,6 @@ struct BlockCompiler {
         if count != 0 { e.alu(.add, Self.field(StateLayout.instret), imm: Int32(count)) }
     }
 
-    /// Leaves the block with `code`, retiring ops up to (not including) op `upTo`.
-    mutating func exit(_ code: Int64, retiringUpTo upTo: Int) {
-        retire(upTo - retired)
-        e.movImm(.rax, UInt64(bitPattern: code))
-        e.jmp(to: exitOffset)
-    }
 
     /// After a helper call for op `k` returned a nonzero status in rax (trapped: retire the ops
     /// before `k`; leave: retire `k` too), leaves the block for the run loop.
@@ -99,8 +170,7 @@ struct BlockCompiler {
         // instret += k + status - 1 - retired
         e.lea(.rax, X86Mem(.rax, Int32(k - 1 - retired)))
         e.alu(.add, Self.field(StateLayout.instret), .rax)
-        e.movImm(.rax, UInt64(bitPattern: JITExit.toRunLoop))
-        e.jmp(to: exitOffset)
+        leave(JITExit.toRunLoop)
     }
 
     /// Calls an op helper `(state, op, pc)`; on a nonzero status leaves the block.
@@ -133,7 +203,7 @@ struct BlockCompiler {
         }
         // Fell off the end (page end or op limit).
         e.alu(.add, Self.field(StateLayout.pc), imm: Int32(byteLength))
-        exit(JITExit.fallThrough, retiringUpTo: count)
+        chainExit(JITExit.fallThrough, retiringUpTo: count)
     }
 
     /// Emits one op; returns true when the op ended the block (its exits are emitted).
@@ -157,7 +227,7 @@ struct BlockCompiler {
             e.store(rd, .rcx)
             addConstant(.rax, o.imm &+ Int64(o.pcOffset))
             e.store(Self.field(StateLayout.pc), .rax)
-            exit(JITExit.taken, retiringUpTo: k + 1)
+            chainExit(JITExit.taken, retiringUpTo: k + 1)
             return true
         case .jalr:
             e.load(.rax, rs1)
@@ -167,7 +237,8 @@ struct BlockCompiler {
             e.alu(.add, .rcx, imm: Int32(o.pcOffset) + Int32(o.length))
             e.store(rd, .rcx)
             e.store(Self.field(StateLayout.pc), .rax)
-            exit(JITExit.indirect, retiringUpTo: k + 1)
+            retire(k + 1 - retired)
+            indirectExit()
             return true
         case .beq, .bne, .blt, .bge, .bltu, .bgeu:
             e.load(.rax, rs1)
@@ -183,10 +254,10 @@ struct BlockCompiler {
             }
             let taken = e.jcc(cc)
             e.alu(.add, Self.field(StateLayout.pc), imm: Int32(o.pcOffset) + Int32(o.length))
-            exit(JITExit.fallThrough, retiringUpTo: k + 1)
+            chainExit(JITExit.fallThrough, retiringUpTo: k + 1)
             e.patch(taken, to: e.position)
             addConstantToPC(o.imm &+ Int64(o.pcOffset))
-            exit(JITExit.taken, retiringUpTo: k + 1)
+            chainExit(JITExit.taken, retiringUpTo: k + 1)
             return true
 
         case .lb: emitLoad(opPtr, k: k, size: .b8, signed: true, fp: false)

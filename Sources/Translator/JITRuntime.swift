@@ -21,20 +21,23 @@ public enum ExecutionEngine: String, Sendable, CaseIterable {
 /// The JIT's side of the hart: compiling blocks, running them, and the helpers compiled code
 /// calls for the ops it does not emit itself. Runs on the hart's vCPU thread.
 extension Hart {
-    /// The hart whose state block `state` is (as stored at `StateLayout.hart`).
-    @inline(__always) static func from(_ state: UnsafeMutableRawPointer) -> Hart {
+    /// Calls `body` with the hart whose state block `state` is (as stored at
+    /// `StateLayout.hart`), without retaining it: the hart outlives every call from its code.
+    @inline(__always) static func withHart(_ state: UnsafeMutableRawPointer, _ body: (Hart) -> Int64) -> Int64 {
         Unmanaged<Hart>.fromOpaque(state.load(fromByteOffset: StateLayout.hart, as: UnsafeRawPointer.self))
-            .takeUnretainedValue()
+            ._withUnsafeGuaranteedRef(body)
     }
 
-    /// Compiles block `block` into the code cache; returns the code's offset.
-    func compileJIT(_ block: TranslationBlock, _ cache: CodeCache) -> Int32 {
+    /// Compiles `block` (to become block `index`) into the code cache, setting its code offset
+    /// and chain sites.
+    func compileJIT(_ block: inout TranslationBlock, index: Int32, _ cache: CodeCache) {
         let start = cache.used
-        var c = BlockCompiler(emitter: cache.emitter(), helpers: jitHelpers, exitOffset: cache.exitOffset)
+        var c = BlockCompiler(emitter: cache.emitter(), helpers: jitHelpers, exitOffset: cache.exitOffset, blockIndex: index)
         c.compile(ops: ops + Int(block.opStart), count: Int(block.opCount), byteLength: Int(block.byteLength))
         cache.commit(c.e)
         jitBytes += cache.used - start
-        return Int32(start)
+        block.jitCode = Int32(start)
+        block.jitSites = c.sites
     }
 
     /// The JIT counterpart of `execute`: runs block `index` entered at virtual PC `base` and
@@ -49,12 +52,15 @@ extension Hart {
         var index = index
         var budget = budget
         while true {
+            setHot(StateLayout.budget, UInt64(bitPattern: Int64(budget)))
+            let r = enter(st, cache.code(at: Int(blocks[Int(index)].jitCode)))
+            // The code may have chained through other blocks: continue from the last one.
+            index = st.load(fromByteOffset: StateLayout.lastBlock, as: Int32.self)
             lastBlock = index
-            let block = blocks + Int(index)
-            let r = enter(st, cache.code(at: Int(block.pointee.jitCode)))
             if r < 0 { return -1 }
+            let block = blocks + Int(index)
             let slot = r == JITExit.indirect ? -1 : Int(r)
-            budget -= 1
+            budget = Int(Int64(bitPattern: hot(StateLayout.budget)))
             if budget <= 0 || lines.kick.load(ordering: .relaxed) { return slot }
             checkCodeEpoch()
             let next = pcValue

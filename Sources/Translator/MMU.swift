@@ -13,6 +13,10 @@ extension Hart {
         }
         dataMMUIndex = mmuIndex(for: effective, sum: (mstatus & MStatus.sum) != 0)
         fetchMMUIndex = mmuIndex(for: privilege, sum: false)
+        state.storeBytes(of: jumpTags + fetchMMUIndex * Hart.jumpCacheSize, toByteOffset: StateLayout.jumpTags,
+                         as: UnsafeMutablePointer<UInt64>.self)
+        state.storeBytes(of: jumpBlocks + fetchMMUIndex * Hart.jumpCacheSize, toByteOffset: StateLayout.jumpBlocks,
+                         as: UnsafeMutablePointer<Int32>.self)
         state.storeBytes(of: tlbTags + tlbBase(dataMMUIndex, .read), toByteOffset: StateLayout.readTags,
                          as: UnsafeMutablePointer<UInt64>.self)
         state.storeBytes(of: tlbAddends + tlbBase(dataMMUIndex, .read), toByteOffset: StateLayout.readAddends,

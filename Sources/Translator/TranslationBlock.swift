@@ -24,4 +24,6 @@ struct TranslationBlock {
     var secondPage: UInt64 = .max
     /// Offset of the block's compiled code in the hart's code cache (JIT engine only), or -1.
     var jitCode: Int32 = -1
+    /// Offsets of the patchable chain sites for slots 0 and 1 in the code cache, or -1.
+    var jitSites: (Int32, Int32) = (-1, -1)
 }

@@ -243,6 +243,29 @@ struct X86Emitter {
         }
     }
 
+    /// `mov dword [m], imm32`.
+    mutating func storeImm32(_ m: X86Mem, _ imm: Int32) {
+        rm(0xc7, .b32, reg: 0, m)
+        u32(UInt32(bitPattern: imm))
+    }
+
+    /// `cmp byte [m], imm8`.
+    mutating func cmpByte(_ m: X86Mem, _ imm: UInt8) {
+        rm(0x80, .b32, reg: 7, m)
+        byte(imm)
+    }
+
+    /// `dec qword [m]`.
+    mutating func dec(_ m: X86Mem) {
+        rm(0xff, .b64, reg: 1, m)
+    }
+
+    /// `imul dst, src, imm32`.
+    mutating func imul(_ dst: X86Reg, _ src: X86Reg, imm: Int32) {
+        rr(0x69, .b64, reg: dst.rawValue, rm: src.rawValue)
+        u32(UInt32(bitPattern: imm))
+    }
+
     /// `test a, b`.
     mutating func test(_ a: X86Reg, _ b: X86Reg, _ size: X86Size = .b64) {
         rr(0x85, size, reg: b.rawValue, rm: a.rawValue)
