@@ -263,39 +263,42 @@ public final class Hart: VirtualCPU {
                 lines.exitRequest.store(false, ordering: .sequentiallyConsistent)
                 return
             }
-            // Between runs of blocks (at most 512 blocks apart, or sooner when kicked): see
-            // code-page changes, the timer and any interrupt that became deliverable.
-            checkCodeEpoch()
-            lines.kick.store(false, ordering: .relaxed)
-            pollTimer()
-            if takePendingInterrupt() { waitingForInterrupt = false }
-            if waitingForInterrupt {
-                if pendingAndEnabledLocally() != 0 {
-                    waitingForInterrupt = false
-                } else {
-                    sleepUntilInterrupt()
-                    continue
-                }
-            }
-            // Execute a run of blocks; `execute` follows chains itself.
-            let pc = pcValue
-            let index = lookupBlock(pc)
-            if index < 0 { continue }  // fetch fault taken
-            let budget: Int
-            if let trace = blockTrace {
-                trace(pc)
-                budget = 1
-            } else {
-                budget = 512
-            }
-            linkPrevious(to: index, pc: pc)
-            if let cache = codeCache {
-                previousSlot = executeJIT(index, base: pc, budget: budget, cache: cache)
-            } else {
-                previousSlot = execute(index, base: pc, budget: budget)
-            }
-            previousBlock = lastBlock
+            runSlice(budget: blockTrace == nil ? 512 : 1)
         }
+    }
+
+    /// One turn of the run loop: takes a deliverable interrupt (or sleeps in `wfi`), then runs
+    /// at most `budget` blocks (fewer when kicked or when a block leaves for the run loop).
+    /// `run()` repeats it; the differential tests call it with a budget of 1 to compare the
+    /// engines after every block.
+    func runSlice(budget: Int) {
+        let lines = interrupts
+        // Between runs of blocks (at most 512 blocks apart, or sooner when kicked): see
+        // code-page changes, the timer and any interrupt that became deliverable.
+        checkCodeEpoch()
+        lines.kick.store(false, ordering: .relaxed)
+        pollTimer()
+        if takePendingInterrupt() { waitingForInterrupt = false }
+        if waitingForInterrupt {
+            if pendingAndEnabledLocally() != 0 {
+                waitingForInterrupt = false
+            } else {
+                sleepUntilInterrupt()
+                return
+            }
+        }
+        // Execute a run of blocks; `execute` follows chains itself.
+        let pc = pcValue
+        let index = lookupBlock(pc)
+        if index < 0 { return }  // fetch fault taken
+        blockTrace?(pc)
+        linkPrevious(to: index, pc: pc)
+        if let cache = codeCache {
+            previousSlot = executeJIT(index, base: pc, budget: budget, cache: cache)
+        } else {
+            previousSlot = execute(index, base: pc, budget: budget)
+        }
+        previousBlock = lastBlock
     }
 
     /// Drops write-TLB entries when another hart (or this one) turned a page into code.
