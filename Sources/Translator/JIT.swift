@@ -72,6 +72,16 @@ struct BlockCompiler {
     /// Chain sites emitted for slots 0 and 1 (offsets in the code cache), or -1.
     var sites: (Int32, Int32) = (-1, -1)
 
+    /// Host registers that hold the block's most used guest registers. They are callee-saved,
+    /// so helper calls keep them; the entry trampoline saves the host's values.
+    static let cacheRegs: [X86Reg] = [.rbp, .r12, .r13, .r14, .r15]
+    /// Guest register -> host register holding it inside this block.
+    var cachedHost = [X86Reg?](repeating: nil, count: 33)
+    /// (guest, host) pairs of the register cache.
+    var cachedList: [(UInt8, X86Reg)] = []
+    /// Cached guest registers whose host copy is newer than the state (bit per register).
+    var dirty: UInt64 = 0
+
     static let state = X86Reg.rbx
 
     @inline(__always) static func xr(_ i: UInt8) -> X86Mem { X86Mem(.rbx, Int32(StateLayout.x + 8 * Int(i))) }
@@ -95,6 +105,7 @@ struct BlockCompiler {
     /// against the budget, then, when the site is linked and still valid (same MMU epoch, same
     /// next PC), jumps straight into the successor's code; otherwise returns `slot`.
     mutating func chainExit(_ slot: Int64, retiringUpTo upTo: Int) {
+        flush(clear: false)
         retire(upTo - retired)
         let site = e.position
         e.dec(Self.field(StateLayout.budget))                       // 7 bytes (disp32)
@@ -115,8 +126,16 @@ struct BlockCompiler {
     }
 
     /// Links the chain site at `site` to the code at `target` for `epoch` and next PC `pc`.
+    /// A site already linked that way is left alone: writing to code the host may have in its
+    /// pipeline costs a machine clear.
     static func patchChain(_ cache: CodeCache, site: Int, epoch: UInt32, pc: UInt64, target: Int) {
         let e = X86Emitter(buffer: cache.writable, capacity: cache.size, position: site)
+        let rel = UInt32(bitPattern: Int32(target - (site + siteJump + 4)))
+        if e.read32(at: site + siteEpoch) == epoch && e.read32(at: site + siteJump) == rel
+            && e.read32(at: site + sitePC) == UInt32(truncatingIfNeeded: pc)
+            && e.read32(at: site + sitePC + 4) == UInt32(truncatingIfNeeded: pc >> 32) {
+            return
+        }
         e.write32(epoch, at: site + siteEpoch)
         e.write32(UInt32(truncatingIfNeeded: pc), at: site + sitePC)
         e.write32(UInt32(truncatingIfNeeded: pc >> 32), at: site + sitePC + 4)
@@ -156,6 +175,89 @@ struct BlockCompiler {
         e.jmp(to: exitOffset)
     }
 
+    // MARK: Guest registers
+
+    /// Picks the guest registers to keep in host registers: the most used integer registers of
+    /// the block that the inline code touches at least twice.
+    mutating func chooseCachedRegisters(_ ops: UnsafeMutablePointer<Op>, count: Int) {
+        var uses = [Int](repeating: 0, count: 33)
+        for k in 0..<count {
+            let o = ops[k]
+            switch o.kind {
+            case .flw, .fld, .fsw, .fsd:
+                uses[Int(o.rs1)] += 1
+            case .lui, .auipc, .jal, .jalr, .beq, .bne, .blt, .bge, .bltu, .bgeu,
+                 .lb, .lh, .lw, .ld, .lbu, .lhu, .lwu, .sb, .sh, .sw, .sd,
+                 .addi, .slti, .sltiu, .xori, .ori, .andi, .slli, .srli, .srai,
+                 .add, .sub, .sll, .slt, .sltu, .xor, .srl, .sra, .or, .and,
+                 .addiw, .slliw, .srliw, .sraiw, .addw, .subw, .sllw, .srlw, .sraw,
+                 .mul, .mulh, .mulhsu, .mulhu, .mulw, .div, .divu, .rem, .remu, .divw, .divuw, .remw, .remuw:
+                uses[Int(o.rs1)] += 1
+                uses[Int(o.rs2)] += 1
+                uses[Int(o.rd)] += 1
+            default:
+                break
+            }
+        }
+        let candidates = (1..<32).filter { uses[$0] >= 2 }.sorted { uses[$0] > uses[$1] }
+        for (g, h) in zip(candidates, Self.cacheRegs) {
+            cachedHost[g] = h
+            cachedList.append((UInt8(g), h))
+        }
+    }
+
+    /// host = guest register `g`.
+    mutating func gload(_ host: X86Reg, _ g: UInt8) {
+        if let c = cachedHost[Int(g)] { e.mov(host, c) } else { e.load(host, Self.xr(g)) }
+    }
+
+    /// guest register `g` = host.
+    mutating func gstore(_ g: UInt8, _ host: X86Reg) {
+        if let c = cachedHost[Int(g)] {
+            e.mov(c, host)
+            dirty |= 1 << UInt64(g)
+        } else {
+            e.store(Self.xr(g), host)
+        }
+    }
+
+    /// `op host, guest register g`.
+    mutating func galu(_ op: X86ALU, _ host: X86Reg, _ g: UInt8, _ size: X86Size = .b64) {
+        if let c = cachedHost[Int(g)] { e.alu(op, host, c, size) } else { e.alu(op, host, Self.xr(g), size) }
+    }
+
+    /// `imul host, guest register g`.
+    mutating func gimul(_ host: X86Reg, _ g: UInt8, _ size: X86Size = .b64) {
+        if let c = cachedHost[Int(g)] {
+            e.rr(0x0faf, size, reg: host.rawValue, rm: c.rawValue)
+        } else {
+            e.imul(host, Self.xr(g), size)
+        }
+    }
+
+    /// rdx:rax = rax * guest register g (signed or unsigned).
+    mutating func gmulWide(signed: Bool, _ g: UInt8) {
+        if let c = cachedHost[Int(g)] {
+            e.rr(0xf7, .b64, reg: signed ? 5 : 4, rm: c.rawValue)
+        } else {
+            e.mulWide(signed: signed, Self.xr(g))
+        }
+    }
+
+    /// Writes the dirty cached registers back to the state. `clear` when the code after this
+    /// point continues from the flush (not on a side path that rejoins the main one).
+    mutating func flush(clear: Bool) {
+        for (g, h) in cachedList where dirty & (1 << UInt64(g)) != 0 {
+            e.store(Self.xr(g), h)
+        }
+        if clear { dirty = 0 }
+    }
+
+    /// Reloads every cached register from the state (after a helper may have changed it).
+    mutating func reloadAll() {
+        for (g, h) in cachedList { e.load(h, Self.xr(g)) }
+    }
+
     // MARK: Exits
 
     /// Adds `count` to instret.
@@ -175,6 +277,8 @@ struct BlockCompiler {
 
     /// Calls an op helper `(state, op, pc)`; on a nonzero status leaves the block.
     mutating func callOpHelper(_ address: UInt64, op: UnsafeMutablePointer<Op>, k: Int, endsBlock: Bool) {
+        // Helpers see guest registers in the state only.
+        flush(clear: !endsBlock)
         e.mov(.rdi, .rbx)
         e.movImm(.rsi, UInt64(UInt(bitPattern: op)))
         e.load(.rdx, Self.field(StateLayout.pc))
@@ -188,6 +292,7 @@ struct BlockCompiler {
             let ok = e.jcc(.e)
             helperExit(op: k)
             e.patch(ok, to: e.position)
+            reloadAll()
         }
     }
 
@@ -195,6 +300,8 @@ struct BlockCompiler {
 
     /// Emits the whole block. `ops` are its ops; `byteLength` the guest bytes it covers.
     mutating func compile(ops: UnsafeMutablePointer<Op>, count: Int, byteLength: Int) {
+        chooseCachedRegisters(ops, count: count)
+        reloadAll()
         var k = 0
         while k < count {
             let op = ops + k
@@ -209,40 +316,40 @@ struct BlockCompiler {
     /// Emits one op; returns true when the op ended the block (its exits are emitted).
     private mutating func compileOp(_ opPtr: UnsafeMutablePointer<Op>, k: Int) -> Bool {
         let o = opPtr.pointee
-        let rd = Self.xr(o.rd), rs1 = Self.xr(o.rs1), rs2 = Self.xr(o.rs2)
         let imm32 = Int32(truncatingIfNeeded: o.imm)
         switch o.kind {
         case .nop, .fence:
             break
         case .lui:
             e.movImm(.rax, UInt64(bitPattern: o.imm))
-            e.store(rd, .rax)
+            gstore(o.rd, .rax)
         case .auipc:
             e.load(.rax, Self.field(StateLayout.pc))
             addConstant(.rax, o.imm &+ Int64(o.pcOffset))
-            e.store(rd, .rax)
+            gstore(o.rd, .rax)
         case .jal:
             e.load(.rax, Self.field(StateLayout.pc))
             e.lea(.rcx, X86Mem(.rax, Int32(o.pcOffset) + Int32(o.length)))
-            e.store(rd, .rcx)
+            gstore(o.rd, .rcx)
             addConstant(.rax, o.imm &+ Int64(o.pcOffset))
             e.store(Self.field(StateLayout.pc), .rax)
             chainExit(JITExit.taken, retiringUpTo: k + 1)
             return true
         case .jalr:
-            e.load(.rax, rs1)
+            gload(.rax, o.rs1)
             e.alu(.add, .rax, imm: imm32)
             e.alu(.and, .rax, imm: -2)
             e.load(.rcx, Self.field(StateLayout.pc))
             e.alu(.add, .rcx, imm: Int32(o.pcOffset) + Int32(o.length))
-            e.store(rd, .rcx)
+            gstore(o.rd, .rcx)
             e.store(Self.field(StateLayout.pc), .rax)
+            flush(clear: false)
             retire(k + 1 - retired)
             indirectExit()
             return true
         case .beq, .bne, .blt, .bge, .bltu, .bgeu:
-            e.load(.rax, rs1)
-            e.alu(.cmp, .rax, rs2)
+            gload(.rax, o.rs1)
+            galu(.cmp, .rax, o.rs2)
             let cc: X86Cond
             switch o.kind {
             case .beq: cc = .e
@@ -290,24 +397,24 @@ struct BlockCompiler {
         case .andi: aluImm(.and, o)
         case .slti, .sltiu:
             e.alu(.xor, .rcx, .rcx, .b32)
-            e.load(.rax, rs1)
+            gload(.rax, o.rs1)
             e.alu(.cmp, .rax, imm: imm32)
             e.setcc(o.kind == .slti ? .l : .b, .rcx)
-            e.store(rd, .rcx)
+            gstore(o.rd, .rcx)
         case .slli, .srli, .srai:
-            e.load(.rax, rs1)
+            gload(.rax, o.rs1)
             e.shift(o.kind == .slli ? .shl : o.kind == .srli ? .shr : .sar, .rax, UInt8(o.imm & 63))
-            e.store(rd, .rax)
+            gstore(o.rd, .rax)
         case .addiw:
-            e.load(.rax, rs1)
+            gload(.rax, o.rs1)
             e.alu(.add, .rax, imm: imm32, .b32)
             e.movsxd(.rax, .rax)
-            e.store(rd, .rax)
+            gstore(o.rd, .rax)
         case .slliw, .srliw, .sraiw:
-            e.load(.rax, rs1)
+            gload(.rax, o.rs1)
             e.shift(o.kind == .slliw ? .shl : o.kind == .srliw ? .shr : .sar, .rax, UInt8(o.imm & 31), .b32)
             e.movsxd(.rax, .rax)
-            e.store(rd, .rax)
+            gstore(o.rd, .rax)
 
         case .add: aluReg(.add, o)
         case .sub: aluReg(.sub, o)
@@ -316,53 +423,53 @@ struct BlockCompiler {
         case .and: aluReg(.and, o)
         case .slt, .sltu:
             e.alu(.xor, .rcx, .rcx, .b32)
-            e.load(.rax, rs1)
-            e.alu(.cmp, .rax, rs2)
+            gload(.rax, o.rs1)
+            galu(.cmp, .rax, o.rs2)
             e.setcc(o.kind == .slt ? .l : .b, .rcx)
-            e.store(rd, .rcx)
+            gstore(o.rd, .rcx)
         case .sll, .srl, .sra, .sllw, .srlw, .sraw:
-            e.load(.rcx, rs2)
-            e.load(.rax, rs1)
+            gload(.rcx, o.rs2)
+            gload(.rax, o.rs1)
             let w = o.kind == .sllw || o.kind == .srlw || o.kind == .sraw
             let s: X86Shift = (o.kind == .sll || o.kind == .sllw) ? .shl : (o.kind == .srl || o.kind == .srlw) ? .shr : .sar
             e.shiftCL(s, .rax, w ? .b32 : .b64)
             if w { e.movsxd(.rax, .rax) }
-            e.store(rd, .rax)
+            gstore(o.rd, .rax)
         case .addw, .subw:
-            e.load(.rax, rs1)
-            e.alu(o.kind == .addw ? .add : .sub, .rax, rs2, .b32)
+            gload(.rax, o.rs1)
+            galu(o.kind == .addw ? .add : .sub, .rax, o.rs2, .b32)
             e.movsxd(.rax, .rax)
-            e.store(rd, .rax)
+            gstore(o.rd, .rax)
 
         case .mul:
-            e.load(.rax, rs1)
-            e.imul(.rax, rs2)
-            e.store(rd, .rax)
+            gload(.rax, o.rs1)
+            gimul(.rax, o.rs2)
+            gstore(o.rd, .rax)
         case .mulw:
-            e.load(.rax, rs1)
-            e.imul(.rax, rs2, .b32)
+            gload(.rax, o.rs1)
+            gimul(.rax, o.rs2, .b32)
             e.movsxd(.rax, .rax)
-            e.store(rd, .rax)
+            gstore(o.rd, .rax)
         case .mulh, .mulhu:
-            e.load(.rax, rs1)
-            e.mulWide(signed: o.kind == .mulh, rs2)
-            e.store(rd, .rdx)
+            gload(.rax, o.rs1)
+            gmulWide(signed: o.kind == .mulh, o.rs2)
+            gstore(o.rd, .rdx)
         case .mulhsu:
             // high(signed a * unsigned b) = high(unsigned a * b) - (a < 0 ? b : 0)
-            e.load(.rax, rs1)
+            gload(.rax, o.rs1)
             e.mov(.rcx, .rax)
-            e.mulWide(signed: false, rs2)
+            gmulWide(signed: false, o.rs2)
             e.shift(.sar, .rcx, 63)
-            e.alu(.and, .rcx, rs2)
+            galu(.and, .rcx, o.rs2)
             e.alu(.sub, .rdx, .rcx)
-            e.store(rd, .rdx)
+            gstore(o.rd, .rdx)
         case .div, .divu, .rem, .remu, .divw, .divuw, .remw, .remuw:
-            e.load(.rdi, rs1)
-            e.load(.rsi, rs2)
+            gload(.rdi, o.rs1)
+            gload(.rsi, o.rs2)
             e.movImm(.rdx, UInt64(o.kind.rawValue))
             e.movImm(.rax, helpers.divRem)
             e.call(.rax)
-            e.store(rd, .rax)
+            gstore(o.rd, .rax)
 
         case .lr, .sc, .amo:
             callOpHelper(helpers.atomic, op: opPtr, k: k, endsBlock: false)
@@ -404,15 +511,15 @@ struct BlockCompiler {
     }
 
     private mutating func aluImm(_ op: X86ALU, _ o: Op) {
-        e.load(.rax, Self.xr(o.rs1))
+        gload(.rax, o.rs1)
         e.alu(op, .rax, imm: Int32(truncatingIfNeeded: o.imm))
-        e.store(Self.xr(o.rd), .rax)
+        gstore(o.rd, .rax)
     }
 
     private mutating func aluReg(_ op: X86ALU, _ o: Op) {
-        e.load(.rax, Self.xr(o.rs1))
-        e.alu(op, .rax, Self.xr(o.rs2))
-        e.store(Self.xr(o.rd), .rax)
+        gload(.rax, o.rs1)
+        galu(op, .rax, o.rs2)
+        gstore(o.rd, .rax)
     }
 
     // MARK: Memory
@@ -423,7 +530,7 @@ struct BlockCompiler {
     /// returned patch positions.
     private mutating func tlbLookup(_ o: Op, size: X86Size, tagsField: Int, addendsField: Int) -> [Int] {
         var misses: [Int] = []
-        e.load(.rsi, Self.xr(o.rs1))
+        gload(.rsi, o.rs1)
         e.alu(.add, .rsi, imm: Int32(truncatingIfNeeded: o.imm))
         let bytes: Int32 = size == .b8 ? 1 : size == .b16 ? 2 : size == .b32 ? 4 : 8
         if bytes > 1 {
@@ -456,7 +563,7 @@ struct BlockCompiler {
             e.store(Self.fr(o.rd), .rax)
             e.alu(.or, Self.field(StateLayout.mstatus), imm: Int32(MStatus.fs))
         } else {
-            e.store(Self.xr(o.rd), .rax)
+            gstore(o.rd, .rax)
         }
         let resume = e.jmp()
         slowPath(misses: misses, resume: resume, helper: helpers.load, op: opPtr, k: k)
@@ -465,7 +572,7 @@ struct BlockCompiler {
     private mutating func emitStore(_ opPtr: UnsafeMutablePointer<Op>, k: Int, size: X86Size, fp: Bool) {
         let o = opPtr.pointee
         let misses = tlbLookup(o, size: size, tagsField: StateLayout.writeTags, addendsField: StateLayout.writeAddends)
-        e.load(.rax, fp ? Self.fr(o.rs2) : Self.xr(o.rs2))
+        if fp { e.load(.rax, Self.fr(o.rs2)) } else { gload(.rax, o.rs2) }
         e.store(X86Mem(.rdx, index: .rsi, scale: 0), .rax, size)
         let resume = e.jmp()
         slowPath(misses: misses, resume: resume, helper: helpers.store, op: opPtr, k: k)
@@ -476,6 +583,7 @@ struct BlockCompiler {
     /// access overwrote translated code.
     private mutating func slowPath(misses: [Int], resume: Int, helper: UInt64, op: UnsafeMutablePointer<Op>, k: Int) {
         for m in misses { e.patch(m, to: e.position) }
+        flush(clear: false)
         e.mov(.rdx, .rsi)
         e.mov(.rdi, .rbx)
         e.movImm(.rsi, UInt64(UInt(bitPattern: op)))
@@ -487,6 +595,7 @@ struct BlockCompiler {
         let ok = e.jcc(.e)
         helperExit(op: k)
         e.patch(ok, to: e.position)
+        reloadAll()
         e.patch(resume, to: e.position)
     }
 }

@@ -43,12 +43,13 @@ import Glibc
             hostFlags = 0
         }
 
-        /// Runs one block with this hart's host FPU state in place.
-        mutating func step() {
+        /// Runs one turn of the run loop (at most `budget` blocks) with this hart's host FPU
+        /// state in place.
+        mutating func step(budget: Int = 1) {
             feclearexcept(Hart.hostAll)
             if hostFlags != 0 { feraiseexcept(hostFlags) }
             hart.setHostRounding(hart.hostRoundingMode)
-            hart.runSlice(budget: 1)
+            hart.runSlice(budget: budget)
             hostFlags = fetestexcept(Hart.hostAll)
         }
 
@@ -95,8 +96,10 @@ import Glibc
     static func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
 
     /// Runs the program from `seed` on both engines; returns the blocks compared, or records
-    /// the first difference.
-    static func runProgram(seed: UInt64, segments: Int) throws -> Int {
+    /// the first difference. With `chained`, each step runs a random budget of up to 64 blocks,
+    /// so the JIT's chains and inline jump-cache lookups run between comparisons (both engines
+    /// count blocks against the budget the same way).
+    static func runProgram(seed: UInt64, segments: Int, chained: Bool) throws -> Int {
         var gen = ProgramGenerator(seed: seed)
         let code = gen.program(segments: segments)
         var data = [UInt8](repeating: 0, count: dataSize)
@@ -120,11 +123,12 @@ import Glibc
         var blocks = 0
         while blocks < 100_000 {
             let before = ref.hart.pc
-            ref.step()
-            jit.step()
+            let budget = chained ? 1 + gen.rng.below(64) : 1
+            ref.step(budget: budget)
+            jit.step(budget: budget)
             blocks += 1
             if let d = difference(&ref, &jit, memory: blocks % 16 == 0 || ref.hart.pc == end) {
-                Issue.record("seed \(seed): after block \(blocks) (entered at \(hex(before))): \(d)")
+                Issue.record("seed \(seed)\(chained ? " (chained)" : ""): after step \(blocks) (entered at \(hex(before))): \(d)")
                 return blocks
             }
             if ref.hart.pc == end { break }
@@ -139,7 +143,7 @@ import Glibc
         var blocks = 0
         var programs = 0
         while blocks < target {
-            let n = try Self.runProgram(seed: seed, segments: 60)
+            let n = try Self.runProgram(seed: seed, segments: 60, chained: seed % 2 == 0)
             blocks += n
             programs += 1
             seed &+= 1
