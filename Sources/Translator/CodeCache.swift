@@ -28,6 +28,9 @@ final class CodeCache {
     /// Offset of the common exit: restores the host's callee-saved registers and returns eax.
     private(set) var exitOffset = 0
 
+    /// Whether the host has FMA3 with the OS saving AVX state (CPUID leaf 1: FMA, OSXSAVE, AVX).
+    private(set) var hasFMA = false
+
     /// Calls generated code: `enter(state, code)` pins `state` in rbx and jumps to `code`.
     typealias Entry = @convention(c) (UnsafeMutableRawPointer, UnsafeRawPointer) -> Int64
     private(set) var enter: Entry
@@ -77,8 +80,22 @@ final class CodeCache {
         e.alu(.add, .rsp, imm: 8)
         for r: X86Reg in [.r15, .r14, .r13, .r12, .rbp, .rbx] { e.pop(r) }
         e.ret()
+        // cpuid(1) -> ecx, to learn the host's features.
+        let cpuidOffset = e.position
+        e.push(.rbx)
+        e.movImm(.rax, 1)
+        e.alu(.xor, .rcx, .rcx, .b32)
+        e.byte(0x0f)
+        e.byte(0xa2)
+        e.mov(.rax, .rcx)
+        e.pop(.rbx)
+        e.ret()
         used = (e.position + 63) & ~63
         firstBlock = used
+        typealias CPUID = @convention(c) () -> UInt64
+        let ecx = unsafeBitCast(executable + cpuidOffset, to: CPUID.self)()
+        let need: UInt64 = (1 << 12) | (1 << 27) | (1 << 28)
+        hasFMA = ecx & need == need
     }
 
     /// Whether another block surely fits.

@@ -102,7 +102,10 @@ public final class Hart: VirtualCPU {
     var previousBlock: Int32 = -1
     var previousSlot = -1
     /// The host rounding mode currently programmed (RISC-V encoding).
-    var hostRoundingMode: UInt64 = 0
+    var hostRoundingMode: UInt64 {
+        get { hot(StateLayout.hostRoundingMode) }
+        set { setHot(StateLayout.hostRoundingMode, newValue) }
+    }
 
     // MARK: Soft TLB
 

@@ -23,6 +23,7 @@
 /// | 888  | the translation-block pool (pointer) |
 /// | 896  | the executable base of the JIT code cache (pointer) |
 /// | 904  | the last block a JIT chain ran (32 bits) |
+/// | 912  | the host rounding mode currently programmed (RISC-V encoding 0…3) |
 enum StateLayout {
     static let x = 0
     static let xSink = 32
@@ -45,6 +46,7 @@ enum StateLayout {
     static let blocks = 888
     static let codeBase = 896
     static let lastBlock = 904
+    static let hostRoundingMode = 912
     static let size = 1024
 }
 

@@ -88,7 +88,11 @@ struct BlockCompiler {
     @inline(__always) static func fr(_ i: UInt8) -> X86Mem { X86Mem(.rbx, Int32(StateLayout.f + 8 * Int(i))) }
     @inline(__always) static func field(_ offset: Int) -> X86Mem { X86Mem(.rbx, Int32(offset)) }
 
-    init(emitter: X86Emitter, helpers: JITHelpers, exitOffset: Int, blockIndex: Int32) {
+    /// Whether fused multiply-adds may be emitted (the host has FMA3).
+    let hasFMA: Bool
+
+    init(emitter: X86Emitter, helpers: JITHelpers, exitOffset: Int, blockIndex: Int32, hasFMA: Bool) {
+        self.hasFMA = hasFMA
         e = emitter
         self.helpers = helpers
         self.exitOffset = exitOffset
@@ -486,9 +490,83 @@ struct BlockCompiler {
 
         default:
             // Floating-point arithmetic.
-            callOpHelper(helpers.fp, op: opPtr, k: k, endsBlock: false)
+            emitFP(opPtr, k: k)
         }
         return false
+    }
+
+    /// Double-precision add, sub, mul, div, sqrt and fused multiply-adds run inline on SSE/FMA3
+    /// when the FPU is on and the host already rounds the way the op asks (the helper switches
+    /// the host mode, and does RMM); the host's sticky flags collect fflags exactly as the
+    /// interpreter's arithmetic does, and NaN results become the canonical NaN. Every other FP
+    /// op calls the helper.
+    private mutating func emitFP(_ opPtr: UnsafeMutablePointer<Op>, k: Int) {
+        let o = opPtr.pointee
+        var arith: UInt8? = nil
+        var fused: UInt8? = nil
+        switch o.kind {
+        case .faddD: arith = 0x58
+        case .fsubD: arith = 0x5c
+        case .fmulD: arith = 0x59
+        case .fdivD: arith = 0x5e
+        case .fsqrtD: arith = 0x51
+        case .fmaddD where hasFMA: fused = 0xb9
+        case .fmsubD where hasFMA: fused = 0xbb
+        case .fnmsubD where hasFMA: fused = 0xbd
+        case .fnmaddD where hasFMA: fused = 0xbf
+        default: break
+        }
+        if (arith == nil && fused == nil) || (o.rm >= 4 && o.rm != 7) {
+            callOpHelper(helpers.fp, op: opPtr, k: k, endsBlock: false)
+            return
+        }
+        var slow: [Int] = []
+        e.test(Self.field(StateLayout.mstatus), imm: Int32(MStatus.fs))
+        slow.append(e.jcc(.e))
+        if o.rm == 7 {
+            // Dynamic: frm must be what the host has (0…3; RMM and invalid modes never are).
+            e.load(.rax, Self.field(StateLayout.frm))
+            e.alu(.cmp, .rax, Self.field(StateLayout.hostRoundingMode))
+        } else {
+            e.alu(.cmp, Self.field(StateLayout.hostRoundingMode), imm: Int32(o.rm))
+        }
+        slow.append(e.jcc(.ne))
+        if let op = arith {
+            if o.kind == .fsqrtD {
+                e.sse(0xf2, op, xmm: 0, Self.fr(o.rs1))
+            } else {
+                e.sse(0xf2, 0x10, xmm: 0, Self.fr(o.rs1))
+                e.sse(0xf2, op, xmm: 0, Self.fr(o.rs2))
+            }
+        } else if let op = fused {
+            e.sse(0xf2, 0x10, xmm: 0, Self.fr(o.rs3))
+            e.sse(0xf2, 0x10, xmm: 1, Self.fr(o.rs1))
+            e.fma231sd(op, Self.fr(o.rs2))
+        }
+        e.sse(0x66, 0x2e, xmm: 0, xmm2: 0)          // ucomisd xmm0, xmm0: PF when NaN
+        let nan = e.jcc(.p)
+        e.sse(0xf2, 0x11, xmm: 0, Self.fr(o.rd))
+        let stored = e.position
+        e.alu(.or, Self.field(StateLayout.mstatus), imm: Int32(MStatus.fs))
+        let done = e.jmp()
+        e.patch(nan, to: e.position)
+        e.movImm(.rax, Hart.canonicalNaN64)
+        e.store(Self.fr(o.rd), .rax)
+        e.jmp(to: stored)
+        for j in slow { e.patch(j, to: e.position) }
+        flush(clear: false)
+        e.mov(.rdi, .rbx)
+        e.movImm(.rsi, UInt64(UInt(bitPattern: opPtr)))
+        e.load(.rdx, Self.field(StateLayout.pc))
+        e.alu(.add, .rdx, imm: Int32(o.pcOffset))
+        e.movImm(.rax, helpers.fp)
+        e.call(.rax)
+        e.test(.rax, .rax)
+        let ok = e.jcc(.e)
+        helperExit(op: k)
+        e.patch(ok, to: e.position)
+        reloadAll()
+        e.patch(done, to: e.position)
     }
 
     private mutating func addConstant(_ r: X86Reg, _ v: Int64) {

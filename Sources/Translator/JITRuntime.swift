@@ -32,7 +32,8 @@ extension Hart {
     /// and chain sites.
     func compileJIT(_ block: inout TranslationBlock, index: Int32, _ cache: CodeCache) {
         let start = cache.used
-        var c = BlockCompiler(emitter: cache.emitter(), helpers: jitHelpers, exitOffset: cache.exitOffset, blockIndex: index)
+        var c = BlockCompiler(emitter: cache.emitter(), helpers: jitHelpers, exitOffset: cache.exitOffset, blockIndex: index,
+                              hasFMA: cache.hasFMA)
         c.compile(ops: ops + Int(block.opStart), count: Int(block.opCount), byteLength: Int(block.byteLength))
         cache.commit(c.e)
         jitBytes += cache.used - start

@@ -304,6 +304,34 @@ struct X86Emitter {
         rr(0x0fb6, .b8, reg: dst.rawValue, rm: dst.rawValue)   // .b8: REX for sil/dil, no REX.W
     }
 
+    // MARK: SSE and FMA (scalar double)
+
+    /// A legacy SSE instruction `prefix 0F op xmm, [m]` (prefix F2 for the sd forms, 66 for
+    /// ucomisd).
+    mutating func sse(_ prefix: UInt8, _ op: UInt8, xmm: UInt8, _ m: X86Mem) {
+        byte(prefix)
+        rm(0x0f00 | UInt32(op), .b32, reg: xmm, m)
+    }
+
+    /// A legacy SSE instruction with two xmm registers.
+    mutating func sse(_ prefix: UInt8, _ op: UInt8, xmm: UInt8, xmm2: UInt8) {
+        byte(prefix)
+        rr(0x0f00 | UInt32(op), .b32, reg: xmm, rm: xmm2)
+    }
+
+    /// `vfm*231sd xmm0, xmm1, [m]` (`op` B9 fmadd, BB fmsub, BD fnmadd, BF fnmsub):
+    /// xmm0 = ±(xmm1 * [m]) ± xmm0, rounded once. `m`'s base must be one of rax…rdi.
+    mutating func fma231sd(_ op: UInt8, _ m: X86Mem) {
+        precondition(m.index == nil && m.base.rawValue < 8)
+        byte(0xc4)
+        byte(0xe2)                 // R̄ X̄ B̄ set (no extended registers), map 0F38
+        byte(0xf1)                 // W1, vvvv = ~xmm1, L0, pp = 66
+        byte(op)
+        byte(0x80 | m.base.low)    // mod 10 (disp32), reg xmm0
+        if m.base.low == 4 { byte(0x24) }
+        u32(UInt32(bitPattern: m.disp))
+    }
+
     // MARK: Control flow
 
     /// `jcc rel32` to an unknown target; returns the position of the displacement to patch.
