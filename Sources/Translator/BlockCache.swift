@@ -172,5 +172,7 @@ extension Hart {
         codeCache?.reset()
         flushTLB()
         mmuEpoch &+= 1
+        linkedPages.update(repeating: 0, count: 64)
+        hasSuperpages = false
     }
 }

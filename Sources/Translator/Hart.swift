@@ -145,6 +145,14 @@ public final class Hart: VirtualCPU {
         get { state.load(fromByteOffset: StateLayout.mmuEpoch, as: UInt32.self) }
         set { state.storeBytes(of: newValue, toByteOffset: StateLayout.mmuEpoch, as: UInt32.self) }
     }
+    /// Virtual pages (by `vpn & 4095`, one bit each) that chains may lead into since the last
+    /// epoch change: an `sfence.vma` of any other page leaves the chains alone.
+    let linkedPages: UnsafeMutablePointer<UInt64>
+    /// The region (`va & superpageMask == superpageBase`) covering every superpage translated
+    /// since the last full flush, when `hasSuperpages`: an `sfence.vma` inside it flushes all.
+    var hasSuperpages = false
+    var superpageBase: UInt64 = 0
+    var superpageMask: UInt64 = 0
     /// Pages devices wrote behind this hart's back; drained at `fence.i`.
     let externalWrites: ExternalWriteLog
     /// Called with the virtual PC before each block executes, when set (debug tracing, like
@@ -203,6 +211,8 @@ public final class Hart: VirtualCPU {
         jumpTags.initialize(repeating: .max, count: 4 * Self.jumpCacheSize)
         jumpBlocks = .allocate(capacity: 4 * Self.jumpCacheSize)
         jumpBlocks.initialize(repeating: -1, count: 4 * Self.jumpCacheSize)
+        linkedPages = .allocate(capacity: 64)
+        linkedPages.initialize(repeating: 0, count: 64)
         privilege = .machine
         mmuEpoch = 1
         state.storeBytes(of: Unmanaged.passUnretained(self).toOpaque(), toByteOffset: StateLayout.hart,
@@ -220,6 +230,7 @@ public final class Hart: VirtualCPU {
         ops.deallocate()
         jumpTags.deallocate()
         jumpBlocks.deallocate()
+        linkedPages.deallocate()
     }
 
     public var pc: UInt64 { pcValue }
@@ -329,6 +340,8 @@ public final class Hart: VirtualCPU {
         }
         if slot == 0 { p.pointee.chainTB.0 = to; p.pointee.chainPC.0 = pc }
         else { p.pointee.chainTB.1 = to; p.pointee.chainPC.1 = pc }
+        let bit = Int((pc >> 12) & 4095)
+        linkedPages[bit >> 6] |= 1 << UInt64(bit & 63)
         if let cache = codeCache {
             let site = slot == 0 ? p.pointee.jitSites.0 : p.pointee.jitSites.1
             let target = blocks[Int(to)].jitCode

@@ -153,7 +153,7 @@ import Glibc
     }
 
     /// Self-checking ISA programs (all but the timer-driven one) in lock step on both engines.
-    @Test(arguments: ["alu", "mem", "atomic", "trap", "vm", "smc", "fp"])
+    @Test(arguments: ["alu", "mem", "atomic", "trap", "vm", "sfence", "smc", "fp"])
     func isaProgramsAgree(_ name: String) throws {
         let image = [UInt8](try ISATests.assemble(name))
         func make(_ engine: ExecutionEngine) throws -> (Rig, ISATests.ToHost) {

@@ -83,7 +83,7 @@ import Testing
         return tohost.value
     }
 
-    @Test(arguments: ["alu", "mem", "atomic", "trap", "vm", "smc", "fp", "irq"], ExecutionEngine.allCases)
+    @Test(arguments: ["alu", "mem", "atomic", "trap", "vm", "sfence", "smc", "fp", "irq"], ExecutionEngine.allCases)
     func program(_ name: String, engine: ExecutionEngine) throws {
         let result = try Self.run(name, engine: engine)
         let failed = result.map { $0 >> 1 } ?? 0
