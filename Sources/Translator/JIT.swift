@@ -90,6 +90,8 @@ struct BlockCompiler {
 
     /// Whether fused multiply-adds may be emitted (the host has FMA3).
     let hasFMA: Bool
+    /// Where the block's ops start, after the register cache is loaded.
+    var bodyStart = 0
 
     init(emitter: X86Emitter, helpers: JITHelpers, exitOffset: Int, blockIndex: Int32, hasFMA: Bool) {
         self.hasFMA = hasFMA
@@ -127,6 +129,17 @@ struct BlockCompiler {
         for j in [noBudget, staleEpoch, otherPC, link] { e.patch(j, to: e.position) }
         if slot == 0 { sites.0 = Int32(site) } else { sites.1 = Int32(site) }
         leave(slot)
+    }
+
+    /// A taken branch back to the block's own start (state.pc already holds it): nothing can
+    /// have changed the block or its mapping without leaving it, so after counting the block
+    /// against the budget it loops to its first op, keeping the register cache loaded.
+    mutating func selfLoop(retiringUpTo upTo: Int) {
+        flush(clear: false)
+        retire(upTo - retired)
+        e.dec(Self.field(StateLayout.budget))
+        e.jcc(.g, to: bodyStart)
+        leave(JITExit.taken)
     }
 
     /// Links the chain site at `site` to the code at `target` for `epoch` and next PC `pc`.
@@ -306,6 +319,7 @@ struct BlockCompiler {
     mutating func compile(ops: UnsafeMutablePointer<Op>, count: Int, byteLength: Int) {
         chooseCachedRegisters(ops, count: count)
         reloadAll()
+        bodyStart = e.position
         var k = 0
         while k < count {
             let op = ops + k
@@ -367,8 +381,12 @@ struct BlockCompiler {
             e.alu(.add, Self.field(StateLayout.pc), imm: Int32(o.pcOffset) + Int32(o.length))
             chainExit(JITExit.fallThrough, retiringUpTo: k + 1)
             e.patch(taken, to: e.position)
-            addConstantToPC(o.imm &+ Int64(o.pcOffset))
-            chainExit(JITExit.taken, retiringUpTo: k + 1)
+            if o.imm &+ Int64(o.pcOffset) == 0 {
+                selfLoop(retiringUpTo: k + 1)
+            } else {
+                addConstantToPC(o.imm &+ Int64(o.pcOffset))
+                chainExit(JITExit.taken, retiringUpTo: k + 1)
+            }
             return true
 
         case .lb: emitLoad(opPtr, k: k, size: .b8, signed: true, fp: false)
