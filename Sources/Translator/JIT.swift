@@ -93,6 +93,17 @@ struct BlockCompiler {
     /// Where the block's ops start, after the register cache is loaded.
     var bodyStart = 0
 
+    /// Code emitted after the block's last exit, out of the fast paths' way.
+    enum Deferred {
+        /// A helper call after a TLB miss (`memory`: va in rsi) or a failed inline-FP check,
+        /// with the compiler's register-cache and retirement state at the branch.
+        case helper(misses: [Int], resume: Int, address: UInt64, op: UnsafeMutablePointer<Op>, k: Int,
+                    dirty: UInt64, retired: Int, memory: Bool)
+        /// An FP result that is a NaN: store the canonical NaN to f[rd] instead.
+        case canonicalNaN(from: Int, resume: Int, rd: UInt8)
+    }
+    var deferred: [Deferred] = []
+
     init(emitter: X86Emitter, helpers: JITHelpers, exitOffset: Int, blockIndex: Int32, hasFMA: Bool) {
         self.hasFMA = hasFMA
         e = emitter
@@ -321,14 +332,66 @@ struct BlockCompiler {
         reloadAll()
         bodyStart = e.position
         var k = 0
+        var ended = false
         while k < count {
             let op = ops + k
-            if compileOp(op, k: k) { return }
+            if compileOp(op, k: k) {
+                ended = true
+                break
+            }
             k += 1
         }
-        // Fell off the end (page end or op limit).
-        e.alu(.add, Self.field(StateLayout.pc), imm: Int32(byteLength))
-        chainExit(JITExit.fallThrough, retiringUpTo: count)
+        if !ended {
+            // Fell off the end (page end or op limit).
+            e.alu(.add, Self.field(StateLayout.pc), imm: Int32(byteLength))
+            chainExit(JITExit.fallThrough, retiringUpTo: count)
+        }
+        emitDeferred()
+    }
+
+    /// Emits the deferred slow paths, each jumping back to where its fast path continues.
+    private mutating func emitDeferred() {
+        let list = deferred
+        deferred = []
+        let mainDirty = dirty, mainRetired = retired
+        for d in list {
+            switch d {
+            case let .helper(misses, resume, address, op, k, dirtyThen, retiredThen, memory):
+                for m in misses { e.patch(m, to: e.position) }
+                dirty = dirtyThen
+                retired = retiredThen
+                flush(clear: false)
+                if memory {
+                    // helper(state, op, va, pc)
+                    e.mov(.rdx, .rsi)
+                    e.mov(.rdi, .rbx)
+                    e.movImm(.rsi, UInt64(UInt(bitPattern: op)))
+                    e.load(.rcx, Self.field(StateLayout.pc))
+                    e.alu(.add, .rcx, imm: Int32(op.pointee.pcOffset))
+                } else {
+                    // helper(state, op, pc)
+                    e.mov(.rdi, .rbx)
+                    e.movImm(.rsi, UInt64(UInt(bitPattern: op)))
+                    e.load(.rdx, Self.field(StateLayout.pc))
+                    e.alu(.add, .rdx, imm: Int32(op.pointee.pcOffset))
+                }
+                e.movImm(.rax, address)
+                e.call(.rax)
+                e.test(.rax, .rax)
+                let ok = e.jcc(.e)
+                helperExit(op: k)
+                e.patch(ok, to: e.position)
+                reloadAll()
+                e.jmp(to: resume)
+            case let .canonicalNaN(from, resume, rd):
+                e.patch(from, to: e.position)
+                e.movImm(.rax, Hart.canonicalNaN64)
+                e.store(Self.fr(rd), .rax)
+                e.jmp(to: resume)
+            }
+        }
+        dirty = mainDirty
+        retired = mainRetired
     }
 
     /// Emits one op; returns true when the op ended the block (its exits are emitted).
@@ -564,27 +627,10 @@ struct BlockCompiler {
         e.sse(0x66, 0x2e, xmm: 0, xmm2: 0)          // ucomisd xmm0, xmm0: PF when NaN
         let nan = e.jcc(.p)
         e.sse(0xf2, 0x11, xmm: 0, Self.fr(o.rd))
-        let stored = e.position
+        deferred.append(.canonicalNaN(from: nan, resume: e.position, rd: o.rd))
         e.alu(.or, Self.field(StateLayout.mstatus), imm: Int32(MStatus.fs))
-        let done = e.jmp()
-        e.patch(nan, to: e.position)
-        e.movImm(.rax, Hart.canonicalNaN64)
-        e.store(Self.fr(o.rd), .rax)
-        e.jmp(to: stored)
-        for j in slow { e.patch(j, to: e.position) }
-        flush(clear: false)
-        e.mov(.rdi, .rbx)
-        e.movImm(.rsi, UInt64(UInt(bitPattern: opPtr)))
-        e.load(.rdx, Self.field(StateLayout.pc))
-        e.alu(.add, .rdx, imm: Int32(o.pcOffset))
-        e.movImm(.rax, helpers.fp)
-        e.call(.rax)
-        e.test(.rax, .rax)
-        let ok = e.jcc(.e)
-        helperExit(op: k)
-        e.patch(ok, to: e.position)
-        reloadAll()
-        e.patch(done, to: e.position)
+        deferred.append(.helper(misses: slow, resume: e.position, address: helpers.fp, op: opPtr, k: k,
+                                dirty: dirty, retired: retired, memory: false))
     }
 
     private mutating func addConstant(_ r: X86Reg, _ v: Int64) {
@@ -661,8 +707,7 @@ struct BlockCompiler {
         } else {
             gstore(o.rd, .rax)
         }
-        let resume = e.jmp()
-        slowPath(misses: misses, resume: resume, helper: helpers.load, op: opPtr, k: k)
+        slowPath(misses: misses, helper: helpers.load, op: opPtr, k: k)
     }
 
     private mutating func emitStore(_ opPtr: UnsafeMutablePointer<Op>, k: Int, size: X86Size, fp: Bool) {
@@ -670,29 +715,14 @@ struct BlockCompiler {
         let misses = tlbLookup(o, size: size, tagsField: StateLayout.writeTags, addendsField: StateLayout.writeAddends)
         if fp { e.load(.rax, Self.fr(o.rs2)) } else { gload(.rax, o.rs2) }
         e.store(X86Mem(.rdx, index: .rsi, scale: 0), .rax, size)
-        let resume = e.jmp()
-        slowPath(misses: misses, resume: resume, helper: helpers.store, op: opPtr, k: k)
+        slowPath(misses: misses, helper: helpers.store, op: opPtr, k: k)
     }
 
-    /// Emits the TLB-miss path in line (jumped over on a hit): `helper(state, op, va, pc)`,
-    /// then back to the fast path's continuation, or out of the block on a trap or when the
-    /// access overwrote translated code.
-    private mutating func slowPath(misses: [Int], resume: Int, helper: UInt64, op: UnsafeMutablePointer<Op>, k: Int) {
-        for m in misses { e.patch(m, to: e.position) }
-        flush(clear: false)
-        e.mov(.rdx, .rsi)
-        e.mov(.rdi, .rbx)
-        e.movImm(.rsi, UInt64(UInt(bitPattern: op)))
-        e.load(.rcx, Self.field(StateLayout.pc))
-        e.alu(.add, .rcx, imm: Int32(op.pointee.pcOffset))
-        e.movImm(.rax, helper)
-        e.call(.rax)
-        e.test(.rax, .rax)
-        let ok = e.jcc(.e)
-        helperExit(op: k)
-        e.patch(ok, to: e.position)
-        reloadAll()
-        e.patch(resume, to: e.position)
+    /// Defers the TLB-miss path, `helper(state, op, va)`: it returns to the current position,
+    /// or leaves the block on a trap or when the access overwrote translated code.
+    private mutating func slowPath(misses: [Int], helper: UInt64, op: UnsafeMutablePointer<Op>, k: Int) {
+        deferred.append(.helper(misses: misses, resume: e.position, address: helper, op: op, k: k,
+                                dirty: dirty, retired: retired, memory: true))
     }
 }
 
