@@ -161,6 +161,7 @@ extension Hart {
 
     /// Drops every translation (pool full, or reset).
     func flushAllTranslations() {
+        translationFlushes += 1
         for i in 0..<blockCount { blocks[i].valid = false }
         blockCount = 0
         opCount = 0

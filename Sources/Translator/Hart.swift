@@ -163,6 +163,8 @@ public final class Hart: VirtualCPU {
     public internal(set) var blocksInvalidated = 0
     /// Bytes of host code the JIT generated since the hart was created.
     public internal(set) var jitBytes = 0
+    /// Times every translation was dropped (reset, or the block pool or code cache full).
+    public internal(set) var translationFlushes = 0
 
     // MARK: JIT
 
@@ -173,13 +175,21 @@ public final class Hart: VirtualCPU {
     let codeCache: CodeCache?
     let jitHelpers: JITHelpers
     /// Size of each hart's code cache.
-    static let codeCacheSize = 32 << 20
+    static let defaultCodeCacheSize = 32 << 20
 
     /// Creates a hart in its reset state, stopped at address 0 in M-mode, executing with
     /// `engine` when the host supports it (else with the interpreter).
-    public init(hartID: Int, ram: GuestRAM, bus: MemoryBus, interrupts: HartInterrupts, clock: VirtualClock,
-                engine: ExecutionEngine = .hostDefault) {
-        if engine == .jit && ExecutionEngine.jitSupported, let cache = CodeCache(size: Self.codeCacheSize) {
+    public convenience init(hartID: Int, ram: GuestRAM, bus: MemoryBus, interrupts: HartInterrupts,
+                            clock: VirtualClock, engine: ExecutionEngine = .hostDefault) {
+        self.init(hartID: hartID, ram: ram, bus: bus, interrupts: interrupts, clock: clock, engine: engine,
+                  codeCacheSize: Self.defaultCodeCacheSize)
+    }
+
+    /// As the public initializer, with the JIT's code cache size (tests use small ones to make
+    /// the cache fill and flush).
+    init(hartID: Int, ram: GuestRAM, bus: MemoryBus, interrupts: HartInterrupts, clock: VirtualClock,
+         engine: ExecutionEngine, codeCacheSize: Int) {
+        if engine == .jit && ExecutionEngine.jitSupported, let cache = CodeCache(size: codeCacheSize) {
             codeCache = cache
             self.engine = .jit
         } else {

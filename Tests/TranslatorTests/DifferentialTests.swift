@@ -32,12 +32,13 @@ import Glibc
         /// run on the test's thread, so each one's host FPU state is swapped in around its steps.
         var hostFlags: Int32 = 0
 
-        init(engine: ExecutionEngine, code: [UInt8], data: [UInt8], seedState: (Hart) -> Void) throws {
+        init(engine: ExecutionEngine, code: [UInt8], data: [UInt8], codeCacheSize: Int = Hart.defaultCodeCacheSize,
+             seedState: (Hart) -> Void) throws {
             ram = try GuestRAM(base: GuestPhysicalAddress(DifferentialTests.ramBase), size: 4 << 20)
             try ram.write(Data(code), at: ram.base)
             try ram.write(Data(data), at: GuestPhysicalAddress(DifferentialTests.dataBase))
             hart = Hart(hartID: 0, ram: ram, bus: MemoryBus(), interrupts: HartInterrupts(hartID: 0),
-                        clock: VirtualClock(), engine: engine)
+                        clock: VirtualClock(), engine: engine, codeCacheSize: codeCacheSize)
             hart.reset(entry: GuestPhysicalAddress(DifferentialTests.codeStart), a0: 0, a1: 0, a2: 0)
             seedState(hart)
             hostFlags = 0
@@ -99,7 +100,8 @@ import Glibc
     /// the first difference. With `chained`, each step runs a random budget of up to 64 blocks,
     /// so the JIT's chains and inline jump-cache lookups run between comparisons (both engines
     /// count blocks against the budget the same way).
-    static func runProgram(seed: UInt64, segments: Int, chained: Bool) throws -> Int {
+    static func runProgram(seed: UInt64, segments: Int, chained: Bool,
+                           codeCacheSize: Int = Hart.defaultCodeCacheSize) throws -> (steps: Int, jitFlushes: Int) {
         var gen = ProgramGenerator(seed: seed)
         let code = gen.program(segments: segments)
         var data = [UInt8](repeating: 0, count: dataSize)
@@ -117,7 +119,7 @@ import Glibc
             h.frm = frm
         }
         var ref = try Rig(engine: .interpreter, code: code, data: data, seedState: seedState)
-        var jit = try Rig(engine: .jit, code: code, data: data, seedState: seedState)
+        var jit = try Rig(engine: .jit, code: code, data: data, codeCacheSize: codeCacheSize, seedState: seedState)
         #expect(jit.hart.engine == .jit)
         let end = codeStart + UInt64(gen.endOffset)
         var blocks = 0
@@ -129,11 +131,11 @@ import Glibc
             blocks += 1
             if let d = difference(&ref, &jit, memory: blocks % 16 == 0 || ref.hart.pc == end) {
                 Issue.record("seed \(seed)\(chained ? " (chained)" : ""): after step \(blocks) (entered at \(hex(before))): \(d)")
-                return blocks
+                return (blocks, jit.hart.translationFlushes)
             }
             if ref.hart.pc == end { break }
         }
-        return blocks
+        return (blocks, jit.hart.translationFlushes)
     }
 
     @Test func randomBlocksAgree() throws {
@@ -143,13 +145,25 @@ import Glibc
         var blocks = 0
         var programs = 0
         while blocks < target {
-            let n = try Self.runProgram(seed: seed, segments: 60, chained: seed % 2 == 0)
+            let n = try Self.runProgram(seed: seed, segments: 60, chained: seed % 2 == 0).steps
             blocks += n
             programs += 1
             seed &+= 1
         }
         #expect(blocks >= target)
         if env["DIFF_BLOCKS"] != nil { print("differential: \(programs) programs, \(blocks) blocks compared") }
+    }
+
+    /// A code cache with room for only a few blocks fills and is flushed (with every
+    /// translation) again and again; the engines must still agree.
+    @Test func fullCodeCacheFlushesAndAgrees() throws {
+        let small = CodeCache.blockReserve + 16 * 1024   // room for about 16 KiB of blocks
+        var flushes = 0
+        for seed: UInt64 in 500..<520 {
+            // One flush is the reset's.
+            flushes += try Self.runProgram(seed: seed, segments: 60, chained: seed % 2 == 0, codeCacheSize: small).jitFlushes - 1
+        }
+        #expect(flushes > 20, "the small code cache never filled")
     }
 
     /// Self-checking ISA programs (all but the timer-driven one) in lock step on both engines.
