@@ -14,8 +14,9 @@ public enum ExecutionEngine: String, Sendable, CaseIterable {
         #endif
     }
 
-    /// The engine used when a machine description does not choose one.
-    public static var hostDefault: ExecutionEngine { .interpreter }
+    /// The engine used when a machine description does not choose one: the JIT where it
+    /// runs, the interpreter elsewhere.
+    public static var hostDefault: ExecutionEngine { jitSupported ? .jit : .interpreter }
 }
 
 /// The JIT's side of the hart: compiling blocks, running them, and the helpers compiled code

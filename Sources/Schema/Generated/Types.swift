@@ -3818,7 +3818,7 @@ public enum AccelEngine: String, SchemaCodable, CaseIterable, Equatable {
 
 /// How guest code is executed.
 public struct AccelDescription: SchemaCodable, Equatable {
-    /// The execution engine; absent means the host's default (the interpreter for now). 'jit' on a host that cannot run it falls back to the interpreter. Optional.
+    /// The execution engine; absent means the host's default: the JIT on x86-64 hosts, the interpreter elsewhere. 'jit' on a host that cannot run it falls back to the interpreter. Optional.
     public var engine: AccelEngine?
 
     /// Creates a value from its members.
