@@ -112,8 +112,10 @@ public final class Hart: VirtualCPU {
     static let tlbEntries = 256
     /// Tags (virtual page numbers) per [mmu index][access type][entry]; `.max` is empty.
     let tlbTags: UnsafeMutablePointer<UInt64>
-    /// Host address minus virtual address of the page, per entry.
+    /// Host address minus virtual address of the page, per entry (in the tags' allocation).
     let tlbAddends: UnsafeMutablePointer<Int>
+    /// Bytes from a TLB tag to its addend.
+    static let tlbAddendDistance = 4 * 3 * tlbEntries * MemoryLayout<UInt64>.stride
     /// The current MMU index for data accesses and for fetch (0 U, 1 S, 2 S+SUM, 3 M).
     var dataMMUIndex = 3
     var fetchMMUIndex = 3
@@ -208,9 +210,11 @@ public final class Hart: VirtualCPU {
         x = (state + StateLayout.x).assumingMemoryBound(to: UInt64.self)
         f = (state + StateLayout.f).assumingMemoryBound(to: UInt64.self)
         let tlbCount = 4 * 3 * Self.tlbEntries
-        tlbTags = .allocate(capacity: tlbCount)
+        // One allocation: the addends sit `tlbAddendDistance` bytes after their tags, so the
+        // JIT reaches both from one base.
+        tlbTags = .allocate(capacity: 2 * tlbCount)
         tlbTags.initialize(repeating: .max, count: tlbCount)
-        tlbAddends = .allocate(capacity: tlbCount)
+        tlbAddends = UnsafeMutableRawPointer(tlbTags + tlbCount).bindMemory(to: Int.self, capacity: tlbCount)
         tlbAddends.initialize(repeating: 0, count: tlbCount)
         blocks = .allocate(capacity: Self.maxBlocks)
         blocks.initialize(repeating: TranslationBlock(), count: Self.maxBlocks)
@@ -235,7 +239,6 @@ public final class Hart: VirtualCPU {
     deinit {
         state.deallocate()
         tlbTags.deallocate()
-        tlbAddends.deallocate()
         blocks.deallocate()
         ops.deallocate()
         jumpTags.deallocate()

@@ -9,10 +9,8 @@
 /// | 776  | privilege level (0 U, 1 S, 3 M), stored only here |
 /// | 784  | instret |
 /// | 792  | the owning `Hart`, unretained (for JIT helper calls) |
-/// | 800  | read TLB tags of the current data MMU context (pointer) |
-/// | 808  | read TLB addends of the current data MMU context (pointer) |
-/// | 816  | write TLB tags of the current data MMU context (pointer) |
-/// | 824  | write TLB addends of the current data MMU context (pointer) |
+/// | 800  | read TLB tags of the current data MMU context (pointer; addends follow at `Hart.tlbAddendDistance`) |
+/// | 816  | write TLB tags of the current data MMU context (pointer; likewise) |
 /// | 832  | fflags (low 5 bits, as last folded in from the host's sticky flags) |
 /// | 840  | frm |
 /// | 848  | mstatus (without the read-only views UXL/SXL/SD) |
@@ -33,9 +31,7 @@ enum StateLayout {
     static let instret = 784
     static let hart = 792
     static let readTags = 800
-    static let readAddends = 808
     static let writeTags = 816
-    static let writeAddends = 824
     static let fflags = 832
     static let frm = 840
     static let mstatus = 848

@@ -666,35 +666,29 @@ struct BlockCompiler {
 
     // MARK: Memory
 
-    /// Computes the virtual address into rsi and looks it up in the TLB whose tags and addends
-    /// pointers sit at `tagsField`/`addendsField`; on a hit leaves the host address in rdx+rsi
-    /// (rdx = addend) and falls through, on a miss (or a page-crossing access) jumps to the
-    /// returned patch positions.
-    private mutating func tlbLookup(_ o: Op, size: X86Size, tagsField: Int, addendsField: Int) -> [Int] {
-        var misses: [Int] = []
+    /// Computes the virtual address into rsi and looks it up in the data TLB whose tags
+    /// pointer sits at `tagsField`: on a hit leaves the addend in rdx (host address rdx+rsi) and
+    /// falls through; on a miss jumps to the returned patch position. The tag is compared with
+    /// the page of the access's last byte, so an access crossing into the next page misses.
+    private mutating func tlbLookup(_ o: Op, size: X86Size, tagsField: Int) -> Int {
         gload(.rsi, o.rs1)
         e.alu(.add, .rsi, imm: Int32(truncatingIfNeeded: o.imm))
         let bytes: Int32 = size == .b8 ? 1 : size == .b16 ? 2 : size == .b32 ? 4 : 8
-        if bytes > 1 {
-            e.mov(.rax, .rsi)
-            e.alu(.and, .rax, imm: 0xfff, .b32)
-            e.alu(.cmp, .rax, imm: 4096 - bytes, .b32)
-            misses.append(e.jcc(.a))
-        }
-        e.mov(.rax, .rsi)
+        e.lea(.rax, X86Mem(.rsi, bytes - 1))
         e.shift(.shr, .rax, 12)
-        e.rr(0x0fb6, .b8, reg: X86Reg.rcx.rawValue, rm: X86Reg.rax.rawValue)   // movzx ecx, al: 256 entries
+        e.mov(.rcx, .rsi)
+        e.shift(.shr, .rcx, 12)
+        e.rr(0x0fb6, .b8, reg: X86Reg.rcx.rawValue, rm: X86Reg.rcx.rawValue)   // movzx ecx, cl: 256 entries
         e.load(.rdx, Self.field(tagsField))
         e.alu(.cmp, .rax, X86Mem(.rdx, index: .rcx, scale: 3))
-        misses.append(e.jcc(.ne))
-        e.load(.rdx, Self.field(addendsField))
-        e.load(.rdx, X86Mem(.rdx, index: .rcx, scale: 3))
-        return misses
+        let miss = e.jcc(.ne)
+        e.load(.rdx, X86Mem(.rdx, index: .rcx, scale: 3, Int32(Hart.tlbAddendDistance)))
+        return miss
     }
 
     private mutating func emitLoad(_ opPtr: UnsafeMutablePointer<Op>, k: Int, size: X86Size, signed: Bool, fp: Bool) {
         let o = opPtr.pointee
-        let misses = tlbLookup(o, size: size, tagsField: StateLayout.readTags, addendsField: StateLayout.readAddends)
+        let misses = [tlbLookup(o, size: size, tagsField: StateLayout.readTags)]
         let host = X86Mem(.rdx, index: .rsi, scale: 0)
         if signed { e.loadSigned(.rax, host, size) } else { e.load(.rax, host, size) }
         if fp {
@@ -712,7 +706,7 @@ struct BlockCompiler {
 
     private mutating func emitStore(_ opPtr: UnsafeMutablePointer<Op>, k: Int, size: X86Size, fp: Bool) {
         let o = opPtr.pointee
-        let misses = tlbLookup(o, size: size, tagsField: StateLayout.writeTags, addendsField: StateLayout.writeAddends)
+        let misses = [tlbLookup(o, size: size, tagsField: StateLayout.writeTags)]
         if fp { e.load(.rax, Self.fr(o.rs2)) } else { gload(.rax, o.rs2) }
         e.store(X86Mem(.rdx, index: .rsi, scale: 0), .rax, size)
         slowPath(misses: misses, helper: helpers.store, op: opPtr, k: k)

@@ -19,12 +19,8 @@ extension Hart {
                          as: UnsafeMutablePointer<Int32>.self)
         state.storeBytes(of: tlbTags + tlbBase(dataMMUIndex, .read), toByteOffset: StateLayout.readTags,
                          as: UnsafeMutablePointer<UInt64>.self)
-        state.storeBytes(of: tlbAddends + tlbBase(dataMMUIndex, .read), toByteOffset: StateLayout.readAddends,
-                         as: UnsafeMutablePointer<Int>.self)
         state.storeBytes(of: tlbTags + tlbBase(dataMMUIndex, .write), toByteOffset: StateLayout.writeTags,
                          as: UnsafeMutablePointer<UInt64>.self)
-        state.storeBytes(of: tlbAddends + tlbBase(dataMMUIndex, .write), toByteOffset: StateLayout.writeAddends,
-                         as: UnsafeMutablePointer<Int>.self)
     }
 
     private func mmuIndex(for p: Privilege, sum: Bool) -> Int {
