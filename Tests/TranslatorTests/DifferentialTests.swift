@@ -151,7 +151,9 @@ import Glibc
             seed &+= 1
         }
         #expect(blocks >= target)
-        if env["DIFF_BLOCKS"] != nil { print("differential: \(programs) programs, \(blocks) blocks compared") }
+        if env["DIFF_BLOCKS"] != nil {
+            print("differential: \(programs) programs, \(blocks) comparisons (after every block, or every run of up to 64 blocks in the chained half)")
+        }
     }
 
     /// A code cache with room for only a few blocks fills and is flushed (with every
