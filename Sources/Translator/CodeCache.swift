@@ -69,14 +69,19 @@ final class CodeCache {
     }
 
     /// Entry: save the callee-saved registers (keeping the stack 16-byte aligned for helper
-    /// calls), pin the state in rbx, jump to the block. Exit: the reverse, returning eax.
+    /// calls), pin the state in rbx, load the chain budget into r14 and instret into r15, jump
+    /// to the block. Exit: store r14 and r15 back, restore, return eax.
     private func emitTrampolines() {
         var e = X86Emitter(buffer: writable, capacity: size, position: 0)
         for r: X86Reg in [.rbx, .rbp, .r12, .r13, .r14, .r15] { e.push(r) }
         e.alu(.sub, .rsp, imm: 8)
         e.mov(.rbx, .rdi)
+        e.load(.r14, X86Mem(.rbx, Int32(StateLayout.budget)))
+        e.load(.r15, X86Mem(.rbx, Int32(StateLayout.instret)))
         e.jmp(.rsi)
         exitOffset = e.position
+        e.store(X86Mem(.rbx, Int32(StateLayout.budget)), .r14)
+        e.store(X86Mem(.rbx, Int32(StateLayout.instret)), .r15)
         e.alu(.add, .rsp, imm: 8)
         for r: X86Reg in [.r15, .r14, .r13, .r12, .rbp, .rbx] { e.pop(r) }
         e.ret()

@@ -7,8 +7,10 @@
 /// for that single op, so every op is covered and keeps the interpreter's exact semantics.
 ///
 /// Conventions inside a block: `state.pc` holds the virtual PC the block was entered at until
-/// the block leaves, when it is set to the next PC; instret is added per exit for exactly the
-/// ops retired. The block returns (in eax) one of the `JITExit` codes.
+/// the block leaves, when it is set to the next PC. While generated code runs, instret lives in
+/// r15 (written to the state around helper calls and at the exit) and the chain budget in r14;
+/// each block adds exactly the ops it retired. The block returns (in eax) one of the `JITExit`
+/// codes.
 ///
 /// Threading: runs on the hart's vCPU thread.
 enum JITExit {
@@ -72,9 +74,9 @@ struct BlockCompiler {
     /// Chain sites emitted for slots 0 and 1 (offsets in the code cache), or -1.
     var sites: (Int32, Int32) = (-1, -1)
 
-    /// Host registers that hold the block's most used guest registers. They are callee-saved,
-    /// so helper calls keep them; the entry trampoline saves the host's values.
-    static let cacheRegs: [X86Reg] = [.rbp, .r12, .r13, .r14, .r15]
+    /// Host registers that hold the block's most used guest registers (the cache is written
+    /// back before, and reloaded after, every helper call, so caller-saved ones serve too).
+    static let cacheRegs: [X86Reg] = [.rbp, .r12, .r13, .r8, .r9, .r10, .r11]
     /// Guest register -> host register holding it inside this block.
     var cachedHost = [X86Reg?](repeating: nil, count: 33)
     /// (guest, host) pairs of the register cache.
@@ -116,7 +118,7 @@ struct BlockCompiler {
 
     /// Layout of a chain site (see `chainExit`): where the epoch, the PC and the jump's
     /// displacement sit relative to the site's start.
-    static let siteEpoch = 19, sitePC = 31, siteJump = 53, siteEnd = 57
+    static let siteEpoch = 15, sitePC = 27, siteJump = 49, siteEnd = 53
 
     /// Leaves through chain slot `slot` (state.pc already holds the next PC): counts the block
     /// against the budget, then, when the site is linked and still valid (same MMU epoch, same
@@ -125,7 +127,7 @@ struct BlockCompiler {
         flush(clear: false)
         retire(upTo - retired)
         let site = e.position
-        e.dec(Self.field(StateLayout.budget))                       // 7 bytes (disp32)
+        e.rr(0xff, .b64, reg: 1, rm: X86Reg.r14.rawValue)            // dec r14: 3 bytes
         let noBudget = e.jcc(.le)
         e.rm(0x81, .b32, reg: X86ALU.cmp.rawValue, Self.field(StateLayout.mmuEpoch))
         e.u32(0)                                                     // epoch, patched
@@ -148,7 +150,7 @@ struct BlockCompiler {
     mutating func selfLoop(retiringUpTo upTo: Int) {
         flush(clear: false)
         retire(upTo - retired)
-        e.dec(Self.field(StateLayout.budget))
+        e.rr(0xff, .b64, reg: 1, rm: X86Reg.r14.rawValue)            // dec r14
         e.jcc(.g, to: bodyStart)
         leave(JITExit.taken)
     }
@@ -175,7 +177,7 @@ struct BlockCompiler {
     /// `JITExit.indirect`.
     mutating func indirectExit() {
         var misses: [Int] = []
-        e.dec(Self.field(StateLayout.budget))
+        e.rr(0xff, .b64, reg: 1, rm: X86Reg.r14.rawValue)            // dec r14
         misses.append(e.jcc(.le))
         e.mov(.rcx, .rax)
         e.shift(.shr, .rcx, 1)
@@ -290,7 +292,16 @@ struct BlockCompiler {
 
     /// Adds `count` to instret.
     mutating func retire(_ count: Int) {
-        if count != 0 { e.alu(.add, Self.field(StateLayout.instret), imm: Int32(count)) }
+        if count != 0 { e.alu(.add, .r15, imm: Int32(count)) }
+    }
+
+    /// Calls the helper at `address` (arguments already in place) with instret in the state,
+    /// where helpers read and write it.
+    mutating func callHelper(_ address: UInt64) {
+        e.store(Self.field(StateLayout.instret), .r15)
+        e.movImm(.rax, address)
+        e.call(.rax)
+        e.load(.r15, Self.field(StateLayout.instret))
     }
 
 
@@ -299,7 +310,7 @@ struct BlockCompiler {
     mutating func helperExit(op k: Int) {
         // instret += k + status - 1 - retired
         e.lea(.rax, X86Mem(.rax, Int32(k - 1 - retired)))
-        e.alu(.add, Self.field(StateLayout.instret), .rax)
+        e.alu(.add, .r15, .rax)
         leave(JITExit.toRunLoop)
     }
 
@@ -311,8 +322,7 @@ struct BlockCompiler {
         e.movImm(.rsi, UInt64(UInt(bitPattern: op)))
         e.load(.rdx, Self.field(StateLayout.pc))
         e.alu(.add, .rdx, imm: Int32(op.pointee.pcOffset))
-        e.movImm(.rax, address)
-        e.call(.rax)
+        callHelper(address)
         if endsBlock {
             helperExit(op: k)
         } else {
@@ -375,8 +385,7 @@ struct BlockCompiler {
                     e.load(.rdx, Self.field(StateLayout.pc))
                     e.alu(.add, .rdx, imm: Int32(op.pointee.pcOffset))
                 }
-                e.movImm(.rax, address)
-                e.call(.rax)
+                callHelper(address)
                 e.test(.rax, .rax)
                 let ok = e.jcc(.e)
                 helperExit(op: k)
@@ -549,11 +558,14 @@ struct BlockCompiler {
             e.alu(.sub, .rdx, .rcx)
             gstore(o.rd, .rdx)
         case .div, .divu, .rem, .remu, .divw, .divuw, .remw, .remuw:
+            // A pure helper, but the call clobbers the caller-saved cache registers.
+            flush(clear: true)
             gload(.rdi, o.rs1)
             gload(.rsi, o.rs2)
             e.movImm(.rdx, UInt64(o.kind.rawValue))
             e.movImm(.rax, helpers.divRem)
             e.call(.rax)
+            reloadAll()
             gstore(o.rd, .rax)
 
         case .lr, .sc, .amo:
