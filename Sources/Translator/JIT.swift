@@ -496,9 +496,15 @@ struct BlockCompiler {
             e.setcc(o.kind == .slti ? .l : .b, .rcx)
             gstore(o.rd, .rcx)
         case .slli, .srli, .srai:
-            gload(.rax, o.rs1)
-            e.shift(o.kind == .slli ? .shl : o.kind == .srli ? .shr : .sar, .rax, UInt8(o.imm & 63))
-            gstore(o.rd, .rax)
+            let s: X86Shift = o.kind == .slli ? .shl : o.kind == .srli ? .shr : .sar
+            if let d = cachedDestination(o, readsRs2: false) {
+                if o.rs1 != o.rd { gload(d, o.rs1) }
+                e.shift(s, d, UInt8(o.imm & 63))
+            } else {
+                gload(.rax, o.rs1)
+                e.shift(s, .rax, UInt8(o.imm & 63))
+                gstore(o.rd, .rax)
+            }
         case .addiw:
             gload(.rax, o.rs1)
             e.alu(.add, .rax, imm: imm32, .b32)
@@ -664,13 +670,32 @@ struct BlockCompiler {
         }
     }
 
+    /// The host register caching `o.rd`, marked dirty, when the result can be computed in it
+    /// directly (it is not also the second source, unless that is the first source too).
+    private mutating func cachedDestination(_ o: Op, readsRs2: Bool) -> X86Reg? {
+        guard let d = cachedHost[Int(o.rd)] else { return nil }
+        if readsRs2 && o.rs2 == o.rd && o.rs1 != o.rd { return nil }
+        dirty |= 1 << UInt64(o.rd)
+        return d
+    }
+
     private mutating func aluImm(_ op: X86ALU, _ o: Op) {
+        if let d = cachedDestination(o, readsRs2: false) {
+            if o.rs1 != o.rd { gload(d, o.rs1) }
+            e.alu(op, d, imm: Int32(truncatingIfNeeded: o.imm))
+            return
+        }
         gload(.rax, o.rs1)
         e.alu(op, .rax, imm: Int32(truncatingIfNeeded: o.imm))
         gstore(o.rd, .rax)
     }
 
     private mutating func aluReg(_ op: X86ALU, _ o: Op) {
+        if let d = cachedDestination(o, readsRs2: true) {
+            if o.rs1 != o.rd { gload(d, o.rs1) }
+            galu(op, d, o.rs2)
+            return
+        }
         gload(.rax, o.rs1)
         galu(op, .rax, o.rs2)
         gstore(o.rd, .rax)
