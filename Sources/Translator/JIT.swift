@@ -438,8 +438,12 @@ struct BlockCompiler {
             indirectExit()
             return true
         case .beq, .bne, .blt, .bge, .bltu, .bgeu:
-            gload(.rax, o.rs1)
-            galu(.cmp, .rax, o.rs2)
+            if let a = cachedHost[Int(o.rs1)] {
+                galu(.cmp, a, o.rs2)
+            } else {
+                gload(.rax, o.rs1)
+                galu(.cmp, .rax, o.rs2)
+            }
             let cc: X86Cond
             switch o.kind {
             case .beq: cc = .e
@@ -708,8 +712,12 @@ struct BlockCompiler {
     /// falls through; on a miss jumps to the returned patch position. The tag is compared with
     /// the page of the access's last byte, so an access crossing into the next page misses.
     private mutating func tlbLookup(_ o: Op, size: X86Size, tagsField: Int) -> Int {
-        gload(.rsi, o.rs1)
-        e.alu(.add, .rsi, imm: Int32(truncatingIfNeeded: o.imm))
+        if let base = cachedHost[Int(o.rs1)] {
+            e.lea(.rsi, X86Mem(base, Int32(truncatingIfNeeded: o.imm)))
+        } else {
+            gload(.rsi, o.rs1)
+            e.alu(.add, .rsi, imm: Int32(truncatingIfNeeded: o.imm))
+        }
         let bytes: Int32 = size == .b8 ? 1 : size == .b16 ? 2 : size == .b32 ? 4 : 8
         e.lea(.rax, X86Mem(.rsi, bytes - 1))
         e.shift(.shr, .rax, 12)
@@ -744,8 +752,15 @@ struct BlockCompiler {
     private mutating func emitStore(_ opPtr: UnsafeMutablePointer<Op>, k: Int, size: X86Size, fp: Bool) {
         let o = opPtr.pointee
         let misses = [tlbLookup(o, size: size, tagsField: StateLayout.writeTags)]
-        if fp { e.load(.rax, Self.fr(o.rs2)) } else { gload(.rax, o.rs2) }
-        e.store(X86Mem(.rdx, index: .rsi, scale: 0), .rax, size)
+        var value = X86Reg.rax
+        if fp {
+            e.load(.rax, Self.fr(o.rs2))
+        } else if let c = cachedHost[Int(o.rs2)] {
+            value = c
+        } else {
+            gload(.rax, o.rs2)
+        }
+        e.store(X86Mem(.rdx, index: .rsi, scale: 0), value, size)
         slowPath(misses: misses, helper: helpers.store, op: opPtr, k: k)
     }
 
