@@ -94,6 +94,8 @@ struct BlockCompiler {
     let hasFMA: Bool
     /// Where the block's ops start, after the register cache is loaded.
     var bodyStart = 0
+    /// The block ends with a branch back to its own start (see `selfLoop`).
+    var loops = false
 
     /// Code emitted after the block's last exit, out of the fast paths' way.
     enum Deferred {
@@ -148,10 +150,13 @@ struct BlockCompiler {
     /// have changed the block or its mapping without leaving it, so after counting the block
     /// against the budget it loops to its first op, keeping the register cache loaded.
     mutating func selfLoop(retiringUpTo upTo: Int) {
-        flush(clear: false)
+        // With `loops`, the first op assumes every cached register dirty: the cache need only
+        // be written back when the loop leaves.
+        if !loops { flush(clear: false) }
         retire(upTo - retired)
         e.rr(0xff, .b64, reg: 1, rm: X86Reg.r14.rawValue)            // dec r14
         e.jcc(.g, to: bodyStart)
+        if loops { flush(clear: false) }
         leave(JITExit.taken)
     }
 
@@ -341,6 +346,18 @@ struct BlockCompiler {
         chooseCachedRegisters(ops, count: count)
         reloadAll()
         bodyStart = e.position
+        let last = ops[count - 1]
+        switch last.kind {
+        case .beq, .bne, .blt, .bge, .bltu, .bgeu:
+            if last.imm &+ Int64(last.pcOffset) == 0 {
+                // A loop: its back edge keeps the cache without writing it back, so from the
+                // first op on every cached register counts as newer than the state.
+                loops = true
+                for (g, _) in cachedList { dirty |= 1 << UInt64(g) }
+            }
+        default:
+            break
+        }
         var k = 0
         var ended = false
         while k < count {
