@@ -48,7 +48,7 @@ extension Hart {
     /// Decodes guest code at `physicalPC` into a new block. Returns -1 (after taking the trap)
     /// when an instruction straddling into the next page cannot be fetched.
     private func translateBlock(physicalPC: UInt64, virtualPC: UInt64) -> Int32 {
-        if blockCount >= Hart.maxBlocks || opCount + Hart.maxOpsPerBlock > Hart.maxOps {
+        if blockCount >= Hart.maxBlocks || opCount + Hart.maxOpsPerBlock > Hart.maxOps || codeCache?.hasRoom == false {
             flushAllTranslations()
         }
         let index = Int32(blockCount)
@@ -105,6 +105,7 @@ extension Hart {
         block.opCount = Int32(n)
         block.byteLength = Int32(offset)
         block.valid = true
+        if let cache = codeCache { compileJIT(&block, index: index, cache) }
         blocks[Int(index)] = block
         blockCount += 1
         opCount += n
@@ -160,6 +161,7 @@ extension Hart {
 
     /// Drops every translation (pool full, or reset).
     func flushAllTranslations() {
+        translationFlushes += 1
         for i in 0..<blockCount { blocks[i].valid = false }
         blockCount = 0
         opCount = 0
@@ -168,7 +170,10 @@ extension Hart {
         // The shared code-page map is left as it is: other harts may still have code there,
         // and a stale mark costs one slow-path store.
         jumpTags.update(repeating: .max, count: 4 * Hart.jumpCacheSize)
+        codeCache?.reset()
         flushTLB()
         mmuEpoch &+= 1
+        linkedPages.update(repeating: 0, count: 64)
+        hasSuperpages = false
     }
 }

@@ -494,7 +494,11 @@ extension Hart {
             waitingForInterrupt = true
         default: // sfence.vma
             if privilege == .user || (privilege == .supervisor && (mstatus & MStatus.tvm) != 0) { return illegal() }
-            flushTranslations()
+            if o.rs1 != 0 {
+                flushTranslations(page: x[Int(o.rs1)])
+            } else {
+                flushTranslations()
+            }
             pcValue = pc &+ UInt64(o.length)
         }
         return true

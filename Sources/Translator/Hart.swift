@@ -27,13 +27,21 @@ public final class Hart: VirtualCPU {
         set { state.storeBytes(of: newValue, toByteOffset: StateLayout.pc, as: UInt64.self) }
     }
 
-    var privilege: Privilege = .machine {
-        didSet { state.storeBytes(of: privilege.rawValue, toByteOffset: StateLayout.privilege, as: UInt64.self) }
+    var privilege: Privilege {
+        get { Privilege(rawValue: state.load(fromByteOffset: StateLayout.privilege, as: UInt64.self)) ?? .machine }
+        set { state.storeBytes(of: newValue.rawValue, toByteOffset: StateLayout.privilege, as: UInt64.self) }
     }
+
+    /// A 64-bit field of the hot state at a `StateLayout` offset.
+    @inline(__always) func hot(_ offset: Int) -> UInt64 { state.load(fromByteOffset: offset, as: UInt64.self) }
+    @inline(__always) func setHot(_ offset: Int, _ v: UInt64) { state.storeBytes(of: v, toByteOffset: offset, as: UInt64.self) }
 
     // MARK: CSRs
 
-    var mstatus: UInt64 = 0
+    var mstatus: UInt64 {
+        get { hot(StateLayout.mstatus) }
+        set { setHot(StateLayout.mstatus, newValue) }
+    }
     var misa: UInt64 = Hart.misaValue
     var medeleg: UInt64 = 0
     var mideleg: UInt64 = 0
@@ -61,10 +69,19 @@ public final class Hart: VirtualCPU {
     var pmpcfg = [UInt64](repeating: 0, count: 8)
     var pmpaddr = [UInt64](repeating: 0, count: 64)
     /// fflags (low 5 bits) as last synchronised with the host's sticky exception flags.
-    var fflags: UInt64 = 0
-    var frm: UInt64 = 0
+    var fflags: UInt64 {
+        get { hot(StateLayout.fflags) }
+        set { setHot(StateLayout.fflags, newValue) }
+    }
+    var frm: UInt64 {
+        get { hot(StateLayout.frm) }
+        set { setHot(StateLayout.frm, newValue) }
+    }
     /// Instructions retired since reset.
-    var instret: UInt64 = 0
+    var instret: UInt64 {
+        get { hot(StateLayout.instret) }
+        set { setHot(StateLayout.instret, newValue) }
+    }
 
     // MARK: Reservation (LR/SC)
 
@@ -85,7 +102,10 @@ public final class Hart: VirtualCPU {
     var previousBlock: Int32 = -1
     var previousSlot = -1
     /// The host rounding mode currently programmed (RISC-V encoding).
-    var hostRoundingMode: UInt64 = 0
+    var hostRoundingMode: UInt64 {
+        get { hot(StateLayout.hostRoundingMode) }
+        set { setHot(StateLayout.hostRoundingMode, newValue) }
+    }
     /// Set when the hart's state was replaced from another thread (reset, state load): the
     /// vCPU thread's host rounding mode and sticky flags (both per thread) are reprogrammed
     /// when `run()` next starts.
@@ -96,8 +116,10 @@ public final class Hart: VirtualCPU {
     static let tlbEntries = 256
     /// Tags (virtual page numbers) per [mmu index][access type][entry]; `.max` is empty.
     let tlbTags: UnsafeMutablePointer<UInt64>
-    /// Host address minus virtual address of the page, per entry.
+    /// Host address minus virtual address of the page, per entry (in the tags' allocation).
     let tlbAddends: UnsafeMutablePointer<Int>
+    /// Bytes from a TLB tag to its addend.
+    static let tlbAddendDistance = 4 * 3 * tlbEntries * MemoryLayout<UInt64>.stride
     /// The current MMU index for data accesses and for fetch (0 U, 1 S, 2 S+SUM, 3 M).
     var dataMMUIndex = 3
     var fetchMMUIndex = 3
@@ -125,7 +147,18 @@ public final class Hart: VirtualCPU {
     let jumpBlocks: UnsafeMutablePointer<Int32>
     /// Bumped whenever translations may have changed (satp, sfence.vma, flush); chains made
     /// under an older epoch are ignored.
-    var mmuEpoch: UInt32 = 1
+    var mmuEpoch: UInt32 {
+        get { state.load(fromByteOffset: StateLayout.mmuEpoch, as: UInt32.self) }
+        set { state.storeBytes(of: newValue, toByteOffset: StateLayout.mmuEpoch, as: UInt32.self) }
+    }
+    /// Virtual pages (by `vpn & 4095`, one bit each) that chains may lead into since the last
+    /// epoch change: an `sfence.vma` of any other page leaves the chains alone.
+    let linkedPages: UnsafeMutablePointer<UInt64>
+    /// The region (`va & superpageMask == superpageBase`) covering every superpage translated
+    /// since the last full flush, when `hasSuperpages`: an `sfence.vma` inside it flushes all.
+    var hasSuperpages = false
+    var superpageBase: UInt64 = 0
+    var superpageMask: UInt64 = 0
     /// Pages devices wrote behind this hart's back; drained at `fence.i`.
     let externalWrites: ExternalWriteLog
     /// Called with the virtual PC before each block executes, when set (debug tracing, like
@@ -134,9 +167,42 @@ public final class Hart: VirtualCPU {
     /// Statistics for tests and benchmarks.
     public internal(set) var blocksTranslated = 0
     public internal(set) var blocksInvalidated = 0
+    /// Bytes of host code the JIT generated since the hart was created.
+    public internal(set) var jitBytes = 0
+    /// Times every translation was dropped (reset, or the block pool or code cache full).
+    public internal(set) var translationFlushes = 0
 
-    /// Creates a hart in its reset state, stopped at address 0 in M-mode.
-    public init(hartID: Int, ram: GuestRAM, bus: MemoryBus, interrupts: HartInterrupts, clock: VirtualClock) {
+    // MARK: JIT
+
+    /// The engine that actually runs this hart (the JIT falls back to the interpreter when the
+    /// host cannot run it).
+    public let engine: ExecutionEngine
+    /// Generated code (JIT engine only).
+    let codeCache: CodeCache?
+    let jitHelpers: JITHelpers
+    /// Size of each hart's code cache.
+    static let defaultCodeCacheSize = 32 << 20
+
+    /// Creates a hart in its reset state, stopped at address 0 in M-mode, executing with
+    /// `engine` when the host supports it (else with the interpreter).
+    public convenience init(hartID: Int, ram: GuestRAM, bus: MemoryBus, interrupts: HartInterrupts,
+                            clock: VirtualClock, engine: ExecutionEngine = .hostDefault) {
+        self.init(hartID: hartID, ram: ram, bus: bus, interrupts: interrupts, clock: clock, engine: engine,
+                  codeCacheSize: Self.defaultCodeCacheSize)
+    }
+
+    /// As the public initializer, with the JIT's code cache size (tests use small ones to make
+    /// the cache fill and flush).
+    init(hartID: Int, ram: GuestRAM, bus: MemoryBus, interrupts: HartInterrupts, clock: VirtualClock,
+         engine: ExecutionEngine, codeCacheSize: Int) {
+        if engine == .jit && ExecutionEngine.jitSupported, let cache = CodeCache(size: codeCacheSize) {
+            codeCache = cache
+            self.engine = .jit
+        } else {
+            codeCache = nil
+            self.engine = .interpreter
+        }
+        jitHelpers = JITHelpers()
         self.hartID = hartID
         self.ram = ram
         self.bus = bus
@@ -148,9 +214,11 @@ public final class Hart: VirtualCPU {
         x = (state + StateLayout.x).assumingMemoryBound(to: UInt64.self)
         f = (state + StateLayout.f).assumingMemoryBound(to: UInt64.self)
         let tlbCount = 4 * 3 * Self.tlbEntries
-        tlbTags = .allocate(capacity: tlbCount)
+        // One allocation: the addends sit `tlbAddendDistance` bytes after their tags, so the
+        // JIT reaches both from one base.
+        tlbTags = .allocate(capacity: 2 * tlbCount)
         tlbTags.initialize(repeating: .max, count: tlbCount)
-        tlbAddends = .allocate(capacity: tlbCount)
+        tlbAddends = UnsafeMutableRawPointer(tlbTags + tlbCount).bindMemory(to: Int.self, capacity: tlbCount)
         tlbAddends.initialize(repeating: 0, count: tlbCount)
         blocks = .allocate(capacity: Self.maxBlocks)
         blocks.initialize(repeating: TranslationBlock(), count: Self.maxBlocks)
@@ -161,16 +229,25 @@ public final class Hart: VirtualCPU {
         jumpTags.initialize(repeating: .max, count: 4 * Self.jumpCacheSize)
         jumpBlocks = .allocate(capacity: 4 * Self.jumpCacheSize)
         jumpBlocks.initialize(repeating: -1, count: 4 * Self.jumpCacheSize)
+        linkedPages = .allocate(capacity: 64)
+        linkedPages.initialize(repeating: 0, count: 64)
+        privilege = .machine
+        mmuEpoch = 1
+        state.storeBytes(of: Unmanaged.passUnretained(self).toOpaque(), toByteOffset: StateLayout.hart,
+                         as: UnsafeMutableRawPointer.self)
+        state.storeBytes(of: UnsafeMutableRawPointer(blocks), toByteOffset: StateLayout.blocks, as: UnsafeMutableRawPointer.self)
+        state.storeBytes(of: codeCache?.executable, toByteOffset: StateLayout.codeBase, as: UnsafeMutableRawPointer?.self)
+        updateMMUContext()
     }
 
     deinit {
         state.deallocate()
         tlbTags.deallocate()
-        tlbAddends.deallocate()
         blocks.deallocate()
         ops.deallocate()
         jumpTags.deallocate()
         jumpBlocks.deallocate()
+        linkedPages.deallocate()
     }
 
     public var pc: UInt64 { pcValue }
@@ -225,34 +302,42 @@ public final class Hart: VirtualCPU {
                 syncFlags()
                 return
             }
-            // Between runs of blocks (at most 512 blocks apart, or sooner when kicked): see
-            // code-page changes, the timer and any interrupt that became deliverable.
-            checkCodeEpoch()
-            lines.kick.store(false, ordering: .relaxed)
-            pollTimer()
-            if takePendingInterrupt() { waitingForInterrupt = false }
-            if waitingForInterrupt {
-                if pendingAndEnabledLocally() != 0 {
-                    waitingForInterrupt = false
-                } else {
-                    sleepUntilInterrupt()
-                    continue
-                }
-            }
-            // Execute a run of blocks; `execute` follows chains itself.
-            let pc = pcValue
-            let index = lookupBlock(pc)
-            if index < 0 { continue }  // fetch fault taken
-            if let trace = blockTrace {
-                trace(pc)
-                linkPrevious(to: index, pc: pc)
-                previousSlot = execute(index, base: pc, budget: 1)
-            } else {
-                linkPrevious(to: index, pc: pc)
-                previousSlot = execute(index, base: pc, budget: 512)
-            }
-            previousBlock = lastBlock
+            runSlice(budget: blockTrace == nil ? 512 : 1)
         }
+    }
+
+    /// One turn of the run loop: takes a deliverable interrupt (or sleeps in `wfi`), then runs
+    /// at most `budget` blocks (fewer when kicked or when a block leaves for the run loop).
+    /// `run()` repeats it; the differential tests call it with a budget of 1 to compare the
+    /// engines after every block.
+    func runSlice(budget: Int) {
+        let lines = interrupts
+        // Between runs of blocks (at most 512 blocks apart, or sooner when kicked): see
+        // code-page changes, the timer and any interrupt that became deliverable.
+        checkCodeEpoch()
+        lines.kick.store(false, ordering: .relaxed)
+        pollTimer()
+        if takePendingInterrupt() { waitingForInterrupt = false }
+        if waitingForInterrupt {
+            if pendingAndEnabledLocally() != 0 {
+                waitingForInterrupt = false
+            } else {
+                sleepUntilInterrupt()
+                return
+            }
+        }
+        // Execute a run of blocks; `execute` follows chains itself.
+        let pc = pcValue
+        let index = lookupBlock(pc)
+        if index < 0 { return }  // fetch fault taken
+        blockTrace?(pc)
+        linkPrevious(to: index, pc: pc)
+        if let cache = codeCache {
+            previousSlot = executeJIT(index, base: pc, budget: budget, cache: cache)
+        } else {
+            previousSlot = execute(index, base: pc, budget: budget)
+        }
+        previousBlock = lastBlock
     }
 
     /// Drops write-TLB entries when another hart (or this one) turned a page into code.
@@ -280,6 +365,15 @@ public final class Hart: VirtualCPU {
         }
         if slot == 0 { p.pointee.chainTB.0 = to; p.pointee.chainPC.0 = pc }
         else { p.pointee.chainTB.1 = to; p.pointee.chainPC.1 = pc }
+        let bit = Int((pc >> 12) & 4095)
+        linkedPages[bit >> 6] |= 1 << UInt64(bit & 63)
+        if let cache = codeCache {
+            let site = slot == 0 ? p.pointee.jitSites.0 : p.pointee.jitSites.1
+            let target = blocks[Int(to)].jitCode
+            if site >= 0 && target >= 0 {
+                BlockCompiler.patchChain(cache, site: Int(site), epoch: mmuEpoch, pc: pc, target: Int(target))
+            }
+        }
     }
 
     // MARK: Interrupts

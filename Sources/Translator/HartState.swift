@@ -1,18 +1,48 @@
-/// Fixed layout of the hot guest CPU state in one raw allocation, so a later JIT can address
-/// every field at a constant offset from one base register.
+/// Fixed layout of the hot guest CPU state in one raw allocation, so the JIT addresses every
+/// field at a constant offset from one pinned host register.
 ///
 /// | offset | field |
 /// |---|---|
 /// | 0    | x0…x31, then slot 32: the sink that instructions naming x0 as destination write |
 /// | 512  | f0…f31 (64-bit; single values NaN-boxed) |
-/// | 768  | pc |
-/// | 776  | privilege level (0 U, 1 S, 3 M) |
+/// | 768  | pc (inside a JIT block: the virtual PC the block was entered at) |
+/// | 776  | privilege level (0 U, 1 S, 3 M), stored only here |
+/// | 784  | instret |
+/// | 792  | the owning `Hart`, unretained (for JIT helper calls) |
+/// | 800  | read TLB tags of the current data MMU context (pointer; addends follow at `Hart.tlbAddendDistance`) |
+/// | 816  | write TLB tags of the current data MMU context (pointer; likewise) |
+/// | 832  | fflags (low 5 bits, as last folded in from the host's sticky flags) |
+/// | 840  | frm |
+/// | 848  | mstatus (without the read-only views UXL/SXL/SD) |
+/// | 856  | blocks a JIT chain may still run before it returns to the run loop |
+/// | 864  | MMU epoch (32 bits): chains made under another epoch are stale |
+/// | 872  | jump-cache tags of the current fetch MMU context (pointer) |
+/// | 880  | jump-cache block indices of the current fetch MMU context (pointer) |
+/// | 888  | the translation-block pool (pointer) |
+/// | 896  | the executable base of the JIT code cache (pointer) |
+/// | 904  | the last block a JIT chain ran (32 bits) |
+/// | 912  | the host rounding mode currently programmed (RISC-V encoding 0…3) |
 enum StateLayout {
     static let x = 0
     static let xSink = 32
     static let f = 512
     static let pc = 768
     static let privilege = 776
+    static let instret = 784
+    static let hart = 792
+    static let readTags = 800
+    static let writeTags = 816
+    static let fflags = 832
+    static let frm = 840
+    static let mstatus = 848
+    static let budget = 856
+    static let mmuEpoch = 864
+    static let jumpTags = 872
+    static let jumpBlocks = 880
+    static let blocks = 888
+    static let codeBase = 896
+    static let lastBlock = 904
+    static let hostRoundingMode = 912
     static let size = 1024
 }
 

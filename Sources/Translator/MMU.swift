@@ -13,6 +13,14 @@ extension Hart {
         }
         dataMMUIndex = mmuIndex(for: effective, sum: (mstatus & MStatus.sum) != 0)
         fetchMMUIndex = mmuIndex(for: privilege, sum: false)
+        state.storeBytes(of: jumpTags + fetchMMUIndex * Hart.jumpCacheSize, toByteOffset: StateLayout.jumpTags,
+                         as: UnsafeMutablePointer<UInt64>.self)
+        state.storeBytes(of: jumpBlocks + fetchMMUIndex * Hart.jumpCacheSize, toByteOffset: StateLayout.jumpBlocks,
+                         as: UnsafeMutablePointer<Int32>.self)
+        state.storeBytes(of: tlbTags + tlbBase(dataMMUIndex, .read), toByteOffset: StateLayout.readTags,
+                         as: UnsafeMutablePointer<UInt64>.self)
+        state.storeBytes(of: tlbTags + tlbBase(dataMMUIndex, .write), toByteOffset: StateLayout.writeTags,
+                         as: UnsafeMutablePointer<UInt64>.self)
     }
 
     private func mmuIndex(for p: Privilege, sum: Bool) -> Int {
@@ -45,6 +53,58 @@ extension Hart {
         // Jump caches of U and S hold virtual PCs; M's are physical and stay valid.
         jumpTags.update(repeating: .max, count: 3 * Hart.jumpCacheSize)
         mmuEpoch &+= 1
+        linkedPages.update(repeating: 0, count: 64)
+        hasSuperpages = false
+    }
+
+    /// `sfence.vma` with an address: the translation of the page holding `va` may have
+    /// changed. Drops exactly what may depend on it: its TLB entries, the jump-cache entries of
+    /// blocks starting in it or in the page before (a block there may straddle into it), and
+    /// every chain when chains may lead into either page. When a superpage translated since the
+    /// last full flush could hold `va`, everything is flushed, as for `sfence.vma` without one.
+    func flushTranslations(page va: UInt64) {
+        if hasSuperpages && (va & superpageMask) == superpageBase {
+            flushTranslations()
+            return
+        }
+        let vpn = va >> 12
+        let i = Int(vpn & UInt64(Hart.tlbEntries - 1))
+        for set in 0..<(4 * 3) where tlbTags[set * Hart.tlbEntries + i] == vpn {
+            tlbTags[set * Hart.tlbEntries + i] = .max
+        }
+        var chained = false
+        for page in [vpn, vpn &- 1] {
+            // A page's PCs fill one half of the jump cache (index = pc >> 1 & 4095).
+            let half = Int(page & 1) * (Hart.jumpCacheSize / 2)
+            for m in 0..<3 {
+                let base = m * Hart.jumpCacheSize + half
+                for j in base..<(base + Hart.jumpCacheSize / 2) where jumpTags[j] >> 12 == page {
+                    jumpTags[j] = .max
+                }
+            }
+            let bit = Int(page & 4095)
+            if linkedPages[bit >> 6] & (1 << UInt64(bit & 63)) != 0 { chained = true }
+        }
+        if chained {
+            mmuEpoch &+= 1
+            linkedPages.update(repeating: 0, count: 64)
+        }
+    }
+
+    /// Records that a superpage of `size` bytes translated `va`, widening the region that makes
+    /// an address-specific `sfence.vma` flush everything.
+    func noteSuperpage(_ va: UInt64, size: UInt64) {
+        let mask = ~(size &- 1)
+        if !hasSuperpages {
+            hasSuperpages = true
+            superpageMask = mask
+            superpageBase = va & mask
+            return
+        }
+        var m = superpageMask & mask
+        while (va & m) != (superpageBase & m) { m <<= 1 }
+        superpageMask = m
+        superpageBase &= m
     }
 
     // MARK: Page walk
@@ -109,6 +169,7 @@ extension Hart {
                 p.storeBytes(of: pte, as: UInt64.self)
             }
             let offsetMask: UInt64 = (1 << UInt64(12 + 9 * level)) - 1
+            if level > 0 { noteSuperpage(va, size: offsetMask &+ 1) }
             return .ok(((ppn << 12) & ~offsetMask) | (va & offsetMask))
         }
     }

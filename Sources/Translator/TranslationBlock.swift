@@ -22,4 +22,8 @@ struct TranslationBlock {
     var chainEpoch: UInt32 = 0
     /// Physical page of an instruction that straddles into the next page, or `.max`.
     var secondPage: UInt64 = .max
+    /// Offset of the block's compiled code in the hart's code cache (JIT engine only), or -1.
+    var jitCode: Int32 = -1
+    /// Offsets of the patchable chain sites for slots 0 and 1 in the code cache, or -1.
+    var jitSites: (Int32, Int32) = (-1, -1)
 }

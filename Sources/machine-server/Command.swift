@@ -54,6 +54,9 @@ struct MachineServerCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Serve the display over VNC on HOST:PORT (a bare PORT means 127.0.0.1:PORT); overrides display.vnc.listen. Adds a virtio GPU, keyboard and tablet when the description lists no GPU.", valueName: "HOST:PORT"))
     var vnc: String?
 
+    @Option(name: .long, help: ArgumentHelp("The execution engine, jit or interpreter; overrides \"accel\": {\"engine\"}.", valueName: "ENGINE"))
+    var accel: String?
+
     @Option(name: .long, help: ArgumentHelp("The machine's name (query-name); overrides \"name\".", valueName: "NAME"))
     var name: String?
 

@@ -106,7 +106,7 @@ struct Launch {
             describeIdentityMismatch: { StateIdentity.describeMismatch(saved: $0, current: $1) },
             makeBoard: { system in try VirtBoard(config: config, system: system) },
             makeCPU: { hartID, ram, bus, interrupts, clock in
-                Hart(hartID: hartID, ram: ram, bus: bus, interrupts: interrupts, clock: clock)
+                Hart(hartID: hartID, ram: ram, bus: bus, interrupts: interrupts, clock: clock, engine: plan.engine)
             })
     }
 }

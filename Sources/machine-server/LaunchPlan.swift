@@ -2,6 +2,7 @@ import Board
 import Foundation
 import QMP
 import Schema
+import Translator
 
 /// Everything the server will build, checked before anything starts: the parsed description
 /// (the generated `MachineDescription`, the one source of truth) with the command-line
@@ -10,6 +11,8 @@ struct LaunchPlan {
     var name: String?
     var startPaused: Bool
     var cpuCount: Int
+    /// The engine that executes guest code.
+    var engine: ExecutionEngine
     var memoryBytes: UInt64
     /// nil: no firmware (the kernel runs in M-mode).
     var firmware: String?
@@ -70,6 +73,18 @@ struct LaunchPlan {
         }
         self.incoming = options.incoming
         cpuCount = Int(d.cpus)
+        var accel = d.accel?.engine
+        if let text = options.accel {
+            guard let e = AccelEngine(rawValue: text) else {
+                throw LaunchError("--accel: '\(text)' is not one of \(AccelEngine.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            accel = e
+        }
+        switch accel {
+        case .jit?: engine = .jit
+        case .interpreter?: engine = .interpreter
+        case nil: engine = .hostDefault
+        }
         memoryBytes = d.memoryBytes
 
         switch d.firmware {

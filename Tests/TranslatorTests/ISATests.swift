@@ -43,7 +43,7 @@ import Testing
     }
 
     static func assemble(_ name: String) throws -> Data {
-        let out = FileManager.default.temporaryDirectory.appendingPathComponent("isa-\(name)-\(getpid())")
+        let out = FileManager.default.temporaryDirectory.appendingPathComponent("isa-\(name)-\(getpid())-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true)
         let elf = out.appendingPathComponent("\(name).elf").path
         let bin = out.appendingPathComponent("\(name).bin").path
@@ -64,7 +64,7 @@ import Testing
     }
 
     /// Runs one program; returns what it wrote to tohost (nil on timeout).
-    static func run(_ name: String) throws -> UInt64? {
+    static func run(_ name: String, engine: ExecutionEngine) throws -> UInt64? {
         let image = try assemble(name)
         let ram = try GuestRAM(base: GuestPhysicalAddress(0x8000_0000), size: 16 << 20)
         try ram.write(image, at: ram.base)
@@ -72,19 +72,21 @@ import Testing
         let interrupts = HartInterrupts(hartID: 0)
         let tohost = ToHost(interrupts, ram)
         try bus.map(tohost, at: GuestRegion(base: GuestPhysicalAddress(0x0010_2000), size: 0x1000))
-        let hart = Hart(hartID: 0, ram: ram, bus: bus, interrupts: interrupts, clock: VirtualClock())
+        let hart = Hart(hartID: 0, ram: ram, bus: bus, interrupts: interrupts, clock: VirtualClock(), engine: engine)
+        #expect(hart.engine == engine || !ExecutionEngine.jitSupported)
         hart.reset(entry: ram.base, a0: 0, a1: 0, a2: 0)
         let watchdog = DispatchWorkItem { interrupts.requestExit() }
         DispatchQueue.global().asyncAfter(deadline: .now() + 20, execute: watchdog)
         hart.run()
         watchdog.cancel()
+        if hart.engine == .jit { #expect(hart.jitBytes > 0, "the JIT generated no code") }
         return tohost.value
     }
 
-    @Test(arguments: ["alu", "mem", "atomic", "trap", "vm", "smc", "fp", "irq"])
-    func program(_ name: String) throws {
-        let result = try Self.run(name)
+    @Test(arguments: ["alu", "mem", "atomic", "trap", "vm", "sfence", "smc", "fp", "irq"], ExecutionEngine.allCases)
+    func program(_ name: String, engine: ExecutionEngine) throws {
+        let result = try Self.run(name, engine: engine)
         let failed = result.map { $0 >> 1 } ?? 0
-        #expect(result == 1, "ISA test \(name) failed at check \(failed) (tohost = \(String(describing: result)))")
+        #expect(result == 1, "ISA test \(name) (\(engine)) failed at check \(failed) (tohost = \(String(describing: result)))")
     }
 }

@@ -3796,6 +3796,62 @@ public struct DeviceDescription: SchemaCodable, Equatable {
     }
 }
 
+/// The engine that executes guest code: 'jit' compiles guest code to x86-64 host code (x86-64 hosts only), 'interpreter' runs the reference interpreter on any host.
+public enum AccelEngine: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "jit".
+    case jit = "jit"
+    /// The value "interpreter".
+    case interpreter = "interpreter"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// How guest code is executed.
+public struct AccelDescription: SchemaCodable, Equatable {
+    /// The execution engine; absent means the host's default: the JIT on x86-64 hosts, the interpreter elsewhere. 'jit' on a host that cannot run it falls back to the interpreter. Optional.
+    public var engine: AccelEngine?
+
+    /// Creates a value from its members.
+    public init(engine: AccelEngine? = nil) {
+        self.engine = engine
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["engine"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.engine = try r.optional("engine", as: AccelEngine.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.engine { o["engine"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
 /// A whole machine.
 public struct MachineDescription: SchemaCodable, Equatable {
     /// The description format version (current: 2). Files without it are read as the current version. Optional.
@@ -3806,6 +3862,8 @@ public struct MachineDescription: SchemaCodable, Equatable {
     public var name: String?
     /// The number of harts. Optional; default 1.
     public var cpus: Int64
+    /// How guest code is executed (default: the host's default engine). Optional.
+    public var accel: AccelDescription?
     /// The guest RAM size with a K, M or G suffix, e.g. "256M".
     public var memory: String
     /// The M-mode firmware (e.g. OpenSBI's fw_dynamic.bin), or "none" to boot the kernel in M-mode; absent means the default firmware. Optional.
@@ -3828,11 +3886,12 @@ public struct MachineDescription: SchemaCodable, Equatable {
     public var devices: [DeviceDescription]?
 
     /// Creates a value from its members.
-    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, memory: String, firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, devices: [DeviceDescription]? = nil) {
+    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, accel: AccelDescription? = nil, memory: String, firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, devices: [DeviceDescription]? = nil) {
         self.version = version
         self.machine = machine
         self.name = name
         self.cpus = cpus
+        self.accel = accel
         self.memory = memory
         self.firmware = firmware
         self.kernel = kernel
@@ -3846,7 +3905,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["version", "machine", "name", "cpus", "memory", "firmware", "kernel", "initrd", "append", "start", "serial", "qmp", "display", "devices"]
+    public static let memberNames: Set<String> = ["version", "machine", "name", "cpus", "accel", "memory", "firmware", "kernel", "initrd", "append", "start", "serial", "qmp", "display", "devices"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -3868,6 +3927,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
             let v = self.cpus
             try SchemaCheck.range(v, min: 1, max: 8, at: r.path.member("cpus"))
         }
+        self.accel = try r.optional("accel", as: AccelDescription.self)
         self.memory = try r.required("memory", as: String.self)
         do {
             let v = self.memory
@@ -3900,6 +3960,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
         o["machine"] = self.machine.json
         if let v = self.name { o["name"] = v.json }
         o["cpus"] = self.cpus.json
+        if let v = self.accel { o["accel"] = v.json }
         o["memory"] = self.memory.json
         if let v = self.firmware { o["firmware"] = v.json }
         if let v = self.kernel { o["kernel"] = v.json }
