@@ -138,3 +138,14 @@ extension Aclint: StatefulDevice {
         }
     }
 }
+
+extension Aclint {
+    public func deviceTreeNode(_ c: DeviceTreeContext) -> DeviceTreeNode? {
+        var n = c.node("clint")
+        // Per hart: the software (3) and timer (7) interrupts.
+        n.set("interrupts-extended", .u32(c.hartInterruptControllers.flatMap { [$0, 3, $0, 7] }))
+        n.set("reg", c.reg)
+        n.set("compatible", .strings(["sifive,clint0", "riscv,clint0"]))
+        return n
+    }
+}

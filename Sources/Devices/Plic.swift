@@ -332,3 +332,19 @@ extension Plic: StatefulDevice {
         }
     }
 }
+
+extension Plic {
+    public func deviceTreeNode(_ c: DeviceTreeContext) -> DeviceTreeNode? {
+        var n = c.node("plic")
+        if let p = c.phandle { n.set("phandle", .u32([p])) }
+        n.set("riscv,ndev", .u32([UInt32(sourceCount)]))
+        n.set("reg", c.reg)
+        // Per hart: the M-mode (11) and S-mode (9) external interrupt contexts.
+        n.set("interrupts-extended", .u32(c.hartInterruptControllers.flatMap { [$0, 11, $0, 9] }))
+        n.set("interrupt-controller", .empty)
+        n.set("compatible", .strings(["sifive,plic-1.0.0", "riscv,plic0"]))
+        n.set("#address-cells", .u32([0]))
+        n.set("#interrupt-cells", .u32([1]))
+        return n
+    }
+}

@@ -389,3 +389,17 @@ extension Uart16550: StatefulDevice {
         }
     }
 }
+
+extension Uart16550 {
+    /// The input clock QEMU's `virt` announces for its NS16550A (3.6864 MHz).
+    public static let clockFrequency: UInt32 = 0x38_4000
+
+    public func deviceTreeNode(_ c: DeviceTreeContext) -> DeviceTreeNode? {
+        var n = c.node("serial")
+        c.setInterrupt(on: &n)
+        n.set("clock-frequency", .u32([Self.clockFrequency]))
+        n.set("reg", c.reg)
+        n.set("compatible", .string("ns16550a"))
+        return n
+    }
+}

@@ -60,7 +60,7 @@ struct SavedStateTests {
     @Test func everyDeviceIsManagedOnce() throws {
         let (b, _) = try board()
         let names = b.deviceManager.all.map(\.stateSection)
-        #expect(names == ["clint", "plic", "uart0", "rtc", "htif", "virtio-mmio@10001000"])
+        #expect(names == ["clint", "plic", "uart0", "rtc", "test", "htif", "virtio-mmio@10001000"])
         #expect(Set(names).count == names.count)
     }
 
