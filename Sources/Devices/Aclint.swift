@@ -127,10 +127,10 @@ extension Aclint: StatefulDevice {
 
     public func applyState(_ s: State) throws(SavedStateError) {
         guard s.msip.count == harts.count else {
-            throw SavedStateError(section: name, field: "msip", reason: "\(s.msip.count) harts, this machine has \(harts.count)")
+            throw refusal("msip", "\(s.msip.count) harts, this machine has \(harts.count)")
         }
         guard s.mtimecmp.count == harts.count else {
-            throw SavedStateError(section: name, field: "mtimecmp", reason: "\(s.mtimecmp.count) harts, this machine has \(harts.count)")
+            throw refusal("mtimecmp", "\(s.mtimecmp.count) harts, this machine has \(harts.count)")
         }
         for (i, h) in harts.enumerated() {
             h.set(HartInterrupts.msip, s.msip[i])

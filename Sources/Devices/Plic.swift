@@ -301,20 +301,17 @@ extension Plic: StatefulDevice {
     }
 
     public func applyState(_ n: State) throws(SavedStateError) {
-        func bad(_ field: String, _ reason: String) -> SavedStateError {
-            SavedStateError(section: name, field: field, reason: reason)
-        }
         let words = sourceCount / 32 + 1
-        guard n.priority.count == sourceCount + 1 else { throw bad("priority", "\(n.priority.count) entries, expected \(sourceCount + 1)") }
-        guard n.priority.allSatisfy({ $0 <= Self.priorityMask }) else { throw bad("priority", "a priority is above \(Self.priorityMask)") }
+        guard n.priority.count == sourceCount + 1 else { throw refusal("priority", "\(n.priority.count) entries, expected \(sourceCount + 1)") }
+        guard n.priority.allSatisfy({ $0 <= Self.priorityMask }) else { throw refusal("priority", "a priority is above \(Self.priorityMask)") }
         for (field, a) in [("level", n.level), ("pending", n.pending), ("claimed", n.claimed)] where a.count != words {
-            throw bad(field, "\(a.count) words, expected \(words)")
+            throw refusal(field, "\(a.count) words, expected \(words)")
         }
         guard n.enable.count == contextCount, n.enable.allSatisfy({ $0.count == words }) else {
-            throw bad("enable", "\(n.enable.count) contexts, expected \(contextCount) of \(words) words")
+            throw refusal("enable", "\(n.enable.count) contexts, expected \(contextCount) of \(words) words")
         }
         guard n.threshold.count == contextCount, n.threshold.allSatisfy({ $0 <= Self.priorityMask }) else {
-            throw bad("threshold", "expected \(contextCount) thresholds of at most \(Self.priorityMask)")
+            throw refusal("threshold", "expected \(contextCount) thresholds of at most \(Self.priorityMask)")
         }
         state.withLock { s in
             s.priority = n.priority

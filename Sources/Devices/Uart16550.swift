@@ -358,20 +358,17 @@ extension Uart16550: StatefulDevice {
     public func captureState() -> State { state.withLock { State($0.regs) } }
 
     public func applyState(_ s: State) throws(SavedStateError) {
-        func bad(_ field: String, _ reason: String) -> SavedStateError {
-            SavedStateError(section: name, field: field, reason: reason)
-        }
-        guard [1, 4, 8, 14].contains(s.triggerLevel) else { throw bad("trigger-level", "\(s.triggerLevel) is not 1, 4, 8 or 14") }
-        guard s.mcr <= 0x1F else { throw bad("mcr", "0x\(String(s.mcr, radix: 16)) sets reserved bits") }
-        guard s.ier <= 0x0F else { throw bad("ier", "0x\(String(s.ier, radix: 16)) sets reserved bits") }
+        guard [1, 4, 8, 14].contains(s.triggerLevel) else { throw refusal("trigger-level", "\(s.triggerLevel) is not 1, 4, 8 or 14") }
+        guard s.mcr <= 0x1F else { throw refusal("mcr", "0x\(String(s.mcr, radix: 16)) sets reserved bits") }
+        guard s.ier <= 0x0F else { throw refusal("ier", "0x\(String(s.ier, radix: 16)) sets reserved bits") }
         guard s.lineErrors & ~Uart16550Registers.lsrErrorBits == 0 else {
-            throw bad("lsr-errors", "0x\(String(s.lineErrors, radix: 16)) is not a set of error bits")
+            throw refusal("lsr-errors", "0x\(String(s.lineErrors, radix: 16)) is not a set of error bits")
         }
-        guard s.msrDelta <= 0x0F else { throw bad("msr-delta", "0x\(String(s.msrDelta, radix: 16)) sets reserved bits") }
+        guard s.msrDelta <= 0x0F else { throw refusal("msr-delta", "0x\(String(s.msrDelta, radix: 16)) sets reserved bits") }
         try state.withLock { (l: inout Locked) throws(SavedStateError) in
             let capacity = l.regs.input.capacity
             guard s.input.count <= capacity else {
-                throw bad("input", "\(s.input.count) bytes exceed the input queue of \(capacity)")
+                throw refusal("input", "\(s.input.count) bytes exceed the input queue of \(capacity)")
             }
             var g = Uart16550Registers(inputCapacity: capacity)
             g.ier = s.ier; g.lcr = s.lcr; g.mcr = s.mcr; g.scr = s.scr; g.dll = s.dll; g.dlm = s.dlm

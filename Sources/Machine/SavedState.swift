@@ -280,6 +280,11 @@ public protocol ManagedDevice: AnyObject {
 }
 
 extension ManagedDevice {
+    /// The error refusing `field` of this device's saved state.
+    public func refusal(_ field: String, _ reason: String) -> SavedStateError {
+        SavedStateError(section: stateSection, field: field, reason: reason)
+    }
+
     /// Devices the guest finds otherwise have no node.
     public func deviceTreeNode(_ context: DeviceTreeContext) -> DeviceTreeNode? { nil }
 }

@@ -446,30 +446,27 @@ extension VirtioMMIOTransport: ManagedDevice {
     /// device and rebuilds the registers, the live queues at their saved indices and the
     /// device's own state. Nothing changes when it is refused. Quiesced.
     public func applyState(_ s: State) throws(SavedStateError) {
-        func bad(_ field: String, _ reason: String) -> SavedStateError {
-            SavedStateError(section: stateSection, field: field, reason: reason)
-        }
         let ownID = device?.deviceID ?? 0
-        guard s.deviceID == ownID else { throw bad("device-id", "saved device \(s.deviceID), this slot holds device \(ownID)") }
+        guard s.deviceID == ownID else { throw refusal("device-id", "saved device \(s.deviceID), this slot holds device \(ownID)") }
         let queueCount = device?.queueCount ?? 0
-        guard s.queues.count == queueCount else { throw bad("queues", "\(s.queues.count) queues, the device has \(queueCount)") }
+        guard s.queues.count == queueCount else { throw refusal("queues", "\(s.queues.count) queues, the device has \(queueCount)") }
         guard s.driverFeatures & ~offeredFeatures == 0 else {
-            throw bad("driver-features", "0x\(String(s.driverFeatures, radix: 16)) includes features the device does not offer")
+            throw refusal("driver-features", "0x\(String(s.driverFeatures, radix: 16)) includes features the device does not offer")
         }
-        guard s.interruptStatus & ~3 == 0 else { throw bad("interrupt-status", "\(s.interruptStatus) has unknown bits") }
-        guard !s.active || s.status & Virtio.Status.driverOK != 0 else { throw bad("active", "active without DRIVER_OK") }
+        guard s.interruptStatus & ~3 == 0 else { throw refusal("interrupt-status", "\(s.interruptStatus) has unknown bits") }
+        guard !s.active || s.status & Virtio.Status.driverOK != 0 else { throw refusal("active", "active without DRIVER_OK") }
         var queues: [Virtqueue?] = []
         if s.active, let device {
             let eventIndex = s.driverFeatures & Virtio.featureEventIndex != 0
             for (i, q) in s.queues.enumerated() {
                 guard q.ready else {
-                    guard q.indices == nil else { throw bad("queues[\(i)].indices", "saved for a queue that is not ready") }
+                    guard q.indices == nil else { throw refusal("queues[\(i)].indices", "saved for a queue that is not ready") }
                     queues.append(nil)
                     continue
                 }
-                guard let indices = q.indices else { throw bad("queues[\(i)].indices", "missing for a ready queue") }
+                guard let indices = q.indices else { throw refusal("queues[\(i)].indices", "missing for a ready queue") }
                 guard q.num > 0, q.num <= UInt32(device.maxQueueSize) else {
-                    throw bad("queues[\(i)].num", "\(q.num) is not a queue size the device accepts (1...\(device.maxQueueSize))")
+                    throw refusal("queues[\(i)].num", "\(q.num) is not a queue size the device accepts (1...\(device.maxQueueSize))")
                 }
                 do {
                     queues.append(try Virtqueue(index: i, size: UInt16(q.num), descriptorTable: GuestPhysicalAddress(q.desc),
@@ -477,7 +474,7 @@ extension VirtioMMIOTransport: ManagedDevice {
                                                 deviceArea: GuestPhysicalAddress(q.device), ram: ram,
                                                 eventIndex: eventIndex, indices: indices))
                 } catch {
-                    throw bad("queues[\(i)]", error.description)
+                    throw refusal("queues[\(i)]", error.description)
                 }
             }
         }
@@ -504,7 +501,7 @@ extension VirtioMMIOTransport: ManagedDevice {
             do {
                 try device.activate(VirtioContext(queues: queues, ram: ram, features: s.driverFeatures, interrupt: signal))
             } catch {
-                throw bad("active", "the device refused its saved activation: \(error)")
+                throw refusal("active", "the device refused its saved activation: \(error)")
             }
         }
     }
