@@ -105,6 +105,26 @@ struct SavedStateTests {
         #expect(stream.count < 64 * 1024, "a 64 MiB machine with two non-zero pages took \(stream.count) bytes")
     }
 
+    /// Untouched pages are skipped without being read; written pages and pages mapped from a
+    /// state file are read (a mapped page holds the file's bytes though the host never
+    /// touched it).
+    @Test func untouchedPagesAreSkippedAndMappedPagesRead() throws {
+        let ram = try GuestRAM(base: VirtMemoryMap.dramBase, size: 1 << 20)
+        ram.pointer.storeBytes(of: UInt64(9), toByteOffset: 3 * 4096, as: UInt64.self)
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("pages-\(UUID())").path
+        try Data(repeating: 0xab, count: 3 * 4096).write(to: URL(fileURLWithPath: path))
+        let fd = open(path, O_RDONLY)
+        defer { close(fd); unlink(path) }
+        try ram.mapPrivate(fileDescriptor: fd, fileOffset: 0, firstPage: 10, pageCount: 3)
+        let candidates = try #require(ram.possiblyNonZeroPages())
+        #expect(candidates[3] && candidates[10] && candidates[11] && candidates[12])
+        #expect(!candidates[50], "an untouched page was reported as materialised")
+        let runs = MachineStateWriter.nonZeroRuns(ram)
+        #expect(runs.map { [$0.0, $0.1] } == [[3, 1], [10, 3]])
+        try ram.zeroAll()
+        #expect(MachineStateWriter.nonZeroRuns(ram).isEmpty)
+    }
+
     /// 100 mutants of a saved stream (truncations and flipped bytes outside the RAM pages, which
     /// are verified on stream loads) are each refused with an error, never loaded, never a crash.
     @Test func damagedStreamsAreRefused() throws {
