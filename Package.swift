@@ -67,7 +67,7 @@ let package = Package(
         .testTarget(name: "MachineTests", dependencies: ["Machine"]),
         .testTarget(name: "TranslatorTests", dependencies: ["Translator", "Machine"]),
         .testTarget(name: "StorageTests", dependencies: ["Storage", "FuzzSupport"]),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Machine", "Storage"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Machine", "Storage", "FuzzSupport"]),
         .testTarget(name: "BoardTests", dependencies: ["Board", "Machine", "Devices", "Translator"]),
         .testTarget(name: "SchemaTests", dependencies: ["Schema", "FuzzSupport"]),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "Schema", "Machine", "FuzzSupport"]),
