@@ -71,6 +71,6 @@ let package = Package(
         .testTarget(name: "BoardTests", dependencies: ["Board", "Machine", "Devices", "Translator"]),
         .testTarget(name: "SchemaTests", dependencies: ["Schema", "FuzzSupport"]),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "Schema", "Machine", "FuzzSupport"]),
-        .testTarget(name: "VNCTests", dependencies: ["VNC", "Machine"]),
+        .testTarget(name: "VNCTests", dependencies: ["VNC", "Machine", "FuzzSupport"]),
     ]
 )
