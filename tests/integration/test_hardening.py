@@ -179,7 +179,7 @@ def test_qmp_clients_that_never_read_are_throttled_not_buffered(tmp_path):
     stop = threading.Event()
     flooders = []
     try:
-        good, good_f = qmp_connect(sock)
+        good, good_f = qmp_connect(sock, timeout=15)
         time.sleep(0.5)
         baseline = rss_bytes(proc.pid)
         request = b'{"execute":"query-qmp-schema"}' * 256
@@ -218,7 +218,9 @@ def test_qmp_clients_that_never_read_are_throttled_not_buffered(tmp_path):
             t.join()
         print(f"peak growth {(peak - baseline) >> 20} MiB, worst latency {worst_latency:.2f} s")
         assert peak - baseline < 200 << 20, f"the server grew by {(peak - baseline) >> 20} MiB"
-        assert worst_latency < 2.0, f"a well-behaved client waited {worst_latency:.1f} s for a reply"
+        # Before the fix the probe starved (its 15 s socket timeout expired); a loaded CI machine
+        # can still delay one probe by a second or two, hence the margin.
+        assert worst_latency < 5.0, f"a well-behaved client waited {worst_latency:.1f} s for a reply"
         for s in flooders:
             s.close()
         flooders = []
