@@ -221,6 +221,8 @@ public final class Uart16550: MMIODevice, Sendable {
     private struct Locked {
         var regs: Uart16550Registers
         var irqLevel = false
+        /// The backend was told there is little room: tell it once the guest has read half.
+        var inputThrottled = false
     }
 
     /// Creates the UART. `backend` receives guest output and supplies host input (its receiver is
@@ -232,6 +234,16 @@ public final class Uart16550: MMIODevice, Sendable {
         self.backend = backend
         self.state = Mutex(Locked(regs: Uart16550Registers(inputCapacity: inputCapacity)))
         backend?.setReceiver { [weak self] bytes in self?.receive(bytes) }
+        backend?.setInputGate { [weak self] in self?.inputRoom() ?? 0 }
+    }
+
+    /// Free space in the input queue, for the backend's input gate (backend thread).
+    private func inputRoom() -> Int {
+        state.withLock { s in
+            let room = s.regs.input.capacity - s.regs.input.count
+            if room < s.regs.input.capacity / 2 { s.inputThrottled = true }
+            return room
+        }
     }
 
     /// Delivers host input to the UART (what the backend's receiver does); callable from any
@@ -252,23 +264,31 @@ public final class Uart16550: MMIODevice, Sendable {
     /// Returns the registers to their power-on state and discards pending input (system reset).
     /// Called on the control thread while the vCPUs are paused.
     public func reset() {
-        state.withLock { s in
+        let resume = state.withLock { s -> Bool in
             let capacity = s.regs.input.capacity
             s.regs = Uart16550Registers(inputCapacity: capacity)
             updateIRQ(&s)
+            defer { s.inputThrottled = false }
+            return s.inputThrottled
         }
+        if resume { backend?.inputRoomAvailable() }
     }
 
     public func read(offset: UInt64, size: Int) -> UInt64 {
         // Byte-wide registers: wider accesses are split into byte accesses, as QEMU does.
-        state.withLock { s in
+        let (v, resume) = state.withLock { s -> (UInt64, Bool) in
             var v: UInt64 = 0
             for i in 0..<size {
                 v |= UInt64(s.regs.read(offset &+ UInt64(i))) << (8 * UInt64(i))
             }
             updateIRQ(&s)
-            return v
+            // Hysteresis: the backend resumes reading once half the queue is free again.
+            let resume = s.inputThrottled && s.regs.input.count <= s.regs.input.capacity / 2
+            if resume { s.inputThrottled = false }
+            return (v, resume)
         }
+        if resume { backend?.inputRoomAvailable() }
+        return v
     }
 
     public func write(offset: UInt64, size: Int, value: UInt64) {
