@@ -68,7 +68,7 @@ let package = Package(
         .testTarget(name: "TranslatorTests", dependencies: ["Translator", "Machine"]),
         .testTarget(name: "StorageTests", dependencies: ["Storage", "FuzzSupport"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Machine", "Storage", "FuzzSupport"]),
-        .testTarget(name: "BoardTests", dependencies: ["Board", "Machine", "Devices", "Translator"]),
+        .testTarget(name: "BoardTests", dependencies: ["Board", "Machine", "Devices", "Translator", "FuzzSupport"]),
         .testTarget(name: "SchemaTests", dependencies: ["Schema", "FuzzSupport"]),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "Schema", "Machine", "FuzzSupport"]),
         .testTarget(name: "VNCTests", dependencies: ["VNC", "Machine", "FuzzSupport"]),

@@ -1,5 +1,6 @@
 import Devices
 import Foundation
+import FuzzSupport
 import Machine
 import Testing
 @testable import Board
@@ -132,7 +133,7 @@ struct SavedStateTests {
         activateSlot0(a)
         a.ram.pointer.storeBytes(of: UInt64(42), toByteOffset: 8192, as: UInt64.self)
         let stream = try save(a)
-        var rng = SplitMix(seed: 0x5eed)
+        var rng = SplitMix64(seed: 0x5eed)
         let ramDataStart = stream.count - 9 - 4096  // one non-zero page before the end record
         for i in 0..<100 {
             var m = stream
@@ -269,18 +270,5 @@ struct SavedStateTests {
         }
         defer { close(fds[0]) }
         return try body(StateSource(fileDescriptor: fds[0]))
-    }
-}
-
-/// A small deterministic generator for mutants.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
