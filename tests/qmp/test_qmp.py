@@ -81,7 +81,14 @@ def test_run_control_and_events(tmp_path):
         assert greeting is not None
         assert "oob" not in greeting.QMP.capabilities
 
+        # The QMP listener is up before the machine starts (so a client can reach a machine
+        # started with -S); without -S it goes from prelaunch to running at once.
         status = await client.execute("query-status")
+        for _ in range(100):
+            if status["status"] != "prelaunch":
+                break
+            await asyncio.sleep(0.05)
+            status = await client.execute("query-status")
         assert status["running"] is True and status["status"] == "running"
 
         await client.execute("stop")
