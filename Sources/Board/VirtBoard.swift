@@ -56,6 +56,13 @@ public final class VirtBoard: @unchecked Sendable {
     /// maps all eight: the guest's probe then finds magic "virt", version 2, DeviceID 0 and
     /// skips the slot quietly instead of complaining about a wrong magic value.
     public private(set) var emptyVirtioSlots: [Int: VirtioMMIOTransport] = [:]
+    /// The PCIe host bridge (QEMU's `gpex` at `VirtMemoryMap.pcieECAM`), present when the
+    /// configuration asks for PCI (`BoardConfig.hasPCIe`).
+    public let pcieHost: PCIeHost?
+    /// The 64-bit PCI MMIO window (placed after RAM, as QEMU does).
+    public let pcieHighMMIO: GuestRegion
+    /// The PCI functions plugged into the root bus, by slot (the host bridge at 0 not included).
+    public private(set) var pciFunctions: [Int: any PCIFunction] = [:]
 
     /// The boot state after the last `loadBootImages()`.
     public var bootState: BootState {
@@ -95,6 +102,16 @@ public final class VirtBoard: @unchecked Sendable {
         for slot in 0..<virtioSlots.count { try irqs.reserve(virtioSlots.irq(ofSlot: slot)) }
         try irqs.reserve(VirtMemoryMap.uart0IRQ)
         try irqs.reserve(VirtMemoryMap.rtcIRQ)
+        pcieHighMMIO = VirtMemoryMap.pcieHighMMIO(ramEnd: ram.region.end)
+        if config.hasPCIe {
+            let wires = (0..<4).map { VirtMemoryMap.pcieFirstIRQ + $0 }
+            for w in wires { try irqs.reserve(w) }
+            let plic = self.plic
+            pcieHost = PCIeHost(intxWires: wires.map { plic.line($0) },
+                                stateSection: "pcie-host@\(String(VirtMemoryMap.pcieECAM.base.raw, radix: 16))")
+        } else {
+            pcieHost = nil
+        }
 
         clint = Aclint(harts: hartInterrupts, clock: clock)
         uart = Uart16550(irq: plic.line(VirtMemoryMap.uart0IRQ), backend: config.serial)
@@ -112,17 +129,60 @@ public final class VirtBoard: @unchecked Sendable {
                                  (uart, VirtMemoryMap.uart0)] as [(any MMIODevice, GuestRegion)] {
             try bus.map(device, at: region)
         }
+        if let pcieHost {
+            try bus.map(pcieHost.ecam, at: VirtMemoryMap.pcieECAM)
+            try bus.map(pcieHost.window(.io, pciBase: 0), at: VirtMemoryMap.pciePIO)
+            try bus.map(pcieHost.window(.memory, pciBase: VirtMemoryMap.pcieMMIO.base.raw), at: VirtMemoryMap.pcieMMIO)
+            try bus.map(pcieHost.window(.memory, pciBase: pcieHighMMIO.base.raw), at: pcieHighMMIO)
+        }
 
         let tree = VirtDeviceTree.build(config: config, timebase: clock.frequency, ram: ram.region,
                                         plicSources: plic.sourceCount, virtioSlots: virtioSlots,
-                                        initrd: bootLoader.initrdRegion)
+                                        initrd: bootLoader.initrdRegion,
+                                        pcieHighMMIO: config.hasPCIe ? pcieHighMMIO : nil)
         deviceTree = tree
         deviceTreeBlob = tree.flattened()
         deviceTreeAddress = try bootLoader.deviceTreeAddress(size: deviceTreeBlob.count)
 
         for device in [clint, plic, uart, rtc, htif] as [any ManagedDevice] { try deviceManager.register(device) }
+        if let pcieHost { try deviceManager.register(pcieHost) }
         for slot in 0..<virtioSlots.count { try mapEmptyTransport(slot: slot) }
         for factory in config.virtioTransports { _ = try attachVirtio(factory) }
+        for factory in config.pciDevices { _ = try attachPCI(factory) }
+    }
+
+    /// Builds a PCI function into `slot` of the root bus (the lowest free one when nil) and
+    /// registers it with the device manager; returns the slot. The guest finds it when it
+    /// enumerates the bus. Control thread, vCPUs stopped.
+    @discardableResult
+    public func attachPCI(_ factory: PCIDeviceFactory, slot wanted: Int? = nil) throws -> Int {
+        guard let pcieHost else { throw BoardError.invalidConfig("the board was built without a PCIe host") }
+        guard let slot = wanted ?? pcieHost.freeSlot() else { throw BoardError.exhausted("PCI slot on the root bus") }
+        let function = try factory(PCIDeviceContext(ram: ram, intx: pcieHost.intx.line(slot: slot, pin: 1), slot: slot,
+                                                    clock: clock))
+        do {
+            try pcieHost.plug(function, slot: slot)
+        } catch {
+            throw BoardError.invalidConfig(error.description)
+        }
+        if let managed = function as? any ManagedDevice {
+            do {
+                try deviceManager.register(managed)
+            } catch {
+                pcieHost.unplug(slot: slot)
+                throw error
+            }
+        }
+        pciFunctions[slot] = function
+        return slot
+    }
+
+    /// Removes the PCI function in `slot` from the bus and the device manager (hot-unplug).
+    /// Control thread.
+    public func detachPCI(slot: Int) {
+        guard let function = pciFunctions.removeValue(forKey: slot) else { return }
+        pcieHost?.unplug(slot: slot)
+        if let managed = function as? any ManagedDevice { deviceManager.unregister(managed) }
     }
 
     /// Maps an empty virtio-mmio transport (no device) in `slot`. Control thread.
@@ -202,7 +262,8 @@ public final class VirtBoard: @unchecked Sendable {
 }
 
 /// Generates `virt`'s device tree from the board's layout, node for node as QEMU does for the
-/// devices we build (no PCI, flash, fw-cfg or PMU nodes; no HTIF node).
+/// devices we build (no flash, fw-cfg or PMU nodes; no HTIF node; the PCIe host's node only
+/// when the board has one).
 enum VirtDeviceTree {
     /// The ISA we implement and announce: RV64GC with Zicsr and Zifencei; nothing more.
     static let isa = "rv64imafdc_zicsr_zifencei"
@@ -212,7 +273,7 @@ enum VirtDeviceTree {
     static func regCells(_ r: GuestRegion) -> DeviceTreeValue { .u64([r.base.raw, r.size]) }
 
     static func build(config: BoardConfig, timebase: UInt64, ram: GuestRegion, plicSources: Int,
-                      virtioSlots: MMIOSlotBank, initrd: GuestRegion?) -> DeviceTree {
+                      virtioSlots: MMIOSlotBank, initrd: GuestRegion?, pcieHighMMIO: GuestRegion? = nil) -> DeviceTree {
         var phandle: UInt32 = 0
         func nextPhandle() -> UInt32 {
             phandle += 1
@@ -301,6 +362,8 @@ enum VirtDeviceTree {
         test.set("reg", regCells(VirtMemoryMap.test))
         test.set("compatible", .strings(["sifive,test1", "sifive,test0", "syscon"]))
         soc.add(test)
+
+        if let pcieHighMMIO { soc.add(pcieNode(plicPhandle: plicPhandle, highMMIO: pcieHighMMIO)) }
 
         // QEMU lists the virtio-mmio slots from the highest address down.
         for slot in (0..<virtioSlots.count).reversed() {
