@@ -107,8 +107,9 @@ public struct BoardConfig: Sendable {
     /// Build the PCIe host bridge (ECAM at 0x3000_0000, INTx on PLIC 32…35) and its device-tree
     /// node, even with no PCI device (for hot-plug). Implied by a non-empty `pciDevices`.
     public var pcie: Bool = false
-    /// PCI functions plugged into the root bus at boot, in slot order from slot 1.
-    public var pciDevices: [PCIDeviceFactory] = []
+    /// PCI functions plugged into the root bus at boot, in order (those without a slot take the
+    /// lowest free one when their turn comes).
+    public var pciDevices: [PCIPlacement] = []
     /// What pressing the power button does (`system_powerdown`): machine-server sets it to press
     /// KEY_POWER on the virtio keyboard when there is one. Nil: the board has no power button
     /// the guest can see (QEMU's `virt` has none). Called on the machine's control thread.

@@ -148,7 +148,7 @@ public final class VirtBoard: @unchecked Sendable {
         if let pcieHost { try deviceManager.register(pcieHost) }
         for slot in 0..<virtioSlots.count { try mapEmptyTransport(slot: slot) }
         for factory in config.virtioTransports { _ = try attachVirtio(factory) }
-        for factory in config.pciDevices { _ = try attachPCI(factory) }
+        for p in config.pciDevices { _ = try attachPCI(p.make, slot: p.slot) }
     }
 
     /// Builds a PCI function into `slot` of the root bus (the lowest free one when nil) and
@@ -158,6 +158,10 @@ public final class VirtBoard: @unchecked Sendable {
     public func attachPCI(_ factory: PCIDeviceFactory, slot wanted: Int? = nil) throws -> Int {
         guard let pcieHost else { throw BoardError.invalidConfig("the board was built without a PCIe host") }
         guard let slot = wanted ?? pcieHost.freeSlot() else { throw BoardError.exhausted("PCI slot on the root bus") }
+        guard slot > 0 && slot < PCIeHost.slotCount, pcieHost.function(slot: slot) == nil else {
+            throw BoardError.invalidConfig(slot > 0 && slot < PCIeHost.slotCount ? PCIError.slotInUse(slot).description
+                                                                                  : PCIError.badSlot(slot).description)
+        }
         let function = try factory(PCIDeviceContext(ram: ram, intx: pcieHost.intx.line(slot: slot, pin: 1), slot: slot,
                                                     clock: clock))
         do {

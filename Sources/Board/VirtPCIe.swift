@@ -26,6 +26,20 @@ extension VirtMemoryMap {
 /// board is assembled (or on hot-plug).
 public typealias PCIDeviceFactory = @Sendable (PCIDeviceContext) throws -> any PCIFunction
 
+/// A PCI function to build at boot: where it goes on the root bus and how to build it.
+public struct PCIPlacement: Sendable {
+    /// Its slot (device number) on bus 0, 1…31; nil takes the lowest free one.
+    public var slot: Int?
+    /// Builds the function.
+    public var make: PCIDeviceFactory
+
+    /// Creates a placement.
+    public init(slot: Int? = nil, make: @escaping PCIDeviceFactory) {
+        self.slot = slot
+        self.make = make
+    }
+}
+
 /// What a PCI function receives: guest RAM (for DMA), its INTA line (already swizzled onto the
 /// host's wires), its slot, and the machine clock.
 public struct PCIDeviceContext: Sendable {

@@ -17,27 +17,89 @@ struct PlannedDevice: Equatable {
         case tablet
     }
 
+    /// Which transport carries the device.
+    enum Transport: Equatable {
+        /// A virtio-mmio slot (the `-device` drivers).
+        case mmio
+        /// virtio-pci in `slot` of the PCIe root bus `pcie.0` (the `-pci` drivers).
+        case pci(slot: Int)
+    }
+
     /// The device's id (`devices[i].id`), or a generated name ("virtio-gpu-device#0") when none was given.
     var id: String
     /// Whether `id` was given in the description (and so may be looked up over QMP).
     var hasExplicitID: Bool
     var kind: Kind
+    var transport: Transport = .mmio
     /// Where it came from, for messages: "devices[2]", or "display.vnc" for devices the VNC
     /// display added.
     var origin: String
 
-    /// The QEMU driver name ("virtio-blk-device", …).
+    /// The QEMU driver name ("virtio-blk-device", "virtio-blk-pci", …).
     var driver: String {
+        let pci = transport != .mmio
         switch kind {
-        case .block: return DeviceDriver.virtioBlkDevice.rawValue
-        case .gpu: return DeviceDriver.virtioGpuDevice.rawValue
-        case .keyboard: return DeviceDriver.virtioKeyboardDevice.rawValue
-        case .tablet: return DeviceDriver.virtioTabletDevice.rawValue
+        case .block: return (pci ? DeviceDriver.virtioBlkPci : .virtioBlkDevice).rawValue
+        case .gpu: return (pci ? DeviceDriver.virtioGpuPci : .virtioGpuDevice).rawValue
+        case .keyboard: return (pci ? DeviceDriver.virtioKeyboardPci : .virtioKeyboardDevice).rawValue
+        case .tablet: return (pci ? DeviceDriver.virtioTabletPci : .virtioTabletDevice).rawValue
         }
+    }
+
+    /// The PCI slot, for virtio-pci devices.
+    var pciSlot: Int? {
+        if case .pci(let slot) = transport { return slot }
+        return nil
     }
 
     /// The number of virtio-mmio slots on the `virt` board.
     static let slotCount = 8
+    /// The PCIe root bus's name, as QEMU's `virt` calls it.
+    static let rootBus = "pcie.0"
+    /// Device numbers on the root bus (0 holds the host bridge, as QEMU's gpex-root).
+    static let pciSlots = 1...31
+
+    /// Checks `bus` (only the root bus exists) and parses `addr` as QEMU does ("SLOT[.FN]" in
+    /// hex, an optional 0x); returns the slot asked for, or nil.
+    static func pciAddress(bus: String?, addr: String?, field: String) throws -> Int? {
+        if let bus, bus != rootBus { throw LaunchError("\(field).bus: Bus '\(bus)' not found") }
+        guard let addr else { return nil }
+        var text = Substring(addr.lowercased())
+        if text.hasPrefix("0x") { text = text.dropFirst(2) }
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        guard (1...2).contains(parts.count), let slot = Int(parts[0], radix: 16), parts[0].count <= 2,
+              parts.count == 1 || Int(parts[1], radix: 16) != nil else {
+            throw LaunchError("\(field).addr: '\(addr)' is not a PCI address; write SLOT or SLOT.FUNCTION in hex, e.g. '0x3' or '03.0'")
+        }
+        if parts.count == 2, Int(parts[1], radix: 16) != 0 {
+            throw LaunchError("\(field).addr: function \(parts[1]) is not supported; each device is function 0 of its slot")
+        }
+        guard pciSlots.contains(slot) else {
+            throw LaunchError(slot == 0 ? "\(field).addr: PCI: slot 0 function 0 not available, in use by gpex-root"
+                                        : "\(field).addr: slot \(slot) is outside the bus (1...31)")
+        }
+        return slot
+    }
+
+    /// Checks a block device's drive and returns its kind; `files` remembers which device owns
+    /// each image.
+    private static func block(_ drive: DriveDescription, field: String, index: Int, files: inout [String: Int],
+                              resolve: (String) -> String) throws -> Kind {
+        let file = resolve(drive.file)
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: file, isDirectory: &isDirectory) else {
+            throw LaunchError("\(field).drive.file: '\(file)' does not exist")
+        }
+        guard !isDirectory.boolValue else {
+            throw LaunchError("\(field).drive.file: '\(file)' is a directory, not a disk image")
+        }
+        let canonical = URL(fileURLWithPath: file).resolvingSymlinksInPath().path
+        if let other = files[canonical] {
+            throw LaunchError("\(field).drive.file: '\(file)' is already the image of devices[\(other)]; one image cannot back two devices")
+        }
+        files[canonical] = index
+        return .block(file: file, format: drive.format, readOnly: drive.readOnly)
+    }
 
     /// Checks the description's devices and returns them in slot order, followed by the GPU,
     /// keyboard and tablet a VNC display adds when no GPU is listed.
@@ -49,35 +111,19 @@ struct PlannedDevice: Equatable {
         var planned: [PlannedDevice] = []
         var ids: [String: Int] = [:]
         var files: [String: Int] = [:]
+        var pciSlotOwners: [Int: Int] = [:]        // slot -> devices[i]
+        var pciRequests: [Int: Int?] = [:]        // index in `planned` -> slot asked for
         for (i, d) in devices.enumerated() {
             let field = "devices[\(i)]"
             let kind: Kind
             let explicitID: String?
+            var pciSlot: Int?? = nil      // .some: a PCI device, with the slot asked for or nil
             switch d.variant {
             case .virtioBlkDevice(let o):
                 explicitID = o.id
-                let file = resolve(o.drive.file)
-                var isDirectory: ObjCBool = false
-                guard FileManager.default.fileExists(atPath: file, isDirectory: &isDirectory) else {
-                    throw LaunchError("\(field).drive.file: '\(file)' does not exist")
-                }
-                guard !isDirectory.boolValue else {
-                    throw LaunchError("\(field).drive.file: '\(file)' is a directory, not a disk image")
-                }
-                let canonical = URL(fileURLWithPath: file).resolvingSymlinksInPath().path
-                if let other = files[canonical] {
-                    throw LaunchError("\(field).drive.file: '\(file)' is already the image of devices[\(other)]; one image cannot back two devices")
-                }
-                files[canonical] = i
-                kind = .block(file: file, format: o.drive.format, readOnly: o.drive.readOnly)
+                kind = try block(o.drive, field: field, index: i, files: &files, resolve: resolve)
             case .virtioGpuDevice(let o):
                 explicitID = o.id
-                if let first = planned.firstIndex(where: { $0.kind == .gpu }) {
-                    throw LaunchError("\(field): only one virtio-gpu-device is supported (devices[\(first)] is one already)")
-                }
-                guard vnc != nil else {
-                    throw LaunchError("\(field): a virtio-gpu-device needs a display to show it on: add \"display\": {\"vnc\": {\"listen\": \"127.0.0.1:5900\"}} or --vnc HOST:PORT")
-                }
                 kind = .gpu
             case .virtioKeyboardDevice(let o):
                 explicitID = o.id
@@ -85,6 +131,31 @@ struct PlannedDevice: Equatable {
             case .virtioTabletDevice(let o):
                 explicitID = o.id
                 kind = .tablet
+            case .virtioBlkPci(let o):
+                explicitID = o.id
+                kind = try block(o.drive, field: field, index: i, files: &files, resolve: resolve)
+                pciSlot = .some(try pciAddress(bus: o.bus, addr: o.addr, field: field))
+            case .virtioGpuPci(let o), .virtioKeyboardPci(let o), .virtioTabletPci(let o):
+                explicitID = o.id
+                kind = d.driver == .virtioGpuPci ? .gpu : d.driver == .virtioKeyboardPci ? .keyboard : .tablet
+                pciSlot = .some(try pciAddress(bus: o.bus, addr: o.addr, field: field))
+            }
+            if kind == .gpu {
+                if let first = planned.firstIndex(where: { $0.kind == .gpu }) {
+                    throw LaunchError("\(field): only one GPU is supported (devices[\(first)] is one already)")
+                }
+                guard vnc != nil else {
+                    throw LaunchError("\(field): a \(d.driver.rawValue) needs a display to show it on: add \"display\": {\"vnc\": {\"listen\": \"127.0.0.1:5900\"}} or --vnc HOST:PORT")
+                }
+            }
+            if case .some(let wanted) = pciSlot {
+                if let wanted {
+                    if let other = pciSlotOwners[wanted] {
+                        throw LaunchError("\(field).addr: PCI: slot \(wanted) function 0 not available for \(d.driver.rawValue), in use by devices[\(other)]")
+                    }
+                    pciSlotOwners[wanted] = i
+                }
+                pciRequests[planned.count] = wanted
             }
             if let id = explicitID {
                 guard !id.isEmpty else { throw LaunchError("\(field).id: an id must not be empty") }
@@ -96,8 +167,18 @@ struct PlannedDevice: Equatable {
             planned.append(PlannedDevice(id: explicitID ?? "\(d.driver.rawValue)#\(i)", hasExplicitID: explicitID != nil,
                                          kind: kind, origin: field))
         }
-        if planned.count > slotCount {
-            throw LaunchError("devices[\(slotCount)]: the virt board has \(slotCount) virtio-mmio slots; \(planned.count) devices are listed")
+        // PCI devices without an address take the lowest free slot, in order, after the explicit ones.
+        for (index, wanted) in pciRequests.sorted(by: { $0.key < $1.key }) {
+            guard let slot = wanted ?? pciSlots.first(where: { pciSlotOwners[$0] == nil }) else {
+                throw LaunchError("\(planned[index].origin): no free slot is left on the PCIe root bus")
+            }
+            pciSlotOwners[slot] = index
+            planned[index].transport = .pci(slot: slot)
+        }
+        let mmioCount = planned.filter { $0.transport == .mmio }.count
+        if mmioCount > slotCount {
+            let extra = planned.filter { $0.transport == .mmio }[slotCount]
+            throw LaunchError("\(extra.origin): the virt board has \(slotCount) virtio-mmio slots; \(mmioCount) virtio-mmio devices are listed")
         }
         if let vnc, !planned.contains(where: { $0.kind == .gpu }) {
             // A user who asks for VNC expects a screen: add what a graphical console needs.
@@ -108,8 +189,8 @@ struct PlannedDevice: Equatable {
             if !planned.contains(where: { $0.kind == .tablet }) {
                 added.append(PlannedDevice(id: "virtio-tablet-device#auto", hasExplicitID: false, kind: .tablet, origin: vnc))
             }
-            if planned.count + added.count > slotCount {
-                throw LaunchError("\(vnc): the VNC display adds \(added.map(\.driver).joined(separator: ", ")), but with the \(planned.count) listed devices that exceeds the board's \(slotCount) virtio-mmio slots; list a virtio-gpu-device yourself or remove a device")
+            if mmioCount + added.count > slotCount {
+                throw LaunchError("\(vnc): the VNC display adds \(added.map(\.driver).joined(separator: ", ")), but with the \(mmioCount) listed virtio-mmio devices that exceeds the board's \(slotCount) virtio-mmio slots; list a virtio-gpu-device yourself or remove a device")
             }
             planned += added
         }

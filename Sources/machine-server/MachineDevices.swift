@@ -31,6 +31,8 @@ final class MachineDevices: @unchecked Sendable {
     let inputs: [(id: String, device: VirtioInput)]
     /// The transports in slot order, for `BoardConfig.virtioTransports`.
     let transports: [MMIODeviceFactory]
+    /// The virtio-pci functions with their slots, for `BoardConfig.pciDevices`.
+    let pciDevices: [PCIPlacement]
 
     /// Opens every image (taking QEMU-compatible locks) and builds every device.
     /// Throws `LaunchError` naming the device (`devices[i]`) and the file.
@@ -43,6 +45,7 @@ final class MachineDevices: @unchecked Sendable {
         var tablets: [VirtioInput] = []
         var inputs: [(id: String, device: VirtioInput)] = []
         var transports: [MMIODeviceFactory] = []
+        var pciDevices: [PCIPlacement] = []
         var blockIndex = 0
         do {
             for p in planned {
@@ -78,10 +81,21 @@ final class MachineDevices: @unchecked Sendable {
                     inputs.append((p.id, t))
                     device = t
                 }
-                transports.append { context in
-                    VirtioMMIOTransport(device: device, ram: context.ram, interrupt: context.irq,
-                                        name: "virtio-mmio@\(String(context.region.base.raw, radix: 16)) (\(device.name))",
-                                        stateSection: "virtio-mmio@\(String(context.region.base.raw, radix: 16))")
+                switch p.transport {
+                case .mmio:
+                    transports.append { context in
+                        VirtioMMIOTransport(device: device, ram: context.ram, interrupt: context.irq,
+                                            name: "virtio-mmio@\(String(context.region.base.raw, radix: 16)) (\(device.name))",
+                                            stateSection: "virtio-mmio@\(String(context.region.base.raw, radix: 16))")
+                    }
+                case .pci(let slot):
+                    let driver = p.driver
+                    pciDevices.append(PCIPlacement(slot: slot) { context in
+                        VirtioPCITransport(device: device, ram: context.ram, intx: context.intx,
+                                           name: "\(driver) \(context.address) (\(device.name))",
+                                           stateSection: "virtio-pci@\(context.address)",
+                                           logger: Self.logger("machine.virtio-pci"))
+                    })
                 }
             }
         } catch {
@@ -95,6 +109,7 @@ final class MachineDevices: @unchecked Sendable {
         self.tablets = tablets
         self.inputs = inputs
         self.transports = transports
+        self.pciDevices = pciDevices
     }
 
     /// Finishes in-flight block requests and flushes every writable image to disk. Call once the

@@ -39,7 +39,7 @@ struct VirtPCIeTests {
 
     @Test func functionsAreFoundThroughECAMAndTheirBARsThroughTheWindows() throws {
         var c = config(pcie: true)
-        c.pciDevices = [{ PinFunction($0) }]
+        c.pciDevices = [PCIPlacement { PinFunction($0) }]
         let board = try VirtBoard(config: c, system: NullSystem())
         let ecam = VirtMemoryMap.pcieECAM.base
         #expect(board.bus.read(ecam, size: 4) == 0x0008_1b36)                    // 00:00.0, the host bridge
