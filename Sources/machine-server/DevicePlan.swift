@@ -15,6 +15,8 @@ struct PlannedDevice: Equatable {
         case keyboard
         /// virtio-input tablet (absolute pointer) fed from the display.
         case tablet
+        /// virtio-rng fed from the host's entropy.
+        case rng
     }
 
     /// Which transport carries the device.
@@ -43,6 +45,7 @@ struct PlannedDevice: Equatable {
         case .gpu: return (pci ? DeviceDriver.virtioGpuPci : .virtioGpuDevice).rawValue
         case .keyboard: return (pci ? DeviceDriver.virtioKeyboardPci : .virtioKeyboardDevice).rawValue
         case .tablet: return (pci ? DeviceDriver.virtioTabletPci : .virtioTabletDevice).rawValue
+        case .rng: return (pci ? DeviceDriver.virtioRngPci : .virtioRngDevice).rawValue
         }
     }
 
@@ -131,13 +134,21 @@ struct PlannedDevice: Equatable {
             case .virtioTabletDevice(let o):
                 explicitID = o.id
                 kind = .tablet
+            case .virtioRngDevice(let o):
+                explicitID = o.id
+                kind = .rng
             case .virtioBlkPci(let o):
                 explicitID = o.id
                 kind = try block(o.drive, field: field, index: i, files: &files, resolve: resolve)
                 pciSlot = .some(try pciAddress(bus: o.bus, addr: o.addr, field: field))
-            case .virtioGpuPci(let o), .virtioKeyboardPci(let o), .virtioTabletPci(let o):
+            case .virtioGpuPci(let o), .virtioKeyboardPci(let o), .virtioTabletPci(let o), .virtioRngPci(let o):
                 explicitID = o.id
-                kind = d.driver == .virtioGpuPci ? .gpu : d.driver == .virtioKeyboardPci ? .keyboard : .tablet
+                switch d.driver {
+                case .virtioGpuPci: kind = .gpu
+                case .virtioKeyboardPci: kind = .keyboard
+                case .virtioTabletPci: kind = .tablet
+                default: kind = .rng
+                }
                 pciSlot = .some(try pciAddress(bus: o.bus, addr: o.addr, field: field))
             }
             if kind == .gpu {

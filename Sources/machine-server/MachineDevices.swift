@@ -47,6 +47,7 @@ final class MachineDevices: @unchecked Sendable {
         var transports: [MMIODeviceFactory] = []
         var pciDevices: [PCIPlacement] = []
         var blockIndex = 0
+        var rngCount = 0
         do {
             for p in planned {
                 let device: any VirtioDevice
@@ -80,6 +81,9 @@ final class MachineDevices: @unchecked Sendable {
                     tablets.append(t)
                     inputs.append((p.id, t))
                     device = t
+                case .rng:
+                    device = VirtioEntropy(name: "virtio-rng\(rngCount)")
+                    rngCount += 1
                 }
                 switch p.transport {
                 case .mmio:

@@ -94,6 +94,23 @@ def test_mmio_and_pci_disks_side_by_side(tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_entropy_and_input_devices_on_pci(tmp_path):
+    devices = [{"driver": "virtio-rng-pci", "id": "rng0"}, {"driver": "virtio-keyboard-pci"},
+               {"driver": "virtio-tablet-pci", "addr": "0x7"}]
+    cmd = ("for,d,in,/sys/bus/pci/devices/*;do,echo,$d,$(cat,$d/vendor),$(cat,$d/device);done;"
+           "cat,/sys/class/misc/hw_random/rng_current;"
+           "dd,if=/dev/hwrng,bs=32,count=2,2>/dev/null|od,-An,-tx1;"
+           "ls,/sys/class/input")
+    _, out = run_guest(tmp_path, devices, cmd)
+    assert "0000:00:01.0 0x1af4 0x1044" in out              # virtio-rng, the lowest free slot
+    assert "0000:00:02.0 0x1af4 0x1052" in out              # virtio-input keyboard
+    assert "0000:00:07.0 0x1af4 0x1052" in out              # the tablet where addr put it
+    assert "virtio_rng" in out
+    words = [w for line in out.splitlines() if re.fullmatch(r"( [0-9a-f]{2}){16}", line) for w in line.split()]
+    assert len(words) == 64 and len(set(words)) > 8, out[-1500:]
+    assert "event0" in out and "event1" in out
+
+
 def test_description_errors_name_the_pci_device(tmp_path):
     img = tmp_path / "disk.raw"
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(img), "1M"], check=True)

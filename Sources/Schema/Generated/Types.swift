@@ -3568,6 +3568,8 @@ public enum DeviceDriver: String, SchemaCodable, CaseIterable, Equatable {
     case virtioKeyboardDevice = "virtio-keyboard-device"
     /// The value "virtio-tablet-device".
     case virtioTabletDevice = "virtio-tablet-device"
+    /// The value "virtio-rng-device".
+    case virtioRngDevice = "virtio-rng-device"
     /// The value "virtio-blk-pci".
     case virtioBlkPci = "virtio-blk-pci"
     /// The value "virtio-gpu-pci".
@@ -3576,6 +3578,8 @@ public enum DeviceDriver: String, SchemaCodable, CaseIterable, Equatable {
     case virtioKeyboardPci = "virtio-keyboard-pci"
     /// The value "virtio-tablet-pci".
     case virtioTabletPci = "virtio-tablet-pci"
+    /// The value "virtio-rng-pci".
+    case virtioRngPci = "virtio-rng-pci"
 
     /// Decodes one of the values; anything else is an error listing them.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -3701,7 +3705,7 @@ public struct BlockDeviceOptions: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
-/// A device with no backend of its own (GPU, keyboard, tablet).
+/// A device with no backend of its own (GPU, keyboard, tablet, entropy source).
 public struct SimpleDeviceOptions: SchemaCodable, Equatable {
     /// The device id. Optional.
     public var id: String?
@@ -3788,7 +3792,7 @@ public struct PCIBlockDeviceOptions: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
-/// A virtio-pci device with no backend of its own (GPU, keyboard, tablet).
+/// A virtio-pci device with no backend of its own (GPU, keyboard, tablet, entropy source).
 public struct PCIDeviceOptions: SchemaCodable, Equatable {
     /// The device id. Optional.
     public var id: String?
@@ -3846,6 +3850,8 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case virtioKeyboardDevice(SimpleDeviceOptions)
         /// `driver` is "virtio-tablet-device"; the branch adds the members of `SimpleDeviceOptions`.
         case virtioTabletDevice(SimpleDeviceOptions)
+        /// `driver` is "virtio-rng-device"; the branch adds the members of `SimpleDeviceOptions`.
+        case virtioRngDevice(SimpleDeviceOptions)
         /// `driver` is "virtio-blk-pci"; the branch adds the members of `PCIBlockDeviceOptions`.
         case virtioBlkPci(PCIBlockDeviceOptions)
         /// `driver` is "virtio-gpu-pci"; the branch adds the members of `PCIDeviceOptions`.
@@ -3854,6 +3860,8 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case virtioKeyboardPci(PCIDeviceOptions)
         /// `driver` is "virtio-tablet-pci"; the branch adds the members of `PCIDeviceOptions`.
         case virtioTabletPci(PCIDeviceOptions)
+        /// `driver` is "virtio-rng-pci"; the branch adds the members of `PCIDeviceOptions`.
+        case virtioRngPci(PCIDeviceOptions)
     }
 
     /// The branch.
@@ -3871,10 +3879,12 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case .virtioGpuDevice: return .virtioGpuDevice
         case .virtioKeyboardDevice: return .virtioKeyboardDevice
         case .virtioTabletDevice: return .virtioTabletDevice
+        case .virtioRngDevice: return .virtioRngDevice
         case .virtioBlkPci: return .virtioBlkPci
         case .virtioGpuPci: return .virtioGpuPci
         case .virtioKeyboardPci: return .virtioKeyboardPci
         case .virtioTabletPci: return .virtioTabletPci
+        case .virtioRngPci: return .virtioRngPci
         }
     }
 
@@ -3896,6 +3906,9 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case .virtioTabletDevice:
             try r.rejectUnknown(allowed: baseNames.union(SimpleDeviceOptions.memberNames))
             self.variant = .virtioTabletDevice(try SimpleDeviceOptions(reader: r))
+        case .virtioRngDevice:
+            try r.rejectUnknown(allowed: baseNames.union(SimpleDeviceOptions.memberNames))
+            self.variant = .virtioRngDevice(try SimpleDeviceOptions(reader: r))
         case .virtioBlkPci:
             try r.rejectUnknown(allowed: baseNames.union(PCIBlockDeviceOptions.memberNames))
             self.variant = .virtioBlkPci(try PCIBlockDeviceOptions(reader: r))
@@ -3908,6 +3921,9 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case .virtioTabletPci:
             try r.rejectUnknown(allowed: baseNames.union(PCIDeviceOptions.memberNames))
             self.variant = .virtioTabletPci(try PCIDeviceOptions(reader: r))
+        case .virtioRngPci:
+            try r.rejectUnknown(allowed: baseNames.union(PCIDeviceOptions.memberNames))
+            self.variant = .virtioRngPci(try PCIDeviceOptions(reader: r))
         }
     }
 
@@ -3920,10 +3936,12 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case .virtioGpuDevice(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .virtioKeyboardDevice(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .virtioTabletDevice(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .virtioRngDevice(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .virtioBlkPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .virtioGpuPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .virtioKeyboardPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .virtioTabletPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .virtioRngPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
         }
         return .object(o)
     }
