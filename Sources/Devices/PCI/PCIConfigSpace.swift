@@ -19,6 +19,13 @@ public enum PCIConfig {
         public static let writable: UInt16 = io | memory | busMaster | parity | serr | interruptDisable
     }
 
+    /// Type-1 (bridge) header offsets.
+    public enum Bridge {
+        public static let primaryBus = 0x18, secondaryBus = 0x19, subordinateBus = 0x1a, ioBase = 0x1c
+        public static let memoryBase = 0x20, prefetchableBase = 0x24, prefetchableBaseUpper = 0x28
+        public static let prefetchableLimitUpper = 0x2c, control = 0x3e
+    }
+
     /// Status register bits.
     public enum Status {
         public static let interrupt: UInt16 = 1 << 3, capabilityList: UInt16 = 1 << 4
@@ -92,15 +99,22 @@ public struct PCIConfigSpace: Sendable, Equatable {
     public private(set) var bytes: [UInt8]
     /// Which bits of each byte a config write may change.
     public private(set) var writeMask: [UInt8]
+    /// Which bits of each byte a config write of 1 clears (status bits, "RW1C").
+    public private(set) var clearMask: [UInt8]
     /// The BARs declared, by register index (a 64-bit BAR occupies its index and the next).
     public let bars: [Int: PCIBarDescriptor]
     private var nextCapability = PCIConfig.firstCapability
     private var lastCapabilityNext: Int?
 
     /// Builds the header for `identity` with the given BARs (index 0…5; a 64-bit BAR must not be at 5).
-    public init(identity: PCIIdentity, bars: [Int: PCIBarDescriptor] = [:], multiFunction: Bool = false) {
+    /// A `bridge` gets a type-1 header instead: bus numbers, I/O, memory and prefetchable windows
+    /// and bridge control writable, and no BARs.
+    public init(identity: PCIIdentity, bars: [Int: PCIBarDescriptor] = [:], multiFunction: Bool = false,
+                bridge: Bool = false) {
         bytes = Array(repeating: 0, count: PCIConfig.size)
         writeMask = Array(repeating: 0, count: PCIConfig.size)
+        clearMask = Array(repeating: 0, count: PCIConfig.size)
+        precondition(!bridge || bars.isEmpty, "a bridge header here has no BARs")
         self.bars = bars
         put16(PCIConfig.vendorID, identity.vendorID)
         put16(PCIConfig.deviceID, identity.deviceID)
@@ -108,9 +122,25 @@ public struct PCIConfigSpace: Sendable, Equatable {
         bytes[PCIConfig.classCode] = UInt8(truncatingIfNeeded: identity.classCode)
         bytes[PCIConfig.classCode + 1] = UInt8(truncatingIfNeeded: identity.classCode >> 8)
         bytes[PCIConfig.classCode + 2] = UInt8(truncatingIfNeeded: identity.classCode >> 16)
-        bytes[PCIConfig.headerType] = multiFunction ? 0x80 : 0
-        put16(PCIConfig.subsystemVendorID, identity.subsystemVendorID)
-        put16(PCIConfig.subsystemID, identity.subsystemID)
+        bytes[PCIConfig.headerType] = (multiFunction ? 0x80 : 0) | (bridge ? 1 : 0)
+        if bridge {
+            // Primary, secondary, subordinate bus; latency; I/O base/limit (16-bit I/O);
+            // memory base/limit; prefetchable base/limit (64-bit) and upper halves; bridge control.
+            for o in [PCIConfig.Bridge.primaryBus, PCIConfig.Bridge.secondaryBus, PCIConfig.Bridge.subordinateBus,
+                      0x1b] { writeMask[o] = 0xff }
+            writeMask[PCIConfig.Bridge.ioBase] = 0xf0
+            writeMask[PCIConfig.Bridge.ioBase + 1] = 0xf0
+            setMask32(PCIConfig.Bridge.memoryBase, 0xfff0_fff0)
+            setMask32(PCIConfig.Bridge.prefetchableBase, 0xfff0_fff0)
+            put16(PCIConfig.Bridge.prefetchableBase, 1)
+            put16(PCIConfig.Bridge.prefetchableBase + 2, 1)
+            setMask32(PCIConfig.Bridge.prefetchableBaseUpper, ~0)
+            setMask32(PCIConfig.Bridge.prefetchableLimitUpper, ~0)
+            setMask16(PCIConfig.Bridge.control, 0x0fff)
+        } else {
+            put16(PCIConfig.subsystemVendorID, identity.subsystemVendorID)
+            put16(PCIConfig.subsystemID, identity.subsystemID)
+        }
         bytes[PCIConfig.interruptPin] = identity.interruptPin
         setMask16(PCIConfig.command, PCIConfig.Command.writable)
         writeMask[PCIConfig.cacheLineSize] = 0xff
@@ -139,7 +169,7 @@ public struct PCIConfigSpace: Sendable, Equatable {
         guard offset >= 0, offset + size <= PCIConfig.size else { return }
         for i in 0..<size {
             let b = UInt8(truncatingIfNeeded: value >> (8 * i)), m = writeMask[offset + i]
-            bytes[offset + i] = (bytes[offset + i] & ~m) | (b & m)
+            bytes[offset + i] = ((bytes[offset + i] & ~m) | (b & m)) & ~(b & clearMask[offset + i])
         }
     }
 
@@ -169,13 +199,19 @@ public struct PCIConfigSpace: Sendable, Equatable {
     /// list, read-only to the driver except the byte ranges in `writable` (offsets into `body`).
     /// Returns the capability's offset in configuration space.
     @discardableResult
-    public mutating func addCapability(id: UInt8, body: [UInt8], writable: [Range<Int>] = []) -> Int {
+    public mutating func addCapability(id: UInt8, body: [UInt8], writable: [Range<Int>] = [],
+                                       writeMasks: [Int: UInt16] = [:], clearMasks: [Int: UInt16] = [:]) -> Int {
         let at = nextCapability
         precondition(at + 2 + body.count <= 256, "capabilities overflow the PCI configuration header")
         bytes[at] = id
         bytes[at + 1] = 0
         for (i, b) in body.enumerated() { bytes[at + 2 + i] = b }
         for r in writable { for i in r { writeMask[at + 2 + i] = 0xff } }
+        for (o, m) in writeMasks { setMask16(at + 2 + o, m) }
+        for (o, m) in clearMasks {
+            clearMask[at + 2 + o] = UInt8(truncatingIfNeeded: m)
+            clearMask[at + 2 + o + 1] = UInt8(m >> 8)
+        }
         if let prev = lastCapabilityNext { bytes[prev] = UInt8(at) } else { bytes[PCIConfig.capabilitiesPointer] = UInt8(at) }
         lastCapabilityNext = at + 1
         let s = UInt16(read(offset: PCIConfig.status, size: 2))
@@ -186,11 +222,13 @@ public struct PCIConfigSpace: Sendable, Equatable {
 
     /// Replaces the bytes with saved ones (the mask and layout stay those of this function).
     /// Throws when the read-only identity differs, so a state is never loaded into another kind of function.
-    public mutating func restore(_ saved: [UInt8], section: String) throws(SavedStateError) {
+    /// `deviceOwned` lists further read-only bytes the function itself changes (slot status, link
+    /// status), which may differ.
+    public mutating func restore(_ saved: [UInt8], section: String, deviceOwned: Set<Int> = []) throws(SavedStateError) {
         guard saved.count == PCIConfig.size else {
             throw SavedStateError(section: section, field: "config", reason: "\(saved.count) bytes, expected \(PCIConfig.size)")
         }
-        for i in 0..<PCIConfig.size where (saved[i] ^ bytes[i]) & ~writeMask[i] != 0 && !Self.volatileReadOnly(i) {
+        for i in 0..<PCIConfig.size where (saved[i] ^ bytes[i]) & ~writeMask[i] != 0 && !Self.volatileReadOnly(i) && !deviceOwned.contains(i) {
             throw SavedStateError(section: section, field: "config[0x\(String(i, radix: 16))]",
                                   reason: "read-only byte differs (saved 0x\(String(saved[i], radix: 16)), this function 0x\(String(bytes[i], radix: 16)))")
         }

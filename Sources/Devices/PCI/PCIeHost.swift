@@ -6,7 +6,7 @@ import Synchronization
 /// windows in which the functions' BARs decode, INTx routed through `PCIIntxRouter`, and the
 /// host bridge's own function at 00:00.0 (Red Hat 1b36:0008, class 0600).
 ///
-/// Only bus 0 exists (devices plug straight into the root complex; there are no bridges yet).
+/// Devices plug into bus 0 or behind a `PCIBridge` (a root port) on it, one level deep.
 /// BAR addresses are chosen by the guest (Linux assigns them on `virt`, as no firmware does);
 /// the memory windows are identity-mapped (PCI address = CPU address) and the I/O window maps
 /// PCI I/O address 0 at its base, as the device tree's `ranges` say.
@@ -75,7 +75,20 @@ public final class PCIeHost: @unchecked Sendable {
         return slots.withLock { $0[slot] }
     }
 
-    fileprivate func allFunctions() -> [any PCIFunction] { slots.withLock { $0.compactMap { $0 } } }
+    /// Every function: those on bus 0 and the devices behind root ports.
+    fileprivate func allFunctions() -> [any PCIFunction] {
+        let root = slots.withLock { $0.compactMap { $0 } }
+        return root + root.compactMap { ($0 as? any PCIBridge)?.child }
+    }
+
+    /// The function at `bus`/`device` (function 0): bus 0 is the root bus; any other bus is the
+    /// secondary bus of a root port, which holds only device 0.
+    public func function(bus: Int, device: Int) -> (any PCIFunction)? {
+        if bus == 0 { return function(slot: device) }
+        guard device == 0 else { return nil }
+        let bridges = slots.withLock { $0.compactMap { $0 as? any PCIBridge } }
+        return bridges.first { $0.secondaryBus == bus }?.child
+    }
 
     /// An access inside a BAR window: finds the BAR of `space` containing `address`.
     fileprivate func decode(_ space: BARWindow.Space, _ address: UInt64, size: Int)
@@ -109,7 +122,8 @@ public enum PCIError: Error, Equatable, CustomStringConvertible {
     }
 }
 
-/// The ECAM configuration window: offset = bus << 20 | device << 15 | function << 12 | register.
+/// The ECAM configuration window: offset = bus << 20 | device << 15 | function << 12 | register;
+/// a bus other than 0 reaches the device behind the root port whose secondary bus it is.
 /// Absent functions and buses read all ones and ignore writes, as on hardware.
 public final class ECAMWindow: MMIODevice, @unchecked Sendable {
     public let name = "pcie-ecam"
@@ -119,8 +133,8 @@ public final class ECAMWindow: MMIODevice, @unchecked Sendable {
 
     private func target(_ offset: UInt64, _ size: Int) -> (any PCIFunction, Int)? {
         guard size == 1 || size == 2 || size == 4 else { return nil }
-        let bus = offset >> 20, device = Int((offset >> 15) & 31), fn = (offset >> 12) & 7, reg = Int(offset & 0xfff)
-        guard bus == 0, fn == 0, reg % size == 0, let f = host?.function(slot: device) else { return nil }
+        let bus = Int(offset >> 20), device = Int((offset >> 15) & 31), fn = (offset >> 12) & 7, reg = Int(offset & 0xfff)
+        guard fn == 0, reg % size == 0, let f = host?.function(bus: bus, device: device) else { return nil }
         return (f, reg)
     }
 
