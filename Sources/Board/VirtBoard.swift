@@ -61,8 +61,11 @@ public final class VirtBoard: @unchecked Sendable {
     public let pcieHost: PCIeHost?
     /// The 64-bit PCI MMIO window (placed after RAM, as QEMU does).
     public let pcieHighMMIO: GuestRegion
-    /// The PCI functions plugged into the root bus, by slot (the host bridge at 0 not included).
+    /// The PCI functions plugged into the root bus, by slot (the host bridge at 0 not included;
+    /// root ports included).
     public private(set) var pciFunctions: [Int: any PCIFunction] = [:]
+    /// The root ports by id, with their slot on the root bus.
+    public private(set) var rootPorts: [String: (slot: Int, port: PCIeRootPort)] = [:]
 
     /// The boot state after the last `loadBootImages()`.
     public var bootState: BootState {
@@ -148,7 +151,13 @@ public final class VirtBoard: @unchecked Sendable {
         if let pcieHost { try deviceManager.register(pcieHost) }
         for slot in 0..<virtioSlots.count { try mapEmptyTransport(slot: slot) }
         for factory in config.virtioTransports { _ = try attachVirtio(factory) }
-        for p in config.pciDevices { _ = try attachPCI(p.make, slot: p.slot) }
+        for p in config.pciDevices {
+            switch p.kind {
+            case .rootPort(let id, let physicalSlot): try attachRootPort(id: id, slot: p.slot, physicalSlot: physicalSlot)
+            case .function(let make):
+                if let port = p.port { try attachPCI(make, behind: port, hotPlug: false) } else { try attachPCI(make, slot: p.slot) }
+            }
+        }
     }
 
     /// Builds a PCI function into `slot` of the root bus (the lowest free one when nil) and
@@ -163,7 +172,7 @@ public final class VirtBoard: @unchecked Sendable {
                                                                                   : PCIError.badSlot(slot).description)
         }
         let function = try factory(PCIDeviceContext(ram: ram, intx: pcieHost.intx.line(slot: slot, pin: 1), slot: slot,
-                                                    clock: clock))
+                                                    port: nil, clock: clock))
         do {
             try pcieHost.plug(function, slot: slot)
         } catch {
@@ -181,10 +190,58 @@ public final class VirtBoard: @unchecked Sendable {
         return slot
     }
 
+    /// Builds a `pcie-root-port` known as `id` into `slot` of the root bus (the lowest free one
+    /// when nil) and registers it; returns the slot. Control thread, vCPUs stopped.
+    @discardableResult
+    public func attachRootPort(id: String, slot: Int? = nil, physicalSlot: Int) throws -> Int {
+        guard rootPorts[id] == nil else { throw BoardError.invalidConfig("a root port '\(id)' exists already") }
+        let slot = try attachPCI({ context in
+            PCIeRootPort(name: "pcie-root-port \(id) \(context.address)", stateSection: "pcie-root-port@\(context.address)",
+                         intx: context.intx, port: context.slot ?? 0, physicalSlot: physicalSlot)
+        }, slot: slot)
+        guard let port = pciFunctions[slot] as? PCIeRootPort else { preconditionFailure("slot \(slot) holds the port just built") }
+        rootPorts[id] = (slot, port)
+        return slot
+    }
+
+    /// Builds a PCI function into the slot of root port `portID` and registers it; with
+    /// `hotPlug` the guest is told (presence and link change). Behind a port the function is
+    /// device 0 of the secondary bus; its INTA reaches the root bus as the port's INTA (the
+    /// bridge swizzle of device 0). Control thread.
+    public func attachPCI(_ factory: PCIDeviceFactory, behind portID: String, hotPlug: Bool) throws {
+        guard let pcieHost, let (slot, port) = rootPorts[portID] else {
+            throw BoardError.invalidConfig("Bus '\(portID)' not found")
+        }
+        guard port.child == nil else {
+            throw BoardError.invalidConfig("PCI: slot 0 function 0 not available, in use by another device on bus '\(portID)'")
+        }
+        let function = try factory(PCIDeviceContext(ram: ram, intx: pcieHost.intx.line(slot: slot, pin: 1), slot: nil,
+                                                    port: portID, clock: clock))
+        if let managed = function as? any ManagedDevice { try deviceManager.register(managed) }
+        do {
+            try port.plug(function, hotPlug: hotPlug)
+        } catch {
+            if let managed = function as? any ManagedDevice { deviceManager.unregister(managed) }
+            throw BoardError.invalidConfig(error.description)
+        }
+    }
+
+    /// Removes the function behind root port `portID` (hot-unplug, once the guest let go of it).
+    /// Control thread.
+    public func detachPCI(behind portID: String) {
+        guard let (_, port) = rootPorts[portID], let function = port.child else { return }
+        port.unplug()
+        if let managed = function as? any ManagedDevice { deviceManager.unregister(managed) }
+    }
+
     /// Removes the PCI function in `slot` from the bus and the device manager (hot-unplug).
     /// Control thread.
     public func detachPCI(slot: Int) {
         guard let function = pciFunctions.removeValue(forKey: slot) else { return }
+        if let id = rootPorts.first(where: { $0.value.slot == slot })?.key {
+            detachPCI(behind: id)
+            rootPorts[id] = nil
+        }
         pcieHost?.unplug(slot: slot)
         if let managed = function as? any ManagedDevice { deviceManager.unregister(managed) }
     }

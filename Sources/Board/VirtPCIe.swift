@@ -26,17 +26,46 @@ extension VirtMemoryMap {
 /// board is assembled (or on hot-plug).
 public typealias PCIDeviceFactory = @Sendable (PCIDeviceContext) throws -> any PCIFunction
 
-/// A PCI function to build at boot: where it goes on the root bus and how to build it.
+/// Something to put on the PCIe bus at boot: a function in a slot of the root bus or behind a
+/// root port, or a root port itself.
 public struct PCIPlacement: Sendable {
-    /// Its slot (device number) on bus 0, 1…31; nil takes the lowest free one.
+    /// What is placed.
+    public enum Kind: Sendable {
+        /// A function built by the factory.
+        case function(PCIDeviceFactory)
+        /// A `pcie-root-port` with a hot-plug slot, known by `id` (the bus name devices use).
+        case rootPort(id: String, physicalSlot: Int)
+    }
+    /// Its slot (device number) on bus 0, 1…31; nil takes the lowest free one. Ignored behind a port.
     public var slot: Int?
-    /// Builds the function.
-    public var make: PCIDeviceFactory
+    /// The id of the root port to plug the function behind; nil for the root bus.
+    public var port: String?
+    /// What is placed.
+    public var kind: Kind
 
-    /// Creates a placement.
+    /// A function on the root bus.
     public init(slot: Int? = nil, make: @escaping PCIDeviceFactory) {
         self.slot = slot
-        self.make = make
+        self.port = nil
+        self.kind = .function(make)
+    }
+
+    /// A function in the slot of root port `port`.
+    public init(port: String, make: @escaping PCIDeviceFactory) {
+        self.slot = nil
+        self.port = port
+        self.kind = .function(make)
+    }
+
+    /// A root port on the root bus.
+    public static func rootPort(id: String, slot: Int? = nil, physicalSlot: Int) -> PCIPlacement {
+        PCIPlacement(slot: slot, port: nil, kind: .rootPort(id: id, physicalSlot: physicalSlot))
+    }
+
+    private init(slot: Int?, port: String?, kind: Kind) {
+        self.slot = slot
+        self.port = port
+        self.kind = kind
     }
 }
 
@@ -47,13 +76,21 @@ public struct PCIDeviceContext: Sendable {
     public let ram: GuestRAM
     /// The function's INTA output.
     public let intx: any InterruptLine
-    /// Its device number on bus 0.
-    public let slot: Int
+    /// Its device number on bus 0, or nil behind a root port.
+    public let slot: Int?
+    /// The root port it sits behind, if any.
+    public let port: String?
     /// The machine's virtual clock.
     public let clock: VirtualClock
 
-    /// The function's address as Linux prints it ("00:01.0").
-    public var address: String { "00:\(slot < 16 ? "0" : "")\(String(slot, radix: 16)).0" }
+    /// Where the function is, stable across runs (for names and saved-state sections): its
+    /// root-bus address as Linux prints it ("00:01.0"), or the root port's id (the secondary
+    /// bus number is the guest's choice).
+    public var address: String {
+        if let port { return port }
+        let s = slot ?? 0
+        return "00:\(s < 16 ? "0" : "")\(String(s, radix: 16)).0"
+    }
 }
 
 extension VirtDeviceTree {

@@ -17,14 +17,18 @@ struct PlannedDevice: Equatable {
         case tablet
         /// virtio-rng fed from the host's entropy.
         case rng
+        /// A pcie-root-port with a hot-plug slot showing `physicalSlot`.
+        case rootPort(physicalSlot: Int)
     }
 
     /// Which transport carries the device.
     enum Transport: Equatable {
         /// A virtio-mmio slot (the `-device` drivers).
         case mmio
-        /// virtio-pci in `slot` of the PCIe root bus `pcie.0` (the `-pci` drivers).
+        /// In `slot` of the PCIe root bus `pcie.0` (the `-pci` drivers and root ports).
         case pci(slot: Int)
+        /// In the slot of the root port with this id.
+        case pciPort(String)
     }
 
     /// The device's id (`devices[i].id`), or a generated name ("virtio-gpu-device#0") when none was given.
@@ -46,13 +50,24 @@ struct PlannedDevice: Equatable {
         case .keyboard: return (pci ? DeviceDriver.virtioKeyboardPci : .virtioKeyboardDevice).rawValue
         case .tablet: return (pci ? DeviceDriver.virtioTabletPci : .virtioTabletDevice).rawValue
         case .rng: return (pci ? DeviceDriver.virtioRngPci : .virtioRngDevice).rawValue
+        case .rootPort: return DeviceDriver.pcieRootPort.rawValue
         }
     }
 
-    /// The PCI slot, for virtio-pci devices.
-    var pciSlot: Int? {
+    /// The slot on the root bus, for devices there.
+    var pciSlotNumber: Int? {
         if case .pci(let slot) = transport { return slot }
         return nil
+    }
+
+    /// Where the device is on the PCIe bus, for the state identity: "0x3" on the root bus, or
+    /// the root port's id.
+    var pciLocation: String? {
+        switch transport {
+        case .mmio: return nil
+        case .pci(let slot): return "0x\(String(slot, radix: 16))"
+        case .pciPort(let port): return port
+        }
     }
 
     /// The number of virtio-mmio slots on the `virt` board.
@@ -62,11 +77,31 @@ struct PlannedDevice: Equatable {
     /// Device numbers on the root bus (0 holds the host bridge, as QEMU's gpex-root).
     static let pciSlots = 1...31
 
-    /// Checks `bus` (only the root bus exists) and parses `addr` as QEMU does ("SLOT[.FN]" in
-    /// hex, an optional 0x); returns the slot asked for, or nil.
-    static func pciAddress(bus: String?, addr: String?, field: String) throws -> Int? {
-        if let bus, bus != rootBus { throw LaunchError("\(field).bus: Bus '\(bus)' not found") }
-        guard let addr else { return nil }
+    /// Where a PCI device asked to go.
+    enum PCIRequest: Equatable {
+        /// The root bus, in this slot or the lowest free one.
+        case root(slot: Int?)
+        /// Behind the root port with this id.
+        case port(String)
+    }
+
+    /// Checks `bus` (the root bus or a root port listed earlier, in `ports`) and parses `addr` as
+    /// QEMU does ("SLOT[.FN]" in hex, an optional 0x). Root ports go on the root bus only.
+    static func pciAddress(bus: String?, addr: String?, field: String, ports: [String: Int],
+                           isPort: Bool = false) throws -> PCIRequest {
+        if let bus, bus != rootBus {
+            guard ports[bus] != nil, !isPort else { throw LaunchError("\(field).bus: Bus '\(bus)' not found") }
+            if let addr, try parseSlot(addr, field: field, range: 0...0) != 0 {
+                throw LaunchError("\(field).addr: a root port has one slot, 0")
+            }
+            return .port(bus)
+        }
+        guard let addr else { return .root(slot: nil) }
+        let slot = try parseSlot(addr, field: field, range: pciSlots)
+        return .root(slot: slot)
+    }
+
+    private static func parseSlot(_ addr: String, field: String, range: ClosedRange<Int>) throws -> Int {
         var text = Substring(addr.lowercased())
         if text.hasPrefix("0x") { text = text.dropFirst(2) }
         let parts = text.split(separator: ".", omittingEmptySubsequences: false)
@@ -77,9 +112,9 @@ struct PlannedDevice: Equatable {
         if parts.count == 2, Int(parts[1], radix: 16) != 0 {
             throw LaunchError("\(field).addr: function \(parts[1]) is not supported; each device is function 0 of its slot")
         }
-        guard pciSlots.contains(slot) else {
+        guard range.contains(slot) else {
             throw LaunchError(slot == 0 ? "\(field).addr: PCI: slot 0 function 0 not available, in use by gpex-root"
-                                        : "\(field).addr: slot \(slot) is outside the bus (1...31)")
+                                        : "\(field).addr: slot \(slot) is outside the bus (\(range.lowerBound)...\(range.upperBound))")
         }
         return slot
     }
@@ -116,11 +151,14 @@ struct PlannedDevice: Equatable {
         var files: [String: Int] = [:]
         var pciSlotOwners: [Int: Int] = [:]        // slot -> devices[i]
         var pciRequests: [Int: Int?] = [:]        // index in `planned` -> slot asked for
+        var ports: [String: Int] = [:]            // root port id -> devices[i]
+        var portChildren: [String: Int] = [:]     // root port id -> devices[i] plugged into it
+        var portRequests: [Int: String] = [:]     // index in `planned` -> root port id
         for (i, d) in devices.enumerated() {
             let field = "devices[\(i)]"
             let kind: Kind
             let explicitID: String?
-            var pciSlot: Int?? = nil      // .some: a PCI device, with the slot asked for or nil
+            var pciRequest: PCIRequest?       // nil: a virtio-mmio device
             switch d.variant {
             case .virtioBlkDevice(let o):
                 explicitID = o.id
@@ -140,7 +178,7 @@ struct PlannedDevice: Equatable {
             case .virtioBlkPci(let o):
                 explicitID = o.id
                 kind = try block(o.drive, field: field, index: i, files: &files, resolve: resolve)
-                pciSlot = .some(try pciAddress(bus: o.bus, addr: o.addr, field: field))
+                pciRequest = try pciAddress(bus: o.bus, addr: o.addr, field: field, ports: ports)
             case .virtioGpuPci(let o), .virtioKeyboardPci(let o), .virtioTabletPci(let o), .virtioRngPci(let o):
                 explicitID = o.id
                 switch d.driver {
@@ -149,7 +187,18 @@ struct PlannedDevice: Equatable {
                 case .virtioTabletPci: kind = .tablet
                 default: kind = .rng
                 }
-                pciSlot = .some(try pciAddress(bus: o.bus, addr: o.addr, field: field))
+                pciRequest = try pciAddress(bus: o.bus, addr: o.addr, field: field, ports: ports)
+            case .pcieRootPort(let o):
+                explicitID = o.id
+                if let slot = o.slot, !(0...8191).contains(slot) {
+                    throw LaunchError("\(field).slot: \(slot) is outside 0...8191")
+                }
+                kind = .rootPort(physicalSlot: Int(o.slot ?? Int64(ports.count + 1)))
+                pciRequest = try pciAddress(bus: o.bus, addr: o.addr, field: field, ports: ports, isPort: true)
+                if ports[o.id] != nil || ids[o.id] != nil {
+                    throw LaunchError("\(field).id: '\(o.id)' is already the id of devices[\(ports[o.id] ?? ids[o.id]!)]")
+                }
+                ports[o.id] = i
             }
             if kind == .gpu {
                 if let first = planned.firstIndex(where: { $0.kind == .gpu }) {
@@ -159,7 +208,9 @@ struct PlannedDevice: Equatable {
                     throw LaunchError("\(field): a \(d.driver.rawValue) needs a display to show it on: add \"display\": {\"vnc\": {\"listen\": \"127.0.0.1:5900\"}} or --vnc HOST:PORT")
                 }
             }
-            if case .some(let wanted) = pciSlot {
+            switch pciRequest {
+            case nil: break
+            case .root(let wanted)?:
                 if let wanted {
                     if let other = pciSlotOwners[wanted] {
                         throw LaunchError("\(field).addr: PCI: slot \(wanted) function 0 not available for \(d.driver.rawValue), in use by devices[\(other)]")
@@ -167,6 +218,12 @@ struct PlannedDevice: Equatable {
                     pciSlotOwners[wanted] = i
                 }
                 pciRequests[planned.count] = wanted
+            case .port(let port)?:
+                if let other = portChildren[port] {
+                    throw LaunchError("\(field).bus: PCI: slot 0 function 0 not available for \(d.driver.rawValue), in use by devices[\(other)]")
+                }
+                portChildren[port] = i
+                portRequests[planned.count] = port
             }
             if let id = explicitID {
                 guard !id.isEmpty else { throw LaunchError("\(field).id: an id must not be empty") }
@@ -186,6 +243,7 @@ struct PlannedDevice: Equatable {
             pciSlotOwners[slot] = index
             planned[index].transport = .pci(slot: slot)
         }
+        for (index, port) in portRequests { planned[index].transport = .pciPort(port) }
         let mmioCount = planned.filter { $0.transport == .mmio }.count
         if mmioCount > slotCount {
             let extra = planned.filter { $0.transport == .mmio }[slotCount]

@@ -50,6 +50,11 @@ final class MachineDevices: @unchecked Sendable {
         var rngCount = 0
         do {
             for p in planned {
+                if case .rootPort(let physicalSlot) = p.kind {
+                    pciDevices.append(.rootPort(id: p.id, slot: p.transport == .mmio ? nil : p.pciSlotNumber,
+                                                physicalSlot: physicalSlot))
+                    continue
+                }
                 let device: any VirtioDevice
                 switch p.kind {
                 case .block(let file, let format, let readOnly):
@@ -81,6 +86,8 @@ final class MachineDevices: @unchecked Sendable {
                     tablets.append(t)
                     inputs.append((p.id, t))
                     device = t
+                case .rootPort:
+                    preconditionFailure("root ports are placed above")
                 case .rng:
                     device = VirtioEntropy(name: "virtio-rng\(rngCount)")
                     rngCount += 1
@@ -92,14 +99,19 @@ final class MachineDevices: @unchecked Sendable {
                                             name: "virtio-mmio@\(String(context.region.base.raw, radix: 16)) (\(device.name))",
                                             stateSection: "virtio-mmio@\(String(context.region.base.raw, radix: 16))")
                     }
-                case .pci(let slot):
+                case .pci, .pciPort:
                     let driver = p.driver
-                    pciDevices.append(PCIPlacement(slot: slot) { context in
+                    let make: PCIDeviceFactory = { context in
                         VirtioPCITransport(device: device, ram: context.ram, intx: context.intx,
                                            name: "\(driver) \(context.address) (\(device.name))",
                                            stateSection: "virtio-pci@\(context.address)",
                                            logger: Self.logger("machine.virtio-pci"))
-                    })
+                    }
+                    if case .pciPort(let port) = p.transport {
+                        pciDevices.append(PCIPlacement(port: port, make: make))
+                    } else {
+                        pciDevices.append(PCIPlacement(slot: p.pciSlotNumber, make: make))
+                    }
                 }
             }
         } catch {

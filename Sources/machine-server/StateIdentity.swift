@@ -8,7 +8,7 @@ enum StateIdentity {
     static func of(_ plan: LaunchPlan) -> String {
         // virtio-mmio devices keep the form older states recorded; PCI ones add their slot.
         let devices = plan.devices.map { d in
-            let addr = d.pciSlot.map { ",\"addr\":\"0x\(String($0, radix: 16))\"" } ?? ""
+            let addr = d.pciLocation.map { ",\"addr\":\(quote($0))" } ?? ""
             return "{\"driver\":\(quote(d.driver)),\"id\":\(quote(d.id))\(addr)}"
         }
         return "{\"board\":\"virt\",\"cpus\":\(plan.cpuCount),\"memory\":\(plan.memoryBytes),\"devices\":[\(devices.joined(separator: ","))]}"

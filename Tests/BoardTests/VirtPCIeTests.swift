@@ -60,6 +60,28 @@ struct VirtPCIeTests {
         #expect(board.bus.read(ecam + (1 << 15), size: 4) == 0xffff_ffff)
     }
 
+    @Test func devicesBehindARootPortAreOnItsSecondaryBusAndUseItsINTx() throws {
+        var c = config(pcie: true)
+        c.pciDevices = [.rootPort(id: "rp0", slot: 3, physicalSlot: 9), PCIPlacement(port: "rp0") { PinFunction($0) }]
+        let board = try VirtBoard(config: c, system: NullSystem())
+        let ecam = VirtMemoryMap.pcieECAM.base
+        #expect(board.bus.read(ecam + (3 << 15), size: 4) == 0x000c_1b36)
+        board.bus.write(ecam + (3 << 15) + 0x18, size: 4, value: 0x0002_0200)      // secondary bus 2
+        #expect(board.bus.read(ecam + (2 << 20), size: 4) == 0x5678_1234)
+        #expect(board.deviceManager.device(section: "pcie-root-port@00:03.0") != nil)
+        #expect(throws: BoardError.self) { try board.attachPCI({ PinFunction($0) }, behind: "rp0", hotPlug: true) }
+        #expect(throws: BoardError.self) { try board.attachPCI({ PinFunction($0) }, behind: "rp9", hotPlug: true) }
+        // Device 0 behind the port in slot 3: INTA reaches the root bus as the port's INTA, PLIC 32 + 3.
+        board.bus.write(ecam + (2 << 20) + 0x10, size: 4, value: 0x4000_0000)
+        board.bus.write(ecam + (2 << 20) + 4, size: 2, value: UInt64(PCIConfig.Command.memory))
+        board.bus.write(GuestPhysicalAddress(0x4000_0000), size: 4, value: 1)
+        #expect(board.plic.read(offset: 0x1000 + 4, size: 4) & (1 << (35 - 32)) != 0)
+        board.detachPCI(behind: "rp0")
+        #expect(board.bus.read(ecam + (2 << 20), size: 4) == 0xffff_ffff)
+        try board.attachPCI({ PinFunction($0) }, behind: "rp0", hotPlug: true)
+        #expect(board.bus.read(ecam + (2 << 20), size: 4) == 0x5678_1234)
+    }
+
     @Test func hostIsAManagedDeviceWithItsOwnSection() throws {
         let board = try VirtBoard(config: config(pcie: true), system: NullSystem())
         #expect(board.deviceManager.device(section: "pcie-host@30000000") != nil)

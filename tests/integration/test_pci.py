@@ -111,6 +111,22 @@ def test_entropy_and_input_devices_on_pci(tmp_path):
     assert "event0" in out and "event1" in out
 
 
+def test_disk_behind_a_root_port_with_a_hot_plug_slot(tmp_path):
+    img = tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(img), "16M"], check=True)
+    devices = [{"driver": "pcie-root-port", "id": "rp0", "chassis": 1, "slot": 7},
+               pci_disk("d1", img, bus="rp0")]
+    cmd = ("for,d,in,/sys/bus/pci/devices/*;do,echo,$d,$(cat,$d/vendor),$(cat,$d/device);done;"
+           "ls,/sys/bus/pci/slots;cat,/sys/bus/pci/slots/7/address;"
+           "echo,behind-port>/tmp/x;dd,if=/tmp/x,of=/dev/vda,conv=fsync,2>/dev/null&&echo,wrote-ok")
+    _, out = run_guest(tmp_path, devices, cmd)
+    assert "0000:00:01.0 0x1b36 0x000c" in out              # the root port on the root bus
+    assert "0000:01:00.0 0x1af4 0x1042" in out              # the disk on the port's secondary bus
+    assert re.search(r"pciehp: Slot #7 AttnBtn\+ PwrCtrl\+ .*HotPlug\+", out), out[-3000:]
+    assert "0000:01:00" in out and "wrote-ok" in out
+    assert open(img, "rb").read(12) == b"behind-port\n"
+
+
 def test_description_errors_name_the_pci_device(tmp_path):
     img = tmp_path / "disk.raw"
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(img), "1M"], check=True)
@@ -121,6 +137,9 @@ def test_description_errors_name_the_pci_device(tmp_path):
     r, _ = run_guest(tmp_path, [pci_disk("d1", img, addr="3"), pci_disk("d2", img2, addr="0x3")], "true",
                      expect_ok=False)
     assert r.returncode != 0 and "devices[1].addr" in r.stderr, r.stderr
+    r, _ = run_guest(tmp_path, [{"driver": "pcie-root-port", "id": "rp0"}, pci_disk("d1", img, bus="rp0"),
+                                pci_disk("d2", img2, bus="rp0")], "true", expect_ok=False)
+    assert r.returncode != 0 and "devices[2].bus" in r.stderr and "in use by devices[1]" in r.stderr, r.stderr
 
 
 def test_migrate_file_with_a_pci_disk_mid_io_resumes_in_a_new_server(tmp_path):
