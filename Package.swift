@@ -50,6 +50,8 @@ let package = Package(
                                            .product(name: "Logging", package: "swift-log")]),
         // The VNC server (libvncserver) and the display/input plumbing behind it.
         .target(name: "VNC", dependencies: ["Machine", "CVNCServer", .product(name: "Logging", package: "swift-log")]),
+        // The seeded mutation fuzzer the tests run over every parser of outside input.
+        .target(name: "FuzzSupport"),
 
         .executableTarget(
             name: "machine-server",
@@ -64,11 +66,11 @@ let package = Package(
 
         .testTarget(name: "MachineTests", dependencies: ["Machine"]),
         .testTarget(name: "TranslatorTests", dependencies: ["Translator", "Machine"]),
-        .testTarget(name: "StorageTests", dependencies: ["Storage"]),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Machine", "Storage"]),
-        .testTarget(name: "BoardTests", dependencies: ["Board", "Machine", "Devices", "Translator"]),
-        .testTarget(name: "SchemaTests", dependencies: ["Schema"]),
-        .testTarget(name: "QMPTests", dependencies: ["QMP", "Schema", "Machine"]),
-        .testTarget(name: "VNCTests", dependencies: ["VNC", "Machine"]),
+        .testTarget(name: "StorageTests", dependencies: ["Storage", "FuzzSupport"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Machine", "Storage", "FuzzSupport"]),
+        .testTarget(name: "BoardTests", dependencies: ["Board", "Machine", "Devices", "Translator", "FuzzSupport"]),
+        .testTarget(name: "SchemaTests", dependencies: ["Schema", "FuzzSupport"]),
+        .testTarget(name: "QMPTests", dependencies: ["QMP", "Schema", "Machine", "FuzzSupport"]),
+        .testTarget(name: "VNCTests", dependencies: ["VNC", "Machine", "FuzzSupport"]),
     ]
 )

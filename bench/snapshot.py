@@ -163,7 +163,7 @@ def measure(kind, memory, tmp: Path, savevm: bool):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="256M,1G")
+    ap.add_argument("--sizes", default="256M,512M,1G")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--savevm", action="store_true", help="also time savevm/loadvm on a qcow2 disk")
     args = ap.parse_args()

@@ -7,37 +7,60 @@ import Machine
 /// Threading: used on the machine's control thread only, while no hart is in guest code
 /// (registration also happens there, during board assembly and hot-plug).
 public final class DeviceManager: @unchecked Sendable {  // control thread only, see above
-    private var devices: [any ManagedDevice] = []
+    /// Where the board put a device: its window and interrupt source, for its device-tree node.
+    public struct Placement: Sendable {
+        public var window: GuestRegion
+        public var irq: Int?
+        public init(window: GuestRegion, irq: Int? = nil) {
+            self.window = window
+            self.irq = irq
+        }
+    }
+
+    private var devices: [(device: any ManagedDevice, placement: Placement?)] = []
 
     public init() {}
 
     /// Every managed device, in registration order (the order of reset and of saved sections).
-    public var all: [any ManagedDevice] { devices }
+    public var all: [any ManagedDevice] { devices.map(\.device) }
 
-    /// Adds a device; its section name must be unique.
-    public func register(_ device: any ManagedDevice) throws {
-        guard !devices.contains(where: { $0.stateSection == device.stateSection }) else {
+    /// Adds a device, with where it sits when the guest finds it through the device tree; its
+    /// section name must be unique.
+    public func register(_ device: any ManagedDevice, at placement: Placement? = nil) throws {
+        guard !devices.contains(where: { $0.device.stateSection == device.stateSection }) else {
             throw BoardError.invalidConfig("two devices share the state section name '\(device.stateSection)'")
         }
-        devices.append(device)
+        devices.append((device, placement))
     }
 
     /// Removes a device (hot-unplug).
     public func unregister(_ device: any ManagedDevice) {
-        devices.removeAll { $0 === device }
+        devices.removeAll { $0.device === device }
     }
 
     /// Puts every device in its power-on state.
-    public func reset() { for d in devices { d.reset() } }
+    public func reset() { for d in devices { d.device.reset() } }
 
     /// Stops every device touching guest RAM; returns when all in-flight work is done.
-    public func quiesce() { for d in devices { d.quiesce() } }
+    public func quiesce() { for d in devices { d.device.quiesce() } }
 
     /// Lets every device go on.
-    public func resume() { for d in devices { d.resume() } }
+    public func resume() { for d in devices { d.device.resume() } }
 
     /// The device registered under `section`, if any.
     public func device(section: String) -> (any ManagedDevice)? {
-        devices.first { $0.stateSection == section }
+        devices.first { $0.device.stateSection == section }?.device
+    }
+
+    /// The device-tree nodes of every placed device, in registration order. `phandle` gives
+    /// the phandle of a device other nodes refer to.
+    public func deviceTreeNodes(interruptParent: UInt32, hartInterruptControllers: [UInt32],
+                                phandle: (any ManagedDevice) -> UInt32?) -> [DeviceTreeNode] {
+        devices.compactMap { d in
+            guard let p = d.placement else { return nil }
+            return d.device.deviceTreeNode(DeviceTreeContext(window: p.window, irq: p.irq, interruptParent: interruptParent,
+                                                             hartInterruptControllers: hartInterruptControllers,
+                                                             phandle: phandle(d.device)))
+        }
     }
 }

@@ -160,8 +160,9 @@ extension VirtualMachine: MachineSnapshots {
                 let existing = disks.filter { d in d.1.snapshots.contains { $0.name == tag } }
                 if !existing.isEmpty {
                     guard overwrite else { throw SnapshotError("Snapshot '\(tag)' already exists in one or more devices") }
+                    // By ID: a lookup by tag finds an ID first, which may be another snapshot's.
                     for (_, image) in existing {
-                        while image.snapshots.contains(where: { $0.name == tag }) { try image.deleteSnapshot(tag) }
+                        for old in image.snapshots where old.name == tag { try image.deleteSnapshot(old.id) }
                     }
                 }
                 let clock = board.clock.nanoseconds

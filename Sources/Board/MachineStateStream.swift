@@ -273,16 +273,21 @@ public enum MachineStateWriter {
     }
 
     /// Runs of non-zero pages: (first page, page count).
+    /// Pages the host never materialised are zero without being read (see
+    /// `GuestRAM.possiblyNonZeroPages`); the others are read.
     static func nonZeroRuns(_ ram: GuestRAM) -> [(UInt64, UInt64)] {
         let pages = Int(ram.size) / MachineStateFormat.pageSize
+        let candidates = ram.possiblyNonZeroPages()
         var runs: [(UInt64, UInt64)] = []
         var start = -1
         for i in 0..<pages {
-            let p = (ram.pointer + i * MachineStateFormat.pageSize).assumingMemoryBound(to: UInt64.self)
             var zero = true
-            for w in 0..<(MachineStateFormat.pageSize / 8) where p[w] != 0 {
-                zero = false
-                break
+            if candidates?[i] ?? true {
+                let p = (ram.pointer + i * MachineStateFormat.pageSize).assumingMemoryBound(to: UInt64.self)
+                for w in 0..<(MachineStateFormat.pageSize / 8) where p[w] != 0 {
+                    zero = false
+                    break
+                }
             }
             if !zero {
                 if start < 0 { start = i }

@@ -111,7 +111,10 @@ public final class VirtBoard: @unchecked Sendable {
             for w in wires { try irqs.reserve(w) }
             let plic = self.plic
             pcieHost = PCIeHost(intxWires: wires.map { plic.line($0) },
-                                stateSection: "pcie-host@\(String(VirtMemoryMap.pcieECAM.base.raw, radix: 16))")
+                                stateSection: "pcie-host@\(String(VirtMemoryMap.pcieECAM.base.raw, radix: 16))",
+                                layout: PCIeHost.Layout(ecam: VirtMemoryMap.pcieECAM, pio: VirtMemoryMap.pciePIO,
+                                                        mmio: VirtMemoryMap.pcieMMIO, highMMIO: pcieHighMMIO,
+                                                        firstIRQ: VirtMemoryMap.pcieFirstIRQ))
         } else {
             pcieHost = nil
         }
@@ -139,16 +142,27 @@ public final class VirtBoard: @unchecked Sendable {
             try bus.map(pcieHost.window(.memory, pciBase: pcieHighMMIO.base.raw), at: pcieHighMMIO)
         }
 
+        for (device, placement) in [
+            (clint, .init(window: VirtMemoryMap.clint)), (plic, .init(window: VirtMemoryMap.plic)),
+            (uart, .init(window: VirtMemoryMap.uart0, irq: VirtMemoryMap.uart0IRQ)),
+            (rtc, .init(window: VirtMemoryMap.rtc, irq: VirtMemoryMap.rtcIRQ)),
+            (testDevice, .init(window: VirtMemoryMap.test)), (htif, nil),
+        ] as [(any ManagedDevice, DeviceManager.Placement?)] {
+            try deviceManager.register(device, at: placement)
+        }
+        if let pcieHost { try deviceManager.register(pcieHost, at: .init(window: VirtMemoryMap.pcieECAM)) }
+
+        let manager = deviceManager, plicDevice = plic, test = testDevice
         let tree = VirtDeviceTree.build(config: config, timebase: clock.frequency, ram: ram.region,
-                                        plicSources: plic.sourceCount, virtioSlots: virtioSlots,
-                                        initrd: bootLoader.initrdRegion,
-                                        pcieHighMMIO: config.hasPCIe ? pcieHighMMIO : nil)
+                                        virtioSlots: virtioSlots, initrd: bootLoader.initrdRegion) { plicPhandle, testPhandle, intcs in
+            manager.deviceTreeNodes(interruptParent: plicPhandle, hartInterruptControllers: intcs) { device in
+                device === plicDevice ? plicPhandle : device === test ? testPhandle : nil
+            }
+        }
         deviceTree = tree
         deviceTreeBlob = tree.flattened()
         deviceTreeAddress = try bootLoader.deviceTreeAddress(size: deviceTreeBlob.count)
 
-        for device in [clint, plic, uart, rtc, htif] as [any ManagedDevice] { try deviceManager.register(device) }
-        if let pcieHost { try deviceManager.register(pcieHost) }
         for slot in 0..<virtioSlots.count { try mapEmptyTransport(slot: slot) }
         for factory in config.virtioTransports { _ = try attachVirtio(factory) }
         for p in config.pciDevices {
@@ -329,12 +343,14 @@ enum VirtDeviceTree {
     /// The ISA we implement and announce: RV64GC with Zicsr and Zifencei; nothing more.
     static let isa = "rv64imafdc_zicsr_zifencei"
     static let mmuType = "riscv,sv48"
-    static let uartClock: UInt32 = 0x38_4000
 
     static func regCells(_ r: GuestRegion) -> DeviceTreeValue { .u64([r.base.raw, r.size]) }
 
-    static func build(config: BoardConfig, timebase: UInt64, ram: GuestRegion, plicSources: Int,
-                      virtioSlots: MMIOSlotBank, initrd: GuestRegion?, pcieHighMMIO: GuestRegion? = nil) -> DeviceTree {
+    /// Builds the tree: the board's own nodes (cpus, memory, the virtio-mmio slots, chosen,
+    /// poweroff, reboot) and, under /soc, the nodes the device manager's devices give for
+    /// themselves (`devices(plicPhandle, testPhandle, hartIntcPhandles)`), in QEMU's order.
+    static func build(config: BoardConfig, timebase: UInt64, ram: GuestRegion, virtioSlots: MMIOSlotBank,
+                      initrd: GuestRegion?, devices: (UInt32, UInt32, [UInt32]) -> [DeviceTreeNode]) -> DeviceTree {
         var phandle: UInt32 = 0
         func nextPhandle() -> UInt32 {
             phandle += 1
@@ -403,30 +419,9 @@ enum VirtDeviceTree {
             DeviceTreeNode("\(base)@\(String(r.base.raw, radix: 16))")
         }
 
-        var rtc = node("rtc", VirtMemoryMap.rtc)
-        rtc.set("interrupts", .u32([UInt32(VirtMemoryMap.rtcIRQ)]))
-        rtc.set("interrupt-parent", .u32([plicPhandle]))
-        rtc.set("reg", regCells(VirtMemoryMap.rtc))
-        rtc.set("compatible", .string("google,goldfish-rtc"))
-        soc.add(rtc)
-
-        var serial = node("serial", VirtMemoryMap.uart0)
-        serial.set("interrupts", .u32([UInt32(VirtMemoryMap.uart0IRQ)]))
-        serial.set("interrupt-parent", .u32([plicPhandle]))
-        serial.set("clock-frequency", .u32([uartClock]))
-        serial.set("reg", regCells(VirtMemoryMap.uart0))
-        serial.set("compatible", .string("ns16550a"))
-        soc.add(serial)
-
-        var test = node("test", VirtMemoryMap.test)
-        test.set("phandle", .u32([testPhandle]))
-        test.set("reg", regCells(VirtMemoryMap.test))
-        test.set("compatible", .strings(["sifive,test1", "sifive,test0", "syscon"]))
-        soc.add(test)
-
-        if let pcieHighMMIO { soc.add(pcieNode(plicPhandle: plicPhandle, highMMIO: pcieHighMMIO)) }
-
-        // QEMU lists the virtio-mmio slots from the highest address down.
+        // QEMU lists the virtio-mmio slots from the highest address down. The slots are the
+        // board's: each has a node whether a device sits in it or not.
+        var slots: [DeviceTreeNode] = []
         for slot in (0..<virtioSlots.count).reversed() {
             let r = virtioSlots.region(ofSlot: slot)
             var v = node("virtio_mmio", r)
@@ -434,25 +429,17 @@ enum VirtDeviceTree {
             v.set("interrupt-parent", .u32([plicPhandle]))
             v.set("reg", regCells(r))
             v.set("compatible", .string("virtio,mmio"))
-            soc.add(v)
+            slots.append(v)
         }
-
-        var plic = node("plic", VirtMemoryMap.plic)
-        plic.set("phandle", .u32([plicPhandle]))
-        plic.set("riscv,ndev", .u32([UInt32(plicSources)]))
-        plic.set("reg", regCells(VirtMemoryMap.plic))
-        plic.set("interrupts-extended", .u32(intcPhandles.flatMap { [$0, 11, $0, 9] }))
-        plic.set("interrupt-controller", .empty)
-        plic.set("compatible", .strings(["sifive,plic-1.0.0", "riscv,plic0"]))
-        plic.set("#address-cells", .u32([0]))
-        plic.set("#interrupt-cells", .u32([1]))
-        soc.add(plic)
-
-        var clint = node("clint", VirtMemoryMap.clint)
-        clint.set("interrupts-extended", .u32(intcPhandles.flatMap { [$0, 3, $0, 7] }))
-        clint.set("reg", regCells(VirtMemoryMap.clint))
-        clint.set("compatible", .strings(["sifive,clint0", "riscv,clint0"]))
-        soc.add(clint)
+        // QEMU's order under /soc: rtc, serial, test, pci, the slots, plic, clint (then anything else).
+        let rank = ["rtc": 0, "serial": 1, "test": 2, "pci": 3, "virtio_mmio": 4, "plic": 5, "clint": 6]
+        let children = (devices(plicPhandle, testPhandle, intcPhandles) + slots).enumerated().sorted { a, b in
+            let ra = rank[String(a.element.name.prefix { $0 != "@" })] ?? 7
+            let rb = rank[String(b.element.name.prefix { $0 != "@" })] ?? 7
+            return ra != rb ? ra < rb : a.offset < b.offset
+        }
+        for (_, child) in children { soc.add(child) }
+        let serialName = children.first { $0.element.name.hasPrefix("serial@") }?.element.name ?? "serial"
 
         // /chosen, /poweroff, /reboot
         var chosen = DeviceTreeNode("chosen")
@@ -465,7 +452,7 @@ enum VirtDeviceTree {
             chosen.set("rng-seed", .bytes((0..<config.rngSeedBytes).map { _ in UInt8.random(in: 0...255, using: &rng) }))
         }
         if let args = config.kernelCommandLine { chosen.set("bootargs", .string(args)) }
-        chosen.set("stdout-path", .string("/soc/\(serial.name)"))
+        chosen.set("stdout-path", .string("/soc/\(serialName)"))
 
         func syscon(_ name: String, _ value: UInt64) -> DeviceTreeNode {
             var n = DeviceTreeNode(name)

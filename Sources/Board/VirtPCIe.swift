@@ -92,37 +92,3 @@ public struct PCIDeviceContext: Sendable {
         return "00:\(s < 16 ? "0" : "")\(String(s, radix: 16)).0"
     }
 }
-
-extension VirtDeviceTree {
-    /// `/soc/pci@30000000` exactly as QEMU 7.2 generates it without an AIA (INTx only).
-    static func pcieNode(plicPhandle: UInt32, highMMIO: GuestRegion) -> DeviceTreeNode {
-        let ecam = VirtMemoryMap.pcieECAM, mmio = VirtMemoryMap.pcieMMIO, pio = VirtMemoryMap.pciePIO
-        func hi(_ v: UInt64) -> UInt32 { UInt32(v >> 32) }
-        func lo(_ v: UInt64) -> UInt32 { UInt32(truncatingIfNeeded: v) }
-        var n = DeviceTreeNode("pci@\(String(ecam.base.raw, radix: 16))")
-        n.set("interrupt-map-mask", .u32([0x1800, 0, 0, 7]))
-        var map: [UInt32] = []
-        for slot in 0..<4 {
-            for pin in 1...4 {
-                map += [UInt32(slot) << 11, 0, 0, UInt32(pin), plicPhandle,
-                        UInt32(VirtMemoryMap.pcieFirstIRQ + PCIIntxRouter.wire(slot: slot, pin: pin))]
-            }
-        }
-        n.set("interrupt-map", .u32(map))
-        n.set("ranges", .u32([0x0100_0000, 0, 0, hi(pio.base.raw), lo(pio.base.raw), hi(pio.size), lo(pio.size),
-                              0x0200_0000, hi(mmio.base.raw), lo(mmio.base.raw), hi(mmio.base.raw), lo(mmio.base.raw),
-                              hi(mmio.size), lo(mmio.size),
-                              0x0300_0000, hi(highMMIO.base.raw), lo(highMMIO.base.raw), hi(highMMIO.base.raw),
-                              lo(highMMIO.base.raw), hi(highMMIO.size), lo(highMMIO.size)]))
-        n.set("reg", regCells(ecam))
-        n.set("dma-coherent", .empty)
-        n.set("bus-range", .u32([0, UInt32(ecam.size >> 20) - 1]))
-        n.set("linux,pci-domain", .u32([0]))
-        n.set("device_type", .string("pci"))
-        n.set("compatible", .string("pci-host-ecam-generic"))
-        n.set("#size-cells", .u32([2]))
-        n.set("#interrupt-cells", .u32([1]))
-        n.set("#address-cells", .u32([3]))
-        return n
-    }
-}

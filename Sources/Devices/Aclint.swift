@@ -127,14 +127,25 @@ extension Aclint: StatefulDevice {
 
     public func applyState(_ s: State) throws(SavedStateError) {
         guard s.msip.count == harts.count else {
-            throw SavedStateError(section: name, field: "msip", reason: "\(s.msip.count) harts, this machine has \(harts.count)")
+            throw refusal("msip", "\(s.msip.count) harts, this machine has \(harts.count)")
         }
         guard s.mtimecmp.count == harts.count else {
-            throw SavedStateError(section: name, field: "mtimecmp", reason: "\(s.mtimecmp.count) harts, this machine has \(harts.count)")
+            throw refusal("mtimecmp", "\(s.mtimecmp.count) harts, this machine has \(harts.count)")
         }
         for (i, h) in harts.enumerated() {
             h.set(HartInterrupts.msip, s.msip[i])
             h.setTimerCompare(s.mtimecmp[i])
         }
+    }
+}
+
+extension Aclint {
+    public func deviceTreeNode(_ c: DeviceTreeContext) -> DeviceTreeNode? {
+        var n = c.node("clint")
+        // Per hart: the software (3) and timer (7) interrupts.
+        n.set("interrupts-extended", .u32(c.hartInterruptControllers.flatMap { [$0, 3, $0, 7] }))
+        n.set("reg", c.reg)
+        n.set("compatible", .strings(["sifive,clint0", "riscv,clint0"]))
+        return n
     }
 }

@@ -254,3 +254,13 @@ extension GoldfishRTC: StatefulDevice {
         if let schedule { scheduleCheck(afterNanoseconds: schedule.deadline, generation: schedule.generation) }
     }
 }
+
+extension GoldfishRTC {
+    public func deviceTreeNode(_ c: DeviceTreeContext) -> DeviceTreeNode? {
+        var n = c.node("rtc")
+        c.setInterrupt(on: &n)
+        n.set("reg", c.reg)
+        n.set("compatible", .string("google,goldfish-rtc"))
+        return n
+    }
+}

@@ -301,20 +301,17 @@ extension Plic: StatefulDevice {
     }
 
     public func applyState(_ n: State) throws(SavedStateError) {
-        func bad(_ field: String, _ reason: String) -> SavedStateError {
-            SavedStateError(section: name, field: field, reason: reason)
-        }
         let words = sourceCount / 32 + 1
-        guard n.priority.count == sourceCount + 1 else { throw bad("priority", "\(n.priority.count) entries, expected \(sourceCount + 1)") }
-        guard n.priority.allSatisfy({ $0 <= Self.priorityMask }) else { throw bad("priority", "a priority is above \(Self.priorityMask)") }
+        guard n.priority.count == sourceCount + 1 else { throw refusal("priority", "\(n.priority.count) entries, expected \(sourceCount + 1)") }
+        guard n.priority.allSatisfy({ $0 <= Self.priorityMask }) else { throw refusal("priority", "a priority is above \(Self.priorityMask)") }
         for (field, a) in [("level", n.level), ("pending", n.pending), ("claimed", n.claimed)] where a.count != words {
-            throw bad(field, "\(a.count) words, expected \(words)")
+            throw refusal(field, "\(a.count) words, expected \(words)")
         }
         guard n.enable.count == contextCount, n.enable.allSatisfy({ $0.count == words }) else {
-            throw bad("enable", "\(n.enable.count) contexts, expected \(contextCount) of \(words) words")
+            throw refusal("enable", "\(n.enable.count) contexts, expected \(contextCount) of \(words) words")
         }
         guard n.threshold.count == contextCount, n.threshold.allSatisfy({ $0 <= Self.priorityMask }) else {
-            throw bad("threshold", "expected \(contextCount) thresholds of at most \(Self.priorityMask)")
+            throw refusal("threshold", "expected \(contextCount) thresholds of at most \(Self.priorityMask)")
         }
         state.withLock { s in
             s.priority = n.priority
@@ -330,5 +327,21 @@ extension Plic: StatefulDevice {
                 harts[ctx / 2].set(ctx % 2 == 0 ? HartInterrupts.meip : HartInterrupts.seip, level)
             }
         }
+    }
+}
+
+extension Plic {
+    public func deviceTreeNode(_ c: DeviceTreeContext) -> DeviceTreeNode? {
+        var n = c.node("plic")
+        if let p = c.phandle { n.set("phandle", .u32([p])) }
+        n.set("riscv,ndev", .u32([UInt32(sourceCount)]))
+        n.set("reg", c.reg)
+        // Per hart: the M-mode (11) and S-mode (9) external interrupt contexts.
+        n.set("interrupts-extended", .u32(c.hartInterruptControllers.flatMap { [$0, 11, $0, 9] }))
+        n.set("interrupt-controller", .empty)
+        n.set("compatible", .strings(["sifive,plic-1.0.0", "riscv,plic0"]))
+        n.set("#address-cells", .u32([0]))
+        n.set("#interrupt-cells", .u32([1]))
+        return n
     }
 }

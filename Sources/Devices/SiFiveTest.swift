@@ -39,3 +39,29 @@ public final class SiFiveTest: MMIODevice, Sendable {
         }
     }
 }
+
+// MARK: Lifecycle
+
+extension SiFiveTest: StatefulDevice {
+    /// The test device keeps no state: each write acts at once.
+    public struct State: DeviceState {
+        public static let version: UInt32 = 1
+        public init() {}
+        public func encode(to w: inout StateWriter) {}
+        public init(from r: inout StateReader, version: UInt32) throws(SavedStateError) {}
+    }
+
+    public var stateSection: String { name }
+    public func reset() {}
+    public func captureState() -> State { State() }
+    public func applyState(_ state: State) throws(SavedStateError) {}
+
+    /// The syscon node the poweroff and reboot nodes point at (through `phandle`).
+    public func deviceTreeNode(_ c: DeviceTreeContext) -> DeviceTreeNode? {
+        var n = c.node("test")
+        if let p = c.phandle { n.set("phandle", .u32([p])) }
+        n.set("reg", c.reg)
+        n.set("compatible", .strings(["sifive,test1", "sifive,test0", "syscon"]))
+        return n
+    }
+}

@@ -221,6 +221,8 @@ public final class Uart16550: MMIODevice, Sendable {
     private struct Locked {
         var regs: Uart16550Registers
         var irqLevel = false
+        /// The backend was told there is little room: tell it once the guest has read half.
+        var inputThrottled = false
     }
 
     /// Creates the UART. `backend` receives guest output and supplies host input (its receiver is
@@ -232,6 +234,16 @@ public final class Uart16550: MMIODevice, Sendable {
         self.backend = backend
         self.state = Mutex(Locked(regs: Uart16550Registers(inputCapacity: inputCapacity)))
         backend?.setReceiver { [weak self] bytes in self?.receive(bytes) }
+        backend?.setInputGate { [weak self] in self?.inputRoom() ?? 0 }
+    }
+
+    /// Free space in the input queue, for the backend's input gate (backend thread).
+    private func inputRoom() -> Int {
+        state.withLock { s in
+            let room = s.regs.input.capacity - s.regs.input.count
+            if room < s.regs.input.capacity / 2 { s.inputThrottled = true }
+            return room
+        }
     }
 
     /// Delivers host input to the UART (what the backend's receiver does); callable from any
@@ -252,23 +264,31 @@ public final class Uart16550: MMIODevice, Sendable {
     /// Returns the registers to their power-on state and discards pending input (system reset).
     /// Called on the control thread while the vCPUs are paused.
     public func reset() {
-        state.withLock { s in
+        let resume = state.withLock { s -> Bool in
             let capacity = s.regs.input.capacity
             s.regs = Uart16550Registers(inputCapacity: capacity)
             updateIRQ(&s)
+            defer { s.inputThrottled = false }
+            return s.inputThrottled
         }
+        if resume { backend?.inputRoomAvailable() }
     }
 
     public func read(offset: UInt64, size: Int) -> UInt64 {
         // Byte-wide registers: wider accesses are split into byte accesses, as QEMU does.
-        state.withLock { s in
+        let (v, resume) = state.withLock { s -> (UInt64, Bool) in
             var v: UInt64 = 0
             for i in 0..<size {
                 v |= UInt64(s.regs.read(offset &+ UInt64(i))) << (8 * UInt64(i))
             }
             updateIRQ(&s)
-            return v
+            // Hysteresis: the backend resumes reading once half the queue is free again.
+            let resume = s.inputThrottled && s.regs.input.count <= s.regs.input.capacity / 2
+            if resume { s.inputThrottled = false }
+            return (v, resume)
         }
+        if resume { backend?.inputRoomAvailable() }
+        return v
     }
 
     public func write(offset: UInt64, size: Int, value: UInt64) {
@@ -358,20 +378,17 @@ extension Uart16550: StatefulDevice {
     public func captureState() -> State { state.withLock { State($0.regs) } }
 
     public func applyState(_ s: State) throws(SavedStateError) {
-        func bad(_ field: String, _ reason: String) -> SavedStateError {
-            SavedStateError(section: name, field: field, reason: reason)
-        }
-        guard [1, 4, 8, 14].contains(s.triggerLevel) else { throw bad("trigger-level", "\(s.triggerLevel) is not 1, 4, 8 or 14") }
-        guard s.mcr <= 0x1F else { throw bad("mcr", "0x\(String(s.mcr, radix: 16)) sets reserved bits") }
-        guard s.ier <= 0x0F else { throw bad("ier", "0x\(String(s.ier, radix: 16)) sets reserved bits") }
+        guard [1, 4, 8, 14].contains(s.triggerLevel) else { throw refusal("trigger-level", "\(s.triggerLevel) is not 1, 4, 8 or 14") }
+        guard s.mcr <= 0x1F else { throw refusal("mcr", "0x\(String(s.mcr, radix: 16)) sets reserved bits") }
+        guard s.ier <= 0x0F else { throw refusal("ier", "0x\(String(s.ier, radix: 16)) sets reserved bits") }
         guard s.lineErrors & ~Uart16550Registers.lsrErrorBits == 0 else {
-            throw bad("lsr-errors", "0x\(String(s.lineErrors, radix: 16)) is not a set of error bits")
+            throw refusal("lsr-errors", "0x\(String(s.lineErrors, radix: 16)) is not a set of error bits")
         }
-        guard s.msrDelta <= 0x0F else { throw bad("msr-delta", "0x\(String(s.msrDelta, radix: 16)) sets reserved bits") }
+        guard s.msrDelta <= 0x0F else { throw refusal("msr-delta", "0x\(String(s.msrDelta, radix: 16)) sets reserved bits") }
         try state.withLock { (l: inout Locked) throws(SavedStateError) in
             let capacity = l.regs.input.capacity
             guard s.input.count <= capacity else {
-                throw bad("input", "\(s.input.count) bytes exceed the input queue of \(capacity)")
+                throw refusal("input", "\(s.input.count) bytes exceed the input queue of \(capacity)")
             }
             var g = Uart16550Registers(inputCapacity: capacity)
             g.ier = s.ier; g.lcr = s.lcr; g.mcr = s.mcr; g.scr = s.scr; g.dll = s.dll; g.dlm = s.dlm
@@ -387,5 +404,19 @@ extension Uart16550: StatefulDevice {
             l.irqLevel = g.interruptAsserted
             irq.set(l.irqLevel)
         }
+    }
+}
+
+extension Uart16550 {
+    /// The input clock QEMU's `virt` announces for its NS16550A (3.6864 MHz).
+    public static let clockFrequency: UInt32 = 0x38_4000
+
+    public func deviceTreeNode(_ c: DeviceTreeContext) -> DeviceTreeNode? {
+        var n = c.node("serial")
+        c.setInterrupt(on: &n)
+        n.set("clock-frequency", .u32([Self.clockFrequency]))
+        n.set("reg", c.reg)
+        n.set("compatible", .string("ns16550a"))
+        return n
     }
 }

@@ -87,6 +87,41 @@ public final class GuestRAM: @unchecked Sendable {
         guard p == pointer else { throw MachineError.outOfHostMemory(requested: size) }
         codePages.update(repeating: 0, count: Int(size / 4096))
         codeEpoch.add(1, ordering: .sequentiallyConsistent)
+        fileBacked.withLock { $0.removeAll() }
+    }
+
+    /// Page ranges mapped from a file by `mapPrivate` (their untouched pages hold the file's
+    /// bytes, not zeros). Control thread.
+    private let fileBacked = Mutex<[Range<UInt64>]>([])
+
+    /// For each page, whether it may hold something other than zeros: false only for an
+    /// anonymous page the host never materialised (neither present nor swapped, per
+    /// /proc/self/pagemap), which reads as zero without being touched. Reading such a page to
+    /// find out would fault it in (a 512 MiB guest has ~100,000 of them after boot). Nil when
+    /// pagemap cannot be read (then every page must be read). Control thread, RAM quiescent.
+    public func possiblyNonZeroPages() -> [Bool]? {
+        let pages = Int(size / 4096)
+        let fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var entries = [UInt64](repeating: 0, count: pages)
+        let wanted = pages * 8
+        let got = entries.withUnsafeMutableBytes { b -> Int in
+            var done = 0
+            let start = off_t(UInt(bitPattern: pointer) / 4096 * 8)
+            while done < wanted {
+                let n = pread(fd, b.baseAddress! + done, wanted - done, start + off_t(done))
+                if n <= 0 { return done }
+                done += n
+            }
+            return done
+        }
+        guard got == wanted else { return nil }
+        var out = entries.map { $0 & (3 << 62) != 0 }  // bit 63 present, bit 62 swapped
+        for r in fileBacked.withLock({ $0 }) {
+            for i in r where i < UInt64(pages) { out[Int(i)] = true }
+        }
+        return out
     }
 
     /// Maps `pageCount` pages of a file at `fileOffset` (page-aligned) copy-on-write over RAM
@@ -102,6 +137,7 @@ public final class GuestRAM: @unchecked Sendable {
         guard p == at else {
             throw MachineError.invalidImage(what: "RAM mapping", reason: String(cString: strerror(errno)))
         }
+        fileBacked.withLock { $0.append(firstPage..<(firstPage + pageCount)) }
     }
 
     public func write(_ bytes: UnsafeRawBufferPointer, at address: GuestPhysicalAddress) throws {

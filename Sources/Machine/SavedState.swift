@@ -214,6 +214,43 @@ extension DeviceState {
     }
 }
 
+/// Where the board put a device and how it is wired, for the device's device-tree node.
+public struct DeviceTreeContext: Sendable {
+    /// The device's MMIO window.
+    public var window: GuestRegion
+    /// Its interrupt source number at the interrupt controller, if it has one.
+    public var irq: Int?
+    /// The interrupt controller's (the PLIC's) phandle.
+    public var interruptParent: UInt32
+    /// Each hart's `riscv,cpu-intc` phandle, in hart order.
+    public var hartInterruptControllers: [UInt32]
+    /// The phandle the board gave this device because other nodes refer to it, if any.
+    public var phandle: UInt32?
+
+    public init(window: GuestRegion, irq: Int?, interruptParent: UInt32, hartInterruptControllers: [UInt32],
+                phandle: UInt32?) {
+        self.window = window
+        self.irq = irq
+        self.interruptParent = interruptParent
+        self.hartInterruptControllers = hartInterruptControllers
+        self.phandle = phandle
+    }
+
+    /// A node named "BASE@ADDRESS" for this device's window.
+    public func node(_ base: String) -> DeviceTreeNode {
+        DeviceTreeNode("\(base)@\(String(window.base.raw, radix: 16))")
+    }
+
+    /// The `reg` property of the window (two address and two size cells).
+    public var reg: DeviceTreeValue { .u64([window.base.raw, window.size]) }
+
+    /// `interrupts` and `interrupt-parent` for the device's source, as QEMU writes them.
+    public func setInterrupt(on node: inout DeviceTreeNode) {
+        if let irq { node.set("interrupts", .u32([UInt32(irq)])) }
+        node.set("interrupt-parent", .u32([interruptParent]))
+    }
+}
+
 /// The lifecycle every device of a machine shares, driven by the board's device manager on the
 /// machine's control thread while no hart is in guest code.
 ///
@@ -237,6 +274,19 @@ public protocol ManagedDevice: AnyObject {
     /// Replaces the live state with a saved one of layout `version`, validating it first;
     /// throws without changing anything when it is refused.
     func loadState(from r: inout StateReader, version: UInt32) throws(SavedStateError)
+    /// The device's node for the guest's device tree, or nil for a device the guest does not
+    /// find through it (HTIF). Called while the board builds the tree.
+    func deviceTreeNode(_ context: DeviceTreeContext) -> DeviceTreeNode?
+}
+
+extension ManagedDevice {
+    /// The error refusing `field` of this device's saved state.
+    public func refusal(_ field: String, _ reason: String) -> SavedStateError {
+        SavedStateError(section: stateSection, field: field, reason: reason)
+    }
+
+    /// Devices the guest finds otherwise have no node.
+    public func deviceTreeNode(_ context: DeviceTreeContext) -> DeviceTreeNode? { nil }
 }
 
 /// A device whose saved state is one `DeviceState` value: it only captures and applies that

@@ -422,11 +422,13 @@ public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked S
         return n > 0 ? Array(buf[0..<n]) : []
     }
 
-    /// True when the peer closed its side (a zero-byte read is waiting).
+    /// True when the peer closed its side or at least stopped sending (POLLRDHUP: no more
+    /// bytes will come, so an incomplete message never completes).
     private static func peerClosed(_ fd: Int32) -> Bool {
-        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        let pollRDHUP: Int16 = 0x2000  // Linux POLLRDHUP (a _GNU_SOURCE name Glibc's module omits)
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN) | pollRDHUP, revents: 0)
         guard poll(&pfd, 1, 0) == 1 else { return false }
-        if pfd.revents & Int16(POLLERR | POLLNVAL) != 0 { return true }
+        if pfd.revents & (Int16(POLLERR | POLLNVAL | POLLHUP) | pollRDHUP) != 0 { return true }
         var b: UInt8 = 0
         return recv(fd, &b, 1, Int32(MSG_PEEK) | Int32(MSG_DONTWAIT)) == 0
     }
@@ -446,8 +448,10 @@ public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked S
             let waiting = Self.available(p.fd)
             var admit = false
             var drop = false
-            if waiting == 0 {
-                if Self.peerClosed(p.fd) { drop = true } else { admit = age >= Self.silentViewerDelay }
+            if waiting < 4 && Self.peerClosed(p.fd) {
+                drop = true  // gone, or stopped sending before a complete first message
+            } else if waiting == 0 {
+                admit = age >= Self.silentViewerDelay
             } else if waiting >= 4 {
                 let head = Self.peek(p.fd, min(waiting, 8192))
                 if head.starts(with: Array("GET ".utf8)) {
@@ -456,7 +460,7 @@ public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked S
                         head[i] == 13 && head[i + 1] == 10 && head[i + 2] == 13 && head[i + 3] == 10
                     }
                     admit = complete
-                    drop = !complete && head.count >= 8192
+                    drop = !complete && (head.count >= 8192 || Self.peerClosed(p.fd))
                 } else if head.first == 0x16 || head.first == 0x80 {
                     drop = true  // TLS (wss): not configured
                 } else {
@@ -570,8 +574,11 @@ public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked S
                 }
                 if let needed { partial = waiting < needed }
             }
-            let selected = waiting > 0 ? !partial : Self.peerClosed(fd)
-            cl.pointee.onHold = partial ? 1 : 0
+            // A peer that stopped sending is let through: libvncserver then reads up to the end
+            // of its input and closes it, without waiting.
+            let selected = (waiting > 0 && !partial) || Self.peerClosed(fd)
+            // On hold only while a message is incomplete (a held client also gets no updates).
+            cl.pointee.onHold = partial && !selected ? 1 : 0
             Self.setSelected(fd, !selected, in: &scr.pointee.allFds)
             if let st = clientStates[Int(bitPattern: cl)] {
                 if !partial {

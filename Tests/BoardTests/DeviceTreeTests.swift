@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import Board
+import Machine
 
 /// A minimal FDT reader for tests: parses a blob back into nodes with `.bytes` values.
 enum FDTReader {

@@ -1,5 +1,6 @@
 import Devices
 import Foundation
+import FuzzSupport
 import Machine
 import Testing
 @testable import Board
@@ -60,7 +61,7 @@ struct SavedStateTests {
     @Test func everyDeviceIsManagedOnce() throws {
         let (b, _) = try board()
         let names = b.deviceManager.all.map(\.stateSection)
-        #expect(names == ["clint", "plic", "uart0", "rtc", "htif", "virtio-mmio@10001000"])
+        #expect(names == ["clint", "plic", "uart0", "rtc", "test", "htif", "virtio-mmio@10001000"])
         #expect(Set(names).count == names.count)
     }
 
@@ -105,6 +106,26 @@ struct SavedStateTests {
         #expect(stream.count < 64 * 1024, "a 64 MiB machine with two non-zero pages took \(stream.count) bytes")
     }
 
+    /// Untouched pages are skipped without being read; written pages and pages mapped from a
+    /// state file are read (a mapped page holds the file's bytes though the host never
+    /// touched it).
+    @Test func untouchedPagesAreSkippedAndMappedPagesRead() throws {
+        let ram = try GuestRAM(base: VirtMemoryMap.dramBase, size: 1 << 20)
+        ram.pointer.storeBytes(of: UInt64(9), toByteOffset: 3 * 4096, as: UInt64.self)
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("pages-\(UUID())").path
+        try Data(repeating: 0xab, count: 3 * 4096).write(to: URL(fileURLWithPath: path))
+        let fd = open(path, O_RDONLY)
+        defer { close(fd); unlink(path) }
+        try ram.mapPrivate(fileDescriptor: fd, fileOffset: 0, firstPage: 10, pageCount: 3)
+        let candidates = try #require(ram.possiblyNonZeroPages())
+        #expect(candidates[3] && candidates[10] && candidates[11] && candidates[12])
+        #expect(!candidates[50], "an untouched page was reported as materialised")
+        let runs = MachineStateWriter.nonZeroRuns(ram)
+        #expect(runs.map { [$0.0, $0.1] } == [[3, 1], [10, 3]])
+        try ram.zeroAll()
+        #expect(MachineStateWriter.nonZeroRuns(ram).isEmpty)
+    }
+
     /// 100 mutants of a saved stream (truncations and flipped bytes outside the RAM pages, which
     /// are verified on stream loads) are each refused with an error, never loaded, never a crash.
     @Test func damagedStreamsAreRefused() throws {
@@ -112,7 +133,7 @@ struct SavedStateTests {
         activateSlot0(a)
         a.ram.pointer.storeBytes(of: UInt64(42), toByteOffset: 8192, as: UInt64.self)
         let stream = try save(a)
-        var rng = SplitMix(seed: 0x5eed)
+        var rng = SplitMix64(seed: 0x5eed)
         let ramDataStart = stream.count - 9 - 4096  // one non-zero page before the end record
         for i in 0..<100 {
             var m = stream
@@ -249,18 +270,5 @@ struct SavedStateTests {
         }
         defer { close(fds[0]) }
         return try body(StateSource(fileDescriptor: fds[0]))
-    }
-}
-
-/// A small deterministic generator for mutants.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

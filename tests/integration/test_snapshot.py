@@ -386,11 +386,17 @@ def test_savevm_loadvm_in_the_qcow2_image(tmp_path, servers):
     assert counts(again.text()[mark:])[0] == saved + 1
     assert hmp(again, "delvm first") == ""
     assert hmp(again, "info snapshots").startswith("There is no snapshot")
+    # savevm replaces a snapshot of the same name, never one whose ID equals the tag: "keep"
+    # takes ID 1 on the now empty image, then "1" is saved twice.
+    assert hmp(again, "savevm keep") == ""
+    assert hmp(again, "savevm 1") == "" and hmp(again, "savevm 1") == ""
     again.cmd("quit")
     again.proc.wait(10)
     assert subprocess.run(["qemu-img", "check", str(disk)], capture_output=True).returncode == 0
     out = subprocess.run(["qemu-img", "snapshot", "-l", str(disk)], capture_output=True, text=True, check=True).stdout
     assert "first" not in out
+    assert re.search(r"^1\s+keep\s", out, re.M), out
+    assert len(re.findall(r"^\d+\s+1\s", out, re.M)) == 1, out
 
 
 @pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")

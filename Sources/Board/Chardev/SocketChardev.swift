@@ -35,6 +35,7 @@ public final class SocketChardev: CharBackend, @unchecked Sendable {
         var dropped: UInt64 = 0
         var closed = false
         var receiver: (@Sendable ([UInt8]) -> Void)? = nil
+        var inputGate: (@Sendable () -> Int)? = nil
         var ioThreadID: pthread_t? = nil
     }
 
@@ -155,6 +156,16 @@ public final class SocketChardev: CharBackend, @unchecked Sendable {
         state.withLock { $0.receiver = receiver }
     }
 
+    /// Input is read only as fast as the gate allows: while it says 0 the client's bytes stay
+    /// in the socket, and the client's writes block (backpressure, as in QEMU).
+    public func setInputGate(_ room: @escaping @Sendable () -> Int) {
+        state.withLock { $0.inputGate = room }
+        wake.signal()
+    }
+
+    /// Wakes the I/O thread to read again. Any thread.
+    public func inputRoomAvailable() { wake.signal() }
+
     /// Sends guest output; never blocks (see the type's documentation). vCPU thread.
     public func write(_ bytes: UnsafeRawBufferPointer) {
         guard bytes.count > 0 else { return }
@@ -205,12 +216,15 @@ public final class SocketChardev: CharBackend, @unchecked Sendable {
     private func ioLoop() {
         var buf = [UInt8](repeating: 0, count: 4096)
         while true {
-            let (closed, client, wantOut) = state.withLock { ($0.closed, $0.client, !$0.output.isEmpty) }
+            let (closed, client, wantOut, gate) = state.withLock { ($0.closed, $0.client, !$0.output.isEmpty, $0.inputGate) }
             if closed { return }
+            // With no room for input, the client is not polled for it (nor for hang-up, which
+            // poll always reports: its last bytes are read once there is room).
+            let room = client >= 0 ? (gate?() ?? buf.count) : 0
             var fds = [pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0)]
-            if client >= 0 {
-                fds.append(pollfd(fd: client, events: Int16(POLLIN) | (wantOut ? Int16(POLLOUT) : 0), revents: 0))
+            if client >= 0 && (room > 0 || wantOut) {
+                fds.append(pollfd(fd: client, events: (room > 0 ? Int16(POLLIN) : 0) | (wantOut ? Int16(POLLOUT) : 0), revents: 0))
             }
             let rc = poll(&fds, nfds_t(fds.count), -1)
             if rc < 0 {
@@ -221,8 +235,8 @@ public final class SocketChardev: CharBackend, @unchecked Sendable {
             if fds.count > 2, fds[2].revents != 0 {
                 let ev = fds[2].revents
                 if ev & Int16(POLLOUT) != 0 { flush(client) }
-                if ev & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
-                    let n = buf.withUnsafeMutableBytes { Glibc.read(client, $0.baseAddress, $0.count) }
+                if room > 0 && ev & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
+                    let n = buf.withUnsafeMutableBytes { Glibc.read(client, $0.baseAddress, min($0.count, room)) }
                     if n > 0 {
                         let receiver = state.withLock { $0.receiver }
                         receiver?(Array(buf[0..<n]))

@@ -26,14 +26,31 @@ public final class PCIeHost: @unchecked Sendable {
     /// The saved-state section name ("pcie-host@30000000").
     public let stateSection: String
 
+    /// Where the board put the host's windows and wires, for its device-tree node.
+    public struct Layout: Sendable {
+        public var ecam: GuestRegion, pio: GuestRegion, mmio: GuestRegion, highMMIO: GuestRegion
+        /// The interrupt source of wire 0 (INTA of slot 0); the others follow.
+        public var firstIRQ: Int
+        public init(ecam: GuestRegion, pio: GuestRegion, mmio: GuestRegion, highMMIO: GuestRegion, firstIRQ: Int) {
+            self.ecam = ecam
+            self.pio = pio
+            self.mmio = mmio
+            self.highMMIO = highMMIO
+            self.firstIRQ = firstIRQ
+        }
+    }
+    /// The layout, when the host has a device-tree node.
+    public let layout: Layout?
+
     private let slots: Mutex<[(any PCIFunction)?]>
     let logger: Logger
 
-    /// Creates a host whose INTx wires drive `intxWires` (INTA…INTD).
-    public init(intxWires: [any InterruptLine], stateSection: String,
+    /// Creates a host whose INTx wires drive `intxWires` (INTA…INTD), laid out as `layout`.
+    public init(intxWires: [any InterruptLine], stateSection: String, layout: Layout? = nil,
                 logger: Logger = Logger(label: "machine.pcie-host")) {
         self.logger = logger
         self.stateSection = stateSection
+        self.layout = layout
         intx = PCIIntxRouter(wires: intxWires)
         rootFunction = PCIHostBridgeFunction()
         var table = [(any PCIFunction)?](repeating: nil, count: Self.slotCount)
@@ -242,6 +259,40 @@ extension PCIeHost: StatefulDevice {
     public func reset() { rootFunction.reset() }
 
     public func captureState() -> State { State(rootConfig: rootFunction.bytes) }
+
+    /// `pci@ECAM` exactly as QEMU 7.2's riscv `virt` generates it without an AIA (INTx only):
+    /// the ranges of the I/O, 32-bit and 64-bit windows, and the interrupt map swizzling INTA…D
+    /// of slots 0…3 onto the four wires at `context.interruptParent`.
+    public func deviceTreeNode(_ context: DeviceTreeContext) -> DeviceTreeNode? {
+        guard let l = layout else { return nil }
+        func hi(_ v: UInt64) -> UInt32 { UInt32(v >> 32) }
+        func lo(_ v: UInt64) -> UInt32 { UInt32(truncatingIfNeeded: v) }
+        var n = DeviceTreeNode("pci@\(String(l.ecam.base.raw, radix: 16))")
+        n.set("interrupt-map-mask", .u32([0x1800, 0, 0, 7]))
+        var map: [UInt32] = []
+        for slot in 0..<4 {
+            for pin in 1...4 {
+                map += [UInt32(slot) << 11, 0, 0, UInt32(pin), context.interruptParent,
+                        UInt32(l.firstIRQ + PCIIntxRouter.wire(slot: slot, pin: pin))]
+            }
+        }
+        n.set("interrupt-map", .u32(map))
+        n.set("ranges", .u32([0x0100_0000, 0, 0, hi(l.pio.base.raw), lo(l.pio.base.raw), hi(l.pio.size), lo(l.pio.size),
+                              0x0200_0000, hi(l.mmio.base.raw), lo(l.mmio.base.raw), hi(l.mmio.base.raw), lo(l.mmio.base.raw),
+                              hi(l.mmio.size), lo(l.mmio.size),
+                              0x0300_0000, hi(l.highMMIO.base.raw), lo(l.highMMIO.base.raw), hi(l.highMMIO.base.raw),
+                              lo(l.highMMIO.base.raw), hi(l.highMMIO.size), lo(l.highMMIO.size)]))
+        n.set("reg", .u64([l.ecam.base.raw, l.ecam.size]))
+        n.set("dma-coherent", .empty)
+        n.set("bus-range", .u32([0, UInt32(l.ecam.size >> 20) - 1]))
+        n.set("linux,pci-domain", .u32([0]))
+        n.set("device_type", .string("pci"))
+        n.set("compatible", .string("pci-host-ecam-generic"))
+        n.set("#size-cells", .u32([2]))
+        n.set("#interrupt-cells", .u32([1]))
+        n.set("#address-cells", .u32([3]))
+        return n
+    }
 
     /// Validates that the identity bytes match before replacing anything.
     public func applyState(_ s: State) throws(SavedStateError) { try rootFunction.restore(s.rootConfig, section: stateSection) }

@@ -184,11 +184,11 @@ public struct DeviceTree: Sendable, Equatable {
         return blob
     }
 
-    static func bigEndian(_ v: UInt32) -> [UInt8] {
+    public static func bigEndian(_ v: UInt32) -> [UInt8] {
         [UInt8(v >> 24), UInt8(truncatingIfNeeded: v >> 16), UInt8(truncatingIfNeeded: v >> 8), UInt8(truncatingIfNeeded: v)]
     }
 
-    static func bigEndian(_ v: UInt64) -> [UInt8] {
+    public static func bigEndian(_ v: UInt64) -> [UInt8] {
         bigEndian(UInt32(v >> 32)) + bigEndian(UInt32(truncatingIfNeeded: v))
     }
 }
