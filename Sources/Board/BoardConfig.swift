@@ -104,6 +104,12 @@ public struct BoardConfig: Sendable {
     /// The virtio-mmio transports, in slot order (at most `VirtMemoryMap.virtioSlotCount`):
     /// slot i is at 0x1000_1000 + i·0x1000 with PLIC IRQ i + 1, like QEMU.
     public var virtioTransports: [MMIODeviceFactory] = []
+    /// Build the PCIe host bridge (ECAM at 0x3000_0000, INTx on PLIC 32…35) and its device-tree
+    /// node, even with no PCI device (for hot-plug). Implied by a non-empty `pciDevices`.
+    public var pcie: Bool = false
+    /// PCI functions plugged into the root bus at boot, in order (those without a slot take the
+    /// lowest free one when their turn comes).
+    public var pciDevices: [PCIPlacement] = []
     /// What pressing the power button does (`system_powerdown`): machine-server sets it to press
     /// KEY_POWER on the virtio keyboard when there is one. Nil: the board has no power button
     /// the guest can see (QEMU's `virt` has none). Called on the machine's control thread.
@@ -113,6 +119,9 @@ public struct BoardConfig: Sendable {
 
     /// Creates the default configuration.
     public init() {}
+
+    /// True when the board has a PCIe host.
+    public var hasPCIe: Bool { pcie || !pciDevices.isEmpty }
 
     /// True when firmware runs first (OpenSBI), so the kernel runs in S-mode after it.
     public var hasFirmware: Bool { firmware != nil }

@@ -56,6 +56,16 @@ public final class VirtBoard: @unchecked Sendable {
     /// maps all eight: the guest's probe then finds magic "virt", version 2, DeviceID 0 and
     /// skips the slot quietly instead of complaining about a wrong magic value.
     public private(set) var emptyVirtioSlots: [Int: VirtioMMIOTransport] = [:]
+    /// The PCIe host bridge (QEMU's `gpex` at `VirtMemoryMap.pcieECAM`), present when the
+    /// configuration asks for PCI (`BoardConfig.hasPCIe`).
+    public let pcieHost: PCIeHost?
+    /// The 64-bit PCI MMIO window (placed after RAM, as QEMU does).
+    public let pcieHighMMIO: GuestRegion
+    /// The PCI functions plugged into the root bus, by slot (the host bridge at 0 not included;
+    /// root ports included).
+    public private(set) var pciFunctions: [Int: any PCIFunction] = [:]
+    /// The root ports by id, with their slot on the root bus.
+    public private(set) var rootPorts: [String: (slot: Int, port: PCIeRootPort)] = [:]
 
     /// The boot state after the last `loadBootImages()`.
     public var bootState: BootState {
@@ -95,6 +105,19 @@ public final class VirtBoard: @unchecked Sendable {
         for slot in 0..<virtioSlots.count { try irqs.reserve(virtioSlots.irq(ofSlot: slot)) }
         try irqs.reserve(VirtMemoryMap.uart0IRQ)
         try irqs.reserve(VirtMemoryMap.rtcIRQ)
+        pcieHighMMIO = VirtMemoryMap.pcieHighMMIO(ramEnd: ram.region.end)
+        if config.hasPCIe {
+            let wires = (0..<4).map { VirtMemoryMap.pcieFirstIRQ + $0 }
+            for w in wires { try irqs.reserve(w) }
+            let plic = self.plic
+            pcieHost = PCIeHost(intxWires: wires.map { plic.line($0) },
+                                stateSection: "pcie-host@\(String(VirtMemoryMap.pcieECAM.base.raw, radix: 16))",
+                                layout: PCIeHost.Layout(ecam: VirtMemoryMap.pcieECAM, pio: VirtMemoryMap.pciePIO,
+                                                        mmio: VirtMemoryMap.pcieMMIO, highMMIO: pcieHighMMIO,
+                                                        firstIRQ: VirtMemoryMap.pcieFirstIRQ))
+        } else {
+            pcieHost = nil
+        }
 
         clint = Aclint(harts: hartInterrupts, clock: clock)
         uart = Uart16550(irq: plic.line(VirtMemoryMap.uart0IRQ), backend: config.serial)
@@ -112,6 +135,12 @@ public final class VirtBoard: @unchecked Sendable {
                                  (uart, VirtMemoryMap.uart0)] as [(any MMIODevice, GuestRegion)] {
             try bus.map(device, at: region)
         }
+        if let pcieHost {
+            try bus.map(pcieHost.ecam, at: VirtMemoryMap.pcieECAM)
+            try bus.map(pcieHost.window(.io, pciBase: 0), at: VirtMemoryMap.pciePIO)
+            try bus.map(pcieHost.window(.memory, pciBase: VirtMemoryMap.pcieMMIO.base.raw), at: VirtMemoryMap.pcieMMIO)
+            try bus.map(pcieHost.window(.memory, pciBase: pcieHighMMIO.base.raw), at: pcieHighMMIO)
+        }
 
         for (device, placement) in [
             (clint, .init(window: VirtMemoryMap.clint)), (plic, .init(window: VirtMemoryMap.plic)),
@@ -121,6 +150,7 @@ public final class VirtBoard: @unchecked Sendable {
         ] as [(any ManagedDevice, DeviceManager.Placement?)] {
             try deviceManager.register(device, at: placement)
         }
+        if let pcieHost { try deviceManager.register(pcieHost, at: .init(window: VirtMemoryMap.pcieECAM)) }
 
         let manager = deviceManager, plicDevice = plic, test = testDevice
         let tree = VirtDeviceTree.build(config: config, timebase: clock.frequency, ram: ram.region,
@@ -135,6 +165,99 @@ public final class VirtBoard: @unchecked Sendable {
 
         for slot in 0..<virtioSlots.count { try mapEmptyTransport(slot: slot) }
         for factory in config.virtioTransports { _ = try attachVirtio(factory) }
+        for p in config.pciDevices {
+            switch p.kind {
+            case .rootPort(let id, let physicalSlot): try attachRootPort(id: id, slot: p.slot, physicalSlot: physicalSlot)
+            case .function(let make):
+                if let port = p.port { try attachPCI(make, behind: port, hotPlug: false) } else { try attachPCI(make, slot: p.slot) }
+            }
+        }
+    }
+
+    /// Builds a PCI function into `slot` of the root bus (the lowest free one when nil) and
+    /// registers it with the device manager; returns the slot. The guest finds it when it
+    /// enumerates the bus. Control thread, vCPUs stopped.
+    @discardableResult
+    public func attachPCI(_ factory: PCIDeviceFactory, slot wanted: Int? = nil) throws -> Int {
+        guard let pcieHost else { throw BoardError.invalidConfig("the board was built without a PCIe host") }
+        guard let slot = wanted ?? pcieHost.freeSlot() else { throw BoardError.exhausted("PCI slot on the root bus") }
+        guard slot > 0 && slot < PCIeHost.slotCount, pcieHost.function(slot: slot) == nil else {
+            throw BoardError.invalidConfig(slot > 0 && slot < PCIeHost.slotCount ? PCIError.slotInUse(slot).description
+                                                                                  : PCIError.badSlot(slot).description)
+        }
+        let function = try factory(PCIDeviceContext(ram: ram, intx: pcieHost.intx.line(slot: slot, pin: 1), slot: slot,
+                                                    port: nil, clock: clock))
+        do {
+            try pcieHost.plug(function, slot: slot)
+        } catch {
+            throw BoardError.invalidConfig(error.description)
+        }
+        if let managed = function as? any ManagedDevice {
+            do {
+                try deviceManager.register(managed)
+            } catch {
+                pcieHost.unplug(slot: slot)
+                throw error
+            }
+        }
+        pciFunctions[slot] = function
+        return slot
+    }
+
+    /// Builds a `pcie-root-port` known as `id` into `slot` of the root bus (the lowest free one
+    /// when nil) and registers it; returns the slot. Control thread, vCPUs stopped.
+    @discardableResult
+    public func attachRootPort(id: String, slot: Int? = nil, physicalSlot: Int) throws -> Int {
+        guard rootPorts[id] == nil else { throw BoardError.invalidConfig("a root port '\(id)' exists already") }
+        let slot = try attachPCI({ context in
+            PCIeRootPort(name: "pcie-root-port \(id) \(context.address)", stateSection: "pcie-root-port@\(context.address)",
+                         intx: context.intx, port: context.slot ?? 0, physicalSlot: physicalSlot)
+        }, slot: slot)
+        guard let port = pciFunctions[slot] as? PCIeRootPort else { preconditionFailure("slot \(slot) holds the port just built") }
+        rootPorts[id] = (slot, port)
+        return slot
+    }
+
+    /// Builds a PCI function into the slot of root port `portID` and registers it; with
+    /// `hotPlug` the guest is told (presence and link change). Behind a port the function is
+    /// device 0 of the secondary bus; its INTA reaches the root bus as the port's INTA (the
+    /// bridge swizzle of device 0). Control thread.
+    public func attachPCI(_ factory: PCIDeviceFactory, behind portID: String, hotPlug: Bool) throws {
+        guard let pcieHost, let (slot, port) = rootPorts[portID] else {
+            throw BoardError.invalidConfig("Bus '\(portID)' not found")
+        }
+        guard port.child == nil else {
+            throw BoardError.invalidConfig("PCI: slot 0 function 0 not available, in use by another device on bus '\(portID)'")
+        }
+        let function = try factory(PCIDeviceContext(ram: ram, intx: pcieHost.intx.line(slot: slot, pin: 1), slot: nil,
+                                                    port: portID, clock: clock))
+        if let managed = function as? any ManagedDevice { try deviceManager.register(managed) }
+        do {
+            try port.plug(function, hotPlug: hotPlug)
+        } catch {
+            if let managed = function as? any ManagedDevice { deviceManager.unregister(managed) }
+            throw BoardError.invalidConfig(error.description)
+        }
+    }
+
+    /// Removes the function behind root port `portID` (hot-unplug, once the guest let go of it).
+    /// Control thread.
+    public func detachPCI(behind portID: String) {
+        guard let (_, port) = rootPorts[portID], let function = port.child else { return }
+        port.unplug()
+        if let managed = function as? any ManagedDevice { deviceManager.unregister(managed) }
+    }
+
+    /// Removes the PCI function in `slot` from the bus and the device manager (hot-unplug).
+    /// Control thread.
+    public func detachPCI(slot: Int) {
+        guard let function = pciFunctions.removeValue(forKey: slot) else { return }
+        if let id = rootPorts.first(where: { $0.value.slot == slot })?.key {
+            detachPCI(behind: id)
+            rootPorts[id] = nil
+        }
+        pcieHost?.unplug(slot: slot)
+        if let managed = function as? any ManagedDevice { deviceManager.unregister(managed) }
     }
 
     /// Maps an empty virtio-mmio transport (no device) in `slot`. Control thread.
@@ -214,7 +337,8 @@ public final class VirtBoard: @unchecked Sendable {
 }
 
 /// Generates `virt`'s device tree from the board's layout, node for node as QEMU does for the
-/// devices we build (no PCI, flash, fw-cfg or PMU nodes; no HTIF node).
+/// devices we build (no flash, fw-cfg or PMU nodes; no HTIF node; the PCIe host's node only
+/// when the board has one).
 enum VirtDeviceTree {
     /// The ISA we implement and announce: RV64GC with Zicsr and Zifencei; nothing more.
     static let isa = "rv64imafdc_zicsr_zifencei"
@@ -307,11 +431,11 @@ enum VirtDeviceTree {
             v.set("compatible", .string("virtio,mmio"))
             slots.append(v)
         }
-        // QEMU's order under /soc: rtc, serial, test, the slots, plic, clint (then anything else).
-        let rank = ["rtc": 0, "serial": 1, "test": 2, "virtio_mmio": 3, "plic": 4, "clint": 5]
+        // QEMU's order under /soc: rtc, serial, test, pci, the slots, plic, clint (then anything else).
+        let rank = ["rtc": 0, "serial": 1, "test": 2, "pci": 3, "virtio_mmio": 4, "plic": 5, "clint": 6]
         let children = (devices(plicPhandle, testPhandle, intcPhandles) + slots).enumerated().sorted { a, b in
-            let ra = rank[String(a.element.name.prefix { $0 != "@" })] ?? 6
-            let rb = rank[String(b.element.name.prefix { $0 != "@" })] ?? 6
+            let ra = rank[String(a.element.name.prefix { $0 != "@" })] ?? 7
+            let rb = rank[String(b.element.name.prefix { $0 != "@" })] ?? 7
             return ra != rb ? ra < rb : a.offset < b.offset
         }
         for (_, child) in children { soc.add(child) }

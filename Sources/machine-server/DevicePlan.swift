@@ -15,6 +15,20 @@ struct PlannedDevice: Equatable {
         case keyboard
         /// virtio-input tablet (absolute pointer) fed from the display.
         case tablet
+        /// virtio-rng fed from the host's entropy.
+        case rng
+        /// A pcie-root-port with a hot-plug slot showing `physicalSlot`.
+        case rootPort(physicalSlot: Int)
+    }
+
+    /// Which transport carries the device.
+    enum Transport: Equatable {
+        /// A virtio-mmio slot (the `-device` drivers).
+        case mmio
+        /// In `slot` of the PCIe root bus `pcie.0` (the `-pci` drivers and root ports).
+        case pci(slot: Int)
+        /// In the slot of the root port with this id.
+        case pciPort(String)
     }
 
     /// The device's id (`devices[i].id`), or a generated name ("virtio-gpu-device#0") when none was given.
@@ -22,22 +36,108 @@ struct PlannedDevice: Equatable {
     /// Whether `id` was given in the description (and so may be looked up over QMP).
     var hasExplicitID: Bool
     var kind: Kind
+    var transport: Transport = .mmio
     /// Where it came from, for messages: "devices[2]", or "display.vnc" for devices the VNC
     /// display added.
     var origin: String
 
-    /// The QEMU driver name ("virtio-blk-device", …).
+    /// The QEMU driver name ("virtio-blk-device", "virtio-blk-pci", …).
     var driver: String {
+        let pci = transport != .mmio
         switch kind {
-        case .block: return DeviceDriver.virtioBlkDevice.rawValue
-        case .gpu: return DeviceDriver.virtioGpuDevice.rawValue
-        case .keyboard: return DeviceDriver.virtioKeyboardDevice.rawValue
-        case .tablet: return DeviceDriver.virtioTabletDevice.rawValue
+        case .block: return (pci ? DeviceDriver.virtioBlkPci : .virtioBlkDevice).rawValue
+        case .gpu: return (pci ? DeviceDriver.virtioGpuPci : .virtioGpuDevice).rawValue
+        case .keyboard: return (pci ? DeviceDriver.virtioKeyboardPci : .virtioKeyboardDevice).rawValue
+        case .tablet: return (pci ? DeviceDriver.virtioTabletPci : .virtioTabletDevice).rawValue
+        case .rng: return (pci ? DeviceDriver.virtioRngPci : .virtioRngDevice).rawValue
+        case .rootPort: return DeviceDriver.pcieRootPort.rawValue
+        }
+    }
+
+    /// The slot on the root bus, for devices there.
+    var pciSlotNumber: Int? {
+        if case .pci(let slot) = transport { return slot }
+        return nil
+    }
+
+    /// Where the device is on the PCIe bus, for the state identity: "0x3" on the root bus, or
+    /// the root port's id.
+    var pciLocation: String? {
+        switch transport {
+        case .mmio: return nil
+        case .pci(let slot): return "0x\(String(slot, radix: 16))"
+        case .pciPort(let port): return port
         }
     }
 
     /// The number of virtio-mmio slots on the `virt` board.
     static let slotCount = 8
+    /// The PCIe root bus's name, as QEMU's `virt` calls it.
+    static let rootBus = "pcie.0"
+    /// Device numbers on the root bus (0 holds the host bridge, as QEMU's gpex-root).
+    static let pciSlots = 1...31
+
+    /// Where a PCI device asked to go.
+    enum PCIRequest: Equatable {
+        /// The root bus, in this slot or the lowest free one.
+        case root(slot: Int?)
+        /// Behind the root port with this id.
+        case port(String)
+    }
+
+    /// Checks `bus` (the root bus or a root port listed earlier, in `ports`) and parses `addr` as
+    /// QEMU does ("SLOT[.FN]" in hex, an optional 0x). Root ports go on the root bus only.
+    static func pciAddress(bus: String?, addr: String?, field: String, ports: [String: Int],
+                           isPort: Bool = false) throws -> PCIRequest {
+        if let bus, bus != rootBus {
+            guard ports[bus] != nil, !isPort else { throw LaunchError("\(field).bus: Bus '\(bus)' not found") }
+            if let addr, try parseSlot(addr, field: field, range: 0...0) != 0 {
+                throw LaunchError("\(field).addr: a root port has one slot, 0")
+            }
+            return .port(bus)
+        }
+        guard let addr else { return .root(slot: nil) }
+        let slot = try parseSlot(addr, field: field, range: pciSlots)
+        return .root(slot: slot)
+    }
+
+    private static func parseSlot(_ addr: String, field: String, range: ClosedRange<Int>) throws -> Int {
+        var text = Substring(addr.lowercased())
+        if text.hasPrefix("0x") { text = text.dropFirst(2) }
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        guard (1...2).contains(parts.count), let slot = Int(parts[0], radix: 16), parts[0].count <= 2,
+              parts.count == 1 || Int(parts[1], radix: 16) != nil else {
+            throw LaunchError("\(field).addr: '\(addr)' is not a PCI address; write SLOT or SLOT.FUNCTION in hex, e.g. '0x3' or '03.0'")
+        }
+        if parts.count == 2, Int(parts[1], radix: 16) != 0 {
+            throw LaunchError("\(field).addr: function \(parts[1]) is not supported; each device is function 0 of its slot")
+        }
+        guard range.contains(slot) else {
+            throw LaunchError(slot == 0 ? "\(field).addr: PCI: slot 0 function 0 not available, in use by gpex-root"
+                                        : "\(field).addr: slot \(slot) is outside the bus (\(range.lowerBound)...\(range.upperBound))")
+        }
+        return slot
+    }
+
+    /// Checks a block device's drive and returns its kind; `files` remembers which device owns
+    /// each image.
+    private static func block(_ drive: DriveDescription, field: String, index: Int, files: inout [String: Int],
+                              resolve: (String) -> String) throws -> Kind {
+        let file = resolve(drive.file)
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: file, isDirectory: &isDirectory) else {
+            throw LaunchError("\(field).drive.file: '\(file)' does not exist")
+        }
+        guard !isDirectory.boolValue else {
+            throw LaunchError("\(field).drive.file: '\(file)' is a directory, not a disk image")
+        }
+        let canonical = URL(fileURLWithPath: file).resolvingSymlinksInPath().path
+        if let other = files[canonical] {
+            throw LaunchError("\(field).drive.file: '\(file)' is already the image of devices[\(other)]; one image cannot back two devices")
+        }
+        files[canonical] = index
+        return .block(file: file, format: drive.format, readOnly: drive.readOnly)
+    }
 
     /// Checks the description's devices and returns them in slot order, followed by the GPU,
     /// keyboard and tablet a VNC display adds when no GPU is listed.
@@ -49,35 +149,22 @@ struct PlannedDevice: Equatable {
         var planned: [PlannedDevice] = []
         var ids: [String: Int] = [:]
         var files: [String: Int] = [:]
+        var pciSlotOwners: [Int: Int] = [:]        // slot -> devices[i]
+        var pciRequests: [Int: Int?] = [:]        // index in `planned` -> slot asked for
+        var ports: [String: Int] = [:]            // root port id -> devices[i]
+        var portChildren: [String: Int] = [:]     // root port id -> devices[i] plugged into it
+        var portRequests: [Int: String] = [:]     // index in `planned` -> root port id
         for (i, d) in devices.enumerated() {
             let field = "devices[\(i)]"
             let kind: Kind
             let explicitID: String?
+            var pciRequest: PCIRequest?       // nil: a virtio-mmio device
             switch d.variant {
             case .virtioBlkDevice(let o):
                 explicitID = o.id
-                let file = resolve(o.drive.file)
-                var isDirectory: ObjCBool = false
-                guard FileManager.default.fileExists(atPath: file, isDirectory: &isDirectory) else {
-                    throw LaunchError("\(field).drive.file: '\(file)' does not exist")
-                }
-                guard !isDirectory.boolValue else {
-                    throw LaunchError("\(field).drive.file: '\(file)' is a directory, not a disk image")
-                }
-                let canonical = URL(fileURLWithPath: file).resolvingSymlinksInPath().path
-                if let other = files[canonical] {
-                    throw LaunchError("\(field).drive.file: '\(file)' is already the image of devices[\(other)]; one image cannot back two devices")
-                }
-                files[canonical] = i
-                kind = .block(file: file, format: o.drive.format, readOnly: o.drive.readOnly)
+                kind = try block(o.drive, field: field, index: i, files: &files, resolve: resolve)
             case .virtioGpuDevice(let o):
                 explicitID = o.id
-                if let first = planned.firstIndex(where: { $0.kind == .gpu }) {
-                    throw LaunchError("\(field): only one virtio-gpu-device is supported (devices[\(first)] is one already)")
-                }
-                guard vnc != nil else {
-                    throw LaunchError("\(field): a virtio-gpu-device needs a display to show it on: add \"display\": {\"vnc\": {\"listen\": \"127.0.0.1:5900\"}} or --vnc HOST:PORT")
-                }
                 kind = .gpu
             case .virtioKeyboardDevice(let o):
                 explicitID = o.id
@@ -85,6 +172,58 @@ struct PlannedDevice: Equatable {
             case .virtioTabletDevice(let o):
                 explicitID = o.id
                 kind = .tablet
+            case .virtioRngDevice(let o):
+                explicitID = o.id
+                kind = .rng
+            case .virtioBlkPci(let o):
+                explicitID = o.id
+                kind = try block(o.drive, field: field, index: i, files: &files, resolve: resolve)
+                pciRequest = try pciAddress(bus: o.bus, addr: o.addr, field: field, ports: ports)
+            case .virtioGpuPci(let o), .virtioKeyboardPci(let o), .virtioTabletPci(let o), .virtioRngPci(let o):
+                explicitID = o.id
+                switch d.driver {
+                case .virtioGpuPci: kind = .gpu
+                case .virtioKeyboardPci: kind = .keyboard
+                case .virtioTabletPci: kind = .tablet
+                default: kind = .rng
+                }
+                pciRequest = try pciAddress(bus: o.bus, addr: o.addr, field: field, ports: ports)
+            case .pcieRootPort(let o):
+                explicitID = o.id
+                if let slot = o.slot, !(0...8191).contains(slot) {
+                    throw LaunchError("\(field).slot: \(slot) is outside 0...8191")
+                }
+                kind = .rootPort(physicalSlot: Int(o.slot ?? Int64(ports.count + 1)))
+                pciRequest = try pciAddress(bus: o.bus, addr: o.addr, field: field, ports: ports, isPort: true)
+                if ports[o.id] != nil || ids[o.id] != nil {
+                    throw LaunchError("\(field).id: '\(o.id)' is already the id of devices[\(ports[o.id] ?? ids[o.id]!)]")
+                }
+                ports[o.id] = i
+            }
+            if kind == .gpu {
+                if let first = planned.firstIndex(where: { $0.kind == .gpu }) {
+                    throw LaunchError("\(field): only one GPU is supported (devices[\(first)] is one already)")
+                }
+                guard vnc != nil else {
+                    throw LaunchError("\(field): a \(d.driver.rawValue) needs a display to show it on: add \"display\": {\"vnc\": {\"listen\": \"127.0.0.1:5900\"}} or --vnc HOST:PORT")
+                }
+            }
+            switch pciRequest {
+            case nil: break
+            case .root(let wanted)?:
+                if let wanted {
+                    if let other = pciSlotOwners[wanted] {
+                        throw LaunchError("\(field).addr: PCI: slot \(wanted) function 0 not available for \(d.driver.rawValue), in use by devices[\(other)]")
+                    }
+                    pciSlotOwners[wanted] = i
+                }
+                pciRequests[planned.count] = wanted
+            case .port(let port)?:
+                if let other = portChildren[port] {
+                    throw LaunchError("\(field).bus: PCI: slot 0 function 0 not available for \(d.driver.rawValue), in use by devices[\(other)]")
+                }
+                portChildren[port] = i
+                portRequests[planned.count] = port
             }
             if let id = explicitID {
                 guard !id.isEmpty else { throw LaunchError("\(field).id: an id must not be empty") }
@@ -96,8 +235,19 @@ struct PlannedDevice: Equatable {
             planned.append(PlannedDevice(id: explicitID ?? "\(d.driver.rawValue)#\(i)", hasExplicitID: explicitID != nil,
                                          kind: kind, origin: field))
         }
-        if planned.count > slotCount {
-            throw LaunchError("devices[\(slotCount)]: the virt board has \(slotCount) virtio-mmio slots; \(planned.count) devices are listed")
+        // PCI devices without an address take the lowest free slot, in order, after the explicit ones.
+        for (index, wanted) in pciRequests.sorted(by: { $0.key < $1.key }) {
+            guard let slot = wanted ?? pciSlots.first(where: { pciSlotOwners[$0] == nil }) else {
+                throw LaunchError("\(planned[index].origin): no free slot is left on the PCIe root bus")
+            }
+            pciSlotOwners[slot] = index
+            planned[index].transport = .pci(slot: slot)
+        }
+        for (index, port) in portRequests { planned[index].transport = .pciPort(port) }
+        let mmioCount = planned.filter { $0.transport == .mmio }.count
+        if mmioCount > slotCount {
+            let extra = planned.filter { $0.transport == .mmio }[slotCount]
+            throw LaunchError("\(extra.origin): the virt board has \(slotCount) virtio-mmio slots; \(mmioCount) virtio-mmio devices are listed")
         }
         if let vnc, !planned.contains(where: { $0.kind == .gpu }) {
             // A user who asks for VNC expects a screen: add what a graphical console needs.
@@ -108,8 +258,8 @@ struct PlannedDevice: Equatable {
             if !planned.contains(where: { $0.kind == .tablet }) {
                 added.append(PlannedDevice(id: "virtio-tablet-device#auto", hasExplicitID: false, kind: .tablet, origin: vnc))
             }
-            if planned.count + added.count > slotCount {
-                throw LaunchError("\(vnc): the VNC display adds \(added.map(\.driver).joined(separator: ", ")), but with the \(planned.count) listed devices that exceeds the board's \(slotCount) virtio-mmio slots; list a virtio-gpu-device yourself or remove a device")
+            if mmioCount + added.count > slotCount {
+                throw LaunchError("\(vnc): the VNC display adds \(added.map(\.driver).joined(separator: ", ")), but with the \(mmioCount) listed virtio-mmio devices that exceeds the board's \(slotCount) virtio-mmio slots; list a virtio-gpu-device yourself or remove a device")
             }
             planned += added
         }

@@ -96,6 +96,7 @@ struct Launch {
         config.serial = serial
         config.htifConsole = serial
         config.virtioTransports = devices.transports
+        config.pciDevices = devices.pciDevices
         if let keyboard = devices.keyboards.first {
             // system_powerdown presses KEY_POWER; the POWERDOWN event is sent either way.
             config.powerButton = { keyboard.pressPowerKey() }

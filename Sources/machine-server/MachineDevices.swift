@@ -31,6 +31,8 @@ final class MachineDevices: @unchecked Sendable {
     let inputs: [(id: String, device: VirtioInput)]
     /// The transports in slot order, for `BoardConfig.virtioTransports`.
     let transports: [MMIODeviceFactory]
+    /// The virtio-pci functions with their slots, for `BoardConfig.pciDevices`.
+    let pciDevices: [PCIPlacement]
 
     /// Opens every image (taking QEMU-compatible locks) and builds every device.
     /// Throws `LaunchError` naming the device (`devices[i]`) and the file.
@@ -43,9 +45,16 @@ final class MachineDevices: @unchecked Sendable {
         var tablets: [VirtioInput] = []
         var inputs: [(id: String, device: VirtioInput)] = []
         var transports: [MMIODeviceFactory] = []
+        var pciDevices: [PCIPlacement] = []
         var blockIndex = 0
+        var rngCount = 0
         do {
             for p in planned {
+                if case .rootPort(let physicalSlot) = p.kind {
+                    pciDevices.append(.rootPort(id: p.id, slot: p.transport == .mmio ? nil : p.pciSlotNumber,
+                                                physicalSlot: physicalSlot))
+                    continue
+                }
                 let device: any VirtioDevice
                 switch p.kind {
                 case .block(let file, let format, let readOnly):
@@ -77,11 +86,32 @@ final class MachineDevices: @unchecked Sendable {
                     tablets.append(t)
                     inputs.append((p.id, t))
                     device = t
+                case .rootPort:
+                    preconditionFailure("root ports are placed above")
+                case .rng:
+                    device = VirtioEntropy(name: "virtio-rng\(rngCount)")
+                    rngCount += 1
                 }
-                transports.append { context in
-                    VirtioMMIOTransport(device: device, ram: context.ram, interrupt: context.irq,
-                                        name: "virtio-mmio@\(String(context.region.base.raw, radix: 16)) (\(device.name))",
-                                        stateSection: "virtio-mmio@\(String(context.region.base.raw, radix: 16))")
+                switch p.transport {
+                case .mmio:
+                    transports.append { context in
+                        VirtioMMIOTransport(device: device, ram: context.ram, interrupt: context.irq,
+                                            name: "virtio-mmio@\(String(context.region.base.raw, radix: 16)) (\(device.name))",
+                                            stateSection: "virtio-mmio@\(String(context.region.base.raw, radix: 16))")
+                    }
+                case .pci, .pciPort:
+                    let driver = p.driver
+                    let make: PCIDeviceFactory = { context in
+                        VirtioPCITransport(device: device, ram: context.ram, intx: context.intx,
+                                           name: "\(driver) \(context.address) (\(device.name))",
+                                           stateSection: "virtio-pci@\(context.address)",
+                                           logger: Self.logger("machine.virtio-pci"))
+                    }
+                    if case .pciPort(let port) = p.transport {
+                        pciDevices.append(PCIPlacement(port: port, make: make))
+                    } else {
+                        pciDevices.append(PCIPlacement(slot: p.pciSlotNumber, make: make))
+                    }
                 }
             }
         } catch {
@@ -95,6 +125,7 @@ final class MachineDevices: @unchecked Sendable {
         self.tablets = tablets
         self.inputs = inputs
         self.transports = transports
+        self.pciDevices = pciDevices
     }
 
     /// Finishes in-flight block requests and flushes every writable image to disk. Call once the

@@ -6,7 +6,11 @@ import Foundation
 enum StateIdentity {
     /// Canonical JSON of the plan's shape.
     static func of(_ plan: LaunchPlan) -> String {
-        let devices = plan.devices.map { "{\"driver\":\(quote($0.driver)),\"id\":\(quote($0.id))}" }
+        // virtio-mmio devices keep the form older states recorded; PCI ones add their slot.
+        let devices = plan.devices.map { d in
+            let addr = d.pciLocation.map { ",\"addr\":\(quote($0))" } ?? ""
+            return "{\"driver\":\(quote(d.driver)),\"id\":\(quote(d.id))\(addr)}"
+        }
         return "{\"board\":\"virt\",\"cpus\":\(plan.cpuCount),\"memory\":\(plan.memoryBytes),\"devices\":[\(devices.joined(separator: ","))]}"
     }
 
@@ -27,8 +31,11 @@ enum StateIdentity {
         }
         let da = (a["devices"] as? [[String: String]]) ?? [], db = (b["devices"] as? [[String: String]]) ?? []
         for i in 0..<max(da.count, db.count) {
-            let x = i < da.count ? "\(da[i]["driver"] ?? "?") '\(da[i]["id"] ?? "?")'" : "none"
-            let y = i < db.count ? "\(db[i]["driver"] ?? "?") '\(db[i]["id"] ?? "?")'" : "none"
+            func show(_ d: [String: String]) -> String {
+                "\(d["driver"] ?? "?") '\(d["id"] ?? "?")'" + (d["addr"].map { " at \($0)" } ?? "")
+            }
+            let x = i < da.count ? show(da[i]) : "none"
+            let y = i < db.count ? show(db[i]) : "none"
             if x != y { return "devices[\(i)]: saved \(x), this machine \(y)" }
         }
         return "the machine descriptions differ"

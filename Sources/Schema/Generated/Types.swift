@@ -3568,6 +3568,20 @@ public enum DeviceDriver: String, SchemaCodable, CaseIterable, Equatable {
     case virtioKeyboardDevice = "virtio-keyboard-device"
     /// The value "virtio-tablet-device".
     case virtioTabletDevice = "virtio-tablet-device"
+    /// The value "virtio-rng-device".
+    case virtioRngDevice = "virtio-rng-device"
+    /// The value "virtio-blk-pci".
+    case virtioBlkPci = "virtio-blk-pci"
+    /// The value "virtio-gpu-pci".
+    case virtioGpuPci = "virtio-gpu-pci"
+    /// The value "virtio-keyboard-pci".
+    case virtioKeyboardPci = "virtio-keyboard-pci"
+    /// The value "virtio-tablet-pci".
+    case virtioTabletPci = "virtio-tablet-pci"
+    /// The value "virtio-rng-pci".
+    case virtioRngPci = "virtio-rng-pci"
+    /// The value "pcie-root-port".
+    case pcieRootPort = "pcie-root-port"
 
     /// Decodes one of the values; anything else is an error listing them.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -3693,7 +3707,7 @@ public struct BlockDeviceOptions: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
-/// A device with no backend of its own (GPU, keyboard, tablet).
+/// A device with no backend of its own (GPU, keyboard, tablet, entropy source).
 public struct SimpleDeviceOptions: SchemaCodable, Equatable {
     /// The device id. Optional.
     public var id: String?
@@ -3729,6 +3743,159 @@ public struct SimpleDeviceOptions: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// A virtio block device on the PCIe root bus (virtio-pci, modern).
+public struct PCIBlockDeviceOptions: SchemaCodable, Equatable {
+    /// The device id.
+    public var id: String
+    /// Its disk image.
+    public var drive: DriveDescription
+    /// The bus to plug it into: the root bus 'pcie.0' (the default) or the id of a pcie-root-port listed earlier. Optional.
+    public var bus: String?
+    /// Its slot on the bus, as QEMU writes it: 'SLOT' or 'SLOT.0' in hex (e.g. '0x3', '03.0'); the lowest free slot from 1 when absent. Optional.
+    public var addr: String?
+
+    /// Creates a value from its members.
+    public init(id: String, drive: DriveDescription, bus: String? = nil, addr: String? = nil) {
+        self.id = id
+        self.drive = drive
+        self.bus = bus
+        self.addr = addr
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["id", "drive", "bus", "addr"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.id = try r.required("id", as: String.self)
+        self.drive = try r.required("drive", as: DriveDescription.self)
+        self.bus = try r.optional("bus", as: String.self)
+        self.addr = try r.optional("addr", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["id"] = self.id.json
+        o["drive"] = self.drive.json
+        if let v = self.bus { o["bus"] = v.json }
+        if let v = self.addr { o["addr"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// A virtio-pci device with no backend of its own (GPU, keyboard, tablet, entropy source).
+public struct PCIDeviceOptions: SchemaCodable, Equatable {
+    /// The device id. Optional.
+    public var id: String?
+    /// The bus to plug it into: the root bus 'pcie.0' (the default) or the id of a pcie-root-port listed earlier. Optional.
+    public var bus: String?
+    /// Its slot on the bus, as QEMU writes it: 'SLOT' or 'SLOT.0' in hex (e.g. '0x3', '03.0'); the lowest free slot from 1 when absent. Optional.
+    public var addr: String?
+
+    /// Creates a value from its members.
+    public init(id: String? = nil, bus: String? = nil, addr: String? = nil) {
+        self.id = id
+        self.bus = bus
+        self.addr = addr
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["id", "bus", "addr"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.id = try r.optional("id", as: String.self)
+        self.bus = try r.optional("bus", as: String.self)
+        self.addr = try r.optional("addr", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.id { o["id"] = v.json }
+        if let v = self.bus { o["bus"] = v.json }
+        if let v = self.addr { o["addr"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// A PCIe root port on the root bus with a native hot-plug slot; devices plug into it with 'bus' set to its id.
+public struct PCIeRootPortOptions: SchemaCodable, Equatable {
+    /// The port's id, which is also the name of the bus behind it.
+    public var id: String
+    /// The bus to plug it into; only the root bus 'pcie.0' takes root ports. Optional.
+    public var bus: String?
+    /// Its slot on the root bus, as QEMU writes it ('0x3', '03.0'); the lowest free slot from 1 when absent. Optional.
+    public var addr: String?
+    /// The chassis number (QEMU's property; recorded, one chassis only). Optional.
+    public var chassis: Int64?
+    /// The physical slot number the guest shows (/sys/bus/pci/slots/N); by default 1 more than the number of root ports before it. Optional.
+    public var slot: Int64?
+
+    /// Creates a value from its members.
+    public init(id: String, bus: String? = nil, addr: String? = nil, chassis: Int64? = nil, slot: Int64? = nil) {
+        self.id = id
+        self.bus = bus
+        self.addr = addr
+        self.chassis = chassis
+        self.slot = slot
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["id", "bus", "addr", "chassis", "slot"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.id = try r.required("id", as: String.self)
+        self.bus = try r.optional("bus", as: String.self)
+        self.addr = try r.optional("addr", as: String.self)
+        self.chassis = try r.optional("chassis", as: Int64.self)
+        self.slot = try r.optional("slot", as: Int64.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["id"] = self.id.json
+        if let v = self.bus { o["bus"] = v.json }
+        if let v = self.addr { o["addr"] = v.json }
+        if let v = self.chassis { o["chassis"] = v.json }
+        if let v = self.slot { o["slot"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
 /// One device; the members besides 'driver' depend on the driver.
 public struct DeviceDescription: SchemaCodable, Equatable {
     /// The branch, selected by `driver`, with the members it adds.
@@ -3741,6 +3908,20 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case virtioKeyboardDevice(SimpleDeviceOptions)
         /// `driver` is "virtio-tablet-device"; the branch adds the members of `SimpleDeviceOptions`.
         case virtioTabletDevice(SimpleDeviceOptions)
+        /// `driver` is "virtio-rng-device"; the branch adds the members of `SimpleDeviceOptions`.
+        case virtioRngDevice(SimpleDeviceOptions)
+        /// `driver` is "virtio-blk-pci"; the branch adds the members of `PCIBlockDeviceOptions`.
+        case virtioBlkPci(PCIBlockDeviceOptions)
+        /// `driver` is "virtio-gpu-pci"; the branch adds the members of `PCIDeviceOptions`.
+        case virtioGpuPci(PCIDeviceOptions)
+        /// `driver` is "virtio-keyboard-pci"; the branch adds the members of `PCIDeviceOptions`.
+        case virtioKeyboardPci(PCIDeviceOptions)
+        /// `driver` is "virtio-tablet-pci"; the branch adds the members of `PCIDeviceOptions`.
+        case virtioTabletPci(PCIDeviceOptions)
+        /// `driver` is "virtio-rng-pci"; the branch adds the members of `PCIDeviceOptions`.
+        case virtioRngPci(PCIDeviceOptions)
+        /// `driver` is "pcie-root-port"; the branch adds the members of `PCIeRootPortOptions`.
+        case pcieRootPort(PCIeRootPortOptions)
     }
 
     /// The branch.
@@ -3758,6 +3939,13 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case .virtioGpuDevice: return .virtioGpuDevice
         case .virtioKeyboardDevice: return .virtioKeyboardDevice
         case .virtioTabletDevice: return .virtioTabletDevice
+        case .virtioRngDevice: return .virtioRngDevice
+        case .virtioBlkPci: return .virtioBlkPci
+        case .virtioGpuPci: return .virtioGpuPci
+        case .virtioKeyboardPci: return .virtioKeyboardPci
+        case .virtioTabletPci: return .virtioTabletPci
+        case .virtioRngPci: return .virtioRngPci
+        case .pcieRootPort: return .pcieRootPort
         }
     }
 
@@ -3779,6 +3967,27 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case .virtioTabletDevice:
             try r.rejectUnknown(allowed: baseNames.union(SimpleDeviceOptions.memberNames))
             self.variant = .virtioTabletDevice(try SimpleDeviceOptions(reader: r))
+        case .virtioRngDevice:
+            try r.rejectUnknown(allowed: baseNames.union(SimpleDeviceOptions.memberNames))
+            self.variant = .virtioRngDevice(try SimpleDeviceOptions(reader: r))
+        case .virtioBlkPci:
+            try r.rejectUnknown(allowed: baseNames.union(PCIBlockDeviceOptions.memberNames))
+            self.variant = .virtioBlkPci(try PCIBlockDeviceOptions(reader: r))
+        case .virtioGpuPci:
+            try r.rejectUnknown(allowed: baseNames.union(PCIDeviceOptions.memberNames))
+            self.variant = .virtioGpuPci(try PCIDeviceOptions(reader: r))
+        case .virtioKeyboardPci:
+            try r.rejectUnknown(allowed: baseNames.union(PCIDeviceOptions.memberNames))
+            self.variant = .virtioKeyboardPci(try PCIDeviceOptions(reader: r))
+        case .virtioTabletPci:
+            try r.rejectUnknown(allowed: baseNames.union(PCIDeviceOptions.memberNames))
+            self.variant = .virtioTabletPci(try PCIDeviceOptions(reader: r))
+        case .virtioRngPci:
+            try r.rejectUnknown(allowed: baseNames.union(PCIDeviceOptions.memberNames))
+            self.variant = .virtioRngPci(try PCIDeviceOptions(reader: r))
+        case .pcieRootPort:
+            try r.rejectUnknown(allowed: baseNames.union(PCIeRootPortOptions.memberNames))
+            self.variant = .pcieRootPort(try PCIeRootPortOptions(reader: r))
         }
     }
 
@@ -3791,6 +4000,13 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case .virtioGpuDevice(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .virtioKeyboardDevice(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .virtioTabletDevice(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .virtioRngDevice(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .virtioBlkPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .virtioGpuPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .virtioKeyboardPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .virtioTabletPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .virtioRngPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .pcieRootPort(let b): for m in b.jsonMembers { o[m.key] = m.value }
         }
         return .object(o)
     }
