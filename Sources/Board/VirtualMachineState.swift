@@ -84,7 +84,6 @@ extension VirtualMachine {
         try onControl {
             guard isLive, hasStarted else { throw MachineStateError("the machine is not running") }
             let before = runState
-            var applied = false
             var loadError: (any Error)? = nil
             try whilePaused(during: .restoreVM) {
                 let reader = try MachineStateReader(source: source)
@@ -105,7 +104,6 @@ extension VirtualMachine {
                 // RAM last: a file is checked whole before RAM changes; a stream that breaks
                 // or fails its checksum mid-RAM leaves the machine stopped.
                 do {
-                    applied = true
                     try reader.loadRAM(into: board.ram)
                 } catch {
                     FileHandle.standardError.write(Data("machine-server: error: loading guest RAM failed: \(error)\n".utf8))
@@ -115,7 +113,7 @@ extension VirtualMachine {
                 let run = runAfter ?? (before == .running)
                 return run ? .running : .paused
             }
-            if applied, let loadError {
+            if let loadError {
                 throw MachineStateError("\(loadError); the machine is stopped (internal-error)")
             }
         }
