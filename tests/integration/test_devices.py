@@ -3,8 +3,8 @@ VNC display (virtio-gpu + keyboard + tablet) seen through a real VNC client.
 
 Environment:
   MACHINE_SERVER  path of the built machine-server executable (tests skip without it)
-The shared guest (Linux 6.1 + busybox initramfs) is taken from ../shared/guests relative to the
-repository. Guest commands go on the kernel command line as guest.run=…; the guest's init turns
+The shared guest (Linux 6.1 + busybox initramfs) is taken from GUEST_DIR (default: ../shared/guests
+relative to the repository). Guest commands go on the kernel command line as guest.run=…; the guest's init turns
 commas into spaces, runs the result with sh -c and powers off.
 Needs qemu-img (images, check) and vncdotool (pip install vncdotool) for the VNC test.
 """
@@ -20,14 +20,14 @@ import pytest
 
 SERVER = os.environ.get("MACHINE_SERVER")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GUESTS = os.path.join(os.path.dirname(REPO), "shared", "guests")
+GUESTS = os.environ.get("GUEST_DIR") or os.path.join(os.path.dirname(REPO), "shared", "guests")
 KERNEL = os.path.join(GUESTS, "linux-6.1-rv64-Image")
 INITRD = os.path.join(GUESTS, "initramfs-rv64.cpio.gz")
 BOOT_TIMEOUT = 170  # seconds; every boot stays under 3 minutes
 
 pytestmark = [
     pytest.mark.skipif(not SERVER, reason="MACHINE_SERVER is not set"),
-    pytest.mark.skipif(not os.path.exists(KERNEL), reason="the shared guest is not in ../shared/guests"),
+    pytest.mark.skipif(not os.path.exists(KERNEL), reason=f"the shared guest is not in {GUESTS}"),
     pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed"),
 ]
 
