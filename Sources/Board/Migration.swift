@@ -1,5 +1,6 @@
 import Foundation
 import Machine
+import Storage
 
 /// A migration destination or source, parsed from QEMU's URI syntax.
 enum MigrationURI: Equatable {
@@ -80,11 +81,7 @@ extension VirtualMachine: MachineMigration {
     }
 
     public func migrationProgress() -> MigrationProgress {
-        migration.withLock { m in
-            var copy = m
-            if copy.status == .setup || copy.status == .active { copy.totalTime = 0 }
-            return copy
-        }
+        migration.withLock { $0 }
     }
 
     /// Saves the state to `target`; records the outcome in `migration`. Migration queue.
@@ -174,46 +171,36 @@ extension VirtualMachine: MachineMigration {
 
     public func incomingMigration(uri: String) throws {
         let start = DispatchTime.now().uptimeNanoseconds
-        defer {
-            let micros = Double(DispatchTime.now().uptimeNanoseconds &- start) / 1000
-            migration.withLock { m in
-                m.totalTime = UInt64(micros / 1000)
-                m.downtime = m.totalTime
-            }
-        }
         migration.withLock { m in
             m = MigrationProgress()
             m.status = .active
             m.ramTotal = board.ram.size
         }
+        var failure: (any Error)? = nil
         do {
             try loadFrom(uri)
         } catch {
-            migration.withLock { m in
-                m.status = .failed
-                m.error = "\(error)"
-            }
-            throw error
+            failure = error
         }
-        let micros = Double(DispatchTime.now().uptimeNanoseconds &- start) / 1000
-        migration.withLock { $0.status = .completed }
-        FileHandle.standardError.write(Data(String(format: "machine-server: restored the machine state from %@ in %.3f ms\n",
-                                                   uri, micros / 1000).utf8))
+        let micros = (DispatchTime.now().uptimeNanoseconds &- start) / 1000
+        migration.withLock { m in
+            m.status = failure == nil ? .completed : .failed
+            m.error = failure.map { "\($0)" }
+            m.totalTime = micros / 1000
+            m.downtime = m.totalTime
+        }
+        if let failure { throw failure }
+        let ms = String(format: "%.3f", Double(micros) / 1000)
+        FileHandle.standardError.write(Data("machine-server: restored the machine state from \(uri) in \(ms) ms\n".utf8))
     }
 
     private func loadFrom(_ uri: String) throws {
-        let source = try MigrationURI(uri)
-        switch source {
+        switch try MigrationURI(uri) {
         case .file(let path):
-            let fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
-            guard fd >= 0 else { throw MachineStateError("cannot open '\(path)': \(String(cString: strerror(errno)))") }
-            defer { close(fd) }
-            var st = stat()
-            guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
-                throw MachineStateError("'\(path)' is not a regular file")
-            }
-            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
-            try loadIncoming(StateSource(fileDescriptor: fd))
+            // HostFile opens without blocking and refuses anything but a regular file or a
+            // block device (a FIFO would otherwise block the load forever).
+            let file = try HostFile(path: path, readOnly: true)
+            try withExtendedLifetime(file) { try loadIncoming(StateSource(fileDescriptor: file.fd)) }
         case .exec(let command):
             let shell = try ShellPipe(command: command, toChild: false)
             do {

@@ -4314,7 +4314,7 @@ public struct MigrationInfo: SchemaCodable, Equatable {
     public var status: MigrationStatus?
     /// RAM figures, once the migration has started. Optional.
     public var ram: MigrationStats?
-    /// Milliseconds from the start to the end (or until now while active). Optional.
+    /// Milliseconds from the start to the end (completed and failed migrations). Optional.
     public var totalTime: Int64?
     /// Milliseconds the guest was paused for the migration (completed migrations). Optional.
     public var downtime: Int64?
