@@ -37,7 +37,6 @@ public struct StateWriter {
     public mutating func u16(_ v: UInt16) { put(v) }
     public mutating func u32(_ v: UInt32) { put(v) }
     public mutating func u64(_ v: UInt64) { put(v) }
-    public mutating func i64(_ v: Int64) { put(v) }
 
     /// A count or length (written as u32; every saved collection is far below 4 Gi entries).
     public mutating func count(_ n: Int) {
@@ -126,7 +125,6 @@ public struct StateReader {
     public mutating func u16(_ field: String) throws(SavedStateError) -> UInt16 { try get(field) }
     public mutating func u32(_ field: String) throws(SavedStateError) -> UInt32 { try get(field) }
     public mutating func u64(_ field: String) throws(SavedStateError) -> UInt64 { try get(field) }
-    public mutating func i64(_ field: String) throws(SavedStateError) -> Int64 { try get(field) }
 
     /// A count written by `StateWriter.count`, refused above `limit` (and above what the
     /// section could still hold at `minimumElementSize` bytes an element).
