@@ -50,29 +50,36 @@ struct GoldfishRTCTests {
     }
 
     @Test func futureAlarmFiresFromTheTimer() async throws {
+        let wall = FakeWallClock()
         let line = RecordingLine()
-        let rtc = GoldfishRTC(irq: line)
+        let rtc = GoldfishRTC(irq: line, wallClock: wall.read)
         rtc.write(offset: 0x10, size: 4, value: 1)
         let when = rtc.guestTime + 30_000_000  // 30 ms
         rtc.write(offset: 0x0C, size: 4, value: when >> 32)
         rtc.write(offset: 0x08, size: 4, value: when & 0xFFFF_FFFF)
         #expect(rtc.read(offset: 0x18, size: 4) == 1)
         #expect(!line.level)
-        for _ in 0..<100 where !line.level { try await Task.sleep(nanoseconds: 10_000_000) }
+        wall.now.add(30_000_000, ordering: .relaxed)  // due now; the timer set for 30 ms fires it
+        for _ in 0..<300 where !line.level { try await Task.sleep(nanoseconds: 10_000_000) }
         #expect(line.level)
         #expect(rtc.read(offset: 0x18, size: 4) == 0)
     }
 
     @Test func clearAlarmDisarmsIt() async throws {
+        // The clock stands still while the alarm is set and cleared (a loaded machine must not
+        // let it fall due in between), then moves past it; the timer set for it must do nothing.
+        let wall = FakeWallClock()
         let line = RecordingLine()
-        let rtc = GoldfishRTC(irq: line)
+        let rtc = GoldfishRTC(irq: line, wallClock: wall.read)
         rtc.write(offset: 0x10, size: 4, value: 1)
         let when = rtc.guestTime + 20_000_000
         rtc.write(offset: 0x0C, size: 4, value: when >> 32)
         rtc.write(offset: 0x08, size: 4, value: when & 0xFFFF_FFFF)
+        #expect(rtc.read(offset: 0x18, size: 4) == 1)
         rtc.write(offset: 0x14, size: 4, value: 1)
         #expect(rtc.read(offset: 0x18, size: 4) == 0)
-        try await Task.sleep(nanoseconds: 60_000_000)
+        wall.now.add(100_000_000, ordering: .relaxed)
+        try await Task.sleep(nanoseconds: 100_000_000)  // the 20 ms timer has run by now
         #expect(!line.level)
     }
 }
