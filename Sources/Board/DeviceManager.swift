@@ -6,7 +6,7 @@ import Machine
 ///
 /// Threading: used on the machine's control thread only, while no hart is in guest code
 /// (registration also happens there, during board assembly and hot-plug).
-public final class DeviceManager: @unchecked Sendable {  // control thread only, see above
+public final class DeviceManager: @unchecked Sendable {  // unchecked: used on the control thread only
     /// Where the board put a device: its window and interrupt source, for its device-tree node.
     public struct Placement: Sendable {
         public var window: GuestRegion

@@ -9,7 +9,7 @@ import Machine
 /// Threading: built and mutated (`attachVirtio`, `reset`, `loadBootImages`) on the machine's
 /// control thread while the vCPUs are stopped; the devices it owns are then accessed from vCPU
 /// and I/O threads through the bus, each protecting its own state.
-public final class VirtBoard: @unchecked Sendable {
+public final class VirtBoard: @unchecked Sendable {  // unchecked: its vars change only on the control thread while the vCPUs are stopped
     /// The configuration the board was built from.
     public let config: BoardConfig
     /// The machine's timebase (`mtime`, the `time` CSR), 10 MHz.

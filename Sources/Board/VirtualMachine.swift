@@ -50,7 +50,7 @@ public typealias CPUFactory = (Int, GuestRAM, MemoryBus, HartInterrupts, Virtual
 /// state change is one action executed on the control queue ("machine control"), in order;
 /// the public methods may be called from any thread, including from an event observer.
 /// Events go to observers on the control queue's thread.
-public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sendable {
+public final class VirtualMachine: MachineControl, SystemControl, Sendable {
     /// The board the machine runs.
     public let board: any MachineBoard
     public let machineName: String?
@@ -325,7 +325,7 @@ private struct WeakMachine {
 /// The thread loops: wait until told to run, call `cpu.run()` until it returns, repeat. The
 /// control queue tells it to run or pause and waits for the pause; `reset` and `pc` touch the
 /// CPU only while it is out of `run()`. `cond` guards every `var`.
-final class VCPUThread: @unchecked Sendable {
+final class VCPUThread: @unchecked Sendable {  // unchecked: `cond` guards every var
     let index: Int
     private let cpu: any VirtualCPU
     private let cond = NSCondition()

@@ -7,7 +7,7 @@ import Foundation
 /// Read from any thread; paused and resumed by the control thread. Reading the time uses
 /// integer arithmetic only, so vCPU threads may call it without guarding the host FPU flags
 /// that hold the guest's `fflags`.
-public final class VirtualClock: @unchecked Sendable {
+public final class VirtualClock: Sendable {
     /// Ticks per second of `mtime` and the `time` CSR.
     public let frequency: UInt64
     private let lock = Mutex<State>(State())

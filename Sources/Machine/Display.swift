@@ -72,7 +72,7 @@ public struct DisplayRect: Hashable, Sendable, CustomStringConvertible {
 /// The GPU writes into it on the vCPU thread while readers (VNC, screendump) copy out of it on
 /// their own threads; a reader may see a half-updated frame (like a real scanout) but never
 /// freed memory, because it holds a reference for as long as it reads.
-public final class PixelBuffer: @unchecked Sendable {
+public final class PixelBuffer: @unchecked Sendable {  // unchecked: a raw pixel allocation read and written concurrently on purpose (a scanout), freed only by deinit
     /// Start of the pixel memory; valid for the object's life.
     public let bytes: UnsafeMutableRawPointer
     /// Size of the memory in bytes.
@@ -218,7 +218,7 @@ public protocol DisplayListener: AnyObject, Sendable {
 ///
 /// The GPU publishes with `setSurface` / `update`; servers subscribe with `addListener` and send
 /// input with `sendInput`. All methods are thread-safe; listeners run outside the internal lock.
-public final class Display: @unchecked Sendable {
+public final class Display: Sendable {
     /// A name for logs and QMP (`"video0"`, like QEMU's console ids).
     public let id: String
     /// The mode the display starts in before the guest sets one (QEMU's default for virtio-gpu).

@@ -6,7 +6,7 @@ import Synchronization
 /// Owned by the machine; the pointer stays valid for the machine's life. Any thread may read or
 /// write through it (guest memory has no host-side lock, like real DRAM); ordering between
 /// vCPU and device threads follows the guest's own fences plus the host's memory model.
-public final class GuestRAM: @unchecked Sendable {
+public final class GuestRAM: @unchecked Sendable {  // unchecked: raw guest memory, shared by design like DRAM; the bookkeeping vars sit behind Mutexes
     /// Where the RAM starts in guest physical space.
     public let base: GuestPhysicalAddress
     /// Size in bytes (a multiple of 4 KiB).

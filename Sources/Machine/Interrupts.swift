@@ -7,7 +7,7 @@ import Foundation
 /// raise or lower them; the hart's vCPU thread reads them between translation blocks and sleeps
 /// on `waitForInterrupt` during `wfi`. The machine timer compare value lives here too, so the
 /// hart can compute MTIP from the clock without a device round trip.
-public final class HartInterrupts: @unchecked Sendable {
+public final class HartInterrupts: @unchecked Sendable {  // unchecked: `lines` and `exitRequest` are atomics; `wakeups` is guarded by `wakeLock`
     public static let msip: UInt64 = 1 << 3
     public static let mtip: UInt64 = 1 << 7
     public static let seip: UInt64 = 1 << 9

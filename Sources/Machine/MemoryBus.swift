@@ -21,7 +21,7 @@ public protocol MMIODevice: AnyObject {
 /// that a confused guest is visible in `unmappedAccesses` (QEMU's `virt` behaves the same way
 /// for most of its holes). Mapping happens at board assembly or hot-plug, on the control thread
 /// while the vCPUs are paused; lookups happen on vCPU threads.
-public final class MemoryBus: @unchecked Sendable {
+public final class MemoryBus: @unchecked Sendable {  // unchecked: `mappings` changes only on the control thread while every vCPU is stopped
     public struct Mapping {
         public let region: GuestRegion
         public let device: any MMIODevice

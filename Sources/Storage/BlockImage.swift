@@ -73,7 +73,7 @@ public func openImage(path: String, format: ImageFormat? = nil, readOnly: Bool, 
 /// A raw image: the file is the disk, byte for byte.
 ///
 /// Thread-safe (pread/pwrite); discard punches holes.
-public final class RawImage: BlockImage, @unchecked Sendable {
+public final class RawImage: BlockImage, Sendable {
     /// The open host file.
     public let file: HostFile
     public var path: String { file.path }

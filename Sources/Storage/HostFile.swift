@@ -8,7 +8,7 @@ import Darwin
 ///
 /// Thread-safe for positioned reads and writes (pread/pwrite); the owner serializes anything
 /// stateful. Closed on deinit, which also drops its locks.
-public final class HostFile: @unchecked Sendable {
+public final class HostFile: Sendable {
     /// Path as given by the caller.
     public let path: String
     /// The file descriptor (valid for the object's life).

@@ -10,7 +10,7 @@ import Foundation
 /// is gone. The worst outcome of a kill is therefore leaked clusters, never corruption.
 /// Metadata is written through (no dirty caches), so `flush()` is an fsync. Thread-safe: every
 /// public operation takes the image's lock.
-public final class Qcow2Image: BlockImage, @unchecked Sendable {
+public final class Qcow2Image: BlockImage, @unchecked Sendable {  // unchecked: every mutable table and cache is touched only under `lock`
     /// The open image file.
     public let file: HostFile
     /// The header as currently on disk.

@@ -62,7 +62,7 @@ public enum VNCClientEvent: Sendable, Equatable {
 /// encodes and sends updates, and resizes the viewers' desktops when the guest changes mode.
 /// Display callbacks arrive on the vCPU thread and only queue work. Public methods are
 /// thread-safe.
-public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked Sendable {
+public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked Sendable {  // unchecked: the libvncserver vars are touched only on the event thread after `start`; shared state is in `shared`
     /// The display shown.
     public let display: Display
     /// The configuration it was created with.

@@ -7,7 +7,7 @@ import VNC
 
 /// The machine's devices as QMP sees them (`DeviceRegistry`): the display, the VNC server and
 /// the block devices. Immutable after launch; any thread.
-final class MachineDeviceRegistry: DeviceRegistry, @unchecked Sendable {
+final class MachineDeviceRegistry: DeviceRegistry, Sendable {
     private let devices: MachineDevices
     private let vnc: VNCServer?
 

@@ -10,7 +10,7 @@ import Storage
 ///
 /// Built on the main thread before the board (so image errors stop the launch before anything
 /// runs); `close()` runs on the main thread after the machine has stopped.
-final class MachineDevices: @unchecked Sendable {
+final class MachineDevices: Sendable {
     /// One virtio-blk device and its image.
     struct Block {
         let id: String

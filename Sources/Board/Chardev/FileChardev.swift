@@ -11,7 +11,7 @@ import Synchronization
 /// launch in open. A write error (a full disk, `/dev/full`) is reported once through
 /// `report` and the machine keeps running; output that could not be written is counted in
 /// `droppedBytes`.
-public final class FileChardev: CharBackend, @unchecked Sendable {
+public final class FileChardev: CharBackend, Sendable {
     public let id: String
     /// The file being written.
     public let path: String
@@ -111,7 +111,7 @@ public final class FileChardev: CharBackend, @unchecked Sendable {
 /// `inject` feeds input to the guest. Backs QMP `ringbuf-read` and `ringbuf-write`.
 ///
 /// Any thread may call any method.
-public final class RingbufChardev: CharBackend, @unchecked Sendable {
+public final class RingbufChardev: CharBackend, Sendable {
     public let id: String
     /// Capacity in bytes.
     public let size: Int

@@ -5,7 +5,7 @@ import Synchronization
 ///
 /// Both ends are non-blocking and close-on-exec. `signal` may be called from any thread;
 /// `drain` only from the thread that polls `readFD`.
-final class WakePipe: @unchecked Sendable {
+final class WakePipe: Sendable {
     /// The end to include in `poll` with `POLLIN`.
     let readFD: Int32
     private let writeFD: Int32

@@ -11,7 +11,7 @@ import Synchronization
 /// non-blocking send, queues what the peer did not take in a bounded buffer (`outputLimit`
 /// bytes, overflow dropped and counted), and the backend's I/O thread ("chardev ID") flushes the
 /// rest, accepts clients and delivers input to the receiver.
-public final class SocketChardev: CharBackend, @unchecked Sendable {
+public final class SocketChardev: CharBackend, Sendable {
     /// Bytes of output kept for a slow client before newer output is dropped.
     public static let outputLimit = 256 * 1024
 

@@ -12,7 +12,7 @@ import Synchronization
 /// `write` (vCPU thread) only queues into a bounded buffer (`outputLimit`, overflow dropped and
 /// counted); a writer thread ("chardev ID out") writes it out, and a reader thread
 /// ("chardev ID in") delivers input to the receiver.
-public final class StdioChardev: CharBackend, @unchecked Sendable {
+public final class StdioChardev: CharBackend, @unchecked Sendable {  // unchecked: `output`, `outputClosed` and `dropped` are guarded by `outputReady`, the rest by `state`
     /// Bytes of output queued for a slow terminal or pipe before newer output is dropped.
     public static let outputLimit = 1 << 20
 

@@ -13,7 +13,7 @@ import Synchronization
 ///
 /// Threading: windows are accessed from vCPU threads; `plug`/`unplug` run on the control thread
 /// with the vCPUs stopped; the slot table sits behind a `Mutex`.
-public final class PCIeHost: @unchecked Sendable {
+public final class PCIeHost: Sendable {
     /// Devices per bus.
     public static let slotCount = 32
 
@@ -142,7 +142,7 @@ public enum PCIError: Error, Equatable, CustomStringConvertible {
 /// The ECAM configuration window: offset = bus << 20 | device << 15 | function << 12 | register;
 /// a bus other than 0 reaches the device behind the root port whose secondary bus it is.
 /// Absent functions and buses read all ones and ignore writes, as on hardware.
-public final class ECAMWindow: MMIODevice, @unchecked Sendable {
+public final class ECAMWindow: MMIODevice, @unchecked Sendable {  // unchecked: `host` is set once by PCIeHost.init before the window is mapped
     public let name = "pcie-ecam"
     fileprivate weak var host: PCIeHost?
 
@@ -170,7 +170,7 @@ public final class ECAMWindow: MMIODevice, @unchecked Sendable {
 /// PCI address = CPU address, so `pciBase` is the mapping's own base) or the I/O range (PCI I/O
 /// address 0 at the mapping's base). Accesses hitting no BAR read all ones and are dropped,
 /// logged at debug level.
-public final class BARWindow: MMIODevice, @unchecked Sendable {
+public final class BARWindow: MMIODevice, @unchecked Sendable {  // unchecked: `host` is set once in init
     /// The address space of a window.
     public enum Space: Sendable, CustomStringConvertible {
         case memory, io
@@ -211,7 +211,7 @@ public final class BARWindow: MMIODevice, @unchecked Sendable {
 /// The host bridge's own function at 00:00.0, as QEMU's `gpex-root`: Red Hat's PCIe host
 /// (1b36:0008), class 0600 (host bridge), no BARs, no interrupt. Its configuration space is
 /// the host's saved state.
-public final class PCIHostBridgeFunction: PCIFunction, @unchecked Sendable {
+public final class PCIHostBridgeFunction: PCIFunction, Sendable {
     /// The identity QEMU gives its generic PCIe host bridge.
     public static let identity = PCIIdentity(vendorID: 0x1b36, deviceID: 0x0008, revision: 0, classCode: 0x06_0000)
     public let name = "gpex-root 00:00.0"

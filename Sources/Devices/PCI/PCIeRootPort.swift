@@ -19,7 +19,7 @@ public protocol PCIBridge: PCIFunction {
 ///
 /// Threading: configuration accesses on vCPU threads; `plug`, `unplug` and
 /// `pressAttentionButton` on the control thread. State behind a `Mutex`.
-public final class PCIeRootPort: PCIBridge, @unchecked Sendable {
+public final class PCIeRootPort: PCIBridge, Sendable {
     /// The identity QEMU gives `pcie-root-port`.
     public static let identity = PCIIdentity(vendorID: 0x1b36, deviceID: 0x000c, revision: 0, classCode: 0x06_0400,
                                              interruptPin: 1)

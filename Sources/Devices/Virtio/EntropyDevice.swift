@@ -7,7 +7,7 @@ import Synchronization
 /// Requests are served on the vCPU thread that notifies (a buffer is at most a few KiB and the
 /// system generator does not block), so there is nothing to quiesce. The context sits behind a
 /// `Mutex` because `reset` may come from the control thread.
-public final class VirtioEntropy: VirtioDevice, @unchecked Sendable {
+public final class VirtioEntropy: VirtioDevice, Sendable {
     public let name: String
     public let deviceID = Virtio.DeviceID.entropy
     public let deviceFeatures: UInt64 = 0

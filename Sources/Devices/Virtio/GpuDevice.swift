@@ -15,7 +15,7 @@ import Synchronization
 /// RAM, short buffers) get a `VIRTIO_GPU_RESP_ERR_*` answer; a broken ring marks the device
 /// DEVICE_NEEDS_RESET. Driven on the vCPU thread that notifies the queue (the transport
 /// serializes every call); the state is also behind a lock so statistics can be read anywhere.
-public final class VirtioGPU: VirtioDevice, @unchecked Sendable {
+public final class VirtioGPU: VirtioDevice, Sendable {
     /// Command and response codes (`enum virtio_gpu_ctrl_type`).
     public enum Command {
         public static let getDisplayInfo: UInt32 = 0x0100
@@ -71,7 +71,7 @@ public final class VirtioGPU: VirtioDevice, @unchecked Sendable {
     public let hostMemoryLimit: Int
     private let logger: Logger
 
-    private struct Backing: @unchecked Sendable {  // points into guest RAM, which outlives the device
+    private struct Backing: @unchecked Sendable {  // unchecked: points into guest RAM, which outlives the device
         /// The guest-physical address the driver gave (what a saved state keeps).
         var address: GuestPhysicalAddress
         var host: UnsafeMutableRawPointer

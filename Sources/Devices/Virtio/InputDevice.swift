@@ -10,7 +10,7 @@ import Synchronization
 /// FIFO (reports beyond it are dropped and counted). The statusq is drained: LED events update
 /// `Display.keyboardLEDs`. `handle` runs on any thread and the transport calls on the vCPU
 /// thread, so all state, including the eventq, sits behind one lock.
-public final class VirtioInput: VirtioDevice, InputSink, @unchecked Sendable {
+public final class VirtioInput: VirtioDevice, InputSink, Sendable {
     /// Which device this is.
     public enum Kind: Sendable {
         /// "virtio-keyboard-device": EV_KEY for key codes 1-255, EV_LED, EV_REP.

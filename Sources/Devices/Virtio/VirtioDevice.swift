@@ -53,7 +53,7 @@ public protocol VirtioInterrupt: AnyObject, Sendable {
 ///
 /// Immutable; valid until the transport calls the device's `reset()`. The queues themselves are
 /// not thread-safe: each one must be driven by a single thread at a time (the device's I/O thread).
-public struct VirtioContext: @unchecked Sendable {
+public struct VirtioContext: Sendable {
     /// One entry per queue the device declared; `nil` where the driver left the queue disabled.
     public let queues: [Virtqueue?]
     /// Guest memory, which every queue address has been validated against.

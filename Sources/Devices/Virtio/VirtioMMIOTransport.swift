@@ -10,7 +10,7 @@ import Machine
 /// configuration window at 0x100. Register accesses arrive on vCPU threads; interrupts may be
 /// raised from the device's I/O thread. State sits behind `Mutex`es; device callbacks are made
 /// with no transport lock held except `registers`, which serializes them.
-public final class VirtioMMIOTransport: MMIODevice, @unchecked Sendable {
+public final class VirtioMMIOTransport: MMIODevice, Sendable {
     /// Register offsets (virtio 1.2 section 4.2.2).
     public enum Register {
         public static let magic: UInt64 = 0x000, version: UInt64 = 0x004, deviceID: UInt64 = 0x008

@@ -12,7 +12,7 @@ import Synchronization
 /// Negotiation, queues, activation and saved state are `VirtioTransportCore`'s, shared with
 /// virtio-mmio. Threading: config and BAR accesses arrive on vCPU threads, interrupts from the
 /// device's I/O thread; the configuration space sits behind a `Mutex`.
-public final class VirtioPCITransport: PCIFunction, @unchecked Sendable {
+public final class VirtioPCITransport: PCIFunction, Sendable {
     /// Capability `cfg_type` values (section 4.1.4).
     public enum CapabilityType {
         public static let common: UInt8 = 1, notify: UInt8 = 2, isr: UInt8 = 3, device: UInt8 = 4, pciConfig: UInt8 = 5
@@ -105,7 +105,7 @@ public final class VirtioPCITransport: PCIFunction, @unchecked Sendable {
 
     /// The interrupt output the core drives: remembered as pending, passed to the pin unless
     /// the driver set Interrupt Disable, and mirrored in the status register's Interrupt bit.
-    private final class PendingLine: InterruptLine, @unchecked Sendable {
+    private final class PendingLine: InterruptLine, @unchecked Sendable {  // unchecked: `transport` is set once, right after the transport's init, before any access
         weak var transport: VirtioPCITransport?
         func set(_ level: Bool) { transport?.setPending(level) }
     }

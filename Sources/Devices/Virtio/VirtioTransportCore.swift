@@ -11,7 +11,7 @@ import Synchronization
 ///
 /// Threading: register accesses arrive on vCPU threads; interrupts may be raised from the
 /// device's I/O thread. State sits behind `Mutex`es; device callbacks are made with no lock held.
-final class VirtioTransportCore: @unchecked Sendable {
+final class VirtioTransportCore: Sendable {
     /// One queue's configuration as the driver wrote it.
     struct QueueRegisters {
         var num: UInt32 = 0
@@ -34,7 +34,7 @@ final class VirtioTransportCore: @unchecked Sendable {
 
     /// Interrupt state shared with the device's I/O thread. Bit 0: used buffer; bit 1:
     /// configuration change (the same bits in virtio-mmio's InterruptStatus and virtio-pci's ISR).
-    final class Signal: VirtioInterrupt, @unchecked Sendable {
+    final class Signal: VirtioInterrupt, Sendable {
         struct State { var status: UInt32 = 0; var generation: UInt32 = 0; var needsReset = false }
         let state = Mutex(State())
         let line: any InterruptLine

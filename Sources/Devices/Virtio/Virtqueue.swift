@@ -133,7 +133,7 @@ public struct DescriptorChain: Sendable, Equatable {
 /// descriptor when it is read, so a hostile driver produces a `VirtqueueError`, never a host
 /// crash. Not thread-safe: after activation exactly one thread at a time (the device's I/O
 /// thread) pops and completes chains.
-public final class Virtqueue: @unchecked Sendable {
+public final class Virtqueue: @unchecked Sendable {  // unchecked: driven by one thread at a time (the device's I/O thread), as the transport hands it over
     /// Position of this queue in its device.
     public let index: Int
     /// Number of descriptors (and ring entries).

@@ -28,7 +28,7 @@ public struct DriveConfig: Sendable {
 ///
 /// Requests run on a dedicated serial I/O queue per device, never on the vCPU thread; each batch
 /// completes with a used-buffer interrupt. `reset()` waits for the I/O queue to drain.
-public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
+public final class VirtioBlock: VirtioDevice, Sendable {
     /// Request types (virtio 1.2 section 5.2.6).
     public enum RequestType {
         public static let `in`: UInt32 = 0, out: UInt32 = 1, flush: UInt32 = 4, getID: UInt32 = 8
