@@ -6,12 +6,21 @@ public enum ChardevRegistryError: Error, Equatable, CustomStringConvertible {
     case notFound(id: String)
     /// The chardev exists but is not a ring buffer.
     case notARingbuf(id: String)
+    /// No device reads the ring buffer, so written input would go nowhere.
+    case noReader(id: String)
+    /// The guest has not yet taken `waiting` bytes written before, and `bytes` more do not fit
+    /// beside them (the write is refused whole; nothing is dropped).
+    case inputQueueFull(id: String, bytes: Int, waiting: Int)
 
-    /// QEMU's message text ("Device 'x' not found", "x is not a ringbuf device").
+    /// QEMU's message text where QEMU has one ("Device 'x' not found", "x is not a ringbuf
+    /// device").
     public var description: String {
         switch self {
         case .notFound(let id): return "Device '\(id)' not found"
         case .notARingbuf(let id): return "\(id) is not a ringbuf device"
+        case .noReader(let id): return "\(id) has no device reading it"
+        case let .inputQueueFull(id, bytes, waiting):
+            return "\(id): \(bytes) bytes do not fit: the guest has not yet read \(waiting) bytes written before"
         }
     }
 }

@@ -186,7 +186,15 @@ final class MachineChardevs: ChardevRegistry, Sendable {
     }
 
     func writeRingbuf(id: String, bytes: [UInt8]) throws(ChardevRegistryError) {
-        try ringbuf(id).inject(bytes)
+        let ring = try ringbuf(id)
+        do {
+            try ring.inject(bytes)
+        } catch {
+            switch error {
+            case .noReceiver: throw .noReader(id: id)
+            case let .inputQueueFull(count, waiting): throw .inputQueueFull(id: id, bytes: count, waiting: waiting)
+            }
+        }
     }
 
     /// Closes every backend (restores the terminal for stdio).

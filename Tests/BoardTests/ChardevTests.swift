@@ -1,5 +1,6 @@
 import Foundation
 import Machine
+import Devices
 import Synchronization
 import Testing
 @testable import Board
@@ -209,11 +210,35 @@ extension CharBackend {
         #expect(rb.read(maxBytes: 3) == Array("234".utf8))
         #expect(rb.read() == Array("56789".utf8))
         #expect(rb.read().isEmpty)
-        #expect(rb.inject([1]) == false)
+        #expect(throws: RingbufChardev.InjectError.noReceiver) { try rb.inject([1]) }
         let sink = ByteSink()
         rb.setReceiver(sink.receiver)
-        #expect(rb.inject(Array("hi".utf8)))
+        #expect(throws: Never.self) { try rb.inject(Array("hi".utf8)) }
         #expect(sink.value == Array("hi".utf8))
+    }
+
+    /// ringbuf-write's input reaches the guest as fast as the UART takes it, none dropped, and
+    /// a write that does not fit beside what waits is refused whole.
+    @Test func ringbufInputWaitsForTheGuestAndIsNeverDropped() throws {
+        let rb = RingbufChardev(id: "serial0")
+        let uart = Uart16550(irq: IgnoredLine(), backend: rb, inputCapacity: 4096)
+        let payload = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ $0 >> 9) }
+        try rb.inject(payload)
+        #expect(uart.pendingInputBytes == 4096)
+        #expect(rb.pendingInputBytes == payload.count - 4096)
+        let tooMuch = [UInt8](repeating: 0x41, count: RingbufChardev.inputLimit - rb.pendingInputBytes + 1)
+        #expect(throws: RingbufChardev.InjectError.inputQueueFull(bytes: tooMuch.count, waiting: rb.pendingInputBytes)) {
+            try rb.inject(tooMuch)
+        }
+        #expect(rb.pendingInputBytes == payload.count - 4096, "a refused write queued nothing")
+        var received: [UInt8] = []
+        while uart.read(offset: 5, size: 1) & 1 != 0 {  // LSR.DR
+            received.append(UInt8(uart.read(offset: 0, size: 1)))  // RBR
+        }
+        #expect(uart.droppedInputBytes == 0)
+        #expect(received.count == payload.count)
+        let intact = received == payload  // (not inside #expect: it would print the arrays)
+        #expect(intact, "input arrived out of order or corrupted")
     }
 
     @Test func fileTruncatesOrAppends() throws {

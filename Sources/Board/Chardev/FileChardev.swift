@@ -110,17 +110,37 @@ public final class FileChardev: CharBackend, Sendable {
 /// `size` bytes (the oldest bytes are overwritten when it is full), `read` takes it out, and
 /// `inject` feeds input to the guest. Backs QMP `ringbuf-read` and `ringbuf-write`.
 ///
+/// Injected input waits in a bounded queue (`inputLimit`) and reaches the guest only as fast as
+/// the receiver's input gate allows (the UART's receive queue), so none of it is dropped; an
+/// injection that does not fit beside what the guest has not yet taken is refused whole.
+///
 /// Any thread may call any method.
 public final class RingbufChardev: CharBackend, Sendable {
+    /// Input bytes waiting for the guest before `inject` refuses more.
+    public static let inputLimit = 1 << 20
+
     public let id: String
     /// Capacity in bytes.
     public let size: Int
     private let state: Mutex<State>
+    /// Held while input moves from the queue to the receiver, so that two threads delivering
+    /// at once (QMP's and a vCPU's draining the UART) cannot reorder it.
+    private let delivery = Mutex(())
 
     private struct State {
         var buffer: ByteQueue
         var overwritten: UInt64 = 0
         var receiver: (@Sendable ([UInt8]) -> Void)? = nil
+        var inputGate: (@Sendable () -> Int)? = nil
+        var input = ByteQueue(capacity: RingbufChardev.inputLimit)
+    }
+
+    /// Why `inject` refused input.
+    public enum InjectError: Error, Equatable {
+        /// No device reads this chardev.
+        case noReceiver
+        /// `bytes` do not fit beside the `waiting` bytes the guest has not taken yet.
+        case inputQueueFull(bytes: Int, waiting: Int)
     }
 
     /// Creates an empty ring of `size` bytes (at least 1).
@@ -137,6 +157,8 @@ public final class RingbufChardev: CharBackend, Sendable {
     public var count: Int { state.withLock { $0.buffer.count } }
     /// Output bytes lost because the ring was full and overwritten.
     public var overwrittenBytes: UInt64 { state.withLock { $0.overwritten } }
+    /// Injected bytes the guest has not taken yet.
+    public var pendingInputBytes: Int { state.withLock { $0.input.count } }
 
     /// Stores guest output, overwriting the oldest bytes when full. vCPU thread.
     public func write(_ bytes: UnsafeRawBufferPointer) {
@@ -148,21 +170,54 @@ public final class RingbufChardev: CharBackend, Sendable {
         state.withLock { $0.buffer.removeFirst(upTo: max(0, maxBytes)) }
     }
 
-    /// Delivers `bytes` to the guest as if typed on the line; returns false when no device
-    /// has installed a receiver (the bytes are dropped).
-    @discardableResult
-    public func inject(_ bytes: [UInt8]) -> Bool {
-        guard let r = state.withLock({ $0.receiver }) else { return false }
-        if !bytes.isEmpty { r(bytes) }
-        return true
+    /// Queues `bytes` for the guest, as if typed on the line, and delivers what the receiver
+    /// has room for now; the rest follows as the guest reads. All or nothing.
+    public func inject(_ bytes: [UInt8]) throws(InjectError) {
+        let queued = state.withLock { s -> InjectError? in
+            guard s.receiver != nil else { return .noReceiver }
+            guard bytes.count <= Self.inputLimit - s.input.count else {
+                return .inputQueueFull(bytes: bytes.count, waiting: s.input.count)
+            }
+            _ = bytes.withUnsafeBytes { s.input.append($0) }
+            return nil
+        }
+        if let queued { throw queued }
+        deliver()
     }
 
     public func setReceiver(_ receiver: @escaping @Sendable ([UInt8]) -> Void) {
         state.withLock { $0.receiver = receiver }
+        deliver()
     }
 
-    /// Drops the buffered output. Idempotent.
+    /// Input moves to the receiver no faster than `room` says it can take it.
+    public func setInputGate(_ room: @escaping @Sendable () -> Int) {
+        state.withLock { $0.inputGate = room }
+        deliver()
+    }
+
+    /// The receiver has room again: delivers more of the queued input. Any thread.
+    public func inputRoomAvailable() { deliver() }
+
+    /// Drops the buffered output and any input the guest has not taken. Idempotent.
     public func close() {
-        state.withLock { $0.buffer.removeAll() }
+        state.withLock {
+            $0.buffer.removeAll()
+            $0.input.removeAll()
+        }
+    }
+
+    private func deliver() {
+        delivery.withLock { _ in
+            while true {
+                let (chunk, receiver) = state.withLock { s -> ([UInt8], (@Sendable ([UInt8]) -> Void)?) in
+                    guard let r = s.receiver, s.input.count > 0 else { return ([], nil) }
+                    let room = s.inputGate?() ?? s.input.count
+                    return (s.input.removeFirst(upTo: max(0, room)), r)
+                }
+                guard let receiver, !chunk.isEmpty else { return }
+                receiver(chunk)
+            }
+        }
     }
 }

@@ -11,7 +11,7 @@ import Synchronization
 ///
 /// `write` (vCPU thread) only queues into a bounded buffer (`outputLimit`, overflow dropped and
 /// counted); a writer thread ("chardev ID out") writes it out, and a reader thread
-/// ("chardev ID in") delivers input to the receiver.
+/// ("chardev ID in") delivers input to the receiver no faster than its input gate allows.
 public final class StdioChardev: CharBackend, @unchecked Sendable {  // unchecked: `output`, `outputClosed` and `dropped` are guarded by `outputReady`, the rest by `state`
     /// Bytes of output queued for a slow terminal or pipe before newer output is dropped.
     public static let outputLimit = 1 << 20
@@ -37,6 +37,8 @@ public final class StdioChardev: CharBackend, @unchecked Sendable {  // unchecke
 
     private struct State {
         var receiver: (@Sendable ([UInt8]) -> Void)? = nil
+        /// How many input bytes the receiver can take now (see `setInputGate`).
+        var inputGate: (@Sendable () -> Int)? = nil
         var closed = false
     }
 
@@ -82,6 +84,16 @@ public final class StdioChardev: CharBackend, @unchecked Sendable {  // unchecke
         state.withLock { $0.receiver = receiver }
     }
 
+    /// Input is read only as fast as the gate allows: while it says 0 the bytes stay in the
+    /// pipe or terminal, and a writer into a pipe blocks (backpressure, as in QEMU).
+    public func setInputGate(_ room: @escaping @Sendable () -> Int) {
+        state.withLock { $0.inputGate = room }
+        wake.signal()
+    }
+
+    /// Wakes the reader thread to read again. Any thread.
+    public func inputRoomAvailable() { wake.signal() }
+
     /// Queues guest output; never blocks on the terminal. vCPU thread.
     public func write(_ bytes: UnsafeRawBufferPointer) {
         guard bytes.count > 0 else { return }
@@ -121,16 +133,20 @@ public final class StdioChardev: CharBackend, @unchecked Sendable {  // unchecke
         var escape = EscapeDecoder()
         var inputOpen = true
         while !state.withLock({ $0.closed }) {
+            // With no room for input, the input is not polled: it waits in the host until
+            // `inputRoomAvailable` wakes this thread.
+            let room = state.withLock { $0.inputGate }?() ?? buf.count
+            let watchInput = inputOpen && room > 0
             var fds = [pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: inputOpen ? inputFD : -1, events: Int16(POLLIN), revents: 0)]
+                       pollfd(fd: watchInput ? inputFD : -1, events: Int16(POLLIN), revents: 0)]
             let rc = poll(&fds, 2, -1)
             if rc < 0 {
                 if errno == EINTR { continue }
                 return
             }
             if fds[0].revents != 0 { wake.drain() }
-            guard inputOpen, fds[1].revents != 0 else { continue }
-            let n = buf.withUnsafeMutableBytes { Glibc.read(inputFD, $0.baseAddress, $0.count) }
+            guard watchInput, fds[1].revents != 0 else { continue }
+            let n = buf.withUnsafeMutableBytes { Glibc.read(inputFD, $0.baseAddress, min($0.count, room)) }
             if n < 0 && (errno == EINTR || errno == EAGAIN) { continue }
             if n <= 0 {
                 inputOpen = false  // end of input: keep serving output until closed

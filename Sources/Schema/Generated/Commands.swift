@@ -10,7 +10,7 @@ public protocol QMPCommandHandler: Sendable {
     func queryBlock() throws -> [BlockInfo]
     /// `query-chardev`: Lists the character devices.
     func queryChardev() throws -> [ChardevInfo]
-    /// `ringbuf-write`: Sends bytes to the guest through a ring-buffer chardev, as if typed on its serial line.
+    /// `ringbuf-write`: Sends bytes to the guest through a ring-buffer chardev, as if typed on its serial line (QEMU instead stores them in the ring, where ringbuf-read finds them). They reach the guest as fast as it reads its UART, none dropped; up to 1 MiB may wait, and a write that does not fit beside what waits is refused whole with GenericError.
     func ringbufWrite(_ arguments: RingbufWriteArguments) throws
     /// `ringbuf-read`: Takes up to 'size' bytes of guest output from a ring-buffer chardev. With utf8 format, bytes that are not valid UTF-8 come back as U+FFFD.
     func ringbufRead(_ arguments: RingbufReadArguments) throws -> String
