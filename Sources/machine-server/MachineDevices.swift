@@ -3,6 +3,7 @@ import Devices
 import Foundation
 import Logging
 import Machine
+import Net
 import Storage
 
 /// The live devices of one machine: opened images, the virtio devices, the display they share,
@@ -36,7 +37,7 @@ final class MachineDevices: @unchecked Sendable {
 
     /// Opens every image (taking QEMU-compatible locks) and builds every device.
     /// Throws `LaunchError` naming the device (`devices[i]`) and the file.
-    init(_ planned: [PlannedDevice]) throws {
+    init(_ planned: [PlannedDevice], network: MachineNetwork? = nil) throws {
         let needsDisplay = planned.contains { $0.kind == .gpu || $0.kind == .keyboard || $0.kind == .tablet }
         let display = needsDisplay ? Display(id: "video0") : nil
         var blocks: [Block] = []
@@ -48,6 +49,7 @@ final class MachineDevices: @unchecked Sendable {
         var pciDevices: [PCIPlacement] = []
         var blockIndex = 0
         var rngCount = 0
+        var nicCount = 0
         do {
             for p in planned {
                 if case .rootPort(let physicalSlot) = p.kind {
@@ -91,6 +93,13 @@ final class MachineDevices: @unchecked Sendable {
                 case .rng:
                     device = VirtioEntropy(name: "virtio-rng\(rngCount)")
                     rngCount += 1
+                case .net(let netdev, let mac):
+                    let name = "virtio-net\(nicCount)"
+                    nicCount += 1
+                    let backend: any NetworkBackend = netdev.flatMap { network?.netdev($0) } ?? DisconnectedNetwork(id: "\(p.id)-unconnected")
+                    let nic = VirtioNet(mac: mac, backend: backend, name: name, logger: Self.logger("machine.virtio-net"))
+                    network?.addNIC(MachineNetwork.NIC(id: p.id, device: nic, netdev: netdev))
+                    device = nic
                 }
                 switch p.transport {
                 case .mmio:
