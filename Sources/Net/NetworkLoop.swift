@@ -20,6 +20,8 @@ open class NetworkLoop: NetworkBackend, @unchecked Sendable {
     private let tasks = Mutex<[@Sendable () -> Void]>([])
     private let wakeRead: Int32, wakeWrite: Int32
     private let running = Atomic<Bool>(true)
+    /// Set by the loop's thread after its last run of queued tasks.
+    private let finished = Atomic<Bool>(false)
     private let link = Atomic<Bool>(true)
     private var thread: Thread?
     private let done = DispatchSemaphore(value: 0)
@@ -77,9 +79,20 @@ open class NetworkLoop: NetworkBackend, @unchecked Sendable {
             return
         }
         if wait {
+            // The task may be queued just after the loop ran its last tasks: then nobody else
+            // will run it, and the caller does, once (the claim decides who).
             let sem = DispatchSemaphore(value: 0)
-            enqueue { body(); sem.signal() }
-            sem.wait()
+            let claim = Claim()
+            enqueue {
+                if claim.take() { body() }
+                sem.signal()
+            }
+            while sem.wait(timeout: .now() + .milliseconds(100)) == .timedOut {
+                if finished.load(ordering: .acquiring) {
+                    if claim.take() { body() }
+                    return
+                }
+            }
         } else {
             enqueue(body)
         }
@@ -185,6 +198,7 @@ open class NetworkLoop: NetworkBackend, @unchecked Sendable {
         // Tasks queued while stopping still run, so no `perform(wait:)` caller is left waiting.
         for w in tasks.withLock({ t -> [@Sendable () -> Void] in defer { t.removeAll() }; return t }) { w() }
         closeResources()
+        finished.store(true, ordering: .releasing)
     }
 
     public func close() {
@@ -194,10 +208,18 @@ open class NetworkLoop: NetworkBackend, @unchecked Sendable {
             if !onLoopThread { done.wait() }
         } else {
             closeResources()
+            finished.store(true, ordering: .releasing)
         }
         Foundation.close(wakeRead)
         Foundation.close(wakeWrite)
     }
+}
+
+/// Who runs a task queued by `perform(wait: true)`: the loop or, once the loop has ended, the caller.
+private final class Claim: Sendable {
+    private let taken = Atomic<Bool>(false)
+    /// True for the first caller only.
+    func take() -> Bool { !taken.exchange(true, ordering: .acquiringAndReleasing) }
 }
 
 /// The backend of a NIC without a netdev: frames from the guest are dropped and none arrive.

@@ -34,6 +34,8 @@ final class MachineDevices: @unchecked Sendable {
     let transports: [MMIODeviceFactory]
     /// The virtio-pci functions with their slots, for `BoardConfig.pciDevices`.
     let pciDevices: [PCIPlacement]
+    /// The threads behind NICs without a netdev (closed with the devices).
+    let unconnectedBackends: [DisconnectedNetwork]
 
     /// Opens every image (taking QEMU-compatible locks) and builds every device.
     /// Throws `LaunchError` naming the device (`devices[i]`) and the file.
@@ -50,6 +52,7 @@ final class MachineDevices: @unchecked Sendable {
         var blockIndex = 0
         var rngCount = 0
         var nicCount = 0
+        var unconnectedBackends: [DisconnectedNetwork] = []
         do {
             for p in planned {
                 if case .rootPort(let physicalSlot) = p.kind {
@@ -96,7 +99,14 @@ final class MachineDevices: @unchecked Sendable {
                 case .net(let netdev, let mac):
                     let name = "virtio-net\(nicCount)"
                     nicCount += 1
-                    let backend: any NetworkBackend = netdev.flatMap { network?.netdev($0) } ?? DisconnectedNetwork(id: "\(p.id)-unconnected")
+                    let backend: any NetworkBackend
+                    if let n = netdev.flatMap({ network?.netdev($0) }) {
+                        backend = n
+                    } else {
+                        let unconnected = DisconnectedNetwork(id: "\(p.id)-unconnected")
+                        unconnectedBackends.append(unconnected)
+                        backend = unconnected
+                    }
                     let nic = VirtioNet(mac: mac, backend: backend, name: name, logger: Self.logger("machine.virtio-net"))
                     network?.addNIC(MachineNetwork.NIC(id: p.id, device: nic, netdev: netdev))
                     device = nic
@@ -125,8 +135,10 @@ final class MachineDevices: @unchecked Sendable {
             }
         } catch {
             for b in blocks { b.device.reset() }
+            for u in unconnectedBackends { u.close() }
             throw error
         }
+        self.unconnectedBackends = unconnectedBackends
         self.display = display
         self.blocks = blocks
         self.gpu = gpu
@@ -140,6 +152,7 @@ final class MachineDevices: @unchecked Sendable {
     /// Finishes in-flight block requests and flushes every writable image to disk. Call once the
     /// vCPUs have stopped; the images' locks go when the process exits.
     func close() {
+        for u in unconnectedBackends { u.close() }
         for b in blocks {
             b.device.reset()   // drains the device's I/O queue
             if !b.readOnly {

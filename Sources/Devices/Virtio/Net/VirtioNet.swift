@@ -116,8 +116,7 @@ public final class VirtioNet: VirtioDevice, NetworkFrontend, @unchecked Sendable
             broken = false
             rxChains = []
         }
-        link.store(true, ordering: .relaxed)
-        backend.linkUp = true
+        // The link state is the host's (set_link), so a driver reset leaves it as it is.
     }
 
     public func quiesce() {
