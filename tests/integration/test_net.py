@@ -13,6 +13,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -228,6 +229,38 @@ def test_two_machines_on_a_stream_link(tmp_path, servers):
     m = re.search(r"^([0-9a-f]{64})\s+/tmp/f", out_b, re.M)
     assert m and m.group(1) == sum_a, out_b[-2000:]
     assert "connected" in a.hmp("info network")
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-riscv64") is None, reason="qemu-system-riscv64 is not installed")
+def test_a_stream_link_to_qemu(tmp_path, servers):
+    """Our stream netdev speaks QEMU 7.2's -netdev stream framing: our server listens on TCP,
+    qemu-system-riscv64 connects with -netdev stream,server=off, and our guest pings QEMU's."""
+    port = free_port()
+    ours = Server(tmp_path, "ours",
+                  "ip,addr,add,192.168.77.1/24,dev,eth0;ip,link,set,eth0,up;"
+                  "for,i,in,$(seq,1,120);do,ping,-c,1,-W,1,192.168.77.2>/dev/null&&break;done;"
+                  "ping,-c,3,192.168.77.2;echo,pinged,qemu;sleep,3600",
+                  netdevs=[{"type": "stream", "id": "l0", "server": True,
+                            "addr": {"type": "inet", "host": "127.0.0.1", "port": str(port)}}],
+                  devices=[{"driver": "virtio-net-device", "id": "nic0", "netdev": "l0", "mac": "52:54:00:00:01:01"}])
+    servers.append(ours)
+    ours.connect()
+    qemu_log = open(tmp_path / "qemu.log", "wb")
+    qemu = subprocess.Popen(
+        ["qemu-system-riscv64", "-M", "virt", "-smp", "1", "-m", "256M", "-nographic",
+         "-bios", "/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_dynamic.bin",
+         "-kernel", str(KERNEL), "-initrd", str(INITRD),
+         "-append", "console=ttyS0 guest.run=ip,addr,add,192.168.77.2/24,dev,eth0;ip,link,set,eth0,up;sleep,3600",
+         "-netdev", f"stream,id=l0,server=off,addr.type=inet,addr.host=127.0.0.1,addr.port={port}",
+         "-device", "virtio-net-device,netdev=l0,mac=52:54:00:00:01:02"],
+        stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT)
+    try:
+        ours.expect(r"(?m)^pinged qemu", BOOT_TIMEOUT * 1.5)
+        assert "3 packets transmitted, 3 packets received" in ours.text(), ours.text()[-2000:]
+        assert "connected from 127.0.0.1" in ours.hmp("info network")
+    finally:
+        qemu.kill()      # our own child, by its PID
+        qemu.wait()
 
 
 def test_runtime_forwarding_survives_a_restore(tmp_path, servers):
