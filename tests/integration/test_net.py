@@ -172,13 +172,14 @@ def host_http(tmp_path):
 @pytest.mark.parametrize("driver", ["virtio-net-device", "virtio-net-pci"])
 def test_dhcp_download_and_hostfwd(tmp_path, servers, host_http, driver):
     """The guest gets 10.0.2.15 by DHCP, downloads 16 MiB from the host's HTTP server at
-    10.0.2.2 with a matching sha256, and the host reads a page from the guest's httpd through
-    a hostfwd rule of the description."""
+    10.0.2.2 with a matching sha256, reaches a host command through a guestfwd rule, and the
+    host reads a page from the guest's httpd through a hostfwd rule of the description."""
     port, digest = host_http
     fwd = free_port()
     s = Server(tmp_path, "m", f"{DHCP};ip,-4,addr,show,eth0;wget,-q,-O,/tmp/b,http://10.0.2.2:{port}/big.bin;"
-                              f"sha256sum,/tmp/b;{GUEST_HTTPD}",
-               netdevs=[{"type": "user", "id": "n0", "hostfwd": [{"str": f"tcp:127.0.0.1:{fwd}-:80"}]}],
+                              f"sha256sum,/tmp/b;nc,10.0.2.100,1234,</dev/null;{GUEST_HTTPD}",
+               netdevs=[{"type": "user", "id": "n0", "hostfwd": [{"str": f"tcp:127.0.0.1:{fwd}-:80"}],
+                         "guestfwd": [{"str": "tcp:10.0.2.100:1234-cmd:echo from-the-host-command"}]}],
                devices=[{"driver": driver, "id": "nic0", "netdev": "n0", "mac": "52:54:00:12:34:56"}])
     servers.append(s)
     s.connect()
@@ -187,6 +188,7 @@ def test_dhcp_download_and_hostfwd(tmp_path, servers, host_http, driver):
     assert "inet 10.0.2.15/24" in out, out[-3000:]
     m = re.search(r"^([0-9a-f]{64})\s+/tmp/b", out, re.M)
     assert m and m.group(1) == digest, f"sha256 {m and m.group(1)} != {digest}\n{out[-2000:]}"
+    assert re.search(r"(?m)^from-the-host-command", out), out[-2000:]
     assert fetch(fwd).strip() == "guest-page-ok"
     info = s.hmp("info network")
     assert "nic0:" in info and "macaddr=52:54:00:12:34:56" in info and f"tcp:127.0.0.1:{fwd}-:80" in info, info
