@@ -225,6 +225,45 @@ struct TestRing {
         #expect(!nic.linkUp)
     }
 
+    @Test func aQuiescedNICLeavesGuestRAMAlone() throws {
+        var (nic, backend, rx, tx, _) = try make()
+        rx.add(addr: 0x8005_0000, len: 1500, writable: true)
+        nic.quiesce()
+        backend.deliver([UInt8](repeating: 7, count: 100))           // held, not written
+        let frame = Self.udpFrame(payload: [1, 2, 3])
+        try ram.write(Data([UInt8](repeating: 0, count: 12) + frame), at: GuestPhysicalAddress(0x8004_0000))
+        tx.add(addr: 0x8004_0000, len: UInt32(12 + frame.count), writable: false)
+        let ringsBefore = try ram.read(GuestPhysicalAddress(0x8001_0000), count: 0x3_0000)
+        nic.queueNotify(1)
+        nic.queueNotify(0)
+        #expect(try ram.read(GuestPhysicalAddress(0x8001_0000), count: 0x3_0000) == ringsBefore)
+        #expect(backend.sent.isEmpty && backend.held.count == 1)
+        nic.resume()
+        #expect(backend.sent.count == 1 && backend.held.isEmpty)
+        #expect(rx.takeUsed().map(\.1) == [112])
+        #expect(tx.takeUsed().count == 1)
+    }
+
+    /// Random headers and frames from a hostile driver: whatever csum_start/csum_offset say,
+    /// the checksum is written inside the frame or the frame is refused.
+    @Test func checksumRequestsStayInsideTheFrame() {
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<20_000 {
+            let n = Int.random(in: 0...200, using: &rng)
+            var frame = (0..<n).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            let start = Int.random(in: 0...260, using: &rng), offset = Int.random(in: 0...260, using: &rng)
+            let copy = frame
+            let ok = frame.withUnsafeMutableBytes { VirtioNet.insertChecksum($0, start: start, offset: offset) }
+            #expect(frame.count == n)
+            if ok {
+                #expect(start + offset + 2 <= n)
+                #expect(frame.indices.allSatisfy { $0 == start + offset || $0 == start + offset + 1 || frame[$0] == copy[$0] })
+            } else {
+                #expect(frame == copy)
+            }
+        }
+    }
+
     @Test func parseAndFormatMAC() {
         #expect(VirtioNet.parseMAC("52:54:00:12:34:56") == Self.mac)
         #expect(VirtioNet.format(Self.mac) == "52:54:00:12:34:56")
