@@ -366,3 +366,28 @@ def test_a_bad_network_description_is_refused(tmp_path):
     err = launch([{"type": "user", "id": "n0"}],
                  [{"driver": "virtio-net-device", "netdev": "n0"}, {"driver": "virtio-net-device", "netdev": "n0"}])
     assert "devices[1].netdev" in err and "in use" in err, err
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed")
+def test_savevm_loadvm_brings_a_removed_forward_back(tmp_path, servers):
+    """A forward added with hostfwd_add is in the internal snapshot savevm writes into the qcow2
+    disk: after hostfwd_remove the port is closed, and loadvm makes it reach the guest again."""
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    s = Server(tmp_path, "s", f"{DHCP};{GUEST_HTTPD}", netdevs=[{"type": "user", "id": "n0"}],
+               devices=[{"driver": "virtio-net-device", "id": "nic0", "netdev": "n0"},
+                        {"driver": "virtio-blk-device", "id": "disk0", "drive": {"file": str(disk), "format": "qcow2"}}])
+    servers.append(s)
+    s.connect()
+    s.expect(r"(?m)^httpd up", BOOT_TIMEOUT)
+    port = free_port()
+    assert s.hmp(f"hostfwd_add tcp:127.0.0.1:{port}-:80") == ""
+    assert fetch(port).strip() == "guest-page-ok"
+    assert s.hmp("savevm net") == ""
+    assert s.hmp(f"hostfwd_remove tcp:127.0.0.1:{port}") == ""
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert "not found" in s.hmp(f"hostfwd_remove tcp:127.0.0.1:{port}")
+    assert s.hmp("loadvm net") == ""
+    assert fetch(port).strip() == "guest-page-ok"
+    assert s.cmd("query-status")["status"] == "running"
