@@ -108,7 +108,7 @@ final class MachineDevices: @unchecked Sendable {
                         backend = unconnected
                     }
                     let nic = VirtioNet(mac: mac, backend: backend, name: name, logger: Self.logger("machine.virtio-net"))
-                    network?.addNIC(MachineNetwork.NIC(id: p.id, device: nic, netdev: netdev))
+                    network?.addNIC(MachineNetwork.NIC(id: p.id, driver: p.driver, device: nic, netdev: netdev))
                     device = nic
                 }
                 switch p.transport {

@@ -40,6 +40,8 @@ final class MachineNetwork: NetworkRegistry, @unchecked Sendable {
     /// One NIC: its id (explicit or generated), the device, and the netdev it uses.
     struct NIC {
         let id: String
+        /// "virtio-net-device" or "virtio-net-pci".
+        let driver: String
         let device: VirtioNet
         let netdev: String?
     }
@@ -162,7 +164,7 @@ final class MachineNetwork: NetworkRegistry, @unchecked Sendable {
         var out = ""
         for n in nics {
             let s = n.device.statistics
-            out += "\(n.id): index=0,type=nic,model=virtio-net,macaddr=\(VirtioNet.format(n.device.mac))"
+            out += "\(n.id): index=0,type=nic,model=\(n.driver),macaddr=\(VirtioNet.format(n.device.mac))"
                 + (n.device.linkUp ? "" : " [link=down]") + "\r\n"
             out += " frames rx=\(s.rxFrames) tx=\(s.txFrames) dropped rx=\(s.rxDropped) tx=\(s.txDropped)\r\n"
             if let id = n.netdev, let b = netdevs.first(where: { $0.id == id }) {
