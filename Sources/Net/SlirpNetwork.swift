@@ -93,7 +93,7 @@ public final class SlirpNetwork: NetworkLoop, StatefulDevice, @unchecked Sendabl
         cfg.vdomainname = UnsafePointer(domain)
         slirp = slirp_new(&cfg, callbacks, Unmanaged.passUnretained(self).toOpaque())
         guard slirp != nil else {
-            callbacks.deallocate()
+            close()
             throw NetError("netdev '\(id)': libslirp refused the configuration")
         }
         do {
@@ -105,7 +105,7 @@ public final class SlirpNetwork: NetworkLoop, StatefulDevice, @unchecked Sendabl
                 }
             }
         } catch {
-            closeResources()
+            close()   // no thread yet: releases libslirp and the wake pipe here
             throw error as! NetError
         }
         start()
@@ -126,11 +126,9 @@ public final class SlirpNetwork: NetworkLoop, StatefulDevice, @unchecked Sendabl
 
     /// The host forwarding rules now in force, in the order they were added.
     public var hostForwards: [HostForward] {
-        var out: [HostForward] = []
         let box = UnsafeSendableBox(value: [HostForward]())
         perform(wait: true) { box.value = self.forwards }
-        out = box.value
-        return out
+        return box.value
     }
 
     private func addForwardOnLoop(_ f: HostForward) throws(NetError) {
@@ -235,9 +233,6 @@ public final class SlirpNetwork: NetworkLoop, StatefulDevice, @unchecked Sendabl
         if let slirp { slirp_cleanup(slirp) }
         slirp = nil
         timers = [:]
-        if callbacks.pointee.send_packet != nil {
-            callbacks.pointee = SlirpCb()
-        }
     }
 
     deinit { callbacks.deallocate() }

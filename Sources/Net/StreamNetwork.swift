@@ -60,7 +60,12 @@ public final class StreamNetwork: NetworkLoop, @unchecked Sendable {
         self.reconnect = reconnect
         super.init(id: id)
         if server {
-            listener = try Self.listen(address)
+            do {
+                listener = try Self.listen(address)
+            } catch {
+                super.close()
+                throw error
+            }
         } else {
             do {
                 try connectNow()
