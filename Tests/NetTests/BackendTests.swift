@@ -124,6 +124,25 @@ final class CollectingFrontend: NetworkFrontend, @unchecked Sendable {
         #expect(server.summary.contains("connected"))
     }
 
+    @Test func aReconnectingClientFindsAServerThatStartsLater() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("net-\(UUID().uuidString.prefix(8)).sock").path
+        let client = try StreamNetwork(id: "c", address: .unix(path: path), server: false, reconnect: 1)
+        defer { client.close() }
+        #expect(client.summary.hasPrefix("connecting to"))
+        let server = try StreamNetwork(id: "s", address: .unix(path: path), server: true)
+        defer { server.close() }
+        let a = CollectingFrontend()
+        server.attach(a)
+        let frame = Self.arpRequest()
+        var delivered = false
+        for _ in 0..<100 where !delivered {
+            client.perform(wait: true) { frame.withUnsafeBytes { client.send($0) } }
+            delivered = a.arrived.wait(timeout: .now() + 0.1) == .success
+        }
+        #expect(delivered)
+        #expect(client.summary.hasPrefix("connected to"))
+    }
+
     @Test func aClientWithNoPeerFailsClearly() {
         #expect(throws: NetError.self) {
             _ = try StreamNetwork(id: "c", address: .unix(path: "/nonexistent/dir/x.sock"), server: false)

@@ -301,6 +301,10 @@ def test_runtime_forwarding_survives_a_restore(tmp_path, servers):
     r = s.raw("netdev_add", type="user", id="bad", hostfwd=[{"str": f"tcp:127.0.0.1:{busy.getsockname()[1]}-:80"}])
     assert "Could not set up host forwarding rule" in r["error"]["desc"], r
     busy.close()
+    r = s.raw("netdev_add", type="stream", id="st", addr={"type": "unix", "path": str(tmp_path / "nobody.sock")})
+    assert "Failed to connect to unix:" in r["error"]["desc"], r
+    r = s.raw("netdev_add", type="stream", id="st", addr={"type": "inet", "host": "127.0.0.1", "port": "http"})
+    assert "Parameter 'addr.port'" in r["error"]["desc"], r
     assert "Invalid host forwarding rule" in s.hmp("hostfwd_add n0 tcp:x:1-:80")
     assert "not found" in s.hmp("hostfwd_add nope tcp::1-:80")
     r = s.raw("set_link", name="nope", up=False)
