@@ -264,6 +264,21 @@ struct TestRing {
         }
     }
 
+    @Test func nonsenseDescriptorsStopTheNICWithAReason() throws {
+        var (nic, backend, rx, tx, irq) = try make()
+        tx.add(addr: 0x7000_0000, len: 64, writable: false)          // below guest RAM
+        nic.queueNotify(1)
+        let reasons = irq.resets.withLock { $0 }
+        #expect(reasons.count == 1 && reasons[0].contains("not inside guest RAM"), "\(reasons)")
+        #expect(backend.sent.isEmpty)
+        // The device stays stopped (until the driver resets it) and touches nothing more.
+        rx.add(addr: 0x8005_0000, len: 1500, writable: true)
+        backend.deliver([UInt8](repeating: 1, count: 60))
+        nic.queueNotify(1)
+        #expect(rx.takeUsed().isEmpty && irq.resets.withLock { $0 }.count == 1)
+        nic.reset()
+    }
+
     @Test func parseAndFormatMAC() {
         #expect(VirtioNet.parseMAC("52:54:00:12:34:56") == Self.mac)
         #expect(VirtioNet.format(Self.mac) == "52:54:00:12:34:56")
