@@ -10,8 +10,11 @@ import Synchronization
 /// everything else (the subclass hooks, `deliver`, `send`) runs on the loop's own thread.
 /// Subclasses override `fillPoll`, `handlePoll`, `send`, `summary` and `closeResources`.
 open class NetworkLoop: NetworkBackend, @unchecked Sendable {
+    /// The netdev id.
     public let id: String
+    /// QEMU's type name of the backend ("user", "stream"; "none" for an unconnected NIC).
     open var kind: String { "none" }
+    /// One line for `info network`.
     open var summary: String { kind }
 
     /// Most frames held for a NIC without receive buffers; more are dropped (TCP resends them).
@@ -59,6 +62,7 @@ open class NetworkLoop: NetworkBackend, @unchecked Sendable {
         t.start()
     }
 
+    /// Whether the link is up (`set_link`); while down, frames are dropped both ways.
     public var linkUp: Bool {
         get { link.load(ordering: .relaxed) }
         set { link.store(newValue, ordering: .relaxed) }

@@ -23,8 +23,11 @@ public enum StreamAddress: Sendable, Equatable, CustomStringConvertible {
 ///
 /// Threading: the socket is read and written on the loop thread only.
 public final class StreamNetwork: NetworkLoop, @unchecked Sendable {
+    /// Where it listens or connects.
     public let address: StreamAddress
+    /// Listen (true) or connect (false).
     public let server: Bool
+    /// For a client: seconds between connection attempts; 0 never retries.
     public let reconnect: Int
 
     /// Bytes queued for the peer beyond which frames from the guest are dropped.

@@ -154,10 +154,15 @@ public struct GuestForward: Hashable, Sendable, CustomStringConvertible {
 /// with QEMU's defaults (network 10.0.2.0/24, gateway and host 10.0.2.2, DNS 10.0.2.3, DHCP from
 /// 10.0.2.15).
 public struct UserNetworkOptions: Sendable, Equatable {
+    /// The guest network's address (its host bits zero).
     public var network = IPv4Address(0x0A00_0200)
+    /// The network's prefix length (1...30).
     public var prefixLength = 24
+    /// The host's (and gateway's) address in the guest network.
     public var host = IPv4Address(0x0A00_0202)
+    /// The DNS server's address in the guest network.
     public var dns = IPv4Address(0x0A00_0203)
+    /// The first address DHCP hands out.
     public var dhcpStart = IPv4Address(0x0A00_020F)
     /// Isolate the guest from the host and outside (only forwards reach it).
     public var restrict = false
@@ -165,7 +170,9 @@ public struct UserNetworkOptions: Sendable, Equatable {
     public var hostname: String?
     /// The DNS search domain DHCP hands out.
     public var domainName: String?
+    /// Host ports forwarded into the guest.
     public var hostForwards: [HostForward] = []
+    /// Guest connections served by host commands.
     public var guestForwards: [GuestForward] = []
 
     /// The network mask.
