@@ -218,7 +218,7 @@ def test_two_machines_on_a_stream_link(tmp_path, servers):
                "for,i,in,$(seq,1,120);do,ping,-c,1,-W,1,192.168.76.1>/dev/null&&break;done;"
                "ping,-c,3,192.168.76.1;"
                "for,i,in,$(seq,1,60);do,wget,-q,-O,/tmp/f,http://192.168.76.1/f&&break;sleep,1;done;"
-               "sha256sum,/tmp/f;echo,b,done",
+               "sha256sum,/tmp/f;echo,b,done;sleep,3600",
                netdevs=[{"type": "stream", "id": "l0", "addr": {"type": "unix", "path": str(sock)}}],
                devices=[{"driver": "virtio-net-pci", "id": "nic0", "netdev": "l0", "mac": "52:54:00:00:00:02"}])
     servers.append(b)
