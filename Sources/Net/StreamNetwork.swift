@@ -30,6 +30,8 @@ public final class StreamNetwork: NetworkLoop, @unchecked Sendable {
     /// For a client: seconds between connection attempts; 0 never retries.
     public let reconnect: Int
 
+    /// How long one connection attempt may take.
+    static let connectTimeoutMs = 5000
     /// Bytes queued for the peer beyond which frames from the guest are dropped.
     static let outputLimit = 4 << 20
 
@@ -144,17 +146,34 @@ public final class StreamNetwork: NetworkLoop, @unchecked Sendable {
         throw NetError("Failed to listen on \(a): \(last)")
     }
 
-    private func connectNow() throws(NetError) {
+    /// Connects, waiting at most `timeoutMs` (the loop thread waits only briefly: the NIC's queues wait with it).
+    private func connectNow(timeoutMs: Int = StreamNetwork.connectTimeoutMs) throws(NetError) {
         var last = "no address"
         for (family, addr) in try Self.sockaddrs(address) {
             let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
             guard fd >= 0 else { last = String(cString: strerror(errno)); continue }
-            let ok = addr.withUnsafeBytes { Glibc.connect(fd, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t($0.count)) } == 0
-            if ok {
+            // Non-blocking, with a time limit: an unreachable host must not hold the launch or a
+            // QMP netdev_add for the kernel's whole SYN timeout.
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            var rc = addr.withUnsafeBytes { Glibc.connect(fd, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t($0.count)) }
+            var err = rc == 0 ? 0 : errno
+            if rc != 0 && err == EINPROGRESS {
+                var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                rc = poll(&p, 1, Int32(timeoutMs))
+                if rc == 1 {
+                    var soError: Int32 = 0
+                    var len = socklen_t(MemoryLayout<Int32>.size)
+                    getsockopt(fd, SOL_SOCKET, SO_ERROR, &soError, &len)
+                    err = soError
+                } else {
+                    err = ETIMEDOUT
+                }
+            }
+            if err == 0 {
                 adopt(fd)
                 return
             }
-            last = String(cString: strerror(errno))
+            last = String(cString: strerror(err))
             Glibc.close(fd)
         }
         throw NetError("Failed to connect to \(address): \(last)")
@@ -266,7 +285,7 @@ public final class StreamNetwork: NetworkLoop, @unchecked Sendable {
             if conn >= 0, r & Int16(POLLIN | POLLHUP | POLLERR) != 0 { readAvailable() }
         }
         if conn < 0, listener < 0, !server, reconnect > 0, Self.nowMs() >= nextAttempt {
-            do { try connectNow() } catch { nextAttempt = Self.nowMs() + Int64(reconnect) * 1000 }
+            do { try connectNow(timeoutMs: 100) } catch { nextAttempt = Self.nowMs() + Int64(reconnect) * 1000 }
         }
     }
 
