@@ -22,6 +22,8 @@ let package = Package(
         .systemLibrary(name: "CJansson", pkgConfig: "jansson", providers: [.apt(["libjansson-dev"])]),
         .systemLibrary(name: "CVNCServer", pkgConfig: "libvncserver", providers: [.apt(["libvncserver-dev"])]),
         .systemLibrary(name: "CZlib", providers: [.apt(["zlib1g-dev"])]),
+        // libslirp without pkg-config (its .pc file requires glib-2.0's; the header needs no glib).
+        .systemLibrary(name: "CSlirp", providers: [.apt(["libslirp-dev"])]),
 
         // Atomic read-modify-write on guest RAM for AMOs and LR/SC across vCPU threads.
         .target(name: "CAtomics"),
@@ -36,6 +38,8 @@ let package = Package(
         // Devices: UART, ACLINT, PLIC, test device, RTC, HTIF, virtio transport and devices.
         .target(name: "Devices", dependencies: ["Machine", "Storage", .product(name: "Logging", package: "swift-log")],
                 swiftSettings: optimized),
+        // Network backends (netdevs): user-mode NAT on libslirp, stream sockets between machines.
+        .target(name: "Net", dependencies: ["Machine", "CSlirp"]),
         // Board assembly: the `virt` layout, device tree, boot loading, the running machine.
         .target(name: "Board", dependencies: ["Machine", "Translator", "Devices", "Storage", "CZlib",
                                              .product(name: "Logging", package: "swift-log")]),
@@ -56,7 +60,7 @@ let package = Package(
         .executableTarget(
             name: "machine-server",
             dependencies: [
-                "Machine", "Translator", "Devices", "Board", "Schema", "QMP", "VNC", "Storage",
+                "Machine", "Translator", "Devices", "Board", "Schema", "QMP", "VNC", "Storage", "Net",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
@@ -71,6 +75,7 @@ let package = Package(
         .testTarget(name: "BoardTests", dependencies: ["Board", "Machine", "Devices", "Translator", "FuzzSupport"]),
         .testTarget(name: "SchemaTests", dependencies: ["Schema", "FuzzSupport"]),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "Schema", "Machine", "FuzzSupport"]),
+        .testTarget(name: "NetTests", dependencies: ["Net", "Machine", "FuzzSupport"]),
         .testTarget(name: "VNCTests", dependencies: ["VNC", "Machine", "FuzzSupport"]),
     ]
 )

@@ -138,6 +138,17 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
         }
     }
 
+    /// Adds a device with no window (a network backend, at launch or from `netdev_add`) to the
+    /// device manager, so it takes part in reset and saved state. Runs on the control queue.
+    public func addManagedDevice(_ device: any ManagedDevice) throws {
+        try onControl { try board.deviceManager.register(device) }
+    }
+
+    /// Removes what `addManagedDevice` added (`netdev_del`). Runs on the control queue.
+    public func removeManagedDevice(_ device: any ManagedDevice) {
+        onControl { board.deviceManager.unregister(device) }
+    }
+
     /// Tells the machine which disks it has, for internal snapshots. Any thread.
     public func setSnapshotDisks(_ list: [SnapshotDisk]) { disks.withLock { $0 = list } }
 

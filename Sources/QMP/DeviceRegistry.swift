@@ -73,4 +73,11 @@ public protocol DeviceRegistry: AnyObject, Sendable {
     func inputDevice(id: String) -> (any InputSink)?
     /// Every virtio block device, in slot order.
     func blockDevices() -> [BlockDeviceStatus]
+    /// The netdevs and NICs, or nil for a machine without network support.
+    var network: (any NetworkRegistry)? { get }
+}
+
+extension DeviceRegistry {
+    /// Registries that predate networking have none.
+    public var network: (any NetworkRegistry)? { nil }
 }

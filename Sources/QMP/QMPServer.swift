@@ -352,6 +352,8 @@ final class QMPChannelHandler: ChannelDuplexHandler {
     private var waitingHead = 0
     private var inFlight = 0
     private var readWithheld = false
+    /// The index in `waiting` of the capabilities reply, until it has been handed to the connection.
+    private var negotiationReply: Int?
 
     init(server: QMPServer) {
         self.server = server
@@ -368,8 +370,23 @@ final class QMPChannelHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = unwrapInboundIn(data)
         guard let c = connection else { return }
+        let wasNegotiated = session.negotiated
         let actions = session.receive(buffer.readableBytesView)
-        if session.negotiated && !c.isNegotiated { c.markNegotiated() }
+        if !wasNegotiated && session.negotiated {
+            // Events may go out only after the capabilities reply: mark the connection
+            // negotiated once that reply is on the channel, not when the request is read
+            // (an event emitted in between used to overtake the reply, which clients such as
+            // qemu.qmp reject). Before negotiation every other reply is an error, so the
+            // capabilities reply is the first one with "return".
+            if let i = actions.firstIndex(where: { a in
+                if case .send(let m) = a, m.objectValue?["return"] != nil { return true }
+                return false
+            }) {
+                negotiationReply = waiting.count + i
+            } else {
+                c.markNegotiated()
+            }
+        }
         waiting += actions
         pump(context: context)
     }
@@ -392,6 +409,7 @@ final class QMPChannelHandler: ChannelDuplexHandler {
         connection = nil
         waiting = []
         waitingHead = 0
+        negotiationReply = nil
         context.fireChannelInactive()
     }
 
@@ -409,11 +427,14 @@ final class QMPChannelHandler: ChannelDuplexHandler {
         guard let c = connection else { return }
         while waitingHead < waiting.count && inFlight < Self.maxInFlight && context.channel.isWritable {
             let action = waiting[waitingHead]
+            let completesNegotiation = negotiationReply == waitingHead
+            if completesNegotiation { negotiationReply = nil }
             waitingHead += 1
             inFlight += 1
             let loop = context.eventLoop
             let bound = NIOLoopBound((self, context), eventLoop: loop)
             c.perform(action) {
+                if completesNegotiation { c.markNegotiated() }
                 loop.execute {
                     let (handler, ctx) = bound.value
                     handler.inFlight -= 1

@@ -1,3 +1,4 @@
+import Devices
 import Foundation
 import Schema
 
@@ -19,6 +20,8 @@ struct PlannedDevice: Equatable {
         case rng
         /// A pcie-root-port with a hot-plug slot showing `physicalSlot`.
         case rootPort(physicalSlot: Int)
+        /// virtio-net with this MAC, on the netdev with this id (nil: no cable).
+        case net(netdev: String?, mac: [UInt8])
     }
 
     /// Which transport carries the device.
@@ -51,6 +54,7 @@ struct PlannedDevice: Equatable {
         case .tablet: return (pci ? DeviceDriver.virtioTabletPci : .virtioTabletDevice).rawValue
         case .rng: return (pci ? DeviceDriver.virtioRngPci : .virtioRngDevice).rawValue
         case .rootPort: return DeviceDriver.pcieRootPort.rawValue
+        case .net: return (pci ? DeviceDriver.virtioNetPci : .virtioNetDevice).rawValue
         }
     }
 
@@ -145,7 +149,8 @@ struct PlannedDevice: Equatable {
     /// - `resolve` makes a description path absolute.
     /// - `vnc` is the VNC display's origin ("display.vnc" or "--vnc") when one is configured.
     /// Throws `LaunchError` naming `devices[i]` and the member at fault.
-    static func plan(_ devices: [DeviceDescription], vnc: String?, resolve: (String) -> String) throws -> [PlannedDevice] {
+    static func plan(_ devices: [DeviceDescription], vnc: String?, netdevs: [String] = [],
+                     resolve: (String) -> String) throws -> [PlannedDevice] {
         var planned: [PlannedDevice] = []
         var ids: [String: Int] = [:]
         var files: [String: Int] = [:]
@@ -154,6 +159,31 @@ struct PlannedDevice: Equatable {
         var ports: [String: Int] = [:]            // root port id -> devices[i]
         var portChildren: [String: Int] = [:]     // root port id -> devices[i] plugged into it
         var portRequests: [Int: String] = [:]     // index in `planned` -> root port id
+        var netdevUsers: [String: Int] = [:]      // netdev id -> devices[i] of the NIC using it
+        var nicCount = 0
+        /// Checks a NIC's netdev and MAC (QEMU's default MAC counts up from 52:54:00:12:34:56).
+        func nic(netdev: String?, mac: String?, field: String, driver: String) throws -> Kind {
+            if let netdev {
+                guard netdevs.contains(netdev) else {
+                    throw LaunchError("\(field).netdev: Property '\(driver).netdev' can't find value '\(netdev)' (netdevs has no such id)")
+                }
+                if let other = netdevUsers[netdev] {
+                    throw LaunchError("\(field).netdev: Property '\(driver).netdev' can't use value '\(netdev)', it's in use by devices[\(other)]")
+                }
+            }
+            let address: [UInt8]
+            if let mac {
+                guard let m = VirtioNet.parseMAC(mac) else {
+                    throw LaunchError("\(field).mac: '\(mac)' is not a MAC address (six hex bytes separated by ':', e.g. 52:54:00:12:34:56)")
+                }
+                guard m[0] & 1 == 0 else { throw LaunchError("\(field).mac: '\(mac)' is a multicast address; a NIC needs a unicast one") }
+                address = m
+            } else {
+                address = [0x52, 0x54, 0x00, 0x12, 0x34, UInt8(truncatingIfNeeded: 0x56 + nicCount)]
+            }
+            nicCount += 1
+            return .net(netdev: netdev, mac: address)
+        }
         for (i, d) in devices.enumerated() {
             let field = "devices[\(i)]"
             let kind: Kind
@@ -175,6 +205,13 @@ struct PlannedDevice: Equatable {
             case .virtioRngDevice(let o):
                 explicitID = o.id
                 kind = .rng
+            case .virtioNetDevice(let o):
+                explicitID = o.id
+                kind = try nic(netdev: o.netdev, mac: o.mac, field: field, driver: d.driver.rawValue)
+            case .virtioNetPci(let o):
+                explicitID = o.id
+                kind = try nic(netdev: o.netdev, mac: o.mac, field: field, driver: d.driver.rawValue)
+                pciRequest = try pciAddress(bus: o.bus, addr: o.addr, field: field, ports: ports)
             case .virtioBlkPci(let o):
                 explicitID = o.id
                 kind = try block(o.drive, field: field, index: i, files: &files, resolve: resolve)
@@ -200,6 +237,7 @@ struct PlannedDevice: Equatable {
                 }
                 ports[o.id] = i
             }
+            if case .net(let netdev?, _) = kind { netdevUsers[netdev] = i }
             if kind == .gpu {
                 if let first = planned.firstIndex(where: { $0.kind == .gpu }) {
                     throw LaunchError("\(field): only one GPU is supported (devices[\(first)] is one already)")

@@ -10,11 +10,15 @@ import VNC
 final class MachineDeviceRegistry: DeviceRegistry, Sendable {
     private let devices: MachineDevices
     private let vnc: VNCServer?
+    private let machineNetwork: MachineNetwork?
 
-    init(devices: MachineDevices, vnc: VNCServer?) {
+    init(devices: MachineDevices, vnc: VNCServer?, network: MachineNetwork? = nil) {
         self.devices = devices
         self.vnc = vnc
+        self.machineNetwork = network
     }
+
+    var network: (any NetworkRegistry)? { machineNetwork }
 
     var display: Display? { devices.display }
 

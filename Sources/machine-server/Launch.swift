@@ -45,7 +45,10 @@ struct Launch {
 
         // Images are opened (and locked) before the board, so a busy or broken image stops the
         // launch with a message naming the device; they are flushed once the machine has ended.
-        let devices = try MachineDevices(plan.devices)
+        // Netdevs bind their forwarded ports before anything runs, so a port in use stops the launch.
+        let network = try MachineNetwork(plan.netdevs)
+        defer { network.close() }
+        let devices = try MachineDevices(plan.devices, network: network)
         defer { devices.close() }
 
         let machine: VirtualMachine
@@ -57,9 +60,15 @@ struct Launch {
             throw LaunchError("\(error)")
         }
         machineBox.set(machine)
+        do {
+            try network.attach(to: machine)
+        } catch {
+            throw LaunchError("netdevs: \(error)")
+        }
         machine.setSnapshotDisks(devices.blocks.map { SnapshotDisk(id: $0.id, image: $0.image, readOnly: $0.readOnly) })
 
-        let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, plan: plan)
+        let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, network: network,
+                                                plan: plan)
         defer { servers.shutdown() }
 
         do {
@@ -124,7 +133,7 @@ struct ProtocolServers {
     /// The VNC server binds first, QMP starts, then VNC starts serving with its connection
     /// events forwarded to QMP clients.
     static func start(machine: VirtualMachine, chardevs: MachineChardevs, devices: MachineDevices,
-                      plan: LaunchPlan) throws -> ProtocolServers {
+                      network: MachineNetwork? = nil, plan: LaunchPlan) throws -> ProtocolServers {
         var vnc: VNCServer? = nil
         let field = plan.vncFromCommandLine ? "--vnc" : "display.vnc"
         if let v = plan.vnc, let display = devices.display {
@@ -139,7 +148,7 @@ struct ProtocolServers {
                 throw LaunchError("\(field): \(error)")
             }
         }
-        let registry = MachineDeviceRegistry(devices: devices, vnc: vnc)
+        let registry = MachineDeviceRegistry(devices: devices, vnc: vnc, network: network)
         var qmp: QMPServer? = nil
         if !plan.qmp.isEmpty {
             let server = QMPServer(control: machine, chardevs: chardevs, devices: registry)

@@ -27,6 +27,8 @@ struct LaunchPlan {
     var vncFromCommandLine: Bool
     /// The devices in slot order, checked (including what a VNC display adds automatically).
     var devices: [PlannedDevice]
+    /// The network backends, in description order (their options are checked when they are built).
+    var netdevs: [Netdev]
     /// `--incoming URI|defer`: load a saved state (or wait for migrate-incoming) instead of booting.
     var incoming: String?
 
@@ -150,7 +152,14 @@ struct LaunchPlan {
         }
         vncFromCommandLine = options.vnc != nil
         let vncOrigin = options.vnc != nil ? "--vnc" : (vnc != nil ? "display.vnc" : nil)
-        devices = try PlannedDevice.plan(d.devices ?? [], vnc: vncOrigin, resolve: resolve)
+        netdevs = d.netdevs ?? []
+        var netdevIDs: [String: Int] = [:]
+        for (i, n) in netdevs.enumerated() {
+            guard !n.id.isEmpty else { throw LaunchError("netdevs[\(i)].id: an id must not be empty") }
+            if let other = netdevIDs[n.id] { throw LaunchError("netdevs[\(i)].id: Duplicate ID '\(n.id)' for netdev (also netdevs[\(other)])") }
+            netdevIDs[n.id] = i
+        }
+        devices = try PlannedDevice.plan(d.devices ?? [], vnc: vncOrigin, netdevs: netdevs.map(\.id), resolve: resolve)
     }
 
     /// The chardev SPEC for the description's `serial` member (default: stdio).

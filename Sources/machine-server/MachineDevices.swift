@@ -3,6 +3,7 @@ import Devices
 import Foundation
 import Logging
 import Machine
+import Net
 import Storage
 
 /// The live devices of one machine: opened images, the virtio devices, the display they share,
@@ -33,10 +34,12 @@ final class MachineDevices: Sendable {
     let transports: [MMIODeviceFactory]
     /// The virtio-pci functions with their slots, for `BoardConfig.pciDevices`.
     let pciDevices: [PCIPlacement]
+    /// The threads behind NICs without a netdev (closed with the devices).
+    let unconnectedBackends: [DisconnectedNetwork]
 
     /// Opens every image (taking QEMU-compatible locks) and builds every device.
     /// Throws `LaunchError` naming the device (`devices[i]`) and the file.
-    init(_ planned: [PlannedDevice]) throws {
+    init(_ planned: [PlannedDevice], network: MachineNetwork? = nil) throws {
         let needsDisplay = planned.contains { $0.kind == .gpu || $0.kind == .keyboard || $0.kind == .tablet }
         let display = needsDisplay ? Display(id: "video0") : nil
         var blocks: [Block] = []
@@ -48,6 +51,8 @@ final class MachineDevices: Sendable {
         var pciDevices: [PCIPlacement] = []
         var blockIndex = 0
         var rngCount = 0
+        var nicCount = 0
+        var unconnectedBackends: [DisconnectedNetwork] = []
         do {
             for p in planned {
                 if case .rootPort(let physicalSlot) = p.kind {
@@ -91,6 +96,20 @@ final class MachineDevices: Sendable {
                 case .rng:
                     device = VirtioEntropy(name: "virtio-rng\(rngCount)")
                     rngCount += 1
+                case .net(let netdev, let mac):
+                    let name = "virtio-net\(nicCount)"
+                    nicCount += 1
+                    let backend: any NetworkBackend
+                    if let n = netdev.flatMap({ network?.netdev($0) }) {
+                        backend = n
+                    } else {
+                        let unconnected = DisconnectedNetwork(id: "\(p.id)-unconnected")
+                        unconnectedBackends.append(unconnected)
+                        backend = unconnected
+                    }
+                    let nic = VirtioNet(mac: mac, backend: backend, name: name, logger: Self.logger("machine.virtio-net"))
+                    network?.addNIC(MachineNetwork.NIC(id: p.id, driver: p.driver, device: nic, netdev: netdev))
+                    device = nic
                 }
                 switch p.transport {
                 case .mmio:
@@ -116,8 +135,10 @@ final class MachineDevices: Sendable {
             }
         } catch {
             for b in blocks { b.device.reset() }
+            for u in unconnectedBackends { u.close() }
             throw error
         }
+        self.unconnectedBackends = unconnectedBackends
         self.display = display
         self.blocks = blocks
         self.gpu = gpu
@@ -131,6 +152,7 @@ final class MachineDevices: Sendable {
     /// Finishes in-flight block requests and flushes every writable image to disk. Call once the
     /// vCPUs have stopped; the images' locks go when the process exits.
     func close() {
+        for u in unconnectedBackends { u.close() }
         for b in blocks {
             b.device.reset()   // drains the device's I/O queue
             if !b.readOnly {

@@ -345,6 +345,11 @@ struct SchemaLoader {
             if case .structure? = byName[n]?.kind { return true }
             return false
         }
+        /// A union may be a command's whole argument object (QAPI's 'boxed': netdev_add takes a Netdev).
+        func isUnion(_ n: String) -> Bool {
+            if case .union? = byName[n]?.kind { return true }
+            return false
+        }
         for d in all {
             let w = "\(d.keyword) '\(d.name)'"
             func checkMembers(_ ms: [Member]) {
@@ -431,7 +436,9 @@ struct SchemaLoader {
                 }
             case .command(let args, let argType, let returns):
                 if let args { checkMembers(args) }
-                if let argType, !isStruct(argType) { problem(d.file, "\(w): 'data' refers to '\(argType)', which is not a struct") }
+                if let argType, !isStruct(argType), !isUnion(argType) {
+                    problem(d.file, "\(w): 'data' refers to '\(argType)', which is neither a struct nor a union")
+                }
                 if let returns, !isType(returns.element) {
                     problem(d.file, "\(w): 'returns' refers to unknown type '\(returns.element)'")
                 }

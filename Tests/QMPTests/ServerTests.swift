@@ -1,6 +1,7 @@
 import Foundation
 import Machine
 import Schema
+import Synchronization
 import Testing
 @testable import QMP
 #if canImport(Glibc)
@@ -98,6 +99,28 @@ func makeStaleSocket(_ path: String) {
         #expect(try QMPListenerSpec(parsing: "tcp:[::1]:4444") == .tcp(host: "::1", port: 4444))
         #expect(throws: QMPServerError.self) { try QMPListenerSpec(parsing: "tcp:host") }
         #expect(throws: QMPServerError.self) { try QMPListenerSpec(parsing: "pipe:x") }
+    }
+
+    @Test func noEventOvertakesTheCapabilitiesReply() throws {
+        let server = QMPServer(control: FakeMachine(), chardevs: FakeChardevs())
+        let path = tempPath("race.sock")
+        try server.start(listeners: [.unix(path: path)])
+        defer { server.shutdown() }
+        let stop = Atomic<Bool>(false)
+        let emitter = Thread {
+            while !stop.load(ordering: .relaxed) { server.emit(.powerdown) }
+        }
+        emitter.start()
+        defer { stop.store(true, ordering: .relaxed) }
+        for i in 0..<400 {
+            let c = try SocketClient(unixPath: path)
+            #expect(c.read()?["QMP"] != nil)
+            c.write(#"{"execute":"qmp_capabilities","id":"cap"}"#)
+            // The first message after the greeting is the reply; events only follow it.
+            let first = c.read()
+            #expect(first == ["return": [:], "id": "cap"], "client \(i): \(String(describing: first))")
+            #expect(c.read()?["event"] == "POWERDOWN")
+        }
     }
 
     @Test func twoClientsNegotiateSeparatelyAndBothGetEvents() throws {

@@ -237,6 +237,13 @@ public final class Virtqueue: @unchecked Sendable {  // unchecked: driven by one
         return try walk(head: head)
     }
 
+    /// Gives back the last `count` chains popped and not completed (virtio-net takes buffers for a
+    /// frame, finds too few, and leaves them for the next frame). `avail_event` is left where
+    /// `nextChain` put it, so the driver's next addition is still announced.
+    public func unpop(_ count: Int) {
+        lastAvail &-= UInt16(truncatingIfNeeded: count)
+    }
+
     private func walk(head: UInt16) throws(VirtqueueError) -> DescriptorChain {
         var readable: [GuestBuffer] = [], writable: [GuestBuffer] = []
         var table = descriptors, tableSize = size, i = head

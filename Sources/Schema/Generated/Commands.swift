@@ -36,7 +36,7 @@ public protocol QMPCommandHandler: Sendable {
     func quit() throws
     /// `query-cpus-fast`: Lists the machine's vCPUs.
     func queryCpusFast() throws -> [CpuInfoFast]
-    /// `human-monitor-command`: Runs one human-monitor (HMP) command line and returns its output. Supported: info status, info version, info name, info cpus, stop, cont, system_reset, system_powerdown, quit; other commands print an error line.
+    /// `human-monitor-command`: Runs one human-monitor (HMP) command line and returns its output. Supported: info status, info version, info name, info cpus, info network, info usernet, stop, cont, system_reset, system_powerdown, quit, hostfwd_add [netdev_id] [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport, hostfwd_remove [netdev_id] [tcp|udp]:[hostaddr]:hostport; other commands print an error line.
     func humanMonitorCommand(_ arguments: HumanMonitorCommandArguments) throws -> String
     /// `query-vnc`: Returns the state of the VNC server; 'enabled' is false when the machine has no VNC display.
     func queryVnc() throws -> VncInfo
@@ -58,6 +58,14 @@ public protocol QMPCommandHandler: Sendable {
     func queryMigrate() throws -> MigrationInfo
     /// `migrate-incoming`: Loads a machine state from a source into a machine started with `--incoming defer`, then runs it (or leaves it paused when started with -S). Sources: `file:PATH` (RAM is mapped copy-on-write from the file) and `exec:CMD` (the stream is read from CMD's standard output).
     func migrateIncoming(_ arguments: MigrateIncomingArguments) throws
+    /// `netdev_add`: Adds a network backend while the machine runs. Its forwarded ports listen at once; it carries frames once a NIC uses it. Fails without adding anything when the id is taken, an option is invalid, or a port cannot be bound.
+    func netdevAdd(_ arguments: Netdev) throws
+    /// `netdev_del`: Removes a network backend that no NIC uses, closing its sockets.
+    func netdevDel(_ arguments: NetdevDelArguments) throws
+    /// `set_link`: Sets a link up or down. 'name' is a NIC's id or a netdev's id; the NIC's status bit changes (the guest gets a configuration interrupt) and frames are dropped both ways while it is down.
+    func setLink(_ arguments: SetLinkArguments) throws
+    /// `query-rx-filter`: Lists the receive filters of the NICs, or of the one named.
+    func queryRxFilter(_ arguments: QueryRxFilterArguments) throws -> [RxFilterInfo]
     /// `query-jobs`: Lists the jobs that have not been dismissed.
     func queryJobs() throws -> [JobInfo]
     /// `job-dismiss`: Removes a concluded job from query-jobs (its status becomes null).
@@ -124,6 +132,14 @@ public enum QMPCommand: Sendable, Equatable {
     case queryMigrate
     /// `migrate-incoming`.
     case migrateIncoming(MigrateIncomingArguments)
+    /// `netdev_add`.
+    case netdevAdd(Netdev)
+    /// `netdev_del`.
+    case netdevDel(NetdevDelArguments)
+    /// `set_link`.
+    case setLink(SetLinkArguments)
+    /// `query-rx-filter`.
+    case queryRxFilter(QueryRxFilterArguments)
     /// `query-jobs`.
     case queryJobs
     /// `job-dismiss`.
@@ -163,6 +179,10 @@ public enum QMPCommand: Sendable, Equatable {
         "migrate",
         "query-migrate",
         "migrate-incoming",
+        "netdev_add",
+        "netdev_del",
+        "set_link",
+        "query-rx-filter",
         "query-jobs",
         "job-dismiss",
         "snapshot-save",
@@ -199,6 +219,10 @@ public enum QMPCommand: Sendable, Equatable {
         case .migrate: return "migrate"
         case .queryMigrate: return "query-migrate"
         case .migrateIncoming: return "migrate-incoming"
+        case .netdevAdd: return "netdev_add"
+        case .netdevDel: return "netdev_del"
+        case .setLink: return "set_link"
+        case .queryRxFilter: return "query-rx-filter"
         case .queryJobs: return "query-jobs"
         case .jobDismiss: return "job-dismiss"
         case .snapshotSave: return "snapshot-save"
@@ -308,6 +332,14 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
             return .queryMigrate
         case "migrate-incoming":
             return .migrateIncoming(try MigrateIncomingArguments(json: .object(arguments), at: .root))
+        case "netdev_add":
+            return .netdevAdd(try Netdev(json: .object(arguments), at: .root))
+        case "netdev_del":
+            return .netdevDel(try NetdevDelArguments(json: .object(arguments), at: .root))
+        case "set_link":
+            return .setLink(try SetLinkArguments(json: .object(arguments), at: .root))
+        case "query-rx-filter":
+            return .queryRxFilter(try QueryRxFilterArguments(json: .object(arguments), at: .root))
         case "query-jobs":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -396,6 +428,17 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
         case .migrateIncoming(let arguments):
             try handler.migrateIncoming(arguments)
             return .object(JSONObject())
+        case .netdevAdd(let arguments):
+            try handler.netdevAdd(arguments)
+            return .object(JSONObject())
+        case .netdevDel(let arguments):
+            try handler.netdevDel(arguments)
+            return .object(JSONObject())
+        case .setLink(let arguments):
+            try handler.setLink(arguments)
+            return .object(JSONObject())
+        case .queryRxFilter(let arguments):
+            return try handler.queryRxFilter(arguments).json
         case .queryJobs:
             return try handler.queryJobs().json
         case .jobDismiss(let arguments):

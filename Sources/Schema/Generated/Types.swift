@@ -3570,6 +3570,8 @@ public enum DeviceDriver: String, SchemaCodable, CaseIterable, Equatable {
     case virtioTabletDevice = "virtio-tablet-device"
     /// The value "virtio-rng-device".
     case virtioRngDevice = "virtio-rng-device"
+    /// The value "virtio-net-device".
+    case virtioNetDevice = "virtio-net-device"
     /// The value "virtio-blk-pci".
     case virtioBlkPci = "virtio-blk-pci"
     /// The value "virtio-gpu-pci".
@@ -3580,6 +3582,8 @@ public enum DeviceDriver: String, SchemaCodable, CaseIterable, Equatable {
     case virtioTabletPci = "virtio-tablet-pci"
     /// The value "virtio-rng-pci".
     case virtioRngPci = "virtio-rng-pci"
+    /// The value "virtio-net-pci".
+    case virtioNetPci = "virtio-net-pci"
     /// The value "pcie-root-port".
     case pcieRootPort = "pcie-root-port"
 
@@ -3840,6 +3844,108 @@ public struct PCIDeviceOptions: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// A virtio network card on virtio-mmio.
+public struct NetDeviceOptions: SchemaCodable, Equatable {
+    /// The device id (set_link and query-rx-filter name it). Optional.
+    public var id: String?
+    /// The id of the network backend in 'netdevs' it is connected to; absent: a NIC with no cable. Optional.
+    public var netdev: String?
+    /// The MAC address, six hex bytes separated by ':' (default 52:54:00:12:34:56, plus the NIC's index). Optional.
+    public var mac: String?
+
+    /// Creates a value from its members.
+    public init(id: String? = nil, netdev: String? = nil, mac: String? = nil) {
+        self.id = id
+        self.netdev = netdev
+        self.mac = mac
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["id", "netdev", "mac"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.id = try r.optional("id", as: String.self)
+        self.netdev = try r.optional("netdev", as: String.self)
+        self.mac = try r.optional("mac", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.id { o["id"] = v.json }
+        if let v = self.netdev { o["netdev"] = v.json }
+        if let v = self.mac { o["mac"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// A virtio network card on the PCIe root bus (virtio-pci, modern).
+public struct PCINetDeviceOptions: SchemaCodable, Equatable {
+    /// The device id (set_link and query-rx-filter name it). Optional.
+    public var id: String?
+    /// The id of the network backend in 'netdevs' it is connected to; absent: a NIC with no cable. Optional.
+    public var netdev: String?
+    /// The MAC address, six hex bytes separated by ':' (default 52:54:00:12:34:56, plus the NIC's index). Optional.
+    public var mac: String?
+    /// The bus to plug it into: the root bus 'pcie.0' (the default) or the id of a pcie-root-port listed earlier. Optional.
+    public var bus: String?
+    /// Its slot on the bus, as QEMU writes it: 'SLOT' or 'SLOT.0' in hex (e.g. '0x3', '03.0'); the lowest free slot from 1 when absent. Optional.
+    public var addr: String?
+
+    /// Creates a value from its members.
+    public init(id: String? = nil, netdev: String? = nil, mac: String? = nil, bus: String? = nil, addr: String? = nil) {
+        self.id = id
+        self.netdev = netdev
+        self.mac = mac
+        self.bus = bus
+        self.addr = addr
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["id", "netdev", "mac", "bus", "addr"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.id = try r.optional("id", as: String.self)
+        self.netdev = try r.optional("netdev", as: String.self)
+        self.mac = try r.optional("mac", as: String.self)
+        self.bus = try r.optional("bus", as: String.self)
+        self.addr = try r.optional("addr", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.id { o["id"] = v.json }
+        if let v = self.netdev { o["netdev"] = v.json }
+        if let v = self.mac { o["mac"] = v.json }
+        if let v = self.bus { o["bus"] = v.json }
+        if let v = self.addr { o["addr"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
 /// A PCIe root port on the root bus with a native hot-plug slot; devices plug into it with 'bus' set to its id.
 public struct PCIeRootPortOptions: SchemaCodable, Equatable {
     /// The port's id, which is also the name of the bus behind it.
@@ -3910,6 +4016,8 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case virtioTabletDevice(SimpleDeviceOptions)
         /// `driver` is "virtio-rng-device"; the branch adds the members of `SimpleDeviceOptions`.
         case virtioRngDevice(SimpleDeviceOptions)
+        /// `driver` is "virtio-net-device"; the branch adds the members of `NetDeviceOptions`.
+        case virtioNetDevice(NetDeviceOptions)
         /// `driver` is "virtio-blk-pci"; the branch adds the members of `PCIBlockDeviceOptions`.
         case virtioBlkPci(PCIBlockDeviceOptions)
         /// `driver` is "virtio-gpu-pci"; the branch adds the members of `PCIDeviceOptions`.
@@ -3920,6 +4028,8 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case virtioTabletPci(PCIDeviceOptions)
         /// `driver` is "virtio-rng-pci"; the branch adds the members of `PCIDeviceOptions`.
         case virtioRngPci(PCIDeviceOptions)
+        /// `driver` is "virtio-net-pci"; the branch adds the members of `PCINetDeviceOptions`.
+        case virtioNetPci(PCINetDeviceOptions)
         /// `driver` is "pcie-root-port"; the branch adds the members of `PCIeRootPortOptions`.
         case pcieRootPort(PCIeRootPortOptions)
     }
@@ -3940,11 +4050,13 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case .virtioKeyboardDevice: return .virtioKeyboardDevice
         case .virtioTabletDevice: return .virtioTabletDevice
         case .virtioRngDevice: return .virtioRngDevice
+        case .virtioNetDevice: return .virtioNetDevice
         case .virtioBlkPci: return .virtioBlkPci
         case .virtioGpuPci: return .virtioGpuPci
         case .virtioKeyboardPci: return .virtioKeyboardPci
         case .virtioTabletPci: return .virtioTabletPci
         case .virtioRngPci: return .virtioRngPci
+        case .virtioNetPci: return .virtioNetPci
         case .pcieRootPort: return .pcieRootPort
         }
     }
@@ -3970,6 +4082,9 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case .virtioRngDevice:
             try r.rejectUnknown(allowed: baseNames.union(SimpleDeviceOptions.memberNames))
             self.variant = .virtioRngDevice(try SimpleDeviceOptions(reader: r))
+        case .virtioNetDevice:
+            try r.rejectUnknown(allowed: baseNames.union(NetDeviceOptions.memberNames))
+            self.variant = .virtioNetDevice(try NetDeviceOptions(reader: r))
         case .virtioBlkPci:
             try r.rejectUnknown(allowed: baseNames.union(PCIBlockDeviceOptions.memberNames))
             self.variant = .virtioBlkPci(try PCIBlockDeviceOptions(reader: r))
@@ -3985,6 +4100,9 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case .virtioRngPci:
             try r.rejectUnknown(allowed: baseNames.union(PCIDeviceOptions.memberNames))
             self.variant = .virtioRngPci(try PCIDeviceOptions(reader: r))
+        case .virtioNetPci:
+            try r.rejectUnknown(allowed: baseNames.union(PCINetDeviceOptions.memberNames))
+            self.variant = .virtioNetPci(try PCINetDeviceOptions(reader: r))
         case .pcieRootPort:
             try r.rejectUnknown(allowed: baseNames.union(PCIeRootPortOptions.memberNames))
             self.variant = .pcieRootPort(try PCIeRootPortOptions(reader: r))
@@ -4001,11 +4119,13 @@ public struct DeviceDescription: SchemaCodable, Equatable {
         case .virtioKeyboardDevice(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .virtioTabletDevice(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .virtioRngDevice(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .virtioNetDevice(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .virtioBlkPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .virtioGpuPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .virtioKeyboardPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .virtioTabletPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .virtioRngPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .virtioNetPci(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .pcieRootPort(let b): for m in b.jsonMembers { o[m.key] = m.value }
         }
         return .object(o)
@@ -4098,11 +4218,13 @@ public struct MachineDescription: SchemaCodable, Equatable {
     public var qmp: [QMPListenerDescription]?
     /// The display server. Optional.
     public var display: DisplayDescription?
+    /// Network backends, which NICs in 'devices' name by id. Optional.
+    public var netdevs: [Netdev]?
     /// Devices to add to the board. Optional.
     public var devices: [DeviceDescription]?
 
     /// Creates a value from its members.
-    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, accel: AccelDescription? = nil, memory: String, firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, devices: [DeviceDescription]? = nil) {
+    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, accel: AccelDescription? = nil, memory: String, firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, netdevs: [Netdev]? = nil, devices: [DeviceDescription]? = nil) {
         self.version = version
         self.machine = machine
         self.name = name
@@ -4117,11 +4239,12 @@ public struct MachineDescription: SchemaCodable, Equatable {
         self.serial = serial
         self.qmp = qmp
         self.display = display
+        self.netdevs = netdevs
         self.devices = devices
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["version", "machine", "name", "cpus", "accel", "memory", "firmware", "kernel", "initrd", "append", "start", "serial", "qmp", "display", "devices"]
+    public static let memberNames: Set<String> = ["version", "machine", "name", "cpus", "accel", "memory", "firmware", "kernel", "initrd", "append", "start", "serial", "qmp", "display", "netdevs", "devices"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -4166,6 +4289,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
         self.serial = try r.optional("serial", as: SerialDescription.self)
         self.qmp = try r.optional("qmp", as: [QMPListenerDescription].self)
         self.display = try r.optional("display", as: DisplayDescription.self)
+        self.netdevs = try r.optional("netdevs", as: [Netdev].self)
         self.devices = try r.optional("devices", as: [DeviceDescription].self)
     }
 
@@ -4186,6 +4310,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
         if let v = self.serial { o["serial"] = v.json }
         if let v = self.qmp { o["qmp"] = v.json }
         if let v = self.display { o["display"] = v.json }
+        if let v = self.netdevs { o["netdevs"] = v.json }
         if let v = self.devices { o["devices"] = v.json }
         return o
     }
@@ -4444,6 +4569,627 @@ public struct MigrateIncomingArguments: SchemaCodable, Equatable {
     public var jsonMembers: JSONObject {
         var o = JSONObject()
         o["uri"] = self.uri.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+// MARK: - net
+
+/// The kinds of network backend.
+public enum NetClientDriver: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "user".
+    case user = "user"
+    /// The value "stream".
+    case stream = "stream"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// A string in an object, as QEMU's 'String' type carries list items such as hostfwd rules.
+public struct StringValue: SchemaCodable, Equatable {
+    /// The string.
+    public var str: String
+
+    /// Creates a value from its members.
+    public init(str: String) {
+        self.str = str
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["str"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.str = try r.required("str", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["str"] = self.str.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// User-mode networking (libslirp): the guest reaches the host and the outside through the host's sockets. Defaults as QEMU's: network 10.0.2.0/24, host and gateway 10.0.2.2, DNS 10.0.2.3, DHCP addresses from 10.0.2.15.
+public struct NetdevUserOptions: SchemaCodable, Equatable {
+    /// The guest network, ADDRESS[/MASK] where MASK is a prefix length or a dotted netmask (default 10.0.2.0/24). Optional.
+    public var net: String?
+    /// The host's address in the guest network (default: network + 2). Optional.
+    public var host: String?
+    /// The DNS server's address in the guest network (default: network + 3). Optional.
+    public var dns: String?
+    /// The first address DHCP hands out (default: network + 15). Optional.
+    public var dhcpstart: String?
+    /// The client host name DHCP hands out. Optional.
+    public var hostname: String?
+    /// The DNS domain DHCP hands out. Optional.
+    public var domainname: String?
+    /// Isolate the guest: it reaches neither the host nor the outside; forwarded ports still reach it (default false). Optional.
+    public var restrict: Bool?
+    /// Host forwarding rules, each '[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport' (guestaddr defaults to the first DHCP address). Optional.
+    public var hostfwd: [StringValue]?
+    /// Guest forwarding rules, each '[tcp]:server:port-cmd:COMMAND': the guest's connections to server:port are served by COMMAND's stdin and stdout. Optional.
+    public var guestfwd: [StringValue]?
+
+    /// Creates a value from its members.
+    public init(net: String? = nil, host: String? = nil, dns: String? = nil, dhcpstart: String? = nil, hostname: String? = nil, domainname: String? = nil, restrict: Bool? = nil, hostfwd: [StringValue]? = nil, guestfwd: [StringValue]? = nil) {
+        self.net = net
+        self.host = host
+        self.dns = dns
+        self.dhcpstart = dhcpstart
+        self.hostname = hostname
+        self.domainname = domainname
+        self.restrict = restrict
+        self.hostfwd = hostfwd
+        self.guestfwd = guestfwd
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["net", "host", "dns", "dhcpstart", "hostname", "domainname", "restrict", "hostfwd", "guestfwd"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.net = try r.optional("net", as: String.self)
+        self.host = try r.optional("host", as: String.self)
+        self.dns = try r.optional("dns", as: String.self)
+        self.dhcpstart = try r.optional("dhcpstart", as: String.self)
+        self.hostname = try r.optional("hostname", as: String.self)
+        self.domainname = try r.optional("domainname", as: String.self)
+        self.restrict = try r.optional("restrict", as: Bool.self)
+        self.hostfwd = try r.optional("hostfwd", as: [StringValue].self)
+        self.guestfwd = try r.optional("guestfwd", as: [StringValue].self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.net { o["net"] = v.json }
+        if let v = self.host { o["host"] = v.json }
+        if let v = self.dns { o["dns"] = v.json }
+        if let v = self.dhcpstart { o["dhcpstart"] = v.json }
+        if let v = self.hostname { o["hostname"] = v.json }
+        if let v = self.domainname { o["domainname"] = v.json }
+        if let v = self.restrict { o["restrict"] = v.json }
+        if let v = self.hostfwd { o["hostfwd"] = v.json }
+        if let v = self.guestfwd { o["guestfwd"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The kinds of socket address.
+public enum SocketAddressType: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "inet".
+    case inet = "inet"
+    /// The value "unix".
+    case unix = "unix"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// A TCP address.
+public struct InetSocketAddress: SchemaCodable, Equatable {
+    /// A host name or numeric address.
+    public var host: String
+    /// The port number.
+    public var port: String
+
+    /// Creates a value from its members.
+    public init(host: String, port: String) {
+        self.host = host
+        self.port = port
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["host", "port"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.host = try r.required("host", as: String.self)
+        self.port = try r.required("port", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["host"] = self.host.json
+        o["port"] = self.port.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// A unix-domain socket.
+public struct UnixSocketAddress: SchemaCodable, Equatable {
+    /// The socket's path.
+    public var path: String
+
+    /// Creates a value from its members.
+    public init(path: String) {
+        self.path = path
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["path"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.path = try r.required("path", as: String.self)
+        do {
+            let v = self.path
+            try SchemaCheck.path(v, at: r.path.member("path"))
+        }
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["path"] = self.path.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// A socket address.
+public struct SocketAddress: SchemaCodable, Equatable {
+    /// The branch, selected by `type`, with the members it adds.
+    public enum Variant: Sendable, Equatable {
+        /// `type` is "inet"; the branch adds the members of `InetSocketAddress`.
+        case inet(InetSocketAddress)
+        /// `type` is "unix"; the branch adds the members of `UnixSocketAddress`.
+        case unix(UnixSocketAddress)
+    }
+
+    /// The branch.
+    public var variant: Variant
+
+    /// Creates a value from its members.
+    public init(variant: Variant) {
+        self.variant = variant
+    }
+
+    /// The discriminator `type`, derived from the branch.
+    public var type: SocketAddressType {
+        switch variant {
+        case .inet: return .inet
+        case .unix: return .unix
+        }
+    }
+
+    /// Decodes strictly: the base members, the discriminator, and exactly the members of its branch.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        let tag = try r.required("type", as: SocketAddressType.self)
+        let baseNames: Set<String> = ["type"]
+        switch tag {
+        case .inet:
+            try r.rejectUnknown(allowed: baseNames.union(InetSocketAddress.memberNames))
+            self.variant = .inet(try InetSocketAddress(reader: r))
+        case .unix:
+            try r.rejectUnknown(allowed: baseNames.union(UnixSocketAddress.memberNames))
+            self.variant = .unix(try UnixSocketAddress(reader: r))
+        }
+    }
+
+    /// The JSON object form: base members, then the branch's members.
+    public var json: JSONValue {
+        var o = JSONObject()
+        o["type"] = self.type.json
+        switch variant {
+        case .inet(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .unix(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        }
+        return .object(o)
+    }
+}
+
+/// Ethernet frames over a stream socket, each preceded by its 4-byte big-endian length (QEMU 7.2's -netdev stream), to link two machines.
+public struct NetdevStreamOptions: SchemaCodable, Equatable {
+    /// The address to listen on (server) or connect to.
+    public var addr: SocketAddress
+    /// Listen and serve one peer at a time (default false: connect). Optional.
+    public var server: Bool?
+    /// For a client: retry a failed or lost connection every this many seconds (default 0: fail at start, stay disconnected after a loss). Optional.
+    public var reconnect: Int64?
+
+    /// Creates a value from its members.
+    public init(addr: SocketAddress, server: Bool? = nil, reconnect: Int64? = nil) {
+        self.addr = addr
+        self.server = server
+        self.reconnect = reconnect
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["addr", "server", "reconnect"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.addr = try r.required("addr", as: SocketAddress.self)
+        self.server = try r.optional("server", as: Bool.self)
+        self.reconnect = try r.optional("reconnect", as: Int64.self)
+        if let v = self.reconnect {
+            try SchemaCheck.range(v, min: 0, max: 3600, at: r.path.member("reconnect"))
+        }
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["addr"] = self.addr.json
+        if let v = self.server { o["server"] = v.json }
+        if let v = self.reconnect { o["reconnect"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// A network backend (QEMU's Netdev): the host end a NIC's 'netdev' names.
+public struct Netdev: SchemaCodable, Equatable {
+    /// The branch, selected by `type`, with the members it adds.
+    public enum Variant: Sendable, Equatable {
+        /// `type` is "user"; the branch adds the members of `NetdevUserOptions`.
+        case user(NetdevUserOptions)
+        /// `type` is "stream"; the branch adds the members of `NetdevStreamOptions`.
+        case stream(NetdevStreamOptions)
+    }
+
+    /// The netdev's id.
+    public var id: String
+    /// The branch.
+    public var variant: Variant
+
+    /// Creates a value from its members.
+    public init(id: String, variant: Variant) {
+        self.id = id
+        self.variant = variant
+    }
+
+    /// The discriminator `type`, derived from the branch.
+    public var type: NetClientDriver {
+        switch variant {
+        case .user: return .user
+        case .stream: return .stream
+        }
+    }
+
+    /// Decodes strictly: the base members, the discriminator, and exactly the members of its branch.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        let tag = try r.required("type", as: NetClientDriver.self)
+        let baseNames: Set<String> = ["id", "type"]
+        switch tag {
+        case .user:
+            try r.rejectUnknown(allowed: baseNames.union(NetdevUserOptions.memberNames))
+            self.variant = .user(try NetdevUserOptions(reader: r))
+        case .stream:
+            try r.rejectUnknown(allowed: baseNames.union(NetdevStreamOptions.memberNames))
+            self.variant = .stream(try NetdevStreamOptions(reader: r))
+        }
+        self.id = try r.required("id", as: String.self)
+    }
+
+    /// The JSON object form: base members, then the branch's members.
+    public var json: JSONValue {
+        var o = JSONObject()
+        o["id"] = self.id.json
+        o["type"] = self.type.json
+        switch variant {
+        case .user(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .stream(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        }
+        return .object(o)
+    }
+}
+
+/// The arguments of the `netdev_del` command.
+public struct NetdevDelArguments: SchemaCodable, Equatable {
+    /// The netdev's id.
+    public var id: String
+
+    /// Creates a value from its members.
+    public init(id: String) {
+        self.id = id
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["id"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.id = try r.required("id", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["id"] = self.id.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `set_link` command.
+public struct SetLinkArguments: SchemaCodable, Equatable {
+    /// The NIC's or netdev's id.
+    public var name: String
+    /// True for up.
+    public var up: Bool
+
+    /// Creates a value from its members.
+    public init(name: String, up: Bool) {
+        self.name = name
+        self.up = up
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["name", "up"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.name = try r.required("name", as: String.self)
+        self.up = try r.required("up", as: Bool.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["name"] = self.name.json
+        o["up"] = self.up.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// How a class of frames is filtered: 'normal' by the tables, 'none' refused, 'all' accepted.
+public enum RxState: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "normal".
+    case normal = "normal"
+    /// The value "none".
+    case none = "none"
+    /// The value "all".
+    case all = "all"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// A NIC's receive filter. The virtio-net here has no control queue, so the guest cannot narrow it: every frame is accepted (promiscuous, as QEMU's virtio-net starts).
+public struct RxFilterInfo: SchemaCodable, Equatable {
+    /// The NIC's id.
+    public var name: String
+    /// Whether every unicast frame is accepted.
+    public var promiscuous: Bool
+    /// Multicast filtering.
+    public var multicast: RxState
+    /// Unicast filtering.
+    public var unicast: RxState
+    /// VLAN filtering.
+    public var vlan: RxState
+    /// Whether broadcast frames are accepted.
+    public var broadcastAllowed: Bool
+    /// Whether the multicast table overflowed.
+    public var multicastOverflow: Bool
+    /// Whether the unicast table overflowed.
+    public var unicastOverflow: Bool
+    /// The NIC's MAC address.
+    public var mainMac: String
+    /// The VLAN ids accepted.
+    public var vlanTable: [Int64]
+    /// Extra unicast addresses accepted.
+    public var unicastTable: [String]
+    /// Multicast addresses accepted.
+    public var multicastTable: [String]
+
+    /// Creates a value from its members.
+    public init(name: String, promiscuous: Bool, multicast: RxState, unicast: RxState, vlan: RxState, broadcastAllowed: Bool, multicastOverflow: Bool, unicastOverflow: Bool, mainMac: String, vlanTable: [Int64], unicastTable: [String], multicastTable: [String]) {
+        self.name = name
+        self.promiscuous = promiscuous
+        self.multicast = multicast
+        self.unicast = unicast
+        self.vlan = vlan
+        self.broadcastAllowed = broadcastAllowed
+        self.multicastOverflow = multicastOverflow
+        self.unicastOverflow = unicastOverflow
+        self.mainMac = mainMac
+        self.vlanTable = vlanTable
+        self.unicastTable = unicastTable
+        self.multicastTable = multicastTable
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["name", "promiscuous", "multicast", "unicast", "vlan", "broadcast-allowed", "multicast-overflow", "unicast-overflow", "main-mac", "vlan-table", "unicast-table", "multicast-table"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.name = try r.required("name", as: String.self)
+        self.promiscuous = try r.required("promiscuous", as: Bool.self)
+        self.multicast = try r.required("multicast", as: RxState.self)
+        self.unicast = try r.required("unicast", as: RxState.self)
+        self.vlan = try r.required("vlan", as: RxState.self)
+        self.broadcastAllowed = try r.required("broadcast-allowed", as: Bool.self)
+        self.multicastOverflow = try r.required("multicast-overflow", as: Bool.self)
+        self.unicastOverflow = try r.required("unicast-overflow", as: Bool.self)
+        self.mainMac = try r.required("main-mac", as: String.self)
+        self.vlanTable = try r.required("vlan-table", as: [Int64].self)
+        self.unicastTable = try r.required("unicast-table", as: [String].self)
+        self.multicastTable = try r.required("multicast-table", as: [String].self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["name"] = self.name.json
+        o["promiscuous"] = self.promiscuous.json
+        o["multicast"] = self.multicast.json
+        o["unicast"] = self.unicast.json
+        o["vlan"] = self.vlan.json
+        o["broadcast-allowed"] = self.broadcastAllowed.json
+        o["multicast-overflow"] = self.multicastOverflow.json
+        o["unicast-overflow"] = self.unicastOverflow.json
+        o["main-mac"] = self.mainMac.json
+        o["vlan-table"] = self.vlanTable.json
+        o["unicast-table"] = self.unicastTable.json
+        o["multicast-table"] = self.multicastTable.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `query-rx-filter` command.
+public struct QueryRxFilterArguments: SchemaCodable, Equatable {
+    /// A NIC's id; all NICs when absent. Optional.
+    public var name: String?
+
+    /// Creates a value from its members.
+    public init(name: String? = nil) {
+        self.name = name
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["name"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.name = try r.optional("name", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.name { o["name"] = v.json }
         return o
     }
 
