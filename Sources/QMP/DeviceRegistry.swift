@@ -73,4 +73,7 @@ public protocol DeviceRegistry: AnyObject, Sendable {
     func inputDevice(id: String) -> (any InputSink)?
     /// Every virtio block device, in slot order.
     func blockDevices() -> [BlockDeviceStatus]
+    /// Hot-plug and block nodes (device_add, blockdev-add, query-pci, qom-*), or nil when the
+    /// machine offers none.
+    var hotPlug: (any HotPlugRegistry)? { get }
 }

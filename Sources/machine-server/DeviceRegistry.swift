@@ -5,16 +5,21 @@ import Schema
 import Storage
 import VNC
 
-/// The machine's devices as QMP sees them (`DeviceRegistry`): the display, the VNC server and
-/// the block devices. Immutable after launch; any thread.
+/// The machine's devices as QMP sees them (`DeviceRegistry`): the display, the VNC server,
+/// the block devices and hot-plug. Immutable after launch (hot-plug keeps its own tables);
+/// any thread.
 final class MachineDeviceRegistry: DeviceRegistry, @unchecked Sendable {
     private let devices: MachineDevices
     private let vnc: VNCServer?
+    private let hotPlugRegistry: MachineHotPlug?
 
-    init(devices: MachineDevices, vnc: VNCServer?) {
+    init(devices: MachineDevices, vnc: VNCServer?, hotPlug: MachineHotPlug? = nil) {
         self.devices = devices
         self.vnc = vnc
+        self.hotPlugRegistry = hotPlug
     }
+
+    var hotPlug: (any HotPlugRegistry)? { hotPlugRegistry }
 
     var display: Display? { devices.display }
 
@@ -45,7 +50,7 @@ final class MachineDeviceRegistry: DeviceRegistry, @unchecked Sendable {
             return BlockDeviceStatus(id: b.id, file: b.image.path, format: b.image.format.rawValue, readOnly: b.readOnly,
                                      virtualSize: b.image.virtualSize, actualSize: actual, backingFile: backing,
                                      backingDepth: depth)
-        }
+        } + (hotPlugRegistry?.hotPluggedDisks() ?? [])
     }
 }
 

@@ -59,7 +59,10 @@ struct Launch {
         machineBox.set(machine)
         machine.setSnapshotDisks(devices.blocks.map { SnapshotDisk(id: $0.id, image: $0.image, readOnly: $0.readOnly) })
 
-        let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, plan: plan)
+        let hotPlug = MachineHotPlug(machine: machine, launched: plan.devices, display: devices.display)
+        defer { hotPlug?.close() }
+        let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, hotPlug: hotPlug,
+                                                plan: plan)
         defer { servers.shutdown() }
 
         do {
@@ -124,7 +127,7 @@ struct ProtocolServers {
     /// The VNC server binds first, QMP starts, then VNC starts serving with its connection
     /// events forwarded to QMP clients.
     static func start(machine: VirtualMachine, chardevs: MachineChardevs, devices: MachineDevices,
-                      plan: LaunchPlan) throws -> ProtocolServers {
+                      hotPlug: MachineHotPlug?, plan: LaunchPlan) throws -> ProtocolServers {
         var vnc: VNCServer? = nil
         let field = plan.vncFromCommandLine ? "--vnc" : "display.vnc"
         if let v = plan.vnc, let display = devices.display {
@@ -139,7 +142,7 @@ struct ProtocolServers {
                 throw LaunchError("\(field): \(error)")
             }
         }
-        let registry = MachineDeviceRegistry(devices: devices, vnc: vnc)
+        let registry = MachineDeviceRegistry(devices: devices, vnc: vnc, hotPlug: hotPlug)
         var qmp: QMPServer? = nil
         if !plan.qmp.isEmpty {
             let server = QMPServer(control: machine, chardevs: chardevs, devices: registry)
@@ -149,6 +152,7 @@ struct ProtocolServers {
                 throw LaunchError("qmp: \(error)")
             }
             qmp = server
+            hotPlug?.eventSink.withLock { $0 = { server.emit($0) } }
         }
         if let vnc {
             if let qmp {

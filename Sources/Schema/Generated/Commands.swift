@@ -8,6 +8,12 @@
 public protocol QMPCommandHandler: Sendable {
     /// `query-block`: Lists the virtio block devices and their images.
     func queryBlock() throws -> [BlockInfo]
+    /// `blockdev-add`: Opens an image as a named node (taking QEMU-compatible locks), for device_add's drive property. A format node (raw or qcow2) over a file node; a file node given inline gets an automatic name. Refused: a node name already in use, a missing or locked file, a file that is not of the named format.
+    func blockdevAdd(_ arguments: BlockdevOptions) throws
+    /// `blockdev-del`: Closes a node added with blockdev-add (flushing it) and the file node it opened inline. Refused while a device or another node uses it.
+    func blockdevDel(_ arguments: BlockdevDelArguments) throws
+    /// `query-named-block-nodes`: Lists the nodes added with blockdev-add, and the file nodes under them.
+    func queryNamedBlockNodes(_ arguments: QueryNamedBlockNodesArguments) throws -> [BlockDeviceInfo]
     /// `query-chardev`: Lists the character devices.
     func queryChardev() throws -> [ChardevInfo]
     /// `ringbuf-write`: Sends bytes to the guest through a ring-buffer chardev, as if typed on its serial line.
@@ -58,6 +64,16 @@ public protocol QMPCommandHandler: Sendable {
     func queryMigrate() throws -> MigrationInfo
     /// `migrate-incoming`: Loads a machine state from a source into a machine started with `--incoming defer`, then runs it (or leaves it paused when started with -S). Sources: `file:PATH` (RAM is mapped copy-on-write from the file) and `exec:CMD` (the stream is read from CMD's standard output).
     func migrateIncoming(_ arguments: MigrateIncomingArguments) throws
+    /// `query-pci`: Lists the PCI buses and the functions on them, with what the guest programmed (bus numbers, BARs).
+    func queryPci() throws -> [PciInfo]
+    /// `device_add`: Adds a device while the machine runs (PCIe native hot-plug). The device goes into the slot of the pcie-root-port named by `bus`; the guest is told through the port's hot-plug interrupt and finds it as device 0 of the port's secondary bus. Drivers: virtio-blk-pci (needs `drive`, a node added with blockdev-add), virtio-rng-pci, virtio-keyboard-pci, virtio-tablet-pci. Refused, leaving the machine unchanged: an unknown driver or property, a duplicate id, a bus that is not a root port (the root bus pcie.0 does not support hot-plugging), a root port whose slot is occupied, an unknown node or one another device uses.
+    func deviceAdd(_ arguments: DeviceAddArguments) throws
+    /// `device_del`: Asks the guest to release a hot-plugged device: presses the attention button of its root port's slot and returns. The device is removed when the guest powers the slot off (Linux pciehp does so about five seconds after the press, once its driver let go), and DEVICE_DELETED says so. Devices built at launch cannot be removed.
+    func deviceDel(_ arguments: DeviceDelArguments) throws
+    /// `qom-list`: Lists the properties of the object at `path`: for /machine/peripheral its children, one per device with an id; for /machine/peripheral/ID the device's properties (type, realized, hotplugged, hotpluggable, and its driver's properties such as drive).
+    func qomList(_ arguments: QomListArguments) throws -> [ObjectPropertyInfo]
+    /// `qom-get`: Reads one property of the object at `path` (see qom-list).
+    func qomGet(_ arguments: QomGetArguments) throws -> JSONValue
     /// `query-jobs`: Lists the jobs that have not been dismissed.
     func queryJobs() throws -> [JobInfo]
     /// `job-dismiss`: Removes a concluded job from query-jobs (its status becomes null).
@@ -74,6 +90,12 @@ public protocol QMPCommandHandler: Sendable {
 public enum QMPCommand: Sendable, Equatable {
     /// `query-block`.
     case queryBlock
+    /// `blockdev-add`.
+    case blockdevAdd(BlockdevOptions)
+    /// `blockdev-del`.
+    case blockdevDel(BlockdevDelArguments)
+    /// `query-named-block-nodes`.
+    case queryNamedBlockNodes(QueryNamedBlockNodesArguments)
     /// `query-chardev`.
     case queryChardev
     /// `ringbuf-write`.
@@ -124,6 +146,16 @@ public enum QMPCommand: Sendable, Equatable {
     case queryMigrate
     /// `migrate-incoming`.
     case migrateIncoming(MigrateIncomingArguments)
+    /// `query-pci`.
+    case queryPci
+    /// `device_add`.
+    case deviceAdd(DeviceAddArguments)
+    /// `device_del`.
+    case deviceDel(DeviceDelArguments)
+    /// `qom-list`.
+    case qomList(QomListArguments)
+    /// `qom-get`.
+    case qomGet(QomGetArguments)
     /// `query-jobs`.
     case queryJobs
     /// `job-dismiss`.
@@ -138,6 +170,9 @@ public enum QMPCommand: Sendable, Equatable {
     /// Every command name, in schema order.
     public static let names: [String] = [
         "query-block",
+        "blockdev-add",
+        "blockdev-del",
+        "query-named-block-nodes",
         "query-chardev",
         "ringbuf-write",
         "ringbuf-read",
@@ -163,6 +198,11 @@ public enum QMPCommand: Sendable, Equatable {
         "migrate",
         "query-migrate",
         "migrate-incoming",
+        "query-pci",
+        "device_add",
+        "device_del",
+        "qom-list",
+        "qom-get",
         "query-jobs",
         "job-dismiss",
         "snapshot-save",
@@ -170,10 +210,17 @@ public enum QMPCommand: Sendable, Equatable {
         "snapshot-delete",
     ]
 
+    /// The commands that keep members beyond their listed arguments (schema `extra-members`)
+    /// instead of refusing them; their handlers check those members.
+    public static let acceptingExtraMembers: Set<String> = ["device_add"]
+
     /// The command's name.
     public var name: String {
         switch self {
         case .queryBlock: return "query-block"
+        case .blockdevAdd: return "blockdev-add"
+        case .blockdevDel: return "blockdev-del"
+        case .queryNamedBlockNodes: return "query-named-block-nodes"
         case .queryChardev: return "query-chardev"
         case .ringbufWrite: return "ringbuf-write"
         case .ringbufRead: return "ringbuf-read"
@@ -199,6 +246,11 @@ public enum QMPCommand: Sendable, Equatable {
         case .migrate: return "migrate"
         case .queryMigrate: return "query-migrate"
         case .migrateIncoming: return "migrate-incoming"
+        case .queryPci: return "query-pci"
+        case .deviceAdd: return "device_add"
+        case .deviceDel: return "device_del"
+        case .qomList: return "qom-list"
+        case .qomGet: return "qom-get"
         case .queryJobs: return "query-jobs"
         case .jobDismiss: return "job-dismiss"
         case .snapshotSave: return "snapshot-save"
@@ -216,6 +268,12 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
             }
             return .queryBlock
+        case "blockdev-add":
+            return .blockdevAdd(try BlockdevOptions(json: .object(arguments), at: .root))
+        case "blockdev-del":
+            return .blockdevDel(try BlockdevDelArguments(json: .object(arguments), at: .root))
+        case "query-named-block-nodes":
+            return .queryNamedBlockNodes(try QueryNamedBlockNodesArguments(json: .object(arguments), at: .root))
         case "query-chardev":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -308,6 +366,19 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
             return .queryMigrate
         case "migrate-incoming":
             return .migrateIncoming(try MigrateIncomingArguments(json: .object(arguments), at: .root))
+        case "query-pci":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryPci
+        case "device_add":
+            return .deviceAdd(try DeviceAddArguments(json: .object(arguments), at: .root))
+        case "device_del":
+            return .deviceDel(try DeviceDelArguments(json: .object(arguments), at: .root))
+        case "qom-list":
+            return .qomList(try QomListArguments(json: .object(arguments), at: .root))
+        case "qom-get":
+            return .qomGet(try QomGetArguments(json: .object(arguments), at: .root))
         case "query-jobs":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -332,6 +403,14 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
     switch self {
         case .queryBlock:
             return try handler.queryBlock().json
+        case .blockdevAdd(let arguments):
+            try handler.blockdevAdd(arguments)
+            return .object(JSONObject())
+        case .blockdevDel(let arguments):
+            try handler.blockdevDel(arguments)
+            return .object(JSONObject())
+        case .queryNamedBlockNodes(let arguments):
+            return try handler.queryNamedBlockNodes(arguments).json
         case .queryChardev:
             return try handler.queryChardev().json
         case .ringbufWrite(let arguments):
@@ -396,6 +475,18 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
         case .migrateIncoming(let arguments):
             try handler.migrateIncoming(arguments)
             return .object(JSONObject())
+        case .queryPci:
+            return try handler.queryPci().json
+        case .deviceAdd(let arguments):
+            try handler.deviceAdd(arguments)
+            return .object(JSONObject())
+        case .deviceDel(let arguments):
+            try handler.deviceDel(arguments)
+            return .object(JSONObject())
+        case .qomList(let arguments):
+            return try handler.qomList(arguments).json
+        case .qomGet(let arguments):
+            return try handler.qomGet(arguments).json
         case .queryJobs:
             return try handler.queryJobs().json
         case .jobDismiss(let arguments):
