@@ -244,8 +244,7 @@ def test_unplug_during_guest_writes_loses_nothing_acknowledged(guest, tmp_path):
     # Each record is written and flushed (conv=fsync) before the guest acknowledges it. dd
     # reopens the disk through fd 3 (/proc/self/fd/3), which fails once the disk is gone, where
     # of=/dev/vda would then create a plain file in /dev.
-    guest.ok("ringbuf-write", device="serial0",
-             data="(exec 3<>/dev/vda; i=0; while [ $i -lt 4000 ]; do printf 'record-%08d' $i | "
+    guest.write_serial("(exec 3<>/dev/vda; i=0; while [ $i -lt 4000 ]; do printf 'record-%08d' $i | "
                   "dd of=/proc/self/fd/3 bs=512 seek=$i count=1 conv=fsync,notrunc 2>/dev/null || break; "
                   "echo ack-$i; i=$((i+1)); done); echo writer-ended\n")
     guest.wait_for("ack-30", timeout=120)
