@@ -1,4 +1,5 @@
 import Foundation
+import FuzzSupport
 import Testing
 @testable import Storage
 
@@ -47,5 +48,19 @@ import Testing
         #expect(try ImageFormat.probe(path: file("empty.raw", head: [], size: 0)) == .raw)
         #expect(try ImageFormat.probe(path: file("q.qcow2", head: [0x51, 0x46, 0x49, 0xfb])) == .qcow2)
         #expect(ForeignImageFormat.detect(head: [], tail: []) == nil)
+    }
+
+    /// Magic detection on arbitrary heads and tails of any length never traps, and a head that
+    /// starts with a known magic is always recognized.
+    @Test func detectionOfArbitraryBytesNeverTraps() {
+        let magics: [[UInt8]] = [Array("KDMV".utf8), Array("conectix".utf8), Array("vhdxfile".utf8), Array("LUKS".utf8) + [0xba, 0xbe],
+                                 Array("QED".utf8) + [0], Array("WithoutFreeSpace".utf8), Array("# Disk DescriptorFile".utf8)]
+        let report = Fuzz.run(target: "format-probe", seeds: magics, seconds: Fuzz.budget(ci: 1), maxLength: 1024,
+                              dictionary: magics + [[0x7f, 0x10, 0xda, 0xbe]]) { input in
+            let cut = input.isEmpty ? 0 : Int(input[0]) % (input.count + 1)
+            _ = ForeignImageFormat.detect(head: Array(input[..<cut]), tail: Array(input[cut...]))
+        }
+        for m in magics { #expect(ForeignImageFormat.detect(head: m + [1, 2, 3], tail: []) != nil) }
+        #expect(report.executions > magics.count)
     }
 }
