@@ -140,6 +140,14 @@ extension QMPCommandExecutor {
         }
     }
 
+    /// The running machine as a description.
+    public func queryDescription() throws -> MachineDescription { try hotPlug().currentDescription() }
+
+    /// Hot-plugs and unplugs to reach the description, or refuses the whole change.
+    public func applyDescription(_ arguments: ApplyDescriptionArguments) throws {
+        try hotPlug().apply(arguments.description)
+    }
+
     /// The PCI buses (an empty list for a machine without PCIe).
     public func queryPci() throws -> [PciInfo] { devices?.hotPlug?.pciBuses() ?? [] }
 

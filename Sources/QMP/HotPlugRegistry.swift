@@ -173,6 +173,8 @@ public enum HotPlugError: Error, Equatable, CustomStringConvertible {
     case badNodeOption(String)
     /// Opening the image failed (missing, locked, corrupt, another format).
     case openFailed(node: String, reason: String)
+    /// An apply-description that cannot be done live, with the reason.
+    case cannotApply(String)
     /// The board refused (should not happen after the checks above).
     case failed(String)
 
@@ -208,6 +210,7 @@ public enum HotPlugError: Error, Equatable, CustomStringConvertible {
         case .nodeBusy(let n, let u): return "Node '\(n)' is busy: it is in use by \(u)"
         case .badNodeOption(let m): return m
         case .openFailed(let n, let r): return "Could not open node '\(n)': \(r)"
+        case .cannotApply(let m): return "The description cannot be applied to the running machine, nothing was changed: \(m)"
         case .failed(let m): return m
         }
     }
@@ -252,6 +255,11 @@ public protocol HotPlugRegistry: AnyObject, Sendable {
     func peripherals() -> [PeripheralDevice]
     /// The PCI buses as the guest configured them.
     func pciBuses() -> [PciInfo]
+    /// The running machine as a description (the launch one plus the hot-plugged devices).
+    func currentDescription() throws -> MachineDescription
+    /// Hot-plugs and unplugs to reach `description`, or throws (changing nothing) when any part
+    /// of the change cannot be done live.
+    func apply(_ description: MachineDescription) throws
 }
 
 extension DeviceRegistry {

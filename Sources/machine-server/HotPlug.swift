@@ -28,6 +28,8 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {
         var fileNode: String?
         /// A file node given inline, removed with its format node.
         var inline: Bool
+        /// Opened by apply-description for its device: closed when that device goes.
+        var autoClose = false
     }
 
     /// A hot-plugged device.
@@ -52,17 +54,22 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {
     private let machine: VirtualMachine
     private let board: VirtBoard
     private let launched: [PlannedDevice]
+    /// The description the machine was launched from, and where its relative paths start.
+    private let launchDescription: MachineDescription
+    private let baseDirectory: String
     private let display: Display?
     private let state = Mutex(State())
     /// Where DEVICE_DELETED goes (the QMP server), set once it exists.
     let eventSink = Mutex<(@Sendable (QMPEvent) -> Void)?>(nil)
 
     /// Creates the registry for a machine whose board is a `VirtBoard` built from `launched`.
-    init?(machine: VirtualMachine, launched: [PlannedDevice], display: Display?) {
+    init?(machine: VirtualMachine, plan: LaunchPlan, display: Display?) {
         guard let board = machine.board as? VirtBoard, board.pcieHost != nil else { return nil }
         self.machine = machine
         self.board = board
-        self.launched = launched
+        self.launched = plan.devices
+        self.launchDescription = plan.description
+        self.baseDirectory = plan.baseDirectory
         self.display = display
     }
 
@@ -157,6 +164,12 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {
                     self.board.rootPorts[port]?.port.onPowerOff.withLock { $0 = nil }
                     let p = s.plugged.remove(at: i)
                     p.block?.reset()   // drains its I/O; the node stays open for blockdev-del
+                    // ... unless apply-description opened it for this device.
+                    if let d = p.drive, let j = s.nodes.firstIndex(where: { $0.name == d && $0.autoClose }) {
+                        let node = s.nodes.remove(at: j)
+                        if let f = node.fileNode, let k = s.nodes.firstIndex(where: { $0.name == f && $0.inline }) { s.nodes.remove(at: k) }
+                        if let image = node.image, !image.isReadOnly { try? image.flush() }
+                    }
                     return p
                 }
             }
@@ -373,6 +386,150 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {
                              classInfo: PciDeviceClass(desc: names[cls], class: cls), id: ids,
                              irq: pin != 0 ? r(PCIConfig.interruptLine, 1) : nil, irqPin: pin != 0 ? pin : nil,
                              qdevId: qdevID, pciBridge: bridge, regions: regions)
+    }
+
+    // MARK: Descriptions
+
+    func currentDescription() throws -> MachineDescription {
+        var d = launchDescription
+        d.devices = (launchDescription.devices ?? []) + hotDeviceDescriptions()
+        return d
+    }
+
+    /// The hot-plugged devices as description entries, in plug order.
+    private func hotDeviceDescriptions() -> [DeviceDescription] {
+        state.withLock { s in
+            s.plugged.map { p in
+                let id = p.id ?? "device[\(p.path.split(separator: "[").last?.dropLast() ?? "")]"
+                switch p.driver {
+                case .virtioBlkPci:
+                    let node = s.nodes.first { $0.name == p.drive }
+                    let format: DriveFormat = node?.driver == "raw" ? .raw : .qcow2
+                    return DeviceDescription(variant: .virtioBlkPci(PCIBlockDeviceOptions(
+                        id: id, drive: DriveDescription(file: node?.filename ?? "", format: format, readOnly: node?.readOnly ?? false),
+                        bus: p.port)))
+                case .virtioRngPci: return DeviceDescription(variant: .virtioRngPci(PCIDeviceOptions(id: p.id, bus: p.port)))
+                case .virtioKeyboardPci: return DeviceDescription(variant: .virtioKeyboardPci(PCIDeviceOptions(id: p.id, bus: p.port)))
+                case .virtioTabletPci: return DeviceDescription(variant: .virtioTabletPci(PCIDeviceOptions(id: p.id, bus: p.port)))
+                }
+            }
+        }
+    }
+
+    func apply(_ wanted: MachineDescription) throws {
+        func refuse(_ why: String) -> HotPlugError { .cannotApply(why) }
+        let current = try currentDescription()
+        // Everything but the devices must be as it is.
+        var a = current.jsonMembers, b = wanted.jsonMembers
+        a["devices"] = nil
+        b["devices"] = nil
+        if let am = a["memory"], let bm = b["memory"], case .string(let x) = am, case .string(let y) = bm,
+           SchemaCheck.parseSize(x) == SchemaCheck.parseSize(y) {
+            b["memory"] = am
+        }
+        for key in Set(a.keys + b.keys).sorted() where a[key] != b[key] {
+            let was = a[key].map { $0.serialized() } ?? "absent", want = b[key].map { $0.serialized() } ?? "absent"
+            throw refuse("'\(key)' cannot change while the machine runs (it is \(was), the description says \(want))")
+        }
+        let launchDevices = launchDescription.devices ?? []
+        let hot = hotDeviceDescriptions()
+        let wantedDevices = wanted.devices ?? []
+        for (i, d) in launchDevices.enumerated() where !wantedDevices.contains(d) {
+            throw refuse("devices: \(Self.name(d)), built at launch (devices[\(i)]), is missing or changed; devices of the launch cannot be removed or changed live")
+        }
+        let removals = hot.filter { !wantedDevices.contains($0) }
+        let additions = wantedDevices.filter { !launchDevices.contains($0) && !hot.contains($0) }
+        let removedIDs = Set(removals.compactMap(Self.id))
+        let keptIDs = Set((launchDevices + hot).filter { !removals.contains($0) }.compactMap(Self.id))
+            .union(launched.filter(\.hasExplicitID).map(\.id))
+        var ports: Set<String> = []
+        var plans: [(request: DeviceAddRequest, file: String?, format: String, readOnly: Bool)] = []
+        for d in additions {
+            let name = Self.name(d)
+            guard let id = Self.id(d) else { throw refuse("devices: \(name): a device added live needs an id") }
+            guard HotPlugError.isIdentifier(id) else { throw refuse("devices: \(name): \(HotPlugError.badID(id))") }
+            if removedIDs.contains(id) { throw refuse("devices: '\(id)' changes; a device cannot be changed live (remove it, then add it again)") }
+            if keptIDs.contains(id) || plans.contains(where: { $0.request.id == id }) { throw refuse("devices: \(HotPlugError.duplicateID(id))") }
+            let driver: HotPlugDriver, bus: String?, addr: String?
+            var file: String?, format = "raw", readOnly = false
+            switch d.variant {
+            case .virtioBlkPci(let o):
+                driver = .virtioBlkPci
+                (bus, addr) = (o.bus, o.addr)
+                file = o.drive.file.hasPrefix("/") ? o.drive.file : (baseDirectory as NSString).appendingPathComponent(o.drive.file)
+                format = o.drive.format.rawValue
+                readOnly = o.drive.readOnly
+            case .virtioRngPci(let o): (driver, bus, addr) = (.virtioRngPci, o.bus, o.addr)
+            case .virtioKeyboardPci(let o): (driver, bus, addr) = (.virtioKeyboardPci, o.bus, o.addr)
+            case .virtioTabletPci(let o): (driver, bus, addr) = (.virtioTabletPci, o.bus, o.addr)
+            default: throw refuse("devices: \(name): \(HotPlugError.notHotPluggable(d.driver.rawValue))")
+            }
+            guard let bus, bus != PlannedDevice.rootBus else { throw refuse("devices: \(name): \(HotPlugError.busNoHotplug(PlannedDevice.rootBus))") }
+            guard let (_, port) = board.rootPorts[bus] else { throw refuse("devices: \(name): \(HotPlugError.busNotFound(bus))") }
+            if let addr, !["0", "00", "0.0", "00.0", "0x0"].contains(addr.lowercased()) {
+                throw refuse("devices: \(name): addr '\(addr)': a pcie-root-port has one slot, 0")
+            }
+            if removals.contains(where: { Self.bus($0) == bus }) {
+                throw refuse("devices: \(name): bus '\(bus)' is freed by this change only once the guest lets go of its device; add to it after DEVICE_DELETED")
+            }
+            guard port.child == nil, !ports.contains(bus) else {
+                throw refuse("devices: \(name): bus '\(bus)' holds a device already")
+            }
+            ports.insert(bus)
+            plans.append((DeviceAddRequest(driver: driver, id: id, bus: bus, drive: file.map { _ in "desc-\(id)" }), file, format, readOnly))
+        }
+        let pending = state.withLock { s in s.plugged.filter(\.unplugRequested).compactMap(\.id) }
+        for r in removals {
+            guard let id = Self.id(r) else { continue }
+            if pending.contains(id) { throw refuse("devices: '\(id)' is already in the process of unplug") }
+        }
+        // Open every image first: a missing or locked one refuses the change before any device moves.
+        var opened: [String] = []
+        do {
+            for p in plans {
+                guard let file = p.file, let node = p.request.drive else { continue }
+                if state.withLock({ s in s.nodes.contains { $0.name == node } }) {
+                    throw refuse("node name '\(node)' is taken; delete it with blockdev-del first")
+                }
+                do {
+                    try addNode(BlockNodeRequest(nodeName: node, kind: .format(driver: p.format, file: .inline(filename: file), noBacking: false),
+                                                 readOnly: p.readOnly))
+                } catch {
+                    throw refuse("devices: '\(p.request.id ?? "")': \(error)")
+                }
+                state.withLock { s in
+                    if let i = s.nodes.firstIndex(where: { $0.name == node }) { s.nodes[i].autoClose = true }
+                }
+                opened.append(node)
+            }
+        } catch {
+            for node in opened { try? deleteNode(name: node) }
+            throw error
+        }
+        for p in plans { try addDevice(p.request) }
+        for r in removals { if let id = Self.id(r) { try deleteDevice(id: id) } }
+    }
+
+    private static func id(_ d: DeviceDescription) -> String? {
+        switch d.variant {
+        case .virtioBlkDevice(let o): return o.id
+        case .virtioBlkPci(let o): return o.id
+        case .pcieRootPort(let o): return o.id
+        case .virtioGpuDevice(let o), .virtioKeyboardDevice(let o), .virtioTabletDevice(let o), .virtioRngDevice(let o): return o.id
+        case .virtioGpuPci(let o), .virtioKeyboardPci(let o), .virtioTabletPci(let o), .virtioRngPci(let o): return o.id
+        }
+    }
+
+    private static func bus(_ d: DeviceDescription) -> String? {
+        switch d.variant {
+        case .virtioBlkPci(let o): return o.bus
+        case .virtioGpuPci(let o), .virtioKeyboardPci(let o), .virtioTabletPci(let o), .virtioRngPci(let o): return o.bus
+        default: return nil
+        }
+    }
+
+    private static func name(_ d: DeviceDescription) -> String {
+        d.driver.rawValue + (id(d).map { " '\($0)'" } ?? "")
     }
 
     // MARK: Helpers

@@ -59,7 +59,7 @@ struct Launch {
         machineBox.set(machine)
         machine.setSnapshotDisks(devices.blocks.map { SnapshotDisk(id: $0.id, image: $0.image, readOnly: $0.readOnly) })
 
-        let hotPlug = MachineHotPlug(machine: machine, launched: plan.devices, display: devices.display)
+        let hotPlug = MachineHotPlug(machine: machine, plan: plan, display: devices.display)
         defer { hotPlug?.close() }
         let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, hotPlug: hotPlug,
                                                 plan: plan)

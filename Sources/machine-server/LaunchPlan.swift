@@ -27,6 +27,10 @@ struct LaunchPlan {
     var vncFromCommandLine: Bool
     /// The devices in slot order, checked (including what a VNC display adds automatically).
     var devices: [PlannedDevice]
+    /// The description as parsed (paths as written), for query-description.
+    var description: MachineDescription
+    /// Where the description's relative paths are resolved from.
+    var baseDirectory: String
     /// `--incoming URI|defer`: load a saved state (or wait for migrate-incoming) instead of booting.
     var incoming: String?
 
@@ -52,6 +56,8 @@ struct LaunchPlan {
             throw LaunchError("\(configPath): \(error)")
         }
         let baseDirectory = URL(fileURLWithPath: configPath).deletingLastPathComponent().path
+        self.description = d
+        self.baseDirectory = baseDirectory
 
         func resolve(_ path: String) -> String {
             path.hasPrefix("/") ? path : (baseDirectory as NSString).appendingPathComponent(path)

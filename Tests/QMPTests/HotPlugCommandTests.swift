@@ -33,6 +33,8 @@ final class FakeHotPlug: HotPlugRegistry {
                           hotPluggable: true, properties: [("bus", "rp0"), ("drive", "node1")])]
     }
     func pciBuses() -> [PciInfo] { [PciInfo(bus: 0, devices: [])] }
+    func currentDescription() throws -> MachineDescription { MachineDescription(machine: .virt, memory: "256M") }
+    func apply(_ description: MachineDescription) throws { throw HotPlugError.cannotApply("memory") }
 }
 
 final class HotPlugDevices: DeviceRegistry {

@@ -260,3 +260,47 @@ def test_unplug_during_guest_writes_loses_nothing_acknowledged(guest, tmp_path):
     data = raw.read_bytes()
     for i in acked:
         assert data[i * 512:i * 512 + 15] == b"record-%08d" % i, f"acknowledged record {i} is not in the image"
+
+
+def test_apply_description_adds_and_removes_two_disks_and_refuses_the_impossible_whole(guest, tmp_path):
+    a, b = qcow2(tmp_path, "a.qcow2", "16M"), qcow2(tmp_path, "b.qcow2", "32M")
+    launch = guest.ok("query-description")
+    assert [d["driver"] for d in launch["devices"]] == ["pcie-root-port", "pcie-root-port"]
+    disks_desc = [{"driver": "virtio-blk-pci", "id": "da", "bus": "rp0", "drive": {"file": str(a), "format": "qcow2"}},
+                  {"driver": "virtio-blk-pci", "id": "db", "bus": "rp1", "drive": {"file": str(b), "format": "qcow2"}}]
+    wanted = dict(launch, devices=launch["devices"] + disks_desc)
+
+    # Refused whole: memory cannot change live, so neither disk is added.
+    before = guest.ok("query-pci")
+    err = guest.error("apply-description", description=dict(wanted, memory="512M"))
+    assert err["class"] == "GenericError" and "'memory' cannot change" in err["desc"] and "nothing was changed" in err["desc"]
+    # Refused whole: the second addition's image is missing, so the first is not added either.
+    missing = dict(wanted, devices=launch["devices"] + [disks_desc[0], dict(disks_desc[1], drive={"file": str(tmp_path / "nope.qcow2"), "format": "qcow2"})])
+    err = guest.error("apply-description", description=missing)
+    assert "'db'" in err["desc"] and "nope.qcow2" in err["desc"]
+    # Refused whole: a device of the launch cannot go.
+    err = guest.error("apply-description", description=dict(wanted, devices=wanted["devices"][1:]))
+    assert "rp0" in err["desc"] and "built at launch" in err["desc"]
+    assert guest.ok("query-pci") == before
+    assert guest.ok("query-named-block-nodes") == []
+
+    # Two disks in one call.
+    guest.ok("apply-description", description=wanted)
+    got = wait_disks(guest, lambda d: len(d) == 2)
+    assert sorted(got.values()) == [str((16 << 20) // 512), str((32 << 20) // 512)]
+    assert port_children(guest) == {"rp0": ["da"], "rp1": ["db"]}
+    now = guest.ok("query-description")
+    assert now["devices"][2:] == [dict(d, drive=dict(d["drive"], **{"read-only": False})) for d in disks_desc]
+    guest.ok("apply-description", description=now)       # round-trips: no change
+    assert port_children(guest) == {"rp0": ["da"], "rp1": ["db"]}
+
+    # And both removed in one call; their nodes close with them.
+    guest.ok("apply-description", description=launch)
+    for id_ in ("da", "db"):
+        guest.wait_event("DEVICE_DELETED", {"device": id_}, timeout=UNPLUG_TIMEOUT)
+    wait_disks(guest, lambda d: len(d) == 0)
+    assert port_children(guest) == {"rp0": [], "rp1": []}
+    assert guest.ok("query-named-block-nodes") == []
+    assert guest.ok("query-description") == launch
+    check_image(a)
+    check_image(b)

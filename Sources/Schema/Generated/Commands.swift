@@ -70,6 +70,10 @@ public protocol QMPCommandHandler: Sendable {
     func deviceAdd(_ arguments: DeviceAddArguments) throws
     /// `device_del`: Asks the guest to release a hot-plugged device: presses the attention button of its root port's slot and returns. The device is removed when the guest powers the slot off (Linux pciehp does so about five seconds after the press, once its driver let go), and DEVICE_DELETED says so. Devices built at launch cannot be removed.
     func deviceDel(_ arguments: DeviceDelArguments) throws
+    /// `query-description`: The running machine as a machine description: the one it was launched from, with the devices hot-plugged since appended (virtio-blk-pci with its image file, format and read-only flag; the others with id and bus). Launching from it builds the same machine; apply-description with it changes nothing.
+    func queryDescription() throws -> MachineDescription
+    /// `apply-description`: Brings the running machine to `description` by hot-plugging: devices behind pcie-root-ports that it adds are plugged (disks get their image opened as a node named desc-ID, closed again when the device goes), hot-plugged devices it leaves out get device_del (DEVICE_DELETED follows for each). Everything else must be as the machine is (board, cpus, memory, firmware, kernel, initrd, append, start, serial, qmp, display, and the devices of the launch, compared as query-description gives them); otherwise, or when any addition cannot be done (a busy or unknown root port, a driver that cannot be hot-plugged, a missing or locked image, a duplicate id, a changed device), the whole change is refused up front with the reason and nothing changes.
+    func applyDescription(_ arguments: ApplyDescriptionArguments) throws
     /// `qom-list`: Lists the properties of the object at `path`: for /machine/peripheral its children, one per device with an id; for /machine/peripheral/ID the device's properties (type, realized, hotplugged, hotpluggable, and its driver's properties such as drive).
     func qomList(_ arguments: QomListArguments) throws -> [ObjectPropertyInfo]
     /// `qom-get`: Reads one property of the object at `path` (see qom-list).
@@ -152,6 +156,10 @@ public enum QMPCommand: Sendable, Equatable {
     case deviceAdd(DeviceAddArguments)
     /// `device_del`.
     case deviceDel(DeviceDelArguments)
+    /// `query-description`.
+    case queryDescription
+    /// `apply-description`.
+    case applyDescription(ApplyDescriptionArguments)
     /// `qom-list`.
     case qomList(QomListArguments)
     /// `qom-get`.
@@ -201,6 +209,8 @@ public enum QMPCommand: Sendable, Equatable {
         "query-pci",
         "device_add",
         "device_del",
+        "query-description",
+        "apply-description",
         "qom-list",
         "qom-get",
         "query-jobs",
@@ -249,6 +259,8 @@ public enum QMPCommand: Sendable, Equatable {
         case .queryPci: return "query-pci"
         case .deviceAdd: return "device_add"
         case .deviceDel: return "device_del"
+        case .queryDescription: return "query-description"
+        case .applyDescription: return "apply-description"
         case .qomList: return "qom-list"
         case .qomGet: return "qom-get"
         case .queryJobs: return "query-jobs"
@@ -375,6 +387,13 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
             return .deviceAdd(try DeviceAddArguments(json: .object(arguments), at: .root))
         case "device_del":
             return .deviceDel(try DeviceDelArguments(json: .object(arguments), at: .root))
+        case "query-description":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryDescription
+        case "apply-description":
+            return .applyDescription(try ApplyDescriptionArguments(json: .object(arguments), at: .root))
         case "qom-list":
             return .qomList(try QomListArguments(json: .object(arguments), at: .root))
         case "qom-get":
@@ -482,6 +501,11 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
             return .object(JSONObject())
         case .deviceDel(let arguments):
             try handler.deviceDel(arguments)
+            return .object(JSONObject())
+        case .queryDescription:
+            return try handler.queryDescription().json
+        case .applyDescription(let arguments):
+            try handler.applyDescription(arguments)
             return .object(JSONObject())
         case .qomList(let arguments):
             return try handler.qomList(arguments).json

@@ -5287,6 +5287,42 @@ public struct DeviceDeletedEventData: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// The arguments of the `apply-description` command.
+public struct ApplyDescriptionArguments: SchemaCodable, Equatable {
+    /// The machine as it should be.
+    public var description: MachineDescription
+
+    /// Creates a value from its members.
+    public init(description: MachineDescription) {
+        self.description = description
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["description"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.description = try r.required("description", as: MachineDescription.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["description"] = self.description.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
 // MARK: - qom
 
 /// One property of an object.
