@@ -423,6 +423,8 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {
         var a = current.jsonMembers, b = wanted.jsonMembers
         a["devices"] = nil
         b["devices"] = nil
+        // A description without a version is read as the current one.
+        if a["version"] == nil || b["version"] == nil { (a["version"], b["version"]) = (nil, nil) }
         if let am = a["memory"], let bm = b["memory"], case .string(let x) = am, case .string(let y) = bm,
            SchemaCheck.parseSize(x) == SchemaCheck.parseSize(y) {
             b["memory"] = am
