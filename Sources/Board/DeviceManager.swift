@@ -17,7 +17,7 @@ public final class DeviceManager: @unchecked Sendable {  // unchecked: used on t
         }
     }
 
-    private var devices: [(device: any ManagedDevice, placement: Placement?)] = []
+    private var devices: [(device: any ManagedDevice, placement: Placement?, hotPlugged: String?)] = []
 
     public init() {}
 
@@ -25,13 +25,17 @@ public final class DeviceManager: @unchecked Sendable {  // unchecked: used on t
     public var all: [any ManagedDevice] { devices.map(\.device) }
 
     /// Adds a device, with where it sits when the guest finds it through the device tree; its
-    /// section name must be unique.
-    public func register(_ device: any ManagedDevice, at placement: Placement? = nil) throws {
+    /// section name must be unique. `hotPlugged` describes a device added while the machine
+    /// runs ("the device in root port 'rp0'"), which saved states do not cover.
+    public func register(_ device: any ManagedDevice, at placement: Placement? = nil, hotPlugged: String? = nil) throws {
         guard !devices.contains(where: { $0.device.stateSection == device.stateSection }) else {
             throw BoardError.invalidConfig("two devices share the state section name '\(device.stateSection)'")
         }
-        devices.append((device, placement))
+        devices.append((device, placement, hotPlugged))
     }
+
+    /// The devices added while the machine ran, described as `register` was told, in order.
+    public var hotPlugged: [String] { devices.compactMap(\.hotPlugged) }
 
     /// Removes a device (hot-unplug).
     public func unregister(_ device: any ManagedDevice) {

@@ -156,6 +156,7 @@ extension VirtualMachine: MachineSnapshots {
         try checkAllWritableListed(devices)
         try onControl {
             guard isLive, hasStarted else { throw SnapshotError("the machine is not running") }
+            try checkNoHotPluggedDevices()
             try whilePaused(during: .saveVM) {
                 let existing = disks.filter { d in d.1.snapshots.contains { $0.name == tag } }
                 if !existing.isEmpty {
@@ -204,6 +205,7 @@ extension VirtualMachine: MachineSnapshots {
         }
         try onControl {
             guard isLive, hasStarted else { throw SnapshotError("the machine is not running") }
+            try checkNoHotPluggedDevices()
             var loadError: (any Error)? = nil
             try whilePaused(during: .restoreVM) {
                 let vmReader = try stateImage.vmStateReader(snapshot: tag)

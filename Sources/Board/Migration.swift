@@ -68,6 +68,7 @@ private final class ShellPipe {
 extension VirtualMachine: MachineMigration {
     public func startMigration(uri: String) throws {
         let target = try MigrationURI(uri)
+        try onControl { try checkNoHotPluggedDevices() }
         let start = DispatchTime.now().uptimeNanoseconds
         try migration.withLock { m in
             if m.status == .setup || m.status == .active {

@@ -209,13 +209,33 @@ public final class VirtBoard: @unchecked Sendable {  // unchecked: its vars chan
     @discardableResult
     public func attachRootPort(id: String, slot: Int? = nil, physicalSlot: Int) throws -> Int {
         guard rootPorts[id] == nil else { throw BoardError.invalidConfig("a root port '\(id)' exists already") }
+        guard let router = pcieHost?.intx else { throw BoardError.invalidConfig("the board was built without a PCIe host") }
+        let childWires = rootPortChildWires
         let slot = try attachPCI({ context in
-            PCIeRootPort(name: "pcie-root-port \(id) \(context.address)", stateSection: "pcie-root-port@\(context.address)",
-                         intx: context.intx, port: context.slot ?? 0, physicalSlot: physicalSlot)
+            let s = context.slot ?? 0
+            let pin = Self.rootPortPin(slot: s, avoiding: childWires.union([PCIIntxRouter.wire(slot: s, pin: 1)]))
+            return PCIeRootPort(name: "pcie-root-port \(id) \(context.address)", stateSection: "pcie-root-port@\(context.address)",
+                                intx: router.line(slot: s, pin: pin), port: s, physicalSlot: physicalSlot,
+                                interruptPin: UInt8(pin))
         }, slot: slot)
         guard let port = pciFunctions[slot] as? PCIeRootPort else { preconditionFailure("slot \(slot) holds the port just built") }
         rootPorts[id] = (slot, port)
         return slot
+    }
+
+    /// The INTx wires that devices behind the root ports use (each port's INTA wire), from the
+    /// configuration's root-port slots; no port's own interrupt goes on them (see `PCIeRootPort`).
+    private var rootPortChildWires: Set<Int> {
+        Set(config.pciDevices.compactMap { p -> Int? in
+            guard case .rootPort = p.kind, let slot = p.slot else { return nil }
+            return PCIIntxRouter.wire(slot: slot, pin: 1)
+        })
+    }
+
+    /// The interrupt pin (1…4) of a root port in `slot` whose wire is not in `avoiding`: INTB
+    /// and on when one is free, INTB when all four are taken (four or more root ports).
+    static func rootPortPin(slot: Int, avoiding: Set<Int>) -> Int {
+        [2, 3, 4, 1].first { !avoiding.contains(PCIIntxRouter.wire(slot: slot, pin: $0)) } ?? 2
     }
 
     /// Builds a PCI function into the slot of root port `portID` and registers it; with
@@ -231,7 +251,9 @@ public final class VirtBoard: @unchecked Sendable {  // unchecked: its vars chan
         }
         let function = try factory(PCIDeviceContext(ram: ram, intx: pcieHost.intx.line(slot: slot, pin: 1), slot: nil,
                                                     port: portID, clock: clock))
-        if let managed = function as? any ManagedDevice { try deviceManager.register(managed) }
+        if let managed = function as? any ManagedDevice {
+            try deviceManager.register(managed, hotPlugged: hotPlug ? "the device in root port '\(portID)'" : nil)
+        }
         do {
             try port.plug(function, hotPlug: hotPlug)
         } catch {
@@ -240,10 +262,11 @@ public final class VirtBoard: @unchecked Sendable {  // unchecked: its vars chan
         }
     }
 
-    /// Removes the function behind root port `portID` (hot-unplug, once the guest let go of it).
-    /// Control thread.
+    /// Removes the function behind root port `portID` (hot-unplug, once the guest let go of it):
+    /// its in-flight work finishes first. Control thread, vCPUs stopped.
     public func detachPCI(behind portID: String) {
         guard let (_, port) = rootPorts[portID], let function = port.child else { return }
+        if let managed = function as? any ManagedDevice { managed.quiesce() }
         port.unplug()
         if let managed = function as? any ManagedDevice { deviceManager.unregister(managed) }
     }

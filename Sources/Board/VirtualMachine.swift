@@ -306,6 +306,9 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
         for o in observers { o(event) }
     }
 
+    /// Runs `body` on the control queue later, after the actions already queued.
+    func onControlLater(_ body: @escaping @Sendable () -> Void) { control.async(execute: body) }
+
     /// Runs `body` on the control queue and returns its result; inline when already there.
     func onControl<T>(_ body: () throws -> T) rethrows -> T {
         if DispatchQueue.getSpecific(key: onControlQueue) == true { return try body() }

@@ -64,6 +64,7 @@ extension VirtualMachine {
                           runStateAfter: RunState? = nil) throws -> (pages: UInt64, bytes: UInt64) {
         try onControl {
             guard isLive, hasStarted else { throw MachineStateError("the machine is not running") }
+            try checkNoHotPluggedDevices()
             var pages: UInt64 = 0
             try whilePaused(during: runStateDuring) {
                 pages = try MachineStateWriter.write(identity: identity, sections: collectSections(), ram: board.ram, to: sink)
@@ -83,6 +84,7 @@ extension VirtualMachine {
                           describeMismatch: (String, String) -> String) throws {
         try onControl {
             guard isLive, hasStarted else { throw MachineStateError("the machine is not running") }
+            try checkNoHotPluggedDevices()
             let before = runState
             var loadError: (any Error)? = nil
             try whilePaused(during: .restoreVM) {

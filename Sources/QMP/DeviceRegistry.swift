@@ -75,6 +75,9 @@ public protocol DeviceRegistry: AnyObject, Sendable {
     func blockDevices() -> [BlockDeviceStatus]
     /// The netdevs and NICs, or nil for a machine without network support.
     var network: (any NetworkRegistry)? { get }
+    /// Hot-plug and block nodes (device_add, blockdev-add, query-pci, qom-*), or nil when the
+    /// machine offers none.
+    var hotPlug: (any HotPlugRegistry)? { get }
 }
 
 extension DeviceRegistry {

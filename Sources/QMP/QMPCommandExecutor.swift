@@ -128,6 +128,7 @@ public final class QMPCommandExecutor: QMPCommandHandler {
             return out
         }
         if let out = networkHMP(words) { return out }
+        if let out = try hotPlugHMP(words) { return out }
         switch (verb, words.count) {
         case ("stop", 1): try stop(); return ""
         case ("cont", 1), ("c", 1): try cont(); return ""
@@ -165,7 +166,7 @@ public final class QMPCommandExecutor: QMPCommandHandler {
                 if let e = m.errorDesc { out += "error description: \(e)\r\n" }
                 return out
             default:
-                return "info: unknown item '\(words[1])' (known: status, version, name, cpus, migrate, snapshots, network, usernet)\r\n"
+                return "info: unknown item '\(words[1])' (known: status, version, name, cpus, migrate, snapshots, network, usernet, pci, block)\r\n"
             }
         case ("migrate", 2):
             try migrate(MigrateArguments(uri: words[1]))

@@ -40,6 +40,7 @@ public struct QMPError: Error, Equatable, CustomStringConvertible {
         case let e as SchemaDecodingError: return QMPError(.genericError, e.qmpDescription)
         case let e as ChardevRegistryError: return QMPError(.genericError, e.description)
         case let e as DeviceRegistryError: return QMPError(.deviceNotFound, e.description)
+        case let e as HotPlugError: return QMPError(e.errorClass, e.description)
         case let e as DisplayError: return QMPError(.genericError, e.description)
         case let e as JSONParseError: return QMPError(.genericError, "JSON parse error, \(e)")
         default: return QMPError(.genericError, String(describing: error))

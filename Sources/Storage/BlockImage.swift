@@ -5,11 +5,49 @@ public enum ImageFormat: String, Sendable, CaseIterable {
     case raw
     case qcow2
 
-    /// Guesses the format from the first bytes of a file: qcow2 by its magic, raw otherwise.
+    /// Guesses the format from the file's magic, as qemu-img does: qcow2 by its magic, raw when
+    /// no known format's magic is there. A file of a format this module cannot read (VMDK, VDI,
+    /// VHD/VPC, VHDX, LUKS, QED, Parallels) is refused with `.unsupported` naming it: handing
+    /// it to a guest as raw would show the guest the container, not the disk. Name the format
+    /// explicitly (raw) to use such a file's bytes as they are.
     public static func probe(path: String) throws -> ImageFormat {
         let f = try HostFile(path: path, readOnly: true)
-        let head = try f.read(count: 4, at: 0)
-        return head == [0x51, 0x46, 0x49, 0xfb] ? .qcow2 : .raw
+        let head = try f.read(count: 512, at: 0)
+        if head.starts(with: [0x51, 0x46, 0x49, 0xfb]) { return .qcow2 }
+        var tail: [UInt8] = []
+        let size = try f.size()
+        if size >= 512 && size % 512 == 0 { tail = try f.read(count: 512, at: size - 512) }
+        if let foreign = ForeignImageFormat.detect(head: head, tail: tail) {
+            throw StorageError.unsupported(path: path, feature: "the \(foreign.rawValue) format (its magic is at the start of the file); machine-server reads raw and qcow2 only: convert it with 'qemu-img convert -O qcow2', or name the format raw explicitly to give the guest the file's bytes as they are")
+        }
+        return .raw
+    }
+}
+
+/// Image formats qemu-img knows and this module does not read, recognized by their magic so
+/// that such a file is never taken for raw.
+public enum ForeignImageFormat: String, Sendable, CaseIterable {
+    case vmdk, vdi, vpc, vhdx, luks, qed, parallels
+
+    /// The format whose magic `head` (the file's first bytes, up to 512) or `tail` (its last
+    /// 512 bytes, for a fixed VHD's footer) carries; nil for none of them.
+    public static func detect(head: [UInt8], tail: [UInt8]) -> ForeignImageFormat? {
+        func at(_ offset: Int, _ magic: [UInt8], in bytes: [UInt8]) -> Bool {
+            bytes.count >= offset + magic.count && Array(bytes[offset..<offset + magic.count]) == magic
+        }
+        let text = { (s: String) in Array(s.utf8) }
+        if at(0, text("KDMV"), in: head) || at(0, text("COWD"), in: head) { return .vmdk }
+        // A monolithic-flat or split VMDK is a text descriptor naming its extents.
+        if at(0, text("# Disk DescriptorFile"), in: head) { return .vmdk }
+        if at(0x40, [0x7f, 0x10, 0xda, 0xbe], in: head) { return .vdi }
+        if at(0, text("conectix"), in: head) { return .vpc }
+        if at(0, text("vhdxfile"), in: head) { return .vhdx }
+        if at(0, text("LUKS") + [0xba, 0xbe], in: head) { return .luks }
+        if at(0, text("QED") + [0], in: head) { return .qed }
+        if at(0, text("WithoutFreeSpace"), in: head) || at(0, text("WithouFreSpacExt"), in: head) { return .parallels }
+        // A fixed-size VHD has only its footer, at the end.
+        if at(0, text("conectix"), in: tail) { return .vpc }
+        return nil
     }
 }
 

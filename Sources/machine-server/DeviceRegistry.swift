@@ -5,20 +5,24 @@ import Schema
 import Storage
 import VNC
 
-/// The machine's devices as QMP sees them (`DeviceRegistry`): the display, the VNC server and
-/// the block devices. Immutable after launch; any thread.
+/// The machine's devices as QMP sees them (`DeviceRegistry`): the display, the VNC server,
+/// the block devices, the network and hot-plug. Immutable after launch (hot-plug and the network
+/// keep their own tables); any thread.
 final class MachineDeviceRegistry: DeviceRegistry, Sendable {
     private let devices: MachineDevices
     private let vnc: VNCServer?
     private let machineNetwork: MachineNetwork?
+    private let hotPlugRegistry: MachineHotPlug?
 
-    init(devices: MachineDevices, vnc: VNCServer?, network: MachineNetwork? = nil) {
+    init(devices: MachineDevices, vnc: VNCServer?, network: MachineNetwork? = nil, hotPlug: MachineHotPlug? = nil) {
         self.devices = devices
         self.vnc = vnc
         self.machineNetwork = network
+        self.hotPlugRegistry = hotPlug
     }
 
     var network: (any NetworkRegistry)? { machineNetwork }
+    var hotPlug: (any HotPlugRegistry)? { hotPlugRegistry }
 
     var display: Display? { devices.display }
 
@@ -49,7 +53,7 @@ final class MachineDeviceRegistry: DeviceRegistry, Sendable {
             return BlockDeviceStatus(id: b.id, file: b.image.path, format: b.image.format.rawValue, readOnly: b.readOnly,
                                      virtualSize: b.image.virtualSize, actualSize: actual, backingFile: backing,
                                      backingDepth: depth)
-        }
+        } + (hotPlugRegistry?.hotPluggedDisks() ?? [])
     }
 }
 

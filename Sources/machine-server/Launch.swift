@@ -67,7 +67,9 @@ struct Launch {
         }
         machine.setSnapshotDisks(devices.blocks.map { SnapshotDisk(id: $0.id, image: $0.image, readOnly: $0.readOnly) })
 
-        let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, network: network,
+        let hotPlug = MachineHotPlug(machine: machine, plan: plan, display: devices.display)
+        defer { hotPlug?.close() }
+        let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, network: network, hotPlug: hotPlug,
                                                 plan: plan)
         defer { servers.shutdown() }
 
@@ -133,7 +135,7 @@ struct ProtocolServers {
     /// The VNC server binds first, QMP starts, then VNC starts serving with its connection
     /// events forwarded to QMP clients.
     static func start(machine: VirtualMachine, chardevs: MachineChardevs, devices: MachineDevices,
-                      network: MachineNetwork? = nil, plan: LaunchPlan) throws -> ProtocolServers {
+                      network: MachineNetwork? = nil, hotPlug: MachineHotPlug?, plan: LaunchPlan) throws -> ProtocolServers {
         var vnc: VNCServer? = nil
         let field = plan.vncFromCommandLine ? "--vnc" : "display.vnc"
         if let v = plan.vnc, let display = devices.display {
@@ -148,7 +150,7 @@ struct ProtocolServers {
                 throw LaunchError("\(field): \(error)")
             }
         }
-        let registry = MachineDeviceRegistry(devices: devices, vnc: vnc, network: network)
+        let registry = MachineDeviceRegistry(devices: devices, vnc: vnc, network: network, hotPlug: hotPlug)
         var qmp: QMPServer? = nil
         if !plan.qmp.isEmpty {
             let server = QMPServer(control: machine, chardevs: chardevs, devices: registry)
@@ -158,6 +160,7 @@ struct ProtocolServers {
                 throw LaunchError("qmp: \(error)")
             }
             qmp = server
+            hotPlug?.eventSink.withLock { $0 = { server.emit($0) } }
         }
         if let vnc {
             if let qmp {

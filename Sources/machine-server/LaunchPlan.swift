@@ -29,6 +29,10 @@ struct LaunchPlan {
     var devices: [PlannedDevice]
     /// The network backends, in description order (their options are checked when they are built).
     var netdevs: [Netdev]
+    /// The description as parsed (paths as written), for query-description.
+    var description: MachineDescription
+    /// Where the description's relative paths are resolved from.
+    var baseDirectory: String
     /// `--incoming URI|defer`: load a saved state (or wait for migrate-incoming) instead of booting.
     var incoming: String?
 
@@ -54,6 +58,8 @@ struct LaunchPlan {
             throw LaunchError("\(configPath): \(error)")
         }
         let baseDirectory = URL(fileURLWithPath: configPath).deletingLastPathComponent().path
+        self.description = d
+        self.baseDirectory = baseDirectory
 
         func resolve(_ path: String) -> String {
             path.hasPrefix("/") ? path : (baseDirectory as NSString).appendingPathComponent(path)

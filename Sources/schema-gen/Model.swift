@@ -45,6 +45,10 @@ struct Definition {
     var doc: String
     var example: [String]
     var file: String
+    /// For a command: the type of members beyond the listed arguments, which are then kept
+    /// instead of refused (QEMU's `'gen': false` commands such as `device_add`, whose driver
+    /// properties are open-ended). Only `any` is supported: the handler checks them itself.
+    var extraMembers: Member? = nil
 
     var keyword: String {
         switch kind {
@@ -145,7 +149,7 @@ struct SchemaLoader {
             "enum": ["enum", "doc", "data"],
             "struct": ["struct", "doc", "data", "base"],
             "union": ["union", "doc", "base", "discriminator", "data"],
-            "command": ["command", "doc", "data", "returns", "example"],
+            "command": ["command", "doc", "data", "returns", "example", "extra-members"],
             "event": ["event", "doc", "data", "example"],
         ]
         for (k, _) in members where !allowedKeys[keyword]!.contains(k) {
@@ -177,6 +181,7 @@ struct SchemaLoader {
             problem(file, "\(whereText): missing 'example'")
         }
         let kind: Definition.Kind
+        var extra: Member?
         switch keyword {
         case "enum":
             guard case .array(let vals)? = node["data"], !vals.isEmpty else {
@@ -246,6 +251,20 @@ struct SchemaLoader {
                 returns = t
             }
             kind = .command(arguments: args, argumentType: argType, returns: returns)
+            if let e = node["extra-members"] {
+                guard args != nil else {
+                    problem(file, "\(whereText): 'extra-members' needs 'data' to be an object of members")
+                    return nil
+                }
+                guard case .object(let attrs) = e, case .string("any")? = e["type"], case .string(let d)? = e["doc"], !d.isEmpty else {
+                    problem(file, "\(whereText): 'extra-members' must be {\"type\": \"any\", \"doc\": \"...\"} (only 'any' is supported)")
+                    return nil
+                }
+                for (k, _) in attrs where !["type", "doc"].contains(k) {
+                    problem(file, "\(whereText): 'extra-members': unknown attribute '\(k)'")
+                }
+                extra = Member(name: "extra-members", optional: true, type: .named("any"), doc: d)
+            }
         default:
             var data: [Member]?
             if let d = node["data"] {
@@ -254,7 +273,7 @@ struct SchemaLoader {
             }
             kind = .event(data: data)
         }
-        return Definition(name: name, kind: kind, doc: doc, example: example, file: file)
+        return Definition(name: name, kind: kind, doc: doc, example: example, file: file, extraMembers: extra)
     }
 
     private func parseTypeRef(_ node: JNode) -> TypeRef? {
@@ -378,7 +397,7 @@ struct SchemaLoader {
                     }
                     if m.format != nil && !isStr { problem(d.file, "\(w): member '\(m.name)': format applies only to str members") }
                     if let dv = m.defaultValue { checkDefault(dv, m, w, d.file) }
-                    if ["json", "json-members", "variant", "member-names"].contains(m.name) {
+                    if ["json", "json-members", "variant", "member-names", "extra-members"].contains(m.name) {
                         problem(d.file, "\(w): member name '\(m.name)' is reserved by the generated code")
                     }
                 }
@@ -436,8 +455,9 @@ struct SchemaLoader {
                 }
             case .command(let args, let argType, let returns):
                 if let args { checkMembers(args) }
+                // A named argument type is a struct or (QEMU's 'boxed': true) a union.
                 if let argType, !isStruct(argType), !isUnion(argType) {
-                    problem(d.file, "\(w): 'data' refers to '\(argType)', which is neither a struct nor a union")
+                    problem(d.file, "\(w): 'data' refers to '\(argType)', which is not a struct or union")
                 }
                 if let returns, !isType(returns.element) {
                     problem(d.file, "\(w): 'returns' refers to unknown type '\(returns.element)'")

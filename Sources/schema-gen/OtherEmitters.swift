@@ -202,6 +202,9 @@ struct DataEmitter {
                 case .command(let args, let named, let returns):
                     if let named { out += "Arguments: `\(named)`\n\n" }
                     if let args { table(args, title: "Arguments") }
+                    if let e = d.extraMembers {
+                        out += "Other members: any member not listed above is accepted (`any`): \(e.doc ?? "")\n\n"
+                    }
                     out += "Returns: " + (returns.map { "`\($0.introspectionName)`" } ?? "nothing (`{}`)") + "\n\n"
                 case .event(let data):
                     if let data { table(data, title: "Data") }

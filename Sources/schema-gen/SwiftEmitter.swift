@@ -85,7 +85,8 @@ struct SwiftEmitter {
                 case .command(let args, _, _):
                     if let args {
                         out += structType(name: upperCamel(d.name) + "Arguments",
-                                          doc: "The arguments of the `\(d.name)` command.", members: args)
+                                          doc: "The arguments of the `\(d.name)` command.", members: args,
+                                          extra: d.extraMembers)
                     }
                 case .event(let data):
                     if let data {
@@ -216,38 +217,53 @@ struct SwiftEmitter {
         return s + "\(indent)}\n"
     }
 
-    func structType(name: String, doc: String, members: [Member]) -> String {
+    /// A struct with strict decoding; with `extra` (a command's `extra-members`), members not
+    /// listed are kept in `extraMembers`, in the order they came, instead of refused.
+    func structType(name: String, doc: String, members: [Member], extra: Member? = nil) -> String {
         var s = docComment(doc, indent: "")
         s += "public struct \(name): SchemaCodable, Equatable {\n"
         s += memberDocs(members, indent: "    ")
-        s += "\n" + memberwiseInit(members, indent: "    ")
+        if let extra {
+            s += docComment((extra.doc ?? "Members beyond the listed ones.") + " Any member not listed above, as given.", indent: "    ")
+            s += "    public var extraMembers: JSONObject\n"
+        }
+        s += "\n" + memberwiseInit(members, extra: extra != nil ? [("extraMembers", "JSONObject = JSONObject()")] : [],
+                                    indent: "    ")
         let names = members.map { swiftString($0.name) }.joined(separator: ", ")
+        let check = extra == nil ? "try r.rejectUnknown(allowed: Self.memberNames)"
+                                 : "// Members beyond the listed ones are kept (extra-members)."
         s += """
 
-            /// The member names this type accepts.
+            /// The member names this type accepts\(extra == nil ? "" : " by name (any other goes to `extraMembers`)").
             public static let memberNames: Set<String> = [\(names)]
 
-            /// Decodes strictly: the value must be an object with exactly these members.
+            /// Decodes strictly: the value must be an object with \(extra == nil ? "exactly these members" : "at least the required members").
             public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
                 let r = try SchemaObjectReader(json, at: path)
-                try r.rejectUnknown(allowed: Self.memberNames)
+                \(check)
                 try self.init(reader: r)
             }
 
-            /// Decodes the members from `r`; the caller has already rejected unknown members.
+            /// Decodes the members from `r`; \(extra == nil ? "the caller has already rejected unknown members" : "the others go to `extraMembers`").
             public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
 
         """
         s += decodeStatements(members, indent: "        ")
+        if extra != nil {
+            s += "        self.extraMembers = JSONObject(r.object.filter { !Self.memberNames.contains($0.key) }.map { ($0.key, $0.value) })\n"
+        }
         s += """
             }
 
-            /// The members as JSON, in schema order.
+            /// The members as JSON, in schema order\(extra == nil ? "" : ", then the extra ones").
             public var jsonMembers: JSONObject {
-                \(members.isEmpty ? "let" : "var") o = JSONObject()
+                \(members.isEmpty && extra == nil ? "let" : "var") o = JSONObject()
 
         """
         s += encodeStatements(members, into: "o", indent: "        ")
+        if extra != nil {
+            s += "        for m in extraMembers where o[m.key] == nil { o[m.key] = m.value }\n"
+        }
         s += """
                 return o
             }
@@ -395,6 +411,10 @@ struct SwiftEmitter {
         out += "    public static let names: [String] = [\n"
         for c in commands { out += "        \(swiftString(c.def.name)),\n" }
         out += "    ]\n\n"
+        let open = commands.filter { $0.def.extraMembers != nil }.map { swiftString($0.def.name) }
+        out += "    /// The commands that keep members beyond their listed arguments (schema `extra-members`)\n"
+        out += "    /// instead of refusing them; their handlers check those members.\n"
+        out += "    public static let acceptingExtraMembers: Set<String> = [\(open.joined(separator: ", "))]\n\n"
         out += "    /// The command's name.\n    public var name: String {\n        switch self {\n"
         for c in commands {
             out += "        case .\(ident(c.def.name)): return \(swiftString(c.def.name))\n"

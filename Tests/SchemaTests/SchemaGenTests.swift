@@ -86,6 +86,45 @@ import Testing
         #expect(err.contains("union 'U': branch 'c' refers to 'E', which is not a struct"))
     }
 
+    @Test func extraMembersAreCheckedAndKeptByTheGeneratedDecoder() throws {
+        let good = #"{"command": "c", "doc": "C.", "data": {"a": "str"}, "extra-members": {"type": "any", "doc": "More."}, "example": ["x"]}"#
+        #expect(try run(["a.json": file(good)]).0 == 0)
+        let defs = #"""
+        {"command": "c1", "doc": "C.", "extra-members": {"type": "any", "doc": "More."}, "example": ["x"]},
+        {"command": "c2", "doc": "C.", "data": {"a": "str"}, "extra-members": {"type": "int", "doc": "More."}, "example": ["x"]},
+        {"command": "c3", "doc": "C.", "data": {"a": "str"}, "extra-members": {"type": "any", "doc": "M.", "x": 1}, "example": ["x"]},
+        {"struct": "S", "doc": "S.", "data": {"a": "str"}, "extra-members": {"type": "any", "doc": "M."}}
+        """#
+        let (status, err) = try run(["a.json": file(defs)])
+        #expect(status == 1)
+        #expect(err.contains("command 'c1': 'extra-members' needs 'data' to be an object of members"))
+        #expect(err.contains("command 'c2': 'extra-members' must be"))
+        #expect(err.contains("command 'c3': 'extra-members': unknown attribute 'x'"))
+        #expect(err.contains("struct 'S': unknown key 'extra-members'"))
+        // The generated decoder keeps unknown members of such a command, in order, and still
+        // checks the listed ones.
+        let a = try DeviceAddArguments(json: ["driver": "virtio-blk-pci", "drive": "n1", "addr": 0], at: .root)
+        #expect(a.driver == "virtio-blk-pci" && a.extraMembers.keys == ["drive", "addr"])
+        #expect(a.json == ["driver": "virtio-blk-pci", "drive": "n1", "addr": 0])
+        #expect(throws: SchemaDecodingError.self) { try DeviceAddArguments(json: ["drive": "n1"], at: .root) }
+        #expect(throws: SchemaDecodingError.self) { try DeviceDelArguments(json: ["id": "x", "extra": 1], at: .root) }
+        #expect(QMPCommand.acceptingExtraMembers == ["device_add"])
+    }
+
+    @Test func aUnionMayBeACommandsArguments() throws {
+        let defs = #"""
+        {"enum": "K", "doc": "K.", "data": ["a"]},
+        {"struct": "A", "doc": "A.", "data": {"x": "int"}},
+        {"union": "U", "doc": "U.", "base": {"kind": "K"}, "discriminator": "kind", "data": {"a": "A"}},
+        {"command": "c", "doc": "C.", "data": "U", "example": ["x"]},
+        {"command": "d", "doc": "D.", "data": "K", "example": ["x"]}
+        """#
+        let (status, err) = try run(["a.json": file(defs)])
+        #expect(status == 1)
+        #expect(!err.contains("command 'c'"))
+        #expect(err.contains("command 'd': 'data' refers to 'K', which is not a struct or union"))
+    }
+
     @Test func rejectsInvalidJSON() throws {
         let (status, err) = try run(["a.json": #"{"area": "t", "doc": "x", "definitions": [],}"#])
         #expect(status == 1)

@@ -20,7 +20,8 @@ public protocol PCIBridge: PCIFunction {
 /// Threading: configuration accesses on vCPU threads; `plug`, `unplug` and
 /// `pressAttentionButton` on the control thread. State behind a `Mutex`.
 public final class PCIeRootPort: PCIBridge, Sendable {
-    /// The identity QEMU gives `pcie-root-port`.
+    /// The identity QEMU gives `pcie-root-port` (its interrupt pin is chosen per port, see
+    /// `init`).
     public static let identity = PCIIdentity(vendorID: 0x1b36, deviceID: 0x000c, revision: 0, classCode: 0x06_0400,
                                              interruptPin: 1)
     /// Where the PCI Express capability sits.
@@ -36,6 +37,9 @@ public final class PCIeRootPort: PCIBridge, Sendable {
         public static let attentionButtonEnable: UInt16 = 1 << 0, presenceDetectEnable: UInt16 = 1 << 3
         public static let hotPlugInterruptEnable: UInt16 = 1 << 5, powerControllerOff: UInt16 = 1 << 10
         public static let linkStateChangedEnable: UInt16 = 1 << 12
+        /// The power indicator field (bits 8–9) and its on and off values.
+        public static let powerIndicatorMask: UInt16 = 3 << 8, powerIndicatorOn: UInt16 = 1 << 8
+        public static let powerIndicatorOff: UInt16 = 3 << 8
     }
 
     /// Slot status bits.
@@ -60,14 +64,24 @@ public final class PCIeRootPort: PCIBridge, Sendable {
     /// is present: the device may now be removed (the end of a `device_del`).
     public let onPowerOff: Mutex<(@Sendable () -> Void)?> = Mutex(nil)
 
-    /// Creates a port whose INTA drives `intx`; `port` is its PCIe port number and `physicalSlot`
-    /// the slot number the guest shows.
-    public init(name: String, stateSection: String, intx: any InterruptLine, port: Int, physicalSlot: Int) {
+    /// Creates a port whose interrupt (on pin `interruptPin`, 1 = INTA … 4 = INTD) drives
+    /// `intx`; `port` is its PCIe port number and `physicalSlot` the slot number the guest shows.
+    ///
+    /// The board picks the pin: the device in the slot is device 0 of the secondary bus, whose
+    /// INTA the bridge swizzle puts on the port's INTA wire. A port whose own interrupt shares a
+    /// wire with a device behind any port can deadlock Linux: its pciehp thread, removing that
+    /// device, waits in `synchronize_irq` (the virtio-pci reset does) for the other pciehp
+    /// thread on the wire, which may wait for the PCI rescan lock the first holds. (QEMU's
+    /// ports use MSI instead, which this board's PLIC does not have.)
+    public init(name: String, stateSection: String, intx: any InterruptLine, port: Int, physicalSlot: Int,
+                interruptPin: UInt8 = 1) {
         self.name = name
         self.stateSection = stateSection
         self.intx = intx
         self.physicalSlot = physicalSlot
-        var c = PCIConfigSpace(identity: Self.identity, bridge: true)
+        var identity = Self.identity
+        identity.interruptPin = interruptPin
+        var c = PCIConfigSpace(identity: identity, bridge: true)
         func le16(_ v: UInt16) -> [UInt8] { [UInt8(truncatingIfNeeded: v), UInt8(v >> 8)] }
         func le32(_ v: UInt32) -> [UInt8] { (0..<4).map { UInt8(truncatingIfNeeded: v >> (8 * $0)) } }
         let slotCaps: UInt32 = 1 << 0 | 1 << 1 | 1 << 3 | 1 << 4 | 1 << 6 | 1 << 18 | UInt32(physicalSlot & 0x1fff) << 19
@@ -117,13 +131,18 @@ public final class PCIeRootPort: PCIBridge, Sendable {
     // MARK: The slot
 
     /// Puts `device` in the slot: presence and link come up and, for a hot-plug, the driver is
-    /// told (Presence Detect Changed, Data Link Layer State Changed). Throws when occupied.
+    /// told (Presence Detect Changed, Data Link Layer State Changed, Attention Button Pressed).
+    /// Throws when occupied.
     public func plug(_ device: any PCIFunction, hotPlug: Bool) throws(PCIError) {
         try plugged.withLock { (p: inout (any PCIFunction)?) throws(PCIError) in
             guard p == nil else { throw .slotInUse(0) }
             p = device
         }
-        setSlot(present: true, events: hotPlug ? SlotStatus.presenceDetectChanged | SlotStatus.linkStateChanged : 0)
+        // A hot-plug also presses the attention button, as QEMU does: Linux pciehp ignores
+        // presence and link changes for a second after it powered a slot off, and the button
+        // (which it then honours after its five-second wait) still brings the new device up.
+        let hotPlugEvents = SlotStatus.presenceDetectChanged | SlotStatus.linkStateChanged | SlotStatus.attentionButtonPressed
+        setSlot(present: true, events: hotPlug ? hotPlugEvents : 0, powerOn: !hotPlug)
     }
 
     /// Removes the device (after the driver powered the slot off, or a surprise removal):
@@ -139,7 +158,10 @@ public final class PCIeRootPort: PCIBridge, Sendable {
     /// Presses the slot's attention button (how `device_del` asks the guest to let go).
     public func pressAttentionButton() { setSlot(present: nil, events: SlotStatus.attentionButtonPressed) }
 
-    private func setSlot(present: Bool?, events: UInt16) {
+    /// Sets presence and link (`present`), raises `events`, and with `powerOn` turns the slot's
+    /// power on (a device present at power-on); a hot-added device waits for the driver to
+    /// power the slot, as Linux pciehp expects (it leaves a powered slot alone: "Already enabled").
+    private func setSlot(present: Bool?, events: UInt16, powerOn: Bool = false) {
         let status = Self.expressCapability + Express.slotStatus, link = Self.expressCapability + Express.linkStatus
         config.withLock { c in
             var s = UInt16(c.read(offset: status, size: 2)) | events
@@ -147,10 +169,10 @@ public final class PCIeRootPort: PCIBridge, Sendable {
             if let present {
                 s = present ? s | SlotStatus.presenceDetectState : s & ~SlotStatus.presenceDetectState
                 l = present ? l | Self.linkActive : l & ~Self.linkActive
-                // Power the slot back on for a new device, as the driver will expect.
-                if present {
+                if present && powerOn {
                     let control = Self.expressCapability + Express.slotControl
                     let sc = UInt16(c.read(offset: control, size: 2)) & ~SlotControl.powerControllerOff
+                        & ~SlotControl.powerIndicatorMask | SlotControl.powerIndicatorOn
                     c.setReadOnly(offset: control, bytes: [UInt8(truncatingIfNeeded: sc), UInt8(sc >> 8)])
                 }
             }
@@ -193,9 +215,17 @@ extension PCIeRootPort: StatefulDevice {
 
     /// Power-on: bus numbers and windows cleared, slot control at its defaults; presence and
     /// link follow whether a device is plugged.
+    /// An empty slot starts powered off with its power indicator off (as QEMU's
+    /// `pcie_cap_slot_reset`), so the driver powers it when a device arrives.
     public func reset() {
-        config.withLock { $0 = pristine }
-        if child != nil { setSlot(present: true, events: 0) } else { updateInterrupt() }
+        config.withLock { c in
+            c = pristine
+            let control = Self.expressCapability + Express.slotControl
+            let sc = UInt16(c.read(offset: control, size: 2)) & ~SlotControl.powerIndicatorMask
+                | SlotControl.powerControllerOff | SlotControl.powerIndicatorOff
+            c.setReadOnly(offset: control, bytes: [UInt8(truncatingIfNeeded: sc), UInt8(sc >> 8)])
+        }
+        if child != nil { setSlot(present: true, events: 0, powerOn: true) } else { updateInterrupt() }
     }
 
     public func captureState() -> State { State(config: config.withLock { $0.bytes }) }

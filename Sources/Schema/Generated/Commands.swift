@@ -8,6 +8,12 @@
 public protocol QMPCommandHandler: Sendable {
     /// `query-block`: Lists the virtio block devices and their images.
     func queryBlock() throws -> [BlockInfo]
+    /// `blockdev-add`: Opens an image as a named node (taking QEMU-compatible locks), for device_add's drive property. A format node (raw or qcow2) over a file node; a file node given inline gets an automatic name. Refused: a node name already in use, a missing or locked file, a file that is not of the named format.
+    func blockdevAdd(_ arguments: BlockdevOptions) throws
+    /// `blockdev-del`: Closes a node added with blockdev-add (flushing it) and the file node it opened inline. Refused while a device or another node uses it.
+    func blockdevDel(_ arguments: BlockdevDelArguments) throws
+    /// `query-named-block-nodes`: Lists the nodes added with blockdev-add, and the file nodes under them.
+    func queryNamedBlockNodes(_ arguments: QueryNamedBlockNodesArguments) throws -> [BlockDeviceInfo]
     /// `query-chardev`: Lists the character devices.
     func queryChardev() throws -> [ChardevInfo]
     /// `ringbuf-write`: Sends bytes to the guest through a ring-buffer chardev, as if typed on its serial line (QEMU instead stores them in the ring, where ringbuf-read finds them). They reach the guest as fast as it reads its UART, none dropped; up to 1 MiB may wait, and a write that does not fit beside what waits is refused whole with GenericError.
@@ -66,6 +72,20 @@ public protocol QMPCommandHandler: Sendable {
     func setLink(_ arguments: SetLinkArguments) throws
     /// `query-rx-filter`: Lists the receive filters of the NICs, or of the one named.
     func queryRxFilter(_ arguments: QueryRxFilterArguments) throws -> [RxFilterInfo]
+    /// `query-pci`: Lists the PCI buses and the functions on them, with what the guest programmed (bus numbers, BARs).
+    func queryPci() throws -> [PciInfo]
+    /// `device_add`: Adds a device while the machine runs (PCIe native hot-plug). The device goes into the slot of the pcie-root-port named by `bus`; the guest is told through the port's hot-plug interrupt and finds it as device 0 of the port's secondary bus. Drivers: virtio-blk-pci (needs `drive`, a node added with blockdev-add), virtio-rng-pci, virtio-keyboard-pci, virtio-tablet-pci. Refused, leaving the machine unchanged: an unknown driver or property, a duplicate id, a bus that is not a root port (the root bus pcie.0 does not support hot-plugging), a root port whose slot is occupied, an unknown node or one another device uses.
+    func deviceAdd(_ arguments: DeviceAddArguments) throws
+    /// `device_del`: Asks the guest to release a hot-plugged device: presses the attention button of its root port's slot and returns. The device is removed when the guest powers the slot off (Linux pciehp does so about five seconds after the press, once its driver let go), and DEVICE_DELETED says so. Devices built at launch cannot be removed.
+    func deviceDel(_ arguments: DeviceDelArguments) throws
+    /// `query-description`: The running machine as a machine description: the one it was launched from, with the devices hot-plugged since appended (virtio-blk-pci with its image file, format and read-only flag; the others with id and bus). Launching from it builds the same machine; apply-description with it changes nothing.
+    func queryDescription() throws -> MachineDescription
+    /// `apply-description`: Brings the running machine to `description` by hot-plugging: devices behind pcie-root-ports that it adds are plugged (disks get their image opened as a node named desc-ID, closed again when the device goes), hot-plugged devices it leaves out get device_del (DEVICE_DELETED follows for each). Everything else must be as the machine is (board, cpus, memory, firmware, kernel, initrd, append, start, serial, qmp, display, and the devices of the launch, compared as query-description gives them); otherwise, or when any addition cannot be done (a busy or unknown root port, a driver that cannot be hot-plugged, a missing or locked image, a duplicate id, a changed device), the whole change is refused up front with the reason and nothing changes.
+    func applyDescription(_ arguments: ApplyDescriptionArguments) throws
+    /// `qom-list`: Lists the properties of the object at `path`: for /machine/peripheral its children, one per device with an id; for /machine/peripheral/ID the device's properties (type, realized, hotplugged, hotpluggable, and its driver's properties such as drive).
+    func qomList(_ arguments: QomListArguments) throws -> [ObjectPropertyInfo]
+    /// `qom-get`: Reads one property of the object at `path` (see qom-list).
+    func qomGet(_ arguments: QomGetArguments) throws -> JSONValue
     /// `query-jobs`: Lists the jobs that have not been dismissed.
     func queryJobs() throws -> [JobInfo]
     /// `job-dismiss`: Removes a concluded job from query-jobs (its status becomes null).
@@ -82,6 +102,12 @@ public protocol QMPCommandHandler: Sendable {
 public enum QMPCommand: Sendable, Equatable {
     /// `query-block`.
     case queryBlock
+    /// `blockdev-add`.
+    case blockdevAdd(BlockdevOptions)
+    /// `blockdev-del`.
+    case blockdevDel(BlockdevDelArguments)
+    /// `query-named-block-nodes`.
+    case queryNamedBlockNodes(QueryNamedBlockNodesArguments)
     /// `query-chardev`.
     case queryChardev
     /// `ringbuf-write`.
@@ -140,6 +166,20 @@ public enum QMPCommand: Sendable, Equatable {
     case setLink(SetLinkArguments)
     /// `query-rx-filter`.
     case queryRxFilter(QueryRxFilterArguments)
+    /// `query-pci`.
+    case queryPci
+    /// `device_add`.
+    case deviceAdd(DeviceAddArguments)
+    /// `device_del`.
+    case deviceDel(DeviceDelArguments)
+    /// `query-description`.
+    case queryDescription
+    /// `apply-description`.
+    case applyDescription(ApplyDescriptionArguments)
+    /// `qom-list`.
+    case qomList(QomListArguments)
+    /// `qom-get`.
+    case qomGet(QomGetArguments)
     /// `query-jobs`.
     case queryJobs
     /// `job-dismiss`.
@@ -154,6 +194,9 @@ public enum QMPCommand: Sendable, Equatable {
     /// Every command name, in schema order.
     public static let names: [String] = [
         "query-block",
+        "blockdev-add",
+        "blockdev-del",
+        "query-named-block-nodes",
         "query-chardev",
         "ringbuf-write",
         "ringbuf-read",
@@ -183,6 +226,13 @@ public enum QMPCommand: Sendable, Equatable {
         "netdev_del",
         "set_link",
         "query-rx-filter",
+        "query-pci",
+        "device_add",
+        "device_del",
+        "query-description",
+        "apply-description",
+        "qom-list",
+        "qom-get",
         "query-jobs",
         "job-dismiss",
         "snapshot-save",
@@ -190,10 +240,17 @@ public enum QMPCommand: Sendable, Equatable {
         "snapshot-delete",
     ]
 
+    /// The commands that keep members beyond their listed arguments (schema `extra-members`)
+    /// instead of refusing them; their handlers check those members.
+    public static let acceptingExtraMembers: Set<String> = ["device_add"]
+
     /// The command's name.
     public var name: String {
         switch self {
         case .queryBlock: return "query-block"
+        case .blockdevAdd: return "blockdev-add"
+        case .blockdevDel: return "blockdev-del"
+        case .queryNamedBlockNodes: return "query-named-block-nodes"
         case .queryChardev: return "query-chardev"
         case .ringbufWrite: return "ringbuf-write"
         case .ringbufRead: return "ringbuf-read"
@@ -223,6 +280,13 @@ public enum QMPCommand: Sendable, Equatable {
         case .netdevDel: return "netdev_del"
         case .setLink: return "set_link"
         case .queryRxFilter: return "query-rx-filter"
+        case .queryPci: return "query-pci"
+        case .deviceAdd: return "device_add"
+        case .deviceDel: return "device_del"
+        case .queryDescription: return "query-description"
+        case .applyDescription: return "apply-description"
+        case .qomList: return "qom-list"
+        case .qomGet: return "qom-get"
         case .queryJobs: return "query-jobs"
         case .jobDismiss: return "job-dismiss"
         case .snapshotSave: return "snapshot-save"
@@ -240,6 +304,12 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
             }
             return .queryBlock
+        case "blockdev-add":
+            return .blockdevAdd(try BlockdevOptions(json: .object(arguments), at: .root))
+        case "blockdev-del":
+            return .blockdevDel(try BlockdevDelArguments(json: .object(arguments), at: .root))
+        case "query-named-block-nodes":
+            return .queryNamedBlockNodes(try QueryNamedBlockNodesArguments(json: .object(arguments), at: .root))
         case "query-chardev":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -340,6 +410,26 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
             return .setLink(try SetLinkArguments(json: .object(arguments), at: .root))
         case "query-rx-filter":
             return .queryRxFilter(try QueryRxFilterArguments(json: .object(arguments), at: .root))
+        case "query-pci":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryPci
+        case "device_add":
+            return .deviceAdd(try DeviceAddArguments(json: .object(arguments), at: .root))
+        case "device_del":
+            return .deviceDel(try DeviceDelArguments(json: .object(arguments), at: .root))
+        case "query-description":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryDescription
+        case "apply-description":
+            return .applyDescription(try ApplyDescriptionArguments(json: .object(arguments), at: .root))
+        case "qom-list":
+            return .qomList(try QomListArguments(json: .object(arguments), at: .root))
+        case "qom-get":
+            return .qomGet(try QomGetArguments(json: .object(arguments), at: .root))
         case "query-jobs":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -364,6 +454,14 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
     switch self {
         case .queryBlock:
             return try handler.queryBlock().json
+        case .blockdevAdd(let arguments):
+            try handler.blockdevAdd(arguments)
+            return .object(JSONObject())
+        case .blockdevDel(let arguments):
+            try handler.blockdevDel(arguments)
+            return .object(JSONObject())
+        case .queryNamedBlockNodes(let arguments):
+            return try handler.queryNamedBlockNodes(arguments).json
         case .queryChardev:
             return try handler.queryChardev().json
         case .ringbufWrite(let arguments):
@@ -439,6 +537,23 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
             return .object(JSONObject())
         case .queryRxFilter(let arguments):
             return try handler.queryRxFilter(arguments).json
+        case .queryPci:
+            return try handler.queryPci().json
+        case .deviceAdd(let arguments):
+            try handler.deviceAdd(arguments)
+            return .object(JSONObject())
+        case .deviceDel(let arguments):
+            try handler.deviceDel(arguments)
+            return .object(JSONObject())
+        case .queryDescription:
+            return try handler.queryDescription().json
+        case .applyDescription(let arguments):
+            try handler.applyDescription(arguments)
+            return .object(JSONObject())
+        case .qomList(let arguments):
+            return try handler.qomList(arguments).json
+        case .qomGet(let arguments):
+            return try handler.qomGet(arguments).json
         case .queryJobs:
             return try handler.queryJobs().json
         case .jobDismiss(let arguments):

@@ -62,6 +62,8 @@ public struct ImageInfo: SchemaCodable, Equatable {
 public struct BlockDeviceInfo: SchemaCodable, Equatable {
     /// The image file.
     public var file: String
+    /// The node name (blockdev-add's node-name; an automatic "#blockN" for a file node given inline). Optional.
+    public var nodeName: String?
     /// True when the guest cannot write.
     public var ro: Bool
     /// The format driver ("raw" or "qcow2").
@@ -76,8 +78,9 @@ public struct BlockDeviceInfo: SchemaCodable, Equatable {
     public var image: ImageInfo
 
     /// Creates a value from its members.
-    public init(file: String, ro: Bool, drv: String, backingFile: String? = nil, backingFileDepth: Int64, encrypted: Bool, image: ImageInfo) {
+    public init(file: String, nodeName: String? = nil, ro: Bool, drv: String, backingFile: String? = nil, backingFileDepth: Int64, encrypted: Bool, image: ImageInfo) {
         self.file = file
+        self.nodeName = nodeName
         self.ro = ro
         self.drv = drv
         self.backingFile = backingFile
@@ -87,7 +90,7 @@ public struct BlockDeviceInfo: SchemaCodable, Equatable {
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["file", "ro", "drv", "backing_file", "backing_file_depth", "encrypted", "image"]
+    public static let memberNames: Set<String> = ["file", "node-name", "ro", "drv", "backing_file", "backing_file_depth", "encrypted", "image"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -99,6 +102,7 @@ public struct BlockDeviceInfo: SchemaCodable, Equatable {
     /// Decodes the members from `r`; the caller has already rejected unknown members.
     public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
         self.file = try r.required("file", as: String.self)
+        self.nodeName = try r.optional("node-name", as: String.self)
         self.ro = try r.required("ro", as: Bool.self)
         self.drv = try r.required("drv", as: String.self)
         self.backingFile = try r.optional("backing_file", as: String.self)
@@ -111,6 +115,7 @@ public struct BlockDeviceInfo: SchemaCodable, Equatable {
     public var jsonMembers: JSONObject {
         var o = JSONObject()
         o["file"] = self.file.json
+        if let v = self.nodeName { o["node-name"] = v.json }
         o["ro"] = self.ro.json
         o["drv"] = self.drv.json
         if let v = self.backingFile { o["backing_file"] = v.json }
@@ -178,6 +183,287 @@ public struct BlockInfo: SchemaCodable, Equatable {
         o["removable"] = self.removable.json
         o["locked"] = self.locked.json
         if let v = self.inserted { o["inserted"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The block drivers blockdev-add accepts: the file protocol and the raw and qcow2 formats.
+public enum BlockdevDriver: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "file".
+    case file = "file"
+    /// The value "raw".
+    case raw = "raw"
+    /// The value "qcow2".
+    case qcow2 = "qcow2"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// A host file (the protocol node under a format node).
+public struct BlockdevOptionsFile: SchemaCodable, Equatable {
+    /// The file.
+    public var filename: String
+
+    /// Creates a value from its members.
+    public init(filename: String) {
+        self.filename = filename
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["filename"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.filename = try r.required("filename", as: String.self)
+        do {
+            let v = self.filename
+            try SchemaCheck.path(v, at: r.path.member("filename"))
+        }
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["filename"] = self.filename.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// A raw image: the file is the disk.
+public struct BlockdevOptionsRaw: SchemaCodable, Equatable {
+    /// The file: the node-name of a file node, or a file node's options inline ({"driver": "file", "filename": ...}).
+    public var file: JSONValue
+
+    /// Creates a value from its members.
+    public init(file: JSONValue) {
+        self.file = file
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["file"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.file = try r.required("file", as: JSONValue.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["file"] = self.file.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// A qcow2 image.
+public struct BlockdevOptionsQcow2: SchemaCodable, Equatable {
+    /// The file: the node-name of a file node, or a file node's options inline ({"driver": "file", "filename": ...}).
+    public var file: JSONValue
+    /// The backing chain: absent opens the one the image header names (read-only); null is accepted only for an image without one. A node name is refused: the backing chain always comes from the header. Optional.
+    public var backing: JSONValue?
+
+    /// Creates a value from its members.
+    public init(file: JSONValue, backing: JSONValue? = nil) {
+        self.file = file
+        self.backing = backing
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["file", "backing"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.file = try r.required("file", as: JSONValue.self)
+        self.backing = try r.optional("backing", as: JSONValue.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["file"] = self.file.json
+        if let v = self.backing { o["backing"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The options of a block node, as QEMU's blockdev-add takes them (the subset machine-server supports).
+public struct BlockdevOptions: SchemaCodable, Equatable {
+    /// The branch, selected by `driver`, with the members it adds.
+    public enum Variant: Sendable, Equatable {
+        /// `driver` is "file"; the branch adds the members of `BlockdevOptionsFile`.
+        case file(BlockdevOptionsFile)
+        /// `driver` is "raw"; the branch adds the members of `BlockdevOptionsRaw`.
+        case raw(BlockdevOptionsRaw)
+        /// `driver` is "qcow2"; the branch adds the members of `BlockdevOptionsQcow2`.
+        case qcow2(BlockdevOptionsQcow2)
+    }
+
+    /// The node's name (required for the node blockdev-add creates). Optional.
+    public var nodeName: String?
+    /// Open the image read-only; guest writes fail. Optional; default false.
+    public var readOnly: Bool
+    /// The branch.
+    public var variant: Variant
+
+    /// Creates a value from its members.
+    public init(nodeName: String? = nil, readOnly: Bool = false, variant: Variant) {
+        self.nodeName = nodeName
+        self.readOnly = readOnly
+        self.variant = variant
+    }
+
+    /// The discriminator `driver`, derived from the branch.
+    public var driver: BlockdevDriver {
+        switch variant {
+        case .file: return .file
+        case .raw: return .raw
+        case .qcow2: return .qcow2
+        }
+    }
+
+    /// Decodes strictly: the base members, the discriminator, and exactly the members of its branch.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        let tag = try r.required("driver", as: BlockdevDriver.self)
+        let baseNames: Set<String> = ["driver", "node-name", "read-only"]
+        switch tag {
+        case .file:
+            try r.rejectUnknown(allowed: baseNames.union(BlockdevOptionsFile.memberNames))
+            self.variant = .file(try BlockdevOptionsFile(reader: r))
+        case .raw:
+            try r.rejectUnknown(allowed: baseNames.union(BlockdevOptionsRaw.memberNames))
+            self.variant = .raw(try BlockdevOptionsRaw(reader: r))
+        case .qcow2:
+            try r.rejectUnknown(allowed: baseNames.union(BlockdevOptionsQcow2.memberNames))
+            self.variant = .qcow2(try BlockdevOptionsQcow2(reader: r))
+        }
+        self.nodeName = try r.optional("node-name", as: String.self)
+        self.readOnly = try r.optional("read-only", as: Bool.self) ?? false
+    }
+
+    /// The JSON object form: base members, then the branch's members.
+    public var json: JSONValue {
+        var o = JSONObject()
+        o["driver"] = self.driver.json
+        if let v = self.nodeName { o["node-name"] = v.json }
+        o["read-only"] = self.readOnly.json
+        switch variant {
+        case .file(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .raw(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .qcow2(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        }
+        return .object(o)
+    }
+}
+
+/// The arguments of the `blockdev-del` command.
+public struct BlockdevDelArguments: SchemaCodable, Equatable {
+    /// The node's name.
+    public var nodeName: String
+
+    /// Creates a value from its members.
+    public init(nodeName: String) {
+        self.nodeName = nodeName
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["node-name"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.nodeName = try r.required("node-name", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["node-name"] = self.nodeName.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `query-named-block-nodes` command.
+public struct QueryNamedBlockNodesArguments: SchemaCodable, Equatable {
+    /// Accepted for compatibility; the answer has no nested backing images either way. Optional; default false.
+    public var flat: Bool
+
+    /// Creates a value from its members.
+    public init(flat: Bool = false) {
+        self.flat = flat
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["flat"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.flat = try r.optional("flat", as: Bool.self) ?? false
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["flat"] = self.flat.json
         return o
     }
 
@@ -5190,6 +5476,717 @@ public struct QueryRxFilterArguments: SchemaCodable, Equatable {
     public var jsonMembers: JSONObject {
         var o = JSONObject()
         if let v = self.name { o["name"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+// MARK: - pci
+
+/// A window of a bridge.
+public struct PciMemoryRange: SchemaCodable, Equatable {
+    /// The first address.
+    public var base: Int64
+    /// The last address.
+    public var limit: Int64
+
+    /// Creates a value from its members.
+    public init(base: Int64, limit: Int64) {
+        self.base = base
+        self.limit = limit
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["base", "limit"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.base = try r.required("base", as: Int64.self)
+        self.limit = try r.required("limit", as: Int64.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["base"] = self.base.json
+        o["limit"] = self.limit.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One BAR of a function.
+public struct PciMemoryRegion: SchemaCodable, Equatable {
+    /// The BAR index.
+    public var bar: Int64
+    /// "io" or "memory".
+    public var type: String
+    /// The address the guest programmed (all ones while unassigned).
+    public var address: Int64
+    /// The size in bytes.
+    public var size: Int64
+    /// For memory BARs: prefetchable. Optional.
+    public var prefetch: Bool?
+    /// For memory BARs: 64-bit. Optional.
+    public var memType64: Bool?
+
+    /// Creates a value from its members.
+    public init(bar: Int64, type: String, address: Int64, size: Int64, prefetch: Bool? = nil, memType64: Bool? = nil) {
+        self.bar = bar
+        self.type = type
+        self.address = address
+        self.size = size
+        self.prefetch = prefetch
+        self.memType64 = memType64
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["bar", "type", "address", "size", "prefetch", "mem_type_64"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.bar = try r.required("bar", as: Int64.self)
+        self.type = try r.required("type", as: String.self)
+        self.address = try r.required("address", as: Int64.self)
+        self.size = try r.required("size", as: Int64.self)
+        self.prefetch = try r.optional("prefetch", as: Bool.self)
+        self.memType64 = try r.optional("mem_type_64", as: Bool.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["bar"] = self.bar.json
+        o["type"] = self.type.json
+        o["address"] = self.address.json
+        o["size"] = self.size.json
+        if let v = self.prefetch { o["prefetch"] = v.json }
+        if let v = self.memType64 { o["mem_type_64"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The buses behind a bridge.
+public struct PciBusInfo: SchemaCodable, Equatable {
+    /// The bridge's own (primary) bus.
+    public var number: Int64
+    /// The bus right behind it.
+    public var secondary: Int64
+    /// The highest bus behind it.
+    public var subordinate: Int64
+    /// The I/O window.
+    public var ioRange: PciMemoryRange
+    /// The memory window.
+    public var memoryRange: PciMemoryRange
+    /// The prefetchable memory window.
+    public var prefetchableRange: PciMemoryRange
+
+    /// Creates a value from its members.
+    public init(number: Int64, secondary: Int64, subordinate: Int64, ioRange: PciMemoryRange, memoryRange: PciMemoryRange, prefetchableRange: PciMemoryRange) {
+        self.number = number
+        self.secondary = secondary
+        self.subordinate = subordinate
+        self.ioRange = ioRange
+        self.memoryRange = memoryRange
+        self.prefetchableRange = prefetchableRange
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["number", "secondary", "subordinate", "io_range", "memory_range", "prefetchable_range"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.number = try r.required("number", as: Int64.self)
+        self.secondary = try r.required("secondary", as: Int64.self)
+        self.subordinate = try r.required("subordinate", as: Int64.self)
+        self.ioRange = try r.required("io_range", as: PciMemoryRange.self)
+        self.memoryRange = try r.required("memory_range", as: PciMemoryRange.self)
+        self.prefetchableRange = try r.required("prefetchable_range", as: PciMemoryRange.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["number"] = self.number.json
+        o["secondary"] = self.secondary.json
+        o["subordinate"] = self.subordinate.json
+        o["io_range"] = self.ioRange.json
+        o["memory_range"] = self.memoryRange.json
+        o["prefetchable_range"] = self.prefetchableRange.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// A bridge and the devices behind it.
+public struct PciBridgeInfo: SchemaCodable, Equatable {
+    /// Its bus numbers and windows.
+    public var bus: PciBusInfo
+    /// The devices on its secondary bus. Optional.
+    public var devices: [PciDeviceInfo]?
+
+    /// Creates a value from its members.
+    public init(bus: PciBusInfo, devices: [PciDeviceInfo]? = nil) {
+        self.bus = bus
+        self.devices = devices
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["bus", "devices"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.bus = try r.required("bus", as: PciBusInfo.self)
+        self.devices = try r.optional("devices", as: [PciDeviceInfo].self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["bus"] = self.bus.json
+        if let v = self.devices { o["devices"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// A function's class.
+public struct PciDeviceClass: SchemaCodable, Equatable {
+    /// The class's name. Optional.
+    public var desc: String?
+    /// The base class and subclass (16 bits).
+    public var `class`: Int64
+
+    /// Creates a value from its members.
+    public init(desc: String? = nil, `class`: Int64) {
+        self.desc = desc
+        self.`class` = `class`
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["desc", "class"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.desc = try r.optional("desc", as: String.self)
+        self.`class` = try r.required("class", as: Int64.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.desc { o["desc"] = v.json }
+        o["class"] = self.`class`.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// A function's identity.
+public struct PciDeviceId: SchemaCodable, Equatable {
+    /// The device id.
+    public var device: Int64
+    /// The vendor id.
+    public var vendor: Int64
+    /// The subsystem id. Optional.
+    public var subsystem: Int64?
+    /// The subsystem vendor id. Optional.
+    public var subsystemVendor: Int64?
+
+    /// Creates a value from its members.
+    public init(device: Int64, vendor: Int64, subsystem: Int64? = nil, subsystemVendor: Int64? = nil) {
+        self.device = device
+        self.vendor = vendor
+        self.subsystem = subsystem
+        self.subsystemVendor = subsystemVendor
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["device", "vendor", "subsystem", "subsystem-vendor"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.device = try r.required("device", as: Int64.self)
+        self.vendor = try r.required("vendor", as: Int64.self)
+        self.subsystem = try r.optional("subsystem", as: Int64.self)
+        self.subsystemVendor = try r.optional("subsystem-vendor", as: Int64.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["device"] = self.device.json
+        o["vendor"] = self.vendor.json
+        if let v = self.subsystem { o["subsystem"] = v.json }
+        if let v = self.subsystemVendor { o["subsystem-vendor"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One PCI function.
+public struct PciDeviceInfo: SchemaCodable, Equatable {
+    /// Its bus number.
+    public var bus: Int64
+    /// Its device number.
+    public var slot: Int64
+    /// Its function number (always 0).
+    public var function: Int64
+    /// Its class.
+    public var classInfo: PciDeviceClass
+    /// Its identity.
+    public var id: PciDeviceId
+    /// The interrupt line register, when an interrupt pin is used. Optional.
+    public var irq: Int64?
+    /// The interrupt pin (1 = INTA), when one is used. Optional.
+    public var irqPin: Int64?
+    /// The device id, or "" for a device without one.
+    public var qdevId: String
+    /// For a bridge (pcie-root-port): its buses and the devices behind it. Optional.
+    public var pciBridge: PciBridgeInfo?
+    /// Its BARs.
+    public var regions: [PciMemoryRegion]
+
+    /// Creates a value from its members.
+    public init(bus: Int64, slot: Int64, function: Int64, classInfo: PciDeviceClass, id: PciDeviceId, irq: Int64? = nil, irqPin: Int64? = nil, qdevId: String, pciBridge: PciBridgeInfo? = nil, regions: [PciMemoryRegion]) {
+        self.bus = bus
+        self.slot = slot
+        self.function = function
+        self.classInfo = classInfo
+        self.id = id
+        self.irq = irq
+        self.irqPin = irqPin
+        self.qdevId = qdevId
+        self.pciBridge = pciBridge
+        self.regions = regions
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["bus", "slot", "function", "class_info", "id", "irq", "irq_pin", "qdev_id", "pci_bridge", "regions"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.bus = try r.required("bus", as: Int64.self)
+        self.slot = try r.required("slot", as: Int64.self)
+        self.function = try r.required("function", as: Int64.self)
+        self.classInfo = try r.required("class_info", as: PciDeviceClass.self)
+        self.id = try r.required("id", as: PciDeviceId.self)
+        self.irq = try r.optional("irq", as: Int64.self)
+        self.irqPin = try r.optional("irq_pin", as: Int64.self)
+        self.qdevId = try r.required("qdev_id", as: String.self)
+        self.pciBridge = try r.optional("pci_bridge", as: PciBridgeInfo.self)
+        self.regions = try r.required("regions", as: [PciMemoryRegion].self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["bus"] = self.bus.json
+        o["slot"] = self.slot.json
+        o["function"] = self.function.json
+        o["class_info"] = self.classInfo.json
+        o["id"] = self.id.json
+        if let v = self.irq { o["irq"] = v.json }
+        if let v = self.irqPin { o["irq_pin"] = v.json }
+        o["qdev_id"] = self.qdevId.json
+        if let v = self.pciBridge { o["pci_bridge"] = v.json }
+        o["regions"] = self.regions.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One PCI root bus.
+public struct PciInfo: SchemaCodable, Equatable {
+    /// The bus number (0).
+    public var bus: Int64
+    /// The functions on it (the host bridge included).
+    public var devices: [PciDeviceInfo]
+
+    /// Creates a value from its members.
+    public init(bus: Int64, devices: [PciDeviceInfo]) {
+        self.bus = bus
+        self.devices = devices
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["bus", "devices"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.bus = try r.required("bus", as: Int64.self)
+        self.devices = try r.required("devices", as: [PciDeviceInfo].self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["bus"] = self.bus.json
+        o["devices"] = self.devices.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+// MARK: - qdev
+
+/// The arguments of the `device_add` command.
+public struct DeviceAddArguments: SchemaCodable, Equatable {
+    /// The device model (QEMU's -device driver name).
+    public var driver: String
+    /// The id of the pcie-root-port to plug the device into; without it the root bus pcie.0, which does not support hot-plugging. Optional.
+    public var bus: String?
+    /// The device id, by which device_del, qom-get and DEVICE_DELETED know it (/machine/peripheral/ID). Optional.
+    public var id: String?
+    /// The driver's properties, as QEMU's -device takes them: `addr` ("0" or "0.0": the only slot behind a root port), `drive` (virtio-blk-pci: the node name), `serial` (virtio-blk-pci: the disk serial, a string). Values may be strings or, for addr, integers; an unknown property is refused. Any member not listed above, as given.
+    public var extraMembers: JSONObject
+
+    /// Creates a value from its members.
+    public init(driver: String, bus: String? = nil, id: String? = nil, extraMembers: JSONObject = JSONObject()) {
+        self.driver = driver
+        self.bus = bus
+        self.id = id
+        self.extraMembers = extraMembers
+    }
+
+    /// The member names this type accepts by name (any other goes to `extraMembers`).
+    public static let memberNames: Set<String> = ["driver", "bus", "id"]
+
+    /// Decodes strictly: the value must be an object with at least the required members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        // Members beyond the listed ones are kept (extra-members).
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the others go to `extraMembers`.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.driver = try r.required("driver", as: String.self)
+        self.bus = try r.optional("bus", as: String.self)
+        self.id = try r.optional("id", as: String.self)
+        self.extraMembers = JSONObject(r.object.filter { !Self.memberNames.contains($0.key) }.map { ($0.key, $0.value) })
+    }
+
+    /// The members as JSON, in schema order, then the extra ones.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["driver"] = self.driver.json
+        if let v = self.bus { o["bus"] = v.json }
+        if let v = self.id { o["id"] = v.json }
+        for m in extraMembers where o[m.key] == nil { o[m.key] = m.value }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `device_del` command.
+public struct DeviceDelArguments: SchemaCodable, Equatable {
+    /// The device id, or its QOM path /machine/peripheral/ID.
+    public var id: String
+
+    /// Creates a value from its members.
+    public init(id: String) {
+        self.id = id
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["id"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.id = try r.required("id", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["id"] = self.id.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The data of the `DEVICE_DELETED` event.
+public struct DeviceDeletedEventData: SchemaCodable, Equatable {
+    /// The device id. Optional.
+    public var device: String?
+    /// The device's QOM path (/machine/peripheral/ID).
+    public var path: String
+
+    /// Creates a value from its members.
+    public init(device: String? = nil, path: String) {
+        self.device = device
+        self.path = path
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["device", "path"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.device = try r.optional("device", as: String.self)
+        self.path = try r.required("path", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.device { o["device"] = v.json }
+        o["path"] = self.path.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `apply-description` command.
+public struct ApplyDescriptionArguments: SchemaCodable, Equatable {
+    /// The machine as it should be.
+    public var description: MachineDescription
+
+    /// Creates a value from its members.
+    public init(description: MachineDescription) {
+        self.description = description
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["description"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.description = try r.required("description", as: MachineDescription.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["description"] = self.description.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+// MARK: - qom
+
+/// One property of an object.
+public struct ObjectPropertyInfo: SchemaCodable, Equatable {
+    /// The property name (a child's id for child properties).
+    public var name: String
+    /// Its type: "string", "bool", "child<DRIVER>", "link<...>".
+    public var type: String
+    /// What the property is. Optional.
+    public var description: String?
+
+    /// Creates a value from its members.
+    public init(name: String, type: String, description: String? = nil) {
+        self.name = name
+        self.type = type
+        self.description = description
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["name", "type", "description"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.name = try r.required("name", as: String.self)
+        self.type = try r.required("type", as: String.self)
+        self.description = try r.optional("description", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["name"] = self.name.json
+        o["type"] = self.type.json
+        if let v = self.description { o["description"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `qom-list` command.
+public struct QomListArguments: SchemaCodable, Equatable {
+    /// The object's path (/machine, /machine/peripheral or /machine/peripheral/ID).
+    public var path: String
+
+    /// Creates a value from its members.
+    public init(path: String) {
+        self.path = path
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["path"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.path = try r.required("path", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["path"] = self.path.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `qom-get` command.
+public struct QomGetArguments: SchemaCodable, Equatable {
+    /// The object's path.
+    public var path: String
+    /// The property name.
+    public var property: String
+
+    /// Creates a value from its members.
+    public init(path: String, property: String) {
+        self.path = path
+        self.property = property
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["path", "property"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.path = try r.required("path", as: String.self)
+        self.property = try r.required("property", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["path"] = self.path.json
+        o["property"] = self.property.json
         return o
     }
 
