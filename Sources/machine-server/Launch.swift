@@ -49,8 +49,9 @@ struct Launch {
         defer { devices.close() }
 
         let machine: VirtualMachine
+        let hartList = HartList()
         do {
-            machine = try makeMachine(plan: plan, serial: serial, devices: devices)
+            machine = try makeMachine(plan: plan, serial: serial, devices: devices, harts: hartList)
         } catch let e as LaunchError {
             throw e
         } catch {
@@ -61,6 +62,16 @@ struct Launch {
 
         let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, plan: plan)
         defer { servers.shutdown() }
+        var gdbServer: GDBServer? = nil
+        if let g = plan.gdb {
+            do {
+                gdbServer = try GDBServer(machine: machine, harts: hartList.harts, host: g.host, port: g.port)
+            } catch {
+                throw LaunchError("\(error)")
+            }
+            gdbServer?.start()
+        }
+        defer { gdbServer?.stop() }
 
         do {
             try machine.start()
@@ -85,10 +96,12 @@ struct Launch {
     }
 
     /// Builds the `virt` board from the plan and one `Hart` per CPU.
-    private func makeMachine(plan: LaunchPlan, serial: (any CharBackend)?, devices: MachineDevices) throws -> VirtualMachine {
+    private func makeMachine(plan: LaunchPlan, serial: (any CharBackend)?, devices: MachineDevices,
+                             harts hartList: HartList) throws -> VirtualMachine {
         var config = BoardConfig()
         config.memorySize = plan.memoryBytes
         config.cpuCount = plan.cpuCount
+        config.cpuExtensions = plan.extensions
         config.kernelCommandLine = plan.commandLine
         config.firmware = plan.firmware.map { .path($0) }
         config.kernel = plan.kernel.map { .path($0) }
@@ -107,7 +120,10 @@ struct Launch {
             describeIdentityMismatch: { StateIdentity.describeMismatch(saved: $0, current: $1) },
             makeBoard: { system in try VirtBoard(config: config, system: system) },
             makeCPU: { hartID, ram, bus, interrupts, clock in
-                Hart(hartID: hartID, ram: ram, bus: bus, interrupts: interrupts, clock: clock, engine: plan.engine)
+                let hart = Hart(hartID: hartID, ram: ram, bus: bus, interrupts: interrupts, clock: clock, engine: plan.engine,
+                     extensions: plan.extensions)
+                hartList.harts.append(hart)
+                return hart
             })
     }
 }
@@ -213,4 +229,10 @@ final class MachineBox: Sendable {
             exit(0)
         }
     }
+}
+
+/// The harts `makeMachine` built, in hart order (for the GDB stub). Filled on the launching
+/// thread while the machine is constructed; read there afterwards.
+final class HartList: @unchecked Sendable {
+    var harts: [Hart] = []
 }
