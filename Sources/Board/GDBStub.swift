@@ -24,6 +24,8 @@ public final class GDBServer: @unchecked Sendable {
     private let wakeRead: Int32
     private let wakeWrite: Int32
     private let stopping = Mutex(false)
+    /// The connected debugger's socket, if any (for the exit report).
+    private let session = Mutex<Int32?>(nil)
 
     /// Binds `host:port` (numeric IPv4 or `localhost`). Throws `GDBError` naming the address.
     public init(machine: VirtualMachine, harts: [Hart], host: String, port: Int) throws(GDBError) {
@@ -92,11 +94,25 @@ public final class GDBServer: @unchecked Sendable {
             }
             var one: Int32 = 1
             setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-            var session = GDBSession(server: self, fd: c)
-            session.run()
+            session.withLock { $0 = c }
+            var s = GDBSession(server: self, fd: c)
+            s.run()
+            session.withLock { $0 = nil }
             close(c)
         }
         close(listenFD)
+    }
+
+    /// Tells a connected debugger that the machine ended (`W` with the exit code, as for a
+    /// process that exited) and stops accepting. Any thread, once the machine has shut down.
+    public func machineExited(code: Int32) {
+        session.withLock { fd in
+            guard let fd else { return }
+            let packet = GDBPacketParser.frame(Array("W\(GDBSession.hex2(UInt8(truncatingIfNeeded: code)))".utf8))
+            _ = packet.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            shutdown(fd, Int32(SHUT_RDWR))
+        }
+        stop()
     }
 
     /// Called on a vCPU thread when a hart stops for the debugger.
@@ -185,6 +201,8 @@ struct GDBSession {
     var breakpoints: Set<UInt64> = []
     var watchpoints: [Watchpoint] = []
     var open = true
+    /// Set by `k`/`vKill`: the machine is ending, nothing is resumed.
+    var killed = false
 
     init(server: GDBServer, fd: Int32) {
         self.server = server
@@ -195,7 +213,9 @@ struct GDBSession {
     var machine: VirtualMachine { server.machine }
 
     mutating func run() {
-        // Attach: the machine stops (a machine started paused stays so).
+        // Attach once the machine has started (its harts are reset then): it stops (a machine
+        // started paused stays so).
+        while !machine.hasStarted && machine.isLiveForDebugger { usleep(10_000) }
         for h in harts { h.debugStopHandler = { [server] id in server.hartStopped(id) } }
         machine.debugStop()
         _ = server.drainWake()
@@ -216,12 +236,15 @@ struct GDBSession {
             }
             if !machine.isLiveForDebugger { break }
         }
-        // The debugger went away: clear what it asked for; a machine it left stopped resumes.
+        // The debugger went away: clear what it asked for; a machine it stopped resumes (one
+        // that was paused or not yet started stays so, as with QEMU).
         for h in harts { h.debugStopHandler = nil }
-        if machine.isLiveForDebugger {
+        if !killed && machine.isLiveForDebugger {
             machine.debugStop()
-            for h in harts { h.setDebugRequest(DebugRequest()) }
-            machine.debugResume()
+            if machine.isStoppedForDebugger {
+                for h in harts { h.setDebugRequest(DebugRequest()) }
+            }
+            if machine.runState == .debug { machine.debugResume() }
         }
     }
 
@@ -338,6 +361,7 @@ struct GDBSession {
             return nil
         case "k":
             open = false
+            killed = true
             machine.quit()
             return nil
         default:
@@ -379,6 +403,7 @@ struct GDBSession {
         if p.hasPrefix("vKill") {
             send("OK")
             open = false
+            killed = true
             machine.quit()
             return nil
         }

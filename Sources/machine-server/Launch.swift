@@ -92,7 +92,9 @@ struct Launch {
                 }
             }
         }
-        return machine.waitUntilExit()
+        let exitCode = machine.waitUntilExit()
+        gdbServer?.machineExited(code: exitCode)
+        return exitCode
     }
 
     /// Builds the `virt` board from the plan and one `Hart` per CPU.
