@@ -382,8 +382,8 @@ struct GDBSession {
             let range = p.dropFirst("qXfer:features:read:target.xml:".count)
             guard let (off, len) = Self.addressLength(String(range)) else { return "E01" }
             let xml = Array(server.targetXML().utf8)
-            let start = min(Int(off), xml.count)
-            let end = min(start + len, xml.count)
+            let start = Int(min(off, UInt64(xml.count)))
+            let end = start + min(len, xml.count - start)
             return (end == xml.count ? "l" : "m") + String(decoding: xml[start..<end], as: UTF8.self)
         }
         if p.hasPrefix("qXfer:") { return "E00" }
