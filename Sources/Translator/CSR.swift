@@ -150,6 +150,10 @@ extension Hart {
         case CSRNumber.mcycle, CSRNumber.minstret: return instret
         case 0xb03...0xb1f: return 0   // mhpmcounter3..31: hardwired zero (Zihpm)
         case 0x323...0x33f: return 0   // mhpmevent3..31: hardwired zero
+        // The trigger module with no triggers: tselect, tdata1-3 read zero (tdata1 type 0:
+        // none at this index); tinfo = 1 says so, as the debug spec allows.
+        case 0x7a0...0x7a3: return 0
+        case 0x7a4: return 1
         default: return nil
         }
     }
@@ -253,6 +257,7 @@ extension Hart {
             // engines add when the CSR instruction retires.
             instret = v &- 1
         case 0xb03...0xb1f, 0x323...0x33f: break
+        case 0x7a0...0x7a4: break  // no triggers: every field is WARL zero
         default:
             return readCSR(csr) != nil
         }

@@ -113,6 +113,21 @@ public final class Hart: VirtualCPU {
     /// Called on the vCPU thread when the hart stops for its debugger (with the hart id); the
     /// hart then waits in `run()` until asked to exit. Set while out of `run()`.
     public var debugStopHandler: (@Sendable (Int) -> Void)?
+
+    /// A Spike-style `tohost` word in RAM (at a program's `tohost` symbol) and what a nonzero
+    /// value written there means; checked between runs of blocks (a program writing it spins
+    /// until it is cleared). Set while out of `run()`.
+    var toHost: (word: UnsafeMutableRawPointer, handle: @Sendable (UInt64) -> Void)?
+
+    /// Serves HTIF requests written to the RAM word at `address` (cleared once taken) through
+    /// `handle`; nil stops. Control thread, hart out of `run()`.
+    public func watchToHost(at address: GuestPhysicalAddress?, handle: @escaping @Sendable (UInt64) -> Void) {
+        guard let address, let p = ram.hostPointer(address, length: 8) else {
+            toHost = nil
+            return
+        }
+        toHost = (p, handle)
+    }
     /// The last block `execute` ran, and the chain slot it left through (-1: do not chain).
     var lastBlock: Int32 = -1
     var previousBlock: Int32 = -1
@@ -349,6 +364,13 @@ public final class Hart: VirtualCPU {
         // code-page changes, the timer and any interrupt that became deliverable.
         checkCodeEpoch()
         lines.kick.store(false, ordering: .relaxed)
+        if let t = toHost {
+            let v = t.word.load(as: UInt64.self)
+            if v != 0 {
+                t.word.storeBytes(of: 0, as: UInt64.self)
+                t.handle(v)
+            }
+        }
         pollTimer()
         if takePendingInterrupt() { waitingForInterrupt = false }
         if waitingForInterrupt {

@@ -58,6 +58,12 @@ struct Launch {
             throw LaunchError("\(error)")
         }
         machineBox.set(machine)
+        // A firmware or kernel ELF with a `tohost` symbol (riscv-tests and other Spike
+        // programs) gets the HTIF at that word, as with Spike and QEMU's `spike` machine.
+        if let board = machine.board as? VirtBoard, let tohost = board.bootLoader.tohost {
+            let htif = board.htif
+            for hart in hartList.harts { hart.watchToHost(at: tohost) { htif.write(offset: 0, size: 8, value: $0) } }
+        }
         machine.setSnapshotDisks(devices.blocks.map { SnapshotDisk(id: $0.id, image: $0.image, readOnly: $0.readOnly) })
 
         let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, plan: plan)

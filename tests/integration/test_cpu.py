@@ -8,6 +8,7 @@ Environment:
 import json
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -71,3 +72,42 @@ def test_bad_isa_string_is_refused_naming_the_extension(tmp_path):
     r = subprocess.run([SERVER, "--config", str(cfg)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "cpu.isa" in r.stderr and "zfoo" in r.stderr, r.stderr
+
+
+SPIKE_PROGRAM = r"""
+/* A Spike-style program (as riscv-tests are built): HTIF through the `tohost` symbol in RAM. */
+    .section .text.init
+    .globl _start
+_start:
+    la t0, fromhost
+    sd zero, 0(t0)
+    li a0, (CODE << 1) | 1
+    la t0, tohost
+1:  sd a0, 0(t0)
+    j 1b
+    .section .tohost, "aw", @progbits
+    .align 6
+    .globl tohost
+tohost: .dword 0
+    .align 6
+    .globl fromhost
+fromhost: .dword 0
+"""
+
+
+@pytest.mark.skipif(shutil.which("riscv64-linux-gnu-gcc") is None, reason="riscv64-linux-gnu-gcc is not installed")
+@pytest.mark.parametrize("code", [0, 5])
+def test_elf_with_tohost_symbol_gets_the_htif_there(tmp_path, code):
+    src = tmp_path / "spike.S"
+    src.write_text(SPIKE_PROGRAM)
+    ld = tmp_path / "link.ld"
+    ld.write_text("OUTPUT_ARCH(riscv)\nENTRY(_start)\nSECTIONS {\n . = 0x80000000;\n .text.init : { *(.text.init) }\n"
+                  " . = ALIGN(0x1000);\n .tohost : { *(.tohost) }\n}\n")
+    elf = tmp_path / "spike.elf"
+    subprocess.run(["riscv64-linux-gnu-gcc", "-static", "-nostdlib", "-nostartfiles", "-fno-pie", "-fno-pic",
+                    "-march=rv64gc", "-mabi=lp64d", f"-DCODE={code}", "-T", str(ld), "-o", str(elf), str(src)], check=True)
+    cfg = tmp_path / "machine.json"
+    cfg.write_text(json.dumps({"version": 2, "machine": "virt", "memory": "64M", "firmware": "none",
+                               "kernel": str(elf), "serial": {"backend": "none"}}))
+    r = subprocess.run([SERVER, "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == code, r.stderr

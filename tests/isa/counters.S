@@ -23,6 +23,12 @@ TEST_BEGIN
     csrw minstret, t0
     nop
     csrr a0, minstret; CHECK(7, a0, 0)      /* wraps */
+    /* the trigger module has no triggers: tselect reads 0, tinfo 1 */
+    li t0, 1
+    csrw tselect, t0
+    csrr a0, tselect; CHECK(8, a0, 0)
+    csrr a0, tinfo;   CHECK(9, a0, 1)
+    csrr a0, tdata1;  CHECK(10, a0, 0)
     rdtime a0
 1:  rdtime a1
     beq a0, a1, 1b
@@ -36,7 +42,7 @@ TEST_BEGIN
     csrw mepc, t0
     mret
 u1_code:
-    li s3, 0; rdcycle a0;   CHECK(10, s3, 2)
+    li s3, 0; rdcycle a0;   CHECK(13, s3, 2)
     li s3, 0; rdtime a0;    CHECK(11, s3, 2)
     li s3, 0; rdinstret a0; CHECK(12, s3, 2)
     ecall
