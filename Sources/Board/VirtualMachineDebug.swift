@@ -42,6 +42,27 @@ extension VirtualMachine {
         }
     }
 
+    /// Starts a GDB server for this machine's harts on `host:port`. Returns nil when it
+    /// listens, else the reason. The server ends when the machine shuts down.
+    public func startGDBServer(host: String, port: Int) -> String? {
+        let harts = vcpus.compactMap { $0.hart }
+        guard harts.count == vcpus.count else { return "the harts are not RISC-V harts of this emulator" }
+        guard isLive else { return "the machine has shut down" }
+        do {
+            let server = try GDBServer(machine: self, harts: harts, host: host, port: port)
+            gdbServers.withLock { $0.append(server) }
+            server.start()
+            return nil
+        } catch {
+            return error.message
+        }
+    }
+
+    /// Tells every GDB server that the machine ended (called once, on shutdown).
+    func stopGDBServers(exitCode: Int32) {
+        for s in gdbServers.withLock({ $0 }) { s.machineExited(code: exitCode) }
+    }
+
     /// Whether the machine is stopped (not running guest code) and live.
     public var isStoppedForDebugger: Bool {
         onControl { isLive && runState != .running }

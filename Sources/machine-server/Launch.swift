@@ -68,16 +68,9 @@ struct Launch {
 
         let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, plan: plan)
         defer { servers.shutdown() }
-        var gdbServer: GDBServer? = nil
-        if let g = plan.gdb {
-            do {
-                gdbServer = try GDBServer(machine: machine, harts: hartList.harts, host: g.host, port: g.port)
-            } catch {
-                throw LaunchError("\(error)")
-            }
-            gdbServer?.start()
+        if let g = plan.gdb, let problem = machine.startGDBServer(host: g.host, port: g.port) {
+            throw LaunchError(problem)
         }
-        defer { gdbServer?.stop() }
 
         do {
             try machine.start()
@@ -98,9 +91,7 @@ struct Launch {
                 }
             }
         }
-        let exitCode = machine.waitUntilExit()
-        gdbServer?.machineExited(code: exitCode)
-        return exitCode
+        return machine.waitUntilExit()
     }
 
     /// Builds the `virt` board from the plan and one `Hart` per CPU.

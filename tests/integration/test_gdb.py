@@ -161,3 +161,44 @@ def test_attach_to_running_linux_interrupt_and_detach(tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+@pytest.mark.skipif(CC is None, reason="riscv64-linux-gnu-gcc is not installed")
+def test_hmp_gdbserver_starts_a_stub_and_kill_ends_the_machine(tmp_path):
+    """HMP `gdbserver tcp::PORT` through QMP human-monitor-command starts the stub on a
+    paused machine; gdb runs the program to a breakpoint, reads memory, and `kill` ends it."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    elf = tmp_path / "prog.elf"
+    subprocess.run([CC, "-g", "-O1", "-static", "-nostdlib", "-nostartfiles", "-march=rv64gc", "-mabi=lp64d",
+                    "-mcmodel=medany", "-fno-pic", "-T", os.path.join(HERE, "gdb", "link.ld"), "-o", str(elf),
+                    os.path.join(HERE, "gdb", "prog.c")], check=True)
+    sock = tmp_path / "qmp.sock"
+    cfg = tmp_path / "machine.json"
+    cfg.write_text(json.dumps({"version": 2, "machine": "virt", "memory": "64M", "firmware": "none",
+                               "kernel": str(elf), "serial": {"backend": "none"}}))
+    server = subprocess.Popen([SERVER, "--config", str(cfg), "--qmp", f"unix:{sock}", "-S"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 30
+        while not sock.exists():
+            assert server.poll() is None and time.time() < deadline, "no QMP socket"
+            time.sleep(0.05)
+        qmp = QEMUMonitorProtocol(str(sock))
+        qmp.connect()
+        port = free_port()
+        bad = qmp.cmd_raw("human-monitor-command", {"command-line": "gdbserver udp::1"})["return"]
+        assert "is not tcp:[HOST]:PORT" in bad, bad
+        out = qmp.cmd_raw("human-monitor-command", {"command-line": f"gdbserver tcp::{port}"})["return"]
+        assert f"tcp::{port}" in out, out
+        r = subprocess.run([GDB, "-nx", "-batch", "-ex", "set confirm off", "-ex", f"target remote 127.0.0.1:{port}",
+                            "-ex", "break finish", "-ex", "continue", "-ex", "p counter", "-ex", "kill", str(elf)],
+                           capture_output=True, text=True, timeout=120)
+        text = r.stdout + r.stderr
+        assert re.search(r"Breakpoint 1(\.\d+)?, finish", text), text
+        assert re.search(r"^\$1 = 1045$", text, re.M), text     # 0 + 1 + ... + 9 + 1000
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
