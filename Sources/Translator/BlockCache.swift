@@ -62,7 +62,7 @@ extension Hart {
         var n = 0
         let room = Int(4096 - (physicalPC & 0xfff))
         // Under a debugger every block is one instruction, so stops are exact.
-        let maxOps = debugRequest.isActive ? 1 : Hart.maxOpsPerBlock
+        let maxOps = exactMode ? 1 : Hart.maxOpsPerBlock
         while n < maxOps {
             if offset + 2 > room { break }
             let low = host.loadUnaligned(fromByteOffset: offset, as: UInt16.self)

@@ -150,10 +150,12 @@ extension Hart {
         case CSRNumber.mcycle, CSRNumber.minstret: return instret
         case 0xb03...0xb1f: return 0   // mhpmcounter3..31: hardwired zero (Zihpm)
         case 0x323...0x33f: return 0   // mhpmevent3..31: hardwired zero
-        // The trigger module with no triggers: tselect, tdata1-3 read zero (tdata1 type 0:
-        // none at this index); tinfo = 1 says so, as the debug spec allows.
-        case 0x7a0...0x7a3: return 0
-        case 0x7a4: return 1
+        // Sdtrig: mcontrol (type 2) triggers; tinfo says type 2 is the one supported.
+        case 0x7a0: return tselect
+        case 0x7a1: return tdata1[Int(tselect)]
+        case 0x7a2: return tdata2[Int(tselect)]
+        case 0x7a3: return 0
+        case 0x7a4: return 1 << 2
         default: return nil
         }
     }
@@ -257,7 +259,14 @@ extension Hart {
             // engines add when the CSR instruction retires.
             instret = v &- 1
         case 0xb03...0xb1f, 0x323...0x33f: break
-        case 0x7a0...0x7a4: break  // no triggers: every field is WARL zero
+        case 0x7a0: if v < UInt64(Hart.triggerCount) { tselect = v }
+        case 0x7a1:
+            // WARL: an mcontrol with action 0 (breakpoint exception), match 0 (equal), no
+            // chain, timing before; its M, S, U, execute, store and load bits. Anything else
+            // (or type 0) leaves no trigger at this index.
+            tdata1[Int(tselect)] = v >> 60 == 2 ? (2 << 60) | (v & 0x5f) : 0
+        case 0x7a2: tdata2[Int(tselect)] = v
+        case 0x7a3, 0x7a4: break
         default:
             return readCSR(csr) != nil
         }

@@ -52,10 +52,13 @@ extension Hart {
     /// Entering or leaving the exact mode drops every translation (blocks are one instruction
     /// long in it).
     public func setDebugRequest(_ request: DebugRequest) {
-        let wasActive = debugRequest.isActive
         debugRequest = request
         debugStop = nil
-        if wasActive != request.isActive { flushAllTranslations() }
+        let exact = request.isActive || triggersArmed
+        if exact != exactMode {
+            exactMode = exact
+            flushAllTranslations()
+        }
     }
 
     /// The current debugger request.
@@ -72,6 +75,7 @@ extension Hart {
         let lines = interrupts
         checkCodeEpoch()
         lines.kick.store(false, ordering: .relaxed)
+        pollToHost()
         pollTimer()
         if takePendingInterrupt() {
             waitingForInterrupt = false
@@ -90,10 +94,22 @@ extension Hart {
             return .breakpoint
         }
         debugSkipBreakpoint = false
+        if triggersArmed && triggerFires(execute: true, address: pc) {
+            raise(.breakpoint, tval: pc, pc: pc)
+            trapped = false
+            return debugRequest.singleStep ? .step : nil
+        }
         let index = lookupBlock(pc)
         if index < 0 { return debugRequest.singleStep ? .step : nil }  // fetch fault taken
-        if !debugRequest.watchpoints.isEmpty, let hit = watchHit(ops[Int(blocks[Int(index)].opStart)]) {
+        let op = ops[Int(blocks[Int(index)].opStart)]
+        if !debugRequest.watchpoints.isEmpty, let hit = watchHit(op) {
             return hit
+        }
+        if triggersArmed, let (address, _, reads, writes) = access(of: op),
+           (reads && triggerFires(load: true, address: address)) || (writes && triggerFires(store: true, address: address)) {
+            raise(.breakpoint, tval: address, pc: pc)
+            trapped = false
+            return debugRequest.singleStep ? .step : nil
         }
         previousBlock = -1
         _ = execute(index, base: pc, budget: 1)
@@ -102,6 +118,32 @@ extension Hart {
 
     /// The watchpoint an op's memory access touches, if any.
     private func watchHit(_ o: Op) -> DebugStop? {
+        guard let (address, size, reads, writes) = access(of: o) else { return nil }
+        for w in debugRequest.watchpoints where address < w.address &+ w.length && w.address < address &+ size {
+            switch w.kind {
+            case .write where writes, .read where reads, .access where reads || writes:
+                return .watchpoint(w.kind, address: w.address)
+            default: continue
+            }
+        }
+        return nil
+    }
+
+    /// Whether an enabled mcontrol trigger matches (equal address, current privilege; in
+    /// M-mode only while `mstatus.MIE` is set, so a handler cannot re-trigger itself).
+    func triggerFires(execute: Bool = false, load: Bool = false, store: Bool = false, address: UInt64) -> Bool {
+        if privilege == .machine && mstatus & MStatus.mie == 0 { return false }
+        let modeBit: UInt64 = privilege == .machine ? 1 << 6 : privilege == .supervisor ? 1 << 4 : 1 << 3
+        for i in 0..<Hart.triggerCount {
+            let t = tdata1[i]
+            guard t & modeBit != 0, tdata2[i] == address else { continue }
+            if (execute && t & 4 != 0) || (store && t & 2 != 0) || (load && t & 1 != 0) { return true }
+        }
+        return false
+    }
+
+    /// The virtual address, size and direction of an op's data access, if it has one.
+    private func access(of o: Op) -> (UInt64, UInt64, Bool, Bool)? {
         var address = x[Int(o.rs1)]
         let size: UInt64
         var reads = false, writes = false
@@ -127,14 +169,7 @@ extension Hart {
         case .lr, .sc, .amo, .cbo: break
         default: address &+= UInt64(bitPattern: o.imm)
         }
-        for w in debugRequest.watchpoints where address < w.address &+ w.length && w.address < address &+ size {
-            switch w.kind {
-            case .write where writes, .read where reads, .access where reads || writes:
-                return .watchpoint(w.kind, address: w.address)
-            default: continue
-            }
-        }
-        return nil
+        return (address, size, reads, writes)
     }
 
     /// After a stop at a breakpoint the debugger resumes at the same PC: the first instruction

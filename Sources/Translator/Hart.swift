@@ -110,6 +110,19 @@ public final class Hart: VirtualCPU {
     var debugStop: DebugStop?
     /// Run the instruction at the current PC even if it has a breakpoint (once).
     var debugSkipBreakpoint = false
+    /// Whether blocks are one instruction long (a debugger's request or an armed trigger);
+    /// changed only between runs of blocks, with every translation dropped.
+    var exactMode = false
+
+    // MARK: Sdtrig
+
+    /// The trigger module: `Hart.triggerCount` mcontrol (type 2) triggers, `tselect` picking one.
+    static let triggerCount = 2
+    var tselect: UInt64 = 0
+    var tdata1 = [UInt64](repeating: 0, count: Hart.triggerCount)
+    var tdata2 = [UInt64](repeating: 0, count: Hart.triggerCount)
+    /// Whether some trigger matches executes, loads or stores (and so needs the exact mode).
+    var triggersArmed: Bool { tdata1.contains { $0 & 7 != 0 } }
     /// Called on the vCPU thread when the hart stops for its debugger (with the hart id); the
     /// hart then waits in `run()` until asked to exit. Set while out of `run()`.
     public var debugStopHandler: (@Sendable (Int) -> Void)?
@@ -308,6 +321,8 @@ public final class Hart: VirtualCPU {
         medeleg = 0; mideleg = 0; mie = 0; mipSoftware = 0; mtipLevel = false
         mtvec = 0; mcounteren = 0; mscratch = 0; mepc = 0; mcause = 0; mtval = 0
         menvcfg = 0; mcountinhibit = 0; stimecmp = .max; stipLevel = false
+        tselect = 0
+        for i in 0..<Hart.triggerCount { tdata1[i] = 0; tdata2[i] = 0 }
         stvec = 0; scounteren = 0; senvcfg = 0; sscratch = 0; sepc = 0; scause = 0; stval = 0; satp = 0
         for i in pmpcfg.indices { pmpcfg[i] = 0 }
         for i in pmpaddr.indices { pmpaddr[i] = 0 }
@@ -338,7 +353,12 @@ public final class Hart: VirtualCPU {
                 syncFlags()
                 return
             }
-            if debugRequest.isActive {
+            let exact = debugRequest.isActive || triggersArmed
+            if exact != exactMode {
+                exactMode = exact
+                flushAllTranslations()
+            }
+            if exact {
                 if let stop = runDebugStep() {
                     debugStop = stop
                     syncFlags()
@@ -364,13 +384,7 @@ public final class Hart: VirtualCPU {
         // code-page changes, the timer and any interrupt that became deliverable.
         checkCodeEpoch()
         lines.kick.store(false, ordering: .relaxed)
-        if let t = toHost {
-            let v = t.word.load(as: UInt64.self)
-            if v != 0 {
-                t.word.storeBytes(of: 0, as: UInt64.self)
-                t.handle(v)
-            }
-        }
+        pollToHost()
         pollTimer()
         if takePendingInterrupt() { waitingForInterrupt = false }
         if waitingForInterrupt {
@@ -393,6 +407,17 @@ public final class Hart: VirtualCPU {
             previousSlot = execute(index, base: pc, budget: budget)
         }
         previousBlock = lastBlock
+    }
+
+    /// Takes a request written to the `tohost` word, if one is watched and nonzero.
+    @inline(__always) func pollToHost() {
+        if let t = toHost {
+            let v = t.word.load(as: UInt64.self)
+            if v != 0 {
+                t.word.storeBytes(of: 0, as: UInt64.self)
+                t.handle(v)
+            }
+        }
     }
 
     /// Drops write-TLB entries when another hart (or this one) turned a page into code.

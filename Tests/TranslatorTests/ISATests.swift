@@ -89,7 +89,7 @@ import Testing
     }
 
     @Test(arguments: ["alu", "mem", "atomic", "trap", "vm", "sfence", "smc", "fp", "irq",
-                      "bitmanip", "cbo", "sstc", "pte", "counters"], ExecutionEngine.allCases)
+                      "bitmanip", "cbo", "sstc", "pte", "counters", "trigger"], ExecutionEngine.allCases)
     func program(_ name: String, engine: ExecutionEngine) throws {
         let result = try Self.run(name, engine: engine)
         let failed = result.map { $0 >> 1 } ?? 0

@@ -23,12 +23,15 @@ TEST_BEGIN
     csrw minstret, t0
     nop
     csrr a0, minstret; CHECK(7, a0, 0)      /* wraps */
-    /* the trigger module has no triggers: tselect reads 0, tinfo 1 */
+    /* the trigger module: two mcontrol triggers (tinfo: type 2), tselect 2 is out of range */
     li t0, 1
     csrw tselect, t0
-    csrr a0, tselect; CHECK(8, a0, 0)
-    csrr a0, tinfo;   CHECK(9, a0, 1)
+    li t0, 2
+    csrw tselect, t0
+    csrr a0, tselect; CHECK(8, a0, 1)
+    csrr a0, tinfo;   CHECK(9, a0, 4)
     csrr a0, tdata1;  CHECK(10, a0, 0)
+    csrw tselect, zero
     rdtime a0
 1:  rdtime a1
     beq a0, a1, 1b
