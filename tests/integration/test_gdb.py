@@ -123,7 +123,7 @@ def test_attach_to_running_linux_interrupt_and_detach(tmp_path):
     serial = tmp_path / "serial.log"
     cfg = tmp_path / "machine.json"
     cfg.write_text(json.dumps({"version": 2, "machine": "virt", "memory": "256M", "kernel": KERNEL, "initrd": INITRD,
-                               "append": "console=ttyS0 guest.run=sleep,20", "gdb": f"tcp:127.0.0.1:{port}",
+                               "append": "console=ttyS0 guest.run=sleep,40", "gdb": f"tcp:127.0.0.1:{port}",
                                "serial": {"backend": "file", "path": str(serial)}}))
     server = subprocess.Popen([SERVER, "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
