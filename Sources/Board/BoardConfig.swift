@@ -1,6 +1,7 @@
 import Devices
 import Foundation
 import Machine
+import Translator
 
 /// A boot image given to the board: a file to read, or bytes already in memory (tests, QMP).
 public enum BootFile: Sendable, Equatable {
@@ -87,6 +88,9 @@ public struct BoardConfig: Sendable {
     public var memorySize: UInt64 = 128 << 20
     /// Number of harts (1…`VirtMemoryMap.maxHarts`).
     public var cpuCount: Int = 1
+    /// The ISA extensions every hart runs with and the device tree claims (all by default; a
+    /// description may narrow them to match older firmware).
+    public var cpuExtensions: ISAExtensions = .all
     /// The kernel command line (`/chosen/bootargs`); nil leaves bootargs out.
     public var kernelCommandLine: String? = nil
     /// M-mode firmware (OpenSBI `fw_dynamic.bin`/`.elf`): raw binaries load at 0x8000_0000, ELF

@@ -62,6 +62,8 @@ struct PlacedImage: Sendable {
     var entry: GuestPhysicalAddress
     /// The RAM the image claims (for a Linux Image, its declared in-memory size).
     var footprint: [GuestRegion]
+    /// The address of an ELF's `tohost` symbol (riscv-tests and other Spike programs), if any.
+    var tohost: GuestPhysicalAddress? = nil
 
     /// One past the highest address the image occupies.
     var end: GuestPhysicalAddress { footprint.map(\.end).max() ?? entry }
@@ -96,6 +98,9 @@ public struct BootLoader: Sendable {
     public let kernelEntry: GuestPhysicalAddress?
     /// The first instruction.
     public let entry: GuestPhysicalAddress
+    /// Where the firmware's or (failing that) the kernel's ELF has its `tohost` symbol: the
+    /// HTIF is then served at that RAM word, as by Spike and QEMU's `spike` machine.
+    public var tohost: GuestPhysicalAddress? { firmware?.tohost ?? kernel?.tohost }
     let ram: GuestRegion
 
     /// Reads and places the images, validating that each fits in RAM and none overlap.
@@ -274,8 +279,43 @@ public struct BootLoader: Sendable {
             physicalEntry = r.paddr + (entry - r.vaddr)
         }
         guard let physicalEntry else { throw bad("entry point 0x\(String(entry, radix: 16)) is in no loaded segment") }
-        return PlacedImage(what: what, bytes: bytes, segments: segments, entry: GuestPhysicalAddress(physicalEntry),
-                           footprint: segments.map(\.region))
+        var image = PlacedImage(what: what, bytes: bytes, segments: segments, entry: GuestPhysicalAddress(physicalEntry),
+                                footprint: segments.map(\.region))
+        if let t = symbol("tohost", in: bytes), ram.contains(GuestPhysicalAddress(t)), t & 7 == 0, ram.end - GuestPhysicalAddress(t) >= 8 {
+            image.tohost = GuestPhysicalAddress(t)
+        }
+        return image
+    }
+
+    /// The value of symbol `name` in an ELF64's `.symtab`, or nil (no table, no such symbol, or
+    /// anything out of bounds: the table is outside input and is read defensively).
+    static func symbol(_ name: String, in bytes: [UInt8]) -> UInt64? {
+        guard bytes.count >= 64 else { return nil }
+        let shoff = le64(bytes, 40)
+        let shentsize = UInt64(le16(bytes, 58)), shnum = UInt64(le16(bytes, 60))
+        guard shentsize >= 64, shoff <= UInt64(bytes.count), shnum * shentsize <= UInt64(bytes.count) - shoff else { return nil }
+        let target = Array(name.utf8)
+        for i in 0..<shnum {
+            let h = Int(shoff + i * shentsize)
+            guard le32(bytes, h + 4) == 2 else { continue }  // SHT_SYMTAB
+            let off = le64(bytes, h + 24), size = le64(bytes, h + 32), link = UInt64(le32(bytes, h + 40))
+            let entsize = le64(bytes, h + 56)
+            guard entsize >= 24, off <= UInt64(bytes.count), size <= UInt64(bytes.count) - off, link < shnum else { return nil }
+            let sh = Int(shoff + link * shentsize)
+            let stroff = le64(bytes, sh + 24), strsize = le64(bytes, sh + 32)
+            guard stroff <= UInt64(bytes.count), strsize <= UInt64(bytes.count) - stroff else { return nil }
+            for k in 0..<(size / entsize) {
+                let e = Int(off + k * entsize)
+                let nameOff = UInt64(le32(bytes, e))
+                guard nameOff < strsize else { continue }
+                let start = Int(stroff + nameOff)
+                var end = start
+                let limit = Int(stroff + strsize)
+                while end < limit && bytes[end] != 0 { end += 1 }
+                if bytes[start..<end].elementsEqual(target) { return le64(bytes, e + 8) }
+            }
+        }
+        return nil
     }
 
     static func le16(_ b: [UInt8], _ o: Int) -> UInt16 { UInt16(b[o]) | UInt16(b[o + 1]) << 8 }

@@ -1,5 +1,6 @@
 import Devices
 import Machine
+import Translator
 
 /// QEMU's riscv `virt` board: RAM at 0x8000_0000, the CLINT, PLIC, UART0, RTC, SiFive test
 /// device, our HTIF, eight virtio-mmio slots (every one mapped; empty ones answer DeviceID 0)
@@ -363,8 +364,8 @@ public final class VirtBoard: @unchecked Sendable {  // unchecked: its vars chan
 /// devices we build (no flash, fw-cfg or PMU nodes; no HTIF node; the PCIe host's node only
 /// when the board has one).
 enum VirtDeviceTree {
-    /// The ISA we implement and announce: RV64GC with Zicsr and Zifencei; nothing more.
-    static let isa = "rv64imafdc_zicsr_zifencei"
+    /// The ISA we announce is RV64GC with Zicsr, Zifencei and the board's `cpuExtensions`
+    /// (`ISAExtensions.isaString`), as `riscv,isa` and as the `riscv,isa-extensions` list.
     static let mmuType = "riscv,sv48"
 
     static func regCells(_ r: GuestRegion) -> DeviceTreeValue { .u64([r.base.raw, r.size]) }
@@ -401,7 +402,13 @@ enum VirtDeviceTree {
             cpu.set("reg", .u32([UInt32(hart)]))
             cpu.set("status", .string("okay"))
             cpu.set("compatible", .string("riscv"))
-            cpu.set("riscv,isa", .string(isa))
+            let ext = config.cpuExtensions
+            cpu.set("riscv,isa", .string(ext.isaString))
+            cpu.set("riscv,isa-base", .string("rv64i"))
+            cpu.set("riscv,isa-extensions", .strings(ext.extensionList))
+            if ext.contains(.zicbom) { cpu.set("riscv,cbom-block-size", .u32([UInt32(ISAExtensions.cacheBlockSize)])) }
+            if ext.contains(.zicboz) { cpu.set("riscv,cboz-block-size", .u32([UInt32(ISAExtensions.cacheBlockSize)])) }
+            if ext.contains(.zicbop) { cpu.set("riscv,cbop-block-size", .u32([UInt32(ISAExtensions.cacheBlockSize)])) }
             cpu.set("mmu-type", .string(mmuType))
             var intc = DeviceTreeNode("interrupt-controller")
             intc.set("#interrupt-cells", .u32([1]))

@@ -1,6 +1,7 @@
 import Foundation
 import Machine
 import Synchronization
+import Translator
 
 /// Where one hart starts after a reset: its entry point and the a0…a2 arguments (QEMU passes
 /// the hart id, the device-tree address and the `fw_dynamic_info` address).
@@ -86,6 +87,8 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
     private let disks = Mutex<[SnapshotDisk]>([])
     /// Where migrations run (the control queue is used only for the paused part).
     let migrationQueue = DispatchQueue(label: "machine migration")
+    /// GDB servers started for this machine (`startGDBServer`).
+    let gdbServers = Mutex<[GDBServer]>([])
 
     /// Builds the board (handing it this machine as its `SystemControl`) and one CPU per hart.
     /// Nothing runs until `start()`. `startPaused` keeps the machine in `prelaunch` until the
@@ -274,6 +277,7 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
         emit(.shutdown(cause: cause))
         for v in vcpus { v.terminate() }
         shared.withLock { $0.exitCode = exitCode }
+        stopGDBServers(exitCode: exitCode)
         exited.signal()
     }
 
@@ -342,6 +346,8 @@ private struct WeakMachine {
 final class VCPUThread: @unchecked Sendable {  // unchecked: `cond` guards every var
     let index: Int
     private let cpu: any VirtualCPU
+    /// The CPU as this emulator's hart (for the GDB stub), if it is one.
+    var hart: Hart? { cpu as? Hart }
     private let cond = NSCondition()
     private var shouldRun = false
     private var inRun = false

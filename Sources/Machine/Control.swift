@@ -98,6 +98,9 @@ public protocol MachineControl: AnyObject, Sendable {
     func addEventObserver(_ observer: @escaping @Sendable (MachineEvent) -> Void) -> Int
     /// Removes an observer registered with `addEventObserver`.
     func removeEventObserver(_ token: Int)
+    /// Starts a GDB remote-protocol server on `host:port` (HMP `gdbserver`, QEMU's `-gdb`).
+    /// Returns nil when it listens, else a message naming what is wrong. Any thread.
+    func startGDBServer(host: String, port: Int) -> String?
 }
 
 /// The progress of the current or last migration (a machine-state save to a destination), as
@@ -215,4 +218,9 @@ public protocol MachineSnapshots: AnyObject, Sendable {
     /// HMP `info snapshots`: the snapshots with machine state on the first writable disk that
     /// every other writable disk also has.
     func listSnapshots() throws -> [SnapshotListing]
+}
+
+extension MachineControl {
+    /// Machines without a debugger interface refuse.
+    public func startGDBServer(host: String, port: Int) -> String? { "this machine has no GDB stub" }
 }

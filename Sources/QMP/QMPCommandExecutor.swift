@@ -135,6 +135,17 @@ public final class QMPCommandExecutor: QMPCommandHandler {
         case ("system_reset", 1): try systemReset(); return ""
         case ("system_powerdown", 1): try systemPowerdown(); return ""
         case ("quit", 1), ("q", 1): try quit(); return ""
+        case ("gdbserver", 1), ("gdbserver", 2):
+            // QEMU's forms: gdbserver [tcp:[HOST]:PORT | PORT]; no host means 127.0.0.1.
+            let spec = words.count == 2 ? words[1] : "tcp::1234"
+            var parts = spec.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+            if parts.count == 1 { parts = ["tcp", "", parts[0]] }
+            guard parts.count == 3, parts[0] == "tcp", let port = Int(parts[2]), (1...65535).contains(port) else {
+                return "gdbserver: '\(spec)' is not tcp:[HOST]:PORT or PORT\r\n"
+            }
+            let host = parts[1].isEmpty ? "127.0.0.1" : parts[1]
+            if let problem = control.startGDBServer(host: host, port: port) { return "gdbserver: \(problem)\r\n" }
+            return "Waiting for gdb connection on device '\(spec)'\r\n"
         case ("info", 2):
             switch words[1] {
             case "status":

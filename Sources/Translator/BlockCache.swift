@@ -61,13 +61,15 @@ extension Hart {
         var offset = 0
         var n = 0
         let room = Int(4096 - (physicalPC & 0xfff))
-        while n < Hart.maxOpsPerBlock {
+        // Under a debugger every block is one instruction, so stops are exact.
+        let maxOps = exactMode ? 1 : Hart.maxOpsPerBlock
+        while n < maxOps {
             if offset + 2 > room { break }
             let low = host.loadUnaligned(fromByteOffset: offset, as: UInt16.self)
             var op: Op
             if low & 3 != 3 {
                 if let expanded = Decoder.expandCompressed(low) {
-                    op = Decoder.decode(expanded)
+                    op = Decoder.decode(expanded, extensions: extensions)
                 } else {
                     op = Op()
                     op.kind = .illegal
@@ -75,7 +77,7 @@ extension Hart {
                 op.raw = UInt32(low)
                 op.length = 2
             } else if offset + 4 <= room {
-                op = Decoder.decode(host.loadUnaligned(fromByteOffset: offset, as: UInt32.self))
+                op = Decoder.decode(host.loadUnaligned(fromByteOffset: offset, as: UInt32.self), extensions: extensions)
             } else {
                 // The instruction straddles into the next page: only as the first of a block.
                 if n > 0 { break }
@@ -92,7 +94,7 @@ extension Hart {
                         return -1
                     }
                     let high = p.load(as: UInt16.self)
-                    op = Decoder.decode(UInt32(low) | (UInt32(high) << 16))
+                    op = Decoder.decode(UInt32(low) | (UInt32(high) << 16), extensions: extensions)
                     block.secondPage = nextPA & ~0xfff
                 }
             }

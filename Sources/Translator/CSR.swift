@@ -6,6 +6,7 @@ extension Hart {
         static let fflags = 0x001, frm = 0x002, fcsr = 0x003
         static let cycle = 0xc00, time = 0xc01, instret = 0xc02
         static let sstatus = 0x100, sie = 0x104, stvec = 0x105, scounteren = 0x106, senvcfg = 0x10a
+        static let stimecmp = 0x14d
         static let sscratch = 0x140, sepc = 0x141, scause = 0x142, stval = 0x143, sip = 0x144, satp = 0x180
         static let mvendorid = 0xf11, marchid = 0xf12, mimpid = 0xf13, mhartid = 0xf14, mconfigptr = 0xf15
         static let mstatus = 0x300, misa = 0x301, medeleg = 0x302, mideleg = 0x303, mie = 0x304, mtvec = 0x305
@@ -97,14 +98,17 @@ extension Hart {
             syncFlags()
             return (frm << 5) | fflags
         case CSRNumber.cycle, CSRNumber.instret:
-            guard counterAllowed(csr & 0x1f) else { return nil }
+            guard extensions.contains(.zicntr), counterAllowed(csr & 0x1f) else { return nil }
             return instret
         case CSRNumber.time:
-            guard counterAllowed(1) else { return nil }
+            guard extensions.contains(.zicntr), counterAllowed(1) else { return nil }
             return clock.ticks  // integer arithmetic only: no host FPU flags to guard
         case 0xc03...0xc1f:
-            guard counterAllowed(csr & 0x1f) else { return nil }
+            guard extensions.contains(.zihpm), counterAllowed(csr & 0x1f) else { return nil }
             return 0
+        case CSRNumber.stimecmp:
+            guard stimecmpAccessible else { return nil }
+            return stimecmp
         case CSRNumber.sstatus: return sstatusView
         case CSRNumber.sie: return mie & mideleg
         case CSRNumber.stvec: return stvec
@@ -144,8 +148,14 @@ extension Hart {
             return pmpcfg[(csr - 0x3a0) / 2]
         case 0x3b0...0x3ef: return pmpaddr[csr - 0x3b0]
         case CSRNumber.mcycle, CSRNumber.minstret: return instret
-        case 0xb03...0xb1f: return 0   // mhpmcounter3..31: hardwired zero
+        case 0xb03...0xb1f: return 0   // mhpmcounter3..31: hardwired zero (Zihpm)
         case 0x323...0x33f: return 0   // mhpmevent3..31: hardwired zero
+        // Sdtrig: mcontrol (type 2) triggers; tinfo says type 2 is the one supported.
+        case 0x7a0: return tselect
+        case 0x7a1: return tdata1[Int(tselect)]
+        case 0x7a2: return tdata2[Int(tselect)]
+        case 0x7a3: return 0
+        case 0x7a4: return 1 << 2
         default: return nil
         }
     }
@@ -183,7 +193,11 @@ extension Hart {
             mie = (mie & ~mideleg) | (v & mideleg)
         case CSRNumber.stvec: stvec = v & ~2
         case CSRNumber.scounteren: scounteren = v & 0xffff_ffff
-        case CSRNumber.senvcfg: senvcfg = v & 1
+        case CSRNumber.senvcfg: senvcfg = envcfgValue(old: senvcfg, v, mask: envcfgWritable & ~(EnvCfg.pbmte | EnvCfg.stce))
+        case CSRNumber.stimecmp:
+            guard stimecmpAccessible else { return false }
+            stimecmp = v
+            pollTimer()
         case CSRNumber.sscratch: sscratch = v
         case CSRNumber.sepc: sepc = v & ~1
         case CSRNumber.scause: scause = v
@@ -209,7 +223,12 @@ extension Hart {
             mie = v & Irq.all
         case CSRNumber.mtvec: mtvec = v & ~2
         case CSRNumber.mcounteren: mcounteren = v & 0xffff_ffff
-        case CSRNumber.menvcfg: menvcfg = v & 1
+        case CSRNumber.menvcfg:
+            let old = menvcfg
+            menvcfg = envcfgValue(old: old, v, mask: envcfgWritable)
+            // PBMTE changes which PTEs are valid; STCE changes where STIP comes from.
+            if (old ^ menvcfg) & EnvCfg.pbmte != 0 { flushTranslations() }
+            pollTimer()
         case CSRNumber.mcountinhibit: mcountinhibit = v & 0xffff_fffd
         case CSRNumber.mscratch: mscratch = v
         case CSRNumber.mepc: mepc = v & ~1
@@ -235,12 +254,48 @@ extension Hart {
             let i = csr - 0x3b0
             let cfg = (pmpcfg[i / 8] >> UInt64((i % 8) * 8)) & 0xff
             if cfg & 0x80 == 0 { pmpaddr[i] = v & 0x003f_ffff_ffff_ffff }
-        case CSRNumber.mcycle, CSRNumber.minstret: instret = v
+        case CSRNumber.mcycle, CSRNumber.minstret:
+            // The write takes the place of this instruction's own increment, which both
+            // engines add when the CSR instruction retires.
+            instret = v &- 1
         case 0xb03...0xb1f, 0x323...0x33f: break
+        case 0x7a0: if v < UInt64(Hart.triggerCount) { tselect = v }
+        case 0x7a1:
+            // WARL: an mcontrol with action 0 (breakpoint exception), match 0 (equal), no
+            // chain, timing before; its M, S, U, execute, store and load bits. Anything else
+            // (or type 0) leaves no trigger at this index.
+            tdata1[Int(tselect)] = v >> 60 == 2 ? (2 << 60) | (v & 0x5f) : 0
+        case 0x7a2: tdata2[Int(tselect)] = v
+        case 0x7a3, 0x7a4: break
         default:
             return readCSR(csr) != nil
         }
         return true
+    }
+
+    /// Whether `stimecmp` may be accessed now: Sstc is present, and below M-mode
+    /// `menvcfg.STCE` and `mcounteren.TM` allow it.
+    private var stimecmpAccessible: Bool {
+        guard extensions.contains(.sstc) else { return false }
+        if privilege == .machine { return true }
+        return sstcEnabled && (mcounteren >> 1) & 1 != 0
+    }
+
+    /// The `menvcfg` fields this hart's extensions implement.
+    private var envcfgWritable: UInt64 {
+        var m = EnvCfg.fiom
+        if extensions.contains(.zicbom) { m |= EnvCfg.cbie | EnvCfg.cbcfe }
+        if extensions.contains(.zicboz) { m |= EnvCfg.cbze }
+        if extensions.contains(.svpbmt) { m |= EnvCfg.pbmte }
+        if extensions.contains(.sstc) { m |= EnvCfg.stce }
+        return m
+    }
+
+    /// A WARL `menvcfg`/`senvcfg` write: the reserved CBIE value 2 keeps the old field.
+    private func envcfgValue(old: UInt64, _ v: UInt64, mask: UInt64) -> UInt64 {
+        var n = v & mask
+        if (n & EnvCfg.cbie) >> EnvCfg.cbieShift == 2 { n = (n & ~EnvCfg.cbie) | (old & EnvCfg.cbie) }
+        return n
     }
 
     private func setMStatus(_ v: UInt64) {

@@ -9,7 +9,23 @@ enum Decoder {
         return (Int64(v) << Int64(shift)) >> Int64(shift)
     }
 
-    /// Decodes one 32-bit instruction.
+    /// Decodes one 32-bit instruction for a hart with `extensions`: an instruction of an
+    /// extension not in the set is illegal.
+    static func decode(_ i: UInt32, extensions: ISAExtensions) -> Op {
+        let op = decode(i)
+        if let e = op.kind.requiredExtension, !extensions.contains(e) {
+            var o = Op(); o.raw = i; o.kind = .illegal; return o
+        }
+        if op.kind == .cbo && !extensions.contains(op.imm == 4 ? .zicboz : .zicbom) {
+            var o = Op(); o.raw = i; o.kind = .illegal; return o
+        }
+        if op.kind == .sfenceVma && (i >> 25) == 0x0b && !extensions.contains(.svinval) {
+            var o = Op(); o.raw = i; o.kind = .illegal; return o
+        }
+        return op
+    }
+
+    /// Decodes one 32-bit instruction with every extension this CPU implements.
     static func decode(_ i: UInt32) -> Op {
         var op = Op()
         op.raw = i
@@ -80,13 +96,28 @@ enum Decoder {
             case 6: op.kind = .ori
             case 7: op.kind = .andi
             case 1:
-                guard bits(i, 31, 26) == 0 else { return ill() }
-                op.kind = .slli; op.imm = Int64(bits(i, 25, 20))
+                let shamt = Int64(bits(i, 25, 20))
+                switch (bits(i, 31, 26), bits(i, 31, 20)) {
+                case (0, _): op.kind = .slli; op.imm = shamt
+                case (0x12, _): op.kind = .bclri; op.imm = shamt; op.rs2 = 0
+                case (0x1a, _): op.kind = .binvi; op.imm = shamt; op.rs2 = 0
+                case (0x0a, _): op.kind = .bseti; op.imm = shamt; op.rs2 = 0
+                case (_, 0x600): op.kind = .clz; op.imm = 0; op.rs2 = 0
+                case (_, 0x601): op.kind = .ctz; op.imm = 0; op.rs2 = 0
+                case (_, 0x602): op.kind = .cpop; op.imm = 0; op.rs2 = 0
+                case (_, 0x604): op.kind = .sextB; op.imm = 0; op.rs2 = 0
+                case (_, 0x605): op.kind = .sextH; op.imm = 0; op.rs2 = 0
+                default: return ill()
+                }
             case 5:
                 op.imm = Int64(bits(i, 25, 20))
-                switch bits(i, 31, 26) {
-                case 0: op.kind = .srli
-                case 0x10: op.kind = .srai
+                switch (bits(i, 31, 26), bits(i, 31, 20)) {
+                case (0, _): op.kind = .srli
+                case (0x10, _): op.kind = .srai
+                case (0x18, _): op.kind = .rori; op.rs2 = 0
+                case (0x12, _): op.kind = .bexti; op.rs2 = 0
+                case (_, 0x287): op.kind = .orcB; op.imm = 0; op.rs2 = 0
+                case (_, 0x6b8): op.kind = .rev8; op.imm = 0; op.rs2 = 0
                 default: return ill()
                 }
             default: return ill()
@@ -96,13 +127,20 @@ enum Decoder {
             switch f3 {
             case 0: op.kind = .addiw
             case 1:
-                guard f7 == 0 else { return ill() }
-                op.kind = .slliw; op.imm = Int64(bits(i, 24, 20))
+                switch (f7, bits(i, 31, 26), bits(i, 31, 20)) {
+                case (0, _, _): op.kind = .slliw; op.imm = Int64(bits(i, 24, 20))
+                case (_, 0x02, _): op.kind = .slliUW; op.imm = Int64(bits(i, 25, 20)); op.rs2 = 0
+                case (_, _, 0x600): op.kind = .clzw; op.imm = 0; op.rs2 = 0
+                case (_, _, 0x601): op.kind = .ctzw; op.imm = 0; op.rs2 = 0
+                case (_, _, 0x602): op.kind = .cpopw; op.imm = 0; op.rs2 = 0
+                default: return ill()
+                }
             case 5:
                 op.imm = Int64(bits(i, 24, 20))
                 switch f7 {
                 case 0: op.kind = .srliw
                 case 0x20: op.kind = .sraiw
+                case 0x30: op.kind = .roriw; op.rs2 = 0
                 default: return ill()
                 }
             default: return ill()
@@ -127,6 +165,27 @@ enum Decoder {
             case (1, 5): op.kind = .divu
             case (1, 6): op.kind = .rem
             case (1, 7): op.kind = .remu
+            case (0x10, 2): op.kind = .sh1add
+            case (0x10, 4): op.kind = .sh2add
+            case (0x10, 6): op.kind = .sh3add
+            case (0x20, 7): op.kind = .andn
+            case (0x20, 6): op.kind = .orn
+            case (0x20, 4): op.kind = .xnor
+            case (0x05, 1): op.kind = .clmul
+            case (0x05, 2): op.kind = .clmulr
+            case (0x05, 3): op.kind = .clmulh
+            case (0x05, 4): op.kind = .min
+            case (0x05, 5): op.kind = .minu
+            case (0x05, 6): op.kind = .max
+            case (0x05, 7): op.kind = .maxu
+            case (0x07, 5): op.kind = .czeroEqz
+            case (0x07, 7): op.kind = .czeroNez
+            case (0x30, 1): op.kind = .rol
+            case (0x30, 5): op.kind = .ror
+            case (0x24, 1): op.kind = .bclr
+            case (0x24, 5): op.kind = .bext
+            case (0x34, 1): op.kind = .binv
+            case (0x14, 1): op.kind = .bset
             default: return ill()
             }
         case 0x3b:
@@ -141,12 +200,27 @@ enum Decoder {
             case (1, 5): op.kind = .divuw
             case (1, 6): op.kind = .remw
             case (1, 7): op.kind = .remuw
+            case (0x04, 0): op.kind = .addUW
+            case (0x04, 4):
+                guard rs2 == 0 else { return ill() }
+                op.kind = .zextH
+            case (0x10, 2): op.kind = .sh1addUW
+            case (0x10, 4): op.kind = .sh2addUW
+            case (0x10, 6): op.kind = .sh3addUW
+            case (0x30, 1): op.kind = .rolw
+            case (0x30, 5): op.kind = .rorw
             default: return ill()
             }
         case 0x0f:
             switch f3 {
             case 0: op.kind = .fence
             case 1: op.kind = .fenceI
+            case 2:
+                // cbo.inval/clean/flush/zero: rd = 0, the function in imm[11:0].
+                let function = bits(i, 31, 20)
+                guard rd == 0, [0, 1, 2, 4].contains(function) else { return ill() }
+                op.kind = .cbo
+                op.imm = Int64(function)
             default: return ill()
             }
         case 0x73:
@@ -158,7 +232,8 @@ enum Decoder {
                 else if i == 0x3020_0073 { op.kind = .mret }
                 else if i == 0x1020_0073 { op.kind = .sret }
                 else if i == 0x1050_0073 { op.kind = .wfi }
-                else if f7 == 0x09 && rd == 0 { op.kind = .sfenceVma }
+                else if (f7 == 0x09 || f7 == 0x0b) && rd == 0 { op.kind = .sfenceVma }  // sfence.vma, sinval.vma
+                else if i == 0x1800_0073 || i == 0x1810_0073 { op.kind = .sfenceInval }
                 else { return ill() }
             case 1: op.kind = .csrrw
             case 2: op.kind = .csrrs

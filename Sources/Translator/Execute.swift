@@ -243,6 +243,24 @@ extension Hart {
                         return -1
                     }
 
+                // Zba, Zbb, Zbc, Zbs, Zicond (immediate forms: rs2 is x0, the amount in imm)
+                case .addUW, .sh1add, .sh2add, .sh3add, .sh1addUW, .sh2addUW, .sh3addUW, .slliUW,
+                     .andn, .orn, .xnor, .clz, .clzw, .ctz, .ctzw, .cpop, .cpopw, .max, .maxu, .min, .minu,
+                     .sextB, .sextH, .zextH, .rol, .rolw, .ror, .rori, .roriw, .rorw, .orcB, .rev8,
+                     .clmul, .clmulh, .clmulr, .bclr, .bclri, .bext, .bexti, .binv, .binvi, .bset, .bseti,
+                     .czeroEqz, .czeroNez:
+                    r[rd] = bitManip(o.kind, r[rs1], r[rs2] &+ UInt64(bitPattern: o.imm))
+
+                // Zicbom, Zicboz
+                case .cbo:
+                    if !executeCBO(o, pc: pcOf(op)) { return trapExit(op) }
+                    if blockInvalidated {
+                        blockInvalidated = false
+                        instret &+= UInt64(op - opBase + 1)
+                        pcValue = pcOf(op) &+ UInt64(o.length)
+                        return -1
+                    }
+
                 // FP loads and stores
                 case .flw, .fld, .fsw, .fsd:
                     if !fpEnabled { raise(.illegalInstruction, tval: UInt64(o.raw), pc: pcOf(op)); return trapExit(op) }
@@ -294,7 +312,7 @@ extension Hart {
                     instret &+= UInt64(block.opCount)
                     pcValue = pcOf(op) &+ UInt64(o.length)
                     return -1
-                case .mret, .sret, .wfi, .sfenceVma:
+                case .mret, .sret, .wfi, .sfenceVma, .sfenceInval:
                     if !executePrivileged(o, pc: pcOf(op)) { return trapExit(op) }
                     instret &+= UInt64(block.opCount)
                     return -1
@@ -492,7 +510,12 @@ extension Hart {
             if privilege == .user || (privilege == .supervisor && (mstatus & MStatus.tw) != 0) { return illegal() }
             pcValue = pc &+ UInt64(o.length)
             waitingForInterrupt = true
-        default: // sfence.vma
+        case .sfenceInval:
+            // sfence.w.inval and sfence.inval.ir order sinval.vma (which is as strong as
+            // sfence.vma here) against other accesses: nothing more to do.
+            if privilege == .user { return illegal() }
+            pcValue = pc &+ UInt64(o.length)
+        default: // sfence.vma, sinval.vma
             if privilege == .user || (privilege == .supervisor && (mstatus & MStatus.tvm) != 0) { return illegal() }
             if o.rs1 != 0 {
                 flushTranslations(page: x[Int(o.rs1)])
@@ -500,6 +523,52 @@ extension Hart {
                 flushTranslations()
             }
             pcValue = pc &+ UInt64(o.length)
+        }
+        return true
+    }
+}
+
+extension Hart {
+    /// cbo.inval, cbo.clean, cbo.flush and cbo.zero on the 64-byte block holding `rs1`.
+    /// Returns false when a trap was taken (sets `blockInvalidated` when cbo.zero overwrote code).
+    ///
+    /// There are no caches, so clean, flush and inval only check that the block may be
+    /// accessed (a load or a store must be permitted; a fault is reported as a store's). Below
+    /// M-mode, `menvcfg` (and in U-mode `senvcfg`) must enable the instruction.
+    func executeCBO(_ o: Op, pc: UInt64) -> Bool {
+        let isZero = o.imm == 4
+        if privilege != .machine {
+            let user = privilege == .user
+            let enabled: Bool
+            switch o.imm {
+            case 4: enabled = menvcfg & EnvCfg.cbze != 0 && (!user || senvcfg & EnvCfg.cbze != 0)
+            case 0: enabled = menvcfg & EnvCfg.cbie != 0 && (!user || senvcfg & EnvCfg.cbie != 0)
+            default: enabled = menvcfg & EnvCfg.cbcfe != 0 && (!user || senvcfg & EnvCfg.cbcfe != 0)
+            }
+            if !enabled {
+                raise(.illegalInstruction, tval: UInt64(o.raw), pc: pc)
+                trapped = false
+                return false
+            }
+        }
+        let va = x[Int(o.rs1)] & ~(ISAExtensions.cacheBlockSize - 1)
+        if isZero {
+            // One translation covers the block (it never crosses a page); the first store
+            // faults before anything is written.
+            for k in stride(from: UInt64(0), to: ISAExtensions.cacheBlockSize, by: 8) {
+                storeSlow(va &+ k, size: 8, value: 0, pc: pc)
+                if trapped {
+                    trapped = false
+                    return false
+                }
+            }
+            return true
+        }
+        if case .ok = translate(va, .read, mmuIndex: dataMMUIndex) { return true }
+        if case .fault(let cause) = translate(va, .write, mmuIndex: dataMMUIndex) {
+            raise(cause, tval: va, pc: pc)
+            trapped = false
+            return false
         }
         return true
     }

@@ -57,6 +57,10 @@ public final class Hart: VirtualCPU {
     var mcause: UInt64 = 0
     var mtval: UInt64 = 0
     var menvcfg: UInt64 = 0
+    /// Sstc's supervisor timer compare value.
+    var stimecmp: UInt64 = .max
+    /// STIP as last computed from the clock and `stimecmp` (used while `menvcfg.STCE` is set).
+    var stipLevel = false
     var mcountinhibit: UInt64 = 0
     var stvec: UInt64 = 0
     var scounteren: UInt64 = 0
@@ -97,6 +101,46 @@ public final class Hart: VirtualCPU {
     var blockInvalidated = false
     /// Set by `wfi`; the run loop sleeps until an interrupt is pending.
     var waitingForInterrupt = false
+
+    // MARK: Debugger
+
+    /// Breakpoints, watchpoints and stepping (`Debug.swift`); set while out of `run()`.
+    var debugRequest = DebugRequest()
+    /// Why `run()` last stopped for the debugger.
+    var debugStop: DebugStop?
+    /// Run the instruction at the current PC even if it has a breakpoint (once).
+    var debugSkipBreakpoint = false
+    /// Whether blocks are one instruction long (a debugger's request or an armed trigger);
+    /// changed only between runs of blocks, with every translation dropped.
+    var exactMode = false
+
+    // MARK: Sdtrig
+
+    /// The trigger module: `Hart.triggerCount` mcontrol (type 2) triggers, `tselect` picking one.
+    static let triggerCount = 2
+    var tselect: UInt64 = 0
+    var tdata1 = [UInt64](repeating: 0, count: Hart.triggerCount)
+    var tdata2 = [UInt64](repeating: 0, count: Hart.triggerCount)
+    /// Whether some trigger matches executes, loads or stores (and so needs the exact mode).
+    var triggersArmed: Bool { tdata1.contains { $0 & 7 != 0 } }
+    /// Called on the vCPU thread when the hart stops for its debugger (with the hart id); the
+    /// hart then waits in `run()` until asked to exit. Set while out of `run()`.
+    public var debugStopHandler: (@Sendable (Int) -> Void)?
+
+    /// A Spike-style `tohost` word in RAM (at a program's `tohost` symbol) and what a nonzero
+    /// value written there means; checked between runs of blocks (a program writing it spins
+    /// until it is cleared). Set while out of `run()`.
+    var toHost: (word: UnsafeMutableRawPointer, handle: @Sendable (UInt64) -> Void)?
+
+    /// Serves HTIF requests written to the RAM word at `address` (cleared once taken) through
+    /// `handle`; nil stops. Control thread, hart out of `run()`.
+    public func watchToHost(at address: GuestPhysicalAddress?, handle: @escaping @Sendable (UInt64) -> Void) {
+        guard let address, let p = ram.hostPointer(address, length: 8) else {
+            toHost = nil
+            return
+        }
+        toHost = (p, handle)
+    }
     /// The last block `execute` ran, and the chain slot it left through (-1: do not chain).
     var lastBlock: Int32 = -1
     var previousBlock: Int32 = -1
@@ -177,6 +221,8 @@ public final class Hart: VirtualCPU {
     /// The engine that actually runs this hart (the JIT falls back to the interpreter when the
     /// host cannot run it).
     public let engine: ExecutionEngine
+    /// The ISA extensions this hart runs with (fixed for its lifetime).
+    public let extensions: ISAExtensions
     /// Generated code (JIT engine only).
     let codeCache: CodeCache?
     let jitHelpers: JITHelpers
@@ -185,16 +231,19 @@ public final class Hart: VirtualCPU {
 
     /// Creates a hart in its reset state, stopped at address 0 in M-mode, executing with
     /// `engine` when the host supports it (else with the interpreter).
+    /// `extensions` narrows the ISA (every implemented extension by default).
     public convenience init(hartID: Int, ram: GuestRAM, bus: MemoryBus, interrupts: HartInterrupts,
-                            clock: VirtualClock, engine: ExecutionEngine = .hostDefault) {
+                            clock: VirtualClock, engine: ExecutionEngine = .hostDefault,
+                            extensions: ISAExtensions = .all) {
         self.init(hartID: hartID, ram: ram, bus: bus, interrupts: interrupts, clock: clock, engine: engine,
-                  codeCacheSize: Self.defaultCodeCacheSize)
+                  codeCacheSize: Self.defaultCodeCacheSize, extensions: extensions)
     }
 
     /// As the public initializer, with the JIT's code cache size (tests use small ones to make
     /// the cache fill and flush).
     init(hartID: Int, ram: GuestRAM, bus: MemoryBus, interrupts: HartInterrupts, clock: VirtualClock,
-         engine: ExecutionEngine, codeCacheSize: Int) {
+         engine: ExecutionEngine, codeCacheSize: Int, extensions: ISAExtensions = .all) {
+        self.extensions = extensions
         if engine == .jit && ExecutionEngine.jitSupported, let cache = CodeCache(size: codeCacheSize) {
             codeCache = cache
             self.engine = .jit
@@ -271,7 +320,9 @@ public final class Hart: VirtualCPU {
         mstatus = MStatus.uxl | MStatus.sxl
         medeleg = 0; mideleg = 0; mie = 0; mipSoftware = 0; mtipLevel = false
         mtvec = 0; mcounteren = 0; mscratch = 0; mepc = 0; mcause = 0; mtval = 0
-        menvcfg = 0; mcountinhibit = 0
+        menvcfg = 0; mcountinhibit = 0; stimecmp = .max; stipLevel = false
+        tselect = 0
+        for i in 0..<Hart.triggerCount { tdata1[i] = 0; tdata2[i] = 0 }
         stvec = 0; scounteren = 0; senvcfg = 0; sscratch = 0; sepc = 0; scause = 0; stval = 0; satp = 0
         for i in pmpcfg.indices { pmpcfg[i] = 0 }
         for i in pmpaddr.indices { pmpaddr[i] = 0 }
@@ -302,6 +353,23 @@ public final class Hart: VirtualCPU {
                 syncFlags()
                 return
             }
+            let exact = debugRequest.isActive || triggersArmed
+            if exact != exactMode {
+                exactMode = exact
+                flushAllTranslations()
+            }
+            if exact {
+                if let stop = runDebugStep() {
+                    debugStop = stop
+                    syncFlags()
+                    debugStopHandler?(hartID)
+                    // Stay stopped until the machine pauses this hart.
+                    while !lines.exitRequest.load(ordering: .relaxed) {
+                        lines.waitForInterrupt(untilUptimeNanoseconds: nil)
+                    }
+                }
+                continue
+            }
             runSlice(budget: blockTrace == nil ? 512 : 1)
         }
     }
@@ -316,6 +384,7 @@ public final class Hart: VirtualCPU {
         // code-page changes, the timer and any interrupt that became deliverable.
         checkCodeEpoch()
         lines.kick.store(false, ordering: .relaxed)
+        pollToHost()
         pollTimer()
         if takePendingInterrupt() { waitingForInterrupt = false }
         if waitingForInterrupt {
@@ -338,6 +407,17 @@ public final class Hart: VirtualCPU {
             previousSlot = execute(index, base: pc, budget: budget)
         }
         previousBlock = lastBlock
+    }
+
+    /// Takes a request written to the `tohost` word, if one is watched and nonzero.
+    @inline(__always) func pollToHost() {
+        if let t = toHost {
+            let v = t.word.load(as: UInt64.self)
+            if v != 0 {
+                t.word.storeBytes(of: 0, as: UInt64.self)
+                t.handle(v)
+            }
+        }
     }
 
     /// Drops write-TLB entries when another hart (or this one) turned a page into code.
@@ -380,13 +460,22 @@ public final class Hart: VirtualCPU {
 
     /// Recomputes MTIP from the virtual clock and this hart's `mtimecmp`.
     /// `VirtualClock` computes in integers only, so no host FPU flags need guarding here.
+    /// With Sstc enabled (`menvcfg.STCE`), STIP likewise comes from `stimecmp`.
     func pollTimer() {
-        mtipLevel = clock.ticks >= interrupts.mtimecmp.load(ordering: .relaxed)
+        let now = clock.ticks
+        mtipLevel = now >= interrupts.mtimecmp.load(ordering: .relaxed)
+        stipLevel = now >= stimecmp
     }
 
-    /// The `mip` value as the guest sees it.
+    /// Whether Sstc's timer drives STIP (`menvcfg.STCE`).
+    @inline(__always) var sstcEnabled: Bool { menvcfg & EnvCfg.stce != 0 }
+
+    /// The `mip` value as the guest sees it. While `menvcfg.STCE` is set, STIP is the
+    /// comparison of `time` with `stimecmp`, and the software-written STIP bit is ignored.
     var mip: UInt64 {
-        mipSoftware | (interrupts.lines.load(ordering: .relaxed) & (Irq.msi | Irq.mei | Irq.sei)) | (mtipLevel ? Irq.mti : 0)
+        var software = mipSoftware
+        if sstcEnabled { software = (software & ~Irq.sti) | (stipLevel ? Irq.sti : 0) }
+        return software | (interrupts.lines.load(ordering: .relaxed) & (Irq.msi | Irq.mei | Irq.sei)) | (mtipLevel ? Irq.mti : 0)
     }
 
     /// Pending and individually enabled interrupts, ignoring global enables (what wakes `wfi`).
@@ -415,10 +504,12 @@ public final class Hart: VirtualCPU {
         return false
     }
 
-    private func sleepUntilInterrupt() {
+    func sleepUntilInterrupt() {
         let saved = saveHostFlags()
-        let cmp = interrupts.mtimecmp.load(ordering: .relaxed)
-        let deadline = (mie & Irq.mti) != 0 ? clock.hostDeadline(forTicks: cmp) : nil
+        var cmp: UInt64 = .max
+        if (mie & Irq.mti) != 0 { cmp = interrupts.mtimecmp.load(ordering: .relaxed) }
+        if (mie & Irq.sti) != 0 && sstcEnabled { cmp = min(cmp, stimecmp) }
+        let deadline = cmp != .max ? clock.hostDeadline(forTicks: cmp) : nil
         interrupts.waitForInterrupt(untilUptimeNanoseconds: deadline)
         restoreHostFlags(saved)
     }

@@ -4,7 +4,8 @@ import Machine
 /// fflags and frm held explicitly), the LR reservation and whether the hart waits in `wfi`.
 /// Translations, the soft TLB and the jump cache are caches and are rebuilt after a load.
 public struct HartSavedState: DeviceState {
-    public static let version: UInt32 = 1
+    /// Version 2 added `stimecmp` (Sstc).
+    public static let version: UInt32 = 2
 
     public var x: [UInt64]          // x1…x31 (x0 is zero)
     public var f: [UInt64]          // f0…f31, raw bits
@@ -40,6 +41,7 @@ public struct HartSavedState: DeviceState {
     public var reservation: UInt64
     public var reservationValue: UInt64
     public var waitingForInterrupt: Bool
+    public var stimecmp: UInt64
 
     public func encode(to w: inout StateWriter) {
         w.u64s(x)
@@ -53,6 +55,7 @@ public struct HartSavedState: DeviceState {
         w.u64s(pmpaddr)
         for v in [fflags, frm, instret, reservation, reservationValue] { w.u64(v) }
         w.bool(waitingForInterrupt)
+        w.u64(stimecmp)
     }
 
     public init(from r: inout StateReader, version: UInt32) throws(SavedStateError) {
@@ -90,6 +93,7 @@ public struct HartSavedState: DeviceState {
         reservation = try r.u64("reservation")
         reservationValue = try r.u64("reservation-value")
         waitingForInterrupt = try r.bool("wfi")
+        stimecmp = version >= 2 ? try r.u64("stimecmp") : .max
     }
 
     init(_ h: Hart) {
@@ -106,6 +110,7 @@ public struct HartSavedState: DeviceState {
         fflags = h.fflags; frm = h.frm; instret = h.instret
         reservation = h.reservation; reservationValue = h.reservationValue
         waitingForInterrupt = h.waitingForInterrupt
+        stimecmp = h.stimecmp
     }
 
     /// Refuses values the hart could not hold (a hart never produces them), naming the field.
@@ -158,6 +163,8 @@ extension Hart {
         fflags = s.fflags; frm = s.frm; instret = s.instret
         reservation = s.reservation; reservationValue = s.reservationValue
         waitingForInterrupt = s.waitingForInterrupt
+        stimecmp = s.stimecmp
+        pollTimer()
         hostFPUStale = true
         flushAllTranslations()
         updateMMUContext()

@@ -130,3 +130,14 @@ enum Irq {
     static let sMask: UInt64 = ssi | sti | sei
     static let all: UInt64 = ssi | msi | sti | mti | sei | mei
 }
+
+/// `menvcfg`/`senvcfg` fields.
+enum EnvCfg {
+    static let fiom: UInt64 = 1 << 0
+    static let cbieShift: UInt64 = 4
+    static let cbie: UInt64 = 3 << 4
+    static let cbcfe: UInt64 = 1 << 6
+    static let cbze: UInt64 = 1 << 7
+    static let pbmte: UInt64 = 1 << 62
+    static let stce: UInt64 = 1 << 63
+}

@@ -44,6 +44,7 @@ struct JITHelpers {
     let fp: UInt64
     let system: UInt64
     let divRem: UInt64
+    let bitManip: UInt64
 
     init() {
         // `withHart` borrows the hart without retaining it: these run once per helper call.
@@ -59,6 +60,8 @@ struct JITHelpers {
         self.fp = UInt64(UInt(bitPattern: unsafeBitCast(fp, to: UnsafeRawPointer.self)))
         self.system = UInt64(UInt(bitPattern: unsafeBitCast(system, to: UnsafeRawPointer.self)))
         self.divRem = UInt64(UInt(bitPattern: unsafeBitCast(divRem, to: UnsafeRawPointer.self)))
+        let bits: DivHelper = { a, b, kind in Translator.bitManip(OpKind(rawValue: UInt8(kind)) ?? .illegal, a, b) }
+        self.bitManip = UInt64(UInt(bitPattern: unsafeBitCast(bits, to: UnsafeRawPointer.self)))
     }
 }
 
@@ -595,7 +598,7 @@ struct BlockCompiler {
             reloadAll()
             gstore(o.rd, .rax)
 
-        case .lr, .sc, .amo:
+        case .lr, .sc, .amo, .cbo:
             callOpHelper(helpers.atomic, op: opPtr, k: k, endsBlock: false)
 
         case .csrrw, .csrrs, .csrrc, .csrrwi, .csrrsi, .csrrci:
@@ -604,9 +607,21 @@ struct BlockCompiler {
             retired = k
             callOpHelper(helpers.system, op: opPtr, k: k, endsBlock: true)
             return true
-        case .illegal, .ecall, .ebreak, .fenceI, .mret, .sret, .wfi, .sfenceVma:
+        case .illegal, .ecall, .ebreak, .fenceI, .mret, .sret, .wfi, .sfenceVma, .sfenceInval:
             callOpHelper(helpers.system, op: opPtr, k: k, endsBlock: true)
             return true
+
+        case _ where o.kind.isBitManip:
+            // Zba/Zbb/Zbc/Zbs/Zicond: the interpreter's pure function, called like division.
+            flush(clear: true)
+            gload(.rdi, o.rs1)
+            gload(.rsi, o.rs2)
+            if o.imm != 0 { e.alu(.add, .rsi, imm: Int32(o.imm)) }
+            e.movImm(.rdx, UInt64(o.kind.rawValue))
+            e.movImm(.rax, helpers.bitManip)
+            e.call(.rax)
+            reloadAll()
+            gstore(o.rd, .rax)
 
         default:
             // Floating-point arithmetic.

@@ -139,10 +139,10 @@ extension Hart {
         return JITStatus.next
     }
 
-    /// LR, SC and AMOs.
+    /// LR, SC and AMOs, and the cache-block operations.
     func jitAtomic(_ op: UnsafePointer<Op>, pc: UInt64) -> Int64 {
         let o = op.pointee
-        if !executeAtomic(o, pc: pc) { return JITStatus.trapped }
+        if !(o.kind == .cbo ? executeCBO(o, pc: pc) : executeAtomic(o, pc: pc)) { return JITStatus.trapped }
         if blockInvalidated {
             blockInvalidated = false
             pcValue = pc &+ UInt64(o.length)
@@ -182,7 +182,7 @@ extension Hart {
             }
             pcValue = pc &+ UInt64(o.length)
             return JITStatus.leave
-        case .mret, .sret, .wfi, .sfenceVma:
+        case .mret, .sret, .wfi, .sfenceVma, .sfenceInval:
             return executePrivileged(o, pc: pc) ? JITStatus.leave : JITStatus.trapped
         case .csrrw, .csrrs, .csrrc, .csrrwi, .csrrsi, .csrrci:
             if !executeCSR(o, pc: pc) {

@@ -138,10 +138,15 @@ extension Hart {
             }
             var pte = p.load(as: UInt64.self)
             let v = pte & 1, r = (pte >> 1) & 1, w = (pte >> 2) & 1, xx = (pte >> 3) & 1
-            if v == 0 || (r == 0 && w == 1) || (pte >> 54) != 0 { return .fault(access.pageFault) }
+            // Bits 60:54 are reserved; 62:61 are Svpbmt's memory type (only with menvcfg.PBMTE,
+            // and 3 is reserved); 63 is Svnapot's N bit.
+            let pbmt = (pte >> 61) & 3, napot = pte >> 63
+            if v == 0 || (r == 0 && w == 1) || (pte >> 54) & 0x7f != 0 { return .fault(access.pageFault) }
+            if pbmt != 0 && (pbmt == 3 || menvcfg & EnvCfg.pbmte == 0) { return .fault(access.pageFault) }
+            if napot != 0 && !extensions.contains(.svnapot) { return .fault(access.pageFault) }
             if r == 0 && xx == 0 {
-                // Pointer to the next level.
-                if level == 0 { return .fault(access.pageFault) }
+                // Pointer to the next level: memory type, N, D, A and U are reserved there.
+                if level == 0 || pbmt != 0 || napot != 0 { return .fault(access.pageFault) }
                 level -= 1
                 table = ((pte >> 10) & 0xfff_ffff_ffff) << 12
                 continue
@@ -158,9 +163,16 @@ extension Hart {
             case .write: if w == 0 { return .fault(access.pageFault) }
             case .execute: if xx == 0 { return .fault(access.pageFault) }
             }
-            let ppn = (pte >> 10) & 0xfff_ffff_ffff
+            var ppn = (pte >> 10) & 0xfff_ffff_ffff
             // Superpages must be aligned.
             if level > 0 && (ppn & ((1 << UInt64(9 * level)) - 1)) != 0 { return .fault(access.pageFault) }
+            if napot != 0 {
+                // Svnapot: only 64 KiB pages (a 4 KiB leaf whose PPN ends in 0b1000) exist; the
+                // low four PPN bits come from the virtual address.
+                if level != 0 || ppn & 0xf != 0x8 { return .fault(access.pageFault) }
+                ppn = (ppn & ~0xf) | ((va >> 12) & 0xf)
+                noteSuperpage(va, size: 64 << 10)
+            }
             // Hardware A/D update.
             let a = (pte >> 6) & 1, d = (pte >> 7) & 1
             if a == 0 || (access == .write && d == 0) {

@@ -29,6 +29,19 @@ enum OpKind: UInt8 {
     // System
     case fence, fenceI, ecall, ebreak, mret, sret, wfi, sfenceVma
     case csrrw, csrrs, csrrc, csrrwi, csrrsi, csrrci
+    // Zba, Zbb, Zbc, Zbs, Zicond: pure integer ops computed by `bitManip`; an immediate form
+    // names x0 as rs2 and holds its shift amount in `imm` (the second operand is rs2 + imm).
+    // Keep them contiguous from addUW to czeroNez (`OpKind.isBitManip`).
+    case addUW, sh1add, sh2add, sh3add, sh1addUW, sh2addUW, sh3addUW, slliUW
+    case andn, orn, xnor, clz, clzw, ctz, ctzw, cpop, cpopw, max, maxu, min, minu, sextB, sextH, zextH
+    case rol, rolw, ror, rori, roriw, rorw, orcB, rev8
+    case clmul, clmulh, clmulr
+    case bclr, bclri, bext, bexti, binv, binvi, bset, bseti
+    case czeroEqz, czeroNez
+    // Zicbom/Zicboz: `imm` holds the function (0 inval, 1 clean, 2 flush, 4 zero).
+    case cbo
+    // Svinval: sfence.w.inval and sfence.inval.ir (sinval.vma decodes as sfenceVma).
+    case sfenceInval
 }
 
 /// One pre-decoded instruction.
@@ -54,7 +67,7 @@ struct Op {
     var endsBlock: Bool {
         switch kind {
         case .jal, .jalr, .beq, .bne, .blt, .bge, .bltu, .bgeu,
-             .illegal, .fenceI, .ecall, .ebreak, .mret, .sret, .wfi, .sfenceVma,
+             .illegal, .fenceI, .ecall, .ebreak, .mret, .sret, .wfi, .sfenceVma, .sfenceInval,
              .csrrw, .csrrs, .csrrc, .csrrwi, .csrrsi, .csrrci:
             return true
         default:

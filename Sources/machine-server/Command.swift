@@ -57,6 +57,9 @@ struct MachineServerCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("The execution engine, jit or interpreter; overrides \"accel\": {\"engine\"}.", valueName: "ENGINE"))
     var accel: String?
 
+    @Option(name: .long, help: ArgumentHelp("Serve GDB's remote protocol on tcp:HOST:PORT (like QEMU -gdb); overrides \"gdb\". With -S the machine waits for the debugger.", valueName: "SPEC"))
+    var gdb: String?
+
     @Option(name: .long, help: ArgumentHelp("The machine's name (query-name); overrides \"name\".", valueName: "NAME"))
     var name: String?
 

@@ -52,8 +52,9 @@ struct Launch {
         defer { devices.close() }
 
         let machine: VirtualMachine
+        let hartList = HartList()
         do {
-            machine = try makeMachine(plan: plan, serial: serial, devices: devices)
+            machine = try makeMachine(plan: plan, serial: serial, devices: devices, harts: hartList)
         } catch let e as LaunchError {
             throw e
         } catch {
@@ -65,6 +66,12 @@ struct Launch {
         } catch {
             throw LaunchError("netdevs: \(error)")
         }
+        // A firmware or kernel ELF with a `tohost` symbol (riscv-tests and other Spike
+        // programs) gets the HTIF at that word, as with Spike and QEMU's `spike` machine.
+        if let board = machine.board as? VirtBoard, let tohost = board.bootLoader.tohost {
+            let htif = board.htif
+            for hart in hartList.harts { hart.watchToHost(at: tohost) { htif.write(offset: 0, size: 8, value: $0) } }
+        }
         machine.setSnapshotDisks(devices.blocks.map { SnapshotDisk(id: $0.id, image: $0.image, readOnly: $0.readOnly) })
 
         let hotPlug = MachineHotPlug(machine: machine, plan: plan, display: devices.display)
@@ -72,6 +79,9 @@ struct Launch {
         let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, network: network, hotPlug: hotPlug,
                                                 plan: plan)
         defer { servers.shutdown() }
+        if let g = plan.gdb, let problem = machine.startGDBServer(host: g.host, port: g.port) {
+            throw LaunchError(problem)
+        }
 
         do {
             try machine.start()
@@ -96,10 +106,12 @@ struct Launch {
     }
 
     /// Builds the `virt` board from the plan and one `Hart` per CPU.
-    private func makeMachine(plan: LaunchPlan, serial: (any CharBackend)?, devices: MachineDevices) throws -> VirtualMachine {
+    private func makeMachine(plan: LaunchPlan, serial: (any CharBackend)?, devices: MachineDevices,
+                             harts hartList: HartList) throws -> VirtualMachine {
         var config = BoardConfig()
         config.memorySize = plan.memoryBytes
         config.cpuCount = plan.cpuCount
+        config.cpuExtensions = plan.extensions
         config.kernelCommandLine = plan.commandLine
         config.firmware = plan.firmware.map { .path($0) }
         config.kernel = plan.kernel.map { .path($0) }
@@ -118,7 +130,10 @@ struct Launch {
             describeIdentityMismatch: { StateIdentity.describeMismatch(saved: $0, current: $1) },
             makeBoard: { system in try VirtBoard(config: config, system: system) },
             makeCPU: { hartID, ram, bus, interrupts, clock in
-                Hart(hartID: hartID, ram: ram, bus: bus, interrupts: interrupts, clock: clock, engine: plan.engine)
+                let hart = Hart(hartID: hartID, ram: ram, bus: bus, interrupts: interrupts, clock: clock, engine: plan.engine,
+                     extensions: plan.extensions)
+                hartList.harts.append(hart)
+                return hart
             })
     }
 }
@@ -233,4 +248,10 @@ final class MachineBox: Sendable {
             exit(0)
         }
     }
+}
+
+/// The harts `makeMachine` built, in hart order (for the GDB stub). Filled on the launching
+/// thread while the machine is constructed; read there afterwards.
+final class HartList: @unchecked Sendable {  // unchecked: filled and read on the launching thread only
+    var harts: [Hart] = []
 }

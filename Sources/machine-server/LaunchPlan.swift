@@ -13,6 +13,10 @@ struct LaunchPlan {
     var cpuCount: Int
     /// The engine that executes guest code.
     var engine: ExecutionEngine
+    /// The ISA extensions of every hart (the description's `cpu.isa`).
+    var extensions: ISAExtensions
+    /// Where the GDB stub listens (`--gdb`/`gdb`: tcp:HOST:PORT).
+    var gdb: (host: String, port: Int)?
     var memoryBytes: UInt64
     /// nil: no firmware (the kernel runs in M-mode).
     var firmware: String?
@@ -93,7 +97,25 @@ struct LaunchPlan {
         case .interpreter?: engine = .interpreter
         case nil: engine = .hostDefault
         }
+        if let isa = d.cpu?.isa {
+            switch ISAExtensions.parse(isa) {
+            case .success(let e): extensions = e
+            case .failure(let error): throw LaunchError("cpu.isa: \(error)")
+            }
+        } else {
+            extensions = .all
+        }
         memoryBytes = d.memoryBytes
+        if let spec = options.gdb ?? d.gdb {
+            let field = options.gdb != nil ? "--gdb" : "gdb"
+            let parts = spec.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+            guard parts.count == 3, parts[0] == "tcp", let port = Int(parts[2]), (0...65535).contains(port) else {
+                throw LaunchError("\(field): '\(spec)' is not tcp:HOST:PORT")
+            }
+            gdb = (parts[1], port)
+        } else {
+            gdb = nil
+        }
 
         switch d.firmware {
         case "none"?:

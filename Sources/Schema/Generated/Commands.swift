@@ -42,7 +42,7 @@ public protocol QMPCommandHandler: Sendable {
     func quit() throws
     /// `query-cpus-fast`: Lists the machine's vCPUs.
     func queryCpusFast() throws -> [CpuInfoFast]
-    /// `human-monitor-command`: Runs one human-monitor (HMP) command line and returns its output. Supported: info status, info version, info name, info cpus, info network, info usernet, stop, cont, system_reset, system_powerdown, quit, hostfwd_add [netdev_id] [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport, hostfwd_remove [netdev_id] [tcp|udp]:[hostaddr]:hostport; other commands print an error line.
+    /// `human-monitor-command`: Runs one human-monitor (HMP) command line and returns its output. Supported: info status, info version, info name, info cpus, info migrate, info snapshots, info network, info usernet, info pci, info block, stop, cont, system_reset, system_powerdown, quit, migrate, savevm, loadvm, delvm, device_add, device_del, hostfwd_add [netdev_id] [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport, hostfwd_remove [netdev_id] [tcp|udp]:[hostaddr]:hostport, gdbserver [tcp:[HOST]:PORT|PORT] (starts a GDB remote-protocol server, like QEMU's; no host means 127.0.0.1); other commands print an error line.
     func humanMonitorCommand(_ arguments: HumanMonitorCommandArguments) throws -> String
     /// `query-vnc`: Returns the state of the VNC server; 'enabled' is false when the machine has no VNC display.
     func queryVnc() throws -> VncInfo

@@ -4474,6 +4474,42 @@ public struct AccelDescription: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// The harts' instruction set.
+public struct CPUDescription: SchemaCodable, Equatable {
+    /// The ISA the harts implement and the device tree claims, as an ISA string: 'rv64gc' or 'rv64imafdc', then '_'-separated extensions from zba, zbb, zbc, zbs, zicond, zicbom, zicboz, zicbop, zihintpause, zicntr, zihpm, sstc, svpbmt, svinval, svnapot (zicsr and zifencei are always present), e.g. "rv64gc_zba_zbb". Absent means every extension this CPU implements; narrow it to match firmware written for an older core. Optional.
+    public var isa: String?
+
+    /// Creates a value from its members.
+    public init(isa: String? = nil) {
+        self.isa = isa
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["isa"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.isa = try r.optional("isa", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.isa { o["isa"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
 /// A whole machine.
 public struct MachineDescription: SchemaCodable, Equatable {
     /// The description format version (current: 2). Files without it are read as the current version. Optional.
@@ -4486,6 +4522,10 @@ public struct MachineDescription: SchemaCodable, Equatable {
     public var cpus: Int64
     /// How guest code is executed (default: the host's default engine). Optional.
     public var accel: AccelDescription?
+    /// Serve GDB's remote serial protocol on tcp:HOST:PORT (like QEMU's -gdb): each hart is a thread; registers, memory, breakpoints, watchpoints and single-step. Optional.
+    public var gdb: String?
+    /// The harts' instruction set (default: every extension implemented). Optional.
+    public var cpu: CPUDescription?
     /// The guest RAM size with a K, M or G suffix, e.g. "256M".
     public var memory: String
     /// The M-mode firmware (e.g. OpenSBI's fw_dynamic.bin), or "none" to boot the kernel in M-mode; absent means the default firmware. Optional.
@@ -4510,12 +4550,14 @@ public struct MachineDescription: SchemaCodable, Equatable {
     public var devices: [DeviceDescription]?
 
     /// Creates a value from its members.
-    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, accel: AccelDescription? = nil, memory: String, firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, netdevs: [Netdev]? = nil, devices: [DeviceDescription]? = nil) {
+    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, accel: AccelDescription? = nil, gdb: String? = nil, cpu: CPUDescription? = nil, memory: String, firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, netdevs: [Netdev]? = nil, devices: [DeviceDescription]? = nil) {
         self.version = version
         self.machine = machine
         self.name = name
         self.cpus = cpus
         self.accel = accel
+        self.gdb = gdb
+        self.cpu = cpu
         self.memory = memory
         self.firmware = firmware
         self.kernel = kernel
@@ -4530,7 +4572,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["version", "machine", "name", "cpus", "accel", "memory", "firmware", "kernel", "initrd", "append", "start", "serial", "qmp", "display", "netdevs", "devices"]
+    public static let memberNames: Set<String> = ["version", "machine", "name", "cpus", "accel", "gdb", "cpu", "memory", "firmware", "kernel", "initrd", "append", "start", "serial", "qmp", "display", "netdevs", "devices"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -4553,6 +4595,8 @@ public struct MachineDescription: SchemaCodable, Equatable {
             try SchemaCheck.range(v, min: 1, max: 8, at: r.path.member("cpus"))
         }
         self.accel = try r.optional("accel", as: AccelDescription.self)
+        self.gdb = try r.optional("gdb", as: String.self)
+        self.cpu = try r.optional("cpu", as: CPUDescription.self)
         self.memory = try r.required("memory", as: String.self)
         do {
             let v = self.memory
@@ -4587,6 +4631,8 @@ public struct MachineDescription: SchemaCodable, Equatable {
         if let v = self.name { o["name"] = v.json }
         o["cpus"] = self.cpus.json
         if let v = self.accel { o["accel"] = v.json }
+        if let v = self.gdb { o["gdb"] = v.json }
+        if let v = self.cpu { o["cpu"] = v.json }
         o["memory"] = self.memory.json
         if let v = self.firmware { o["firmware"] = v.json }
         if let v = self.kernel { o["kernel"] = v.json }
