@@ -618,7 +618,9 @@ public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked S
         let info = Self.peerInfo(cl)
         clientStates[Int(bitPattern: cl)] = ClientState(info: info)
         cl.pointee.clientGoneHook = { cl in
-            guard let cl, let server = VNCServer.owner(of: cl) else { return }
+            guard let cl else { return }
+            VNCServer.releaseWebSocketContext(cl)
+            guard let server = VNCServer.owner(of: cl) else { return }
             server.clientGone(cl)
         }
         let obs = shared.withLock { s in
@@ -627,6 +629,17 @@ public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked S
         }
         logger.info("VNC viewer connected from \(info.host):\(info.service)\(info.websocket ? " (websocket)" : "")")
         obs?(.connected(info))
+    }
+
+    /// Frees a WebSocket client's decoding context as the client goes. libvncserver 0.9.14
+    /// (Debian 12's) never frees it, about 46 KB per WebSocket viewer, so a peer reconnecting
+    /// in a loop grew the server without bound (AddressSanitizer's leak report; fixed upstream
+    /// in 3acb43eb, where `rfbClientConnectionGone` frees it after this hook unless it is NULL,
+    /// so clearing the pointer keeps this right on both). Event thread.
+    private static func releaseWebSocketContext(_ cl: rfbClientPtr) {
+        guard let ctx = cl.pointee.wsctx else { return }
+        free(UnsafeMutableRawPointer(ctx))
+        cl.pointee.wsctx = nil
     }
 
     private func clientGone(_ cl: rfbClientPtr) {

@@ -237,7 +237,13 @@ struct EscapeDecoder {
 ///
 /// Written only by `TerminalGuard.engage`/`restore` (serialised by `TerminalGuard.lock`) before
 /// handlers that read them are installed; read by those handlers and the `atexit` hook.
-nonisolated(unsafe) private var savedTerminal = termios()
+/// Allocated once and never freed, like `previousActions`: AddressSanitizer reported the copy
+/// into a `termios` held directly in a Swift global as a global-buffer-overflow.
+nonisolated(unsafe) private let savedTerminal: UnsafeMutablePointer<termios> = {
+    let p = UnsafeMutablePointer<termios>.allocate(capacity: 1)
+    p.initialize(to: termios())
+    return p
+}()
 nonisolated(unsafe) private var savedTerminalFD: Int32 = -1
 /// The actions that were installed before ours, indexed by signal number (allocated once, never
 /// freed, so a signal handler can read it without allocating).
@@ -250,7 +256,7 @@ nonisolated(unsafe) private let previousActions: UnsafeMutablePointer<sigaction>
 /// Restores the terminal, puts back whatever handled the signal before (the default action, or
 /// the Swift runtime's crash reporter) and raises it again so the process ends as it would have.
 private let restoreTerminalOnSignal: @convention(c) (Int32) -> Void = { sig in
-    if savedTerminalFD >= 0 { _ = tcsetattr(savedTerminalFD, TCSANOW, &savedTerminal) }
+    if savedTerminalFD >= 0 { _ = tcsetattr(savedTerminalFD, TCSANOW, savedTerminal) }
     if sig > 0 && sig < 65 { sigaction(sig, previousActions + Int(sig), nil) }
     raise(sig)
 }
@@ -270,10 +276,10 @@ enum TerminalGuard {
             guard tcgetattr(fd, &t) == 0 else {
                 throw ChardevError.system(what: "cannot read the terminal settings of stdin", errno: errno)
             }
-            savedTerminal = t
+            savedTerminal.pointee = t
             savedTerminalFD = fd
             if !atexitRegistered {
-                atexit { if savedTerminalFD >= 0 { _ = tcsetattr(savedTerminalFD, TCSANOW, &savedTerminal) } }
+                atexit { if savedTerminalFD >= 0 { _ = tcsetattr(savedTerminalFD, TCSANOW, savedTerminal) } }
                 installSignalHandlers()
                 atexitRegistered = true
             }
@@ -296,7 +302,7 @@ enum TerminalGuard {
     /// Puts the saved settings back. Idempotent; any thread.
     static func restore() {
         lock.withLock { _ in
-            if savedTerminalFD >= 0 { _ = tcsetattr(savedTerminalFD, TCSANOW, &savedTerminal) }
+            if savedTerminalFD >= 0 { _ = tcsetattr(savedTerminalFD, TCSANOW, savedTerminal) }
             savedTerminalFD = -1
         }
     }
