@@ -54,6 +54,22 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
     /// The board the machine runs.
     public let board: any MachineBoard
     public let machineName: String?
+    public let machineUUID: String?
+
+    /// What the guest's own reboot and power-off requests do (QEMU's `-action`, `-no-reboot`,
+    /// `-no-shutdown`). A plain value fixed when the machine is built.
+    public struct GuestActions: Sendable, Equatable {
+        /// A guest reboot ends the machine like a power-off (SHUTDOWN, cause guest-reset, exit 0).
+        public var rebootShutsDown = false
+        /// A guest power-off leaves the machine paused in the `shutdown` state instead of ending
+        /// it; `system_reset` then brings it to `prelaunch`, and `cont` runs it again.
+        public var shutdownPauses = false
+        public init(rebootShutsDown: Bool = false, shutdownPauses: Bool = false) {
+            self.rebootShutsDown = rebootShutsDown
+            self.shutdownPauses = shutdownPauses
+        }
+    }
+    let actions: GuestActions
 
     let vcpus: [VCPUThread]
     let startPaused: Bool
@@ -92,7 +108,8 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
     /// first `cont()`, like QEMU's `-S`; `incoming` keeps it in `inmigrate` until a saved state
     /// is loaded (`incomingMigration`). `stateIdentity` is written into and checked against
     /// every saved state; `describeIdentityMismatch` names how a saved identity differs.
-    public init(name: String? = nil, startPaused: Bool = false, incoming: Bool = false, stateIdentity: String = "{}",
+    public init(name: String? = nil, uuid: String? = nil, actions: GuestActions = GuestActions(),
+                startPaused: Bool = false, incoming: Bool = false, stateIdentity: String = "{}",
                 describeIdentityMismatch: @escaping @Sendable (String, String) -> String = { saved, current in
                     "saved \(saved), this machine \(current)"
                 },
@@ -111,6 +128,8 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
         }
         self.board = board
         self.machineName = name
+        self.machineUUID = uuid
+        self.actions = actions
         self.startPaused = startPaused
         self.vcpus = vcpus
         control.setSpecific(key: onControlQueue, value: true)
@@ -238,6 +257,10 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
 
     private func resetNow(cause: ShutdownCause) {
         guard isLive, shared.withLock({ $0.started }) else { return }
+        if cause == .guestReset && actions.rebootShutsDown {
+            shutdownNow(cause: cause, exitCode: 0)
+            return
+        }
         let wasRunning = runState == .running
         if wasRunning { pauseHarts() }
         do {
@@ -249,7 +272,12 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
             return
         }
         emit(.reset(cause: cause))
-        if wasRunning { for v in vcpus { v.resume() } }
+        if wasRunning {
+            for v in vcpus { v.resume() }
+        } else if runState == .shutdown {
+            // A machine paused by a guest power-off (shutdownPauses) starts over, like QEMU.
+            setRunState(.prelaunch)
+        }
     }
 
     private func shutdownNow(cause: ShutdownCause, exitCode: Int32) {
@@ -261,6 +289,10 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
         board.clock.pause()
         setRunState(.shutdown)
         emit(.shutdown(cause: cause))
+        if cause == .guestShutdown && actions.shutdownPauses {
+            emit(.stop)
+            return
+        }
         for v in vcpus { v.terminate() }
         shared.withLock { $0.exitCode = exitCode }
         exited.signal()

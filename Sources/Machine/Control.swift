@@ -81,6 +81,8 @@ public protocol MachineControl: AnyObject, Sendable {
     var runState: RunState { get }
     /// The `-name` of the machine, if any.
     var machineName: String? { get }
+    /// The machine's UUID (`-uuid`, the description's `uuid`), if one was given.
+    var machineUUID: String? { get }
     /// Pauses all vCPUs (emits STOP if it was running).
     func stop()
     /// Resumes all vCPUs (emits RESUME if it was paused).
@@ -98,6 +100,11 @@ public protocol MachineControl: AnyObject, Sendable {
     func addEventObserver(_ observer: @escaping @Sendable (MachineEvent) -> Void) -> Int
     /// Removes an observer registered with `addEventObserver`.
     func removeEventObserver(_ token: Int)
+}
+
+extension MachineControl {
+    /// No UUID unless the machine says otherwise.
+    public var machineUUID: String? { nil }
 }
 
 /// The progress of the current or last migration (a machine-state save to a destination), as

@@ -61,6 +61,11 @@ public final class QMPCommandExecutor: QMPCommandHandler {
     /// The machine's name.
     public func queryName() throws -> NameInfo { NameInfo(name: control.machineName) }
 
+    /// The machine's UUID (all zeros when none was given, as QEMU reports).
+    public func queryUuid() throws -> UuidInfo {
+        UuidInfo(uuid: control.machineUUID ?? "00000000-0000-0000-0000-000000000000")
+    }
+
     /// The run state; `singlestep` is always false (QEMU 7 reports it).
     public func queryStatus() throws -> StatusInfo {
         let state = control.runState

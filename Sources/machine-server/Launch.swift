@@ -14,10 +14,15 @@ import VNC
 /// backend, build the board and harts (`VirtualMachine`), start the protocol servers, start
 /// the machine, wait for it to end, then tear down in reverse and return the exit status.
 struct Launch {
-    let options: MachineServerCommand
+    let plan: LaunchPlan
 
     func run() throws -> Int32 {
-        let plan = try LaunchPlan(options: options)
+        // -D: diagnostics go to the log file from here on. -daemonize: fork now, while this
+        // is the only thread; the parent waits for `daemon.ready()` and exits 0 then.
+        if let log = plan.process.logFile { try ProcessSetup.redirectStandardError(to: log) }
+        let daemon = plan.process.daemonize ? try ProcessSetup.daemonize() : nil
+        let pidfile = try plan.process.pidfile.map { try ProcessSetup.PidFile(path: $0) }
+        defer { pidfile?.remove() }
 
         // Signals become an orderly shutdown (SHUTDOWN, cause host-signal). Installed before
         // the stdio backend, which then leaves these signals to us.
@@ -67,6 +72,7 @@ struct Launch {
         } catch {
             throw LaunchError("cannot start the machine: \(error)")
         }
+        daemon?.ready(keepStandardError: plan.process.logFile != nil)
         if let incoming = plan.incoming {
             // Like QEMU's -incoming: the machine waits in `inmigrate`; with a URI the state is
             // loaded now (and the machine runs unless -S), with `defer` QMP migrate-incoming
@@ -102,7 +108,8 @@ struct Launch {
             config.powerButton = { keyboard.pressPowerKey() }
         }
         return try VirtualMachine(
-            name: plan.name, startPaused: plan.startPaused, incoming: plan.incoming != nil,
+            name: plan.name, uuid: plan.uuid, actions: plan.actions,
+            startPaused: plan.startPaused, incoming: plan.incoming != nil,
             stateIdentity: StateIdentity.of(plan),
             describeIdentityMismatch: { StateIdentity.describeMismatch(saved: $0, current: $1) },
             makeBoard: { system in try VirtBoard(config: config, system: system) },

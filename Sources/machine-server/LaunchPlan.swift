@@ -29,6 +29,12 @@ struct LaunchPlan {
     var devices: [PlannedDevice]
     /// `--incoming URI|defer`: load a saved state (or wait for migrate-incoming) instead of booting.
     var incoming: String?
+    /// The machine's UUID (`uuid`, QEMU's -uuid).
+    var uuid: String?
+    /// What guest reboots and power-offs do (`actions`, QEMU's -no-reboot / -no-shutdown).
+    var actions: VirtualMachine.GuestActions
+    /// The process-level options (pid file, daemonizing, log file).
+    var process: ProcessOptions
 
     /// Where Debian's `opensbi` package (and QEMU's own packages) put OpenSBI's generic
     /// fw_dynamic firmware, tried in order when the description names no firmware.
@@ -37,21 +43,23 @@ struct LaunchPlan {
         "/usr/share/qemu/opensbi-riscv64-generic-fw_dynamic.bin",
     ]
 
-    /// Reads the description at `options.config`, applies the overrides and checks it all.
-    /// Throws `LaunchError` naming the offending file, option or description field.
-    init(options: MachineServerCommand) throws {
-        let configPath = options.config
+    /// Reads and parses the description at `configPath`; returns it with the directory its
+    /// relative paths are relative to. Throws `LaunchError` naming the file and field.
+    static func loadDescription(configPath: String) throws -> (MachineDescription, baseDirectory: String) {
         let configBytes = try Self.readRegularFile("--config", configPath, limit: Self.maxDescriptionBytes)
         guard let text = String(validating: configBytes, as: UTF8.self) else {
             throw LaunchError("--config: '\(configPath)' is not UTF-8 text")
         }
-        let d: MachineDescription
         do {
-            d = try MachineDescription.parse(jsonText: text)
+            return (try MachineDescription.parse(jsonText: text), URL(fileURLWithPath: configPath).deletingLastPathComponent().path)
         } catch {
             throw LaunchError("\(configPath): \(error)")
         }
-        let baseDirectory = URL(fileURLWithPath: configPath).deletingLastPathComponent().path
+    }
+
+    /// Applies the overrides to the description `d` and checks it all (files exist, sockets
+    /// do not collide, devices fit). Throws `LaunchError` naming the offending option or field.
+    init(description d: MachineDescription, baseDirectory: String, options: LaunchOverrides) throws {
 
         func resolve(_ path: String) -> String {
             path.hasPrefix("/") ? path : (baseDirectory as NSString).appendingPathComponent(path)
@@ -65,6 +73,10 @@ struct LaunchPlan {
         }
 
         name = options.name ?? d.name
+        uuid = d.uuid
+        actions = VirtualMachine.GuestActions(rebootShutsDown: d.actions?.reboot == .shutdown,
+                                              shutdownPauses: d.actions?.shutdown == .pause)
+        process = options.process
         startPaused = options.paused || d.start == .paused
         if let incoming = options.incoming {
             guard incoming == "defer" || incoming.hasPrefix("file:") || incoming.hasPrefix("exec:") else {

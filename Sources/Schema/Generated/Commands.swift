@@ -22,6 +22,8 @@ public protocol QMPCommandHandler: Sendable {
     func queryCommands() throws -> [CommandInfo]
     /// `query-name`: Returns the machine's name, if it has one.
     func queryName() throws -> NameInfo
+    /// `query-uuid`: Returns the machine's UUID.
+    func queryUuid() throws -> UuidInfo
     /// `query-status`: Returns the machine's run state.
     func queryStatus() throws -> StatusInfo
     /// `stop`: Pauses every vCPU. Emits STOP if the machine was running; stopping a paused machine succeeds and does nothing.
@@ -88,6 +90,8 @@ public enum QMPCommand: Sendable, Equatable {
     case queryCommands
     /// `query-name`.
     case queryName
+    /// `query-uuid`.
+    case queryUuid
     /// `query-status`.
     case queryStatus
     /// `stop`.
@@ -145,6 +149,7 @@ public enum QMPCommand: Sendable, Equatable {
         "query-version",
         "query-commands",
         "query-name",
+        "query-uuid",
         "query-status",
         "stop",
         "cont",
@@ -181,6 +186,7 @@ public enum QMPCommand: Sendable, Equatable {
         case .queryVersion: return "query-version"
         case .queryCommands: return "query-commands"
         case .queryName: return "query-name"
+        case .queryUuid: return "query-uuid"
         case .queryStatus: return "query-status"
         case .stop: return "stop"
         case .cont: return "cont"
@@ -242,6 +248,11 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
             }
             return .queryName
+        case "query-uuid":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryUuid
         case "query-status":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -348,6 +359,8 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
             return try handler.queryCommands().json
         case .queryName:
             return try handler.queryName().json
+        case .queryUuid:
+            return try handler.queryUuid().json
         case .queryStatus:
             return try handler.queryStatus().json
         case .stop:

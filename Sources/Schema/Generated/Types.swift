@@ -564,6 +564,42 @@ public struct NameInfo: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// The machine's UUID.
+public struct UuidInfo: SchemaCodable, Equatable {
+    /// The UUID given in the description (or with -uuid), in 8-4-4-4-12 form; all zeros when none was given.
+    public var uuid: String
+
+    /// Creates a value from its members.
+    public init(uuid: String) {
+        self.uuid = uuid
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["UUID"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.uuid = try r.required("UUID", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["UUID"] = self.uuid.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
 /// The run states of a machine, with QEMU's names. machine-server uses prelaunch, running, paused, shutdown and internal-error; the others exist for compatibility.
 public enum RunState: String, SchemaCodable, CaseIterable, Equatable {
     /// The value "debug".
@@ -4068,6 +4104,87 @@ public struct AccelDescription: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// What a reboot the guest asks for does (QEMU's -action reboot=...; -no-reboot is 'shutdown').
+public enum RebootAction: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "reset".
+    case reset = "reset"
+    /// The value "shutdown".
+    case shutdown = "shutdown"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// What a power-off the guest asks for does (QEMU's -action shutdown=...; -no-shutdown is 'pause').
+public enum ShutdownAction: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "poweroff".
+    case poweroff = "poweroff"
+    /// The value "pause".
+    case pause = "pause"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// How the machine reacts to the guest's reboot and power-off requests.
+public struct ActionsDescription: SchemaCodable, Equatable {
+    /// 'reset' restarts the machine; 'shutdown' ends it as a power-off would (SHUTDOWN with cause guest-reset). Optional; default "reset".
+    public var reboot: RebootAction
+    /// 'poweroff' ends the server with the guest's exit status; 'pause' keeps it running in the shutdown state (SHUTDOWN is still sent) until QMP system_reset, cont after a reset, or quit. Optional; default "poweroff".
+    public var shutdown: ShutdownAction
+
+    /// Creates a value from its members.
+    public init(reboot: RebootAction = .reset, shutdown: ShutdownAction = .poweroff) {
+        self.reboot = reboot
+        self.shutdown = shutdown
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["reboot", "shutdown"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.reboot = try r.optional("reboot", as: RebootAction.self) ?? .reset
+        self.shutdown = try r.optional("shutdown", as: ShutdownAction.self) ?? .poweroff
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["reboot"] = self.reboot.json
+        o["shutdown"] = self.shutdown.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
 /// A whole machine.
 public struct MachineDescription: SchemaCodable, Equatable {
     /// The description format version (current: 2). Files without it are read as the current version. Optional.
@@ -4100,9 +4217,13 @@ public struct MachineDescription: SchemaCodable, Equatable {
     public var display: DisplayDescription?
     /// Devices to add to the board. Optional.
     public var devices: [DeviceDescription]?
+    /// The machine's UUID (query-uuid), 8-4-4-4-12 hexadecimal digits; absent means the all-zero UUID, as QEMU reports. Optional.
+    public var uuid: String?
+    /// What guest reboot and power-off requests do (default: reset and power off). Optional.
+    public var actions: ActionsDescription?
 
     /// Creates a value from its members.
-    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, accel: AccelDescription? = nil, memory: String, firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, devices: [DeviceDescription]? = nil) {
+    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, accel: AccelDescription? = nil, memory: String, firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, devices: [DeviceDescription]? = nil, uuid: String? = nil, actions: ActionsDescription? = nil) {
         self.version = version
         self.machine = machine
         self.name = name
@@ -4118,10 +4239,12 @@ public struct MachineDescription: SchemaCodable, Equatable {
         self.qmp = qmp
         self.display = display
         self.devices = devices
+        self.uuid = uuid
+        self.actions = actions
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["version", "machine", "name", "cpus", "accel", "memory", "firmware", "kernel", "initrd", "append", "start", "serial", "qmp", "display", "devices"]
+    public static let memberNames: Set<String> = ["version", "machine", "name", "cpus", "accel", "memory", "firmware", "kernel", "initrd", "append", "start", "serial", "qmp", "display", "devices", "uuid", "actions"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -4167,6 +4290,8 @@ public struct MachineDescription: SchemaCodable, Equatable {
         self.qmp = try r.optional("qmp", as: [QMPListenerDescription].self)
         self.display = try r.optional("display", as: DisplayDescription.self)
         self.devices = try r.optional("devices", as: [DeviceDescription].self)
+        self.uuid = try r.optional("uuid", as: String.self)
+        self.actions = try r.optional("actions", as: ActionsDescription.self)
     }
 
     /// The members as JSON, in schema order.
@@ -4187,6 +4312,8 @@ public struct MachineDescription: SchemaCodable, Equatable {
         if let v = self.qmp { o["qmp"] = v.json }
         if let v = self.display { o["display"] = v.json }
         if let v = self.devices { o["devices"] = v.json }
+        if let v = self.uuid { o["uuid"] = v.json }
+        if let v = self.actions { o["actions"] = v.json }
         return o
     }
 
