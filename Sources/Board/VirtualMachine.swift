@@ -225,6 +225,38 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
         onControl { self.vcpus.map { CPUInfo(index: $0.index, threadID: $0.threadID, pc: $0.programCounter) } }
     }
 
+    public func cpuRegisters(index: Int) -> [CPURegister]? {
+        onControl {
+            guard self.vcpus.indices.contains(index) else { return nil }
+            // Harts in guest code are held out of it for the read, then let go.
+            let running = self.isLive && self.runState == .running
+            if running { self.pauseHarts() }
+            defer { if running { for v in self.vcpus { v.resume() } } }
+            return self.vcpus[index].registerDump()
+        }
+    }
+
+    public func readPhysicalMemory(_ address: UInt64, count: Int) throws(MachineInspectionError) -> [UInt8] {
+        let ram = board.ram
+        guard count >= 0, ram.contains(GuestPhysicalAddress(address), length: UInt64(count)) else {
+            throw .notRAM(address: address, count: count)
+        }
+        do {
+            return try ram.read(GuestPhysicalAddress(address), count: count)
+        } catch {
+            throw .notRAM(address: address, count: count)
+        }
+    }
+
+    public func memoryMap() -> [MemoryMapEntry] {
+        let ram = board.ram.region
+        var out = [MemoryMapEntry(base: ram.base.raw, size: ram.size, name: "ram", isRAM: true)]
+        out += onControl { board.bus.mappings.map {
+            MemoryMapEntry(base: $0.region.base.raw, size: $0.region.size, name: $0.device.name, isRAM: false)
+        } }
+        return out.sorted { $0.base < $1.base }
+    }
+
     public func addEventObserver(_ observer: @escaping @Sendable (MachineEvent) -> Void) -> Int {
         shared.withLock { s in
             let token = s.nextToken
@@ -378,6 +410,14 @@ final class VCPUThread: @unchecked Sendable {
         cond.lock()
         defer { cond.unlock() }
         return Int(tid)
+    }
+
+    /// The registers; only while the hart is out of guest code (the caller paused it).
+    func registerDump() -> [CPURegister] {
+        cond.lock()
+        defer { cond.unlock() }
+        precondition(!inRun, "vcpu \(index) registers read while running")
+        return cpu.registerDump()
     }
 
     /// The pc as of the last time the hart left guest code (or its current pc while paused).

@@ -81,6 +81,13 @@ public protocol MachineControl: AnyObject, Sendable {
     var runState: RunState { get }
     /// The `-name` of the machine, if any.
     var machineName: String? { get }
+    /// The registers of vCPU `index` (nil for no such vCPU); a running machine's harts are
+    /// held out of guest code while they are read.
+    func cpuRegisters(index: Int) -> [CPURegister]?
+    /// Reads `count` bytes of guest RAM at the physical `address` (the monitor's `xp`).
+    func readPhysicalMemory(_ address: UInt64, count: Int) throws(MachineInspectionError) -> [UInt8]
+    /// The guest physical address map: RAM and every device window, by base address.
+    func memoryMap() -> [MemoryMapEntry]
     /// The machine's UUID (`-uuid`, the description's `uuid`), if one was given.
     var machineUUID: String? { get }
     /// Pauses all vCPUs (emits STOP if it was running).
@@ -105,6 +112,45 @@ public protocol MachineControl: AnyObject, Sendable {
 extension MachineControl {
     /// No UUID unless the machine says otherwise.
     public var machineUUID: String? { nil }
+    /// No register access unless the machine provides it.
+    public func cpuRegisters(index: Int) -> [CPURegister]? { nil }
+    /// No memory access unless the machine provides it.
+    public func readPhysicalMemory(_ address: UInt64, count: Int) throws(MachineInspectionError) -> [UInt8] {
+        throw .unavailable("this machine does not expose its memory")
+    }
+    /// No memory map unless the machine provides it.
+    public func memoryMap() -> [MemoryMapEntry] { [] }
+}
+
+/// Why the monitor could not look into the machine; `description` is the message.
+public enum MachineInspectionError: Error, Equatable, CustomStringConvertible {
+    /// The address range is not guest RAM.
+    case notRAM(address: UInt64, count: Int)
+    /// The machine cannot answer this at all.
+    case unavailable(String)
+
+    public var description: String {
+        switch self {
+        case .notRAM(let a, let n):
+            return "Cannot access memory at 0x\(String(a, radix: 16)) (\(n) bytes): it is not guest RAM"
+        case .unavailable(let why): return why
+        }
+    }
+}
+
+/// One region of the guest physical address space (`info mtree`).
+public struct MemoryMapEntry: Sendable, Equatable {
+    public var base: UInt64
+    public var size: UInt64
+    /// "ram" or the device's name.
+    public var name: String
+    public var isRAM: Bool
+    public init(base: UInt64, size: UInt64, name: String, isRAM: Bool) {
+        self.base = base
+        self.size = size
+        self.name = name
+        self.isRAM = isRAM
+    }
 }
 
 /// The progress of the current or last migration (a machine-state save to a destination), as

@@ -124,59 +124,10 @@ public final class QMPCommandExecutor: QMPCommandHandler {
         }
     }
 
-    /// Runs a human-monitor command line and returns its output (lines end in CRLF, like QEMU).
+    /// Runs a human-monitor command line and returns its output (lines end in CRLF, like QEMU);
+    /// see HumanMonitor.swift. `cpu-index` picks the CPU for `info registers`, `info cpus` and `x`.
     public func humanMonitorCommand(_ arguments: HumanMonitorCommandArguments) throws -> String {
-        let words = arguments.commandLine.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init)
-        guard let verb = words.first else { return "" }
-        if ["savevm", "loadvm", "delvm"].contains(verb) || (verb == "info" && words.count == 2 && words[1] == "snapshots"),
-           let out = snapshotHMP(words) {
-            return out
-        }
-        switch (verb, words.count) {
-        case ("stop", 1): try stop(); return ""
-        case ("cont", 1), ("c", 1): try cont(); return ""
-        case ("system_reset", 1): try systemReset(); return ""
-        case ("system_powerdown", 1): try systemPowerdown(); return ""
-        case ("quit", 1), ("q", 1): try quit(); return ""
-        case ("info", 2):
-            switch words[1] {
-            case "status":
-                let s = try queryStatus()
-                var line = "VM status: " + (s.running ? "running" : "paused")
-                if !s.running && s.status != .paused { line += " (\(s.status.rawValue))" }
-                return line + "\r\n"
-            case "version":
-                let v = version.qemu
-                return "\(v.major).\(v.minor).\(v.micro) (\(version.package))\r\n"
-            case "name":
-                return control.machineName.map { "\($0)\r\n" } ?? ""
-            case "cpus":
-                return try queryCpusFast().enumerated().map { i, cpu in
-                    "\(i == 0 ? "*" : " ") CPU #\(cpu.cpuIndex): thread_id=\(cpu.threadId)\r\n"
-                }.joined()
-            case "migrate":
-                let m = try queryMigrate()
-                guard let status = m.status else { return "" }
-                var out = "Migration status: \(status.rawValue)\r\n"
-                if let t = m.totalTime { out += "total time: \(t) ms\r\n" }
-                if let d = m.downtime { out += "downtime: \(d) ms\r\n" }
-                if let ram = m.ram {
-                    out += "transferred ram: \(ram.transferred / 1024) kbytes\r\n"
-                    out += "total ram: \(ram.total / 1024) kbytes\r\n"
-                    out += "duplicate: \(ram.duplicate) pages\r\n"
-                    out += "normal: \(ram.normal) pages\r\n"
-                }
-                if let e = m.errorDesc { out += "error description: \(e)\r\n" }
-                return out
-            default:
-                return "info: unknown item '\(words[1])' (known: status, version, name, cpus, migrate, snapshots)\r\n"
-            }
-        case ("migrate", 2):
-            try migrate(MigrateArguments(uri: words[1]))
-            return ""
-        default:
-            return "unknown command: '\(arguments.commandLine)'\r\n"
-        }
+        try runHumanMonitorCommand(arguments.commandLine, cpuIndex: arguments.cpuIndex.map { Int(clamping: $0) })
     }
 
     /// The schema of every command, event and type.

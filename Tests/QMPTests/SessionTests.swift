@@ -168,7 +168,11 @@ func errorOf(_ reply: JSONValue) -> (String, String)? {
         #expect(hmp("info version") == "7.2.0 (machine-server 0.1.0)\r\n")
         #expect(hmp("info cpus") == "* CPU #0: thread_id=100\r\n  CPU #1: thread_id=101\r\n")
         #expect(hmp("system_reset") == "" && hmp("system_powerdown") == "")
-        #expect(hmp("drive_add x") == "unknown command: 'drive_add x'\r\n")
+        #expect(hmp("drive_add x") == "unknown command: 'drive_add'\r\n")  // QEMU names the command only
+        #expect(hmp("info registers") == "No CPU 0\r\n")  // the fake machine exposes no registers
+        #expect(hmp("info uuid") == "00000000-0000-0000-0000-000000000000\r\n")
+        #expect(hmp("xp /2xw 0x80000000") == "this machine does not expose its memory\r\n")
+        #expect(hmp("sendkey") == "Usage: sendkey keys [hold_ms]\r\n")
         #expect(hmp("savevm x") == "Error: this machine has no snapshot support\r\n")
         #expect(h.machine.calls == ["stop", "cont", "system_reset", "system_powerdown"])
         #expect(hmp("quit") == "")
