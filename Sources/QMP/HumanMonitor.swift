@@ -176,7 +176,8 @@ extension QMPCommandExecutor {
     func hmpInfo(_ w: [String], cpu: Int?) throws -> String {
         guard w.count >= 2 else { return Self.hmpInfos.map { "info \($0.name)  -- \($0.help)\r\n" }.joined() }
         guard let item = Self.hmpInfos.first(where: { $0.name == w[1] }) else {
-            return "unknown info item: '\(w[1])' (known: \(Self.hmpInfos.map(\.name).joined(separator: ", ")))\r\n"
+            // QEMU's wording; `help info` lists the items.
+            return "unknown command: 'info \(w[1])'\r\n"
         }
         return try item.run(self, Array(w.dropFirst()), cpu)
     }
@@ -257,6 +258,8 @@ extension QMPCommandExecutor {
             bytes = virtual ? try readVirtual(address, count: length, cpu: cpu)
                             : try controlForMigration.readPhysicalMemory(address, count: length)
         } catch let e as MachineInspectionError {
+            // QEMU prints the address, then the failure.
+            if case .notRAM = e { throw HMPError.message("\(Self.hex16(address)): Cannot access memory") }
             throw HMPError.message("\(e)")
         }
         let perLine = format == "c" ? 16 : max(1, 16 / size)

@@ -360,17 +360,30 @@ private struct Parser {
         guard let machine, let type = machine["type"] else {
             throw QEMUCommandLineError("No machine specified, and there is no default; use -machine virt")
         }
-        guard type == "virt" else {
-            throw QEMUCommandLineError(type == "none"
-                ? "-machine none: not available (machine-server builds the 'virt' board only)"
-                : "-machine \(type): unsupported machine type; the only one is 'virt'")
+        guard type == "virt" || type == "none" else {
+            throw QEMUCommandLineError("-machine \(type): unsupported machine type; the machines are 'virt' and 'none'")
+        }
+        let empty = type == "none"
+        if empty {
+            // QEMU's empty machine: the monitor only (what libvirt starts to probe a binary).
+            for (option, given) in [("-kernel", kernel != nil), ("-initrd", initrd != nil), ("-append", append != nil),
+                                    ("-bios", bios != nil), ("-drive", !drives.isEmpty), ("-blockdev", !blockdevs.isEmpty),
+                                    ("-device", !devices.isEmpty), ("-vnc", vnc != nil && vnc != "none"),
+                                    ("-object", !objects.isEmpty), ("-m", memory != nil), ("-smp", smp != nil)] where given {
+                throw QEMUCommandLineError("\(option): -machine none has no CPUs, RAM or devices")
+            }
+            if let s = serials.first, s != "null", s != "none" {
+                throw QEMUCommandLineError("-serial \(s): -machine none has no serial port")
+            }
+            serials = []
+            nographic = false
         }
         try machine.rejectUnknown(["type", "accel", "usb", "dump-guest-core", "memory-backend"], in: "-machine")
         if try machine.bool("usb", in: "-machine") == true {
             throw QEMUCommandLineError("-machine usb=on: there is no USB on this board")
         }
         _ = try machine.bool("dump-guest-core", in: "-machine")
-        d["machine"] = .string("virt")
+        d["machine"] = .string(type)
 
         // -accel / -machine accel=
         var accels = accel
@@ -434,7 +447,7 @@ private struct Parser {
         if let backend = machine["memory-backend"], !objects.contains(where: { $0["id"] == backend }) {
             throw QEMUCommandLineError("-machine memory-backend=\(backend): no -object with that id")
         }
-        d["memory"] = .string(Self.sizeText(ramBytes))
+        if !empty { d["memory"] = .string(Self.sizeText(ramBytes)) }
 
         // -smp
         if let smp {
@@ -523,7 +536,8 @@ private struct Parser {
         } else if nographic && !nodefaults {
             d["serial"] = ["backend": "stdio"]
         } else {
-            // QEMU's default serial is a graphical console, which machine-server does not have.
+            // QEMU's default serial is a graphical console, which machine-server does not have
+            // (and -machine none has no serial port at all).
             d["serial"] = ["backend": "none"]
         }
         var qmp: [JSONValue] = []

@@ -23,6 +23,7 @@ struct Launch {
         let daemon = plan.process.daemonize ? try ProcessSetup.daemonize() : nil
         let pidfile = try plan.process.pidfile.map { try ProcessSetup.PidFile(path: $0) }
         defer { pidfile?.remove() }
+        if plan.isEmptyMachine { return try runEmptyMachine(daemon: daemon) }
 
         // Signals become an orderly shutdown (SHUTDOWN, cause host-signal). Installed before
         // the stdio backend, which then leaves these signals to us.
@@ -87,6 +88,29 @@ struct Launch {
                 }
             }
         }
+        return machine.waitUntilExit()
+    }
+
+    /// `machine: none`: QMP only, until quit or a terminating signal.
+    private func runEmptyMachine(daemon: ProcessSetup.Daemon?) throws -> Int32 {
+        let machine = EmptyMachine(name: plan.name, uuid: plan.uuid, startPaused: plan.startPaused)
+        let signalSources = [Int32(SIGINT), Int32(SIGTERM), Int32(SIGHUP)].map { sig -> any DispatchSourceSignal in
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { machine.requestHostShutdown(cause: .hostSignal) }
+            source.resume()
+            return source
+        }
+        signal(SIGPIPE, SIG_IGN)
+        defer { for s in signalSources { s.cancel() } }
+        let server = QMPServer(control: machine, chardevs: MachineChardevs([]))
+        do {
+            try server.start(listeners: plan.qmp)
+        } catch {
+            throw LaunchError("qmp: \(error)")
+        }
+        defer { server.shutdown() }
+        daemon?.ready(keepStandardError: plan.process.logFile != nil)
         return machine.waitUntilExit()
     }
 

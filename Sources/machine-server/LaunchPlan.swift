@@ -35,6 +35,8 @@ struct LaunchPlan {
     var actions: VirtualMachine.GuestActions
     /// The process-level options (pid file, daemonizing, log file).
     var process: ProcessOptions
+    /// `machine: none`: no CPUs, RAM or devices, only the QMP monitor (QEMU's -machine none).
+    var isEmptyMachine: Bool
 
     /// Where Debian's `opensbi` package (and QEMU's own packages) put OpenSBI's generic
     /// fw_dynamic firmware, tried in order when the description names no firmware.
@@ -73,6 +75,7 @@ struct LaunchPlan {
         }
 
         name = options.name ?? d.name
+        isEmptyMachine = d.machine == .none
         uuid = d.uuid
         actions = VirtualMachine.GuestActions(rebootShutsDown: d.actions?.reboot == .shutdown,
                                               shutdownPauses: d.actions?.shutdown == .pause)
@@ -99,7 +102,19 @@ struct LaunchPlan {
         }
         memoryBytes = d.memoryBytes
 
+        if isEmptyMachine {
+            for (field, given) in [("firmware", d.firmware != nil), ("kernel", d.kernel != nil), ("initrd", d.initrd != nil),
+                                   ("append", d.append != nil), ("devices", !(d.devices ?? []).isEmpty),
+                                   ("display", d.display != nil || options.vnc != nil)] where given {
+                throw LaunchError("\(field): machine 'none' has no CPUs, RAM or devices")
+            }
+            if let s = d.serial, s.variant != .none {
+                throw LaunchError("serial: machine 'none' has no serial port (give {\"backend\": \"none\"})")
+            }
+        }
         switch d.firmware {
+        case _ where isEmptyMachine:
+            firmware = nil
         case "none"?:
             firmware = nil
         case let path?:
@@ -115,12 +130,14 @@ struct LaunchPlan {
         if initrd != nil && kernel == nil {
             throw LaunchError("initrd: an initial RAM disk needs a \"kernel\" to go with it")
         }
-        if firmware == nil && kernel == nil {
+        if firmware == nil && kernel == nil && !isEmptyMachine {
             throw LaunchError("kernel: with \"firmware\": \"none\" a kernel is required (there is nothing else to run)")
         }
         commandLine = d.append
 
-        if let spec = options.serial {
+        if isEmptyMachine {
+            serial = .none
+        } else if let spec = options.serial {
             do { serial = try ChardevSpec(parsing: spec) } catch { throw LaunchError("--serial: \(error)") }
         } else {
             serial = Self.chardevSpec(d.serial, resolve: resolve)

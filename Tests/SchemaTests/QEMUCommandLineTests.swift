@@ -127,7 +127,16 @@ import Testing
         #expect(refusal(["-M", "virt", "-m"]) == "-m: requires an argument")
         #expect(refusal(["disk.img"])?.contains("-hda") == true)
         #expect(refusal(["-m", "256"])?.contains("No machine specified") == true)
-        #expect(refusal(["-machine", "none"])?.contains("-machine none") == true)
+        #expect(refusal(["-machine", "none", "-kernel", "k"])?.contains("-machine none") == true)
+    }
+
+    @Test func libvirtsProbeCommandLineIsTheEmptyMachine() throws {
+        let inv = try parse(["-S", "-no-user-config", "-nodefaults", "-nographic", "-machine", "none,accel=tcg",
+                             "-qmp", "unix:/run/p.monitor,server=on,wait=off", "-pidfile", "/run/p.pid", "-daemonize"])
+        #expect(inv.description.machine == .none)
+        #expect(inv.description.start == .paused)
+        #expect(inv.description.serial?.json == ["backend": "none"])
+        #expect(inv.daemonize && inv.pidfile == "/run/p.pid")
     }
 
     @Test func versionHelpAndPrintDescription() throws {

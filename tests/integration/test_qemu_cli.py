@@ -203,6 +203,6 @@ def test_print_description_shows_what_the_command_line_became(tmp_path):
 
 def test_netdev_and_gdb_are_refused_by_name():
     for argv, words in [(["-netdev", "user,id=n0"], "networking"), (["-gdb", "tcp::1234"], "gdb stub"),
-                        (["-s"], "gdb stub"), (["-machine", "none"], "-machine none")]:
+                        (["-s"], "gdb stub"), (["-machine", "none", "-kernel", "/x"], "-machine none")]:
         r = subprocess.run([SERVER, "-M", "virt", *argv], capture_output=True, text=True, timeout=30)
         assert r.returncode == 1 and words in r.stderr, (argv, r.stderr)

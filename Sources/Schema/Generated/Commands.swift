@@ -60,6 +60,26 @@ public protocol QMPCommandHandler: Sendable {
     func queryMigrate() throws -> MigrationInfo
     /// `migrate-incoming`: Loads a machine state from a source into a machine started with `--incoming defer`, then runs it (or leaves it paused when started with -S). Sources: `file:PATH` (RAM is mapped copy-on-write from the file) and `exec:CMD` (the stream is read from CMD's standard output).
     func migrateIncoming(_ arguments: MigrateIncomingArguments) throws
+    /// `query-target`: Returns the guest architecture.
+    func queryTarget() throws -> TargetInfo
+    /// `query-events`: Lists every event of the schema.
+    func queryEvents() throws -> [EventInfo]
+    /// `query-kvm`: Reports that KVM is neither present nor enabled.
+    func queryKvm() throws -> KvmInfo
+    /// `query-machines`: Lists the machine types: 'virt' and 'none'.
+    func queryMachines() throws -> [MachineInfo]
+    /// `query-cpu-definitions`: Lists the CPU models: only 'rv64' (RV64GC with S and U modes).
+    func queryCpuDefinitions() throws -> [CpuDefinitionInfo]
+    /// `qom-list-types`: Lists the QOM types machine-server implements: its machine types, CPU model, devices (the description's device drivers), the objects -object takes and the chardev backends, with their abstract parents.
+    func qomListTypes(_ arguments: QomListTypesArguments) throws -> [ObjectTypeInfo]
+    /// `device-list-properties`: Lists the properties a device type takes on -device (exactly those machine-server honours). Fails with DeviceNotFound for a type it does not have.
+    func deviceListProperties(_ arguments: DeviceListPropertiesArguments) throws -> [ObjectPropertyInfo]
+    /// `qom-list-properties`: Lists the properties of a QOM type: a device's, or an object's on -object. Fails with DeviceNotFound ("Class ... not found") for a type machine-server does not have.
+    func qomListProperties(_ arguments: QomListPropertiesArguments) throws -> [ObjectPropertyInfo]
+    /// `query-command-line-options`: Lists the key=value options of QEMU's command line that machine-server accepts, with the parameters it honours (docs/qemu-cli.md).
+    func queryCommandLineOptions(_ arguments: QueryCommandLineOptionsArguments) throws -> [CommandLineOptionInfo]
+    /// `query-migrate-capabilities`: Lists the migration capabilities machine-server has: none (migration to a file or command is plain; no capability can be turned on).
+    func queryMigrateCapabilities() throws -> [MigrationCapabilityStatus]
     /// `query-jobs`: Lists the jobs that have not been dismissed.
     func queryJobs() throws -> [JobInfo]
     /// `job-dismiss`: Removes a concluded job from query-jobs (its status becomes null).
@@ -128,6 +148,26 @@ public enum QMPCommand: Sendable, Equatable {
     case queryMigrate
     /// `migrate-incoming`.
     case migrateIncoming(MigrateIncomingArguments)
+    /// `query-target`.
+    case queryTarget
+    /// `query-events`.
+    case queryEvents
+    /// `query-kvm`.
+    case queryKvm
+    /// `query-machines`.
+    case queryMachines
+    /// `query-cpu-definitions`.
+    case queryCpuDefinitions
+    /// `qom-list-types`.
+    case qomListTypes(QomListTypesArguments)
+    /// `device-list-properties`.
+    case deviceListProperties(DeviceListPropertiesArguments)
+    /// `qom-list-properties`.
+    case qomListProperties(QomListPropertiesArguments)
+    /// `query-command-line-options`.
+    case queryCommandLineOptions(QueryCommandLineOptionsArguments)
+    /// `query-migrate-capabilities`.
+    case queryMigrateCapabilities
     /// `query-jobs`.
     case queryJobs
     /// `job-dismiss`.
@@ -168,6 +208,16 @@ public enum QMPCommand: Sendable, Equatable {
         "migrate",
         "query-migrate",
         "migrate-incoming",
+        "query-target",
+        "query-events",
+        "query-kvm",
+        "query-machines",
+        "query-cpu-definitions",
+        "qom-list-types",
+        "device-list-properties",
+        "qom-list-properties",
+        "query-command-line-options",
+        "query-migrate-capabilities",
         "query-jobs",
         "job-dismiss",
         "snapshot-save",
@@ -205,6 +255,16 @@ public enum QMPCommand: Sendable, Equatable {
         case .migrate: return "migrate"
         case .queryMigrate: return "query-migrate"
         case .migrateIncoming: return "migrate-incoming"
+        case .queryTarget: return "query-target"
+        case .queryEvents: return "query-events"
+        case .queryKvm: return "query-kvm"
+        case .queryMachines: return "query-machines"
+        case .queryCpuDefinitions: return "query-cpu-definitions"
+        case .qomListTypes: return "qom-list-types"
+        case .deviceListProperties: return "device-list-properties"
+        case .qomListProperties: return "qom-list-properties"
+        case .queryCommandLineOptions: return "query-command-line-options"
+        case .queryMigrateCapabilities: return "query-migrate-capabilities"
         case .queryJobs: return "query-jobs"
         case .jobDismiss: return "job-dismiss"
         case .snapshotSave: return "snapshot-save"
@@ -319,6 +379,44 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
             return .queryMigrate
         case "migrate-incoming":
             return .migrateIncoming(try MigrateIncomingArguments(json: .object(arguments), at: .root))
+        case "query-target":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryTarget
+        case "query-events":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryEvents
+        case "query-kvm":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryKvm
+        case "query-machines":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryMachines
+        case "query-cpu-definitions":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryCpuDefinitions
+        case "qom-list-types":
+            return .qomListTypes(try QomListTypesArguments(json: .object(arguments), at: .root))
+        case "device-list-properties":
+            return .deviceListProperties(try DeviceListPropertiesArguments(json: .object(arguments), at: .root))
+        case "qom-list-properties":
+            return .qomListProperties(try QomListPropertiesArguments(json: .object(arguments), at: .root))
+        case "query-command-line-options":
+            return .queryCommandLineOptions(try QueryCommandLineOptionsArguments(json: .object(arguments), at: .root))
+        case "query-migrate-capabilities":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryMigrateCapabilities
         case "query-jobs":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -409,6 +507,26 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
         case .migrateIncoming(let arguments):
             try handler.migrateIncoming(arguments)
             return .object(JSONObject())
+        case .queryTarget:
+            return try handler.queryTarget().json
+        case .queryEvents:
+            return try handler.queryEvents().json
+        case .queryKvm:
+            return try handler.queryKvm().json
+        case .queryMachines:
+            return try handler.queryMachines().json
+        case .queryCpuDefinitions:
+            return try handler.queryCpuDefinitions().json
+        case .qomListTypes(let arguments):
+            return try handler.qomListTypes(arguments).json
+        case .deviceListProperties(let arguments):
+            return try handler.deviceListProperties(arguments).json
+        case .qomListProperties(let arguments):
+            return try handler.qomListProperties(arguments).json
+        case .queryCommandLineOptions(let arguments):
+            return try handler.queryCommandLineOptions(arguments).json
+        case .queryMigrateCapabilities:
+            return try handler.queryMigrateCapabilities().json
         case .queryJobs:
             return try handler.queryJobs().json
         case .jobDismiss(let arguments):

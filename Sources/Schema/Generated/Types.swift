@@ -3075,10 +3075,12 @@ public struct SchemaInfo: SchemaCodable, Equatable {
 
 // MARK: - machine-description
 
-/// The board to build.
+/// The board to build: 'virt', or 'none' (QEMU's -machine none: no CPUs, RAM or devices, only the QMP monitor, for capability probing as libvirt does; a description of 'none' may not name boot images, devices or a display).
 public enum MachineKind: String, SchemaCodable, CaseIterable, Equatable {
     /// The value "virt".
     case virt = "virt"
+    /// The value "none".
+    case none = "none"
 
     /// Decodes one of the values; anything else is an error listing them.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -4197,7 +4199,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
     public var cpus: Int64
     /// How guest code is executed (default: the host's default engine). Optional.
     public var accel: AccelDescription?
-    /// The guest RAM size with a K, M or G suffix, e.g. "256M".
+    /// The guest RAM size with a K, M or G suffix, e.g. "256M" (QEMU's default for virt, 128M, when absent). Optional; default "128M".
     public var memory: String
     /// The M-mode firmware (e.g. OpenSBI's fw_dynamic.bin), or "none" to boot the kernel in M-mode; absent means the default firmware. Optional.
     public var firmware: String?
@@ -4223,7 +4225,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
     public var actions: ActionsDescription?
 
     /// Creates a value from its members.
-    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, accel: AccelDescription? = nil, memory: String, firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, devices: [DeviceDescription]? = nil, uuid: String? = nil, actions: ActionsDescription? = nil) {
+    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, accel: AccelDescription? = nil, memory: String = "128M", firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, devices: [DeviceDescription]? = nil, uuid: String? = nil, actions: ActionsDescription? = nil) {
         self.version = version
         self.machine = machine
         self.name = name
@@ -4267,7 +4269,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
             try SchemaCheck.range(v, min: 1, max: 8, at: r.path.member("cpus"))
         }
         self.accel = try r.optional("accel", as: AccelDescription.self)
-        self.memory = try r.required("memory", as: String.self)
+        self.memory = try r.optional("memory", as: String.self) ?? "128M"
         do {
             let v = self.memory
             try SchemaCheck.size(v, min: "16M", max: "16G", at: r.path.member("memory"))
@@ -4571,6 +4573,651 @@ public struct MigrateIncomingArguments: SchemaCodable, Equatable {
     public var jsonMembers: JSONObject {
         var o = JSONObject()
         o["uri"] = self.uri.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+// MARK: - probe
+
+/// The guest architecture this binary emulates.
+public struct TargetInfo: SchemaCodable, Equatable {
+    /// The target architecture.
+    public var arch: SysEmuTarget
+
+    /// Creates a value from its members.
+    public init(arch: SysEmuTarget) {
+        self.arch = arch
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["arch"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.arch = try r.required("arch", as: SysEmuTarget.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["arch"] = self.arch.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One event the server can send.
+public struct EventInfo: SchemaCodable, Equatable {
+    /// The event name.
+    public var name: String
+
+    /// Creates a value from its members.
+    public init(name: String) {
+        self.name = name
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["name"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.name = try r.required("name", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["name"] = self.name.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// Whether KVM is in use.
+public struct KvmInfo: SchemaCodable, Equatable {
+    /// Always false: machine-server runs its own engine.
+    public var enabled: Bool
+    /// Always false: machine-server does not use KVM.
+    public var present: Bool
+
+    /// Creates a value from its members.
+    public init(enabled: Bool, present: Bool) {
+        self.enabled = enabled
+        self.present = present
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["enabled", "present"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.enabled = try r.required("enabled", as: Bool.self)
+        self.present = try r.required("present", as: Bool.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["enabled"] = self.enabled.json
+        o["present"] = self.present.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One machine type.
+public struct MachineInfo: SchemaCodable, Equatable {
+    /// The machine type's name (-machine NAME).
+    public var name: String
+    /// Another name for it. Optional.
+    public var alias: String?
+    /// True for the default machine type (riscv64 has none). Optional.
+    public var isDefault: Bool?
+    /// The most CPUs it takes.
+    public var cpuMax: Int64
+    /// Always false.
+    public var hotpluggableCpus: Bool
+    /// Always false.
+    public var numaMemSupported: Bool
+    /// Always false.
+    public var deprecated: Bool
+    /// The QOM type of its CPUs. Optional.
+    public var defaultCpuType: String?
+    /// The id a -object memory-backend-ram for its RAM takes (with -machine memory-backend=ID). Optional.
+    public var defaultRamId: String?
+
+    /// Creates a value from its members.
+    public init(name: String, alias: String? = nil, isDefault: Bool? = nil, cpuMax: Int64, hotpluggableCpus: Bool, numaMemSupported: Bool, deprecated: Bool, defaultCpuType: String? = nil, defaultRamId: String? = nil) {
+        self.name = name
+        self.alias = alias
+        self.isDefault = isDefault
+        self.cpuMax = cpuMax
+        self.hotpluggableCpus = hotpluggableCpus
+        self.numaMemSupported = numaMemSupported
+        self.deprecated = deprecated
+        self.defaultCpuType = defaultCpuType
+        self.defaultRamId = defaultRamId
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["name", "alias", "is-default", "cpu-max", "hotpluggable-cpus", "numa-mem-supported", "deprecated", "default-cpu-type", "default-ram-id"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.name = try r.required("name", as: String.self)
+        self.alias = try r.optional("alias", as: String.self)
+        self.isDefault = try r.optional("is-default", as: Bool.self)
+        self.cpuMax = try r.required("cpu-max", as: Int64.self)
+        self.hotpluggableCpus = try r.required("hotpluggable-cpus", as: Bool.self)
+        self.numaMemSupported = try r.required("numa-mem-supported", as: Bool.self)
+        self.deprecated = try r.required("deprecated", as: Bool.self)
+        self.defaultCpuType = try r.optional("default-cpu-type", as: String.self)
+        self.defaultRamId = try r.optional("default-ram-id", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["name"] = self.name.json
+        if let v = self.alias { o["alias"] = v.json }
+        if let v = self.isDefault { o["is-default"] = v.json }
+        o["cpu-max"] = self.cpuMax.json
+        o["hotpluggable-cpus"] = self.hotpluggableCpus.json
+        o["numa-mem-supported"] = self.numaMemSupported.json
+        o["deprecated"] = self.deprecated.json
+        if let v = self.defaultCpuType { o["default-cpu-type"] = v.json }
+        if let v = self.defaultRamId { o["default-ram-id"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One CPU model.
+public struct CpuDefinitionInfo: SchemaCodable, Equatable {
+    /// The model name (-cpu NAME).
+    public var name: String
+    /// True: the model is the same on every host. Optional.
+    public var migrationSafe: Bool?
+    /// False: the model is not a static (versioned) definition.
+    public var `static`: Bool
+    /// Features the model cannot have here (none). Optional.
+    public var unavailableFeatures: [String]?
+    /// The model's QOM type.
+    public var typename: String
+    /// Always false.
+    public var deprecated: Bool
+
+    /// Creates a value from its members.
+    public init(name: String, migrationSafe: Bool? = nil, `static`: Bool, unavailableFeatures: [String]? = nil, typename: String, deprecated: Bool) {
+        self.name = name
+        self.migrationSafe = migrationSafe
+        self.`static` = `static`
+        self.unavailableFeatures = unavailableFeatures
+        self.typename = typename
+        self.deprecated = deprecated
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["name", "migration-safe", "static", "unavailable-features", "typename", "deprecated"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.name = try r.required("name", as: String.self)
+        self.migrationSafe = try r.optional("migration-safe", as: Bool.self)
+        self.`static` = try r.required("static", as: Bool.self)
+        self.unavailableFeatures = try r.optional("unavailable-features", as: [String].self)
+        self.typename = try r.required("typename", as: String.self)
+        self.deprecated = try r.required("deprecated", as: Bool.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["name"] = self.name.json
+        if let v = self.migrationSafe { o["migration-safe"] = v.json }
+        o["static"] = self.`static`.json
+        if let v = self.unavailableFeatures { o["unavailable-features"] = v.json }
+        o["typename"] = self.typename.json
+        o["deprecated"] = self.deprecated.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One QOM type.
+public struct ObjectTypeInfo: SchemaCodable, Equatable {
+    /// The type name.
+    public var name: String
+    /// True when the type cannot be instantiated. Optional.
+    public var abstract: Bool?
+    /// The parent type. Optional.
+    public var parent: String?
+
+    /// Creates a value from its members.
+    public init(name: String, abstract: Bool? = nil, parent: String? = nil) {
+        self.name = name
+        self.abstract = abstract
+        self.parent = parent
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["name", "abstract", "parent"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.name = try r.required("name", as: String.self)
+        self.abstract = try r.optional("abstract", as: Bool.self)
+        self.parent = try r.optional("parent", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["name"] = self.name.json
+        if let v = self.abstract { o["abstract"] = v.json }
+        if let v = self.parent { o["parent"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `qom-list-types` command.
+public struct QomListTypesArguments: SchemaCodable, Equatable {
+    /// Only types that are, or derive from, this type. Optional.
+    public var implements: String?
+    /// Include abstract types (default false). Optional.
+    public var abstract: Bool?
+
+    /// Creates a value from its members.
+    public init(implements: String? = nil, abstract: Bool? = nil) {
+        self.implements = implements
+        self.abstract = abstract
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["implements", "abstract"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.implements = try r.optional("implements", as: String.self)
+        self.abstract = try r.optional("abstract", as: Bool.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.implements { o["implements"] = v.json }
+        if let v = self.abstract { o["abstract"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One property of a QOM type.
+public struct ObjectPropertyInfo: SchemaCodable, Equatable {
+    /// The property name.
+    public var name: String
+    /// Its QOM type (str, bool, int32, uint8, size, link<...>).
+    public var type: String
+    /// What it is. Optional.
+    public var description: String?
+
+    /// Creates a value from its members.
+    public init(name: String, type: String, description: String? = nil) {
+        self.name = name
+        self.type = type
+        self.description = description
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["name", "type", "description"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.name = try r.required("name", as: String.self)
+        self.type = try r.required("type", as: String.self)
+        self.description = try r.optional("description", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["name"] = self.name.json
+        o["type"] = self.type.json
+        if let v = self.description { o["description"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `device-list-properties` command.
+public struct DeviceListPropertiesArguments: SchemaCodable, Equatable {
+    /// The device type.
+    public var typename: String
+
+    /// Creates a value from its members.
+    public init(typename: String) {
+        self.typename = typename
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["typename"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.typename = try r.required("typename", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["typename"] = self.typename.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `qom-list-properties` command.
+public struct QomListPropertiesArguments: SchemaCodable, Equatable {
+    /// The type.
+    public var typename: String
+
+    /// Creates a value from its members.
+    public init(typename: String) {
+        self.typename = typename
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["typename"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.typename = try r.required("typename", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["typename"] = self.typename.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The type of a command-line option parameter.
+public enum CommandLineParameterType: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "string".
+    case string = "string"
+    /// The value "boolean".
+    case boolean = "boolean"
+    /// The value "number".
+    case number = "number"
+    /// The value "size".
+    case size = "size"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// One parameter of a command-line option.
+public struct CommandLineParameterInfo: SchemaCodable, Equatable {
+    /// The parameter name.
+    public var name: String
+    /// Its type.
+    public var type: CommandLineParameterType
+    /// What it does. Optional.
+    public var help: String?
+
+    /// Creates a value from its members.
+    public init(name: String, type: CommandLineParameterType, help: String? = nil) {
+        self.name = name
+        self.type = type
+        self.help = help
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["name", "type", "help"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.name = try r.required("name", as: String.self)
+        self.type = try r.required("type", as: CommandLineParameterType.self)
+        self.help = try r.optional("help", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["name"] = self.name.json
+        o["type"] = self.type.json
+        if let v = self.help { o["help"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One command-line option that takes key=value parameters.
+public struct CommandLineOptionInfo: SchemaCodable, Equatable {
+    /// The option name (QEMU's option group name, e.g. 'smp-opts' for -smp).
+    public var option: String
+    /// The parameters machine-server honours.
+    public var parameters: [CommandLineParameterInfo]
+
+    /// Creates a value from its members.
+    public init(option: String, parameters: [CommandLineParameterInfo]) {
+        self.option = option
+        self.parameters = parameters
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["option", "parameters"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.option = try r.required("option", as: String.self)
+        self.parameters = try r.required("parameters", as: [CommandLineParameterInfo].self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["option"] = self.option.json
+        o["parameters"] = self.parameters.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `query-command-line-options` command.
+public struct QueryCommandLineOptionsArguments: SchemaCodable, Equatable {
+    /// Only this option; an unknown one is an error. Optional.
+    public var option: String?
+
+    /// Creates a value from its members.
+    public init(option: String? = nil) {
+        self.option = option
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["option"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.option = try r.optional("option", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.option { o["option"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One migration capability and whether it is on.
+public struct MigrationCapabilityStatus: SchemaCodable, Equatable {
+    /// The capability.
+    public var capability: String
+    /// Whether it is enabled.
+    public var state: Bool
+
+    /// Creates a value from its members.
+    public init(capability: String, state: Bool) {
+        self.capability = capability
+        self.state = state
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["capability", "state"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.capability = try r.required("capability", as: String.self)
+        self.state = try r.required("state", as: Bool.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["capability"] = self.capability.json
+        o["state"] = self.state.json
         return o
     }
 
