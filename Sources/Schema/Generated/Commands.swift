@@ -38,7 +38,7 @@ public protocol QMPCommandHandler: Sendable {
     func quit() throws
     /// `query-cpus-fast`: Lists the machine's vCPUs.
     func queryCpusFast() throws -> [CpuInfoFast]
-    /// `human-monitor-command`: Runs one human-monitor (HMP) command line and returns its output. Supported: info status, info version, info name, info cpus, stop, cont, system_reset, system_powerdown, quit; other commands print an error line.
+    /// `human-monitor-command`: Runs one human-monitor (HMP) command line and returns its output. Supported: help, info status|version|name|uuid|cpus|registers|block|chardev|vnc|mtree|migrate|snapshots, stop, cont, system_reset, system_powerdown, quit, sendkey, screendump, x, xp, savevm, loadvm, delvm, migrate (docs/qemu-cli.md); each wraps the QMP command that does the work. Unknown commands and failures print QEMU's message line ('unknown command: ...', 'Error: ...') as the output.
     func humanMonitorCommand(_ arguments: HumanMonitorCommandArguments) throws -> String
     /// `query-vnc`: Returns the state of the VNC server; 'enabled' is false when the machine has no VNC display.
     func queryVnc() throws -> VncInfo

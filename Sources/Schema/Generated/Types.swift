@@ -767,7 +767,7 @@ public struct CpuInfoFast: SchemaCodable, Equatable {
 public struct HumanMonitorCommandArguments: SchemaCodable, Equatable {
     /// The HMP command line, e.g. "info status".
     public var commandLine: String
-    /// The vCPU the command is about (accepted for compatibility; the commands above do not depend on it). Optional.
+    /// The vCPU that info registers, info cpus (its '*') and x are about (default 0). Optional.
     public var cpuIndex: Int64?
 
     /// Creates a value from its members.
