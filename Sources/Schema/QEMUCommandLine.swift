@@ -87,7 +87,6 @@ public enum QEMUCommandLine {
         "snapshot": "temporary snapshot overlays are not implemented; use a qcow2 overlay (machine-img create -b)",
         "hda": "use -drive file=...,format=...,if=virtio",
         "cdrom": "there is no CD-ROM device on this board",
-        "monitor": "an HMP monitor on a chardev is not available; use QMP human-monitor-command (-monitor none is accepted)",
         "loadvm": "use QMP snapshot-load or HMP loadvm once the machine runs",
         "readconfig": "configuration files are QEMU's; machine-server's is --config (a machine description)",
     ]
@@ -203,6 +202,7 @@ private struct Parser {
     var serials: [String] = []
     var mons: [QEMUKeyValue] = []
     var qmps: [String] = []
+    var monitors: [String] = []
     var objects: [QEMUKeyValue] = []
     var nographic = false
     var displayNone = false
@@ -269,10 +269,7 @@ private struct Parser {
         case "mon": mons.append(try QEMUKeyValue(parsing: v, impliedKey: "chardev"))
         case "qmp": qmps.append(v)
         case "monitor":
-            guard v == "none" else {
-                throw QEMUCommandLineError("-monitor \(v): \(QEMUCommandLine.refusalReasons["monitor"]!)")
-            }
-            monitorNone = true
+            if v == "none" { monitorNone = true } else { monitors.append(v) }
         case "nographic": nographic = true
         case "parallel":
             guard v == "none" else { throw QEMUCommandLineError("-parallel \(v): there is no parallel port on this board (only -parallel none)") }
@@ -518,7 +515,7 @@ private struct Parser {
         // QEMU's rule: -nographic puts the default serial, parallel and monitor on stdio, which
         // a daemon cannot have; each must be given (or -nodefaults).
         if nographic && invocation.daemonize && !nodefaults
-            && (serials.isEmpty || !parallelNone || (!monitorNone && mons.isEmpty && qmps.isEmpty)) {
+            && (serials.isEmpty || !parallelNone || (!monitorNone && mons.isEmpty && qmps.isEmpty && monitors.isEmpty)) {
             throw QEMUCommandLineError("-nographic cannot be used with -daemonize (give -nodefaults, or -serial, -parallel none and -monitor/-qmp)")
         }
         if serials.count > 1 {
@@ -541,21 +538,27 @@ private struct Parser {
             d["serial"] = ["backend": "none"]
         }
         var qmp: [JSONValue] = []
+        var hmp: [JSONValue] = []
         for spec in qmps {
             qmp.append(try qmpListener(legacyChardev(spec, what: "-qmp", forSerial: false), what: "-qmp \(spec)"))
+        }
+        for spec in monitors {
+            hmp.append(try qmpListener(legacyChardev(spec, what: "-monitor", forSerial: false), what: "-monitor \(spec)"))
         }
         for m in mons {
             try m.rejectUnknown(["chardev", "mode", "pretty", "id"], in: "-mon")
             guard let id = m["chardev"], let c = chardevTable[id] else {
                 throw QEMUCommandLineError("-mon: chardev='\(m["chardev"] ?? "")' names no -chardev")
             }
-            guard m["mode"] == "control" else {
-                throw QEMUCommandLineError("-mon chardev=\(id): mode=\(m["mode"] ?? "readline") is not available; only mode=control (QMP); HMP runs through QMP human-monitor-command")
-            }
             usedChardevs.insert(id)
-            qmp.append(try qmpListener(c, what: "-mon chardev=\(id)"))
+            switch m["mode"] ?? "readline" {
+            case "control": qmp.append(try qmpListener(c, what: "-mon chardev=\(id)"))
+            case "readline": hmp.append(try qmpListener(c, what: "-mon chardev=\(id)"))
+            case let mode: throw QEMUCommandLineError("-mon chardev=\(id): mode=\(mode) is not control or readline")
+            }
         }
         if !qmp.isEmpty { d["qmp"] = .array(qmp) }
+        if !hmp.isEmpty { d["hmp"] = .array(hmp) }
         for id in chardevTable.keys.sorted() where !usedChardevs.contains(id) {
             throw QEMUCommandLineError("-chardev \(id): not used by -serial or -mon (machine-server has no other character device front ends)")
         }
@@ -743,7 +746,7 @@ private struct Parser {
         let w = "\(what) \(spec)"
         switch spec {
         case "stdio", "mon:stdio":
-            guard forSerial else { throw QEMUCommandLineError("\(w): QMP on stdio is not supported; use a unix or tcp socket") }
+            guard forSerial else { throw QEMUCommandLineError("\(w): a monitor on stdio is not supported (no monitor multiplexing); use a unix or tcp socket") }
             if invocation.daemonize { throw QEMUCommandLineError("\(w): stdio cannot be used with -daemonize") }
             return ["backend": "stdio"]
         case "null", "none":
@@ -779,7 +782,7 @@ private struct Parser {
     /// A QMP listener from a chardev's description form (unix or tcp only).
     func qmpListener(_ c: JSONValue, what: String) throws(QEMUCommandLineError) -> JSONValue {
         guard case .object(let o) = c, let backend = o["backend"]?.stringValue, backend == "unix" || backend == "tcp" else {
-            throw QEMUCommandLineError("\(what): QMP needs a unix or tcp socket")
+            throw QEMUCommandLineError("\(what): a monitor needs a unix or tcp socket")
         }
         return c
     }

@@ -105,7 +105,7 @@ struct Launch {
         defer { for s in signalSources { s.cancel() } }
         let server = QMPServer(control: machine, chardevs: MachineChardevs([]))
         do {
-            try server.start(listeners: plan.qmp)
+            try server.start(listeners: plan.qmp, humanMonitorListeners: plan.hmp)
         } catch {
             throw LaunchError("qmp: \(error)")
         }
@@ -172,10 +172,10 @@ struct ProtocolServers {
         }
         let registry = MachineDeviceRegistry(devices: devices, vnc: vnc)
         var qmp: QMPServer? = nil
-        if !plan.qmp.isEmpty {
+        if !plan.qmp.isEmpty || !plan.hmp.isEmpty {
             let server = QMPServer(control: machine, chardevs: chardevs, devices: registry)
             do {
-                try server.start(listeners: plan.qmp)
+                try server.start(listeners: plan.qmp, humanMonitorListeners: plan.hmp)
             } catch {
                 throw LaunchError("qmp: \(error)")
             }

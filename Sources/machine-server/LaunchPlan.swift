@@ -21,6 +21,8 @@ struct LaunchPlan {
     var commandLine: String?
     var serial: ChardevSpec
     var qmp: [QMPListenerSpec]
+    /// The human monitor (HMP) listeners (`hmp`, QEMU's -mon mode=readline).
+    var hmp: [QMPListenerSpec]
     /// The VNC listen address and options, when a display is wanted.
     var vnc: VNCDescription?
     /// True when `vnc` came from --vnc (for messages).
@@ -153,6 +155,17 @@ struct LaunchPlan {
                 case .unix(let o): return .unix(path: resolve(o.path))
                 case .tcp(let o): return .tcp(host: o.host, port: Int(o.port))
                 }
+            }
+        }
+        hmp = (d.hmp ?? []).map { l in
+            switch l.variant {
+            case .unix(let o): return .unix(path: resolve(o.path))
+            case .tcp(let o): return .tcp(host: o.host, port: Int(o.port))
+            }
+        }
+        for (i, l) in hmp.enumerated() {
+            if case .unix(let p) = l, qmp.contains(.unix(path: p)) {
+                throw LaunchError("hmp[\(i)]: '\(p)' is also a QMP socket")
             }
         }
         for (i, l) in qmp.enumerated() {

@@ -84,10 +84,13 @@ import Testing
                            "-mon", "chardev=mon,id=monitor,mode=control", "-qmp", "tcp:127.0.0.1:4445,server,nowait"]).description
         #expect(d.qmp?.map(\.json) == [["backend": "tcp", "host": "127.0.0.1", "port": 4445],
                                        ["backend": "unix", "path": "/tmp/m.sock"]])
-        #expect(refusal(["-M", "virt", "-chardev", "socket,id=mon,path=/tmp/m,server=on,wait=off", "-mon", "chardev=mon"])?.contains("mode=readline") == true)
+        let hmp = try parse(["-M", "virt", "-chardev", "socket,id=h,path=/tmp/h,server=on,wait=off", "-mon", "chardev=h",
+                             "-monitor", "tcp:127.0.0.1:4446,server=on,wait=off"]).description
+        #expect(hmp.hmp?.map(\.json) == [["backend": "tcp", "host": "127.0.0.1", "port": 4446], ["backend": "unix", "path": "/tmp/h"]])
+        #expect(hmp.qmp == nil)
         #expect(refusal(["-M", "virt", "-chardev", "socket,id=mon,fd=3,server=on,wait=off", "-mon", "chardev=mon,mode=control"])?.contains("'fd'") == true)
         #expect(refusal(["-M", "virt", "-chardev", "file,id=x,path=/tmp/f"])?.contains("not used") == true)
-        #expect(refusal(["-M", "virt", "-monitor", "stdio"])?.contains("human-monitor-command") == true)
+        #expect(refusal(["-M", "virt", "-monitor", "stdio"])?.contains("no monitor multiplexing") == true)
     }
 
     @Test func drivesBlockdevsAndDevicesMeetInTheDescription() throws {

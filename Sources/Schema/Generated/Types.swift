@@ -4215,6 +4215,8 @@ public struct MachineDescription: SchemaCodable, Equatable {
     public var serial: SerialDescription?
     /// The QMP listeners. Optional.
     public var qmp: [QMPListenerDescription]?
+    /// Human monitor (HMP) listeners: a line per command, QEMU's text answers and its '(qemu) ' prompt (QEMU's -mon mode=readline on a socket). Optional.
+    public var hmp: [QMPListenerDescription]?
     /// The display server. Optional.
     public var display: DisplayDescription?
     /// Devices to add to the board. Optional.
@@ -4225,7 +4227,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
     public var actions: ActionsDescription?
 
     /// Creates a value from its members.
-    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, accel: AccelDescription? = nil, memory: String = "128M", firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, devices: [DeviceDescription]? = nil, uuid: String? = nil, actions: ActionsDescription? = nil) {
+    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, accel: AccelDescription? = nil, memory: String = "128M", firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, hmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, devices: [DeviceDescription]? = nil, uuid: String? = nil, actions: ActionsDescription? = nil) {
         self.version = version
         self.machine = machine
         self.name = name
@@ -4239,6 +4241,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
         self.start = start
         self.serial = serial
         self.qmp = qmp
+        self.hmp = hmp
         self.display = display
         self.devices = devices
         self.uuid = uuid
@@ -4246,7 +4249,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["version", "machine", "name", "cpus", "accel", "memory", "firmware", "kernel", "initrd", "append", "start", "serial", "qmp", "display", "devices", "uuid", "actions"]
+    public static let memberNames: Set<String> = ["version", "machine", "name", "cpus", "accel", "memory", "firmware", "kernel", "initrd", "append", "start", "serial", "qmp", "hmp", "display", "devices", "uuid", "actions"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -4290,6 +4293,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
         self.start = try r.optional("start", as: StartState.self) ?? .running
         self.serial = try r.optional("serial", as: SerialDescription.self)
         self.qmp = try r.optional("qmp", as: [QMPListenerDescription].self)
+        self.hmp = try r.optional("hmp", as: [QMPListenerDescription].self)
         self.display = try r.optional("display", as: DisplayDescription.self)
         self.devices = try r.optional("devices", as: [DeviceDescription].self)
         self.uuid = try r.optional("uuid", as: String.self)
@@ -4312,6 +4316,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
         o["start"] = self.start.json
         if let v = self.serial { o["serial"] = v.json }
         if let v = self.qmp { o["qmp"] = v.json }
+        if let v = self.hmp { o["hmp"] = v.json }
         if let v = self.display { o["display"] = v.json }
         if let v = self.devices { o["devices"] = v.json }
         if let v = self.uuid { o["uuid"] = v.json }
