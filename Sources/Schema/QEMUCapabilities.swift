@@ -49,6 +49,14 @@ public enum QEMUCapabilities {
                 ("size", "int", "size of the memory region in bytes (must equal -m)"),
                 ("share", "bool", "only off"), ("prealloc", "bool", "only off"),
                 ("x-use-canonical-path-for-ramblock-id", "bool", "accepted; no effect on the state stream")]),
+            QOMType(name: "memory-backend-file", parent: "memory-backend", abstract: false, properties: [
+                ("size", "int", "size of the memory region in bytes (must equal -m)"),
+                ("mem-path", "str", "the file, or a directory for an unlinked temporary file"),
+                ("share", "bool", "map the file shared (guest writes reach it)"), ("prealloc", "bool", "only off"),
+                ("discard-data", "bool", "accepted; the file is left as it is at exit"),
+                ("x-use-canonical-path-for-ramblock-id", "bool", "accepted; no effect on the state stream")]),
+            QOMType(name: "accel", parent: "object", abstract: true, properties: []),
+            QOMType(name: "tcg-accel", parent: "accel", abstract: false, properties: []),
             QOMType(name: "rng-backend", parent: "object", abstract: true, properties: []),
             QOMType(name: "rng-builtin", parent: "rng-backend", abstract: false, properties: []),
             QOMType(name: "rng-random", parent: "rng-backend", abstract: false, properties: [

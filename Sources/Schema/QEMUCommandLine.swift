@@ -155,7 +155,8 @@ public enum QEMUCommandLine {
         -no-reboot                a guest reboot ends the machine; -no-shutdown: a guest power-off pauses it
         -action reboot=reset|shutdown,shutdown=poweroff|pause
         -incoming file:PATH|exec:CMD|defer
-        -object memory-backend-ram,id=ID,size=SIZE | rng-random,id=ID,filename=/dev/urandom | rng-builtin,id=ID
+        -object memory-backend-ram,id=ID,size=SIZE | memory-backend-file,id=ID,size=SIZE,mem-path=PATH[,share=on]
+                (the machine's RAM, with -machine memory-backend=ID) | rng-random,id=ID,filename=/dev/urandom | rng-builtin,id=ID
 
         Block devices:
         -drive file=F[,format=raw|qcow2][,if=virtio|none][,id=ID][,readonly=on][,index=N][,media=disk][,cache=writeback]
@@ -411,21 +412,30 @@ private struct Parser {
                 throw QEMUCommandLineError("-object: needs a type and an id=")
             }
             switch type {
-            case "memory-backend-ram":
-                try o.rejectUnknown(["qom-type", "id", "size", "x-use-canonical-path-for-ramblock-id", "share", "prealloc"], in: "-object memory-backend-ram")
+            case "memory-backend-ram", "memory-backend-file":
+                let file = type == "memory-backend-file"
+                try o.rejectUnknown(Set(["qom-type", "id", "size", "x-use-canonical-path-for-ramblock-id", "share", "prealloc"])
+                                    .union(file ? ["mem-path", "discard-data"] : []), in: "-object \(type)")
+                let what = "-object \(type),id=\(id)"
                 guard machine["memory-backend"] == id else {
-                    throw QEMUCommandLineError("-object memory-backend-ram,id=\(id): only the machine's RAM (-machine memory-backend=\(id)) is supported")
+                    throw QEMUCommandLineError("\(what): only the machine's RAM (-machine memory-backend=\(id)) is supported")
                 }
                 guard let s = o["size"], let bytes = Self.qemuSize(s, defaultUnit: 0) else {
-                    throw QEMUCommandLineError("-object memory-backend-ram,id=\(id): size= is missing or not a size")
+                    throw QEMUCommandLineError("\(what): size= is missing or not a size")
                 }
                 if memory != nil, bytes != ramBytes {
-                    throw QEMUCommandLineError("-object memory-backend-ram,id=\(id): size \(bytes) differs from -m (\(ramBytes) bytes)")
+                    throw QEMUCommandLineError("\(what): size \(bytes) differs from -m (\(ramBytes) bytes)")
                 }
-                let share = try o.bool("share", in: "-object")
-                let prealloc = try o.bool("prealloc", in: "-object")
-                if share == true || prealloc == true {
-                    throw QEMUCommandLineError("-object memory-backend-ram,id=\(id): share=on and prealloc=on are not supported")
+                let share = try o.bool("share", in: what)
+                let prealloc = try o.bool("prealloc", in: what)
+                _ = try o.bool("x-use-canonical-path-for-ramblock-id", in: what)
+                _ = try o.bool("discard-data", in: what)
+                if prealloc == true { throw QEMUCommandLineError("\(what): prealloc=on is not supported") }
+                if file {
+                    guard let path = o["mem-path"] else { throw QEMUCommandLineError("\(what): mem-path= is required") }
+                    d["memory-backend"] = ["file": .string(absolute(path)), "share": .bool(share ?? false)]
+                } else if share == true {
+                    throw QEMUCommandLineError("\(what): share=on needs a file (memory-backend-file)")
                 }
                 ramBytes = bytes
             case "rng-builtin":
@@ -438,7 +448,7 @@ private struct Parser {
                 }
                 rngObjects.insert(id)
             default:
-                throw QEMUCommandLineError("-object \(type): not supported (supported: memory-backend-ram, rng-builtin, rng-random)")
+                throw QEMUCommandLineError("-object \(type): not supported (supported: memory-backend-ram, memory-backend-file, rng-builtin, rng-random)")
             }
         }
         if let backend = machine["memory-backend"], !objects.contains(where: { $0["id"] == backend }) {

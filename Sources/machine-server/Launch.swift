@@ -118,6 +118,11 @@ struct Launch {
     private func makeMachine(plan: LaunchPlan, serial: (any CharBackend)?, devices: MachineDevices) throws -> VirtualMachine {
         var config = BoardConfig()
         config.memorySize = plan.memoryBytes
+        let backingFD = try plan.memoryBackend.map { try ProcessSetup.openMemoryBackend(path: $0.path, size: plan.memoryBytes) }
+        defer { if let backingFD { close(backingFD) } }
+        if let backingFD, let b = plan.memoryBackend {
+            config.ramBacking = GuestRAM.BackingFile(fileDescriptor: backingFD, shared: b.shared)
+        }
         config.cpuCount = plan.cpuCount
         config.kernelCommandLine = plan.commandLine
         config.firmware = plan.firmware.map { .path($0) }

@@ -31,6 +31,8 @@ struct LaunchPlan {
     var devices: [PlannedDevice]
     /// `--incoming URI|defer`: load a saved state (or wait for migrate-incoming) instead of booting.
     var incoming: String?
+    /// Guest RAM from a file (`memory-backend`): the absolute path and whether it is shared.
+    var memoryBackend: (path: String, shared: Bool)?
     /// The machine's UUID (`uuid`, QEMU's -uuid).
     var uuid: String?
     /// What guest reboots and power-offs do (`actions`, QEMU's -no-reboot / -no-shutdown).
@@ -78,6 +80,7 @@ struct LaunchPlan {
 
         name = options.name ?? d.name
         isEmptyMachine = d.machine == .none
+        memoryBackend = d.memoryBackend.map { (resolve($0.file), $0.share) }
         uuid = d.uuid
         actions = VirtualMachine.GuestActions(rebootShutsDown: d.actions?.reboot == .shutdown,
                                               shutdownPauses: d.actions?.shutdown == .pause)

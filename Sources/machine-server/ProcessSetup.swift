@@ -72,6 +72,33 @@ enum ProcessSetup {
         }
     }
 
+    /// memory-backend-file's `mem-path`: a file (created 0600 if missing, extended to `size`),
+    /// or a directory in which an unlinked temporary file is made. Returns the open descriptor.
+    static func openMemoryBackend(path: String, size: UInt64) throws -> Int32 {
+        var st = stat()
+        let fd: Int32
+        if stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR {
+            var template = Array((path as NSString).appendingPathComponent("machine-server-ram.XXXXXX").utf8CString)
+            fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+            if fd >= 0 { template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) } }
+        } else {
+            fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        }
+        guard fd >= 0 else {
+            throw LaunchError("memory-backend: cannot open '\(path)': \(String(cString: strerror(errno)))")
+        }
+        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
+            close(fd)
+            throw LaunchError("memory-backend: '\(path)' is not a regular file or a directory")
+        }
+        if UInt64(max(0, st.st_size)) < size, ftruncate(fd, off_t(size)) != 0 {
+            let e = errno
+            close(fd)
+            throw LaunchError("memory-backend: cannot extend '\(path)' to \(size) bytes: \(String(cString: strerror(e)))")
+        }
+        return fd
+    }
+
     /// `-D FILE`: standard error (every diagnostic the server prints) goes to FILE (appended).
     static func redirectStandardError(to path: String) throws {
         let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)

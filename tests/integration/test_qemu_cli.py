@@ -163,6 +163,20 @@ def test_no_shutdown_keeps_a_powered_off_guest_until_quit(tmp_path, which):
 
 
 @pytest.mark.parametrize("which", BINARIES)
+def test_memory_backend_file_shared_holds_the_guest_ram(tmp_path, which):
+    ram = tmp_path / "ram"
+    pid = daemonize(tmp_path, which, guest_argv(tmp_path, "echo,ram-file-ok", "-no-reboot",
+                                                "-machine", "memory-backend=ram0",
+                                                "-object", f"memory-backend-file,id=ram0,size=256M,mem-path={ram},share=on"))
+    wait_gone(pid, BOOT_TIMEOUT, f"{which}: the guest powers off")
+    assert "ram-file-ok" in serial(tmp_path)
+    assert ram.stat().st_size == 256 << 20
+    # The guest's writes reached the file: the kernel's own banner is in it.
+    with open(ram, "rb") as f:
+        assert b"Linux version 6.1" in f.read()
+
+
+@pytest.mark.parametrize("which", BINARIES)
 def test_version_and_help_answer_as_qemu_does(which):
     r = subprocess.run([binary(which), "-version"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0

@@ -4106,6 +4106,51 @@ public struct AccelDescription: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// Guest RAM mapped from a file (QEMU's memory-backend-file) instead of anonymous host memory.
+public struct MemoryBackendDescription: SchemaCodable, Equatable {
+    /// The file (created if missing, extended to the RAM size), or a directory in which an unlinked temporary file is made (as QEMU does for hugetlbfs mounts).
+    public var file: String
+    /// Map it shared: guest writes reach the file. Otherwise the guest sees the file's bytes and its writes stay private. Loading a saved state into file-backed RAM is refused. Optional; default false.
+    public var share: Bool
+
+    /// Creates a value from its members.
+    public init(file: String, share: Bool = false) {
+        self.file = file
+        self.share = share
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["file", "share"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.file = try r.required("file", as: String.self)
+        do {
+            let v = self.file
+            try SchemaCheck.path(v, at: r.path.member("file"))
+        }
+        self.share = try r.optional("share", as: Bool.self) ?? false
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["file"] = self.file.json
+        o["share"] = self.share.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
 /// What a reboot the guest asks for does (QEMU's -action reboot=...; -no-reboot is 'shutdown').
 public enum RebootAction: String, SchemaCodable, CaseIterable, Equatable {
     /// The value "reset".
@@ -4221,13 +4266,15 @@ public struct MachineDescription: SchemaCodable, Equatable {
     public var display: DisplayDescription?
     /// Devices to add to the board. Optional.
     public var devices: [DeviceDescription]?
+    /// Where guest RAM comes from (default: anonymous host memory). Optional.
+    public var memoryBackend: MemoryBackendDescription?
     /// The machine's UUID (query-uuid), 8-4-4-4-12 hexadecimal digits; absent means the all-zero UUID, as QEMU reports. Optional.
     public var uuid: String?
     /// What guest reboot and power-off requests do (default: reset and power off). Optional.
     public var actions: ActionsDescription?
 
     /// Creates a value from its members.
-    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, accel: AccelDescription? = nil, memory: String = "128M", firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, hmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, devices: [DeviceDescription]? = nil, uuid: String? = nil, actions: ActionsDescription? = nil) {
+    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, accel: AccelDescription? = nil, memory: String = "128M", firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, hmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, devices: [DeviceDescription]? = nil, memoryBackend: MemoryBackendDescription? = nil, uuid: String? = nil, actions: ActionsDescription? = nil) {
         self.version = version
         self.machine = machine
         self.name = name
@@ -4244,12 +4291,13 @@ public struct MachineDescription: SchemaCodable, Equatable {
         self.hmp = hmp
         self.display = display
         self.devices = devices
+        self.memoryBackend = memoryBackend
         self.uuid = uuid
         self.actions = actions
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["version", "machine", "name", "cpus", "accel", "memory", "firmware", "kernel", "initrd", "append", "start", "serial", "qmp", "hmp", "display", "devices", "uuid", "actions"]
+    public static let memberNames: Set<String> = ["version", "machine", "name", "cpus", "accel", "memory", "firmware", "kernel", "initrd", "append", "start", "serial", "qmp", "hmp", "display", "devices", "memory-backend", "uuid", "actions"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -4296,6 +4344,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
         self.hmp = try r.optional("hmp", as: [QMPListenerDescription].self)
         self.display = try r.optional("display", as: DisplayDescription.self)
         self.devices = try r.optional("devices", as: [DeviceDescription].self)
+        self.memoryBackend = try r.optional("memory-backend", as: MemoryBackendDescription.self)
         self.uuid = try r.optional("uuid", as: String.self)
         self.actions = try r.optional("actions", as: ActionsDescription.self)
     }
@@ -4319,6 +4368,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
         if let v = self.hmp { o["hmp"] = v.json }
         if let v = self.display { o["display"] = v.json }
         if let v = self.devices { o["devices"] = v.json }
+        if let v = self.memoryBackend { o["memory-backend"] = v.json }
         if let v = self.uuid { o["uuid"] = v.json }
         if let v = self.actions { o["actions"] = v.json }
         return o
