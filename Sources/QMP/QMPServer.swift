@@ -17,6 +17,8 @@ public enum QMPListenerSpec: Sendable, Equatable, CustomStringConvertible {
     case unix(path: String)
     /// A TCP listener (port 0 picks a free port; see `QMPServer.boundAddresses`).
     case tcp(host: String, port: Int)
+    /// An inherited, bound and listening socket descriptor (libvirt's monitor socket).
+    case fd(Int32)
 
     /// Parses "unix:PATH" or "tcp:HOST:PORT"; the error names what is wrong.
     public init(parsing text: String) throws(QMPServerError) {
@@ -39,6 +41,7 @@ public enum QMPListenerSpec: Sendable, Equatable, CustomStringConvertible {
         switch self {
         case .unix(let p): return "unix:\(p)"
         case .tcp(let h, let p): return "tcp:\(h):\(p)"
+        case .fd(let fd): return "fd:\(fd)"
         }
     }
 }
@@ -143,6 +146,13 @@ public final class QMPServer: Sendable {
                     state.withLock { $0.unixPaths.append(path) }
                 case .tcp(let host, let port):
                     channel = try bootstrap.bind(host: host, port: port).wait()
+                case .fd(let fd):
+                    var type: Int32 = 0
+                    var len = socklen_t(MemoryLayout<Int32>.size)
+                    guard getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0, type == Int32(SOCK_STREAM.rawValue) else {
+                        throw QMPServerError.bindFailed(spec.description, "descriptor \(fd) is not an open stream socket")
+                    }
+                    channel = try bootstrap.withBoundSocket(fd).wait()
                 }
                 bound.append(channel)
                 logger.info("\(human ? "HMP" : "QMP") listening on \(channel.localAddress.map { "\($0)" } ?? spec.description)")

@@ -42,6 +42,9 @@ public enum QEMUCapabilities {
             QOMType(name: "riscv-cpu", parent: "cpu", abstract: true, properties: []),
             QOMType(name: "rv64-riscv-cpu", parent: "riscv-cpu", abstract: false, properties: []),
             QOMType(name: "virtio-device", parent: "device", abstract: true, properties: []),
+            QOMType(name: "sys-bus-device", parent: "device", abstract: true, properties: []),
+            // The board's virtio-mmio transports (8 slots); devices go in them as -device *-device.
+            QOMType(name: "virtio-mmio", parent: "sys-bus-device", abstract: false, properties: []),
             QOMType(name: "pci-device", parent: "device", abstract: true, properties: []),
             QOMType(name: "virtio-pci", parent: "pci-device", abstract: true, properties: []),
             QOMType(name: "memory-backend", parent: "object", abstract: true, properties: []),

@@ -34,6 +34,8 @@ public struct QEMUInvocation: Sendable {
     public var logFile: String?
     /// `-incoming URI|defer`.
     public var incoming: String?
+    /// `-msg timestamp=on`: error lines start with the UTC time, as QEMU's do.
+    public var messageTimestamps = false
     /// Notes for the user (e.g. a probed image format), printed before starting.
     public var warnings: [String] = []
 }
@@ -204,6 +206,8 @@ private struct Parser {
     var mons: [QEMUKeyValue] = []
     var qmps: [String] = []
     var monitors: [String] = []
+    var audiodevs: Set<String> = []
+    var secrets: Set<String> = []
     var objects: [QEMUKeyValue] = []
     var nographic = false
     var displayNone = false
@@ -303,6 +307,28 @@ private struct Parser {
                 shutdown = s
             }
         case "nodefaults": nodefaults = true
+        case "rtc":
+            let kv = try QEMUKeyValue(parsing: v)
+            try kv.rejectUnknown(["base", "clock", "driftfix"], in: "-rtc")
+            guard (kv["base"] ?? "utc") == "utc", (kv["clock"] ?? "host") == "host", (kv["driftfix"] ?? "none") == "none" else {
+                throw QEMUCommandLineError("-rtc \(v): the RTC follows the host's UTC clock (only base=utc,clock=host)")
+            }
+        case "boot":
+            let kv = try QEMUKeyValue(parsing: v, impliedKey: "order")
+            try kv.rejectUnknown(["strict", "menu"], in: "-boot")
+            // With -kernel (or the firmware's own choice) there is no boot order to keep:
+            // strict boot and a disabled menu are what already happens.
+            if try kv.bool("menu", in: "-boot") == true {
+                throw QEMUCommandLineError("-boot menu=on: there is no boot menu")
+            }
+            _ = try kv.bool("strict", in: "-boot")
+        case "audiodev":
+            let kv = try QEMUKeyValue(parsing: v, impliedKey: "driver", acceptsJSON: true)
+            try kv.rejectUnknown(["driver", "id"], in: "-audiodev")
+            guard kv["driver"] == "none", let id = kv["id"] else {
+                throw QEMUCommandLineError("-audiodev \(v): there is no sound device; only driver=none with an id")
+            }
+            audiodevs.insert(id)
         case "no-user-config":
             break  // machine-server reads no QEMU configuration files, so there are none to skip.
         case "overcommit":
@@ -317,10 +343,9 @@ private struct Parser {
         case "msg":
             let kv = try QEMUKeyValue(parsing: v)
             try kv.rejectUnknown(["timestamp", "guest-name"], in: "-msg")
-            let timestamp = try kv.bool("timestamp", in: "-msg")
-            let guestName = try kv.bool("guest-name", in: "-msg")
-            if timestamp == true || guestName == true {
-                throw QEMUCommandLineError("-msg \(v): timestamps and guest names in messages are not supported (only =off)")
+            invocation.messageTimestamps = try kv.bool("timestamp", in: "-msg") ?? false
+            if try kv.bool("guest-name", in: "-msg") == true {
+                throw QEMUCommandLineError("-msg \(v): guest names in messages are not supported")
             }
         case "sandbox":
             let kv = try QEMUKeyValue(parsing: v, impliedKey: "enable")
@@ -438,6 +463,20 @@ private struct Parser {
                     throw QEMUCommandLineError("\(what): share=on needs a file (memory-backend-file)")
                 }
                 ramBytes = bytes
+            case "secret":
+                // Data a management tool hands over (libvirt's masterKey0); held, used by nothing
+                // machine-server has (no encrypted images or passwords read from secrets yet).
+                try o.rejectUnknown(["qom-type", "id", "format", "file", "data", "keyid", "iv"], in: "-object secret")
+                guard (o["file"] != nil) != (o["data"] != nil) else {
+                    throw QEMUCommandLineError("-object secret,id=\(id): give exactly one of file= and data=")
+                }
+                if let f = o["format"], f != "raw", f != "base64" {
+                    throw QEMUCommandLineError("-object secret,id=\(id): format=\(f) is not raw or base64")
+                }
+                if o["keyid"] != nil || o["iv"] != nil {
+                    throw QEMUCommandLineError("-object secret,id=\(id): encrypted secrets (keyid, iv) are not supported")
+                }
+                secrets.insert(id)
             case "rng-builtin":
                 try o.rejectUnknown(["qom-type", "id"], in: "-object rng-builtin")
                 rngObjects.insert(id)
@@ -535,6 +574,9 @@ private struct Parser {
             if spec.hasPrefix("chardev:") {
                 let id = String(spec.dropFirst(8))
                 guard let c = chardevTable[id] else { throw QEMUCommandLineError("-serial chardev:\(id): no -chardev with that id") }
+                if c["backend"]?.stringValue == "fd" {
+                    throw QEMUCommandLineError("-serial chardev:\(id): a serial line on a passed descriptor (fd=) is not supported; only monitors take one")
+                }
                 usedChardevs.insert(id)
                 d["serial"] = c
             } else {
@@ -576,7 +618,10 @@ private struct Parser {
         // Display
         if let vnc, vnc != "none" {
             let kv = try QEMUKeyValue(parsing: vnc, impliedKey: "vnc")
-            try kv.rejectUnknown(["vnc"], in: "-vnc")
+            try kv.rejectUnknown(["vnc", "audiodev"], in: "-vnc")
+            if let a = kv["audiodev"], !audiodevs.contains(a) {
+                throw QEMUCommandLineError("-vnc: audiodev=\(a) names no -audiodev")
+            }
             let addr = kv["vnc"] ?? ""
             guard let colon = addr.lastIndex(of: ":"), let n = UInt16(addr[addr.index(after: colon)...]), n <= 65535 - 5900 else {
                 throw QEMUCommandLineError("-vnc \(vnc): expected [HOST]:DISPLAY (e.g. 127.0.0.1:0 for port 5900)")
@@ -669,7 +714,18 @@ private struct Parser {
                     throw QEMUCommandLineError("\(what): multifunction=on is not supported")
                 }
                 _ = try dev.integer("port", in: what)
+            case .virtioGpuDevice, .virtioGpuPci:
+                allowed.insert("max_outputs")
+                if let n = try dev.integer("max_outputs", in: what), n != 1 {
+                    throw QEMUCommandLineError("\(what): max_outputs=\(n): the GPU has one output")
+                }
             default: break
+            }
+            if kind == .virtioBlkDevice || kind == .virtioBlkPci {
+                // Firmware boot order: machine-server boots the -kernel (or what the firmware
+                // finds), so the index is checked and has nothing to order.
+                allowed.insert("bootindex")
+                _ = try dev.integer("bootindex", in: what)
             }
             try dev.rejectUnknown(allowed, in: what)
             if o["id"] == nil, let id = dev["id"] { o["id"] = .string(id) }
@@ -703,8 +759,15 @@ private struct Parser {
         let backend = c["backend"] ?? ""
         switch backend {
         case "socket":
-            try c.rejectUnknown(["backend", "id", "path", "host", "port", "server", "wait", "telnet", "ipv4", "ipv6", "delay"], in: what)
+            try c.rejectUnknown(["backend", "id", "path", "host", "port", "server", "wait", "telnet", "ipv4", "ipv6", "delay", "fd"], in: what)
             try requireServer(c, what: what)
+            if let fd = try c.integer("fd", in: what) {
+                guard c["path"] == nil, c["host"] == nil, c["port"] == nil else {
+                    throw QEMUCommandLineError("\(what): give fd= or an address, not both")
+                }
+                // An inherited listening socket: only monitors take it (checked where used).
+                return ["backend": "fd", "fd": .int(fd)]
+            }
             if try c.bool("telnet", in: what) == true { throw QEMUCommandLineError("\(what): telnet=on is not supported") }
             if let path = c["path"] {
                 guard c["host"] == nil, c["port"] == nil else { throw QEMUCommandLineError("\(what): give path= or host=/port=, not both") }
@@ -791,7 +854,7 @@ private struct Parser {
 
     /// A QMP listener from a chardev's description form (unix or tcp only).
     func qmpListener(_ c: JSONValue, what: String) throws(QEMUCommandLineError) -> JSONValue {
-        guard case .object(let o) = c, let backend = o["backend"]?.stringValue, backend == "unix" || backend == "tcp" else {
+        guard case .object(let o) = c, let backend = o["backend"]?.stringValue, ["unix", "tcp", "fd"].contains(backend) else {
             throw QEMUCommandLineError("\(what): a monitor needs a unix or tcp socket")
         }
         return c
@@ -832,7 +895,10 @@ private struct Parser {
             if ro { o["read-only"] = true }
             return .object(o)
         case "raw", "qcow2":
-            try b.rejectUnknown(common.union(["file", "file."]), in: what)
+            try b.rejectUnknown(common.union(["file", "file.", "backing"]), in: what)
+            if let backing = b["backing"], backing != "null" {
+                throw QEMUCommandLineError("\(what): backing=\(backing): only backing=null (the image's own backing file is opened)")
+            }
             try check(b, what)
             let file: (path: String, readOnly: Bool)
             if let ref = b["file"] {

@@ -88,7 +88,10 @@ public struct QEMUKeyValue: Equatable, Sendable {
             case .bool(let b): try add(key, b ? "on" : "off")
             case .int(let n): try add(key, String(n))
             case .double(let d): try add(key, String(d))
-            case .null, .array:
+            case .null:
+                // libvirt writes "backing": null; kept as the text null for the option to judge.
+                try add(key, "null")
+            case .array:
                 throw QEMUCommandLineError("parameter '\(key)': a \(m.value.typeName) is not supported here")
             }
         }

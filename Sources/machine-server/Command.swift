@@ -166,12 +166,23 @@ func runQEMUFrontEnd(_ arguments: [String]) -> Never {
                                   baseDirectory: FileManager.default.currentDirectoryPath, options: overrides)
         exit(try Launch(plan: plan).run())
     } catch {
-        fail("\(error)")
+        fail("\(error)", timestamped: invocation.messageTimestamps)
     }
 }
 
-/// Prints "machine-server: error: MESSAGE" on standard error and exits with status 1.
-func fail(_ message: String) -> Never {
-    FileHandle.standardError.write(Data("machine-server: error: \(message)\n".utf8))
+/// Prints "machine-server: error: MESSAGE" on standard error and exits with status 1; with
+/// `timestamped` (QEMU's -msg timestamp=on) the line starts with the UTC time as QEMU writes it.
+func fail(_ message: String, timestamped: Bool = false) -> Never {
+    var prefix = ""
+    if timestamped {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        var t = tm()
+        var seconds = ts.tv_sec
+        gmtime_r(&seconds, &t)
+        prefix = String(format: "%04d-%02d-%02dT%02d:%02d:%02d.%06ldZ ", t.tm_year + 1900, t.tm_mon + 1, t.tm_mday,
+                        t.tm_hour, t.tm_min, t.tm_sec, ts.tv_nsec / 1000)
+    }
+    FileHandle.standardError.write(Data("\(prefix)machine-server: error: \(message)\n".utf8))
     exit(1)
 }

@@ -153,19 +153,9 @@ struct LaunchPlan {
                 do { return try QMPListenerSpec(parsing: text) } catch { throw LaunchError("--qmp: \(error)") }
             }
         } else {
-            qmp = (d.qmp ?? []).map { l in
-                switch l.variant {
-                case .unix(let o): return .unix(path: resolve(o.path))
-                case .tcp(let o): return .tcp(host: o.host, port: Int(o.port))
-                }
-            }
+            qmp = (d.qmp ?? []).map(Self.listener(resolve: resolve))
         }
-        hmp = (d.hmp ?? []).map { l in
-            switch l.variant {
-            case .unix(let o): return .unix(path: resolve(o.path))
-            case .tcp(let o): return .tcp(host: o.host, port: Int(o.port))
-            }
-        }
+        hmp = (d.hmp ?? []).map(Self.listener(resolve: resolve))
         for (i, l) in hmp.enumerated() {
             if case .unix(let p) = l, qmp.contains(.unix(path: p)) {
                 throw LaunchError("hmp[\(i)]: '\(p)' is also a QMP socket")
@@ -196,6 +186,17 @@ struct LaunchPlan {
         vncFromCommandLine = options.vnc != nil
         let vncOrigin = options.vnc != nil ? "--vnc" : (vnc != nil ? "display.vnc" : nil)
         devices = try PlannedDevice.plan(d.devices ?? [], vnc: vncOrigin, resolve: resolve)
+    }
+
+    /// The listener spec for a description's QMP/HMP listener.
+    static func listener(resolve: @escaping (String) -> String) -> (QMPListenerDescription) -> QMPListenerSpec {
+        { l in
+            switch l.variant {
+            case .unix(let o): return .unix(path: resolve(o.path))
+            case .tcp(let o): return .tcp(host: o.host, port: Int(o.port))
+            case .fd(let o): return .fd(Int32(o.fd))
+            }
+        }
     }
 
     /// The chardev SPEC for the description's `serial` member (default: stdio).

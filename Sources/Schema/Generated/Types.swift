@@ -3355,6 +3355,8 @@ public enum QMPBackend: String, SchemaCodable, CaseIterable, Equatable {
     case unix = "unix"
     /// The value "tcp".
     case tcp = "tcp"
+    /// The value "fd".
+    case fd = "fd"
 
     /// Decodes one of the values; anything else is an error listing them.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -3454,6 +3456,46 @@ public struct QMPTCPOptions: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// A QMP listener on a listening socket the server inherits (QEMU's -chardev socket,fd=N,server=on, as libvirt passes its monitor socket).
+public struct QMPFdOptions: SchemaCodable, Equatable {
+    /// The inherited descriptor of a bound, listening stream socket.
+    public var fd: Int64
+
+    /// Creates a value from its members.
+    public init(fd: Int64) {
+        self.fd = fd
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["fd"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.fd = try r.required("fd", as: Int64.self)
+        do {
+            let v = self.fd
+            try SchemaCheck.range(v, min: 3, max: 65535, at: r.path.member("fd"))
+        }
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["fd"] = self.fd.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
 /// One QMP listener.
 public struct QMPListenerDescription: SchemaCodable, Equatable {
     /// The branch, selected by `backend`, with the members it adds.
@@ -3462,6 +3504,8 @@ public struct QMPListenerDescription: SchemaCodable, Equatable {
         case unix(QMPUnixOptions)
         /// `backend` is "tcp"; the branch adds the members of `QMPTCPOptions`.
         case tcp(QMPTCPOptions)
+        /// `backend` is "fd"; the branch adds the members of `QMPFdOptions`.
+        case fd(QMPFdOptions)
     }
 
     /// The branch.
@@ -3477,6 +3521,7 @@ public struct QMPListenerDescription: SchemaCodable, Equatable {
         switch variant {
         case .unix: return .unix
         case .tcp: return .tcp
+        case .fd: return .fd
         }
     }
 
@@ -3492,6 +3537,9 @@ public struct QMPListenerDescription: SchemaCodable, Equatable {
         case .tcp:
             try r.rejectUnknown(allowed: baseNames.union(QMPTCPOptions.memberNames))
             self.variant = .tcp(try QMPTCPOptions(reader: r))
+        case .fd:
+            try r.rejectUnknown(allowed: baseNames.union(QMPFdOptions.memberNames))
+            self.variant = .fd(try QMPFdOptions(reader: r))
         }
     }
 
@@ -3502,6 +3550,7 @@ public struct QMPListenerDescription: SchemaCodable, Equatable {
         switch variant {
         case .unix(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .tcp(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .fd(let b): for m in b.jsonMembers { o[m.key] = m.value }
         }
         return .object(o)
     }
