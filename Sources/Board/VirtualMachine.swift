@@ -96,6 +96,8 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
     let describeIdentityMismatch: @Sendable (String, String) -> String
     /// The current or last migration.
     let migration = Mutex(MigrationProgress())
+    /// QEMU's 'events' migration capability.
+    let migrationEventsOn = Atomic<Bool>(false)
     /// The snapshot jobs.
     let jobTable = JobTable()
     /// The disks internal snapshots cover (set by whoever opened them).

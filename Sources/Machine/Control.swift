@@ -46,6 +46,8 @@ public enum MachineEvent: Sendable, Equatable {
     case powerdown
     /// A background job changed state (QEMU's JOB_STATUS_CHANGE).
     case jobStatusChange(id: String, status: JobStatus)
+    /// A migration changed status (QEMU's MIGRATION; only while migration events are on).
+    case migration(status: MigrationProgress.Status)
 }
 
 /// What a device may ask of the whole system: the SiFive test device powers off or resets.
@@ -192,6 +194,10 @@ public protocol MachineMigration: AnyObject, Sendable {
     /// Loads the machine's state from `uri` (a machine waiting with `--incoming defer`), and
     /// runs it unless it was started with -S. Returns when the state is loaded.
     func incomingMigration(uri: String) throws
+    /// Whether status changes are announced as `MachineEvent.migration` (QEMU's 'events'
+    /// capability). Setting it fails while a migration runs.
+    var migrationEvents: Bool { get }
+    func setMigrationEvents(_ on: Bool) throws
 }
 
 /// A background job's state, with QEMU's `JobStatus` names.

@@ -170,11 +170,11 @@ func errorOf(_ reply: JSONValue) -> (String, String)? {
         let blk = names(h.one(#"{"execute":"device-list-properties","arguments":{"typename":"virtio-blk-device"}}"#)["return"])
         #expect(blk == ["drive"])
         #expect(errorOf(h.one(#"{"execute":"device-list-properties","arguments":{"typename":"e1000"}}"#))?.0 == "DeviceNotFound")
-        #expect(errorOf(h.one(#"{"execute":"qom-list-properties","arguments":{"typename":"memory-backend-file"}}"#))?.0 == "DeviceNotFound")
+        #expect(errorOf(h.one(#"{"execute":"qom-list-properties","arguments":{"typename":"memory-backend-epc"}}"#))?.0 == "DeviceNotFound")
         #expect(errorOf(h.one(#"{"execute":"query-command-line-options","arguments":{"option":"spice"}}"#))?.1 == "invalid option name: spice")
         let events = names(h.one(#"{"execute":"query-events"}"#)["return"])
         #expect(events.contains("SHUTDOWN") && events.contains("STOP"))
-        #expect(h.one(#"{"execute":"query-migrate-capabilities"}"#)["return"] == [])
+        #expect(h.one(#"{"execute":"query-migrate-capabilities"}"#)["return"] == [["capability": "events", "state": false]])
         #expect(errorOf(h.one(#"{"execute":"send-key","arguments":{"keys":[{"type":"qcode","data":"nosuch"}]}}"#))?.1
                 == "Parameter 'data' does not accept value 'nosuch'")  // QEMU 7.2's wording
     }

@@ -78,8 +78,10 @@ public protocol QMPCommandHandler: Sendable {
     func qomListProperties(_ arguments: QomListPropertiesArguments) throws -> [ObjectPropertyInfo]
     /// `query-command-line-options`: Lists the key=value options of QEMU's command line that machine-server accepts, with the parameters it honours (docs/qemu-cli.md).
     func queryCommandLineOptions(_ arguments: QueryCommandLineOptionsArguments) throws -> [CommandLineOptionInfo]
-    /// `query-migrate-capabilities`: Lists the migration capabilities machine-server has: none (migration to a file or command is plain; no capability can be turned on).
+    /// `query-migrate-capabilities`: Lists the migration capabilities and whether each is on.
     func queryMigrateCapabilities() throws -> [MigrationCapabilityStatus]
+    /// `migrate-set-capabilities`: Turns migration capabilities on or off (for the whole machine, as in QEMU). Fails while a migration runs.
+    func migrateSetCapabilities(_ arguments: MigrateSetCapabilitiesArguments) throws
     /// `query-jobs`: Lists the jobs that have not been dismissed.
     func queryJobs() throws -> [JobInfo]
     /// `job-dismiss`: Removes a concluded job from query-jobs (its status becomes null).
@@ -168,6 +170,8 @@ public enum QMPCommand: Sendable, Equatable {
     case queryCommandLineOptions(QueryCommandLineOptionsArguments)
     /// `query-migrate-capabilities`.
     case queryMigrateCapabilities
+    /// `migrate-set-capabilities`.
+    case migrateSetCapabilities(MigrateSetCapabilitiesArguments)
     /// `query-jobs`.
     case queryJobs
     /// `job-dismiss`.
@@ -218,6 +222,7 @@ public enum QMPCommand: Sendable, Equatable {
         "qom-list-properties",
         "query-command-line-options",
         "query-migrate-capabilities",
+        "migrate-set-capabilities",
         "query-jobs",
         "job-dismiss",
         "snapshot-save",
@@ -265,6 +270,7 @@ public enum QMPCommand: Sendable, Equatable {
         case .qomListProperties: return "qom-list-properties"
         case .queryCommandLineOptions: return "query-command-line-options"
         case .queryMigrateCapabilities: return "query-migrate-capabilities"
+        case .migrateSetCapabilities: return "migrate-set-capabilities"
         case .queryJobs: return "query-jobs"
         case .jobDismiss: return "job-dismiss"
         case .snapshotSave: return "snapshot-save"
@@ -417,6 +423,8 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
             }
             return .queryMigrateCapabilities
+        case "migrate-set-capabilities":
+            return .migrateSetCapabilities(try MigrateSetCapabilitiesArguments(json: .object(arguments), at: .root))
         case "query-jobs":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -527,6 +535,9 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
             return try handler.queryCommandLineOptions(arguments).json
         case .queryMigrateCapabilities:
             return try handler.queryMigrateCapabilities().json
+        case .migrateSetCapabilities(let arguments):
+            try handler.migrateSetCapabilities(arguments)
+            return .object(JSONObject())
         case .queryJobs:
             return try handler.queryJobs().json
         case .jobDismiss(let arguments):

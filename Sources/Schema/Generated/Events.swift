@@ -18,6 +18,8 @@ public enum QMPEvent: Sendable, Equatable {
     case vncInitialized(VncInitializedEventData)
     /// `VNC_DISCONNECTED`: A VNC viewer disconnected.
     case vncDisconnected(VncDisconnectedEventData)
+    /// `MIGRATION`: A migration (or an incoming one) changed status; sent only while the 'events' capability is on.
+    case migration(MigrationEventData)
     /// `JOB_STATUS_CHANGE`: A job changed state.
     case jobStatusChange(JobStatusChangeEventData)
 
@@ -31,6 +33,7 @@ public enum QMPEvent: Sendable, Equatable {
         "VNC_CONNECTED",
         "VNC_INITIALIZED",
         "VNC_DISCONNECTED",
+        "MIGRATION",
         "JOB_STATUS_CHANGE",
     ]
 
@@ -45,6 +48,7 @@ public enum QMPEvent: Sendable, Equatable {
         case .vncConnected: return "VNC_CONNECTED"
         case .vncInitialized: return "VNC_INITIALIZED"
         case .vncDisconnected: return "VNC_DISCONNECTED"
+        case .migration: return "MIGRATION"
         case .jobStatusChange: return "JOB_STATUS_CHANGE"
         }
     }
@@ -60,6 +64,7 @@ public enum QMPEvent: Sendable, Equatable {
         case .vncConnected(let d): return d.json
         case .vncInitialized(let d): return d.json
         case .vncDisconnected(let d): return d.json
+        case .migration(let d): return d.json
         case .jobStatusChange(let d): return d.json
         }
     }

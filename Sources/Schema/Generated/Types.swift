@@ -5288,15 +5288,33 @@ public struct QueryCommandLineOptionsArguments: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// The migration capabilities machine-server has: 'events' (MIGRATION events on every status change).
+public enum MigrationCapability: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "events".
+    case events = "events"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
 /// One migration capability and whether it is on.
 public struct MigrationCapabilityStatus: SchemaCodable, Equatable {
     /// The capability.
-    public var capability: String
+    public var capability: MigrationCapability
     /// Whether it is enabled.
     public var state: Bool
 
     /// Creates a value from its members.
-    public init(capability: String, state: Bool) {
+    public init(capability: MigrationCapability, state: Bool) {
         self.capability = capability
         self.state = state
     }
@@ -5313,7 +5331,7 @@ public struct MigrationCapabilityStatus: SchemaCodable, Equatable {
 
     /// Decodes the members from `r`; the caller has already rejected unknown members.
     public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
-        self.capability = try r.required("capability", as: String.self)
+        self.capability = try r.required("capability", as: MigrationCapability.self)
         self.state = try r.required("state", as: Bool.self)
     }
 
@@ -5322,6 +5340,78 @@ public struct MigrationCapabilityStatus: SchemaCodable, Equatable {
         var o = JSONObject()
         o["capability"] = self.capability.json
         o["state"] = self.state.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `migrate-set-capabilities` command.
+public struct MigrateSetCapabilitiesArguments: SchemaCodable, Equatable {
+    /// The capabilities to set.
+    public var capabilities: [MigrationCapabilityStatus]
+
+    /// Creates a value from its members.
+    public init(capabilities: [MigrationCapabilityStatus]) {
+        self.capabilities = capabilities
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["capabilities"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.capabilities = try r.required("capabilities", as: [MigrationCapabilityStatus].self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["capabilities"] = self.capabilities.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The data of the `MIGRATION` event.
+public struct MigrationEventData: SchemaCodable, Equatable {
+    /// The new status.
+    public var status: MigrationStatus
+
+    /// Creates a value from its members.
+    public init(status: MigrationStatus) {
+        self.status = status
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["status"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.status = try r.required("status", as: MigrationStatus.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["status"] = self.status.json
         return o
     }
 
