@@ -46,10 +46,16 @@ public struct BlockDeviceStatus: Sendable, Equatable {
     public var backingFile: String?
     /// How many images are chained below this one.
     public var backingDepth: Int
+    /// The format node's and file node's names, when the drive has them.
+    public var nodeName: String?
+    public var fileNodeName: String?
 
     /// Creates a status value.
     public init(id: String, file: String, format: String, readOnly: Bool, virtualSize: UInt64,
-                actualSize: UInt64? = nil, backingFile: String? = nil, backingDepth: Int = 0) {
+                actualSize: UInt64? = nil, backingFile: String? = nil, backingDepth: Int = 0,
+                nodeName: String? = nil, fileNodeName: String? = nil) {
+        self.nodeName = nodeName
+        self.fileNodeName = fileNodeName
         self.id = id
         self.file = file
         self.format = format
@@ -73,4 +79,11 @@ public protocol DeviceRegistry: AnyObject, Sendable {
     func inputDevice(id: String) -> (any InputSink)?
     /// Every virtio block device, in slot order.
     func blockDevices() -> [BlockDeviceStatus]
+    /// The devices the user gave ids, with their QEMU driver names (/machine/peripheral).
+    func peripherals() -> [(id: String, driver: String)]
+}
+
+extension DeviceRegistry {
+    /// None unless the registry lists them.
+    public func peripherals() -> [(id: String, driver: String)] { [] }
 }

@@ -63,6 +63,21 @@ extension QMPCommandExecutor {
         }
     }
 
+    /// The QOM tree machine-server has: /machine, and /machine/peripheral with the devices that have ids.
+    public func qomList(_ arguments: QomListArguments) throws -> [ObjectPropertyInfo] {
+        let typeProperty = ObjectPropertyInfo(name: "type", type: "string")
+        switch arguments.path {
+        case "/machine":
+            return [typeProperty, ObjectPropertyInfo(name: "peripheral", type: "child<container>")]
+        case "/machine/peripheral":
+            return [typeProperty] + (devices?.peripherals() ?? []).map {
+                ObjectPropertyInfo(name: $0.id, type: "child<\($0.driver)>")
+            }
+        default:
+            throw QMPError(.deviceNotFound, "Device '\(arguments.path)' not found")
+        }
+    }
+
     /// The 'events' capability and its state (off for a machine that cannot migrate).
     public func queryMigrateCapabilities() throws -> [MigrationCapabilityStatus] {
         let on = (controlForMigration as? any MachineMigration)?.migrationEvents ?? false

@@ -891,7 +891,7 @@ private struct Parser {
         switch driver {
         case "file":
             let (path, ro) = try fileNode(b, what)
-            var o: JSONObject = ["file": .string(path), "format": "raw"]
+            var o: JSONObject = ["file": .string(path), "format": "raw", "file-node-name": .string(node)]
             if ro { o["read-only"] = true }
             return .object(o)
         case "raw", "qcow2":
@@ -901,17 +901,20 @@ private struct Parser {
             }
             try check(b, what)
             let file: (path: String, readOnly: Bool)
+            var fileNodeName: String? = nil
             if let ref = b["file"] {
                 guard let target = all.first(where: { $0["node-name"] == ref }) else {
                     throw QEMUCommandLineError("\(what): file=\(ref) names no -blockdev node")
                 }
                 file = try fileNode(target, "-blockdev \(ref)")
+                fileNodeName = ref
             } else {
                 let nested = b.nested("file")
                 guard !nested.pairs.isEmpty else { throw QEMUCommandLineError("\(what): file= is required") }
                 file = try fileNode(nested, "\(what) file")
             }
-            var o: JSONObject = ["file": .string(file.path), "format": .string(driver)]
+            var o: JSONObject = ["file": .string(file.path), "format": .string(driver), "node-name": .string(node)]
+            if let fileNodeName { o["file-node-name"] = .string(fileNodeName) }
             if try b.bool("read-only", in: what) == true || file.readOnly { o["read-only"] = true }
             return .object(o)
         default:

@@ -8,6 +8,8 @@
 public protocol QMPCommandHandler: Sendable {
     /// `query-block`: Lists the virtio block devices and their images.
     func queryBlock() throws -> [BlockInfo]
+    /// `query-named-block-nodes`: Lists the named block nodes: for each disk whose drive has node names, its format node (drv raw or qcow2) and its protocol node (drv file). Disks without node names are listed by query-block only.
+    func queryNamedBlockNodes(_ arguments: QueryNamedBlockNodesArguments) throws -> [BlockDeviceInfo]
     /// `query-chardev`: Lists the character devices.
     func queryChardev() throws -> [ChardevInfo]
     /// `ringbuf-write`: Sends bytes to the guest through a ring-buffer chardev, as if typed on its serial line.
@@ -82,6 +84,8 @@ public protocol QMPCommandHandler: Sendable {
     func queryMigrateCapabilities() throws -> [MigrationCapabilityStatus]
     /// `migrate-set-capabilities`: Turns migration capabilities on or off (for the whole machine, as in QEMU). Fails while a migration runs.
     func migrateSetCapabilities(_ arguments: MigrateSetCapabilitiesArguments) throws
+    /// `qom-list`: Lists the children and properties of a QOM path. machine-server's QOM tree is its machine and the devices given an id: '/machine' has the child 'peripheral', and '/machine/peripheral' has one child<DRIVER> per such device. Any other path fails with DeviceNotFound.
+    func qomList(_ arguments: QomListArguments) throws -> [ObjectPropertyInfo]
     /// `query-jobs`: Lists the jobs that have not been dismissed.
     func queryJobs() throws -> [JobInfo]
     /// `job-dismiss`: Removes a concluded job from query-jobs (its status becomes null).
@@ -98,6 +102,8 @@ public protocol QMPCommandHandler: Sendable {
 public enum QMPCommand: Sendable, Equatable {
     /// `query-block`.
     case queryBlock
+    /// `query-named-block-nodes`.
+    case queryNamedBlockNodes(QueryNamedBlockNodesArguments)
     /// `query-chardev`.
     case queryChardev
     /// `ringbuf-write`.
@@ -172,6 +178,8 @@ public enum QMPCommand: Sendable, Equatable {
     case queryMigrateCapabilities
     /// `migrate-set-capabilities`.
     case migrateSetCapabilities(MigrateSetCapabilitiesArguments)
+    /// `qom-list`.
+    case qomList(QomListArguments)
     /// `query-jobs`.
     case queryJobs
     /// `job-dismiss`.
@@ -186,6 +194,7 @@ public enum QMPCommand: Sendable, Equatable {
     /// Every command name, in schema order.
     public static let names: [String] = [
         "query-block",
+        "query-named-block-nodes",
         "query-chardev",
         "ringbuf-write",
         "ringbuf-read",
@@ -223,6 +232,7 @@ public enum QMPCommand: Sendable, Equatable {
         "query-command-line-options",
         "query-migrate-capabilities",
         "migrate-set-capabilities",
+        "qom-list",
         "query-jobs",
         "job-dismiss",
         "snapshot-save",
@@ -234,6 +244,7 @@ public enum QMPCommand: Sendable, Equatable {
     public var name: String {
         switch self {
         case .queryBlock: return "query-block"
+        case .queryNamedBlockNodes: return "query-named-block-nodes"
         case .queryChardev: return "query-chardev"
         case .ringbufWrite: return "ringbuf-write"
         case .ringbufRead: return "ringbuf-read"
@@ -271,6 +282,7 @@ public enum QMPCommand: Sendable, Equatable {
         case .queryCommandLineOptions: return "query-command-line-options"
         case .queryMigrateCapabilities: return "query-migrate-capabilities"
         case .migrateSetCapabilities: return "migrate-set-capabilities"
+        case .qomList: return "qom-list"
         case .queryJobs: return "query-jobs"
         case .jobDismiss: return "job-dismiss"
         case .snapshotSave: return "snapshot-save"
@@ -288,6 +300,8 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
             }
             return .queryBlock
+        case "query-named-block-nodes":
+            return .queryNamedBlockNodes(try QueryNamedBlockNodesArguments(json: .object(arguments), at: .root))
         case "query-chardev":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -425,6 +439,8 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
             return .queryMigrateCapabilities
         case "migrate-set-capabilities":
             return .migrateSetCapabilities(try MigrateSetCapabilitiesArguments(json: .object(arguments), at: .root))
+        case "qom-list":
+            return .qomList(try QomListArguments(json: .object(arguments), at: .root))
         case "query-jobs":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -449,6 +465,8 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
     switch self {
         case .queryBlock:
             return try handler.queryBlock().json
+        case .queryNamedBlockNodes(let arguments):
+            return try handler.queryNamedBlockNodes(arguments).json
         case .queryChardev:
             return try handler.queryChardev().json
         case .ringbufWrite(let arguments):
@@ -538,6 +556,8 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
         case .migrateSetCapabilities(let arguments):
             try handler.migrateSetCapabilities(arguments)
             return .object(JSONObject())
+        case .qomList(let arguments):
+            return try handler.qomList(arguments).json
         case .queryJobs:
             return try handler.queryJobs().json
         case .jobDismiss(let arguments):

@@ -62,6 +62,8 @@ public struct ImageInfo: SchemaCodable, Equatable {
 public struct BlockDeviceInfo: SchemaCodable, Equatable {
     /// The image file.
     public var file: String
+    /// The block node's name (from -blockdev node-name, or the description's drive node-name). Optional.
+    public var nodeName: String?
     /// True when the guest cannot write.
     public var ro: Bool
     /// The format driver ("raw" or "qcow2").
@@ -76,8 +78,9 @@ public struct BlockDeviceInfo: SchemaCodable, Equatable {
     public var image: ImageInfo
 
     /// Creates a value from its members.
-    public init(file: String, ro: Bool, drv: String, backingFile: String? = nil, backingFileDepth: Int64, encrypted: Bool, image: ImageInfo) {
+    public init(file: String, nodeName: String? = nil, ro: Bool, drv: String, backingFile: String? = nil, backingFileDepth: Int64, encrypted: Bool, image: ImageInfo) {
         self.file = file
+        self.nodeName = nodeName
         self.ro = ro
         self.drv = drv
         self.backingFile = backingFile
@@ -87,7 +90,7 @@ public struct BlockDeviceInfo: SchemaCodable, Equatable {
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["file", "ro", "drv", "backing_file", "backing_file_depth", "encrypted", "image"]
+    public static let memberNames: Set<String> = ["file", "node-name", "ro", "drv", "backing_file", "backing_file_depth", "encrypted", "image"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -99,6 +102,7 @@ public struct BlockDeviceInfo: SchemaCodable, Equatable {
     /// Decodes the members from `r`; the caller has already rejected unknown members.
     public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
         self.file = try r.required("file", as: String.self)
+        self.nodeName = try r.optional("node-name", as: String.self)
         self.ro = try r.required("ro", as: Bool.self)
         self.drv = try r.required("drv", as: String.self)
         self.backingFile = try r.optional("backing_file", as: String.self)
@@ -111,6 +115,7 @@ public struct BlockDeviceInfo: SchemaCodable, Equatable {
     public var jsonMembers: JSONObject {
         var o = JSONObject()
         o["file"] = self.file.json
+        if let v = self.nodeName { o["node-name"] = v.json }
         o["ro"] = self.ro.json
         o["drv"] = self.drv.json
         if let v = self.backingFile { o["backing_file"] = v.json }
@@ -178,6 +183,42 @@ public struct BlockInfo: SchemaCodable, Equatable {
         o["removable"] = self.removable.json
         o["locked"] = self.locked.json
         if let v = self.inserted { o["inserted"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `query-named-block-nodes` command.
+public struct QueryNamedBlockNodesArguments: SchemaCodable, Equatable {
+    /// Accepted (the list is always flat: no backing chains are described). Optional.
+    public var flat: Bool?
+
+    /// Creates a value from its members.
+    public init(flat: Bool? = nil) {
+        self.flat = flat
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["flat"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.flat = try r.optional("flat", as: Bool.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.flat { o["flat"] = v.json }
         return o
     }
 
@@ -3711,16 +3752,22 @@ public struct DriveDescription: SchemaCodable, Equatable {
     public var format: DriveFormat
     /// Open the image read-only; guest writes fail. Optional; default false.
     public var readOnly: Bool
+    /// The name of the image's format node (QEMU's -blockdev node-name; query-named-block-nodes). Optional.
+    public var nodeName: String?
+    /// The name of the file (protocol) node under it. Optional.
+    public var fileNodeName: String?
 
     /// Creates a value from its members.
-    public init(file: String, format: DriveFormat, readOnly: Bool = false) {
+    public init(file: String, format: DriveFormat, readOnly: Bool = false, nodeName: String? = nil, fileNodeName: String? = nil) {
         self.file = file
         self.format = format
         self.readOnly = readOnly
+        self.nodeName = nodeName
+        self.fileNodeName = fileNodeName
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["file", "format", "read-only"]
+    public static let memberNames: Set<String> = ["file", "format", "read-only", "node-name", "file-node-name"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -3738,6 +3785,8 @@ public struct DriveDescription: SchemaCodable, Equatable {
         }
         self.format = try r.required("format", as: DriveFormat.self)
         self.readOnly = try r.optional("read-only", as: Bool.self) ?? false
+        self.nodeName = try r.optional("node-name", as: String.self)
+        self.fileNodeName = try r.optional("file-node-name", as: String.self)
     }
 
     /// The members as JSON, in schema order.
@@ -3746,6 +3795,8 @@ public struct DriveDescription: SchemaCodable, Equatable {
         o["file"] = self.file.json
         o["format"] = self.format.json
         o["read-only"] = self.readOnly.json
+        if let v = self.nodeName { o["node-name"] = v.json }
+        if let v = self.fileNodeName { o["file-node-name"] = v.json }
         return o
     }
 
@@ -5412,6 +5463,42 @@ public struct MigrationEventData: SchemaCodable, Equatable {
     public var jsonMembers: JSONObject {
         var o = JSONObject()
         o["status"] = self.status.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `qom-list` command.
+public struct QomListArguments: SchemaCodable, Equatable {
+    /// The QOM path.
+    public var path: String
+
+    /// Creates a value from its members.
+    public init(path: String) {
+        self.path = path
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["path"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.path = try r.required("path", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["path"] = self.path.json
         return o
     }
 
