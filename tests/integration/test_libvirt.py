@@ -5,9 +5,9 @@
   the real probing commands;
 - a domain with <emulator> machine-server is defined;
 - the command line libvirt generates for it (`virsh domxml-to-native qemu-argv`) boots the
-  shared guest on machine-server, driven over the QMP socket libvirt asked for.
-`virsh start` itself does not work yet: libvirt then requires migrate-set-capabilities
-(events), which machine-server does not have.
+  shared guest on machine-server, driven over the QMP socket libvirt asked for;
+- virsh start, dominfo, suspend, resume, domblklist, vncdisplay, qemu-monitor-command (QMP and
+  HMP), screenshot, send-key and destroy work on a running domain whose guest boots.
 
 libvirtd runs as a private session daemon (as the user 'nobody' when the test runs as root),
 with its own directories under /tmp, started by virsh and stopped by the test.
@@ -60,7 +60,8 @@ def session():
     shutil.copy2(SERVER, emulator)
     for f in (KERNEL, INITRD):
         shutil.copy2(f, dirs["guest"] / f.name)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(dirs["guest"] / "disk.qcow2"), "32M"], check=True)
+    for disk in ("ms-test.qcow2", "ms-run.qcow2"):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(dirs["guest"] / disk), "32M"], check=True)
     as_root = os.geteuid() == 0
     if as_root:
         nobody = pwd.getpwnam("nobody")
@@ -77,36 +78,43 @@ def session():
         return r
 
     yield {"root": root, "emulator": emulator, "guest": dirs["guest"], "virsh": virsh}
-    pidfile = dirs["run"] / "libvirt" / "libvirtd.pid"
-    if pidfile.exists():
-        try:
-            os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
-        except (ProcessLookupError, ValueError):
-            pass
+    virsh("destroy", "ms-run", check=False)
+    for daemon in ("libvirtd", "virtlogd"):
+        pidfile = dirs["run"] / "libvirt" / f"{daemon}.pid"
+        if pidfile.exists():
+            try:
+                os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
     shutil.rmtree(root, ignore_errors=True)
 
 
-def domain_xml(s):
+def domain_xml(s, name="ms-test", run="echo,libvirt-argv-ok", serial="serial.log"):
+    """A domain; `serial` None leaves the console out (libvirt hands a running domain's serial
+    file over with -add-fd, which machine-server does not take yet)."""
     g = s["guest"]
+    cmdline = "console=ttyS0" + (f" guest.run={run}" if run else "")
+    uuid = "6b0d5e8c-8f0a-4c5e-9d2e-3f1a2b3c4d5e" if name == "ms-test" else "7c1e6f9d-9a1b-4d6f-8e3f-4a2b3c4d5e6f"
     return f"""<domain type='qemu'>
-  <name>ms-test</name>
-  <uuid>6b0d5e8c-8f0a-4c5e-9d2e-3f1a2b3c4d5e</uuid>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
   <memory unit='MiB'>256</memory>
   <vcpu>1</vcpu>
   <os>
     <type arch='riscv64' machine='virt'>hvm</type>
     <kernel>{g / KERNEL.name}</kernel>
     <initrd>{g / INITRD.name}</initrd>
-    <cmdline>console=ttyS0 guest.run=echo,libvirt-argv-ok</cmdline>
+    <cmdline>{cmdline}</cmdline>
   </os>
   <devices>
     <emulator>{s["emulator"]}</emulator>
     <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2'/>
-      <source file='{g / "disk.qcow2"}'/>
+      <source file='{g / (name + ".qcow2")}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
-    <serial type='file'><source path='{g / "serial.log"}'/></serial>
+    {f"<serial type='file'><source path='{g / serial}'/></serial>" if serial else ""}
+    <input type='keyboard' bus='virtio'/>
     <graphics type='vnc' port='-1' listen='127.0.0.1'/>
     <video><model type='virtio'/></video>
     <memballoon model='none'/>
@@ -189,3 +197,48 @@ def test_libvirts_command_line_boots_the_guest(session):
     out = (session["guest"] / "serial.log").read_text(errors="replace")
     assert "libvirt-argv-ok" in out and "guest: run done, status 0" in out, out[-2000:]
     session["virsh"]("undefine", "ms-test")
+
+
+def test_virsh_drives_a_running_domain(session):
+    virsh = session["virsh"]
+    xml = session["root"] / "ms-run.xml"
+    xml.write_text(domain_xml(session, name="ms-run", run=None, serial=None))
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(xml, nobody.pw_uid, nobody.pw_gid)
+    virsh("define", str(xml))
+    virsh("start", "ms-run")
+    # The guest kernel runs: hart 0 executes in S-mode at a kernel virtual address.
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while True:
+        regs = virsh("qemu-monitor-command", "ms-run", "--hmp", "info registers").stdout
+        if re.search(r"^ ?pc +ffffffff8", regs, re.M) and re.search(r"priv +0000000000000001", regs):
+            break
+        assert time.monotonic() < deadline, f"the guest kernel did not start under libvirt:\n{regs}"
+        time.sleep(1)
+    info = virsh("dominfo", "ms-run").stdout
+    assert re.search(r"State:\s+running", info) and re.search(r"CPU\(s\):\s+1", info), info
+    virsh("suspend", "ms-run")
+    assert virsh("domstate", "ms-run").stdout.strip() == "paused"
+    assert json.loads(virsh("qemu-monitor-command", "ms-run", '{"execute":"query-status"}').stdout)["return"]["status"] == "paused"
+    virsh("resume", "ms-run")
+    assert virsh("domstate", "ms-run").stdout.strip() == "running"
+    assert "VM status: running" in virsh("qemu-monitor-command", "ms-run", "--hmp", "info status").stdout
+    blk = virsh("domblklist", "ms-run").stdout
+    assert re.search(r"vda\s+.*ms-run\.qcow2", blk), blk
+    assert re.match(r"127\.0\.0\.1:\d+", virsh("vncdisplay", "ms-run").stdout.strip())
+    # virsh (the daemon's user) writes the file; the GPU has a picture once the guest's
+    # virtio-gpu driver has set a mode, a little after the kernel starts.
+    shot = session["guest"] / "shot.png"
+    while True:
+        r = virsh("screenshot", "ms-run", str(shot), check=False)
+        if r.returncode == 0:
+            break
+        assert "has not set a video mode yet" in r.stderr, r.stderr
+        assert time.monotonic() < deadline, "the guest never set a video mode"
+        time.sleep(1)
+    assert shot.stat().st_size > 0
+    virsh("send-key", "ms-run", "KEY_A")
+    virsh("destroy", "ms-run")
+    assert virsh("domstate", "ms-run").stdout.strip() == "shut off"
+    virsh("undefine", "ms-run")
