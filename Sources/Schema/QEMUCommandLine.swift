@@ -167,11 +167,13 @@ public enum QEMUCommandLine {
         -device virtio-gpu-*|virtio-keyboard-*|virtio-tablet-*|virtio-rng-*|pcie-root-port (-device or -pci forms; JSON accepted)
 
         Character devices and monitors:
-        -chardev socket,id=ID,path=P|host=H,port=N,server=on,wait=off | file,id=ID,path=P | ringbuf,id=ID[,size=N] | stdio,id=ID | null,id=ID
+        -chardev socket,id=ID,path=P|host=H,port=N|fd=N,server=on,wait=off | file,id=ID,path=P | ringbuf,id=ID[,size=N] | stdio,id=ID | null,id=ID
         -serial stdio|mon:stdio|null|none|file:P|unix:P,server=on,wait=off|tcp:H:N,server=on,wait=off|chardev:ID
-        -qmp unix:P,server=on,wait=off|tcp:H:N,server=on,wait=off   -mon chardev=ID,mode=control   -monitor none
+        -qmp unix:P,server=on,wait=off|tcp:H:N,server=on,wait=off   -mon chardev=ID[,mode=control|readline]
+        -monitor unix:P,server=on,wait=off|tcp:H:N,server=on,wait=off|none   (HMP with the (qemu) prompt)
         -nographic                serial on stdio, no display   -display none   -vnc [HOST]:N | none
-        -nodefaults -no-user-config -overcommit mem-lock=off -msg timestamp=off -sandbox off
+        -nodefaults -no-user-config -overcommit mem-lock=off -msg timestamp=on|off -sandbox off -rtc base=utc
+        -boot strict=on -audiodev none,id=ID -object secret,id=ID,file=F|data=D
 
         Process:
         -pidfile FILE  -daemonize  -D LOGFILE  -version  -help  --print-description (print the description and exit)
