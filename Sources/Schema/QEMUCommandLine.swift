@@ -209,6 +209,8 @@ private struct Parser {
     var qmps: [String] = []
     var monitors: [String] = []
     var audiodevs: Set<String> = []
+    /// -add-fd sets: set number -> descriptors.
+    var fdsets: [Int64: [Int64]] = [:]
     var secrets: Set<String> = []
     var objects: [QEMUKeyValue] = []
     var nographic = false
@@ -309,6 +311,13 @@ private struct Parser {
                 shutdown = s
             }
         case "nodefaults": nodefaults = true
+        case "add-fd":
+            let kv = try QEMUKeyValue(parsing: v)
+            try kv.rejectUnknown(["fd", "set", "opaque"], in: "-add-fd")
+            guard let fd = try kv.integer("fd", in: "-add-fd"), fd >= 3, let set = try kv.integer("set", in: "-add-fd") else {
+                throw QEMUCommandLineError("-add-fd \(v): needs fd=N (3 or more) and set=S")
+            }
+            fdsets[set, default: []].append(fd)
         case "rtc":
             let kv = try QEMUKeyValue(parsing: v)
             try kv.rejectUnknown(["base", "clock", "driftfix"], in: "-rtc")
@@ -781,9 +790,11 @@ private struct Parser {
             let host = c["host"].map { $0.isEmpty ? "0.0.0.0" : $0 } ?? "0.0.0.0"
             return ["backend": "tcp", "host": .string(host), "port": .int(port)]
         case "file":
-            try c.rejectUnknown(["backend", "id", "path"], in: what)
+            try c.rejectUnknown(["backend", "id", "path", "append"], in: what)
             guard let path = c["path"] else { throw QEMUCommandLineError("\(what): needs path=") }
-            return ["backend": "file", "path": .string(absolute(path))]
+            var o: JSONObject = ["backend": "file", "path": .string(try fdsetPath(path, what: what))]
+            if try c.bool("append", in: what) == true { o["append"] = true }
+            return .object(o)
         case "ringbuf":
             try c.rejectUnknown(["backend", "id", "size"], in: what)
             if let s = c["size"] {
@@ -803,6 +814,16 @@ private struct Parser {
         default:
             throw QEMUCommandLineError("\(what): backend '\(backend)' is not supported (socket, file, ringbuf, stdio, null)")
         }
+    }
+
+    /// A file path, or `/dev/fdset/S` (a descriptor passed with -add-fd, as libvirt passes a
+    /// serial log file): the inherited descriptor, reopened through /proc/self/fd.
+    func fdsetPath(_ path: String, what: String) throws(QEMUCommandLineError) -> String {
+        guard path.hasPrefix("/dev/fdset/") else { return absolute(path) }
+        guard let set = Int64(path.dropFirst("/dev/fdset/".count)), let fds = fdsets[set], let fd = fds.first else {
+            throw QEMUCommandLineError("\(what): \(path) names no -add-fd set")
+        }
+        return "/proc/self/fd/\(fd)"
     }
 
     /// Sockets are listening servers that do not wait for a client (QEMU's server=on,wait=off).

@@ -207,7 +207,7 @@ struct LaunchPlan {
         case .none: return .none
         case .unix(let o): return .unix(path: resolve(o.path))
         case .tcp(let o): return .tcp(host: o.host, port: UInt16(o.port))
-        case .file(let o): return .file(path: resolve(o.path), append: false)
+        case .file(let o): return .file(path: resolve(o.path), append: o.append)
         case .ringbuf(let o): return .ringbuf(size: Int(o.size))
         }
     }

@@ -36,7 +36,7 @@ import Testing
         #expect(d.machine == .virt && d.memory == "256M" && d.cpus == 2)
         #expect(d.kernel == "/work/Image" && d.initrd == "/g/initrd" && d.append == "console=ttyS0 quiet")
         #expect(d.firmware == nil)
-        #expect(d.serial?.json == ["backend": "file", "path": "/work/s.log"])
+        #expect(d.serial?.json == ["backend": "file", "path": "/work/s.log", "append": false])
         #expect(d.qmp?.map(\.json) == [["backend": "unix", "path": "/tmp/q.sock"]])
         #expect(d.actions?.reboot == .shutdown && d.actions?.shutdown == .poweroff)
         #expect(inv.pidfile == "/work/vm.pid" && inv.daemonize)
@@ -108,7 +108,8 @@ import Testing
         #expect(devs.count == 4)
         #expect(devs[0] == ["driver": "virtio-blk-device", "id": "disk0", "drive": ["file": "/work/a.raw", "format": "raw", "read-only": true]])
         #expect(devs[1] == ["driver": "pcie-root-port", "id": "pci.1", "bus": "pcie.0", "addr": "0x1", "chassis": 1])
-        #expect(devs[2] == ["driver": "virtio-blk-pci", "id": "virtio-disk0", "drive": ["file": "/i/b.qcow2", "format": "qcow2", "read-only": false], "bus": "pci.1", "addr": "0x0"])
+        #expect(devs[2] == ["driver": "virtio-blk-pci", "id": "virtio-disk0", "drive": ["file": "/i/b.qcow2", "format": "qcow2", "read-only": false,
+                                                                                "node-name": "f1", "file-node-name": "s1"], "bus": "pci.1", "addr": "0x0"])
         #expect(devs[3] == ["driver": "virtio-blk-pci", "id": "virtio1", "drive": ["file": "/i/c.img", "format": "raw", "read-only": false]])
     }
 
@@ -143,6 +144,32 @@ import Testing
         #expect(inv.description.start == .paused)
         #expect(inv.description.serial?.json == ["backend": "none"])
         #expect(inv.daemonize && inv.pidfile == "/run/p.pid")
+    }
+
+    @Test func libvirtsDomainCommandLineIsAccepted() throws {
+        let inv = try parse(["-name", "guest=rv,debug-threads=on", "-S",
+            "-object", #"{"qom-type":"secret","id":"masterKey0","format":"raw","file":"/l/master-key.aes"}"#,
+            "-machine", "virt,usb=off,dump-guest-core=off,memory-backend=riscv_virt_board.ram", "-accel", "tcg", "-m", "256",
+            "-object", #"{"qom-type":"memory-backend-ram","id":"riscv_virt_board.ram","size":268435456}"#,
+            "-overcommit", "mem-lock=off", "-smp", "1,sockets=1,cores=1,threads=1", "-uuid", "4331743d-b28e-43fd-bc28-12da90ecd34a",
+            "-no-user-config", "-nodefaults", "-chardev", "socket,id=charmonitor,fd=24,server=on,wait=off",
+            "-mon", "chardev=charmonitor,id=monitor,mode=control", "-rtc", "base=utc", "-no-shutdown", "-boot", "strict=on",
+            "-kernel", "/g/Image", "-append", "console=ttyS0",
+            "-blockdev", #"{"driver":"file","filename":"/g/d.qcow2","node-name":"libvirt-1-storage","auto-read-only":true,"discard":"unmap"}"#,
+            "-blockdev", #"{"node-name":"libvirt-1-format","read-only":false,"driver":"qcow2","file":"libvirt-1-storage","backing":null}"#,
+            "-device", "virtio-blk-device,drive=libvirt-1-format,id=virtio-disk0,bootindex=1",
+            "-add-fd", "set=0,fd=27,opaque=serial0-log", "-chardev", "file,id=charserial0,path=/dev/fdset/0,append=on",
+            "-serial", "chardev:charserial0", "-audiodev", #"{"id":"audio1","driver":"none"}"#,
+            "-vnc", "127.0.0.1:0,audiodev=audio1", "-device", "virtio-gpu-device,id=video0,max_outputs=1",
+            "-msg", "timestamp=on"])
+        let d = inv.description
+        #expect(d.qmp?.map(\.json) == [["backend": "fd", "fd": 24]])
+        #expect(d.serial?.json == ["backend": "file", "path": "/proc/self/fd/27", "append": true])
+        #expect(d.devices?.first?.json == ["driver": "virtio-blk-device", "id": "virtio-disk0",
+            "drive": ["file": "/g/d.qcow2", "format": "qcow2", "read-only": false, "node-name": "libvirt-1-format",
+                      "file-node-name": "libvirt-1-storage"]])
+        #expect(d.actions?.shutdown == .pause && d.start == .paused && inv.messageTimestamps)
+        #expect(refusal(["-M", "virt", "-chardev", "file,id=c,path=/dev/fdset/3", "-serial", "chardev:c"])?.contains("no -add-fd set") == true)
     }
 
     @Test func versionHelpAndPrintDescription() throws {

@@ -205,7 +205,7 @@ def test_print_description_shows_what_the_command_line_became(tmp_path):
     import json
     d = json.loads(r.stdout)
     assert d["machine"] == "virt" and d["memory"] == "256M" and d["cpus"] == 1
-    assert d["kernel"] == str(KERNEL) and d["serial"] == {"backend": "file", "path": str(tmp_path / "serial.log")}
+    assert d["kernel"] == str(KERNEL) and d["serial"] == {"backend": "file", "path": str(tmp_path / "serial.log"), "append": False}
     assert d["qmp"] == [{"backend": "unix", "path": str(tmp_path / "qmp.sock")}]
     assert d["actions"]["reboot"] == "shutdown"
     # The description, written to a file, runs through the native front end unchanged.

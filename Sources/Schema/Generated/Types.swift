@@ -3224,6 +3224,51 @@ public struct SerialPathOptions: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// A serial backend writing the guest's output to a file.
+public struct SerialFileOptions: SchemaCodable, Equatable {
+    /// The file (a regular file or a character device).
+    public var path: String
+    /// Append to the file instead of truncating it. Optional; default false.
+    public var append: Bool
+
+    /// Creates a value from its members.
+    public init(path: String, append: Bool = false) {
+        self.path = path
+        self.append = append
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["path", "append"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.path = try r.required("path", as: String.self)
+        do {
+            let v = self.path
+            try SchemaCheck.path(v, at: r.path.member("path"))
+        }
+        self.append = try r.optional("append", as: Bool.self) ?? false
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["path"] = self.path.json
+        o["append"] = self.append.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
 /// A serial backend listening on a TCP port.
 public struct SerialTCPOptions: SchemaCodable, Equatable {
     /// The address to listen on.
@@ -3319,8 +3364,8 @@ public struct SerialDescription: SchemaCodable, Equatable {
         case unix(SerialPathOptions)
         /// `backend` is "tcp"; the branch adds the members of `SerialTCPOptions`.
         case tcp(SerialTCPOptions)
-        /// `backend` is "file"; the branch adds the members of `SerialPathOptions`.
-        case file(SerialPathOptions)
+        /// `backend` is "file"; the branch adds the members of `SerialFileOptions`.
+        case file(SerialFileOptions)
         /// `backend` is "ringbuf"; the branch adds the members of `SerialRingbufOptions`.
         case ringbuf(SerialRingbufOptions)
         /// `backend` is "none"; the branch adds no members.
@@ -3363,8 +3408,8 @@ public struct SerialDescription: SchemaCodable, Equatable {
             try r.rejectUnknown(allowed: baseNames.union(SerialTCPOptions.memberNames))
             self.variant = .tcp(try SerialTCPOptions(reader: r))
         case .file:
-            try r.rejectUnknown(allowed: baseNames.union(SerialPathOptions.memberNames))
-            self.variant = .file(try SerialPathOptions(reader: r))
+            try r.rejectUnknown(allowed: baseNames.union(SerialFileOptions.memberNames))
+            self.variant = .file(try SerialFileOptions(reader: r))
         case .ringbuf:
             try r.rejectUnknown(allowed: baseNames.union(SerialRingbufOptions.memberNames))
             self.variant = .ringbuf(try SerialRingbufOptions(reader: r))
