@@ -74,8 +74,7 @@ public enum QEMUCommandLine {
         "virtfs", "audiodev", "parallel", "usbdevice", "icount", "numa", "mem-path", "add-fd", "fw_cfg",
         "trace", "plugin", "run-with", "set", "readconfig", "writeconfig", "semihosting-config", "watchdog-action",
         "smbios", "spice", "iscsi", "loadvm", "option-rom", "tpmdev", "compat", "mem-prealloc-threads",
-        "debugcon", "pflash", "mtdblock", "sd", "fda", "fdb", "hdc", "hdd", "acpitable", "device-json",
-        "print-description-unused",
+        "debugcon", "pflash", "mtdblock", "sd", "fda", "fdb", "hdc", "hdd", "acpitable",
     ]
 
     /// Why options QEMU has are refused, when there is more to say than "not supported".
