@@ -202,7 +202,7 @@ import Testing
 
     /// Outside input: every mutated argv parses to a valid description or is refused with a
     /// message; none crashes.
-    @Test func mutatedCommandLinesAreParsedOrRefusedNeverCrash() throws {
+    @Test func fuzzedCommandLinesAreParsedOrRefusedNeverCrash() throws {
         let seeds = Fuzz.corpus("qemu-argv")
         try #require(seeds.count >= 4, "the qemu-argv seed corpus is missing")
         let tokens = ["\0", "-", "--", ",", ",,", "=", "{", "}", ":", "-M", "virt", "-m", "-device", "-drive", "-blockdev",
