@@ -86,6 +86,8 @@ public struct DeviceContext: Sendable {
 public struct BoardConfig: Sendable {
     /// Guest RAM in bytes (a positive multiple of 4 KiB), mapped at 0x8000_0000.
     public var memorySize: UInt64 = 128 << 20
+    /// Guest RAM mapped from this file instead of anonymous memory (memory-backend-file).
+    public var ramBacking: GuestRAM.BackingFile? = nil
     /// Number of harts (1…`VirtMemoryMap.maxHarts`).
     public var cpuCount: Int = 1
     /// The ISA extensions every hart runs with and the device tree claims (all by default; a

@@ -78,7 +78,23 @@ extension VirtualMachine: MachineMigration {
             m.status = .setup
             m.ramTotal = board.ram.size
         }
+        announceMigration(.setup)
         migrationQueue.async { self.runMigration(target, start: start) }
+    }
+
+    public var migrationEvents: Bool { migrationEventsOn.load(ordering: .acquiring) }
+
+    public func setMigrationEvents(_ on: Bool) throws {
+        let status = migration.withLock { $0.status }
+        guard status != .setup && status != .active else {
+            throw MachineStateError("There's a migration process in progress")
+        }
+        migrationEventsOn.store(on, ordering: .releasing)
+    }
+
+    /// Sends MIGRATION for `status` when migration events are on. Never under the `migration` lock.
+    func announceMigration(_ status: MigrationProgress.Status) {
+        if migrationEvents { emit(.migration(status: status)) }
     }
 
     public func migrationProgress() -> MigrationProgress {
@@ -143,12 +159,14 @@ extension VirtualMachine: MachineMigration {
                 m.totalTime = milliseconds(since: start)
                 m.transferred = sink.position
             }
+            announceMigration(.completed)
         } catch {
             migration.withLock { m in
                 m.status = .failed
                 m.error = "\(error)"
                 m.totalTime = milliseconds(since: start)
             }
+            announceMigration(.failed)
         }
     }
 
@@ -160,6 +178,7 @@ extension VirtualMachine: MachineMigration {
             m.status = .active
             m.setupTime = (pausedAt &- start) / 1_000_000
         }
+        announceMigration(.active)
         let written = try saveState(identity: stateIdentity, to: sink, runStateDuring: .finishMigrate,
                                     runStateAfter: .postmigrate)
         migration.withLock { m in
@@ -177,6 +196,7 @@ extension VirtualMachine: MachineMigration {
             m.status = .active
             m.ramTotal = board.ram.size
         }
+        announceMigration(.active)
         var failure: (any Error)? = nil
         do {
             try loadFrom(uri)
@@ -190,6 +210,7 @@ extension VirtualMachine: MachineMigration {
             m.totalTime = micros / 1000
             m.downtime = m.totalTime
         }
+        announceMigration(failure == nil ? .completed : .failed)
         if let failure { throw failure }
         let ms = String(format: "%.3f", Double(micros) / 1000)
         FileHandle.standardError.write(Data("machine-server: restored the machine state from \(uri) in \(ms) ms\n".utf8))

@@ -95,7 +95,7 @@ public final class VirtBoard: @unchecked Sendable {  // unchecked: its vars chan
         }
         self.config = config
         self.clock = clock
-        ram = try GuestRAM(base: VirtMemoryMap.dramBase, size: config.memorySize)
+        ram = try GuestRAM(base: VirtMemoryMap.dramBase, size: config.memorySize, backing: config.ramBacking)
         bus = MemoryBus()
         hartInterrupts = (0..<config.cpuCount).map { HartInterrupts(hartID: $0) }
 

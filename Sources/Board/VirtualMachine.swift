@@ -55,6 +55,22 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
     /// The board the machine runs.
     public let board: any MachineBoard
     public let machineName: String?
+    public let machineUUID: String?
+
+    /// What the guest's own reboot and power-off requests do (QEMU's `-action`, `-no-reboot`,
+    /// `-no-shutdown`). A plain value fixed when the machine is built.
+    public struct GuestActions: Sendable, Equatable {
+        /// A guest reboot ends the machine like a power-off (SHUTDOWN, cause guest-reset, exit 0).
+        public var rebootShutsDown = false
+        /// A guest power-off leaves the machine paused in the `shutdown` state instead of ending
+        /// it; `system_reset` then brings it to `prelaunch`, and `cont` runs it again.
+        public var shutdownPauses = false
+        public init(rebootShutsDown: Bool = false, shutdownPauses: Bool = false) {
+            self.rebootShutsDown = rebootShutsDown
+            self.shutdownPauses = shutdownPauses
+        }
+    }
+    let actions: GuestActions
 
     let vcpus: [VCPUThread]
     let startPaused: Bool
@@ -81,6 +97,8 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
     let describeIdentityMismatch: @Sendable (String, String) -> String
     /// The current or last migration.
     let migration = Mutex(MigrationProgress())
+    /// QEMU's 'events' migration capability.
+    let migrationEventsOn = Atomic<Bool>(false)
     /// The snapshot jobs.
     let jobTable = JobTable()
     /// The disks internal snapshots cover (set by whoever opened them).
@@ -95,7 +113,8 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
     /// first `cont()`, like QEMU's `-S`; `incoming` keeps it in `inmigrate` until a saved state
     /// is loaded (`incomingMigration`). `stateIdentity` is written into and checked against
     /// every saved state; `describeIdentityMismatch` names how a saved identity differs.
-    public init(name: String? = nil, startPaused: Bool = false, incoming: Bool = false, stateIdentity: String = "{}",
+    public init(name: String? = nil, uuid: String? = nil, actions: GuestActions = GuestActions(),
+                startPaused: Bool = false, incoming: Bool = false, stateIdentity: String = "{}",
                 describeIdentityMismatch: @escaping @Sendable (String, String) -> String = { saved, current in
                     "saved \(saved), this machine \(current)"
                 },
@@ -114,6 +133,8 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
         }
         self.board = board
         self.machineName = name
+        self.machineUUID = uuid
+        self.actions = actions
         self.startPaused = startPaused
         self.vcpus = vcpus
         control.setSpecific(key: onControlQueue, value: true)
@@ -220,6 +241,38 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
         onControl { self.vcpus.map { CPUInfo(index: $0.index, threadID: $0.threadID, pc: $0.programCounter) } }
     }
 
+    public func cpuRegisters(index: Int) -> [CPURegister]? {
+        onControl {
+            guard self.vcpus.indices.contains(index) else { return nil }
+            // Harts in guest code are held out of it for the read, then let go.
+            let running = self.isLive && self.runState == .running
+            if running { self.pauseHarts() }
+            defer { if running { for v in self.vcpus { v.resume() } } }
+            return self.vcpus[index].registerDump()
+        }
+    }
+
+    public func readPhysicalMemory(_ address: UInt64, count: Int) throws(MachineInspectionError) -> [UInt8] {
+        let ram = board.ram
+        guard count >= 0, ram.contains(GuestPhysicalAddress(address), length: UInt64(count)) else {
+            throw .notRAM(address: address, count: count)
+        }
+        do {
+            return try ram.read(GuestPhysicalAddress(address), count: count)
+        } catch {
+            throw .notRAM(address: address, count: count)
+        }
+    }
+
+    public func memoryMap() -> [MemoryMapEntry] {
+        let ram = board.ram.region
+        var out = [MemoryMapEntry(base: ram.base.raw, size: ram.size, name: "ram", isRAM: true)]
+        out += onControl { board.bus.mappings.map {
+            MemoryMapEntry(base: $0.region.base.raw, size: $0.region.size, name: $0.device.name, isRAM: false)
+        } }
+        return out.sorted { $0.base < $1.base }
+    }
+
     public func addEventObserver(_ observer: @escaping @Sendable (MachineEvent) -> Void) -> Int {
         shared.withLock { s in
             let token = s.nextToken
@@ -252,6 +305,10 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
 
     private func resetNow(cause: ShutdownCause) {
         guard isLive, shared.withLock({ $0.started }) else { return }
+        if cause == .guestReset && actions.rebootShutsDown {
+            shutdownNow(cause: cause, exitCode: 0)
+            return
+        }
         let wasRunning = runState == .running
         if wasRunning { pauseHarts() }
         do {
@@ -263,7 +320,12 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
             return
         }
         emit(.reset(cause: cause))
-        if wasRunning { for v in vcpus { v.resume() } }
+        if wasRunning {
+            for v in vcpus { v.resume() }
+        } else if runState == .shutdown {
+            // A machine paused by a guest power-off (shutdownPauses) starts over, like QEMU.
+            setRunState(.prelaunch)
+        }
     }
 
     private func shutdownNow(cause: ShutdownCause, exitCode: Int32) {
@@ -275,6 +337,10 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
         board.clock.pause()
         setRunState(.shutdown)
         emit(.shutdown(cause: cause))
+        if cause == .guestShutdown && actions.shutdownPauses {
+            emit(.stop)
+            return
+        }
         for v in vcpus { v.terminate() }
         shared.withLock { $0.exitCode = exitCode }
         stopGDBServers(exitCode: exitCode)
@@ -366,6 +432,14 @@ final class VCPUThread: @unchecked Sendable {  // unchecked: `cond` guards every
         cond.lock()
         defer { cond.unlock() }
         return Int(tid)
+    }
+
+    /// The registers; only while the hart is out of guest code (the caller paused it).
+    func registerDump() -> [CPURegister] {
+        cond.lock()
+        defer { cond.unlock() }
+        precondition(!inRun, "vcpu \(index) registers read while running")
+        return cpu.registerDump()
     }
 
     /// The pc as of the last time the hart left guest code (or its current pc while paused).

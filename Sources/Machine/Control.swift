@@ -46,6 +46,8 @@ public enum MachineEvent: Sendable, Equatable {
     case powerdown
     /// A background job changed state (QEMU's JOB_STATUS_CHANGE).
     case jobStatusChange(id: String, status: JobStatus)
+    /// A migration changed status (QEMU's MIGRATION; only while migration events are on).
+    case migration(status: MigrationProgress.Status)
 }
 
 /// What a device may ask of the whole system: the SiFive test device powers off or resets.
@@ -81,6 +83,15 @@ public protocol MachineControl: AnyObject, Sendable {
     var runState: RunState { get }
     /// The `-name` of the machine, if any.
     var machineName: String? { get }
+    /// The registers of vCPU `index` (nil for no such vCPU); a running machine's harts are
+    /// held out of guest code while they are read.
+    func cpuRegisters(index: Int) -> [CPURegister]?
+    /// Reads `count` bytes of guest RAM at the physical `address` (the monitor's `xp`).
+    func readPhysicalMemory(_ address: UInt64, count: Int) throws(MachineInspectionError) -> [UInt8]
+    /// The guest physical address map: RAM and every device window, by base address.
+    func memoryMap() -> [MemoryMapEntry]
+    /// The machine's UUID (`-uuid`, the description's `uuid`), if one was given.
+    var machineUUID: String? { get }
     /// Pauses all vCPUs (emits STOP if it was running).
     func stop()
     /// Resumes all vCPUs (emits RESUME if it was paused).
@@ -101,6 +112,50 @@ public protocol MachineControl: AnyObject, Sendable {
     /// Starts a GDB remote-protocol server on `host:port` (HMP `gdbserver`, QEMU's `-gdb`).
     /// Returns nil when it listens, else a message naming what is wrong. Any thread.
     func startGDBServer(host: String, port: Int) -> String?
+}
+
+extension MachineControl {
+    /// No UUID unless the machine says otherwise.
+    public var machineUUID: String? { nil }
+    /// No register access unless the machine provides it.
+    public func cpuRegisters(index: Int) -> [CPURegister]? { nil }
+    /// No memory access unless the machine provides it.
+    public func readPhysicalMemory(_ address: UInt64, count: Int) throws(MachineInspectionError) -> [UInt8] {
+        throw .unavailable("this machine does not expose its memory")
+    }
+    /// No memory map unless the machine provides it.
+    public func memoryMap() -> [MemoryMapEntry] { [] }
+}
+
+/// Why the monitor could not look into the machine; `description` is the message.
+public enum MachineInspectionError: Error, Equatable, CustomStringConvertible {
+    /// The address range is not guest RAM.
+    case notRAM(address: UInt64, count: Int)
+    /// The machine cannot answer this at all.
+    case unavailable(String)
+
+    public var description: String {
+        switch self {
+        case .notRAM(let a, let n):
+            return "Cannot access memory at 0x\(String(a, radix: 16)) (\(n) bytes): it is not guest RAM"
+        case .unavailable(let why): return why
+        }
+    }
+}
+
+/// One region of the guest physical address space (`info mtree`).
+public struct MemoryMapEntry: Sendable, Equatable {
+    public var base: UInt64
+    public var size: UInt64
+    /// "ram" or the device's name.
+    public var name: String
+    public var isRAM: Bool
+    public init(base: UInt64, size: UInt64, name: String, isRAM: Bool) {
+        self.base = base
+        self.size = size
+        self.name = name
+        self.isRAM = isRAM
+    }
 }
 
 /// The progress of the current or last migration (a machine-state save to a destination), as
@@ -142,6 +197,10 @@ public protocol MachineMigration: AnyObject, Sendable {
     /// Loads the machine's state from `uri` (a machine waiting with `--incoming defer`), and
     /// runs it unless it was started with -S. Returns when the state is loaded.
     func incomingMigration(uri: String) throws
+    /// Whether status changes are announced as `MachineEvent.migration` (QEMU's 'events'
+    /// capability). Setting it fails while a migration runs.
+    var migrationEvents: Bool { get }
+    func setMigrationEvents(_ on: Bool) throws
 }
 
 /// A background job's state, with QEMU's `JobStatus` names.

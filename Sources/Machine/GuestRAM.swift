@@ -14,13 +14,38 @@ public final class GuestRAM: @unchecked Sendable {  // unchecked: raw guest memo
     /// Host address of guest physical `base`.
     public let pointer: UnsafeMutableRawPointer
 
-    /// Allocates zeroed RAM. The memory is obtained with `mmap`, so untouched pages cost nothing.
-    public init(base: GuestPhysicalAddress, size: UInt64) throws {
+    /// RAM mapped from a file (QEMU's memory-backend-file): the descriptor (at least `size`
+    /// bytes long; closed by the caller after `init`) and whether guest writes reach the file.
+    public struct BackingFile: Sendable {
+        public var fileDescriptor: Int32
+        public var shared: Bool
+        public init(fileDescriptor: Int32, shared: Bool) {
+            self.fileDescriptor = fileDescriptor
+            self.shared = shared
+        }
+    }
+
+    /// Whether RAM is mapped from a file (then saved states cannot be loaded into it).
+    public let isFileBacked: Bool
+
+    /// Allocates zeroed RAM, or maps `backing`. The memory is obtained with `mmap`, so untouched
+    /// pages cost nothing.
+    public init(base: GuestPhysicalAddress, size: UInt64, backing: BackingFile? = nil) throws {
         precondition(size > 0 && size % 4096 == 0, "RAM size must be a positive multiple of 4 KiB")
-        let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        let p: UnsafeMutableRawPointer?
+        if let backing {
+            p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, backing.shared ? MAP_SHARED : MAP_PRIVATE | MAP_NORESERVE,
+                     backing.fileDescriptor, 0)
+        } else {
+            p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        }
         guard let p, p != MAP_FAILED else {
+            if backing != nil {
+                throw MachineError.invalidImage(what: "memory-backend file", reason: String(cString: strerror(errno)))
+            }
             throw MachineError.outOfHostMemory(requested: size)
         }
+        isFileBacked = backing != nil
         self.base = base
         self.size = size
         self.pointer = p
@@ -83,6 +108,9 @@ public final class GuestRAM: @unchecked Sendable {  // unchecked: raw guest memo
     /// Replaces all of RAM with zero pages (one remap; pages mapped from a file are dropped).
     /// Control thread, no hart in guest code, no device touching RAM.
     public func zeroAll() throws {
+        guard !isFileBacked else {
+            throw MachineError.invalidImage(what: "RAM", reason: "it is mapped from a memory-backend file; loading a saved state into it is not supported")
+        }
         let p = mmap(pointer, Int(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
         guard p == pointer else { throw MachineError.outOfHostMemory(requested: size) }
         codePages.update(repeating: 0, count: Int(size / 4096))
@@ -100,6 +128,7 @@ public final class GuestRAM: @unchecked Sendable {  // unchecked: raw guest memo
     /// find out would fault it in (a 512 MiB guest has ~100,000 of them after boot). Nil when
     /// pagemap cannot be read (then every page must be read). Control thread, RAM quiescent.
     public func possiblyNonZeroPages() -> [Bool]? {
+        if isFileBacked { return nil }  // file pages read as the file's bytes, present or not
         let pages = Int(size / 4096)
         let fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return nil }

@@ -24,4 +24,22 @@ public protocol VirtualCPU: AnyObject {
     /// Replaces the hart's state with a saved one after validating it (nothing changes when it
     /// is refused). Only while `run()` is not executing.
     func loadState(from r: inout StateReader, version: UInt32) throws(SavedStateError)
+    /// The architectural registers for the monitor's `info registers` (pc, privilege, the
+    /// main CSRs, x1…x31, f0…f31), in that order. Only while `run()` is not executing.
+    func registerDump() -> [CPURegister]
+}
+
+extension VirtualCPU {
+    /// Only the pc, for CPUs that show nothing else.
+    public func registerDump() -> [CPURegister] { [CPURegister(name: "pc", value: pc)] }
+}
+
+/// One named register value (`info registers`).
+public struct CPURegister: Sendable, Equatable {
+    public var name: String
+    public var value: UInt64
+    public init(name: String, value: UInt64) {
+        self.name = name
+        self.value = value
+    }
 }

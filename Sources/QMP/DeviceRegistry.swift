@@ -46,10 +46,16 @@ public struct BlockDeviceStatus: Sendable, Equatable {
     public var backingFile: String?
     /// How many images are chained below this one.
     public var backingDepth: Int
+    /// The format node's and file node's names, when the drive has them.
+    public var nodeName: String?
+    public var fileNodeName: String?
 
     /// Creates a status value.
     public init(id: String, file: String, format: String, readOnly: Bool, virtualSize: UInt64,
-                actualSize: UInt64? = nil, backingFile: String? = nil, backingDepth: Int = 0) {
+                actualSize: UInt64? = nil, backingFile: String? = nil, backingDepth: Int = 0,
+                nodeName: String? = nil, fileNodeName: String? = nil) {
+        self.nodeName = nodeName
+        self.fileNodeName = fileNodeName
         self.id = id
         self.file = file
         self.format = format
@@ -78,9 +84,13 @@ public protocol DeviceRegistry: AnyObject, Sendable {
     /// Hot-plug and block nodes (device_add, blockdev-add, query-pci, qom-*), or nil when the
     /// machine offers none.
     var hotPlug: (any HotPlugRegistry)? { get }
+    /// The devices the user gave ids, with their QEMU driver names (/machine/peripheral).
+    func peripherals() -> [(id: String, driver: String)]
 }
 
 extension DeviceRegistry {
     /// Registries that predate networking have none.
     public var network: (any NetworkRegistry)? { nil }
+    /// None unless the registry lists them.
+    public func peripherals() -> [(id: String, driver: String)] { [] }
 }

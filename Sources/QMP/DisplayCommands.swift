@@ -114,10 +114,33 @@ extension QMPCommandExecutor {
         (devices?.blockDevices() ?? []).map { b in
             let image = ImageInfo(filename: b.file, format: b.format, virtualSize: Int64(clamping: b.virtualSize),
                                   actualSize: b.actualSize.map { Int64(clamping: $0) }, backingFilename: b.backingFile)
-            let inserted = BlockDeviceInfo(file: b.file, ro: b.readOnly, drv: b.format, backingFile: b.backingFile,
-                                           backingFileDepth: Int64(b.backingDepth), encrypted: false, image: image)
+            let inserted = BlockDeviceInfo(file: b.file, nodeName: b.nodeName, ro: b.readOnly, drv: b.format,
+                                           backingFile: b.backingFile, backingFileDepth: Int64(b.backingDepth),
+                                           encrypted: false, image: image)
             return BlockInfo(device: b.id, qdev: "/machine/peripheral/\(b.id)/virtio-backend", type: "unknown",
                              removable: false, locked: false, inserted: inserted)
+        }
+    }
+
+    /// The named block nodes of the description's disks: each disk's format node and file
+    /// node, when its drive names them (query-named-block-nodes adds blockdev-add's nodes).
+    func launchBlockNodes() -> [BlockDeviceInfo] {
+        (devices?.blockDevices() ?? []).flatMap { b -> [BlockDeviceInfo] in
+            var out: [BlockDeviceInfo] = []
+            if let n = b.nodeName {
+                let image = ImageInfo(filename: b.file, format: b.format, virtualSize: Int64(clamping: b.virtualSize),
+                                      actualSize: b.actualSize.map { Int64(clamping: $0) }, backingFilename: b.backingFile)
+                out.append(BlockDeviceInfo(file: b.file, nodeName: n, ro: b.readOnly, drv: b.format, backingFile: b.backingFile,
+                                           backingFileDepth: Int64(b.backingDepth), encrypted: false, image: image))
+            }
+            if let f = b.fileNodeName {
+                let size = (try? FileManager.default.attributesOfItem(atPath: b.file)[.size] as? NSNumber)?.int64Value ?? 0
+                let image = ImageInfo(filename: b.file, format: "file", virtualSize: size,
+                                      actualSize: b.actualSize.map { Int64(clamping: $0) })
+                out.append(BlockDeviceInfo(file: b.file, nodeName: f, ro: b.readOnly, drv: "file",
+                                           backingFileDepth: 0, encrypted: false, image: image))
+            }
+            return out
         }
     }
 

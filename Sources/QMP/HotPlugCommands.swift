@@ -129,9 +129,9 @@ extension QMPCommandExecutor {
         try hotPlug().deleteNode(name: arguments.nodeName)
     }
 
-    /// The nodes in QEMU's BlockDeviceInfo shape.
+    /// The named nodes in QEMU's BlockDeviceInfo shape: the description's, then blockdev-add's.
     public func queryNamedBlockNodes(_ arguments: QueryNamedBlockNodesArguments) throws -> [BlockDeviceInfo] {
-        (devices?.hotPlug?.nodes() ?? []).map { n in
+        launchBlockNodes() + (devices?.hotPlug?.nodes() ?? []).map { n in
             let image = ImageInfo(filename: n.filename, format: n.driver, virtualSize: Int64(clamping: n.virtualSize),
                                   backingFilename: n.backingFile)
             return BlockDeviceInfo(file: n.filename, nodeName: n.nodeName, ro: n.readOnly, drv: n.driver,

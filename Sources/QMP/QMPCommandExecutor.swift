@@ -10,7 +10,7 @@ import Synchronization
 /// time. `quit` does not end the machine at once: it records the request, and the connection
 /// calls `MachineControl.quit()` after the reply has been sent (see `takeQuitRequest`).
 public final class QMPCommandExecutor: QMPCommandHandler {
-    private let control: any MachineControl
+    let control: any MachineControl
     private let chardevs: any ChardevRegistry
     /// The display, VNC server and block devices; nil for a machine with none of them.
     let devices: (any DeviceRegistry)?
@@ -60,6 +60,11 @@ public final class QMPCommandExecutor: QMPCommandHandler {
 
     /// The machine's name.
     public func queryName() throws -> NameInfo { NameInfo(name: control.machineName) }
+
+    /// The machine's UUID (all zeros when none was given, as QEMU reports).
+    public func queryUuid() throws -> UuidInfo {
+        UuidInfo(uuid: control.machineUUID ?? "00000000-0000-0000-0000-000000000000")
+    }
 
     /// The run state; `singlestep` is always false (QEMU 7 reports it).
     public func queryStatus() throws -> StatusInfo {
@@ -119,72 +124,10 @@ public final class QMPCommandExecutor: QMPCommandHandler {
         }
     }
 
-    /// Runs a human-monitor command line and returns its output (lines end in CRLF, like QEMU).
+    /// Runs a human-monitor command line and returns its output (lines end in CRLF, like QEMU);
+    /// see HumanMonitor.swift. `cpu-index` picks the CPU for `info registers`, `info cpus` and `x`.
     public func humanMonitorCommand(_ arguments: HumanMonitorCommandArguments) throws -> String {
-        let words = arguments.commandLine.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init)
-        guard let verb = words.first else { return "" }
-        if ["savevm", "loadvm", "delvm"].contains(verb) || (verb == "info" && words.count == 2 && words[1] == "snapshots"),
-           let out = snapshotHMP(words) {
-            return out
-        }
-        if let out = networkHMP(words) { return out }
-        if let out = try hotPlugHMP(words) { return out }
-        switch (verb, words.count) {
-        case ("stop", 1): try stop(); return ""
-        case ("cont", 1), ("c", 1): try cont(); return ""
-        case ("system_reset", 1): try systemReset(); return ""
-        case ("system_powerdown", 1): try systemPowerdown(); return ""
-        case ("quit", 1), ("q", 1): try quit(); return ""
-        case ("gdbserver", 1), ("gdbserver", 2):
-            // QEMU's forms: gdbserver [tcp:[HOST]:PORT | PORT]; no host means 127.0.0.1.
-            let spec = words.count == 2 ? words[1] : "tcp::1234"
-            var parts = spec.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
-            if parts.count == 1 { parts = ["tcp", "", parts[0]] }
-            guard parts.count == 3, parts[0] == "tcp", let port = Int(parts[2]), (1...65535).contains(port) else {
-                return "gdbserver: '\(spec)' is not tcp:[HOST]:PORT or PORT\r\n"
-            }
-            let host = parts[1].isEmpty ? "127.0.0.1" : parts[1]
-            if let problem = control.startGDBServer(host: host, port: port) { return "gdbserver: \(problem)\r\n" }
-            return "Waiting for gdb connection on device '\(spec)'\r\n"
-        case ("info", 2):
-            switch words[1] {
-            case "status":
-                let s = try queryStatus()
-                var line = "VM status: " + (s.running ? "running" : "paused")
-                if !s.running && s.status != .paused { line += " (\(s.status.rawValue))" }
-                return line + "\r\n"
-            case "version":
-                let v = version.qemu
-                return "\(v.major).\(v.minor).\(v.micro) (\(version.package))\r\n"
-            case "name":
-                return control.machineName.map { "\($0)\r\n" } ?? ""
-            case "cpus":
-                return try queryCpusFast().enumerated().map { i, cpu in
-                    "\(i == 0 ? "*" : " ") CPU #\(cpu.cpuIndex): thread_id=\(cpu.threadId)\r\n"
-                }.joined()
-            case "migrate":
-                let m = try queryMigrate()
-                guard let status = m.status else { return "" }
-                var out = "Migration status: \(status.rawValue)\r\n"
-                if let t = m.totalTime { out += "total time: \(t) ms\r\n" }
-                if let d = m.downtime { out += "downtime: \(d) ms\r\n" }
-                if let ram = m.ram {
-                    out += "transferred ram: \(ram.transferred / 1024) kbytes\r\n"
-                    out += "total ram: \(ram.total / 1024) kbytes\r\n"
-                    out += "duplicate: \(ram.duplicate) pages\r\n"
-                    out += "normal: \(ram.normal) pages\r\n"
-                }
-                if let e = m.errorDesc { out += "error description: \(e)\r\n" }
-                return out
-            default:
-                return "info: unknown item '\(words[1])' (known: status, version, name, cpus, migrate, snapshots, network, usernet, pci, block)\r\n"
-            }
-        case ("migrate", 2):
-            try migrate(MigrateArguments(uri: words[1]))
-            return ""
-        default:
-            return "unknown command: '\(arguments.commandLine)'\r\n"
-        }
+        try runHumanMonitorCommand(arguments.commandLine, cpuIndex: arguments.cpuIndex.map { Int(clamping: $0) })
     }
 
     /// The schema of every command, event and type.

@@ -17,6 +17,8 @@ public enum QMPListenerSpec: Sendable, Equatable, CustomStringConvertible {
     case unix(path: String)
     /// A TCP listener (port 0 picks a free port; see `QMPServer.boundAddresses`).
     case tcp(host: String, port: Int)
+    /// An inherited, bound and listening socket descriptor (libvirt's monitor socket).
+    case fd(Int32)
 
     /// Parses "unix:PATH" or "tcp:HOST:PORT"; the error names what is wrong.
     public init(parsing text: String) throws(QMPServerError) {
@@ -39,6 +41,7 @@ public enum QMPListenerSpec: Sendable, Equatable, CustomStringConvertible {
         switch self {
         case .unix(let p): return "unix:\(p)"
         case .tcp(let h, let p): return "tcp:\(h):\(p)"
+        case .fd(let fd): return "fd:\(fd)"
         }
     }
 }
@@ -112,8 +115,9 @@ public final class QMPServer: Sendable {
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     }
 
-    /// Binds every listener and starts accepting clients. On failure nothing stays bound.
-    public func start(listeners: [QMPListenerSpec]) throws(QMPServerError) {
+    /// Binds every listener and starts accepting clients: QMP on `listeners`, the human
+    /// monitor (HMP, line-based) on `humanMonitorListeners`. On failure nothing stays bound.
+    public func start(listeners: [QMPListenerSpec], humanMonitorListeners: [QMPListenerSpec] = []) throws(QMPServerError) {
         try state.withLock { s throws(QMPServerError) in
             if s.started || s.stopped { throw .notStartable }
             s.started = true
@@ -121,13 +125,17 @@ public final class QMPServer: Sendable {
         let token = control.addEventObserver { [weak self] event in self?.broadcast(event) }
         state.withLock { $0.observerToken = token }
         var bound: [any Channel] = []
-        for spec in listeners {
+        for (spec, human) in listeners.map({ ($0, false) }) + humanMonitorListeners.map({ ($0, true) }) {
             let bootstrap = ServerBootstrap(group: group)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelInitializer { [weak self] channel in
                     guard let self else { return channel.close() }
                     return channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(QMPChannelHandler(server: self))
+                        if human {
+                            try channel.pipeline.syncOperations.addHandler(HMPChannelHandler(server: self))
+                        } else {
+                            try channel.pipeline.syncOperations.addHandler(QMPChannelHandler(server: self))
+                        }
                     }
                 }
             do {
@@ -138,9 +146,16 @@ public final class QMPServer: Sendable {
                     state.withLock { $0.unixPaths.append(path) }
                 case .tcp(let host, let port):
                     channel = try bootstrap.bind(host: host, port: port).wait()
+                case .fd(let fd):
+                    var type: Int32 = 0
+                    var len = socklen_t(MemoryLayout<Int32>.size)
+                    guard getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0, type == Int32(SOCK_STREAM.rawValue) else {
+                        throw QMPServerError.bindFailed(spec.description, "descriptor \(fd) is not an open stream socket")
+                    }
+                    channel = try bootstrap.withBoundSocket(fd).wait()
                 }
                 bound.append(channel)
-                logger.info("QMP listening on \(channel.localAddress.map { "\($0)" } ?? spec.description)")
+                logger.info("\(human ? "HMP" : "QMP") listening on \(channel.localAddress.map { "\($0)" } ?? spec.description)")
             } catch {
                 for c in bound { _ = try? c.close().wait() }
                 control.removeEventObserver(token)
@@ -194,7 +209,7 @@ public final class QMPServer: Sendable {
         try? group.syncShutdownGracefully()
     }
 
-    fileprivate func makeConnection(channel: any Channel) -> QMPConnection {
+    func makeConnection(channel: any Channel) -> QMPConnection {
         let c = QMPConnection(channel: channel, server: self,
                               executor: QMPCommandExecutor(control: control, chardevs: chardevs, devices: devices,
                                                                 version: configuration.version))
@@ -202,11 +217,11 @@ public final class QMPServer: Sendable {
         return c
     }
 
-    fileprivate func remove(_ c: QMPConnection) {
+    func remove(_ c: QMPConnection) {
         _ = state.withLock { $0.connections.removeValue(forKey: ObjectIdentifier(c)) }
     }
 
-    fileprivate var version: VersionInfo { configuration.version }
+    var version: VersionInfo { configuration.version }
     fileprivate var maxMessageSize: Int { configuration.maxMessageSize }
     fileprivate var machine: any MachineControl { control }
 
@@ -230,6 +245,8 @@ public final class QMPServer: Sendable {
             qmpEvent = .reset(ResetEventData(guest: cause.isGuest, reason: ShutdownCause(cause)))
         case .shutdown(let cause):
             qmpEvent = .shutdown(ShutdownEventData(guest: cause.isGuest, reason: ShutdownCause(cause)))
+        case .migration(let status):
+            qmpEvent = .migration(MigrationEventData(status: MigrationStatus(rawValue: status.rawValue) ?? .failed))
         case .jobStatusChange(let id, let status):
             qmpEvent = .jobStatusChange(JobStatusChangeEventData(id: id, status: Schema.JobStatus(rawValue: status.rawValue) ?? .undefined))
         }
@@ -296,6 +313,32 @@ final class QMPConnection: Sendable {
             return
         }
         send(message)
+    }
+
+    /// Runs one human-monitor line behind earlier work and writes its output and the next
+    /// prompt; `quit` ends the machine once the output is written. `done` runs afterwards.
+    func performHumanMonitor(_ line: String, done: @escaping @Sendable () -> Void) {
+        queue.async { [self] in
+            defer { done() }
+            let out = (try? executor.runHumanMonitorCommand(line, cpuIndex: nil)) ?? ""
+            let written = sendText(out + HMPChannelHandler.prompt)
+            if executor.takeQuitRequest() {
+                let machine = self.machine
+                written.whenComplete { _ in DispatchQueue.global().async { machine.quit() } }
+            }
+        }
+    }
+
+    /// Writes raw text (the human monitor's output).
+    @discardableResult
+    func sendText(_ text: String) -> EventLoopFuture<Void> {
+        var buffer = channel.allocator.buffer(capacity: text.utf8.count)
+        buffer.writeString(text)
+        let n = buffer.readableBytes
+        pending.add(n, ordering: .relaxed)
+        let written = channel.writeAndFlush(buffer)
+        written.whenComplete { [self] _ in pending.subtract(n, ordering: .relaxed) }
+        return written
     }
 
     /// Queues an action behind earlier ones so replies keep request order; `done` runs (on

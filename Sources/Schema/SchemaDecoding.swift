@@ -74,7 +74,11 @@ public struct SchemaDecodingError: Error, Equatable, CustomStringConvertible {
         case .missing: return "Parameter '\(name)' is missing"
         case .unexpected: return "Parameter '\(name)' is unexpected"
         case .wrongType(let expected, _): return "Invalid parameter type for '\(name)', expected: \(expected)"
-        case .notOneOf(_, let found): return "Parameter '\(name)' does not accept value '\(found)'"
+        case .notOneOf(_, let found):
+            // QEMU names only the member itself here ('data', not 'keys[0].data'), and 'null'
+            // for a list element.
+            let leaf = path.text.hasSuffix("]") ? "null" : String(path.text.split(separator: ".").last ?? "null")
+            return "Parameter '\(leaf)' does not accept value '\(found)'"
         case .invalid(let text): return "Parameter '\(name)' is invalid: \(text)"
         }
     }

@@ -179,3 +179,30 @@ extension Hart {
         try applyState(s)
     }
 }
+
+extension Hart {
+    /// The registers as QEMU's riscv `info registers` lists them: pc, the privilege mode, the
+    /// machine and supervisor trap CSRs, satp, then x1…x31 by ABI name and f0…f31 (raw bits).
+    /// Only while `run()` is not executing (it reads the saved-state snapshot).
+    public func registerDump() -> [CPURegister] {
+        let s = captureState()
+        var out: [CPURegister] = [
+            CPURegister(name: "pc", value: s.pc), CPURegister(name: "mhartid", value: UInt64(hartID)),
+            CPURegister(name: "priv", value: s.privilege), CPURegister(name: "mstatus", value: s.mstatus),
+            CPURegister(name: "misa", value: s.misa), CPURegister(name: "medeleg", value: s.medeleg),
+            CPURegister(name: "mideleg", value: s.mideleg), CPURegister(name: "mie", value: s.mie),
+            CPURegister(name: "mtvec", value: s.mtvec), CPURegister(name: "stvec", value: s.stvec),
+            CPURegister(name: "mepc", value: s.mepc), CPURegister(name: "sepc", value: s.sepc),
+            CPURegister(name: "mcause", value: s.mcause), CPURegister(name: "scause", value: s.scause),
+            CPURegister(name: "mtval", value: s.mtval), CPURegister(name: "stval", value: s.stval),
+            CPURegister(name: "mscratch", value: s.mscratch), CPURegister(name: "sscratch", value: s.sscratch),
+            CPURegister(name: "satp", value: s.satp),
+        ]
+        let abi = ["zero", "ra", "sp", "gp", "tp", "t0", "t1", "t2", "s0", "s1", "a0", "a1", "a2", "a3", "a4", "a5",
+                   "a6", "a7", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9", "s10", "s11", "t3", "t4", "t5", "t6"]
+        out.append(CPURegister(name: "x0/zero", value: 0))
+        for (i, v) in s.x.enumerated() { out.append(CPURegister(name: "x\(i + 1)/\(abi[i + 1])", value: v)) }
+        for (i, v) in s.f.enumerated() { out.append(CPURegister(name: "f\(i)", value: v)) }
+        return out
+    }
+}

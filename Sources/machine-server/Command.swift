@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Schema
 
 /// The `machine-server` command line: a machine description file plus a few overrides.
 ///
@@ -69,10 +70,44 @@ struct MachineServerCommand: ParsableCommand {
     @Flag(name: [.customShort("S"), .customLong("paused")], help: "Start with the vCPUs stopped until QMP 'cont' (like QEMU -S).")
     var paused = false
 
+    @Flag(name: .customLong("print-description"), help: "Print the description with the options applied to it (JSON) and exit.")
+    var printDescription = false
+
     func run() throws {
-        let code = try Launch(options: self).run()
-        Foundation.exit(code)
+        var (description, base) = try LaunchPlan.loadDescription(configPath: config)
+        if printDescription {
+            if let name { description.name = name }
+            if paused { description.start = .paused }
+            print(description.json.serialized())
+            Foundation.exit(0)
+        }
+        let plan = try LaunchPlan(description: description, baseDirectory: base, options: LaunchOverrides(
+            serial: serial, qmp: qmp, vnc: vnc, accel: accel, name: name, incoming: incoming, paused: paused, gdb: gdb))
+        Foundation.exit(try Launch(plan: plan).run())
     }
+}
+
+/// The process-level options QEMU's command line has beside the machine: a pid file,
+/// daemonizing, a log file. A plain value.
+struct ProcessOptions {
+    var pidfile: String?
+    var daemonize = false
+    var logFile: String?
+}
+
+/// What the native options override in the description, plus the process options.
+/// Built by either front end on the main thread.
+struct LaunchOverrides {
+    var serial: String?
+    var qmp: [String] = []
+    var vnc: String?
+    var accel: String?
+    var name: String?
+    var incoming: String?
+    var paused = false
+    /// `--gdb tcp:HOST:PORT`, overriding the description's "gdb".
+    var gdb: String?
+    var process = ProcessOptions()
 }
 
 /// A problem with the options or the description that stops the server before anything runs.
@@ -85,9 +120,11 @@ struct LaunchError: Error, CustomStringConvertible {
 /// Parses the command line and runs the server; every error is reported as
 /// "machine-server: error: <what>" with exit status 1 (help and --version exit 0).
 func runMachineServer() -> Never {
+    let arguments = Array(CommandLine.arguments.dropFirst())
+    if QEMUCommandLine.looksLikeQEMU(arguments) { runQEMUFrontEnd(arguments) }
     let command: MachineServerCommand
     do {
-        command = try MachineServerCommand.parse(Array(CommandLine.arguments.dropFirst()))
+        command = try MachineServerCommand.parse(arguments)
     } catch {
         if MachineServerCommand.exitCode(for: error) == .success {
             MachineServerCommand.exit(withError: error)  // --help
@@ -102,8 +139,55 @@ func runMachineServer() -> Never {
     exit(0)
 }
 
-/// Prints "machine-server: error: MESSAGE" on standard error and exits with status 1.
-func fail(_ message: String) -> Never {
-    FileHandle.standardError.write(Data("machine-server: error: \(message)\n".utf8))
+/// Runs a QEMU-style command line: translates it into a description (QEMUCommandLine), then
+/// launches it like --config would. Errors exit 1 with "machine-server: error: ...".
+func runQEMUFrontEnd(_ arguments: [String]) -> Never {
+    let invocation: QEMUInvocation
+    do {
+        invocation = try QEMUCommandLine.parse(arguments)
+    } catch {
+        fail("\(error)")
+    }
+    switch invocation.action {
+    case .printVersion:
+        FileHandle.standardOutput.write(Data(QEMUCommandLine.versionText.utf8))
+        exit(0)
+    case .printHelp:
+        FileHandle.standardOutput.write(Data(QEMUCommandLine.helpText.utf8))
+        exit(0)
+    case .printDescription:
+        print(invocation.description.json.serialized())
+        exit(0)
+    case .run:
+        break
+    }
+    for w in invocation.warnings {
+        FileHandle.standardError.write(Data("machine-server: warning: \(w)\n".utf8))
+    }
+    do {
+        let overrides = LaunchOverrides(incoming: invocation.incoming, process: ProcessOptions(
+            pidfile: invocation.pidfile, daemonize: invocation.daemonize, logFile: invocation.logFile))
+        let plan = try LaunchPlan(description: invocation.description,
+                                  baseDirectory: FileManager.default.currentDirectoryPath, options: overrides)
+        exit(try Launch(plan: plan).run())
+    } catch {
+        fail("\(error)", timestamped: invocation.messageTimestamps)
+    }
+}
+
+/// Prints "machine-server: error: MESSAGE" on standard error and exits with status 1; with
+/// `timestamped` (QEMU's -msg timestamp=on) the line starts with the UTC time as QEMU writes it.
+func fail(_ message: String, timestamped: Bool = false) -> Never {
+    var prefix = ""
+    if timestamped {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        var t = tm()
+        var seconds = ts.tv_sec
+        gmtime_r(&seconds, &t)
+        prefix = String(format: "%04d-%02d-%02dT%02d:%02d:%02d.%06ldZ ", t.tm_year + 1900, t.tm_mon + 1, t.tm_mday,
+                        t.tm_hour, t.tm_min, t.tm_sec, ts.tv_nsec / 1000)
+    }
+    FileHandle.standardError.write(Data("\(prefix)machine-server: error: \(message)\n".utf8))
     exit(1)
 }

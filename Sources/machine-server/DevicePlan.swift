@@ -40,6 +40,9 @@ struct PlannedDevice: Equatable {
     var hasExplicitID: Bool
     var kind: Kind
     var transport: Transport = .mmio
+    /// The drive's block node names (format node, file node), when the description names them.
+    var nodeName: String? = nil
+    var fileNodeName: String? = nil
     /// Where it came from, for messages: "devices[2]", or "display.vnc" for devices the VNC
     /// display added.
     var origin: String
@@ -270,8 +273,14 @@ struct PlannedDevice: Equatable {
                 }
                 ids[id] = i
             }
-            planned.append(PlannedDevice(id: explicitID ?? "\(d.driver.rawValue)#\(i)", hasExplicitID: explicitID != nil,
-                                         kind: kind, origin: field))
+            var p = PlannedDevice(id: explicitID ?? "\(d.driver.rawValue)#\(i)", hasExplicitID: explicitID != nil,
+                                  kind: kind, origin: field)
+            switch d.variant {
+            case .virtioBlkDevice(let o): (p.nodeName, p.fileNodeName) = (o.drive.nodeName, o.drive.fileNodeName)
+            case .virtioBlkPci(let o): (p.nodeName, p.fileNodeName) = (o.drive.nodeName, o.drive.fileNodeName)
+            default: break
+            }
+            planned.append(p)
         }
         // PCI devices without an address take the lowest free slot, in order, after the explicit ones.
         for (index, wanted) in pciRequests.sorted(by: { $0.key < $1.key }) {

@@ -32,6 +32,8 @@ final class MachineDeviceRegistry: DeviceRegistry, Sendable {
         devices.inputs.first { $0.id == id }?.device
     }
 
+    func peripherals() -> [(id: String, driver: String)] { devices.peripherals }
+
     func blockDevices() -> [BlockDeviceStatus] {
         devices.blocks.map { b in
             var backing: String? = nil
@@ -52,7 +54,7 @@ final class MachineDeviceRegistry: DeviceRegistry, Sendable {
             }
             return BlockDeviceStatus(id: b.id, file: b.image.path, format: b.image.format.rawValue, readOnly: b.readOnly,
                                      virtualSize: b.image.virtualSize, actualSize: actual, backingFile: backing,
-                                     backingDepth: depth)
+                                     backingDepth: depth, nodeName: b.nodeName, fileNodeName: b.fileNodeName)
         } + (hotPlugRegistry?.hotPluggedDisks() ?? [])
     }
 }

@@ -14,10 +14,16 @@ import VNC
 /// backend, build the board and harts (`VirtualMachine`), start the protocol servers, start
 /// the machine, wait for it to end, then tear down in reverse and return the exit status.
 struct Launch {
-    let options: MachineServerCommand
+    let plan: LaunchPlan
 
     func run() throws -> Int32 {
-        let plan = try LaunchPlan(options: options)
+        // -D: diagnostics go to the log file from here on. -daemonize: fork now, while this
+        // is the only thread; the parent waits for `daemon.ready()` and exits 0 then.
+        if let log = plan.process.logFile { try ProcessSetup.redirectStandardError(to: log) }
+        let daemon = plan.process.daemonize ? try ProcessSetup.daemonize() : nil
+        let pidfile = try plan.process.pidfile.map { try ProcessSetup.PidFile(path: $0) }
+        defer { pidfile?.remove() }
+        if plan.isEmptyMachine { return try runEmptyMachine(daemon: daemon) }
 
         // Signals become an orderly shutdown (SHUTDOWN, cause host-signal). Installed before
         // the stdio backend, which then leaves these signals to us.
@@ -88,6 +94,7 @@ struct Launch {
         } catch {
             throw LaunchError("cannot start the machine: \(error)")
         }
+        daemon?.ready(keepStandardError: plan.process.logFile != nil)
         if let incoming = plan.incoming {
             // Like QEMU's -incoming: the machine waits in `inmigrate`; with a URI the state is
             // loaded now (and the machine runs unless -S), with `defer` QMP migrate-incoming
@@ -105,11 +112,39 @@ struct Launch {
         return machine.waitUntilExit()
     }
 
+    /// `machine: none`: QMP only, until quit or a terminating signal.
+    private func runEmptyMachine(daemon: ProcessSetup.Daemon?) throws -> Int32 {
+        let machine = EmptyMachine(name: plan.name, uuid: plan.uuid, startPaused: plan.startPaused)
+        let signalSources = [Int32(SIGINT), Int32(SIGTERM), Int32(SIGHUP)].map { sig -> any DispatchSourceSignal in
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { machine.requestHostShutdown(cause: .hostSignal) }
+            source.resume()
+            return source
+        }
+        signal(SIGPIPE, SIG_IGN)
+        defer { for s in signalSources { s.cancel() } }
+        let server = QMPServer(control: machine, chardevs: MachineChardevs([]))
+        do {
+            try server.start(listeners: plan.qmp, humanMonitorListeners: plan.hmp)
+        } catch {
+            throw LaunchError("qmp: \(error)")
+        }
+        defer { server.shutdown() }
+        daemon?.ready(keepStandardError: plan.process.logFile != nil)
+        return machine.waitUntilExit()
+    }
+
     /// Builds the `virt` board from the plan and one `Hart` per CPU.
     private func makeMachine(plan: LaunchPlan, serial: (any CharBackend)?, devices: MachineDevices,
                              harts hartList: HartList) throws -> VirtualMachine {
         var config = BoardConfig()
         config.memorySize = plan.memoryBytes
+        let backingFD = try plan.memoryBackend.map { try ProcessSetup.openMemoryBackend(path: $0.path, size: plan.memoryBytes) }
+        defer { if let backingFD { close(backingFD) } }
+        if let backingFD, let b = plan.memoryBackend {
+            config.ramBacking = GuestRAM.BackingFile(fileDescriptor: backingFD, shared: b.shared)
+        }
         config.cpuCount = plan.cpuCount
         config.cpuExtensions = plan.extensions
         config.kernelCommandLine = plan.commandLine
@@ -125,7 +160,8 @@ struct Launch {
             config.powerButton = { keyboard.pressPowerKey() }
         }
         return try VirtualMachine(
-            name: plan.name, startPaused: plan.startPaused, incoming: plan.incoming != nil,
+            name: plan.name, uuid: plan.uuid, actions: plan.actions,
+            startPaused: plan.startPaused, incoming: plan.incoming != nil,
             stateIdentity: StateIdentity.of(plan),
             describeIdentityMismatch: { StateIdentity.describeMismatch(saved: $0, current: $1) },
             makeBoard: { system in try VirtBoard(config: config, system: system) },
@@ -167,10 +203,10 @@ struct ProtocolServers {
         }
         let registry = MachineDeviceRegistry(devices: devices, vnc: vnc, network: network, hotPlug: hotPlug)
         var qmp: QMPServer? = nil
-        if !plan.qmp.isEmpty {
+        if !plan.qmp.isEmpty || !plan.hmp.isEmpty {
             let server = QMPServer(control: machine, chardevs: chardevs, devices: registry)
             do {
-                try server.start(listeners: plan.qmp)
+                try server.start(listeners: plan.qmp, humanMonitorListeners: plan.hmp)
             } catch {
                 throw LaunchError("qmp: \(error)")
             }

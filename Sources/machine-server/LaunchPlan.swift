@@ -25,6 +25,8 @@ struct LaunchPlan {
     var commandLine: String?
     var serial: ChardevSpec
     var qmp: [QMPListenerSpec]
+    /// The human monitor (HMP) listeners (`hmp`, QEMU's -mon mode=readline).
+    var hmp: [QMPListenerSpec]
     /// The VNC listen address and options, when a display is wanted.
     var vnc: VNCDescription?
     /// True when `vnc` came from --vnc (for messages).
@@ -39,6 +41,16 @@ struct LaunchPlan {
     var baseDirectory: String
     /// `--incoming URI|defer`: load a saved state (or wait for migrate-incoming) instead of booting.
     var incoming: String?
+    /// Guest RAM from a file (`memory-backend`): the absolute path and whether it is shared.
+    var memoryBackend: (path: String, shared: Bool)?
+    /// The machine's UUID (`uuid`, QEMU's -uuid).
+    var uuid: String?
+    /// What guest reboots and power-offs do (`actions`, QEMU's -no-reboot / -no-shutdown).
+    var actions: VirtualMachine.GuestActions
+    /// The process-level options (pid file, daemonizing, log file).
+    var process: ProcessOptions
+    /// `machine: none`: no CPUs, RAM or devices, only the QMP monitor (QEMU's -machine none).
+    var isEmptyMachine: Bool
 
     /// Where Debian's `opensbi` package (and QEMU's own packages) put OpenSBI's generic
     /// fw_dynamic firmware, tried in order when the description names no firmware.
@@ -47,21 +59,23 @@ struct LaunchPlan {
         "/usr/share/qemu/opensbi-riscv64-generic-fw_dynamic.bin",
     ]
 
-    /// Reads the description at `options.config`, applies the overrides and checks it all.
-    /// Throws `LaunchError` naming the offending file, option or description field.
-    init(options: MachineServerCommand) throws {
-        let configPath = options.config
+    /// Reads and parses the description at `configPath`; returns it with the directory its
+    /// relative paths are relative to. Throws `LaunchError` naming the file and field.
+    static func loadDescription(configPath: String) throws -> (MachineDescription, baseDirectory: String) {
         let configBytes = try Self.readRegularFile("--config", configPath, limit: Self.maxDescriptionBytes)
         guard let text = String(validating: configBytes, as: UTF8.self) else {
             throw LaunchError("--config: '\(configPath)' is not UTF-8 text")
         }
-        let d: MachineDescription
         do {
-            d = try MachineDescription.parse(jsonText: text)
+            return (try MachineDescription.parse(jsonText: text), URL(fileURLWithPath: configPath).deletingLastPathComponent().path)
         } catch {
             throw LaunchError("\(configPath): \(error)")
         }
-        let baseDirectory = URL(fileURLWithPath: configPath).deletingLastPathComponent().path
+    }
+
+    /// Applies the overrides to the description `d` and checks it all (files exist, sockets
+    /// do not collide, devices fit). Throws `LaunchError` naming the offending option or field.
+    init(description d: MachineDescription, baseDirectory: String, options: LaunchOverrides) throws {
         self.description = d
         self.baseDirectory = baseDirectory
 
@@ -77,6 +91,12 @@ struct LaunchPlan {
         }
 
         name = options.name ?? d.name
+        isEmptyMachine = d.machine == .none
+        memoryBackend = d.memoryBackend.map { (resolve($0.file), $0.share) }
+        uuid = d.uuid
+        actions = VirtualMachine.GuestActions(rebootShutsDown: d.actions?.reboot == .shutdown,
+                                              shutdownPauses: d.actions?.shutdown == .pause)
+        process = options.process
         startPaused = options.paused || d.start == .paused
         if let incoming = options.incoming {
             guard incoming == "defer" || incoming.hasPrefix("file:") || incoming.hasPrefix("exec:") else {
@@ -117,7 +137,19 @@ struct LaunchPlan {
             gdb = nil
         }
 
+        if isEmptyMachine {
+            for (field, given) in [("firmware", d.firmware != nil), ("kernel", d.kernel != nil), ("initrd", d.initrd != nil),
+                                   ("append", d.append != nil), ("devices", !(d.devices ?? []).isEmpty),
+                                   ("display", d.display != nil || options.vnc != nil)] where given {
+                throw LaunchError("\(field): machine 'none' has no CPUs, RAM or devices")
+            }
+            if let s = d.serial, s.variant != .none {
+                throw LaunchError("serial: machine 'none' has no serial port (give {\"backend\": \"none\"})")
+            }
+        }
         switch d.firmware {
+        case _ where isEmptyMachine:
+            firmware = nil
         case "none"?:
             firmware = nil
         case let path?:
@@ -133,12 +165,14 @@ struct LaunchPlan {
         if initrd != nil && kernel == nil {
             throw LaunchError("initrd: an initial RAM disk needs a \"kernel\" to go with it")
         }
-        if firmware == nil && kernel == nil {
+        if firmware == nil && kernel == nil && !isEmptyMachine {
             throw LaunchError("kernel: with \"firmware\": \"none\" a kernel is required (there is nothing else to run)")
         }
         commandLine = d.append
 
-        if let spec = options.serial {
+        if isEmptyMachine {
+            serial = .none
+        } else if let spec = options.serial {
             do { serial = try ChardevSpec(parsing: spec) } catch { throw LaunchError("--serial: \(error)") }
         } else {
             serial = Self.chardevSpec(d.serial, resolve: resolve)
@@ -149,11 +183,12 @@ struct LaunchPlan {
                 do { return try QMPListenerSpec(parsing: text) } catch { throw LaunchError("--qmp: \(error)") }
             }
         } else {
-            qmp = (d.qmp ?? []).map { l in
-                switch l.variant {
-                case .unix(let o): return .unix(path: resolve(o.path))
-                case .tcp(let o): return .tcp(host: o.host, port: Int(o.port))
-                }
+            qmp = (d.qmp ?? []).map(Self.listener(resolve: resolve))
+        }
+        hmp = (d.hmp ?? []).map(Self.listener(resolve: resolve))
+        for (i, l) in hmp.enumerated() {
+            if case .unix(let p) = l, qmp.contains(.unix(path: p)) {
+                throw LaunchError("hmp[\(i)]: '\(p)' is also a QMP socket")
             }
         }
         for (i, l) in qmp.enumerated() {
@@ -190,6 +225,17 @@ struct LaunchPlan {
         devices = try PlannedDevice.plan(d.devices ?? [], vnc: vncOrigin, netdevs: netdevs.map(\.id), resolve: resolve)
     }
 
+    /// The listener spec for a description's QMP/HMP listener.
+    static func listener(resolve: @escaping (String) -> String) -> (QMPListenerDescription) -> QMPListenerSpec {
+        { l in
+            switch l.variant {
+            case .unix(let o): return .unix(path: resolve(o.path))
+            case .tcp(let o): return .tcp(host: o.host, port: Int(o.port))
+            case .fd(let o): return .fd(Int32(o.fd))
+            }
+        }
+    }
+
     /// The chardev SPEC for the description's `serial` member (default: stdio).
     static func chardevSpec(_ s: SerialDescription?, resolve: (String) -> String) -> ChardevSpec {
         guard let s else { return .stdio }
@@ -198,7 +244,7 @@ struct LaunchPlan {
         case .none: return .none
         case .unix(let o): return .unix(path: resolve(o.path))
         case .tcp(let o): return .tcp(host: o.host, port: UInt16(o.port))
-        case .file(let o): return .file(path: resolve(o.path), append: false)
+        case .file(let o): return .file(path: resolve(o.path), append: o.append)
         case .ringbuf(let o): return .ringbuf(size: Int(o.size))
         }
     }

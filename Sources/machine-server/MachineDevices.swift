@@ -19,12 +19,17 @@ final class MachineDevices: Sendable {
         let device: VirtioBlock
         let image: any BlockImage
         let readOnly: Bool
+        /// The drive's block node names (query-named-block-nodes), when given.
+        var nodeName: String? = nil
+        var fileNodeName: String? = nil
     }
 
     /// The display hub the GPU publishes to and the input devices read from; nil when the
     /// description has no GPU, keyboard or tablet (then nothing display-related exists).
     let display: Display?
     let blocks: [Block]
+    /// The devices with an id given by the user, with their drivers (QOM's /machine/peripheral).
+    let peripherals: [(id: String, driver: String)]
     let gpu: VirtioGPU?
     let keyboards: [VirtioInput]
     let tablets: [VirtioInput]
@@ -75,7 +80,8 @@ final class MachineDevices: Sendable {
                     let blk = VirtioBlock(drive: DriveConfig(image: image, readOnly: readOnly,
                                                              serial: p.hasExplicitID ? p.id : ""),
                                           name: name, logger: Logger(label: "machine.\(name)"))
-                    blocks.append(Block(id: p.id, hasExplicitID: p.hasExplicitID, device: blk, image: image, readOnly: readOnly))
+                    blocks.append(Block(id: p.id, hasExplicitID: p.hasExplicitID, device: blk, image: image, readOnly: readOnly,
+                                        nodeName: p.nodeName, fileNodeName: p.fileNodeName))
                     device = blk
                 case .gpu:
                     let g = VirtioGPU(display: display!, logger: Self.logger("machine.virtio-gpu"))
@@ -141,6 +147,7 @@ final class MachineDevices: Sendable {
         self.unconnectedBackends = unconnectedBackends
         self.display = display
         self.blocks = blocks
+        self.peripherals = planned.filter(\.hasExplicitID).map { ($0.id, $0.driver) }
         self.gpu = gpu
         self.keyboards = keyboards
         self.tablets = tablets

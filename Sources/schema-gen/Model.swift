@@ -295,7 +295,8 @@ struct SchemaLoader {
         for (rawName, spec) in entries {
             let optional = rawName.hasPrefix("*")
             let name = optional ? String(rawName.dropFirst()) : rawName
-            guard isName(name, first: "abcdefghijklmnopqrstuvwxyz", rest: "abcdefghijklmnopqrstuvwxyz0123456789-_") else {
+            guard memberNameExceptions.contains(name)
+                    || isName(name, first: "abcdefghijklmnopqrstuvwxyz", rest: "abcdefghijklmnopqrstuvwxyz0123456789-_") else {
                 problem(file, "\(whereText): bad member name '\(rawName)' (lower-case letters, digits, '-' and '_', optionally prefixed by one '*')")
                 continue
             }
@@ -473,6 +474,10 @@ struct SchemaLoader {
         }
     }
 }
+
+/// Member names QEMU's own schema spells against its naming rule, kept as QEMU has them on the
+/// wire (QAPI's `member-name-exceptions` pragma): `UuidInfo`'s `UUID`.
+let memberNameExceptions: Set<String> = ["UUID"]
 
 func isName(_ s: String, first: String, rest: String) -> Bool {
     guard let f = s.first, first.contains(f) else { return false }

@@ -69,7 +69,7 @@ func errorOf(_ reply: JSONValue) -> (String, String)? {
     @Test func enablingAnUnadvertisedCapabilityFails() {
         var h = Harness(negotiate: false)
         #expect(errorOf(h.one(#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#))?.1 == "Capability 'oob' not available")
-        #expect(errorOf(h.one(#"{"execute":"qmp_capabilities","arguments":{"enable":["x"]}}"#))?.1 == "Parameter 'enable[0]' does not accept value 'x'")
+        #expect(errorOf(h.one(#"{"execute":"qmp_capabilities","arguments":{"enable":["x"]}}"#))?.1 == "Parameter 'null' does not accept value 'x'")  // QEMU 7.2's wording
         #expect(!h.session.negotiated)
     }
 
@@ -155,6 +155,30 @@ func errorOf(_ reply: JSONValue) -> (String, String)? {
         #expect(errorOf(h.one(#"{"execute":"ringbuf-read","arguments":{"device":"serial0","size":-1}}"#))?.0 == "GenericError")
     }
 
+    @Test func probingCommandsDescribeWhatExists() {
+        var h = Harness()
+        func names(_ v: JSONValue?) -> [String] {
+            guard case .array(let items)? = v else { return [] }
+            return items.compactMap { $0["name"]?.stringValue }
+        }
+        #expect(h.one(#"{"execute":"query-target"}"#)["return"] == ["arch": "riscv64"])
+        #expect(h.one(#"{"execute":"query-kvm"}"#)["return"] == ["enabled": false, "present": false])
+        let machines = names(h.one(#"{"execute":"query-machines"}"#)["return"])
+        #expect(machines == ["virt", "none"])
+        let pci = names(h.one(#"{"execute":"qom-list-types","arguments":{"implements":"pci-device"}}"#)["return"])
+        #expect(Set(pci) == ["virtio-blk-pci", "virtio-gpu-pci", "virtio-keyboard-pci", "virtio-tablet-pci", "virtio-rng-pci", "virtio-net-pci", "pcie-root-port"])
+        let blk = names(h.one(#"{"execute":"device-list-properties","arguments":{"typename":"virtio-blk-device"}}"#)["return"])
+        #expect(blk == ["drive"])
+        #expect(errorOf(h.one(#"{"execute":"device-list-properties","arguments":{"typename":"e1000"}}"#))?.0 == "DeviceNotFound")
+        #expect(errorOf(h.one(#"{"execute":"qom-list-properties","arguments":{"typename":"memory-backend-epc"}}"#))?.0 == "DeviceNotFound")
+        #expect(errorOf(h.one(#"{"execute":"query-command-line-options","arguments":{"option":"spice"}}"#))?.1 == "invalid option name: spice")
+        let events = names(h.one(#"{"execute":"query-events"}"#)["return"])
+        #expect(events.contains("SHUTDOWN") && events.contains("STOP"))
+        #expect(h.one(#"{"execute":"query-migrate-capabilities"}"#)["return"] == [["capability": "events", "state": false]])
+        #expect(errorOf(h.one(#"{"execute":"send-key","arguments":{"keys":[{"type":"qcode","data":"nosuch"}]}}"#))?.1
+                == "Parameter 'data' does not accept value 'nosuch'")  // QEMU 7.2's wording
+    }
+
     @Test func humanMonitorCommandsMapOntoQMP() {
         var h = Harness()
         func hmp(_ line: String) -> JSONValue? {
@@ -168,7 +192,12 @@ func errorOf(_ reply: JSONValue) -> (String, String)? {
         #expect(hmp("info version") == "7.2.0 (machine-server 0.1.0)\r\n")
         #expect(hmp("info cpus") == "* CPU #0: thread_id=100\r\n  CPU #1: thread_id=101\r\n")
         #expect(hmp("system_reset") == "" && hmp("system_powerdown") == "")
-        #expect(hmp("drive_add x") == "unknown command: 'drive_add x'\r\n")
+        #expect(hmp("drive_add x") == "unknown command: 'drive_add'\r\n")  // QEMU names the command only
+        #expect(hmp("info registers") == "No CPU 0\r\n")  // the fake machine exposes no registers
+        #expect(hmp("info uuid") == "00000000-0000-0000-0000-000000000000\r\n")
+        #expect(hmp("xp /2xw 0x80000000") == "this machine does not expose its memory\r\n")
+        #expect(hmp("info nosuch") == "unknown command: 'info nosuch'\r\n")
+        #expect(hmp("sendkey") == "Usage: sendkey keys [hold_ms]\r\n")
         #expect(hmp("savevm x") == "Error: this machine has no snapshot support\r\n")
         #expect(h.machine.calls == ["stop", "cont", "system_reset", "system_powerdown"])
         #expect(hmp("quit") == "")

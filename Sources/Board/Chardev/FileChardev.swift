@@ -31,7 +31,7 @@ public final class FileChardev: CharBackend, Sendable {
     }
 
     /// Opens (creating with mode 0644 if needed) the file at `path`; throws when the host
-    /// refuses or the path is not a regular file or character device. `report` receives the
+    /// refuses or the path is not a regular file, a character device or a FIFO with a reader. `report` receives the
     /// one message about a failed write (default: stderr).
     public init(id: String, path: String, append: Bool,
                 report: @escaping @Sendable (String) -> Void = FileChardev.reportToStderr) throws {
@@ -50,7 +50,10 @@ public final class FileChardev: CharBackend, Sendable {
             throw ChardevError.system(what: "cannot stat '\(path)'", errno: e)
         }
         let kind = st.st_mode & S_IFMT
-        guard kind == S_IFREG || kind == S_IFCHR else {
+        // A FIFO opened here has a reader (the non-blocking open fails otherwise): libvirt hands
+        // a serial log over as a pipe to its virtlogd. Like a file on a slow disk, a reader that
+        // stops reading holds up the writes.
+        guard kind == S_IFREG || kind == S_IFCHR || kind == S_IFIFO else {
             Glibc.close(f)
             let what = kind == S_IFIFO ? "a FIFO" : kind == S_IFSOCK ? "a socket" : kind == S_IFBLK ? "a block device" : "not a regular file"
             throw ChardevError.invalidSpec(spec: "file:\(path)", reason: "'\(path)' is \(what); serial output needs a regular file or a character device")

@@ -12,7 +12,7 @@ public protocol QMPCommandHandler: Sendable {
     func blockdevAdd(_ arguments: BlockdevOptions) throws
     /// `blockdev-del`: Closes a node added with blockdev-add (flushing it) and the file node it opened inline. Refused while a device or another node uses it.
     func blockdevDel(_ arguments: BlockdevDelArguments) throws
-    /// `query-named-block-nodes`: Lists the nodes added with blockdev-add, and the file nodes under them.
+    /// `query-named-block-nodes`: Lists the named block nodes: those added with blockdev-add and the file nodes under them, and for each disk of the description whose drive has node names (QEMU's -blockdev), its format node and its protocol node (drv file). Disks without node names are listed by query-block only.
     func queryNamedBlockNodes(_ arguments: QueryNamedBlockNodesArguments) throws -> [BlockDeviceInfo]
     /// `query-chardev`: Lists the character devices.
     func queryChardev() throws -> [ChardevInfo]
@@ -28,6 +28,8 @@ public protocol QMPCommandHandler: Sendable {
     func queryCommands() throws -> [CommandInfo]
     /// `query-name`: Returns the machine's name, if it has one.
     func queryName() throws -> NameInfo
+    /// `query-uuid`: Returns the machine's UUID.
+    func queryUuid() throws -> UuidInfo
     /// `query-status`: Returns the machine's run state.
     func queryStatus() throws -> StatusInfo
     /// `stop`: Pauses every vCPU. Emits STOP if the machine was running; stopping a paused machine succeeds and does nothing.
@@ -42,7 +44,7 @@ public protocol QMPCommandHandler: Sendable {
     func quit() throws
     /// `query-cpus-fast`: Lists the machine's vCPUs.
     func queryCpusFast() throws -> [CpuInfoFast]
-    /// `human-monitor-command`: Runs one human-monitor (HMP) command line and returns its output. Supported: info status, info version, info name, info cpus, info migrate, info snapshots, info network, info usernet, info pci, info block, stop, cont, system_reset, system_powerdown, quit, migrate, savevm, loadvm, delvm, device_add, device_del, hostfwd_add [netdev_id] [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport, hostfwd_remove [netdev_id] [tcp|udp]:[hostaddr]:hostport, gdbserver [tcp:[HOST]:PORT|PORT] (starts a GDB remote-protocol server, like QEMU's; no host means 127.0.0.1); other commands print an error line.
+    /// `human-monitor-command`: Runs one human-monitor (HMP) command line and returns its output. Supported: help, info status|version|name|uuid|cpus|registers|block|chardev|vnc|mtree|migrate|snapshots|network|usernet|pci, stop, cont, system_reset, system_powerdown, quit, sendkey, screendump, x, xp, savevm, loadvm, delvm, migrate, device_add, device_del, hostfwd_add, hostfwd_remove, gdbserver (docs/qemu-cli.md); each wraps the QMP command that does the work. Unknown commands and failures print QEMU's message line ('unknown command: ...', 'Error: ...') as the output.
     func humanMonitorCommand(_ arguments: HumanMonitorCommandArguments) throws -> String
     /// `query-vnc`: Returns the state of the VNC server; 'enabled' is false when the machine has no VNC display.
     func queryVnc() throws -> VncInfo
@@ -74,6 +76,28 @@ public protocol QMPCommandHandler: Sendable {
     func queryRxFilter(_ arguments: QueryRxFilterArguments) throws -> [RxFilterInfo]
     /// `query-pci`: Lists the PCI buses and the functions on them, with what the guest programmed (bus numbers, BARs).
     func queryPci() throws -> [PciInfo]
+    /// `query-target`: Returns the guest architecture.
+    func queryTarget() throws -> TargetInfo
+    /// `query-events`: Lists every event of the schema.
+    func queryEvents() throws -> [EventInfo]
+    /// `query-kvm`: Reports that KVM is neither present nor enabled.
+    func queryKvm() throws -> KvmInfo
+    /// `query-machines`: Lists the machine types: 'virt' and 'none'.
+    func queryMachines() throws -> [MachineInfo]
+    /// `query-cpu-definitions`: Lists the CPU models: only 'rv64' (RV64GC with S and U modes).
+    func queryCpuDefinitions() throws -> [CpuDefinitionInfo]
+    /// `qom-list-types`: Lists the QOM types machine-server implements: its machine types, CPU model, devices (the description's device drivers), the objects -object takes and the chardev backends, with their abstract parents.
+    func qomListTypes(_ arguments: QomListTypesArguments) throws -> [ObjectTypeInfo]
+    /// `device-list-properties`: Lists the properties a device type takes on -device (exactly those machine-server honours). Fails with DeviceNotFound for a type it does not have.
+    func deviceListProperties(_ arguments: DeviceListPropertiesArguments) throws -> [ObjectPropertyInfo]
+    /// `qom-list-properties`: Lists the properties of a QOM type: a device's, or an object's on -object. Fails with DeviceNotFound ("Class ... not found") for a type machine-server does not have.
+    func qomListProperties(_ arguments: QomListPropertiesArguments) throws -> [ObjectPropertyInfo]
+    /// `query-command-line-options`: Lists the key=value options of QEMU's command line that machine-server accepts, with the parameters it honours (docs/qemu-cli.md).
+    func queryCommandLineOptions(_ arguments: QueryCommandLineOptionsArguments) throws -> [CommandLineOptionInfo]
+    /// `query-migrate-capabilities`: Lists the migration capabilities and whether each is on.
+    func queryMigrateCapabilities() throws -> [MigrationCapabilityStatus]
+    /// `migrate-set-capabilities`: Turns migration capabilities on or off (for the whole machine, as in QEMU). Fails while a migration runs.
+    func migrateSetCapabilities(_ arguments: MigrateSetCapabilitiesArguments) throws
     /// `device_add`: Adds a device while the machine runs (PCIe native hot-plug). The device goes into the slot of the pcie-root-port named by `bus`; the guest is told through the port's hot-plug interrupt and finds it as device 0 of the port's secondary bus. Drivers: virtio-blk-pci (needs `drive`, a node added with blockdev-add), virtio-rng-pci, virtio-keyboard-pci, virtio-tablet-pci. Refused, leaving the machine unchanged: an unknown driver or property, a duplicate id, a bus that is not a root port (the root bus pcie.0 does not support hot-plugging), a root port whose slot is occupied, an unknown node or one another device uses.
     func deviceAdd(_ arguments: DeviceAddArguments) throws
     /// `device_del`: Asks the guest to release a hot-plugged device: presses the attention button of its root port's slot and returns. The device is removed when the guest powers the slot off (Linux pciehp does so about five seconds after the press, once its driver let go), and DEVICE_DELETED says so. Devices built at launch cannot be removed.
@@ -122,6 +146,8 @@ public enum QMPCommand: Sendable, Equatable {
     case queryCommands
     /// `query-name`.
     case queryName
+    /// `query-uuid`.
+    case queryUuid
     /// `query-status`.
     case queryStatus
     /// `stop`.
@@ -168,6 +194,28 @@ public enum QMPCommand: Sendable, Equatable {
     case queryRxFilter(QueryRxFilterArguments)
     /// `query-pci`.
     case queryPci
+    /// `query-target`.
+    case queryTarget
+    /// `query-events`.
+    case queryEvents
+    /// `query-kvm`.
+    case queryKvm
+    /// `query-machines`.
+    case queryMachines
+    /// `query-cpu-definitions`.
+    case queryCpuDefinitions
+    /// `qom-list-types`.
+    case qomListTypes(QomListTypesArguments)
+    /// `device-list-properties`.
+    case deviceListProperties(DeviceListPropertiesArguments)
+    /// `qom-list-properties`.
+    case qomListProperties(QomListPropertiesArguments)
+    /// `query-command-line-options`.
+    case queryCommandLineOptions(QueryCommandLineOptionsArguments)
+    /// `query-migrate-capabilities`.
+    case queryMigrateCapabilities
+    /// `migrate-set-capabilities`.
+    case migrateSetCapabilities(MigrateSetCapabilitiesArguments)
     /// `device_add`.
     case deviceAdd(DeviceAddArguments)
     /// `device_del`.
@@ -204,6 +252,7 @@ public enum QMPCommand: Sendable, Equatable {
         "query-version",
         "query-commands",
         "query-name",
+        "query-uuid",
         "query-status",
         "stop",
         "cont",
@@ -227,6 +276,17 @@ public enum QMPCommand: Sendable, Equatable {
         "set_link",
         "query-rx-filter",
         "query-pci",
+        "query-target",
+        "query-events",
+        "query-kvm",
+        "query-machines",
+        "query-cpu-definitions",
+        "qom-list-types",
+        "device-list-properties",
+        "qom-list-properties",
+        "query-command-line-options",
+        "query-migrate-capabilities",
+        "migrate-set-capabilities",
         "device_add",
         "device_del",
         "query-description",
@@ -258,6 +318,7 @@ public enum QMPCommand: Sendable, Equatable {
         case .queryVersion: return "query-version"
         case .queryCommands: return "query-commands"
         case .queryName: return "query-name"
+        case .queryUuid: return "query-uuid"
         case .queryStatus: return "query-status"
         case .stop: return "stop"
         case .cont: return "cont"
@@ -281,6 +342,17 @@ public enum QMPCommand: Sendable, Equatable {
         case .setLink: return "set_link"
         case .queryRxFilter: return "query-rx-filter"
         case .queryPci: return "query-pci"
+        case .queryTarget: return "query-target"
+        case .queryEvents: return "query-events"
+        case .queryKvm: return "query-kvm"
+        case .queryMachines: return "query-machines"
+        case .queryCpuDefinitions: return "query-cpu-definitions"
+        case .qomListTypes: return "qom-list-types"
+        case .deviceListProperties: return "device-list-properties"
+        case .qomListProperties: return "qom-list-properties"
+        case .queryCommandLineOptions: return "query-command-line-options"
+        case .queryMigrateCapabilities: return "query-migrate-capabilities"
+        case .migrateSetCapabilities: return "migrate-set-capabilities"
         case .deviceAdd: return "device_add"
         case .deviceDel: return "device_del"
         case .queryDescription: return "query-description"
@@ -336,6 +408,11 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
             }
             return .queryName
+        case "query-uuid":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryUuid
         case "query-status":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -415,6 +492,46 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
             }
             return .queryPci
+        case "query-target":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryTarget
+        case "query-events":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryEvents
+        case "query-kvm":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryKvm
+        case "query-machines":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryMachines
+        case "query-cpu-definitions":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryCpuDefinitions
+        case "qom-list-types":
+            return .qomListTypes(try QomListTypesArguments(json: .object(arguments), at: .root))
+        case "device-list-properties":
+            return .deviceListProperties(try DeviceListPropertiesArguments(json: .object(arguments), at: .root))
+        case "qom-list-properties":
+            return .qomListProperties(try QomListPropertiesArguments(json: .object(arguments), at: .root))
+        case "query-command-line-options":
+            return .queryCommandLineOptions(try QueryCommandLineOptionsArguments(json: .object(arguments), at: .root))
+        case "query-migrate-capabilities":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryMigrateCapabilities
+        case "migrate-set-capabilities":
+            return .migrateSetCapabilities(try MigrateSetCapabilitiesArguments(json: .object(arguments), at: .root))
         case "device_add":
             return .deviceAdd(try DeviceAddArguments(json: .object(arguments), at: .root))
         case "device_del":
@@ -478,6 +595,8 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
             return try handler.queryCommands().json
         case .queryName:
             return try handler.queryName().json
+        case .queryUuid:
+            return try handler.queryUuid().json
         case .queryStatus:
             return try handler.queryStatus().json
         case .stop:
@@ -539,6 +658,29 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
             return try handler.queryRxFilter(arguments).json
         case .queryPci:
             return try handler.queryPci().json
+        case .queryTarget:
+            return try handler.queryTarget().json
+        case .queryEvents:
+            return try handler.queryEvents().json
+        case .queryKvm:
+            return try handler.queryKvm().json
+        case .queryMachines:
+            return try handler.queryMachines().json
+        case .queryCpuDefinitions:
+            return try handler.queryCpuDefinitions().json
+        case .qomListTypes(let arguments):
+            return try handler.qomListTypes(arguments).json
+        case .deviceListProperties(let arguments):
+            return try handler.deviceListProperties(arguments).json
+        case .qomListProperties(let arguments):
+            return try handler.qomListProperties(arguments).json
+        case .queryCommandLineOptions(let arguments):
+            return try handler.queryCommandLineOptions(arguments).json
+        case .queryMigrateCapabilities:
+            return try handler.queryMigrateCapabilities().json
+        case .migrateSetCapabilities(let arguments):
+            try handler.migrateSetCapabilities(arguments)
+            return .object(JSONObject())
         case .deviceAdd(let arguments):
             try handler.deviceAdd(arguments)
             return .object(JSONObject())

@@ -18,6 +18,8 @@ public enum QMPEvent: Sendable, Equatable {
     case vncInitialized(VncInitializedEventData)
     /// `VNC_DISCONNECTED`: A VNC viewer disconnected.
     case vncDisconnected(VncDisconnectedEventData)
+    /// `MIGRATION`: A migration (or an incoming one) changed status; sent only while the 'events' capability is on.
+    case migration(MigrationEventData)
     /// `DEVICE_DELETED`: A device has been removed (the end of a device_del): the guest powered its slot off and the device is gone; its drive node is free again.
     case deviceDeleted(DeviceDeletedEventData)
     /// `JOB_STATUS_CHANGE`: A job changed state.
@@ -33,6 +35,7 @@ public enum QMPEvent: Sendable, Equatable {
         "VNC_CONNECTED",
         "VNC_INITIALIZED",
         "VNC_DISCONNECTED",
+        "MIGRATION",
         "DEVICE_DELETED",
         "JOB_STATUS_CHANGE",
     ]
@@ -48,6 +51,7 @@ public enum QMPEvent: Sendable, Equatable {
         case .vncConnected: return "VNC_CONNECTED"
         case .vncInitialized: return "VNC_INITIALIZED"
         case .vncDisconnected: return "VNC_DISCONNECTED"
+        case .migration: return "MIGRATION"
         case .deviceDeleted: return "DEVICE_DELETED"
         case .jobStatusChange: return "JOB_STATUS_CHANGE"
         }
@@ -64,6 +68,7 @@ public enum QMPEvent: Sendable, Equatable {
         case .vncConnected(let d): return d.json
         case .vncInitialized(let d): return d.json
         case .vncDisconnected(let d): return d.json
+        case .migration(let d): return d.json
         case .deviceDeleted(let d): return d.json
         case .jobStatusChange(let d): return d.json
         }

@@ -62,7 +62,7 @@ public struct ImageInfo: SchemaCodable, Equatable {
 public struct BlockDeviceInfo: SchemaCodable, Equatable {
     /// The image file.
     public var file: String
-    /// The node name (blockdev-add's node-name; an automatic "#blockN" for a file node given inline). Optional.
+    /// The node name: blockdev-add's node-name (an automatic "#blockN" for a file node given inline), or a description drive's node-name / file-node-name (QEMU's -blockdev). Optional.
     public var nodeName: String?
     /// True when the guest cannot write.
     public var ro: Bool
@@ -850,6 +850,42 @@ public struct NameInfo: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// The machine's UUID.
+public struct UuidInfo: SchemaCodable, Equatable {
+    /// The UUID given in the description (or with -uuid), in 8-4-4-4-12 form; all zeros when none was given.
+    public var uuid: String
+
+    /// Creates a value from its members.
+    public init(uuid: String) {
+        self.uuid = uuid
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["UUID"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.uuid = try r.required("UUID", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["UUID"] = self.uuid.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
 /// The run states of a machine, with QEMU's names. machine-server uses prelaunch, running, paused, shutdown and internal-error; the others exist for compatibility.
 public enum RunState: String, SchemaCodable, CaseIterable, Equatable {
     /// The value "debug".
@@ -1017,7 +1053,7 @@ public struct CpuInfoFast: SchemaCodable, Equatable {
 public struct HumanMonitorCommandArguments: SchemaCodable, Equatable {
     /// The HMP command line, e.g. "info status".
     public var commandLine: String
-    /// The vCPU the command is about (accepted for compatibility; the commands above do not depend on it). Optional.
+    /// The vCPU that info registers, info cpus (its '*') and x are about (default 0). Optional.
     public var cpuIndex: Int64?
 
     /// Creates a value from its members.
@@ -3325,10 +3361,12 @@ public struct SchemaInfo: SchemaCodable, Equatable {
 
 // MARK: - machine-description
 
-/// The board to build.
+/// The board to build: 'virt', or 'none' (QEMU's -machine none: no CPUs, RAM or devices, only the QMP monitor, for capability probing as libvirt does; a description of 'none' may not name boot images, devices or a display).
 public enum MachineKind: String, SchemaCodable, CaseIterable, Equatable {
     /// The value "virt".
     case virt = "virt"
+    /// The value "none".
+    case none = "none"
 
     /// Decodes one of the values; anything else is an error listing them.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -3431,6 +3469,51 @@ public struct SerialPathOptions: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// A serial backend writing the guest's output to a file.
+public struct SerialFileOptions: SchemaCodable, Equatable {
+    /// The file (a regular file or a character device).
+    public var path: String
+    /// Append to the file instead of truncating it. Optional; default false.
+    public var append: Bool
+
+    /// Creates a value from its members.
+    public init(path: String, append: Bool = false) {
+        self.path = path
+        self.append = append
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["path", "append"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.path = try r.required("path", as: String.self)
+        do {
+            let v = self.path
+            try SchemaCheck.path(v, at: r.path.member("path"))
+        }
+        self.append = try r.optional("append", as: Bool.self) ?? false
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["path"] = self.path.json
+        o["append"] = self.append.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
 /// A serial backend listening on a TCP port.
 public struct SerialTCPOptions: SchemaCodable, Equatable {
     /// The address to listen on.
@@ -3526,8 +3609,8 @@ public struct SerialDescription: SchemaCodable, Equatable {
         case unix(SerialPathOptions)
         /// `backend` is "tcp"; the branch adds the members of `SerialTCPOptions`.
         case tcp(SerialTCPOptions)
-        /// `backend` is "file"; the branch adds the members of `SerialPathOptions`.
-        case file(SerialPathOptions)
+        /// `backend` is "file"; the branch adds the members of `SerialFileOptions`.
+        case file(SerialFileOptions)
         /// `backend` is "ringbuf"; the branch adds the members of `SerialRingbufOptions`.
         case ringbuf(SerialRingbufOptions)
         /// `backend` is "none"; the branch adds no members.
@@ -3570,8 +3653,8 @@ public struct SerialDescription: SchemaCodable, Equatable {
             try r.rejectUnknown(allowed: baseNames.union(SerialTCPOptions.memberNames))
             self.variant = .tcp(try SerialTCPOptions(reader: r))
         case .file:
-            try r.rejectUnknown(allowed: baseNames.union(SerialPathOptions.memberNames))
-            self.variant = .file(try SerialPathOptions(reader: r))
+            try r.rejectUnknown(allowed: baseNames.union(SerialFileOptions.memberNames))
+            self.variant = .file(try SerialFileOptions(reader: r))
         case .ringbuf:
             try r.rejectUnknown(allowed: baseNames.union(SerialRingbufOptions.memberNames))
             self.variant = .ringbuf(try SerialRingbufOptions(reader: r))
@@ -3603,6 +3686,8 @@ public enum QMPBackend: String, SchemaCodable, CaseIterable, Equatable {
     case unix = "unix"
     /// The value "tcp".
     case tcp = "tcp"
+    /// The value "fd".
+    case fd = "fd"
 
     /// Decodes one of the values; anything else is an error listing them.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -3702,6 +3787,46 @@ public struct QMPTCPOptions: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// A QMP listener on a listening socket the server inherits (QEMU's -chardev socket,fd=N,server=on, as libvirt passes its monitor socket).
+public struct QMPFdOptions: SchemaCodable, Equatable {
+    /// The inherited descriptor of a bound, listening stream socket.
+    public var fd: Int64
+
+    /// Creates a value from its members.
+    public init(fd: Int64) {
+        self.fd = fd
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["fd"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.fd = try r.required("fd", as: Int64.self)
+        do {
+            let v = self.fd
+            try SchemaCheck.range(v, min: 3, max: 65535, at: r.path.member("fd"))
+        }
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["fd"] = self.fd.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
 /// One QMP listener.
 public struct QMPListenerDescription: SchemaCodable, Equatable {
     /// The branch, selected by `backend`, with the members it adds.
@@ -3710,6 +3835,8 @@ public struct QMPListenerDescription: SchemaCodable, Equatable {
         case unix(QMPUnixOptions)
         /// `backend` is "tcp"; the branch adds the members of `QMPTCPOptions`.
         case tcp(QMPTCPOptions)
+        /// `backend` is "fd"; the branch adds the members of `QMPFdOptions`.
+        case fd(QMPFdOptions)
     }
 
     /// The branch.
@@ -3725,6 +3852,7 @@ public struct QMPListenerDescription: SchemaCodable, Equatable {
         switch variant {
         case .unix: return .unix
         case .tcp: return .tcp
+        case .fd: return .fd
         }
     }
 
@@ -3740,6 +3868,9 @@ public struct QMPListenerDescription: SchemaCodable, Equatable {
         case .tcp:
             try r.rejectUnknown(allowed: baseNames.union(QMPTCPOptions.memberNames))
             self.variant = .tcp(try QMPTCPOptions(reader: r))
+        case .fd:
+            try r.rejectUnknown(allowed: baseNames.union(QMPFdOptions.memberNames))
+            self.variant = .fd(try QMPFdOptions(reader: r))
         }
     }
 
@@ -3750,6 +3881,7 @@ public struct QMPListenerDescription: SchemaCodable, Equatable {
         switch variant {
         case .unix(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .tcp(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .fd(let b): for m in b.jsonMembers { o[m.key] = m.value }
         }
         return .object(o)
     }
@@ -3914,16 +4046,22 @@ public struct DriveDescription: SchemaCodable, Equatable {
     public var format: DriveFormat
     /// Open the image read-only; guest writes fail. Optional; default false.
     public var readOnly: Bool
+    /// The name of the image's format node (QEMU's -blockdev node-name; query-named-block-nodes). Optional.
+    public var nodeName: String?
+    /// The name of the file (protocol) node under it. Optional.
+    public var fileNodeName: String?
 
     /// Creates a value from its members.
-    public init(file: String, format: DriveFormat, readOnly: Bool = false) {
+    public init(file: String, format: DriveFormat, readOnly: Bool = false, nodeName: String? = nil, fileNodeName: String? = nil) {
         self.file = file
         self.format = format
         self.readOnly = readOnly
+        self.nodeName = nodeName
+        self.fileNodeName = fileNodeName
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["file", "format", "read-only"]
+    public static let memberNames: Set<String> = ["file", "format", "read-only", "node-name", "file-node-name"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -3941,6 +4079,8 @@ public struct DriveDescription: SchemaCodable, Equatable {
         }
         self.format = try r.required("format", as: DriveFormat.self)
         self.readOnly = try r.optional("read-only", as: Bool.self) ?? false
+        self.nodeName = try r.optional("node-name", as: String.self)
+        self.fileNodeName = try r.optional("file-node-name", as: String.self)
     }
 
     /// The members as JSON, in schema order.
@@ -3949,6 +4089,8 @@ public struct DriveDescription: SchemaCodable, Equatable {
         o["file"] = self.file.json
         o["format"] = self.format.json
         o["read-only"] = self.readOnly.json
+        if let v = self.nodeName { o["node-name"] = v.json }
+        if let v = self.fileNodeName { o["file-node-name"] = v.json }
         return o
     }
 
@@ -4474,6 +4616,132 @@ public struct AccelDescription: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// Guest RAM mapped from a file (QEMU's memory-backend-file) instead of anonymous host memory.
+public struct MemoryBackendDescription: SchemaCodable, Equatable {
+    /// The file (created if missing, extended to the RAM size), or a directory in which an unlinked temporary file is made (as QEMU does for hugetlbfs mounts).
+    public var file: String
+    /// Map it shared: guest writes reach the file. Otherwise the guest sees the file's bytes and its writes stay private. Loading a saved state into file-backed RAM is refused. Optional; default false.
+    public var share: Bool
+
+    /// Creates a value from its members.
+    public init(file: String, share: Bool = false) {
+        self.file = file
+        self.share = share
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["file", "share"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.file = try r.required("file", as: String.self)
+        do {
+            let v = self.file
+            try SchemaCheck.path(v, at: r.path.member("file"))
+        }
+        self.share = try r.optional("share", as: Bool.self) ?? false
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["file"] = self.file.json
+        o["share"] = self.share.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// What a reboot the guest asks for does (QEMU's -action reboot=...; -no-reboot is 'shutdown').
+public enum RebootAction: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "reset".
+    case reset = "reset"
+    /// The value "shutdown".
+    case shutdown = "shutdown"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// What a power-off the guest asks for does (QEMU's -action shutdown=...; -no-shutdown is 'pause').
+public enum ShutdownAction: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "poweroff".
+    case poweroff = "poweroff"
+    /// The value "pause".
+    case pause = "pause"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// How the machine reacts to the guest's reboot and power-off requests.
+public struct ActionsDescription: SchemaCodable, Equatable {
+    /// 'reset' restarts the machine; 'shutdown' ends it as a power-off would (SHUTDOWN with cause guest-reset). Optional; default "reset".
+    public var reboot: RebootAction
+    /// 'poweroff' ends the server with the guest's exit status; 'pause' keeps it running in the shutdown state (SHUTDOWN is still sent) until QMP system_reset, cont after a reset, or quit. Optional; default "poweroff".
+    public var shutdown: ShutdownAction
+
+    /// Creates a value from its members.
+    public init(reboot: RebootAction = .reset, shutdown: ShutdownAction = .poweroff) {
+        self.reboot = reboot
+        self.shutdown = shutdown
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["reboot", "shutdown"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.reboot = try r.optional("reboot", as: RebootAction.self) ?? .reset
+        self.shutdown = try r.optional("shutdown", as: ShutdownAction.self) ?? .poweroff
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["reboot"] = self.reboot.json
+        o["shutdown"] = self.shutdown.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
 /// The harts' instruction set.
 public struct CPUDescription: SchemaCodable, Equatable {
     /// The ISA the harts implement and the device tree claims, as an ISA string: 'rv64gc' or 'rv64imafdc', then '_'-separated extensions from zba, zbb, zbc, zbs, zicond, zicbom, zicboz, zicbop, zihintpause, zicntr, zihpm, sstc, svpbmt, svinval, svnapot (zicsr and zifencei are always present), e.g. "rv64gc_zba_zbb". Absent means every extension this CPU implements; narrow it to match firmware written for an older core. Optional.
@@ -4526,7 +4794,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
     public var gdb: String?
     /// The harts' instruction set (default: every extension implemented). Optional.
     public var cpu: CPUDescription?
-    /// The guest RAM size with a K, M or G suffix, e.g. "256M".
+    /// The guest RAM size with a K, M or G suffix, e.g. "256M" (QEMU's default for virt, 128M, when absent). Optional; default "128M".
     public var memory: String
     /// The M-mode firmware (e.g. OpenSBI's fw_dynamic.bin), or "none" to boot the kernel in M-mode; absent means the default firmware. Optional.
     public var firmware: String?
@@ -4542,15 +4810,23 @@ public struct MachineDescription: SchemaCodable, Equatable {
     public var serial: SerialDescription?
     /// The QMP listeners. Optional.
     public var qmp: [QMPListenerDescription]?
+    /// Human monitor (HMP) listeners: a line per command, QEMU's text answers and its '(qemu) ' prompt (QEMU's -mon mode=readline on a socket). Optional.
+    public var hmp: [QMPListenerDescription]?
     /// The display server. Optional.
     public var display: DisplayDescription?
     /// Network backends, which NICs in 'devices' name by id. Optional.
     public var netdevs: [Netdev]?
     /// Devices to add to the board. Optional.
     public var devices: [DeviceDescription]?
+    /// Where guest RAM comes from (default: anonymous host memory). Optional.
+    public var memoryBackend: MemoryBackendDescription?
+    /// The machine's UUID (query-uuid), 8-4-4-4-12 hexadecimal digits; absent means the all-zero UUID, as QEMU reports. Optional.
+    public var uuid: String?
+    /// What guest reboot and power-off requests do (default: reset and power off). Optional.
+    public var actions: ActionsDescription?
 
     /// Creates a value from its members.
-    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, accel: AccelDescription? = nil, gdb: String? = nil, cpu: CPUDescription? = nil, memory: String, firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, netdevs: [Netdev]? = nil, devices: [DeviceDescription]? = nil) {
+    public init(version: Int64? = nil, machine: MachineKind, name: String? = nil, cpus: Int64 = 1, accel: AccelDescription? = nil, gdb: String? = nil, cpu: CPUDescription? = nil, memory: String = "128M", firmware: String? = nil, kernel: String? = nil, initrd: String? = nil, append: String? = nil, start: StartState = .running, serial: SerialDescription? = nil, qmp: [QMPListenerDescription]? = nil, hmp: [QMPListenerDescription]? = nil, display: DisplayDescription? = nil, netdevs: [Netdev]? = nil, devices: [DeviceDescription]? = nil, memoryBackend: MemoryBackendDescription? = nil, uuid: String? = nil, actions: ActionsDescription? = nil) {
         self.version = version
         self.machine = machine
         self.name = name
@@ -4566,13 +4842,17 @@ public struct MachineDescription: SchemaCodable, Equatable {
         self.start = start
         self.serial = serial
         self.qmp = qmp
+        self.hmp = hmp
         self.display = display
         self.netdevs = netdevs
         self.devices = devices
+        self.memoryBackend = memoryBackend
+        self.uuid = uuid
+        self.actions = actions
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["version", "machine", "name", "cpus", "accel", "gdb", "cpu", "memory", "firmware", "kernel", "initrd", "append", "start", "serial", "qmp", "display", "netdevs", "devices"]
+    public static let memberNames: Set<String> = ["version", "machine", "name", "cpus", "accel", "gdb", "cpu", "memory", "firmware", "kernel", "initrd", "append", "start", "serial", "qmp", "hmp", "display", "netdevs", "devices", "memory-backend", "uuid", "actions"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -4597,7 +4877,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
         self.accel = try r.optional("accel", as: AccelDescription.self)
         self.gdb = try r.optional("gdb", as: String.self)
         self.cpu = try r.optional("cpu", as: CPUDescription.self)
-        self.memory = try r.required("memory", as: String.self)
+        self.memory = try r.optional("memory", as: String.self) ?? "128M"
         do {
             let v = self.memory
             try SchemaCheck.size(v, min: "16M", max: "16G", at: r.path.member("memory"))
@@ -4618,9 +4898,13 @@ public struct MachineDescription: SchemaCodable, Equatable {
         self.start = try r.optional("start", as: StartState.self) ?? .running
         self.serial = try r.optional("serial", as: SerialDescription.self)
         self.qmp = try r.optional("qmp", as: [QMPListenerDescription].self)
+        self.hmp = try r.optional("hmp", as: [QMPListenerDescription].self)
         self.display = try r.optional("display", as: DisplayDescription.self)
         self.netdevs = try r.optional("netdevs", as: [Netdev].self)
         self.devices = try r.optional("devices", as: [DeviceDescription].self)
+        self.memoryBackend = try r.optional("memory-backend", as: MemoryBackendDescription.self)
+        self.uuid = try r.optional("uuid", as: String.self)
+        self.actions = try r.optional("actions", as: ActionsDescription.self)
     }
 
     /// The members as JSON, in schema order.
@@ -4641,9 +4925,13 @@ public struct MachineDescription: SchemaCodable, Equatable {
         o["start"] = self.start.json
         if let v = self.serial { o["serial"] = v.json }
         if let v = self.qmp { o["qmp"] = v.json }
+        if let v = self.hmp { o["hmp"] = v.json }
         if let v = self.display { o["display"] = v.json }
         if let v = self.netdevs { o["netdevs"] = v.json }
         if let v = self.devices { o["devices"] = v.json }
+        if let v = self.memoryBackend { o["memory-backend"] = v.json }
+        if let v = self.uuid { o["uuid"] = v.json }
+        if let v = self.actions { o["actions"] = v.json }
         return o
     }
 
@@ -5942,6 +6230,695 @@ public struct PciInfo: SchemaCodable, Equatable {
         var o = JSONObject()
         o["bus"] = self.bus.json
         o["devices"] = self.devices.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+// MARK: - probe
+
+/// The guest architecture this binary emulates.
+public struct TargetInfo: SchemaCodable, Equatable {
+    /// The target architecture.
+    public var arch: SysEmuTarget
+
+    /// Creates a value from its members.
+    public init(arch: SysEmuTarget) {
+        self.arch = arch
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["arch"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.arch = try r.required("arch", as: SysEmuTarget.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["arch"] = self.arch.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One event the server can send.
+public struct EventInfo: SchemaCodable, Equatable {
+    /// The event name.
+    public var name: String
+
+    /// Creates a value from its members.
+    public init(name: String) {
+        self.name = name
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["name"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.name = try r.required("name", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["name"] = self.name.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// Whether KVM is in use.
+public struct KvmInfo: SchemaCodable, Equatable {
+    /// Always false: machine-server runs its own engine.
+    public var enabled: Bool
+    /// Always false: machine-server does not use KVM.
+    public var present: Bool
+
+    /// Creates a value from its members.
+    public init(enabled: Bool, present: Bool) {
+        self.enabled = enabled
+        self.present = present
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["enabled", "present"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.enabled = try r.required("enabled", as: Bool.self)
+        self.present = try r.required("present", as: Bool.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["enabled"] = self.enabled.json
+        o["present"] = self.present.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One machine type.
+public struct MachineInfo: SchemaCodable, Equatable {
+    /// The machine type's name (-machine NAME).
+    public var name: String
+    /// Another name for it. Optional.
+    public var alias: String?
+    /// True for the default machine type (riscv64 has none). Optional.
+    public var isDefault: Bool?
+    /// The most CPUs it takes.
+    public var cpuMax: Int64
+    /// Always false.
+    public var hotpluggableCpus: Bool
+    /// Always false.
+    public var numaMemSupported: Bool
+    /// Always false.
+    public var deprecated: Bool
+    /// The QOM type of its CPUs. Optional.
+    public var defaultCpuType: String?
+    /// The id a -object memory-backend-ram for its RAM takes (with -machine memory-backend=ID). Optional.
+    public var defaultRamId: String?
+
+    /// Creates a value from its members.
+    public init(name: String, alias: String? = nil, isDefault: Bool? = nil, cpuMax: Int64, hotpluggableCpus: Bool, numaMemSupported: Bool, deprecated: Bool, defaultCpuType: String? = nil, defaultRamId: String? = nil) {
+        self.name = name
+        self.alias = alias
+        self.isDefault = isDefault
+        self.cpuMax = cpuMax
+        self.hotpluggableCpus = hotpluggableCpus
+        self.numaMemSupported = numaMemSupported
+        self.deprecated = deprecated
+        self.defaultCpuType = defaultCpuType
+        self.defaultRamId = defaultRamId
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["name", "alias", "is-default", "cpu-max", "hotpluggable-cpus", "numa-mem-supported", "deprecated", "default-cpu-type", "default-ram-id"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.name = try r.required("name", as: String.self)
+        self.alias = try r.optional("alias", as: String.self)
+        self.isDefault = try r.optional("is-default", as: Bool.self)
+        self.cpuMax = try r.required("cpu-max", as: Int64.self)
+        self.hotpluggableCpus = try r.required("hotpluggable-cpus", as: Bool.self)
+        self.numaMemSupported = try r.required("numa-mem-supported", as: Bool.self)
+        self.deprecated = try r.required("deprecated", as: Bool.self)
+        self.defaultCpuType = try r.optional("default-cpu-type", as: String.self)
+        self.defaultRamId = try r.optional("default-ram-id", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["name"] = self.name.json
+        if let v = self.alias { o["alias"] = v.json }
+        if let v = self.isDefault { o["is-default"] = v.json }
+        o["cpu-max"] = self.cpuMax.json
+        o["hotpluggable-cpus"] = self.hotpluggableCpus.json
+        o["numa-mem-supported"] = self.numaMemSupported.json
+        o["deprecated"] = self.deprecated.json
+        if let v = self.defaultCpuType { o["default-cpu-type"] = v.json }
+        if let v = self.defaultRamId { o["default-ram-id"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One CPU model.
+public struct CpuDefinitionInfo: SchemaCodable, Equatable {
+    /// The model name (-cpu NAME).
+    public var name: String
+    /// True: the model is the same on every host. Optional.
+    public var migrationSafe: Bool?
+    /// False: the model is not a static (versioned) definition.
+    public var `static`: Bool
+    /// Features the model cannot have here (none). Optional.
+    public var unavailableFeatures: [String]?
+    /// The model's QOM type.
+    public var typename: String
+    /// Always false.
+    public var deprecated: Bool
+
+    /// Creates a value from its members.
+    public init(name: String, migrationSafe: Bool? = nil, `static`: Bool, unavailableFeatures: [String]? = nil, typename: String, deprecated: Bool) {
+        self.name = name
+        self.migrationSafe = migrationSafe
+        self.`static` = `static`
+        self.unavailableFeatures = unavailableFeatures
+        self.typename = typename
+        self.deprecated = deprecated
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["name", "migration-safe", "static", "unavailable-features", "typename", "deprecated"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.name = try r.required("name", as: String.self)
+        self.migrationSafe = try r.optional("migration-safe", as: Bool.self)
+        self.`static` = try r.required("static", as: Bool.self)
+        self.unavailableFeatures = try r.optional("unavailable-features", as: [String].self)
+        self.typename = try r.required("typename", as: String.self)
+        self.deprecated = try r.required("deprecated", as: Bool.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["name"] = self.name.json
+        if let v = self.migrationSafe { o["migration-safe"] = v.json }
+        o["static"] = self.`static`.json
+        if let v = self.unavailableFeatures { o["unavailable-features"] = v.json }
+        o["typename"] = self.typename.json
+        o["deprecated"] = self.deprecated.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One QOM type.
+public struct ObjectTypeInfo: SchemaCodable, Equatable {
+    /// The type name.
+    public var name: String
+    /// True when the type cannot be instantiated. Optional.
+    public var abstract: Bool?
+    /// The parent type. Optional.
+    public var parent: String?
+
+    /// Creates a value from its members.
+    public init(name: String, abstract: Bool? = nil, parent: String? = nil) {
+        self.name = name
+        self.abstract = abstract
+        self.parent = parent
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["name", "abstract", "parent"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.name = try r.required("name", as: String.self)
+        self.abstract = try r.optional("abstract", as: Bool.self)
+        self.parent = try r.optional("parent", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["name"] = self.name.json
+        if let v = self.abstract { o["abstract"] = v.json }
+        if let v = self.parent { o["parent"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `qom-list-types` command.
+public struct QomListTypesArguments: SchemaCodable, Equatable {
+    /// Only types that are, or derive from, this type. Optional.
+    public var implements: String?
+    /// Include abstract types (default false). Optional.
+    public var abstract: Bool?
+
+    /// Creates a value from its members.
+    public init(implements: String? = nil, abstract: Bool? = nil) {
+        self.implements = implements
+        self.abstract = abstract
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["implements", "abstract"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.implements = try r.optional("implements", as: String.self)
+        self.abstract = try r.optional("abstract", as: Bool.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.implements { o["implements"] = v.json }
+        if let v = self.abstract { o["abstract"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `device-list-properties` command.
+public struct DeviceListPropertiesArguments: SchemaCodable, Equatable {
+    /// The device type.
+    public var typename: String
+
+    /// Creates a value from its members.
+    public init(typename: String) {
+        self.typename = typename
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["typename"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.typename = try r.required("typename", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["typename"] = self.typename.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `qom-list-properties` command.
+public struct QomListPropertiesArguments: SchemaCodable, Equatable {
+    /// The type.
+    public var typename: String
+
+    /// Creates a value from its members.
+    public init(typename: String) {
+        self.typename = typename
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["typename"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.typename = try r.required("typename", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["typename"] = self.typename.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The type of a command-line option parameter.
+public enum CommandLineParameterType: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "string".
+    case string = "string"
+    /// The value "boolean".
+    case boolean = "boolean"
+    /// The value "number".
+    case number = "number"
+    /// The value "size".
+    case size = "size"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// One parameter of a command-line option.
+public struct CommandLineParameterInfo: SchemaCodable, Equatable {
+    /// The parameter name.
+    public var name: String
+    /// Its type.
+    public var type: CommandLineParameterType
+    /// What it does. Optional.
+    public var help: String?
+
+    /// Creates a value from its members.
+    public init(name: String, type: CommandLineParameterType, help: String? = nil) {
+        self.name = name
+        self.type = type
+        self.help = help
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["name", "type", "help"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.name = try r.required("name", as: String.self)
+        self.type = try r.required("type", as: CommandLineParameterType.self)
+        self.help = try r.optional("help", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["name"] = self.name.json
+        o["type"] = self.type.json
+        if let v = self.help { o["help"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One command-line option that takes key=value parameters.
+public struct CommandLineOptionInfo: SchemaCodable, Equatable {
+    /// The option name (QEMU's option group name, e.g. 'smp-opts' for -smp).
+    public var option: String
+    /// The parameters machine-server honours.
+    public var parameters: [CommandLineParameterInfo]
+
+    /// Creates a value from its members.
+    public init(option: String, parameters: [CommandLineParameterInfo]) {
+        self.option = option
+        self.parameters = parameters
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["option", "parameters"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.option = try r.required("option", as: String.self)
+        self.parameters = try r.required("parameters", as: [CommandLineParameterInfo].self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["option"] = self.option.json
+        o["parameters"] = self.parameters.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `query-command-line-options` command.
+public struct QueryCommandLineOptionsArguments: SchemaCodable, Equatable {
+    /// Only this option; an unknown one is an error. Optional.
+    public var option: String?
+
+    /// Creates a value from its members.
+    public init(option: String? = nil) {
+        self.option = option
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["option"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.option = try r.optional("option", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.option { o["option"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The migration capabilities machine-server has: 'events' (MIGRATION events on every status change).
+public enum MigrationCapability: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "events".
+    case events = "events"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// One migration capability and whether it is on.
+public struct MigrationCapabilityStatus: SchemaCodable, Equatable {
+    /// The capability.
+    public var capability: MigrationCapability
+    /// Whether it is enabled.
+    public var state: Bool
+
+    /// Creates a value from its members.
+    public init(capability: MigrationCapability, state: Bool) {
+        self.capability = capability
+        self.state = state
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["capability", "state"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.capability = try r.required("capability", as: MigrationCapability.self)
+        self.state = try r.required("state", as: Bool.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["capability"] = self.capability.json
+        o["state"] = self.state.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `migrate-set-capabilities` command.
+public struct MigrateSetCapabilitiesArguments: SchemaCodable, Equatable {
+    /// The capabilities to set.
+    public var capabilities: [MigrationCapabilityStatus]
+
+    /// Creates a value from its members.
+    public init(capabilities: [MigrationCapabilityStatus]) {
+        self.capabilities = capabilities
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["capabilities"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.capabilities = try r.required("capabilities", as: [MigrationCapabilityStatus].self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["capabilities"] = self.capabilities.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The data of the `MIGRATION` event.
+public struct MigrationEventData: SchemaCodable, Equatable {
+    /// The new status.
+    public var status: MigrationStatus
+
+    /// Creates a value from its members.
+    public init(status: MigrationStatus) {
+        self.status = status
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["status"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.status = try r.required("status", as: MigrationStatus.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["status"] = self.status.json
         return o
     }
 

@@ -1,0 +1,229 @@
+import Foundation
+import FuzzSupport
+import Testing
+@testable import Schema
+
+/// The QEMU-style command line front end: what each option becomes in the description, and
+/// that everything it cannot honour is refused by name.
+@Suite struct QEMUCommandLineTests {
+    /// Parses without touching the file system (every probed image is raw).
+    func parse(_ args: [String]) throws -> QEMUInvocation {
+        try QEMUCommandLine.parse(args, workingDirectory: "/work", probeFormat: { _ in .raw })
+    }
+
+    /// The error message for `args`, or nil when they parse.
+    func refusal(_ args: [String]) -> String? {
+        do { _ = try parse(args); return nil } catch { return "\(error)" }
+    }
+
+    @Test func detectsQEMUStyleBySingleDashLongOptions() {
+        #expect(QEMUCommandLine.looksLikeQEMU(["-M", "virt"]))
+        #expect(QEMUCommandLine.looksLikeQEMU(["-nographic"]))
+        #expect(QEMUCommandLine.looksLikeQEMU(["-version"]))
+        #expect(QEMUCommandLine.looksLikeQEMU(["-m", "256"]))
+        #expect(!QEMUCommandLine.looksLikeQEMU(["--config", "x.json", "-S"]))
+        #expect(!QEMUCommandLine.looksLikeQEMU(["-S", "--config", "x.json"]))
+        #expect(!QEMUCommandLine.looksLikeQEMU(["-h"]))
+        #expect(!QEMUCommandLine.looksLikeQEMU([]))
+    }
+
+    @Test func theSharedGuestArgvBecomesTheDescription() throws {
+        let inv = try parse(["-M", "virt", "-m", "256", "-smp", "2", "-kernel", "Image", "-initrd", "/g/initrd",
+                             "-append", "console=ttyS0 quiet", "-nographic", "-nodefaults", "-serial", "file:s.log",
+                             "-qmp", "unix:/tmp/q.sock,server=on,wait=off", "-no-reboot", "-pidfile", "vm.pid", "-daemonize"])
+        let d = inv.description
+        #expect(inv.action == .run)
+        #expect(d.machine == .virt && d.memory == "256M" && d.cpus == 2)
+        #expect(d.kernel == "/work/Image" && d.initrd == "/g/initrd" && d.append == "console=ttyS0 quiet")
+        #expect(d.firmware == nil)
+        #expect(d.serial?.json == ["backend": "file", "path": "/work/s.log", "append": false])
+        #expect(d.qmp?.map(\.json) == [["backend": "unix", "path": "/tmp/q.sock"]])
+        #expect(d.actions?.reboot == .shutdown && d.actions?.shutdown == .poweroff)
+        #expect(inv.pidfile == "/work/vm.pid" && inv.daemonize)
+    }
+
+    @Test func memorySizesFollowQEMU() throws {
+        #expect(try parse(["-M", "virt", "-m", "512"]).description.memory == "512M")
+        #expect(try parse(["-M", "virt", "-m", "1G"]).description.memory == "1G")
+        #expect(try parse(["-M", "virt", "-m", "size=2048M"]).description.memory == "2G")
+        #expect(try parse(["-M", "virt"]).description.memory == "128M")  // QEMU's default for virt
+        #expect(refusal(["-M", "virt", "-m", "lots"])?.hasPrefix("-m lots") == true)
+        #expect(refusal(["-M", "virt", "-m", "64G"])?.contains("memory") == true)
+        #expect(refusal(["-M", "virt", "-m", "256,maxmem=1G"])?.contains("'maxmem'") == true)
+    }
+
+    @Test func smpTopologyMustAgree() throws {
+        #expect(try parse(["-M", "virt", "-smp", "4,sockets=1,cores=4,threads=1"]).description.cpus == 4)
+        #expect(try parse(["-M", "virt", "-smp", "sockets=2,cores=2"]).description.cpus == 4)
+        #expect(refusal(["-M", "virt", "-smp", "3,sockets=2,cores=2"])?.contains("topology") == true)
+        #expect(refusal(["-M", "virt", "-smp", "2,maxcpus=4"])?.contains("hot-plug") == true)
+        #expect(refusal(["-M", "virt", "-smp", "9"])?.contains("cpus") == true)
+    }
+
+    @Test func nographicDaemonizeRuleIsQEMUs() {
+        #expect(refusal(["-M", "virt", "-nographic", "-daemonize"]) == "-nographic cannot be used with -daemonize (give -nodefaults, or -serial, -parallel none and -monitor/-qmp)")
+        #expect(refusal(["-M", "virt", "-nographic", "-daemonize", "-nodefaults"]) == nil)
+        #expect(refusal(["-M", "virt", "-nographic", "-daemonize", "-serial", "null", "-parallel", "none", "-monitor", "none"]) == nil)
+    }
+
+    @Test func serialDefaultsAndForms() throws {
+        #expect(try parse(["-M", "virt", "-nographic"]).description.serial?.json == ["backend": "stdio"])
+        #expect(try parse(["-M", "virt"]).description.serial?.json == ["backend": "none"])
+        #expect(try parse(["-M", "virt", "-serial", "mon:stdio"]).description.serial?.json == ["backend": "stdio"])
+        #expect(try parse(["-M", "virt", "-serial", "tcp:127.0.0.1:4444,server=on,wait=off"]).description.serial?.json
+                == ["backend": "tcp", "host": "127.0.0.1", "port": 4444])
+        #expect(try parse(["-M", "virt", "-chardev", "ringbuf,id=r,size=1024", "-serial", "chardev:r"]).description.serial?.json
+                == ["backend": "ringbuf", "size": 1024])
+        #expect(refusal(["-M", "virt", "-serial", "pty"])?.hasPrefix("-serial pty: not supported") == true)
+        #expect(refusal(["-M", "virt", "-serial", "unix:/tmp/s,server=on"])?.contains("wait=off") == true)
+        #expect(refusal(["-M", "virt", "-serial", "null", "-serial", "null"])?.contains("one serial port") == true)
+    }
+
+    @Test func monitorsBecomeQMPListeners() throws {
+        let d = try parse(["-M", "virt", "-chardev", "socket,id=mon,path=/tmp/m.sock,server=on,wait=off",
+                           "-mon", "chardev=mon,id=monitor,mode=control", "-qmp", "tcp:127.0.0.1:4445,server,nowait"]).description
+        #expect(d.qmp?.map(\.json) == [["backend": "tcp", "host": "127.0.0.1", "port": 4445],
+                                       ["backend": "unix", "path": "/tmp/m.sock"]])
+        let hmp = try parse(["-M", "virt", "-chardev", "socket,id=h,path=/tmp/h,server=on,wait=off", "-mon", "chardev=h",
+                             "-monitor", "tcp:127.0.0.1:4446,server=on,wait=off"]).description
+        #expect(hmp.hmp?.map(\.json) == [["backend": "tcp", "host": "127.0.0.1", "port": 4446], ["backend": "unix", "path": "/tmp/h"]])
+        #expect(hmp.qmp == nil)
+        #expect(try parse(["-M", "virt", "-chardev", "socket,id=mon,fd=24,server=on,wait=off", "-mon", "chardev=mon,mode=control"])
+                .description.qmp?.map(\.json) == [["backend": "fd", "fd": 24]])
+        #expect(refusal(["-M", "virt", "-chardev", "socket,id=s,fd=24,server=on,wait=off", "-serial", "chardev:s"])?.contains("fd=") == true)
+        #expect(refusal(["-M", "virt", "-chardev", "file,id=x,path=/tmp/f"])?.contains("not used") == true)
+        #expect(refusal(["-M", "virt", "-monitor", "stdio"])?.contains("no monitor multiplexing") == true)
+    }
+
+    @Test func drivesBlockdevsAndDevicesMeetInTheDescription() throws {
+        let d = try parse(["-M", "virt",
+                           "-drive", "if=none,id=d0,file=a.raw,format=raw,readonly=on",
+                           "-device", "virtio-blk-device,drive=d0,id=disk0",
+                           "-blockdev", #"{"driver":"file","filename":"/i/b.qcow2","node-name":"s1","auto-read-only":true,"discard":"unmap"}"#,
+                           "-blockdev", #"{"node-name":"f1","read-only":false,"driver":"qcow2","file":"s1"}"#,
+                           "-device", "pcie-root-port,port=0x10,chassis=1,id=pci.1,bus=pcie.0,addr=0x1",
+                           "-device", #"{"driver":"virtio-blk-pci","bus":"pci.1","addr":"0x0","drive":"f1","id":"virtio-disk0"}"#,
+                           "-drive", "file=/i/c.img,if=virtio"]).description
+        let devs = d.devices?.map(\.json) ?? []
+        #expect(devs.count == 4)
+        #expect(devs[0] == ["driver": "virtio-blk-device", "id": "disk0", "drive": ["file": "/work/a.raw", "format": "raw", "read-only": true]])
+        #expect(devs[1] == ["driver": "pcie-root-port", "id": "pci.1", "bus": "pcie.0", "addr": "0x1", "chassis": 1])
+        #expect(devs[2] == ["driver": "virtio-blk-pci", "id": "virtio-disk0", "drive": ["file": "/i/b.qcow2", "format": "qcow2", "read-only": false,
+                                                                                "node-name": "f1", "file-node-name": "s1"], "bus": "pci.1", "addr": "0x0"])
+        #expect(devs[3] == ["driver": "virtio-blk-pci", "id": "virtio1", "drive": ["file": "/i/c.img", "format": "raw", "read-only": false]])
+    }
+
+    @Test func unsupportedThingsAreRefusedByName() {
+        #expect(refusal(["-M", "virt", "-netdev", "user,id=n"])?.contains("networking") == true)
+        #expect(refusal(["-M", "virt", "-nic", "user"])?.contains("networking") == true)
+        #expect(refusal(["-M", "virt", "-gdb", "tcp::1234"])?.contains("gdb stub") == true)
+        #expect(refusal(["-M", "virt", "-s"])?.contains("gdb stub") == true)
+        #expect(refusal(["-M", "virt", "-frobnicate"]) == "-frobnicate: invalid option")
+        #expect(refusal(["-M", "virt", "-usbdevice", "tablet"]) == "-usbdevice: not supported by machine-server")
+        #expect(refusal(["-M", "virt", "-device", "e1000,id=n"])?.hasPrefix("-device e1000: not supported") == true)
+        #expect(refusal(["-M", "virt", "-device", "virtio-blk-pci,drive=nowhere"])?.contains("drive=nowhere") == true)
+        #expect(refusal(["-M", "virt", "-device", "virtio-rng-pci,bogus=1"])?.contains("'bogus'") == true)
+        #expect(refusal(["-M", "virt", "-cpu", "sifive-u54"])?.contains("rv64") == true)
+        #expect(refusal(["-M", "virt", "-accel", "kvm"])?.contains("tcg") == true)
+        #expect(refusal(["-M", "virt", "-sandbox", "on"])?.contains("seccomp") == true)
+        #expect(refusal(["-M", "virt", "-object", "throttle-group,id=t"])?.contains("-object throttle-group") == true)
+        #expect(refusal(["-M", "virt", "-object", "secret,id=s,data=x,file=/f"])?.contains("exactly one of") == true)
+        #expect(refusal(["-M", "virt", "-dtb", "x.dtb"])?.contains("device tree") == true)
+        #expect(refusal(["-M", "virt", "-uuid", "nope"])?.contains("UUID") == true)
+        #expect(refusal(["-M", "virt", "-drive", "file=x,if=ide"])?.contains("if=ide") == true)
+        #expect(refusal(["-M", "virt", "-m"]) == "-m: requires an argument")
+        #expect(refusal(["disk.img"])?.contains("-hda") == true)
+        #expect(refusal(["-m", "256"])?.contains("No machine specified") == true)
+        #expect(refusal(["-machine", "none", "-kernel", "k"])?.contains("-machine none") == true)
+    }
+
+    @Test func libvirtsProbeCommandLineIsTheEmptyMachine() throws {
+        let inv = try parse(["-S", "-no-user-config", "-nodefaults", "-nographic", "-machine", "none,accel=tcg",
+                             "-qmp", "unix:/run/p.monitor,server=on,wait=off", "-pidfile", "/run/p.pid", "-daemonize"])
+        #expect(inv.description.machine == .none)
+        #expect(inv.description.start == .paused)
+        #expect(inv.description.serial?.json == ["backend": "none"])
+        #expect(inv.daemonize && inv.pidfile == "/run/p.pid")
+    }
+
+    @Test func libvirtsDomainCommandLineIsAccepted() throws {
+        let inv = try parse(["-name", "guest=rv,debug-threads=on", "-S",
+            "-object", #"{"qom-type":"secret","id":"masterKey0","format":"raw","file":"/l/master-key.aes"}"#,
+            "-machine", "virt,usb=off,dump-guest-core=off,memory-backend=riscv_virt_board.ram", "-accel", "tcg", "-m", "256",
+            "-object", #"{"qom-type":"memory-backend-ram","id":"riscv_virt_board.ram","size":268435456}"#,
+            "-overcommit", "mem-lock=off", "-smp", "1,sockets=1,cores=1,threads=1", "-uuid", "4331743d-b28e-43fd-bc28-12da90ecd34a",
+            "-no-user-config", "-nodefaults", "-chardev", "socket,id=charmonitor,fd=24,server=on,wait=off",
+            "-mon", "chardev=charmonitor,id=monitor,mode=control", "-rtc", "base=utc", "-no-shutdown", "-boot", "strict=on",
+            "-kernel", "/g/Image", "-append", "console=ttyS0",
+            "-blockdev", #"{"driver":"file","filename":"/g/d.qcow2","node-name":"libvirt-1-storage","auto-read-only":true,"discard":"unmap"}"#,
+            "-blockdev", #"{"node-name":"libvirt-1-format","read-only":false,"driver":"qcow2","file":"libvirt-1-storage","backing":null}"#,
+            "-device", "virtio-blk-device,drive=libvirt-1-format,id=virtio-disk0,bootindex=1",
+            "-add-fd", "set=0,fd=27,opaque=serial0-log", "-chardev", "file,id=charserial0,path=/dev/fdset/0,append=on",
+            "-serial", "chardev:charserial0", "-audiodev", #"{"id":"audio1","driver":"none"}"#,
+            "-vnc", "127.0.0.1:0,audiodev=audio1", "-device", "virtio-gpu-device,id=video0,max_outputs=1",
+            "-msg", "timestamp=on"])
+        let d = inv.description
+        #expect(d.qmp?.map(\.json) == [["backend": "fd", "fd": 24]])
+        #expect(d.serial?.json == ["backend": "file", "path": "/proc/self/fd/27", "append": true])
+        #expect(d.devices?.first?.json == ["driver": "virtio-blk-device", "id": "virtio-disk0",
+            "drive": ["file": "/g/d.qcow2", "format": "qcow2", "read-only": false, "node-name": "libvirt-1-format",
+                      "file-node-name": "libvirt-1-storage"]])
+        #expect(d.actions?.shutdown == .pause && d.start == .paused && inv.messageTimestamps)
+        #expect(refusal(["-M", "virt", "-chardev", "file,id=c,path=/dev/fdset/3", "-serial", "chardev:c"])?.contains("no -add-fd set") == true)
+    }
+
+    @Test func versionHelpAndPrintDescription() throws {
+        #expect(try parse(["-version"]).action == .printVersion)
+        #expect(try parse(["-help"]).action == .printHelp)
+        #expect(try parse(["-M", "virt", "--print-description"]).action == .printDescription)
+        #expect(QEMUCommandLine.versionText.hasPrefix("QEMU emulator version 7.2.0"))
+    }
+
+    @Test func keyValueSyntax() throws {
+        let kv = try QEMUKeyValue(parsing: "virt,a=1,,2,b", impliedKey: "type")
+        #expect(kv.keys == ["type", "a", "b"])
+        #expect(kv["a"] == "1,2" && kv["b"] == "on")
+        #expect(throws: QEMUCommandLineError.self) { try QEMUKeyValue(parsing: "a=1,a=2") }
+        #expect(throws: QEMUCommandLineError.self) { try QEMUKeyValue(parsing: "=x") }
+        let json = try QEMUKeyValue(parsing: #"{"driver":"qcow2","file":{"driver":"file","filename":"/x"},"read-only":true,"n":3}"#, acceptsJSON: true)
+        #expect(json.keys == ["driver", "file.driver", "file.filename", "read-only", "n"])
+        #expect(json["read-only"] == "on" && json["n"] == "3")
+    }
+
+    @Test func everyParsedCommandLineIsAValidDescription() throws {
+        for seed in Fuzz.corpus("qemu-argv") {
+            let args = seed.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+            let inv = try parse(args)
+            // Round trip: the printed description parses back to the same value.
+            let again = try MachineDescription.parse(jsonText: inv.description.json.serialized())
+            #expect(again == inv.description)
+        }
+    }
+
+    /// Outside input: every mutated argv parses to a valid description or is refused with a
+    /// message; none crashes.
+    @Test func fuzzedCommandLinesAreParsedOrRefusedNeverCrash() throws {
+        let seeds = Fuzz.corpus("qemu-argv")
+        try #require(seeds.count >= 4, "the qemu-argv seed corpus is missing")
+        let tokens = ["\0", "-", "--", ",", ",,", "=", "{", "}", ":", "-M", "virt", "-m", "-device", "-drive", "-blockdev",
+                      "-chardev", "-serial", "-qmp", "-mon", "-smp", "server=on", "wait=off", "id=", "drive=", "chardev:",
+                      "unix:", "tcp:", "file:", "18446744073709551616", "0x", "-1", "none", "{\"driver\":"]
+        var unnamed: [String] = []
+        let report = Fuzz.run(target: "qemu-argv", seeds: seeds, seconds: Fuzz.budget(ci: 2),
+                              dictionary: tokens.map { Array($0.utf8) }) { input in
+            let args = input.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+            do {
+                let inv = try parse(args)
+                if inv.action == .run {
+                    _ = try MachineDescription.parse(jsonText: inv.description.json.serialized())
+                }
+            } catch {
+                if "\(error)".isEmpty && unnamed.count < 5 { unnamed.append(args.joined(separator: " ")) }
+                throw error
+            }
+        }
+        print(report)
+        #expect(unnamed.isEmpty, "refusals without a message: \(unnamed)")
+        #expect(report.executions > seeds.count)
+    }
+}

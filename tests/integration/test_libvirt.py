@@ -1,0 +1,249 @@
+"""libvirt (Debian 12's 9.0) and machine-server as a QEMU binary: what works today
+(docs/libvirt.md).
+
+- libvirt's capability probe of machine-server passes (`virsh domcapabilities`), answered by
+  the real probing commands;
+- a domain with <emulator> machine-server is defined;
+- the command line libvirt generates for it (`virsh domxml-to-native qemu-argv`) boots the
+  shared guest on machine-server, driven over the QMP socket libvirt asked for;
+- virsh start, dominfo, suspend, resume, domblklist, vncdisplay, qemu-monitor-command (QMP and
+  HMP), screenshot, send-key and destroy work on a running domain whose guest boots.
+
+libvirtd runs as a private session daemon (as the user 'nobody' when the test runs as root),
+with its own directories under /tmp, started by virsh and stopped by the test.
+Environment: MACHINE_SERVER, GUEST_DIR. Needs virsh and libvirtd (scripts/deps libvirt).
+"""
+import asyncio
+import json
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("qemu.qmp")
+from qemu.qmp import QMPClient  # noqa: E402
+
+SERVER = os.environ.get("MACHINE_SERVER")
+REPO = Path(__file__).resolve().parents[2]
+GUESTS = Path(os.environ.get("GUEST_DIR") or REPO.parent / "shared" / "guests")
+KERNEL = GUESTS / "linux-6.1-rv64-Image"
+INITRD = GUESTS / "initramfs-rv64.cpio.gz"
+BOOT_TIMEOUT = 170
+
+pytestmark = [
+    pytest.mark.skipif(not SERVER, reason="MACHINE_SERVER is not set"),
+    pytest.mark.skipif(not KERNEL.exists(), reason=f"the shared guest is not in {GUESTS}"),
+    pytest.mark.skipif(shutil.which("virsh") is None or not Path("/usr/sbin/libvirtd").exists(),
+                       reason="libvirt is not installed (scripts/deps libvirt)"),
+    pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def session():
+    """A private libvirt session: directories, a copy of the binary the daemon user can run, virsh."""
+    root = Path(tempfile.mkdtemp(prefix="ms-libvirt-"))
+    root.chmod(0o755)
+    dirs = {k: root / k for k in ("home", "run", "config", "cache", "guest")}
+    for d in dirs.values():
+        d.mkdir()
+    dirs["run"].chmod(0o700)
+    emulator = root / "machine-server"
+    shutil.copy2(SERVER, emulator)
+    for f in (KERNEL, INITRD):
+        shutil.copy2(f, dirs["guest"] / f.name)
+    for disk in ("ms-test.qcow2", "ms-run.qcow2"):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(dirs["guest"] / disk), "32M"], check=True)
+    as_root = os.geteuid() == 0
+    if as_root:
+        nobody = pwd.getpwnam("nobody")
+        for p in [root, *root.rglob("*")]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    env = {"HOME": str(dirs["home"]), "XDG_RUNTIME_DIR": str(dirs["run"]), "XDG_CONFIG_HOME": str(dirs["config"]),
+           "XDG_CACHE_HOME": str(dirs["cache"]), "PATH": "/usr/bin:/usr/sbin:/bin"}
+    prefix = (["runuser", "-u", "nobody", "--"] if as_root else []) + ["env", "-i"] + [f"{k}={v}" for k, v in env.items()]
+
+    def virsh(*args, check=True):
+        r = subprocess.run(prefix + ["virsh", "-c", "qemu:///session", *args], capture_output=True, text=True, timeout=120)
+        if check:
+            assert r.returncode == 0, f"virsh {' '.join(args)}: {r.stderr}"
+        return r
+
+    yield {"root": root, "emulator": emulator, "guest": dirs["guest"], "virsh": virsh}
+    virsh("destroy", "ms-run", check=False)
+    for daemon in ("libvirtd", "virtlogd"):
+        pidfile = dirs["run"] / "libvirt" / f"{daemon}.pid"
+        if pidfile.exists():
+            try:
+                os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def domain_xml(s, name="ms-test", run="echo,libvirt-argv-ok", serial="serial.log"):
+    """A domain; its serial console goes to `serial` in the guest directory (through libvirt's
+    virtlogd pipe, passed with -add-fd, when libvirt starts it)."""
+    g = s["guest"]
+    cmdline = "console=ttyS0" + (f" guest.run={run}" if run else "")
+    uuid = "6b0d5e8c-8f0a-4c5e-9d2e-3f1a2b3c4d5e" if name == "ms-test" else "7c1e6f9d-9a1b-4d6f-8e3f-4a2b3c4d5e6f"
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='riscv64' machine='virt'>hvm</type>
+    <kernel>{g / KERNEL.name}</kernel>
+    <initrd>{g / INITRD.name}</initrd>
+    <cmdline>{cmdline}</cmdline>
+  </os>
+  <devices>
+    <emulator>{s["emulator"]}</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{g / (name + ".qcow2")}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    {f"<serial type='file'><source path='{g / serial}'/></serial>" if serial else ""}
+    <input type='keyboard' bus='virtio'/>
+    <graphics type='vnc' port='-1' listen='127.0.0.1'/>
+    <video><model type='virtio'/></video>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def test_capability_probe_passes(session):
+    out = session["virsh"]("domcapabilities", "--emulatorbin", str(session["emulator"]), "--arch", "riscv64",
+                           "--machine", "virt", "--virttype", "qemu").stdout
+    assert "<domain>qemu</domain>" in out and "<machine>virt</machine>" in out and "<arch>riscv64</arch>" in out
+    assert "<vcpu max='8'/>" in out
+    assert "<value>vnc</value>" in out  # graphics from qom-list-types / the schema
+    assert "<value>file</value>" in out  # memoryBacking: memory-backend-file
+
+
+def test_libvirts_command_line_boots_the_guest(session):
+    xml = session["root"] / "ms-test.xml"
+    xml.write_text(domain_xml(session))
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(xml, nobody.pw_uid, nobody.pw_gid)
+    session["virsh"]("define", str(xml))
+    assert re.search(r"State:\s+shut off", session["virsh"]("dominfo", "ms-test").stdout)
+    native = session["virsh"]("domxml-to-native", "--format", "qemu-argv", "--domain", "ms-test").stdout
+    words = shlex.split(native)
+    while "=" in words[0] and not words[0].startswith("/"):  # the environment libvirt sets
+        words.pop(0)
+    assert words[0] == str(session["emulator"])
+    argv = [SERVER, *words[1:]]
+    described = subprocess.run(argv + ["--print-description"], capture_output=True, text=True, timeout=30)
+    assert described.returncode == 0, described.stderr
+    d = json.loads(described.stdout)
+    assert d["memory"] == "256M" and d["cpus"] == 1 and d["start"] == "paused"
+    assert d["uuid"] == "6b0d5e8c-8f0a-4c5e-9d2e-3f1a2b3c4d5e" and d["name"] == "ms-test"
+    assert d["devices"][0]["driver"] == "virtio-blk-device" and d["devices"][0]["id"] == "virtio-disk0"
+    assert d["devices"][0]["drive"]["format"] == "qcow2"
+    assert d["actions"]["shutdown"] == "pause"  # libvirt's -no-shutdown
+    monitor = d["qmp"][0]["path"]
+
+    # Run it for real (as root here; libvirt would run it as the daemon user). -S: paused until cont.
+    Path(monitor).parent.mkdir(parents=True, exist_ok=True)
+    log = open(session["root"] / "emulator.log", "wb")
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not Path(monitor).exists():
+            assert proc.poll() is None, (session["root"] / "emulator.log").read_text()
+            assert time.monotonic() < deadline, "the monitor socket did not appear"
+            time.sleep(0.1)
+
+        async def drive():
+            c = QMPClient("libvirt-test")
+            await c.connect(monitor)
+            try:
+                assert (await c.execute("query-status"))["status"] == "prelaunch"
+                assert await c.execute("query-uuid") == {"UUID": "6b0d5e8c-8f0a-4c5e-9d2e-3f1a2b3c4d5e"}
+                await c.execute("cont")
+                async def shutdown():
+                    async for ev in c.events:
+                        if ev["event"] == "SHUTDOWN":
+                            return ev
+                ev = await asyncio.wait_for(shutdown(), BOOT_TIMEOUT)
+                assert ev["data"]["reason"] == "guest-shutdown"
+                # -no-shutdown: the process stays until told to quit, as libvirt expects.
+                assert (await c.execute("query-status"))["status"] == "shutdown"
+                await c.execute("quit")
+            finally:
+                try:
+                    await c.disconnect()
+                except EOFError:
+                    pass
+        asyncio.run(drive())
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = (session["guest"] / "serial.log").read_text(errors="replace")
+    assert "libvirt-argv-ok" in out and "guest: run done, status 0" in out, out[-2000:]
+    session["virsh"]("undefine", "ms-test")
+
+
+def test_virsh_drives_a_running_domain(session):
+    virsh = session["virsh"]
+    xml = session["root"] / "ms-run.xml"
+    xml.write_text(domain_xml(session, name="ms-run", run=None, serial="run-serial.log"))
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(xml, nobody.pw_uid, nobody.pw_gid)
+    virsh("define", str(xml))
+    virsh("start", "ms-run")
+    # The guest boots: its console (through virtlogd) shows the init's line, and hart 0
+    # executes in S-mode at a kernel virtual address.
+    serial = session["guest"] / "run-serial.log"
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while "guest: boot ok" not in (serial.read_text(errors="replace") if serial.exists() else ""):
+        assert time.monotonic() < deadline, "the guest did not boot under libvirt"
+        time.sleep(0.5)
+    while True:
+        regs = virsh("qemu-monitor-command", "ms-run", "--hmp", "info registers").stdout
+        if re.search(r"^ ?pc +ffffffff8", regs, re.M) and re.search(r"priv +0000000000000001", regs):
+            break
+        assert time.monotonic() < deadline, f"the guest kernel did not start under libvirt:\n{regs}"
+        time.sleep(1)
+    info = virsh("dominfo", "ms-run").stdout
+    assert re.search(r"State:\s+running", info) and re.search(r"CPU\(s\):\s+1", info), info
+    virsh("suspend", "ms-run")
+    assert virsh("domstate", "ms-run").stdout.strip() == "paused"
+    assert json.loads(virsh("qemu-monitor-command", "ms-run", '{"execute":"query-status"}').stdout)["return"]["status"] == "paused"
+    virsh("resume", "ms-run")
+    assert virsh("domstate", "ms-run").stdout.strip() == "running"
+    assert "VM status: running" in virsh("qemu-monitor-command", "ms-run", "--hmp", "info status").stdout
+    blk = virsh("domblklist", "ms-run").stdout
+    assert re.search(r"vda\s+.*ms-run\.qcow2", blk), blk
+    assert re.match(r"127\.0\.0\.1:\d+", virsh("vncdisplay", "ms-run").stdout.strip())
+    # virsh (the daemon's user) writes the file; the GPU has a picture once the guest's
+    # virtio-gpu driver has set a mode, a little after the kernel starts.
+    shot = session["guest"] / "shot.png"
+    while True:
+        r = virsh("screenshot", "ms-run", str(shot), check=False)
+        if r.returncode == 0:
+            break
+        assert "has not set a video mode yet" in r.stderr, r.stderr
+        assert time.monotonic() < deadline, "the guest never set a video mode"
+        time.sleep(1)
+    assert shot.stat().st_size > 0
+    virsh("send-key", "ms-run", "KEY_A")
+    virsh("destroy", "ms-run")
+    assert virsh("domstate", "ms-run").stdout.strip() == "shut off"
+    virsh("undefine", "ms-run")
