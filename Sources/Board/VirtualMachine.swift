@@ -86,6 +86,8 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
     private let disks = Mutex<[SnapshotDisk]>([])
     /// Where migrations run (the control queue is used only for the paused part).
     let migrationQueue = DispatchQueue(label: "machine migration")
+    /// Live migration's parameters, capabilities and cancel switch.
+    let live = LiveMigrationControl()
 
     /// Builds the board (handing it this machine as its `SystemControl`) and one CPU per hart.
     /// Nothing runs until `start()`. `startPaused` keeps the machine in `prelaunch` until the
@@ -178,6 +180,8 @@ public final class VirtualMachine: MachineControl, SystemControl, @unchecked Sen
             guard self.isLive, self.shared.withLock({ $0.started }) else { return }
             let state = self.runState
             guard state == .paused || state == .prelaunch || state == .postmigrate else { return }
+            // After a live migration the disks belong to the destination.
+            guard !self.live.disksHandedOver.load(ordering: .sequentiallyConsistent) else { return }
             self.resumeAll()
             self.emit(.resume)
         }
@@ -334,6 +338,8 @@ final class VCPUThread: @unchecked Sendable {
     private var terminating = false
     private var tid: Int32 = 0
     private var lastPC: UInt64
+    /// Nanoseconds the thread is to sleep out of guest code at its next exit (auto-converge).
+    private var throttleSleep: UInt64 = 0
 
     init(index: Int, cpu: any VirtualCPU) {
         self.index = index
@@ -377,8 +383,24 @@ final class VCPUThread: @unchecked Sendable {
             lastPC = pc
             inRun = false
             cond.broadcast()
+            if throttleSleep > 0 {
+                // Auto-converge: sleep out of guest code, waking early for a pause or the end.
+                let until = Date(timeIntervalSinceNow: Double(throttleSleep) / 1e9)
+                throttleSleep = 0
+                while shouldRun && !terminating && cond.wait(until: until) {}
+            }
         }
         cond.unlock()
+    }
+
+    /// Makes the thread leave guest code and sleep `nanoseconds` before going on (QEMU's
+    /// cpu_throttle). Any thread.
+    func throttle(nanoseconds: UInt64) {
+        cond.lock()
+        throttleSleep = nanoseconds
+        let running = inRun
+        cond.unlock()
+        if running { cpu.interrupts.requestExit() }
     }
 
     /// Puts the CPU at its reset vector. Only while paused.

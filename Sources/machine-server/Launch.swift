@@ -45,7 +45,9 @@ struct Launch {
 
         // Images are opened (and locked) before the board, so a busy or broken image stops the
         // launch with a message naming the device; they are flushed once the machine has ended.
-        let devices = try MachineDevices(plan.devices)
+        // With --incoming the images are opened without locks: a live migration's source holds
+        // them until the switch-over, and every incoming path takes them before the guest runs.
+        let devices = try MachineDevices(plan.devices, lockImages: plan.incoming == nil)
         defer { devices.close() }
 
         let machine: VirtualMachine

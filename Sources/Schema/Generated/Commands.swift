@@ -52,12 +52,22 @@ public protocol QMPCommandHandler: Sendable {
     func inputSendEvent(_ arguments: InputSendEventArguments) throws
     /// `query-qmp-schema`: Returns the whole QMP schema: every command, event and type reachable from them.
     func queryQmpSchema() throws -> [SchemaInfo]
-    /// `migrate`: Saves the machine's state to a destination and leaves the machine paused (run state postmigrate), as QEMU does. The command returns at once; query-migrate tells when the state is written. Destinations: `file:PATH` writes PATH (via a temporary file renamed into place once complete, so a crash never leaves a partial file under PATH) with RAM pages aligned so that `--incoming file:PATH` maps them instead of reading them; `exec:CMD` runs CMD with /bin/sh and writes the stream to its standard input. tcp: and unix: destinations are not supported yet.
+    /// `migrate`: Migrates the machine to a destination, as QEMU does, and returns at once; query-migrate and the MIGRATION event tell how it goes. `tcp:HOST:PORT` and `unix:PATH` run a live pre-copy migration to a machine-server started with `--incoming` on the same URI: RAM is sent while the guest runs, then again what the guest dirtied, pass after pass, until the rest fits `downtime-limit` at the measured bandwidth (capped by `max-bandwidth`); then the guest stops, the rest of RAM and the device state go over, the disks are flushed and their locks handed to the destination, and once the destination confirms it runs the guest the source stays paused in `postmigrate`. If anything fails (the connection drops, the destination dies or refuses the stream, migrate_cancel) the source runs on, with its disks, and the status is `failed` or `cancelled`. `file:PATH` writes the state to PATH (via a temporary file renamed into place once complete) with RAM pages aligned so that `--incoming file:PATH` maps them; `exec:CMD` runs CMD with /bin/sh and writes the stream to its standard input; both pause the guest for the whole save.
     func migrate(_ arguments: MigrateArguments) throws
     /// `query-migrate`: Returns the state of the current or last migration.
     func queryMigrate() throws -> MigrationInfo
-    /// `migrate-incoming`: Loads a machine state from a source into a machine started with `--incoming defer`, then runs it (or leaves it paused when started with -S). Sources: `file:PATH` (RAM is mapped copy-on-write from the file) and `exec:CMD` (the stream is read from CMD's standard output).
+    /// `migrate-incoming`: Receives a machine state into a machine started with `--incoming defer`, then runs it (or leaves it paused when started with -S or when the source was paused). Sources: `tcp:HOST:PORT` and `unix:PATH` listen for one live migration and return at once (if the stream fails, the server exits with status 1, as QEMU does); `file:PATH` (RAM is mapped copy-on-write from the file) and `exec:CMD` (the stream is read from CMD's standard output) load before returning.
     func migrateIncoming(_ arguments: MigrateIncomingArguments) throws
+    /// `migrate_cancel`: Cancels the migration in progress: the source stops sending, keeps (or takes back) its disks and runs on as before; the status becomes `cancelled`. Does nothing when no migration runs.
+    func migrateCancel() throws
+    /// `migrate-set-parameters`: Sets migration parameters; those left out keep their values. A value outside its range is refused with the parameter's name.
+    func migrateSetParameters(_ arguments: MigrateSetParametersArguments) throws
+    /// `query-migrate-parameters`: Returns every migration parameter.
+    func queryMigrateParameters() throws -> MigrationParameters
+    /// `migrate-set-capabilities`: Switches migration capabilities on or off. Refused while a migration runs. `events` sends the MIGRATION and MIGRATION_PASS events; `auto-converge` throttles the vCPUs when the guest dirties memory faster than the migration sends it.
+    func migrateSetCapabilities(_ arguments: MigrateSetCapabilitiesArguments) throws
+    /// `query-migrate-capabilities`: Returns every migration capability and whether it is on.
+    func queryMigrateCapabilities() throws -> [MigrationCapabilityStatus]
     /// `query-jobs`: Lists the jobs that have not been dismissed.
     func queryJobs() throws -> [JobInfo]
     /// `job-dismiss`: Removes a concluded job from query-jobs (its status becomes null).
@@ -124,6 +134,16 @@ public enum QMPCommand: Sendable, Equatable {
     case queryMigrate
     /// `migrate-incoming`.
     case migrateIncoming(MigrateIncomingArguments)
+    /// `migrate_cancel`.
+    case migrateCancel
+    /// `migrate-set-parameters`.
+    case migrateSetParameters(MigrateSetParametersArguments)
+    /// `query-migrate-parameters`.
+    case queryMigrateParameters
+    /// `migrate-set-capabilities`.
+    case migrateSetCapabilities(MigrateSetCapabilitiesArguments)
+    /// `query-migrate-capabilities`.
+    case queryMigrateCapabilities
     /// `query-jobs`.
     case queryJobs
     /// `job-dismiss`.
@@ -163,6 +183,11 @@ public enum QMPCommand: Sendable, Equatable {
         "migrate",
         "query-migrate",
         "migrate-incoming",
+        "migrate_cancel",
+        "migrate-set-parameters",
+        "query-migrate-parameters",
+        "migrate-set-capabilities",
+        "query-migrate-capabilities",
         "query-jobs",
         "job-dismiss",
         "snapshot-save",
@@ -199,6 +224,11 @@ public enum QMPCommand: Sendable, Equatable {
         case .migrate: return "migrate"
         case .queryMigrate: return "query-migrate"
         case .migrateIncoming: return "migrate-incoming"
+        case .migrateCancel: return "migrate_cancel"
+        case .migrateSetParameters: return "migrate-set-parameters"
+        case .queryMigrateParameters: return "query-migrate-parameters"
+        case .migrateSetCapabilities: return "migrate-set-capabilities"
+        case .queryMigrateCapabilities: return "query-migrate-capabilities"
         case .queryJobs: return "query-jobs"
         case .jobDismiss: return "job-dismiss"
         case .snapshotSave: return "snapshot-save"
@@ -308,6 +338,25 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
             return .queryMigrate
         case "migrate-incoming":
             return .migrateIncoming(try MigrateIncomingArguments(json: .object(arguments), at: .root))
+        case "migrate_cancel":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .migrateCancel
+        case "migrate-set-parameters":
+            return .migrateSetParameters(try MigrateSetParametersArguments(json: .object(arguments), at: .root))
+        case "query-migrate-parameters":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryMigrateParameters
+        case "migrate-set-capabilities":
+            return .migrateSetCapabilities(try MigrateSetCapabilitiesArguments(json: .object(arguments), at: .root))
+        case "query-migrate-capabilities":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryMigrateCapabilities
         case "query-jobs":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -396,6 +445,19 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
         case .migrateIncoming(let arguments):
             try handler.migrateIncoming(arguments)
             return .object(JSONObject())
+        case .migrateCancel:
+            try handler.migrateCancel()
+            return .object(JSONObject())
+        case .migrateSetParameters(let arguments):
+            try handler.migrateSetParameters(arguments)
+            return .object(JSONObject())
+        case .queryMigrateParameters:
+            return try handler.queryMigrateParameters().json
+        case .migrateSetCapabilities(let arguments):
+            try handler.migrateSetCapabilities(arguments)
+            return .object(JSONObject())
+        case .queryMigrateCapabilities:
+            return try handler.queryMigrateCapabilities().json
         case .queryJobs:
             return try handler.queryJobs().json
         case .jobDismiss(let arguments):

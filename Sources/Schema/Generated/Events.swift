@@ -18,6 +18,10 @@ public enum QMPEvent: Sendable, Equatable {
     case vncInitialized(VncInitializedEventData)
     /// `VNC_DISCONNECTED`: A VNC viewer disconnected.
     case vncDisconnected(VncDisconnectedEventData)
+    /// `MIGRATION`: A migration changed status (on the source and on the destination), when the `events` capability is on.
+    case migration(MigrationEventData)
+    /// `MIGRATION_PASS`: An outgoing migration started a new pass over RAM, when the `events` capability is on.
+    case migrationPass(MigrationPassEventData)
     /// `JOB_STATUS_CHANGE`: A job changed state.
     case jobStatusChange(JobStatusChangeEventData)
 
@@ -31,6 +35,8 @@ public enum QMPEvent: Sendable, Equatable {
         "VNC_CONNECTED",
         "VNC_INITIALIZED",
         "VNC_DISCONNECTED",
+        "MIGRATION",
+        "MIGRATION_PASS",
         "JOB_STATUS_CHANGE",
     ]
 
@@ -45,6 +51,8 @@ public enum QMPEvent: Sendable, Equatable {
         case .vncConnected: return "VNC_CONNECTED"
         case .vncInitialized: return "VNC_INITIALIZED"
         case .vncDisconnected: return "VNC_DISCONNECTED"
+        case .migration: return "MIGRATION"
+        case .migrationPass: return "MIGRATION_PASS"
         case .jobStatusChange: return "JOB_STATUS_CHANGE"
         }
     }
@@ -60,6 +68,8 @@ public enum QMPEvent: Sendable, Equatable {
         case .vncConnected(let d): return d.json
         case .vncInitialized(let d): return d.json
         case .vncDisconnected(let d): return d.json
+        case .migration(let d): return d.json
+        case .migrationPass(let d): return d.json
         case .jobStatusChange(let d): return d.json
         }
     }
