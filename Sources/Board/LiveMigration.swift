@@ -341,6 +341,14 @@ extension VirtualMachine {
     /// Receives a live stream into this machine (in `inmigrate`), takes the disks, confirms to
     /// the source and runs. Migration queue.
     private func receiveLive(_ fd: Int32, start: UInt64) throws {
+        // The listener may have been bound before the machine started (`--incoming`); nothing
+        // may touch RAM before `start()` has loaded and reset the board. Its action on the
+        // control queue has finished once an empty action queued after it has run.
+        while !hasStarted {
+            guard isLive else { throw MachineStateError("the machine shut down before the migration arrived") }
+            usleep(1000)
+        }
+        onControl {}
         setMigrationStatus(.active) { m in m.ramTotal = board.ram.size }
         let source = StateSource(fileDescriptor: fd)
         func refuse(_ error: any Error) -> any Error {

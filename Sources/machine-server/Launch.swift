@@ -61,6 +61,16 @@ struct Launch {
         machineBox.set(machine)
         machine.setSnapshotDisks(devices.blocks.map { SnapshotDisk(id: $0.id, image: $0.image, readOnly: $0.readOnly) })
 
+        // A live migration's listener is bound before QMP is up, so that a client that can
+        // talk to this server can also migrate to it (the stream is taken once it has started).
+        let liveIncoming = plan.incoming.map { $0.hasPrefix("tcp:") || $0.hasPrefix("unix:") } ?? false
+        if liveIncoming, let incoming = plan.incoming {
+            do {
+                try machine.incomingMigration(uri: incoming)
+            } catch {
+                throw LaunchError("--incoming: \(error)")
+            }
+        }
         let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, plan: plan)
         defer { servers.shutdown() }
 
@@ -73,7 +83,7 @@ struct Launch {
             // Like QEMU's -incoming: the machine waits in `inmigrate`; with a URI the state is
             // loaded now (and the machine runs unless -S), with `defer` QMP migrate-incoming
             // brings it later.
-            if incoming != "defer" {
+            if incoming != "defer" && !liveIncoming {
                 do {
                     try machine.incomingMigration(uri: incoming)
                 } catch {
