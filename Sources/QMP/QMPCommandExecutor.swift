@@ -155,12 +155,20 @@ public final class QMPCommandExecutor: QMPCommandHandler {
                 var out = "Migration status: \(status.rawValue)\r\n"
                 if let t = m.totalTime { out += "total time: \(t) ms\r\n" }
                 if let d = m.downtime { out += "downtime: \(d) ms\r\n" }
+                if let d = m.expectedDowntime { out += "expected downtime: \(d) ms\r\n" }
+                if let d = m.setupTime { out += "setup: \(d) ms\r\n" }
                 if let ram = m.ram {
                     out += "transferred ram: \(ram.transferred / 1024) kbytes\r\n"
+                    out += "throughput: \(String(format: "%.2f", ram.mbps)) mbps\r\n"
+                    out += "remaining ram: \(ram.remaining / 1024) kbytes\r\n"
                     out += "total ram: \(ram.total / 1024) kbytes\r\n"
                     out += "duplicate: \(ram.duplicate) pages\r\n"
                     out += "normal: \(ram.normal) pages\r\n"
+                    out += "normal bytes: \(ram.normalBytes / 1024) kbytes\r\n"
+                    out += "dirty sync count: \(ram.dirtySyncCount)\r\n"
+                    out += "dirty pages rate: \(ram.dirtyPagesRate) pages\r\n"
                 }
+                if let t = m.cpuThrottlePercentage { out += "cpu throttle percentage: \(t)\r\n" }
                 if let e = m.errorDesc { out += "error description: \(e)\r\n" }
                 return out
             default:
@@ -168,6 +176,9 @@ public final class QMPCommandExecutor: QMPCommandHandler {
             }
         case ("migrate", 2):
             try migrate(MigrateArguments(uri: words[1]))
+            return ""
+        case ("migrate_cancel", 1):
+            try migrateCancel()
             return ""
         default:
             return "unknown command: '\(arguments.commandLine)'\r\n"

@@ -186,6 +186,8 @@ def test_guest_bench_moves_mid_run_and_finishes_with_qemus_checksum(tmp_path, se
     statuses = [d["status"] for e, d in events if e == "MIGRATION"]
     assert statuses == ["setup", "active", "completed"], events
     assert ("MIGRATION_PASS", {"pass": 1}) in events and ("STOP", {}) in events
+    hmp = src.cmd("human-monitor-command", **{"command-line": "info migrate"})
+    assert "Migration status: completed" in hmp and "dirty sync count:" in hmp, hmp
 
     m = dst.expect(r"guest-bench total +([0-9.]+) s checksum ([0-9a-f]{16})", 480)
     assert m.group(2) == QEMU_CHECKSUM_SCALE1
