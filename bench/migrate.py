@@ -10,7 +10,9 @@ Guests (512 MiB, one vCPU, the shared Linux guest):
                  migrated with auto-converge on.
 Both emulators get the same parameters: max-bandwidth (default 1 GiB/s) and downtime-limit
 (default 300 ms, QEMU's), set with migrate-set-parameters. For each: total-time, downtime and
-bytes sent (ram.transferred) from query-migrate on the source once completed, and whether the
+bytes sent (ram.transferred) and passes (dirty-sync-count) from query-migrate on the source
+once completed; "pause", the time the guest really stood still, from the source's STOP event
+to the destination's RESUME event (QMP timestamps, one host clock); and whether the
 destination runs the guest on. Prints a table with the ratios ours/QEMU (below 1: ours lower).
 
 Usage: python3 bench/migrate.py [--guests idle,guest-bench,dirty] [--repeat 3]
@@ -147,8 +149,21 @@ def one_run(kind, guest, args):
                 time.sleep(0.01)
             if guest == "dirty":
                 dst.wait_serial("round", start=marker)
-            return {"total": info["total-time"], "downtime": info["downtime"], "bytes": info["ram"]["transferred"],
-                    "passes": info["ram"].get("dirty-sync-count", 0)}
+            # The pause the guest sees: the source's STOP to the destination's RESUME (QMP event
+            # timestamps, one host clock). query-migrate's downtime is each emulator's own
+            # measure (QEMU's ends when the source has sent everything; ours when the
+            # destination has confirmed it runs).
+            def stamp(machine, name):
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    for e in machine.qmp.get_events():
+                        if e["event"] == name:
+                            return e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
+                    machine.qmp.pull_event(wait=0.1)
+                sys.exit(f"{kind} {guest}: no {name} event")
+            gap = (stamp(dst, "RESUME") - stamp(src, "STOP")) * 1000
+            return {"total": info["total-time"], "downtime": info["downtime"], "pause": gap,
+                    "bytes": info["ram"]["transferred"], "passes": info["ram"].get("dirty-sync-count", 0)}
         finally:
             src.close()
             dst.close()
@@ -176,10 +191,10 @@ def main():
     print()
     print(f"{'guest':12s} {'metric':10s} {'ours':>12s} {'qemu':>12s} {'ours/qemu':>10s}")
     for guest, r in rows:
-        for metric, unit in (("total", "ms"), ("downtime", "ms"), ("bytes", "B"), ("passes", "")):
+        for metric, unit in (("total", "ms"), ("downtime", "ms"), ("pause", "ms"), ("bytes", "B"), ("passes", "")):
             o, q = r["ours"][metric], r["qemu"][metric]
             ratio = f"{o / q:.2f}" if q else "-"
-            print(f"{guest:12s} {metric + (' ' + unit if unit else ''):10s} {o:12.0f} {q:12.0f} {ratio:>10s}")
+            print(f"{guest:12s} {metric + (' ' + unit if unit else ''):10s} {o:12.1f} {q:12.1f} {ratio:>10s}")
 
 
 if __name__ == "__main__":
