@@ -85,8 +85,16 @@ class Machine:
             if self.proc.poll() is not None:
                 sys.exit(f"{kind} exited: {self.log.read_text()}")
             time.sleep(0.005)
-        self.qmp = QEMUMonitorProtocol(str(self.sock))
-        self.qmp.connect()
+        # The socket file appears at bind, a moment before the server listens.
+        for attempt in range(100):
+            try:
+                self.qmp = QEMUMonitorProtocol(str(self.sock))
+                self.qmp.connect()
+                break
+            except Exception:
+                if attempt == 99:
+                    raise
+                time.sleep(0.05)
 
     def cmd(self, name, **args):
         r = self.qmp.cmd_raw(name, args or None)

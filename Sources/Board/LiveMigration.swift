@@ -130,7 +130,12 @@ extension VirtualMachine {
                     m.mbps = bandwidth * 8 / 1_000_000
                     m.transferred = sink.position
                 }
-                if expected <= limit.downtimeLimit { pages = dirty; break }
+                // Switch over once the rest fits downtime-limit; but while passes still shrink
+                // the dirty set (to under half of what the pass sent), one more pass is cheap
+                // and makes the pause shorter, down to about a millisecond's worth of pages.
+                let shrinking = dirty.count * 2 < pages.count && pass < 30
+                let small = Double(remaining) <= bandwidth / 1000 || dirty.count <= 16
+                if expected <= limit.downtimeLimit && (small || !shrinking) { pages = dirty; break }
                 if migrationCapabilities().autoConverge {
                     // QEMU's rule: when the guest dirtied more than half of what was sent, twice
                     // in a row, slow the vCPUs down (first step, then one increment each time).

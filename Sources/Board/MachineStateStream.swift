@@ -620,6 +620,7 @@ public final class LiveStateReader {
         let pageSize = MachineStateFormat.pageSize
         let pages = ram.size / UInt64(pageSize)
         var sections: [StateSection] = []
+        var sectionBytes: UInt64 = 0
         var running: Bool? = nil
         while true {
             let at = source.position
@@ -675,6 +676,10 @@ public final class LiveStateReader {
                     throw MachineStateError("section \(section.name) appears twice")
                 }
                 guard sections.count < 4096 else { throw MachineStateError("more than 4096 sections") }
+                sectionBytes += UInt64(section.payload.count)
+                guard sectionBytes <= 2 * MachineStateFormat.maxSectionBytes else {
+                    throw MachineStateError("the sections add up to more than \(2 * MachineStateFormat.maxSectionBytes) bytes")
+                }
                 sections.append(section)
             case MachineStateFormat.kindRunState:
                 guard running == nil else { throw MachineStateError("a second run-state record at offset \(at)") }

@@ -216,11 +216,16 @@ extension VirtualMachine: MachineMigration {
             throw MachineStateError("The incoming migration has already been started or the machine was not started with --incoming")
         }
         if source.isLive {
-            try listenForLiveMigration(source, uri: uri)
             migration.withLock { m in
                 m = MigrationProgress()
                 m.status = .setup
                 m.ramTotal = board.ram.size
+            }
+            do {
+                try listenForLiveMigration(source, uri: uri)
+            } catch {
+                migration.withLock { $0 = MigrationProgress() }
+                throw error
             }
             return
         }
