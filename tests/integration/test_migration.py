@@ -200,12 +200,17 @@ def test_guest_bench_moves_mid_run_and_finishes_with_qemus_checksum(tmp_path, se
 
 def test_counter_moves_over_unix_socket_under_the_interpreter(tmp_path, servers):
     """The interpreter logs dirty pages through the same TLB: a guest counting on the serial
-    line goes on from exactly the next value on a destination reached over unix:."""
+    line goes on from exactly the next value on a destination reached over unix:, which was
+    started with --incoming defer and told where to listen with migrate-incoming."""
     path = tmp_path / "migrate.sock"
     src = Server(tmp_path, "src", f"console=ttyS0 guest.run={COUNTER}", extra=["--accel", "interpreter"])
     dst = Server(tmp_path, "dst", f"console=ttyS0 guest.run={COUNTER}",
-                 extra=["--accel", "interpreter", "--incoming", f"unix:{path}"])
+                 extra=["--accel", "interpreter", "--incoming", "defer"])
     servers += [src, dst]
+    dst.cmd("migrate-incoming", uri=f"unix:{path}")
+    assert dst.cmd("query-migrate")["status"] == "setup"
+    again = dst.qmp.cmd_raw("migrate-incoming", {"uri": f"unix:{path}"})
+    assert "already been started" in again["error"]["desc"], again
     src.expect(r"count 3\b", BOOT_TIMEOUT * 2)
     src.cmd("migrate", uri=f"unix:{path}")
     info = src.wait_migration(("completed", "failed"))
