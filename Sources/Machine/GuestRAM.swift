@@ -217,11 +217,14 @@ public final class GuestRAM: @unchecked Sendable {
         fileBacked.withLock { $0.append(firstPage..<(firstPage + pageCount)) }
     }
 
+    /// Copies bytes into guest RAM (marked dirty while a migration logs: the boot loader
+    /// writes through here on a reset); throws when the destination is not entirely RAM.
     public func write(_ bytes: UnsafeRawBufferPointer, at address: GuestPhysicalAddress) throws {
         guard let dst = hostPointer(address, length: UInt64(bytes.count)) else {
             throw MachineError.outsideRAM(address: address, length: UInt64(bytes.count))
         }
         if let src = bytes.baseAddress { dst.copyMemory(from: src, byteCount: bytes.count) }
+        markDirty(address, length: UInt64(bytes.count))
     }
 
     /// Copies `data` into guest RAM.
