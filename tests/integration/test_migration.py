@@ -50,12 +50,12 @@ def free_port() -> int:
 class Server:
     """One machine-server with its serial console in a file and a QMP unix socket."""
 
-    def __init__(self, tmp: Path, name: str, append: str, extra=(), memory="256M", devices=()):
+    def __init__(self, tmp: Path, name: str, append: str, extra=(), memory="256M", devices=(), cpus=1):
         self.tmp = tmp
         self.serial = tmp / f"{name}.serial.log"
         self.sock = tmp / f"{name}.qmp"
         desc = {
-            "version": 2, "machine": "virt", "cpus": 1, "memory": memory,
+            "version": 2, "machine": "virt", "cpus": cpus, "memory": memory,
             "kernel": str(KERNEL), "initrd": str(INITRD), "append": append,
             "serial": {"backend": "file", "path": str(self.serial)},
             "qmp": [{"backend": "unix", "path": str(self.sock)}],
@@ -357,8 +357,8 @@ def assert_locked(disk: Path):
 
 @pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
 def test_a_guest_writing_its_qcow2_disk_loses_nothing(tmp_path, servers):
-    """A guest writes a counter to consecutive sectors of its qcow2 disk (each synced) and is
-    migrated mid-loop; the disk's locks pass from the source to the destination at the
+    """A two-hart guest writes a counter to consecutive sectors of its qcow2 disk (each synced)
+    and is migrated mid-loop; the disk's locks pass from the source to the destination at the
     switch-over. After the guest powers off on the destination, every value is there in
     order and qemu-img check finds nothing wrong."""
     disk = tmp_path / "disk.qcow2"
@@ -368,8 +368,8 @@ def test_a_guest_writing_its_qcow2_disk_loses_nothing(tmp_path, servers):
             "echo wrote $i;i=$((i+1));done").replace(" ", ",")
     drive = [{"driver": "virtio-blk-device", "id": "d0", "drive": {"file": str(disk), "format": "qcow2"}}]
     port = free_port()
-    src = Server(tmp_path, "src", f"console=ttyS0 guest.run={loop}", devices=drive)
-    dst = Server(tmp_path, "dst", f"console=ttyS0 guest.run={loop}", devices=drive,
+    src = Server(tmp_path, "src", f"console=ttyS0 guest.run={loop}", devices=drive, cpus=2)
+    dst = Server(tmp_path, "dst", f"console=ttyS0 guest.run={loop}", devices=drive, cpus=2,
                  extra=["--incoming", f"tcp:127.0.0.1:{port}"])
     servers += [src, dst]
     src.expect(r"wrote 20\b", BOOT_TIMEOUT)
