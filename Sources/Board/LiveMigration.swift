@@ -120,7 +120,8 @@ extension VirtualMachine {
                 let bandwidth = Double(sent) / seconds
                 let remaining = UInt64(dirty.count) * 4096
                 let limit = live.parameters.withLock { $0 }
-                let expected = UInt64(Double(remaining) / max(bandwidth, 1) * 1000)
+                let expectedMs = Double(remaining) / max(bandwidth, 1) * 1000
+                let expected = UInt64(expectedMs.rounded(.up))
                 migration.withLock { m in
                     m.remaining = remaining
                     m.expectedDowntime = expected
@@ -135,7 +136,7 @@ extension VirtualMachine {
                 // and makes the pause shorter, down to about a millisecond's worth of pages.
                 let shrinking = dirty.count * 2 < pages.count && pass < 30
                 let small = Double(remaining) <= bandwidth / 1000 || dirty.count <= 16
-                if expected <= limit.downtimeLimit && (small || !shrinking) { pages = dirty; break }
+                if expectedMs <= Double(limit.downtimeLimit) && (small || !shrinking) { pages = dirty; break }
                 if migrationCapabilities().autoConverge {
                     // QEMU's rule: when the guest dirtied more than half of what was sent, twice
                     // in a row, slow the vCPUs down (first step, then one increment each time).
