@@ -194,6 +194,7 @@ public struct BootLoader: Sendable {
                             throw MachineError.outsideRAM(address: s.address + UInt64(s.fileSize), length: zeros)
                         }
                         p.initializeMemory(as: UInt8.self, repeating: 0, count: Int(zeros))
+                        ram.markDirty(s.address + UInt64(s.fileSize), length: zeros)  // a reset during a migration
                     }
                 }
             }

@@ -14,6 +14,21 @@ import Machine
 /// | RAM record | kind 2, RAM size (u64), run count (u32), runs of non-zero pages (first page u64, count u64), CRC-32 of the run table, CRC-32 of the page data, zero padding to the next 4 KiB of the stream, then the pages of every run in order |
 /// | end record | kind 0xFF, the magic again |
 ///
+/// A live migration (`migrate tcp:`/`unix:`) writes format version 2, in which RAM arrives in
+/// passes while the guest runs and the device sections come last:
+///
+/// | part | contents |
+/// |---|---|
+/// | header | as above, version 2 |
+/// | page record | kind 3, page count n (u32, 1...1024), n entries (u64: page index << 1, bit 0 set for an all-zero page whose data is not sent), CRC-32 of the count and entries, CRC-32 of the data, then 4 KiB of data for each entry without bit 0, in order |
+/// | section record | as above, after the last page record |
+/// | run-state record | kind 4, u8: 1 when the source was running (the destination then runs), 0 when paused |
+/// | end record | kind 0xFF, the magic again |
+///
+/// The destination zeroes its RAM when the stream starts, so the first pass leaves out zero
+/// pages; a page may appear in many records (each pass resends what the guest dirtied), and
+/// the last copy wins.
+///
 /// Zero pages are not stored. Page data starts 4 KiB-aligned in the stream, so a file can be
 /// mapped copy-on-write straight into guest RAM (restore time then does not grow with RAM).
 /// Each device section carries its own layout version, so one device can change without
@@ -21,6 +36,12 @@ import Machine
 public enum MachineStateFormat {
     public static let magic: [UInt8] = Array("MSVMSTAT".utf8)
     public static let version: UInt32 = 1
+    /// Format version of a live-migration stream (page records in passes, sections last).
+    public static let liveVersion: UInt32 = 2
+    static let kindPages: UInt8 = 3
+    static let kindRunState: UInt8 = 4
+    /// Most pages in one page record.
+    public static let maxPagesPerRecord = 1024
     public static let pageSize = 4096
     static let kindSection: UInt8 = 1
     static let kindRAM: UInt8 = 2
@@ -109,6 +130,9 @@ public final class StateSink {
     }
 
     public func write(_ bytes: [UInt8]) throws { try bytes.withUnsafeBytes { try write($0) } }
+
+    /// Writes what is buffered (without finishing the output).
+    public func flush() throws { try flushBuffer() }
 
     /// Writes what is buffered and finishes the output; throws if any write failed.
     public func finish() throws {
@@ -243,15 +267,27 @@ public enum MachineStateWriter {
     /// Returns the number of RAM pages written.
     @discardableResult
     public static func write(identity: String, sections: [StateSection], ram: GuestRAM, to sink: StateSink) throws -> UInt64 {
+        try writeHeader(identity: identity, version: MachineStateFormat.version, to: sink)
+        try writeSections(sections, to: sink)
+        let pages = try writeRAM(ram, to: sink)
+        try writeEnd(to: sink)
+        return pages
+    }
+
+    /// The header: magic, `version`, flags, identity and their CRC.
+    public static func writeHeader(identity: String, version: UInt32, to sink: StateSink) throws {
         var h = StateWriter()
         for b in MachineStateFormat.magic { h.u8(b) }
-        h.u32(MachineStateFormat.version)
+        h.u32(version)
         h.u32(0)
         h.string(identity)
         let headerCRC = h.bytes.withUnsafeBytes { crc32Update(0, $0) }
         h.u32(headerCRC)
         try sink.write(h.bytes)
+    }
 
+    /// One section record per section.
+    public static func writeSections(_ sections: [StateSection], to sink: StateSink) throws {
         for s in sections {
             var w = StateWriter()
             w.u8(MachineStateFormat.kindSection)
@@ -262,14 +298,69 @@ public enum MachineStateWriter {
             try sink.write(w.bytes)
             try sink.write(s.payload)
         }
+    }
 
-        let pages = try writeRAM(ram, to: sink)
-
+    /// The end record.
+    public static func writeEnd(to sink: StateSink) throws {
         var end = StateWriter()
         end.u8(MachineStateFormat.kindEnd)
         for b in MachineStateFormat.magic { end.u8(b) }
         try sink.write(end.bytes)
-        return pages
+    }
+
+    /// The run-state record of a live stream.
+    public static func writeRunState(running: Bool, to sink: StateSink) throws {
+        try sink.write([MachineStateFormat.kindRunState, running ? 1 : 0])
+    }
+
+    /// One page record of a live stream holding `pages` (indices relative to the RAM base, at
+    /// most `maxPagesPerRecord`). An all-zero page is sent as a flagged entry without data, or
+    /// left out when `skipZero` (the first pass: the destination starts from zeroed RAM).
+    /// Returns how many pages were sent with data and how many were zero. The pages are read
+    /// while the guest may be writing them; a page changed meanwhile is dirty and sent again.
+    @discardableResult
+    public static func writePages(_ pages: ArraySlice<UInt64>, ram: GuestRAM, skipZero: Bool,
+                                  to sink: StateSink) throws -> (normal: Int, zero: Int) {
+        precondition(pages.count <= MachineStateFormat.maxPagesPerRecord)
+        let pageSize = MachineStateFormat.pageSize
+        var entries: [UInt64] = []
+        var dataPages: [UInt64] = []
+        var zero = 0
+        for page in pages {
+            let p = (ram.pointer + Int(page) * pageSize).assumingMemoryBound(to: UInt64.self)
+            var isZero = true
+            for w in 0..<(pageSize / 8) where p[w] != 0 {
+                isZero = false
+                break
+            }
+            if isZero {
+                zero += 1
+                if skipZero { continue }
+                entries.append(page << 1 | 1)
+            } else {
+                entries.append(page << 1)
+                dataPages.append(page)
+            }
+        }
+        guard !entries.isEmpty else { return (0, zero) }
+        var table = StateWriter()
+        table.u32(UInt32(entries.count))
+        for e in entries { table.u64(e) }
+        // The data is copied first so that its CRC covers exactly the bytes sent.
+        var data = [UInt8](repeating: 0, count: dataPages.count * pageSize)
+        data.withUnsafeMutableBytes { d in
+            for (i, page) in dataPages.enumerated() {
+                (d.baseAddress! + i * pageSize).copyMemory(from: ram.pointer + Int(page) * pageSize, byteCount: pageSize)
+            }
+        }
+        var crcs = StateWriter()
+        crcs.u32(table.bytes.withUnsafeBytes { crc32Update(0, $0) })
+        crcs.u32(data.withUnsafeBytes { crc32Update(0, $0) })
+        try sink.write([MachineStateFormat.kindPages])
+        try sink.write(table.bytes)
+        try sink.write(crcs.bytes)
+        try sink.write(data)
+        return (dataPages.count, zero)
     }
 
     /// Runs of non-zero pages: (first page, page count).
@@ -346,6 +437,34 @@ public struct MachineStateReader {
     /// stopping at the RAM record.
     public init(source: StateSource) throws {
         self.source = source
+        let (version, identity) = try Self.readHeader(source)
+        guard version == MachineStateFormat.version else {
+            if version == MachineStateFormat.liveVersion {
+                throw MachineStateError("this is a live-migration stream (format version 2): it can only be received by --incoming tcp: or unix:")
+            }
+            throw MachineStateError("stream format version \(version) is not supported (this build reads \(MachineStateFormat.version) and \(MachineStateFormat.liveVersion))")
+        }
+        self.identity = identity
+
+        var sections: [StateSection] = []
+        while true {
+            let kind = try source.bytes(1, what: "a record kind")[0]
+            if kind == MachineStateFormat.kindRAM { break }
+            guard kind == MachineStateFormat.kindSection else {
+                throw MachineStateError("unknown record kind \(kind) at offset \(source.position - 1)")
+            }
+            let section = try Self.readSection(source)
+            guard !sections.contains(where: { $0.name == section.name }) else {
+                throw MachineStateError("section \(section.name) appears twice")
+            }
+            sections.append(section)
+        }
+        self.sections = sections
+    }
+
+    /// Reads and checks a header (magic, CRC, identity); returns its format version (not yet
+    /// checked against what the caller reads) and identity.
+    static func readHeader(_ source: StateSource) throws -> (version: UInt32, identity: String) {
         let magic = try source.bytes(8, what: "the header")
         guard magic == MachineStateFormat.magic else {
             throw MachineStateError("not a machine-state stream (bad magic)")
@@ -355,8 +474,8 @@ public struct MachineStateReader {
         let version = try fixed.u32("format version")
         _ = try fixed.u32("flags")
         let idLength = Int(try fixed.u32("identity length"))
-        guard version == MachineStateFormat.version else {
-            throw MachineStateError("stream format version \(version) is not supported (this build reads \(MachineStateFormat.version))")
+        guard version == MachineStateFormat.version || version == MachineStateFormat.liveVersion else {
+            throw MachineStateError("stream format version \(version) is not supported (this build reads \(MachineStateFormat.version) and \(MachineStateFormat.liveVersion))")
         }
         guard idLength <= MachineStateFormat.maxIdentityBytes else {
             throw MachineStateError("header: the machine identity is \(idLength) bytes, over the limit")
@@ -371,41 +490,32 @@ public struct MachineStateReader {
         guard let identity = String(validating: idBytes, as: UTF8.self) else {
             throw MachineStateError("header: the machine identity is not UTF-8")
         }
-        self.identity = identity
+        return (version, identity)
+    }
 
-        var sections: [StateSection] = []
-        while true {
-            let kind = try source.bytes(1, what: "a record kind")[0]
-            if kind == MachineStateFormat.kindRAM { break }
-            guard kind == MachineStateFormat.kindSection else {
-                throw MachineStateError("unknown record kind \(kind) at offset \(source.position - 1)")
-            }
-            var lenReader = StateReader(section: "record", bytes: try source.bytes(4, what: "a section name"))
-            let nameLength = Int(try lenReader.u32("name length"))
-            guard nameLength <= 256 else { throw MachineStateError("a section name of \(nameLength) bytes is over the limit") }
-            guard let name = String(validating: try source.bytes(nameLength, what: "a section name"), as: UTF8.self) else {
-                throw MachineStateError("a section name is not UTF-8")
-            }
-            var r = StateReader(section: name, bytes: try source.bytes(16, what: "section \(name)"))
-            let version = try r.u32("version")
-            let length = try r.u64("length")
-            let storedCRC = try r.u32("crc")
-            guard length <= MachineStateFormat.maxSectionBytes else {
-                throw MachineStateError("section \(name): \(length) bytes is over the limit")
-            }
-            if source.isRegularFile && length > source.remainingFileBytes {
-                throw MachineStateError("the stream is truncated in section \(name)")
-            }
-            let payload = try source.bytes(Int(length), what: "section \(name)")
-            guard payload.withUnsafeBytes({ crc32Update(0, $0) }) == storedCRC else {
-                throw MachineStateError("section \(name): checksum mismatch (the stream is corrupt)")
-            }
-            guard !sections.contains(where: { $0.name == name }) else {
-                throw MachineStateError("section \(name) appears twice")
-            }
-            sections.append(StateSection(name: name, version: version, payload: payload))
+    /// Reads one section record after its kind byte, checking its limits and CRC.
+    static func readSection(_ source: StateSource) throws -> StateSection {
+        var lenReader = StateReader(section: "record", bytes: try source.bytes(4, what: "a section name"))
+        let nameLength = Int(try lenReader.u32("name length"))
+        guard nameLength <= 256 else { throw MachineStateError("a section name of \(nameLength) bytes is over the limit") }
+        guard let name = String(validating: try source.bytes(nameLength, what: "a section name"), as: UTF8.self) else {
+            throw MachineStateError("a section name is not UTF-8")
         }
-        self.sections = sections
+        var r = StateReader(section: name, bytes: try source.bytes(16, what: "section \(name)"))
+        let version = try r.u32("version")
+        let length = try r.u64("length")
+        let storedCRC = try r.u32("crc")
+        guard length <= MachineStateFormat.maxSectionBytes else {
+            throw MachineStateError("section \(name): \(length) bytes is over the limit")
+        }
+        if source.isRegularFile && length > source.remainingFileBytes {
+            throw MachineStateError("the stream is truncated in section \(name)")
+        }
+        let payload = try source.bytes(Int(length), what: "section \(name)")
+        guard payload.withUnsafeBytes({ crc32Update(0, $0) }) == storedCRC else {
+            throw MachineStateError("section \(name): checksum mismatch (the stream is corrupt)")
+        }
+        return StateSection(name: name, version: version, payload: payload)
     }
 
     /// Loads guest RAM from the RAM record and checks the end record. RAM is zeroed first; for
@@ -472,6 +582,118 @@ public struct MachineStateReader {
         let end = try source.bytes(9, what: "the end record")
         guard end[0] == MachineStateFormat.kindEnd, Array(end[1...]) == MachineStateFormat.magic else {
             throw MachineStateError("the end record is missing or corrupt")
+        }
+    }
+}
+
+/// Reads a live-migration stream (format version 2) into a machine waiting in `inmigrate`:
+/// page records go straight into guest RAM as they arrive, sections are collected and
+/// checked, and the run-state and end records close it. Everything is validated as untrusted
+/// input: indices inside RAM, counts within limits, CRCs over every table and every page.
+/// Migration thread, while no hart runs and no device touches RAM.
+public final class LiveStateReader {
+    public let identity: String
+    private let source: StateSource
+    /// Pages received with data and as zero.
+    public private(set) var normalPages: UInt64 = 0
+    public private(set) var zeroPages: UInt64 = 0
+
+    /// Reads and checks the header; throws unless it is a version-2 stream.
+    public init(source: StateSource) throws {
+        self.source = source
+        let (version, identity) = try MachineStateReader.readHeader(source)
+        guard version == MachineStateFormat.liveVersion else {
+            throw MachineStateError("stream format version \(version) is not a live-migration stream (expected \(MachineStateFormat.liveVersion))")
+        }
+        self.identity = identity
+    }
+
+    /// Bytes read so far.
+    public var position: UInt64 { source.position }
+
+    /// Reads every record after the header: RAM pages into `ram` (zeroed first), then the
+    /// sections, the run state and the end record. Returns the sections and whether the source
+    /// was running. RAM is left partly written when this throws: the caller must not run the
+    /// machine then.
+    public func readAll(into ram: GuestRAM) throws -> (sections: [StateSection], running: Bool) {
+        try ram.zeroAll()
+        let pageSize = MachineStateFormat.pageSize
+        let pages = ram.size / UInt64(pageSize)
+        var sections: [StateSection] = []
+        var sectionBytes: UInt64 = 0
+        var running: Bool? = nil
+        while true {
+            let at = source.position
+            let kind = try source.bytes(1, what: "a record kind")[0]
+            switch kind {
+            case MachineStateFormat.kindPages:
+                guard sections.isEmpty, running == nil else {
+                    throw MachineStateError("a page record at offset \(at) follows the device sections")
+                }
+                let countBytes = try source.bytes(4, what: "a page record")
+                var c = StateReader(section: "ram", bytes: countBytes)
+                let count = Int(try c.u32("page count"))
+                guard count > 0, count <= MachineStateFormat.maxPagesPerRecord else {
+                    throw MachineStateError("ram: a page record at offset \(at) holds \(count) pages (1...\(MachineStateFormat.maxPagesPerRecord) allowed)")
+                }
+                let entryBytes = try source.bytes(count * 8, what: "a page record")
+                var crcs = StateReader(section: "ram", bytes: try source.bytes(8, what: "a page record"))
+                let tableCRC = try crcs.u32("table crc"), dataCRC = try crcs.u32("data crc")
+                var crc = countBytes.withUnsafeBytes { crc32Update(0, $0) }
+                crc = entryBytes.withUnsafeBytes { crc32Update(crc, $0) }
+                guard crc == tableCRC else {
+                    throw MachineStateError("ram: the page table at offset \(at) fails its checksum (the stream is corrupt)")
+                }
+                var table = StateReader(section: "ram", bytes: entryBytes)
+                var entries: [UInt64] = []
+                entries.reserveCapacity(count)
+                for i in 0..<count {
+                    let e = try table.u64("pages[\(i)]")
+                    guard e >> 1 < pages else {
+                        throw MachineStateError("ram: page \(e >> 1) at offset \(at) is outside the \(pages) pages of RAM")
+                    }
+                    entries.append(e)
+                }
+                var data: UInt32 = 0
+                for e in entries {
+                    let p = UnsafeMutableRawBufferPointer(start: ram.pointer + Int(e >> 1) * pageSize, count: pageSize)
+                    if e & 1 != 0 {
+                        p.initializeMemory(as: UInt8.self, repeating: 0)
+                        zeroPages += 1
+                    } else {
+                        try source.read(into: p, what: "the RAM pages")
+                        data = crc32Update(data, UnsafeRawBufferPointer(p))
+                        normalPages += 1
+                    }
+                }
+                guard data == dataCRC else {
+                    throw MachineStateError("ram: the pages of the record at offset \(at) fail their checksum (the stream is corrupt)")
+                }
+            case MachineStateFormat.kindSection:
+                guard running == nil else { throw MachineStateError("a section at offset \(at) follows the run-state record") }
+                let section = try MachineStateReader.readSection(source)
+                guard !sections.contains(where: { $0.name == section.name }) else {
+                    throw MachineStateError("section \(section.name) appears twice")
+                }
+                guard sections.count < 4096 else { throw MachineStateError("more than 4096 sections") }
+                sectionBytes += UInt64(section.payload.count)
+                guard sectionBytes <= 2 * MachineStateFormat.maxSectionBytes else {
+                    throw MachineStateError("the sections add up to more than \(2 * MachineStateFormat.maxSectionBytes) bytes")
+                }
+                sections.append(section)
+            case MachineStateFormat.kindRunState:
+                guard running == nil else { throw MachineStateError("a second run-state record at offset \(at)") }
+                let v = try source.bytes(1, what: "the run-state record")[0]
+                guard v <= 1 else { throw MachineStateError("the run-state record holds \(v) (0 or 1 expected)") }
+                running = v == 1
+            case MachineStateFormat.kindEnd:
+                let magic = try source.bytes(8, what: "the end record")
+                guard magic == MachineStateFormat.magic else { throw MachineStateError("the end record is corrupt") }
+                guard let running else { throw MachineStateError("the stream ends without its run-state record") }
+                return (sections, running)
+            default:
+                throw MachineStateError("unknown record kind \(kind) at offset \(at)")
+            }
         }
     }
 }

@@ -8,6 +8,10 @@ enum MigrationURI: Equatable {
     case file(String)
     /// `exec:CMD`, run with /bin/sh.
     case exec(String)
+    /// `tcp:HOST:PORT` (HOST may be a name, an IPv4 address or a bracketed IPv6 address).
+    case tcp(host: String, port: UInt16)
+    /// `unix:PATH`, a Unix-domain stream socket.
+    case unix(String)
 
     init(_ uri: String) throws {
         if uri.hasPrefix("file:") {
@@ -19,11 +23,37 @@ enum MigrationURI: Equatable {
             let command = String(uri.dropFirst(5))
             guard !command.isEmpty else { throw MachineStateError("exec: needs a command") }
             self = .exec(command)
-        } else if uri.hasPrefix("tcp:") || uri.hasPrefix("unix:") || uri.hasPrefix("rdma:") || uri.hasPrefix("fd:") {
+        } else if uri.hasPrefix("tcp:") {
+            let rest = uri.dropFirst(4)
+            guard let colon = rest.lastIndex(of: ":") else {
+                throw MachineStateError("tcp: needs HOST:PORT (got '\(rest)')")
+            }
+            var host = String(rest[rest.startIndex..<colon])
+            let portText = rest[rest.index(after: colon)...]
+            guard let port = UInt16(portText), port > 0 else {
+                throw MachineStateError("tcp: '\(portText)' is not a port number (1-65535)")
+            }
+            if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+            guard !host.isEmpty else { throw MachineStateError("tcp: needs a host before the port") }
+            self = .tcp(host: host, port: port)
+        } else if uri.hasPrefix("unix:") {
+            let path = String(uri.dropFirst(5))
+            guard !path.isEmpty else { throw MachineStateError("unix: needs a socket path") }
+            guard path.utf8.count < 108 else { throw MachineStateError("unix: the socket path is longer than 107 bytes") }
+            self = .unix(path)
+        } else if uri.hasPrefix("rdma:") || uri.hasPrefix("fd:") || uri.hasPrefix("vsock:") {
             let scheme = uri.prefix { $0 != ":" }
-            throw MachineStateError("migration URI scheme '\(scheme):' is not supported yet (use file: or exec:)")
+            throw MachineStateError("migration URI scheme '\(scheme):' is not supported (use tcp:, unix:, file: or exec:)")
         } else {
             throw MachineStateError("unknown migration protocol: \(uri)")
+        }
+    }
+
+    /// True for the socket transports, which run a live (pre-copy) migration.
+    var isLive: Bool {
+        switch self {
+        case .tcp, .unix: return true
+        case .file, .exec: return false
         }
     }
 }
@@ -70,31 +100,29 @@ extension VirtualMachine: MachineMigration {
         let target = try MigrationURI(uri)
         try onControl { try checkNoHotPluggedDevices() }
         let start = DispatchTime.now().uptimeNanoseconds
+        let state = runState
+        guard hasStarted, isLive, state != .inmigrate else {
+            throw MachineStateError("the machine is not running (run state \(state.rawValue)): there is nothing to migrate")
+        }
+        if live.disksHandedOver.load(ordering: .sequentiallyConsistent) {
+            throw MachineStateError("the machine was already migrated; its disks belong to the destination")
+        }
         try migration.withLock { m in
-            if m.status == .setup || m.status == .active {
+            if m.status == .setup || m.status == .active || m.status == .cancelling {
                 throw MachineStateError("There's a migration process in progress")
             }
             m = MigrationProgress()
             m.status = .setup
             m.ramTotal = board.ram.size
+            m.startedAt = start
         }
-        announceMigration(.setup)
-        migrationQueue.async { self.runMigration(target, start: start) }
-    }
-
-    public var migrationEvents: Bool { migrationEventsOn.load(ordering: .acquiring) }
-
-    public func setMigrationEvents(_ on: Bool) throws {
-        let status = migration.withLock { $0.status }
-        guard status != .setup && status != .active else {
-            throw MachineStateError("There's a migration process in progress")
+        live.cancelled.store(false, ordering: .sequentiallyConsistent)
+        emitMigrationEvent(.migration(status: .setup))
+        if target.isLive {
+            migrationQueue.async { self.runLiveMigration(target, start: start) }
+        } else {
+            migrationQueue.async { self.runMigration(target, start: start) }
         }
-        migrationEventsOn.store(on, ordering: .releasing)
-    }
-
-    /// Sends MIGRATION for `status` when migration events are on. Never under the `migration` lock.
-    func announceMigration(_ status: MigrationProgress.Status) {
-        if migrationEvents { emit(.migration(status: status)) }
     }
 
     public func migrationProgress() -> MigrationProgress {
@@ -147,6 +175,8 @@ extension VirtualMachine: MachineMigration {
                     finished = true
                     try shell.finish(closing: true)
                 })
+            case .tcp, .unix:
+                preconditionFailure("a live migration runs in runLiveMigration")
             }
             do {
                 try saveToSink(sink, start: start)
@@ -154,19 +184,15 @@ extension VirtualMachine: MachineMigration {
                 cleanup()
                 throw error
             }
-            migration.withLock { m in
-                m.status = .completed
+            setMigrationStatus(.completed) { m in
                 m.totalTime = milliseconds(since: start)
                 m.transferred = sink.position
             }
-            announceMigration(.completed)
         } catch {
-            migration.withLock { m in
-                m.status = .failed
+            setMigrationStatus(.failed) { m in
                 m.error = "\(error)"
                 m.totalTime = milliseconds(since: start)
             }
-            announceMigration(.failed)
         }
     }
 
@@ -174,11 +200,7 @@ extension VirtualMachine: MachineMigration {
     /// `postmigrate` (as QEMU leaves a source after a completed migration).
     private func saveToSink(_ sink: StateSink, start: UInt64) throws {
         let pausedAt = DispatchTime.now().uptimeNanoseconds
-        migration.withLock { m in
-            m.status = .active
-            m.setupTime = (pausedAt &- start) / 1_000_000
-        }
-        announceMigration(.active)
+        setMigrationStatus(.active) { m in m.setupTime = (pausedAt &- start) / 1_000_000 }
         let written = try saveState(identity: stateIdentity, to: sink, runStateDuring: .finishMigrate,
                                     runStateAfter: .postmigrate)
         migration.withLock { m in
@@ -190,13 +212,30 @@ extension VirtualMachine: MachineMigration {
     }
 
     public func incomingMigration(uri: String) throws {
+        let source = try MigrationURI(uri)
+        guard runState == .inmigrate else {
+            throw MachineStateError("The incoming migration has already been started or the machine was not started with --incoming")
+        }
+        if source.isLive {
+            migration.withLock { m in
+                m = MigrationProgress()
+                m.status = .setup
+                m.ramTotal = board.ram.size
+            }
+            do {
+                try listenForLiveMigration(source, uri: uri)
+            } catch {
+                migration.withLock { $0 = MigrationProgress() }
+                throw error
+            }
+            return
+        }
         let start = DispatchTime.now().uptimeNanoseconds
         migration.withLock { m in
             m = MigrationProgress()
             m.status = .active
             m.ramTotal = board.ram.size
         }
-        announceMigration(.active)
         var failure: (any Error)? = nil
         do {
             try loadFrom(uri)
@@ -210,7 +249,6 @@ extension VirtualMachine: MachineMigration {
             m.totalTime = micros / 1000
             m.downtime = m.totalTime
         }
-        announceMigration(failure == nil ? .completed : .failed)
         if let failure { throw failure }
         let ms = String(format: "%.3f", Double(micros) / 1000)
         FileHandle.standardError.write(Data("machine-server: restored the machine state from \(uri) in \(ms) ms\n".utf8))
@@ -233,10 +271,15 @@ extension VirtualMachine: MachineMigration {
                 throw error
             }
             try shell.finish(closing: true)
+        case .tcp, .unix:
+            preconditionFailure("a live migration is received by listenForLiveMigration")
         }
     }
 
     private func loadIncoming(_ source: StateSource) throws {
+        // A machine started with --incoming opened its images without locks (a live
+        // migration's source holds them until the switch-over); they are taken now.
+        try takeBackDisks()
         try loadState(identity: stateIdentity, from: source, runAfter: !startPaused,
                       describeMismatch: describeIdentityMismatch)
     }

@@ -98,7 +98,6 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
     /// The current or last migration.
     let migration = Mutex(MigrationProgress())
     /// QEMU's 'events' migration capability.
-    let migrationEventsOn = Atomic<Bool>(false)
     /// The snapshot jobs.
     let jobTable = JobTable()
     /// The disks internal snapshots cover (set by whoever opened them).
@@ -107,6 +106,8 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
     let migrationQueue = DispatchQueue(label: "machine migration")
     /// GDB servers started for this machine (`startGDBServer`).
     let gdbServers = Mutex<[GDBServer]>([])
+    /// Live migration's parameters, capabilities and cancel switch.
+    let live = LiveMigrationControl()
 
     /// Builds the board (handing it this machine as its `SystemControl`) and one CPU per hart.
     /// Nothing runs until `start()`. `startPaused` keeps the machine in `prelaunch` until the
@@ -213,6 +214,8 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
             guard self.isLive, self.shared.withLock({ $0.started }) else { return }
             let state = self.runState
             guard state == .paused || state == .prelaunch || state == .postmigrate else { return }
+            // After a live migration the disks belong to the destination.
+            guard !self.live.disksHandedOver.load(ordering: .sequentiallyConsistent) else { return }
             self.resumeAll()
             self.emit(.resume)
         }
@@ -420,6 +423,8 @@ final class VCPUThread: @unchecked Sendable {  // unchecked: `cond` guards every
     private var terminating = false
     private var tid: Int32 = 0
     private var lastPC: UInt64
+    /// Nanoseconds the thread is to sleep out of guest code at its next exit (auto-converge).
+    private var throttleSleep: UInt64 = 0
 
     init(index: Int, cpu: any VirtualCPU) {
         self.index = index
@@ -471,8 +476,24 @@ final class VCPUThread: @unchecked Sendable {  // unchecked: `cond` guards every
             lastPC = pc
             inRun = false
             cond.broadcast()
+            if throttleSleep > 0 {
+                // Auto-converge: sleep out of guest code, waking early for a pause or the end.
+                let until = Date(timeIntervalSinceNow: Double(throttleSleep) / 1e9)
+                throttleSleep = 0
+                while shouldRun && !terminating && cond.wait(until: until) {}
+            }
         }
         cond.unlock()
+    }
+
+    /// Makes the thread leave guest code and sleep `nanoseconds` before going on (QEMU's
+    /// cpu_throttle). Any thread.
+    func throttle(nanoseconds: UInt64) {
+        cond.lock()
+        throttleSleep = nanoseconds
+        let running = inRun
+        cond.unlock()
+        if running { cpu.interrupts.requestExit() }
     }
 
     /// Puts the CPU at its reset vector. Only while paused.

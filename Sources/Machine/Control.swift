@@ -46,8 +46,10 @@ public enum MachineEvent: Sendable, Equatable {
     case powerdown
     /// A background job changed state (QEMU's JOB_STATUS_CHANGE).
     case jobStatusChange(id: String, status: JobStatus)
-    /// A migration changed status (QEMU's MIGRATION; only while migration events are on).
+    /// A migration changed status (QEMU's MIGRATION; sent only with the `events` capability).
     case migration(status: MigrationProgress.Status)
+    /// An outgoing migration started pass `pass` over RAM (QEMU's MIGRATION_PASS).
+    case migrationPass(Int)
 }
 
 /// What a device may ask of the whole system: the SiFive test device powers off or resets.
@@ -163,7 +165,7 @@ public struct MemoryMapEntry: Sendable, Equatable {
 public struct MigrationProgress: Sendable, Equatable {
     /// QEMU's `MigrationStatus` names that machine-server uses.
     public enum Status: String, Sendable {
-        case none, setup, active, completed, failed
+        case none, setup, active, cancelling, cancelled, completed, failed
     }
 
     public var status: Status = .none
@@ -182,7 +184,45 @@ public struct MigrationProgress: Sendable, Equatable {
     public var normalPages: UInt64 = 0
     /// Why it failed.
     public var error: String? = nil
+    /// Bytes of RAM known to be still to send (the pages dirtied during the last pass).
+    public var remaining: UInt64 = 0
+    /// Milliseconds the switch-over is expected to take at the measured bandwidth.
+    public var expectedDowntime: UInt64 = 0
+    /// Pages dirtied per second during the last pass.
+    public var dirtyPagesRate: UInt64 = 0
+    /// Pages sent per second during the last pass.
+    public var pagesPerSecond: UInt64 = 0
+    /// Throughput of the last pass (of the whole migration once complete), megabits/s.
+    public var mbps: Double = 0
+    /// Times the dirty log was collected.
+    public var dirtySyncCount: UInt64 = 0
+    /// Auto-converge's current throttle in percent (0: not throttling).
+    public var throttlePercentage: Int = 0
+    /// When it started (DispatchTime-style uptime nanoseconds), for total-time while active.
+    public var startedAt: UInt64 = 0
 
+    public init() {}
+}
+
+/// The tunable parameters of outgoing migrations, with QEMU's defaults.
+public struct MigrationParameters: Sendable, Equatable {
+    /// Longest acceptable switch-over pause, milliseconds.
+    public var downtimeLimit: UInt64 = 300
+    /// Most bytes per second sent.
+    public var maxBandwidth: UInt64 = 128 << 20
+    /// Auto-converge's first throttle, its step and its ceiling, in percent.
+    public var throttleInitial = 20
+    public var throttleIncrement = 10
+    public var maxThrottle = 99
+    public init() {}
+}
+
+/// The migration capabilities machine-server implements.
+public struct MigrationCapabilities: Sendable, Equatable {
+    /// Send MIGRATION and MIGRATION_PASS events.
+    public var events = false
+    /// Throttle the vCPUs when the guest dirties RAM faster than it is sent.
+    public var autoConverge = false
     public init() {}
 }
 
@@ -197,10 +237,16 @@ public protocol MachineMigration: AnyObject, Sendable {
     /// Loads the machine's state from `uri` (a machine waiting with `--incoming defer`), and
     /// runs it unless it was started with -S. Returns when the state is loaded.
     func incomingMigration(uri: String) throws
-    /// Whether status changes are announced as `MachineEvent.migration` (QEMU's 'events'
-    /// capability). Setting it fails while a migration runs.
-    var migrationEvents: Bool { get }
-    func setMigrationEvents(_ on: Bool) throws
+    /// Cancels the outgoing migration in progress (nothing when none runs).
+    func cancelMigration()
+    /// The parameters outgoing migrations use.
+    func migrationParameters() -> MigrationParameters
+    /// Replaces the parameters (bandwidth applies at once to a migration in progress).
+    func setMigrationParameters(_ p: MigrationParameters)
+    /// The capabilities.
+    func migrationCapabilities() -> MigrationCapabilities
+    /// Replaces the capabilities; throws while a migration runs.
+    func setMigrationCapabilities(_ c: MigrationCapabilities) throws
 }
 
 /// A background job's state, with QEMU's `JobStatus` names.

@@ -51,6 +51,9 @@ public final class GuestRAM: @unchecked Sendable {  // unchecked: raw guest memo
         self.pointer = p
         codePages = .allocate(capacity: Int(size / 4096))
         codePages.initialize(repeating: 0, count: Int(size / 4096))
+        cpuDirty = .allocate(capacity: Int(size / 4096) + 1)
+        cpuDirty.initialize(repeating: 0, count: Int(size / 4096) + 1)
+        deviceDirty = Mutex([UInt64](repeating: 0, count: Int((size / 4096 + 63) / 64)))
     }
 
     /// One byte per RAM page, nonzero while some CPU may hold code translated from the page;
@@ -66,6 +69,79 @@ public final class GuestRAM: @unchecked Sendable {  // unchecked: raw guest memo
     deinit {
         munmap(pointer, Int(size))
         codePages.deallocate()
+        cpuDirty.deallocate()
+    }
+
+    // MARK: Dirty-page logging (live migration)
+
+    /// One byte per RAM page, set by a CPU's store slow path while `dirtyLogging` is on; the
+    /// byte after the last page is the logging flag itself (`dirtyLogging`). While logging, a
+    /// CPU installs a write-TLB entry for a page only once its byte is set, so the first store
+    /// to a page in each pass takes the slow path and marks it, and later stores run at full
+    /// speed; with logging off nothing changes on any path. Written by vCPU threads (a byte
+    /// store is atomic on the hosts we run on); read and cleared by `harvestDirtyPages` only
+    /// while no hart is in guest code.
+    public let cpuDirty: UnsafeMutablePointer<UInt8>
+    /// Pages written by devices (virtio DMA, used rings) while logging: one bit per page.
+    private let deviceDirty: Mutex<[UInt64]>
+    /// Whether dirty logging is on (read by CPUs in their TLB fill, by devices on each write).
+    @inline(__always) public var dirtyLogging: Bool { cpuDirty[Int(size >> 12)] != 0 }
+
+    /// Turns dirty logging on with every page clean, and makes every CPU drop its write-TLB
+    /// entries at its next turn of the run loop. Control thread, no hart in guest code.
+    public func startDirtyLogging() {
+        let pages = Int(size >> 12)
+        cpuDirty.update(repeating: 0, count: pages)
+        deviceDirty.withLock { $0 = [UInt64](repeating: 0, count: $0.count) }
+        cpuDirty[pages] = 1
+        codeEpoch.add(1, ordering: .sequentiallyConsistent)
+    }
+
+    /// Turns dirty logging off. Control thread, no hart in guest code.
+    public func stopDirtyLogging() {
+        cpuDirty[Int(size >> 12)] = 0
+    }
+
+    /// Returns the pages written since logging started or since the last harvest (ascending
+    /// page indices relative to `base`), clears them, and makes every CPU drop its write-TLB
+    /// entries so that the next store to each page is logged again. Control thread, no hart in
+    /// guest code (devices may be running: their marks are taken under a lock).
+    public func harvestDirtyPages() -> [UInt64] {
+        let pages = Int(size >> 12)
+        let devices = deviceDirty.withLock { d -> [UInt64] in
+            let out = d
+            for i in d.indices where d[i] != 0 { d[i] = 0 }
+            return out
+        }
+        var out: [UInt64] = []
+        let words = UnsafeRawPointer(cpuDirty)
+        // Groups of eight pages (one 64-bit load of the byte map, one byte of the bit map).
+        var group = 0
+        while group < pages {
+            let end = min(group + 8, pages)
+            let clean = end - group == 8 && words.loadUnaligned(fromByteOffset: group, as: UInt64.self) == 0
+                && devices[group >> 6] & (0xff << UInt64(group & 63)) == 0
+            if !clean {
+                for i in group..<end where cpuDirty[i] != 0 || devices[i >> 6] & (1 << UInt64(i & 63)) != 0 {
+                    out.append(UInt64(i))
+                    cpuDirty[i] = 0
+                }
+            }
+            group = end
+        }
+        codeEpoch.add(1, ordering: .sequentiallyConsistent)
+        return out
+    }
+
+    /// Marks `[address, address + length)` dirty for a live migration when a device wrote it
+    /// (a no-op unless logging). Any thread; call after writing.
+    @inline(__always) public func markDirty(_ address: GuestPhysicalAddress, length: UInt64) {
+        guard dirtyLogging, length > 0, contains(address, length: length) else { return }
+        let first = (address.raw &- base.raw) >> 12
+        let last = (address.raw &- base.raw &+ length &- 1) >> 12
+        deviceDirty.withLock { d in
+            for page in first...last { d[Int(page >> 6)] |= 1 << (page & 63) }
+        }
     }
 
     /// Logs of RAM pages written by someone other than a CPU (device DMA), one per CPU that
@@ -87,6 +163,7 @@ public final class GuestRAM: @unchecked Sendable {  // unchecked: raw guest memo
         let last = (address.raw &- base.raw &+ length &- 1) >> 12
         let logs = writeLogs.withLock { $0 }
         for log in logs { log.add(pages: first...last) }
+        markDirty(address, length: length)
     }
 
     /// The guest region that this RAM occupies.
@@ -169,11 +246,14 @@ public final class GuestRAM: @unchecked Sendable {  // unchecked: raw guest memo
         fileBacked.withLock { $0.append(firstPage..<(firstPage + pageCount)) }
     }
 
+    /// Copies bytes into guest RAM (marked dirty while a migration logs: the boot loader
+    /// writes through here on a reset); throws when the destination is not entirely RAM.
     public func write(_ bytes: UnsafeRawBufferPointer, at address: GuestPhysicalAddress) throws {
         guard let dst = hostPointer(address, length: UInt64(bytes.count)) else {
             throw MachineError.outsideRAM(address: address, length: UInt64(bytes.count))
         }
         if let src = bytes.baseAddress { dst.copyMemory(from: src, byteCount: bytes.count) }
+        markDirty(address, length: UInt64(bytes.count))
     }
 
     /// Copies `data` into guest RAM.

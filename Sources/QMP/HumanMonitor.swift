@@ -49,10 +49,13 @@ extension QMPCommandExecutor {
         HMPCommand(names: ["savevm"], arguments: "tag", help: "save a VM snapshot into the qcow2 disks") { e, w, _ in try e.hmpSnapshot(w) },
         HMPCommand(names: ["loadvm"], arguments: "tag", help: "restore a VM snapshot from its tag") { e, w, _ in try e.hmpSnapshot(w) },
         HMPCommand(names: ["delvm"], arguments: "tag", help: "delete a VM snapshot from its tag") { e, w, _ in try e.hmpSnapshot(w) },
-        HMPCommand(names: ["migrate"], arguments: "uri", help: "migrate to URI (file:PATH or exec:CMD)") { e, w, _ in
+        HMPCommand(names: ["migrate"], arguments: "uri", help: "migrate to URI (tcp:HOST:PORT, unix:PATH, file:PATH or exec:CMD)") { e, w, _ in
             guard w.count == 2 else { throw HMPError.usage("migrate uri") }
             try e.migrate(MigrateArguments(uri: w[1]))
             return ""
+        },
+        HMPCommand(names: ["migrate_cancel"], arguments: "", help: "cancel the current VM migration") { e, _, _ in
+            try e.migrateCancel(); return ""
         },
         HMPCommand(names: ["device_add"], arguments: "driver[,prop=value][,...]", help: "add device, like -device on the command line") { e, w, _ in
             try e.hotPlugHMP(w) ?? ""
@@ -132,12 +135,20 @@ extension QMPCommandExecutor {
             var out = "Migration status: \(status.rawValue)\r\n"
             if let t = m.totalTime { out += "total time: \(t) ms\r\n" }
             if let d = m.downtime { out += "downtime: \(d) ms\r\n" }
+            if let d = m.expectedDowntime { out += "expected downtime: \(d) ms\r\n" }
+            if let d = m.setupTime { out += "setup: \(d) ms\r\n" }
             if let ram = m.ram {
                 out += "transferred ram: \(ram.transferred / 1024) kbytes\r\n"
+                out += "throughput: \(String(format: "%.2f", ram.mbps)) mbps\r\n"
+                out += "remaining ram: \(ram.remaining / 1024) kbytes\r\n"
                 out += "total ram: \(ram.total / 1024) kbytes\r\n"
                 out += "duplicate: \(ram.duplicate) pages\r\n"
                 out += "normal: \(ram.normal) pages\r\n"
+                out += "normal bytes: \(ram.normalBytes / 1024) kbytes\r\n"
+                out += "dirty sync count: \(ram.dirtySyncCount)\r\n"
+                out += "dirty pages rate: \(ram.dirtyPagesRate) pages\r\n"
             }
+            if let t = m.cpuThrottlePercentage { out += "cpu throttle percentage: \(t)\r\n" }
             if let err = m.errorDesc { out += "error description: \(err)\r\n" }
             return out
         },

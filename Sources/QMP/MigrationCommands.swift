@@ -1,3 +1,4 @@
+import Dispatch
 import Machine
 import Schema
 
@@ -12,7 +13,7 @@ extension QMPCommandExecutor {
         }
     }
 
-    /// Starts saving the machine's state to `uri`.
+    /// Starts migrating the machine to `uri`.
     public func migrate(_ arguments: MigrateArguments) throws {
         if arguments.resume == true {
             throw QMPError(.genericError, "Parameter 'resume' is not supported: there is no paused migration to resume")
@@ -26,7 +27,7 @@ extension QMPCommandExecutor {
         }
     }
 
-    /// The current or last migration's state.
+    /// The current or last migration's state, with QEMU's fields.
     public func queryMigrate() throws -> MigrationInfo {
         let p = try migration.migrationProgress()
         guard p.status != .none else { return MigrationInfo() }
@@ -34,24 +35,32 @@ extension QMPCommandExecutor {
         var info = MigrationInfo(status: status)
         if p.status != .setup {
             let pageSize: UInt64 = 4096
-            let seconds = Double(max(p.downtime, 1)) / 1000
-            info.ram = MigrationStats(transferred: Int64(p.transferred), remaining: 0, total: Int64(p.ramTotal),
+            info.ram = MigrationStats(transferred: Int64(p.transferred), remaining: Int64(p.remaining), total: Int64(p.ramTotal),
                                       duplicate: Int64(p.zeroPages), normal: Int64(p.normalPages),
-                                      normalBytes: Int64(p.normalPages * pageSize),
-                                      mbps: p.status == .completed ? Double(p.transferred) * 8 / 1_000_000 / seconds : 0)
+                                      normalBytes: Int64(p.normalPages * pageSize), mbps: p.mbps,
+                                      dirtyPagesRate: Int64(p.dirtyPagesRate), dirtySyncCount: Int64(p.dirtySyncCount),
+                                      pagesPerSecond: Int64(p.pagesPerSecond))
         }
-        if p.status == .completed || p.status == .failed {
+        switch p.status {
+        case .active, .cancelling:
+            info.totalTime = Int64(p.startedAt == 0 ? p.totalTime : (DispatchTime.now().uptimeNanoseconds &- p.startedAt) / 1_000_000)
+            info.setupTime = Int64(p.setupTime)
+            info.expectedDowntime = Int64(p.expectedDowntime)
+        case .completed, .failed, .cancelled:
             info.totalTime = Int64(p.totalTime)
             info.setupTime = Int64(p.setupTime)
+        default:
+            break
         }
+        if p.throttlePercentage > 0 { info.cpuThrottlePercentage = Int64(p.throttlePercentage) }
         if p.status == .completed { info.downtime = Int64(p.downtime) }
         if let e = p.error { info.errorDesc = e }
         return info
     }
 
-    /// Loads the machine's state from `uri` into a machine waiting with `--incoming defer`.
+    /// Receives a machine state from `uri` into a machine waiting with `--incoming defer`.
     public func migrateIncoming(_ arguments: MigrateIncomingArguments) throws {
-        guard controlForMigration.runState == .inmigrate else {
+        guard controlForMigration.runState == .inmigrate, try migration.migrationProgress().status == .none else {
             throw QMPError(.genericError, "The incoming migration has already been started or the machine was not started with --incoming defer")
         }
         do {
@@ -61,5 +70,60 @@ extension QMPCommandExecutor {
         } catch {
             throw QMPError(.genericError, "\(error)")
         }
+    }
+
+    /// Cancels the outgoing migration in progress.
+    public func migrateCancel() throws {
+        try migration.cancelMigration()
+    }
+
+    /// Changes the migration parameters given; each is checked against its range first, so a
+    /// refused call changes nothing.
+    public func migrateSetParameters(_ a: MigrateSetParametersArguments) throws {
+        let m = try migration
+        var p = m.migrationParameters()
+        func check(_ v: Int64?, _ name: String, _ range: ClosedRange<Int64>) throws -> Int64? {
+            guard let v else { return nil }
+            guard range.contains(v) else {
+                throw QMPError(.genericError, "Parameter '\(name)' expects a value between \(range.lowerBound) and \(range.upperBound)")
+            }
+            return v
+        }
+        if let v = try check(a.downtimeLimit, "downtime-limit", 0...2_000_000) { p.downtimeLimit = UInt64(v) }
+        if let v = try check(a.maxBandwidth, "max-bandwidth", 0...Int64(Int32.max) * 1024) { p.maxBandwidth = UInt64(v) }
+        if let v = try check(a.cpuThrottleInitial, "cpu-throttle-initial", 1...99) { p.throttleInitial = Int(v) }
+        if let v = try check(a.cpuThrottleIncrement, "cpu-throttle-increment", 1...99) { p.throttleIncrement = Int(v) }
+        if let v = try check(a.maxCpuThrottle, "max-cpu-throttle", 1...99) { p.maxThrottle = Int(v) }
+        m.setMigrationParameters(p)
+    }
+
+    public func queryMigrateParameters() throws -> Schema.MigrationParameters {
+        let p = try migration.migrationParameters()
+        return Schema.MigrationParameters(downtimeLimit: Int64(p.downtimeLimit), maxBandwidth: Int64(p.maxBandwidth),
+                                   cpuThrottleInitial: Int64(p.throttleInitial), cpuThrottleIncrement: Int64(p.throttleIncrement),
+                                   maxCpuThrottle: Int64(p.maxThrottle))
+    }
+
+    public func migrateSetCapabilities(_ a: MigrateSetCapabilitiesArguments) throws {
+        let m = try migration
+        var c = m.migrationCapabilities()
+        for entry in a.capabilities {
+            switch entry.capability {
+            case .events: c.events = entry.state
+            case .autoConverge: c.autoConverge = entry.state
+            }
+        }
+        do {
+            try m.setMigrationCapabilities(c)
+        } catch {
+            throw QMPError(.genericError, "\(error)")
+        }
+    }
+
+    public func queryMigrateCapabilities() throws -> [MigrationCapabilityStatus] {
+        // A machine that cannot migrate (machine none, which libvirt probes) has them all off.
+        let c = (controlForMigration as? any MachineMigration)?.migrationCapabilities() ?? MigrationCapabilities()
+        return [MigrationCapabilityStatus(capability: .events, state: c.events),
+                MigrationCapabilityStatus(capability: .autoConverge, state: c.autoConverge)]
     }
 }

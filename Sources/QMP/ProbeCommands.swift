@@ -63,25 +63,6 @@ extension QMPCommandExecutor {
         }
     }
 
-    /// The 'events' capability and its state (off for a machine that cannot migrate).
-    public func queryMigrateCapabilities() throws -> [MigrationCapabilityStatus] {
-        let on = (controlForMigration as? any MachineMigration)?.migrationEvents ?? false
-        return [MigrationCapabilityStatus(capability: .events, state: on)]
-    }
-
-    /// Sets the 'events' capability.
-    public func migrateSetCapabilities(_ arguments: MigrateSetCapabilitiesArguments) throws {
-        guard let m = controlForMigration as? any MachineMigration else {
-            throw QMPError(.genericError, "this machine cannot save its state")
-        }
-        for c in arguments.capabilities {
-            switch c.capability {
-            case .events:
-                do { try m.setMigrationEvents(c.state) } catch { throw QMPError(.genericError, "\(error)") }
-            }
-        }
-    }
-
     static func propertyInfo(_ t: QEMUCapabilities.QOMType) -> [ObjectPropertyInfo] {
         t.properties.map { ObjectPropertyInfo(name: $0.name, type: $0.type, description: $0.description) }
     }

@@ -249,6 +249,10 @@ public final class QMPServer: Sendable {
             qmpEvent = .migration(MigrationEventData(status: MigrationStatus(rawValue: status.rawValue) ?? .failed))
         case .jobStatusChange(let id, let status):
             qmpEvent = .jobStatusChange(JobStatusChangeEventData(id: id, status: Schema.JobStatus(rawValue: status.rawValue) ?? .undefined))
+        case .migration(let status):
+            qmpEvent = .migration(MigrationEventData(status: Schema.MigrationStatus(rawValue: status.rawValue) ?? .failed))
+        case .migrationPass(let pass):
+            qmpEvent = .migrationPass(MigrationPassEventData(pass: Int64(pass)))
         }
         emit(qmpEvent)
     }

@@ -76,6 +76,15 @@ public protocol BlockImage: AnyObject, Sendable {
     func discard(offset: UInt64, length: UInt64) throws
     /// Makes the range read as zeros, deallocating whole clusters where the format can.
     func writeZeroes(offset: UInt64, length: UInt64) throws
+    /// Drops this process's locks on the image (and its backing chain), so that another
+    /// process may take them: a migration source hands its disks over. Call after `flush()`
+    /// and while nothing writes the image.
+    func releaseLocks()
+    /// Takes the locks (as at open) and rereads any cached metadata from the file, which
+    /// another process may have changed while this one held no lock: a migration
+    /// destination taking the disks over, or a source taking them back. Throws `.locked`
+    /// when another process still holds them.
+    func activate() throws
 }
 
 extension BlockImage {
@@ -146,6 +155,13 @@ public final class RawImage: BlockImage, Sendable {
 
     public func flush() throws {
         if !isReadOnly { try file.sync() }
+    }
+
+    public func releaseLocks() { file.unlockAll() }
+
+    public func activate() throws {
+        try file.lockLikeQEMU(write: !isReadOnly)
+        size.store(try file.size(), ordering: .relaxed)
     }
 
     public func discard(offset: UInt64, length: UInt64) throws {

@@ -172,6 +172,19 @@ public final class HostFile: Sendable {
     }
     #endif
 
+    /// Releases every lock this descriptor holds on the file.
+    public func unlockAll() {
+        #if os(Linux)
+        var fl = flock()
+        fl.l_type = Int16(F_UNLCK)
+        fl.l_whence = Int16(SEEK_SET)
+        fl.l_start = 0
+        fl.l_len = 0
+        fl.l_pid = 0
+        _ = withUnsafeMutablePointer(to: &fl) { fcntl(fd, 37 /* F_OFD_SETLK */, $0) }
+        #endif
+    }
+
     /// Takes QEMU-compatible locks: holds "consistent read" (and "write"/"write unchanged" when
     /// writable), refuses "write" and "resize" to others. Throws `.locked` when another process
     /// (QEMU, qemu-img or another machine-server) holds a conflicting lock.

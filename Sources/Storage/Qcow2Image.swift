@@ -700,3 +700,66 @@ public final class Qcow2Image: BlockImage, @unchecked Sendable {  // unchecked: 
         try lock.withLock { try mapping(virtualCluster: vc) != .unallocated }
     }
 }
+
+// MARK: Migration hand-over
+
+extension Qcow2Image {
+    public func releaseLocks() {
+        lock.withLock { file.unlockAll() }
+        backing?.releaseLocks()
+    }
+
+    /// Takes the locks and rereads the header, the snapshot table, the L1 and refcount tables
+    /// and the file's end, dropping every cached L2 and refcount block: another process (a
+    /// migration source) may have written the image while this one held no lock. Refuses an
+    /// image that changed shape (cluster size) meanwhile.
+    public func activate() throws {
+        try backing?.activate()
+        try lock.withLock {
+            try file.lockLikeQEMU(write: !isReadOnly)
+            guard !snapshotView else { return }
+            let fileSize = try file.size()
+            let first = try file.read(count: Int(min(max(fileSize, 104), 2 << 20)), at: 0)
+            let h = try Qcow2Header.parse(first, fileSize: fileSize, path: path)
+            guard h.clusterSize == clusterSize else {
+                throw StorageError.invalidImage(path: path, reason: "the cluster size changed while another process held the image")
+            }
+            let cs = clusterSize
+            let l1Bytes = try file.read(count: Int(h.l1Size) * 8, at: h.l1TableOffset)
+            let newL1 = (0..<Int(h.l1Size)).map { BE.u64(l1Bytes, $0 * 8) }
+            guard UInt64(newL1.count) * cs * l2Entries >= h.size else {
+                throw StorageError.invalidImage(path: path, reason: "L1 table is too small for the disk")
+            }
+            let rtCount = Int(UInt64(h.refcountTableClusters) * cs / 8)
+            let rtBytes = try file.read(count: rtCount * 8, at: h.refcountTableOffset)
+            let newRefTable = (0..<rtCount).map { BE.u64(rtBytes, $0 * 8) }
+            for (i, e) in newL1.enumerated() where e & Self.offsetMask != 0 {
+                let off = e & Self.offsetMask
+                guard off % cs == 0, off >= cs, off < fileSize else {
+                    throw StorageError.invalidImage(path: path, reason: "L1 entry \(i) is invalid (0x\(String(off, radix: 16)))")
+                }
+            }
+            for (i, e) in newRefTable.enumerated() where e != 0 {
+                guard e & (cs - 1) == 0, e & ~Self.offsetMask == 0, e >= cs, e < fileSize else {
+                    throw StorageError.invalidImage(path: path, reason: "refcount table entry \(i) is invalid (0x\(String(e, radix: 16)))")
+                }
+            }
+            if h.snapshotCount > 0 {
+                let len = Int(min(fileSize - h.snapshotsOffset, 64 << 20))
+                let bytes = try file.read(count: len, at: h.snapshotsOffset)
+                snapshots = try Qcow2Snapshot.parseTable(bytes, count: Int(h.snapshotCount), header: h,
+                                                         fileSize: fileSize, path: path).snapshots
+            } else {
+                snapshots = []
+            }
+            header = h
+            l1 = newL1
+            refTable = newRefTable
+            l2Cache.removeAll()
+            refBlockCache.removeAll()
+            endCluster = (fileSize + cs - 1) / cs
+            compressedTail = nil
+            lastDecompressed = nil
+        }
+    }
+}

@@ -179,6 +179,7 @@ extension Hart {
                 pte |= 1 << 6
                 if access == .write { pte |= 1 << 7 }
                 p.storeBytes(of: pte, as: UInt64.self)
+                markDirty(page: (pteAddress &- ram.base.raw) >> 12)
             }
             let offsetMask: UInt64 = (1 << UInt64(12 + 9 * level)) - 1
             if level > 0 { noteSuperpage(va, size: offsetMask &+ 1) }
@@ -189,11 +190,17 @@ extension Hart {
     // MARK: TLB fill
 
     /// Installs a TLB entry for the page holding `va` -> `pa` when `pa` is RAM (and, for writes,
-    /// when the page holds no translated code).
+    /// when the page holds no translated code and, while a migration logs dirty pages, when the
+    /// page is already marked dirty in this pass: so the first store to a page in each pass
+    /// comes through `storeSlow` and marks it, and the fast paths of both engines stay as they are).
     @inline(__always) func fillTLB(_ va: UInt64, _ pa: UInt64, _ access: AccessType, mmuIndex: Int) {
         let pageOffset = pa &- ram.base.raw
         guard pageOffset < ram.size else { return }
-        if access == .write && codePages[Int(pageOffset >> 12)] != 0 { return }
+        if access == .write {
+            let page = Int(pageOffset >> 12)
+            if codePages[page] != 0 { return }
+            if ram.dirtyLogging && ram.cpuDirty[page] == 0 { return }
+        }
         let vpn = va >> 12
         let i = tlbBase(mmuIndex, access) + Int(vpn & UInt64(Hart.tlbEntries - 1))
         tlbTags[i] = vpn
@@ -262,6 +269,7 @@ extension Hart {
             if let p = ram.hostPointer(GuestPhysicalAddress(pa), length: UInt64(size)) {
                 let page = (pa &- ram.base.raw) >> 12
                 if codePages[Int(page)] != 0 { storeHitCode(physicalPage: page) }
+                markDirty(page: page)
                 switch size {
                 case 1: p.storeBytes(of: UInt8(truncatingIfNeeded: value), as: UInt8.self)
                 case 2: p.storeBytes(of: UInt16(truncatingIfNeeded: value), as: UInt16.self)
@@ -302,9 +310,16 @@ extension Hart {
             if write {
                 let page = (pa &- ram.base.raw) >> 12
                 if codePages[Int(page)] != 0 { storeHitCode(physicalPage: page) }
+                markDirty(page: page)
             }
             return p
         }
+    }
+
+    /// Marks RAM page `page` (relative to the RAM base) dirty for a live migration; nothing
+    /// unless dirty logging is on.
+    @inline(__always) func markDirty(page: UInt64) {
+        if ram.dirtyLogging { ram.cpuDirty[Int(page)] = 1 }
     }
 
     /// The guest physical address of a host pointer into RAM that `atomicPointer` returned

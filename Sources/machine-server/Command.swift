@@ -64,7 +64,7 @@ struct MachineServerCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("The machine's name (query-name); overrides \"name\".", valueName: "NAME"))
     var name: String?
 
-    @Option(name: .long, help: ArgumentHelp("Restore a saved machine state instead of booting: file:PATH (RAM mapped from the file), exec:CMD (read from CMD's output), or defer (wait for QMP migrate-incoming). The machine runs afterwards unless -S.", valueName: "URI"))
+    @Option(name: .long, help: ArgumentHelp("Receive the machine instead of booting: tcp:HOST:PORT or unix:PATH (listen for a live migration), file:PATH (RAM mapped from the file), exec:CMD (read from CMD's output), or defer (wait for QMP migrate-incoming). Disk images are opened without locks until the state arrives. The machine runs afterwards unless -S (or the source was paused).", valueName: "URI"))
     var incoming: String?
 
     @Flag(name: [.customShort("S"), .customLong("paused")], help: "Start with the vCPUs stopped until QMP 'cont' (like QEMU -S).")

@@ -54,7 +54,9 @@ struct Launch {
         // Netdevs bind their forwarded ports before anything runs, so a port in use stops the launch.
         let network = try MachineNetwork(plan.netdevs)
         defer { network.close() }
-        let devices = try MachineDevices(plan.devices, network: network)
+        // With --incoming the images are opened without locks: a live migration's source holds
+        // them until the switch-over, and every incoming path takes them before the guest runs.
+        let devices = try MachineDevices(plan.devices, network: network, lockImages: plan.incoming == nil)
         defer { devices.close() }
 
         let machine: VirtualMachine
@@ -80,6 +82,16 @@ struct Launch {
         }
         machine.setSnapshotDisks(devices.blocks.map { SnapshotDisk(id: $0.id, image: $0.image, readOnly: $0.readOnly) })
 
+        // A live migration's listener is bound before QMP is up, so that a client that can
+        // talk to this server can also migrate to it (the stream is taken once it has started).
+        let liveIncoming = plan.incoming.map { $0.hasPrefix("tcp:") || $0.hasPrefix("unix:") } ?? false
+        if liveIncoming, let incoming = plan.incoming {
+            do {
+                try machine.incomingMigration(uri: incoming)
+            } catch {
+                throw LaunchError("--incoming: \(error)")
+            }
+        }
         let hotPlug = MachineHotPlug(machine: machine, plan: plan, display: devices.display)
         defer { hotPlug?.close() }
         let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, network: network, hotPlug: hotPlug,
@@ -99,7 +111,7 @@ struct Launch {
             // Like QEMU's -incoming: the machine waits in `inmigrate`; with a URI the state is
             // loaded now (and the machine runs unless -S), with `defer` QMP migrate-incoming
             // brings it later.
-            if incoming != "defer" {
+            if incoming != "defer" && !liveIncoming {
                 do {
                     try machine.incomingMigration(uri: incoming)
                 } catch {

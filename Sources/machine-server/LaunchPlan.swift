@@ -99,8 +99,8 @@ struct LaunchPlan {
         process = options.process
         startPaused = options.paused || d.start == .paused
         if let incoming = options.incoming {
-            guard incoming == "defer" || incoming.hasPrefix("file:") || incoming.hasPrefix("exec:") else {
-                throw LaunchError("--incoming: '\(incoming)' is not file:PATH, exec:CMD or defer")
+            guard incoming == "defer" || ["file:", "exec:", "tcp:", "unix:"].contains(where: { incoming.hasPrefix($0) }) else {
+                throw LaunchError("--incoming: '\(incoming)' is not tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD or defer")
             }
         }
         self.incoming = options.incoming

@@ -42,9 +42,11 @@ final class MachineDevices: Sendable {
     /// The threads behind NICs without a netdev (closed with the devices).
     let unconnectedBackends: [DisconnectedNetwork]
 
-    /// Opens every image (taking QEMU-compatible locks) and builds every device.
+    /// Opens every image (taking QEMU-compatible locks unless `lockImages` is false) and builds every device.
     /// Throws `LaunchError` naming the device (`devices[i]`) and the file.
-    init(_ planned: [PlannedDevice], network: MachineNetwork? = nil) throws {
+    /// `lockImages` false leaves the images unlocked (a migration destination takes the locks
+    /// when the state arrives, with `BlockImage.activate`).
+    init(_ planned: [PlannedDevice], network: MachineNetwork? = nil, lockImages: Bool = true) throws {
         let needsDisplay = planned.contains { $0.kind == .gpu || $0.kind == .keyboard || $0.kind == .tablet }
         let display = needsDisplay ? Display(id: "video0") : nil
         var blocks: [Block] = []
@@ -71,7 +73,7 @@ final class MachineDevices: Sendable {
                     let image: any BlockImage
                     do {
                         image = try openImage(path: file, format: Storage.ImageFormat(rawValue: format.rawValue),
-                                              readOnly: readOnly, lock: true)
+                                              readOnly: readOnly, lock: lockImages)
                     } catch let e as StorageError {
                         throw LaunchError("\(p.origin).drive.file: \(Self.oneLine(e.description))")
                     }

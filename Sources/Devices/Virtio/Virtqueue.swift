@@ -210,9 +210,16 @@ public final class Virtqueue: @unchecked Sendable {  // unchecked: driven by one
     }
     private func store16(_ p: UnsafeMutableRawPointer, _ off: Int, _ v: UInt16) {
         p.storeBytes(of: v.littleEndian, toByteOffset: off, as: UInt16.self)
+        noteUsedWrite(p + off, 2)
     }
     private func store32(_ p: UnsafeMutableRawPointer, _ off: Int, _ v: UInt32) {
         p.storeBytes(of: v.littleEndian, toByteOffset: off, as: UInt32.self)
+        noteUsedWrite(p + off, 4)
+    }
+    /// Marks a write into the used ring dirty for a live migration (nothing unless logging).
+    @inline(__always) private func noteUsedWrite(_ p: UnsafeMutableRawPointer, _ n: Int) {
+        guard ram.dirtyLogging else { return }
+        ram.markDirty(ram.base + UInt64(p - ram.pointer), length: UInt64(n))
     }
 
     /// True when the driver has made chains available that have not been popped yet.

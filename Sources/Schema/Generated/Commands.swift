@@ -44,7 +44,7 @@ public protocol QMPCommandHandler: Sendable {
     func quit() throws
     /// `query-cpus-fast`: Lists the machine's vCPUs.
     func queryCpusFast() throws -> [CpuInfoFast]
-    /// `human-monitor-command`: Runs one human-monitor (HMP) command line and returns its output. Supported: help, info status|version|name|uuid|cpus|registers|block|chardev|vnc|mtree|migrate|snapshots|network|usernet|pci, stop, cont, system_reset, system_powerdown, quit, sendkey, screendump, x, xp, savevm, loadvm, delvm, migrate, device_add, device_del, hostfwd_add, hostfwd_remove, gdbserver (docs/qemu-cli.md); each wraps the QMP command that does the work. Unknown commands and failures print QEMU's message line ('unknown command: ...', 'Error: ...') as the output.
+    /// `human-monitor-command`: Runs one human-monitor (HMP) command line and returns its output. Supported: help, info status|version|name|uuid|cpus|registers|block|chardev|vnc|mtree|migrate|snapshots|network|usernet|pci, stop, cont, system_reset, system_powerdown, quit, sendkey, screendump, x, xp, savevm, loadvm, delvm, migrate, migrate_cancel, device_add, device_del, hostfwd_add, hostfwd_remove, gdbserver (docs/qemu-cli.md); each wraps the QMP command that does the work. Unknown commands and failures print QEMU's message line ('unknown command: ...', 'Error: ...') as the output.
     func humanMonitorCommand(_ arguments: HumanMonitorCommandArguments) throws -> String
     /// `query-vnc`: Returns the state of the VNC server; 'enabled' is false when the machine has no VNC display.
     func queryVnc() throws -> VncInfo
@@ -60,12 +60,22 @@ public protocol QMPCommandHandler: Sendable {
     func inputSendEvent(_ arguments: InputSendEventArguments) throws
     /// `query-qmp-schema`: Returns the whole QMP schema: every command, event and type reachable from them.
     func queryQmpSchema() throws -> [SchemaInfo]
-    /// `migrate`: Saves the machine's state to a destination and leaves the machine paused (run state postmigrate), as QEMU does. The command returns at once; query-migrate tells when the state is written. Destinations: `file:PATH` writes PATH (via a temporary file renamed into place once complete, so a crash never leaves a partial file under PATH) with RAM pages aligned so that `--incoming file:PATH` maps them instead of reading them; `exec:CMD` runs CMD with /bin/sh and writes the stream to its standard input. tcp: and unix: destinations are not supported yet.
+    /// `migrate`: Migrates the machine to a destination, as QEMU does, and returns at once; query-migrate and the MIGRATION event tell how it goes. `tcp:HOST:PORT` and `unix:PATH` run a live pre-copy migration to a machine-server started with `--incoming` on the same URI: RAM is sent while the guest runs, then again what the guest dirtied, pass after pass, until the rest fits `downtime-limit` at the measured bandwidth (capped by `max-bandwidth`); then the guest stops, the rest of RAM and the device state go over, the disks are flushed and their locks handed to the destination, and once the destination confirms it runs the guest the source stays paused in `postmigrate`. If anything fails (the connection drops, the destination dies or refuses the stream, migrate_cancel) the source runs on, with its disks, and the status is `failed` or `cancelled`. `file:PATH` writes the state to PATH (via a temporary file renamed into place once complete) with RAM pages aligned so that `--incoming file:PATH` maps them; `exec:CMD` runs CMD with /bin/sh and writes the stream to its standard input; both pause the guest for the whole save.
     func migrate(_ arguments: MigrateArguments) throws
     /// `query-migrate`: Returns the state of the current or last migration.
     func queryMigrate() throws -> MigrationInfo
-    /// `migrate-incoming`: Loads a machine state from a source into a machine started with `--incoming defer`, then runs it (or leaves it paused when started with -S). Sources: `file:PATH` (RAM is mapped copy-on-write from the file) and `exec:CMD` (the stream is read from CMD's standard output).
+    /// `migrate-incoming`: Receives a machine state into a machine started with `--incoming defer`, then runs it (or leaves it paused when started with -S or when the source was paused). Sources: `tcp:HOST:PORT` and `unix:PATH` listen for one live migration and return at once (if the stream fails, the server exits with status 1, as QEMU does); `file:PATH` (RAM is mapped copy-on-write from the file) and `exec:CMD` (the stream is read from CMD's standard output) load before returning.
     func migrateIncoming(_ arguments: MigrateIncomingArguments) throws
+    /// `migrate_cancel`: Cancels the migration in progress: the source stops sending, keeps (or takes back) its disks and runs on as before; the status becomes `cancelled`. Does nothing when no migration runs.
+    func migrateCancel() throws
+    /// `migrate-set-parameters`: Sets migration parameters; those left out keep their values. A value outside its range is refused with the parameter's name.
+    func migrateSetParameters(_ arguments: MigrateSetParametersArguments) throws
+    /// `query-migrate-parameters`: Returns every migration parameter.
+    func queryMigrateParameters() throws -> MigrationParameters
+    /// `migrate-set-capabilities`: Switches migration capabilities on or off. Refused while a migration runs. `events` sends the MIGRATION and MIGRATION_PASS events; `auto-converge` throttles the vCPUs when the guest dirties memory faster than the migration sends it.
+    func migrateSetCapabilities(_ arguments: MigrateSetCapabilitiesArguments) throws
+    /// `query-migrate-capabilities`: Returns every migration capability and whether it is on.
+    func queryMigrateCapabilities() throws -> [MigrationCapabilityStatus]
     /// `netdev_add`: Adds a network backend while the machine runs. Its forwarded ports listen at once; it carries frames once a NIC uses it. Fails without adding anything when the id is taken, an option is invalid, or a port cannot be bound.
     func netdevAdd(_ arguments: Netdev) throws
     /// `netdev_del`: Removes a network backend that no NIC uses, closing its sockets.
@@ -94,10 +104,6 @@ public protocol QMPCommandHandler: Sendable {
     func qomListProperties(_ arguments: QomListPropertiesArguments) throws -> [ObjectPropertyInfo]
     /// `query-command-line-options`: Lists the key=value options of QEMU's command line that machine-server accepts, with the parameters it honours (docs/qemu-cli.md).
     func queryCommandLineOptions(_ arguments: QueryCommandLineOptionsArguments) throws -> [CommandLineOptionInfo]
-    /// `query-migrate-capabilities`: Lists the migration capabilities and whether each is on.
-    func queryMigrateCapabilities() throws -> [MigrationCapabilityStatus]
-    /// `migrate-set-capabilities`: Turns migration capabilities on or off (for the whole machine, as in QEMU). Fails while a migration runs.
-    func migrateSetCapabilities(_ arguments: MigrateSetCapabilitiesArguments) throws
     /// `device_add`: Adds a device while the machine runs (PCIe native hot-plug). The device goes into the slot of the pcie-root-port named by `bus`; the guest is told through the port's hot-plug interrupt and finds it as device 0 of the port's secondary bus. Drivers: virtio-blk-pci (needs `drive`, a node added with blockdev-add), virtio-rng-pci, virtio-keyboard-pci, virtio-tablet-pci. Refused, leaving the machine unchanged: an unknown driver or property, a duplicate id, a bus that is not a root port (the root bus pcie.0 does not support hot-plugging), a root port whose slot is occupied, an unknown node or one another device uses.
     func deviceAdd(_ arguments: DeviceAddArguments) throws
     /// `device_del`: Asks the guest to release a hot-plugged device: presses the attention button of its root port's slot and returns. The device is removed when the guest powers the slot off (Linux pciehp does so about five seconds after the press, once its driver let go), and DEVICE_DELETED says so. Devices built at launch cannot be removed.
@@ -184,6 +190,16 @@ public enum QMPCommand: Sendable, Equatable {
     case queryMigrate
     /// `migrate-incoming`.
     case migrateIncoming(MigrateIncomingArguments)
+    /// `migrate_cancel`.
+    case migrateCancel
+    /// `migrate-set-parameters`.
+    case migrateSetParameters(MigrateSetParametersArguments)
+    /// `query-migrate-parameters`.
+    case queryMigrateParameters
+    /// `migrate-set-capabilities`.
+    case migrateSetCapabilities(MigrateSetCapabilitiesArguments)
+    /// `query-migrate-capabilities`.
+    case queryMigrateCapabilities
     /// `netdev_add`.
     case netdevAdd(Netdev)
     /// `netdev_del`.
@@ -212,10 +228,6 @@ public enum QMPCommand: Sendable, Equatable {
     case qomListProperties(QomListPropertiesArguments)
     /// `query-command-line-options`.
     case queryCommandLineOptions(QueryCommandLineOptionsArguments)
-    /// `query-migrate-capabilities`.
-    case queryMigrateCapabilities
-    /// `migrate-set-capabilities`.
-    case migrateSetCapabilities(MigrateSetCapabilitiesArguments)
     /// `device_add`.
     case deviceAdd(DeviceAddArguments)
     /// `device_del`.
@@ -271,6 +283,11 @@ public enum QMPCommand: Sendable, Equatable {
         "migrate",
         "query-migrate",
         "migrate-incoming",
+        "migrate_cancel",
+        "migrate-set-parameters",
+        "query-migrate-parameters",
+        "migrate-set-capabilities",
+        "query-migrate-capabilities",
         "netdev_add",
         "netdev_del",
         "set_link",
@@ -285,8 +302,6 @@ public enum QMPCommand: Sendable, Equatable {
         "device-list-properties",
         "qom-list-properties",
         "query-command-line-options",
-        "query-migrate-capabilities",
-        "migrate-set-capabilities",
         "device_add",
         "device_del",
         "query-description",
@@ -337,6 +352,11 @@ public enum QMPCommand: Sendable, Equatable {
         case .migrate: return "migrate"
         case .queryMigrate: return "query-migrate"
         case .migrateIncoming: return "migrate-incoming"
+        case .migrateCancel: return "migrate_cancel"
+        case .migrateSetParameters: return "migrate-set-parameters"
+        case .queryMigrateParameters: return "query-migrate-parameters"
+        case .migrateSetCapabilities: return "migrate-set-capabilities"
+        case .queryMigrateCapabilities: return "query-migrate-capabilities"
         case .netdevAdd: return "netdev_add"
         case .netdevDel: return "netdev_del"
         case .setLink: return "set_link"
@@ -351,8 +371,6 @@ public enum QMPCommand: Sendable, Equatable {
         case .deviceListProperties: return "device-list-properties"
         case .qomListProperties: return "qom-list-properties"
         case .queryCommandLineOptions: return "query-command-line-options"
-        case .queryMigrateCapabilities: return "query-migrate-capabilities"
-        case .migrateSetCapabilities: return "migrate-set-capabilities"
         case .deviceAdd: return "device_add"
         case .deviceDel: return "device_del"
         case .queryDescription: return "query-description"
@@ -479,6 +497,25 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
             return .queryMigrate
         case "migrate-incoming":
             return .migrateIncoming(try MigrateIncomingArguments(json: .object(arguments), at: .root))
+        case "migrate_cancel":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .migrateCancel
+        case "migrate-set-parameters":
+            return .migrateSetParameters(try MigrateSetParametersArguments(json: .object(arguments), at: .root))
+        case "query-migrate-parameters":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryMigrateParameters
+        case "migrate-set-capabilities":
+            return .migrateSetCapabilities(try MigrateSetCapabilitiesArguments(json: .object(arguments), at: .root))
+        case "query-migrate-capabilities":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .queryMigrateCapabilities
         case "netdev_add":
             return .netdevAdd(try Netdev(json: .object(arguments), at: .root))
         case "netdev_del":
@@ -525,13 +562,6 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
             return .qomListProperties(try QomListPropertiesArguments(json: .object(arguments), at: .root))
         case "query-command-line-options":
             return .queryCommandLineOptions(try QueryCommandLineOptionsArguments(json: .object(arguments), at: .root))
-        case "query-migrate-capabilities":
-            if let extra = arguments.keys.first {
-                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
-            }
-            return .queryMigrateCapabilities
-        case "migrate-set-capabilities":
-            return .migrateSetCapabilities(try MigrateSetCapabilitiesArguments(json: .object(arguments), at: .root))
         case "device_add":
             return .deviceAdd(try DeviceAddArguments(json: .object(arguments), at: .root))
         case "device_del":
@@ -645,6 +675,19 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
         case .migrateIncoming(let arguments):
             try handler.migrateIncoming(arguments)
             return .object(JSONObject())
+        case .migrateCancel:
+            try handler.migrateCancel()
+            return .object(JSONObject())
+        case .migrateSetParameters(let arguments):
+            try handler.migrateSetParameters(arguments)
+            return .object(JSONObject())
+        case .queryMigrateParameters:
+            return try handler.queryMigrateParameters().json
+        case .migrateSetCapabilities(let arguments):
+            try handler.migrateSetCapabilities(arguments)
+            return .object(JSONObject())
+        case .queryMigrateCapabilities:
+            return try handler.queryMigrateCapabilities().json
         case .netdevAdd(let arguments):
             try handler.netdevAdd(arguments)
             return .object(JSONObject())
@@ -676,11 +719,6 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
             return try handler.qomListProperties(arguments).json
         case .queryCommandLineOptions(let arguments):
             return try handler.queryCommandLineOptions(arguments).json
-        case .queryMigrateCapabilities:
-            return try handler.queryMigrateCapabilities().json
-        case .migrateSetCapabilities(let arguments):
-            try handler.migrateSetCapabilities(arguments)
-            return .object(JSONObject())
         case .deviceAdd(let arguments):
             try handler.deviceAdd(arguments)
             return .object(JSONObject())

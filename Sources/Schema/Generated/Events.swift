@@ -18,8 +18,10 @@ public enum QMPEvent: Sendable, Equatable {
     case vncInitialized(VncInitializedEventData)
     /// `VNC_DISCONNECTED`: A VNC viewer disconnected.
     case vncDisconnected(VncDisconnectedEventData)
-    /// `MIGRATION`: A migration (or an incoming one) changed status; sent only while the 'events' capability is on.
+    /// `MIGRATION`: A migration changed status (on the source and on the destination), when the `events` capability is on.
     case migration(MigrationEventData)
+    /// `MIGRATION_PASS`: An outgoing migration started a new pass over RAM, when the `events` capability is on.
+    case migrationPass(MigrationPassEventData)
     /// `DEVICE_DELETED`: A device has been removed (the end of a device_del): the guest powered its slot off and the device is gone; its drive node is free again.
     case deviceDeleted(DeviceDeletedEventData)
     /// `JOB_STATUS_CHANGE`: A job changed state.
@@ -36,6 +38,7 @@ public enum QMPEvent: Sendable, Equatable {
         "VNC_INITIALIZED",
         "VNC_DISCONNECTED",
         "MIGRATION",
+        "MIGRATION_PASS",
         "DEVICE_DELETED",
         "JOB_STATUS_CHANGE",
     ]
@@ -52,6 +55,7 @@ public enum QMPEvent: Sendable, Equatable {
         case .vncInitialized: return "VNC_INITIALIZED"
         case .vncDisconnected: return "VNC_DISCONNECTED"
         case .migration: return "MIGRATION"
+        case .migrationPass: return "MIGRATION_PASS"
         case .deviceDeleted: return "DEVICE_DELETED"
         case .jobStatusChange: return "JOB_STATUS_CHANGE"
         }
@@ -69,6 +73,7 @@ public enum QMPEvent: Sendable, Equatable {
         case .vncInitialized(let d): return d.json
         case .vncDisconnected(let d): return d.json
         case .migration(let d): return d.json
+        case .migrationPass(let d): return d.json
         case .deviceDeleted(let d): return d.json
         case .jobStatusChange(let d): return d.json
         }

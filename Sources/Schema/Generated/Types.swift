@@ -4941,7 +4941,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
 
 // MARK: - migration
 
-/// Where a migration stands, with QEMU's names. machine-server uses none, setup, active, completed and failed.
+/// Where a migration stands, with QEMU's names. machine-server uses none, setup, active, cancelling, cancelled, completed and failed (no post-copy, COLO or pre-switchover pause).
 public enum MigrationStatus: String, SchemaCodable, CaseIterable, Equatable {
     /// The value "none".
     case none = "none"
@@ -4991,21 +4991,27 @@ public enum MigrationStatus: String, SchemaCodable, CaseIterable, Equatable {
 public struct MigrationStats: SchemaCodable, Equatable {
     /// Bytes of the whole stream written so far.
     public var transferred: Int64
-    /// Bytes of RAM still to be sent (0 once the stream is complete).
+    /// Bytes of RAM known to be still to send: at the end of a pass, the pages the guest dirtied during it (0 once complete).
     public var remaining: Int64
     /// The guest's RAM size in bytes.
     public var total: Int64
-    /// Pages not sent because they were all zero.
+    /// Pages sent (or skipped in the first pass) because they were all zero.
     public var duplicate: Int64
-    /// Pages sent whole.
+    /// Pages sent with their data (a page dirtied again is counted each time it is sent).
     public var normal: Int64
     /// Bytes of the pages sent whole.
     public var normalBytes: Int64
-    /// The throughput in megabits per second.
+    /// The throughput of the last pass (the whole migration once complete) in megabits per second.
     public var mbps: Double
+    /// Pages the guest dirtied per second during the last pass.
+    public var dirtyPagesRate: Int64
+    /// How many times the dirty log was collected (one per pass).
+    public var dirtySyncCount: Int64
+    /// Pages sent per second during the last pass.
+    public var pagesPerSecond: Int64
 
     /// Creates a value from its members.
-    public init(transferred: Int64, remaining: Int64, total: Int64, duplicate: Int64, normal: Int64, normalBytes: Int64, mbps: Double) {
+    public init(transferred: Int64, remaining: Int64, total: Int64, duplicate: Int64, normal: Int64, normalBytes: Int64, mbps: Double, dirtyPagesRate: Int64, dirtySyncCount: Int64, pagesPerSecond: Int64) {
         self.transferred = transferred
         self.remaining = remaining
         self.total = total
@@ -5013,10 +5019,13 @@ public struct MigrationStats: SchemaCodable, Equatable {
         self.normal = normal
         self.normalBytes = normalBytes
         self.mbps = mbps
+        self.dirtyPagesRate = dirtyPagesRate
+        self.dirtySyncCount = dirtySyncCount
+        self.pagesPerSecond = pagesPerSecond
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["transferred", "remaining", "total", "duplicate", "normal", "normal-bytes", "mbps"]
+    public static let memberNames: Set<String> = ["transferred", "remaining", "total", "duplicate", "normal", "normal-bytes", "mbps", "dirty-pages-rate", "dirty-sync-count", "pages-per-second"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -5034,6 +5043,9 @@ public struct MigrationStats: SchemaCodable, Equatable {
         self.normal = try r.required("normal", as: Int64.self)
         self.normalBytes = try r.required("normal-bytes", as: Int64.self)
         self.mbps = try r.required("mbps", as: Double.self)
+        self.dirtyPagesRate = try r.required("dirty-pages-rate", as: Int64.self)
+        self.dirtySyncCount = try r.required("dirty-sync-count", as: Int64.self)
+        self.pagesPerSecond = try r.required("pages-per-second", as: Int64.self)
     }
 
     /// The members as JSON, in schema order.
@@ -5046,6 +5058,9 @@ public struct MigrationStats: SchemaCodable, Equatable {
         o["normal"] = self.normal.json
         o["normal-bytes"] = self.normalBytes.json
         o["mbps"] = self.mbps.json
+        o["dirty-pages-rate"] = self.dirtyPagesRate.json
+        o["dirty-sync-count"] = self.dirtySyncCount.json
+        o["pages-per-second"] = self.pagesPerSecond.json
         return o
     }
 
@@ -5059,27 +5074,33 @@ public struct MigrationInfo: SchemaCodable, Equatable {
     public var status: MigrationStatus?
     /// RAM figures, once the migration has started. Optional.
     public var ram: MigrationStats?
-    /// Milliseconds from the start to the end (completed and failed migrations). Optional.
+    /// Milliseconds from the start until now (active) or until the end (completed, failed, cancelled). Optional.
     public var totalTime: Int64?
-    /// Milliseconds the guest was paused for the migration (completed migrations). Optional.
+    /// Milliseconds the guest was paused for the switch-over (completed migrations). Optional.
     public var downtime: Int64?
-    /// Milliseconds spent setting up (opening the destination). Optional.
+    /// Milliseconds spent setting up (connecting to or opening the destination). Optional.
     public var setupTime: Int64?
     /// Why the migration failed. Optional.
     public var errorDesc: String?
+    /// Milliseconds the switch-over is expected to take at the measured bandwidth (while active). Optional.
+    public var expectedDowntime: Int64?
+    /// How much auto-converge slows the vCPUs, in percent (when auto-converge throttles). Optional.
+    public var cpuThrottlePercentage: Int64?
 
     /// Creates a value from its members.
-    public init(status: MigrationStatus? = nil, ram: MigrationStats? = nil, totalTime: Int64? = nil, downtime: Int64? = nil, setupTime: Int64? = nil, errorDesc: String? = nil) {
+    public init(status: MigrationStatus? = nil, ram: MigrationStats? = nil, totalTime: Int64? = nil, downtime: Int64? = nil, setupTime: Int64? = nil, errorDesc: String? = nil, expectedDowntime: Int64? = nil, cpuThrottlePercentage: Int64? = nil) {
         self.status = status
         self.ram = ram
         self.totalTime = totalTime
         self.downtime = downtime
         self.setupTime = setupTime
         self.errorDesc = errorDesc
+        self.expectedDowntime = expectedDowntime
+        self.cpuThrottlePercentage = cpuThrottlePercentage
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["status", "ram", "total-time", "downtime", "setup-time", "error-desc"]
+    public static let memberNames: Set<String> = ["status", "ram", "total-time", "downtime", "setup-time", "error-desc", "expected-downtime", "cpu-throttle-percentage"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -5096,6 +5117,8 @@ public struct MigrationInfo: SchemaCodable, Equatable {
         self.downtime = try r.optional("downtime", as: Int64.self)
         self.setupTime = try r.optional("setup-time", as: Int64.self)
         self.errorDesc = try r.optional("error-desc", as: String.self)
+        self.expectedDowntime = try r.optional("expected-downtime", as: Int64.self)
+        self.cpuThrottlePercentage = try r.optional("cpu-throttle-percentage", as: Int64.self)
     }
 
     /// The members as JSON, in schema order.
@@ -5107,6 +5130,8 @@ public struct MigrationInfo: SchemaCodable, Equatable {
         if let v = self.downtime { o["downtime"] = v.json }
         if let v = self.setupTime { o["setup-time"] = v.json }
         if let v = self.errorDesc { o["error-desc"] = v.json }
+        if let v = self.expectedDowntime { o["expected-downtime"] = v.json }
+        if let v = self.cpuThrottlePercentage { o["cpu-throttle-percentage"] = v.json }
         return o
     }
 
@@ -5116,7 +5141,7 @@ public struct MigrationInfo: SchemaCodable, Equatable {
 
 /// The arguments of the `migrate` command.
 public struct MigrateArguments: SchemaCodable, Equatable {
-    /// The destination, e.g. "file:/var/lib/vm/state" or "exec:gzip -c > /tmp/state.gz".
+    /// The destination, e.g. "tcp:192.0.2.7:4444", "unix:/run/vm.migrate", "file:/var/lib/vm/state" or "exec:gzip -c > /tmp/state.gz".
     public var uri: String
     /// Accepted for compatibility; migrate always returns at once. Optional.
     public var detach: Bool?
@@ -5162,7 +5187,7 @@ public struct MigrateArguments: SchemaCodable, Equatable {
 
 /// The arguments of the `migrate-incoming` command.
 public struct MigrateIncomingArguments: SchemaCodable, Equatable {
-    /// The source, e.g. "file:/var/lib/vm/state".
+    /// The source, e.g. "tcp:0.0.0.0:4444" or "file:/var/lib/vm/state".
     public var uri: String
 
     /// Creates a value from its members.
@@ -5189,6 +5214,287 @@ public struct MigrateIncomingArguments: SchemaCodable, Equatable {
     public var jsonMembers: JSONObject {
         var o = JSONObject()
         o["uri"] = self.uri.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The tunable parameters of outgoing migrations.
+public struct MigrationParameters: SchemaCodable, Equatable {
+    /// The longest pause, in milliseconds, the switch-over may take at the measured bandwidth (default 300, as QEMU; 0...2000000). Optional.
+    public var downtimeLimit: Int64?
+    /// The most bytes per second a migration sends (default 134217728, QEMU's 128 MiB/s). Optional.
+    public var maxBandwidth: Int64?
+    /// The throttle auto-converge starts with, in percent (default 20; 1...99). Optional.
+    public var cpuThrottleInitial: Int64?
+    /// How much auto-converge raises the throttle each time the guest still dirties too fast, in percent (default 10; 1...99). Optional.
+    public var cpuThrottleIncrement: Int64?
+    /// The highest throttle auto-converge may reach, in percent (default 99; 1...99). Optional.
+    public var maxCpuThrottle: Int64?
+
+    /// Creates a value from its members.
+    public init(downtimeLimit: Int64? = nil, maxBandwidth: Int64? = nil, cpuThrottleInitial: Int64? = nil, cpuThrottleIncrement: Int64? = nil, maxCpuThrottle: Int64? = nil) {
+        self.downtimeLimit = downtimeLimit
+        self.maxBandwidth = maxBandwidth
+        self.cpuThrottleInitial = cpuThrottleInitial
+        self.cpuThrottleIncrement = cpuThrottleIncrement
+        self.maxCpuThrottle = maxCpuThrottle
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["downtime-limit", "max-bandwidth", "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.downtimeLimit = try r.optional("downtime-limit", as: Int64.self)
+        self.maxBandwidth = try r.optional("max-bandwidth", as: Int64.self)
+        self.cpuThrottleInitial = try r.optional("cpu-throttle-initial", as: Int64.self)
+        self.cpuThrottleIncrement = try r.optional("cpu-throttle-increment", as: Int64.self)
+        self.maxCpuThrottle = try r.optional("max-cpu-throttle", as: Int64.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.downtimeLimit { o["downtime-limit"] = v.json }
+        if let v = self.maxBandwidth { o["max-bandwidth"] = v.json }
+        if let v = self.cpuThrottleInitial { o["cpu-throttle-initial"] = v.json }
+        if let v = self.cpuThrottleIncrement { o["cpu-throttle-increment"] = v.json }
+        if let v = self.maxCpuThrottle { o["max-cpu-throttle"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `migrate-set-parameters` command.
+public struct MigrateSetParametersArguments: SchemaCodable, Equatable {
+    /// See MigrationParameters. Optional.
+    public var downtimeLimit: Int64?
+    /// See MigrationParameters; applies at once to a migration in progress. Optional.
+    public var maxBandwidth: Int64?
+    /// See MigrationParameters. Optional.
+    public var cpuThrottleInitial: Int64?
+    /// See MigrationParameters. Optional.
+    public var cpuThrottleIncrement: Int64?
+    /// See MigrationParameters. Optional.
+    public var maxCpuThrottle: Int64?
+
+    /// Creates a value from its members.
+    public init(downtimeLimit: Int64? = nil, maxBandwidth: Int64? = nil, cpuThrottleInitial: Int64? = nil, cpuThrottleIncrement: Int64? = nil, maxCpuThrottle: Int64? = nil) {
+        self.downtimeLimit = downtimeLimit
+        self.maxBandwidth = maxBandwidth
+        self.cpuThrottleInitial = cpuThrottleInitial
+        self.cpuThrottleIncrement = cpuThrottleIncrement
+        self.maxCpuThrottle = maxCpuThrottle
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["downtime-limit", "max-bandwidth", "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.downtimeLimit = try r.optional("downtime-limit", as: Int64.self)
+        self.maxBandwidth = try r.optional("max-bandwidth", as: Int64.self)
+        self.cpuThrottleInitial = try r.optional("cpu-throttle-initial", as: Int64.self)
+        self.cpuThrottleIncrement = try r.optional("cpu-throttle-increment", as: Int64.self)
+        self.maxCpuThrottle = try r.optional("max-cpu-throttle", as: Int64.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.downtimeLimit { o["downtime-limit"] = v.json }
+        if let v = self.maxBandwidth { o["max-bandwidth"] = v.json }
+        if let v = self.cpuThrottleInitial { o["cpu-throttle-initial"] = v.json }
+        if let v = self.cpuThrottleIncrement { o["cpu-throttle-increment"] = v.json }
+        if let v = self.maxCpuThrottle { o["max-cpu-throttle"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// Migration features that can be switched on (QEMU's names; only those machine-server implements).
+public enum MigrationCapability: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "events".
+    case events = "events"
+    /// The value "auto-converge".
+    case autoConverge = "auto-converge"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
+/// One capability and whether it is on.
+public struct MigrationCapabilityStatus: SchemaCodable, Equatable {
+    /// The capability.
+    public var capability: MigrationCapability
+    /// Whether it is on.
+    public var state: Bool
+
+    /// Creates a value from its members.
+    public init(capability: MigrationCapability, state: Bool) {
+        self.capability = capability
+        self.state = state
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["capability", "state"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.capability = try r.required("capability", as: MigrationCapability.self)
+        self.state = try r.required("state", as: Bool.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["capability"] = self.capability.json
+        o["state"] = self.state.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `migrate-set-capabilities` command.
+public struct MigrateSetCapabilitiesArguments: SchemaCodable, Equatable {
+    /// The capabilities to change.
+    public var capabilities: [MigrationCapabilityStatus]
+
+    /// Creates a value from its members.
+    public init(capabilities: [MigrationCapabilityStatus]) {
+        self.capabilities = capabilities
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["capabilities"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.capabilities = try r.required("capabilities", as: [MigrationCapabilityStatus].self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["capabilities"] = self.capabilities.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The data of the `MIGRATION` event.
+public struct MigrationEventData: SchemaCodable, Equatable {
+    /// The new status.
+    public var status: MigrationStatus
+
+    /// Creates a value from its members.
+    public init(status: MigrationStatus) {
+        self.status = status
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["status"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.status = try r.required("status", as: MigrationStatus.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["status"] = self.status.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The data of the `MIGRATION_PASS` event.
+public struct MigrationPassEventData: SchemaCodable, Equatable {
+    /// The pass number (1 for the first).
+    public var pass: Int64
+
+    /// Creates a value from its members.
+    public init(pass: Int64) {
+        self.pass = pass
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["pass"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.pass = try r.required("pass", as: Int64.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["pass"] = self.pass.json
         return o
     }
 
@@ -6788,137 +7094,6 @@ public struct QueryCommandLineOptionsArguments: SchemaCodable, Equatable {
     public var jsonMembers: JSONObject {
         var o = JSONObject()
         if let v = self.option { o["option"] = v.json }
-        return o
-    }
-
-    /// The JSON object form.
-    public var json: JSONValue { .object(jsonMembers) }
-}
-
-/// The migration capabilities machine-server has: 'events' (MIGRATION events on every status change).
-public enum MigrationCapability: String, SchemaCodable, CaseIterable, Equatable {
-    /// The value "events".
-    case events = "events"
-
-    /// Decodes one of the values; anything else is an error listing them.
-    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
-        let text = try String(json: json, at: path)
-        guard let value = Self(rawValue: text) else {
-            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
-        }
-        self = value
-    }
-
-    /// The value as a JSON string.
-    public var json: JSONValue { .string(rawValue) }
-}
-
-/// One migration capability and whether it is on.
-public struct MigrationCapabilityStatus: SchemaCodable, Equatable {
-    /// The capability.
-    public var capability: MigrationCapability
-    /// Whether it is enabled.
-    public var state: Bool
-
-    /// Creates a value from its members.
-    public init(capability: MigrationCapability, state: Bool) {
-        self.capability = capability
-        self.state = state
-    }
-
-    /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["capability", "state"]
-
-    /// Decodes strictly: the value must be an object with exactly these members.
-    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
-        let r = try SchemaObjectReader(json, at: path)
-        try r.rejectUnknown(allowed: Self.memberNames)
-        try self.init(reader: r)
-    }
-
-    /// Decodes the members from `r`; the caller has already rejected unknown members.
-    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
-        self.capability = try r.required("capability", as: MigrationCapability.self)
-        self.state = try r.required("state", as: Bool.self)
-    }
-
-    /// The members as JSON, in schema order.
-    public var jsonMembers: JSONObject {
-        var o = JSONObject()
-        o["capability"] = self.capability.json
-        o["state"] = self.state.json
-        return o
-    }
-
-    /// The JSON object form.
-    public var json: JSONValue { .object(jsonMembers) }
-}
-
-/// The arguments of the `migrate-set-capabilities` command.
-public struct MigrateSetCapabilitiesArguments: SchemaCodable, Equatable {
-    /// The capabilities to set.
-    public var capabilities: [MigrationCapabilityStatus]
-
-    /// Creates a value from its members.
-    public init(capabilities: [MigrationCapabilityStatus]) {
-        self.capabilities = capabilities
-    }
-
-    /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["capabilities"]
-
-    /// Decodes strictly: the value must be an object with exactly these members.
-    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
-        let r = try SchemaObjectReader(json, at: path)
-        try r.rejectUnknown(allowed: Self.memberNames)
-        try self.init(reader: r)
-    }
-
-    /// Decodes the members from `r`; the caller has already rejected unknown members.
-    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
-        self.capabilities = try r.required("capabilities", as: [MigrationCapabilityStatus].self)
-    }
-
-    /// The members as JSON, in schema order.
-    public var jsonMembers: JSONObject {
-        var o = JSONObject()
-        o["capabilities"] = self.capabilities.json
-        return o
-    }
-
-    /// The JSON object form.
-    public var json: JSONValue { .object(jsonMembers) }
-}
-
-/// The data of the `MIGRATION` event.
-public struct MigrationEventData: SchemaCodable, Equatable {
-    /// The new status.
-    public var status: MigrationStatus
-
-    /// Creates a value from its members.
-    public init(status: MigrationStatus) {
-        self.status = status
-    }
-
-    /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["status"]
-
-    /// Decodes strictly: the value must be an object with exactly these members.
-    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
-        let r = try SchemaObjectReader(json, at: path)
-        try r.rejectUnknown(allowed: Self.memberNames)
-        try self.init(reader: r)
-    }
-
-    /// Decodes the members from `r`; the caller has already rejected unknown members.
-    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
-        self.status = try r.required("status", as: MigrationStatus.self)
-    }
-
-    /// The members as JSON, in schema order.
-    public var jsonMembers: JSONObject {
-        var o = JSONObject()
-        o["status"] = self.status.json
         return o
     }
 

@@ -1,0 +1,204 @@
+import Foundation
+
+/// The sockets of a live migration: the source connects, the destination listens and accepts
+/// one connection. Blocking calls; used on the migration queue only.
+enum MigrationSocket {
+    private static func errorText() -> String { String(cString: strerror(errno)) }
+
+    /// Connects to a `tcp:` or `unix:` destination; returns the connected descriptor.
+    static func connect(_ uri: MigrationURI) throws -> Int32 {
+        switch uri {
+        case .tcp(let host, let port):
+            var hints = addrinfo()
+            hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+            hints.ai_family = AF_UNSPEC
+            var list: UnsafeMutablePointer<addrinfo>? = nil
+            let r = getaddrinfo(host, String(port), &hints, &list)
+            guard r == 0, let first = list else {
+                throw MachineStateError("tcp:\(host):\(port): cannot resolve '\(host)': \(String(cString: gai_strerror(r)))")
+            }
+            defer { freeaddrinfo(list) }
+            var lastError = "no address"
+            var a: UnsafeMutablePointer<addrinfo>? = first
+            while let ai = a {
+                let fd = socket(ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
+                if fd >= 0 {
+                    if Foundation.connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 {
+                        var one: Int32 = 1
+                        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                        return fd
+                    }
+                    lastError = errorText()
+                    close(fd)
+                } else {
+                    lastError = errorText()
+                }
+                a = ai.pointee.ai_next
+            }
+            throw MachineStateError("tcp:\(host):\(port): cannot connect: \(lastError)")
+        case .unix(let path):
+            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard fd >= 0 else { throw MachineStateError("unix:\(path): cannot create a socket: \(errorText())") }
+            let ok = withUnixAddress(path) { sa, len in Foundation.connect(fd, sa, len) == 0 }
+            guard ok else {
+                let e = errorText()
+                close(fd)
+                throw MachineStateError("unix:\(path): cannot connect: \(e)")
+            }
+            return fd
+        case .file, .exec:
+            preconditionFailure("not a socket URI")
+        }
+    }
+
+    /// Binds and listens on a `tcp:` or `unix:` source; returns the listening descriptor.
+    /// A Unix socket path that already exists is refused rather than removed.
+    static func listen(_ uri: MigrationURI) throws -> Int32 {
+        switch uri {
+        case .tcp(let host, let port):
+            var hints = addrinfo()
+            hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+            hints.ai_family = AF_UNSPEC
+            hints.ai_flags = AI_PASSIVE
+            var list: UnsafeMutablePointer<addrinfo>? = nil
+            let r = getaddrinfo(host, String(port), &hints, &list)
+            guard r == 0, let ai = list else {
+                throw MachineStateError("tcp:\(host):\(port): cannot resolve '\(host)': \(String(cString: gai_strerror(r)))")
+            }
+            defer { freeaddrinfo(list) }
+            let fd = socket(ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
+            guard fd >= 0 else { throw MachineStateError("tcp:\(host):\(port): cannot create a socket: \(errorText())") }
+            var one: Int32 = 1
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+            guard bind(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0, Foundation.listen(fd, 1) == 0 else {
+                let e = errorText()
+                close(fd)
+                throw MachineStateError("tcp:\(host):\(port): cannot listen: \(e)")
+            }
+            return fd
+        case .unix(let path):
+            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard fd >= 0 else { throw MachineStateError("unix:\(path): cannot create a socket: \(errorText())") }
+            let ok = withUnixAddress(path) { sa, len in bind(fd, sa, len) == 0 } && Foundation.listen(fd, 1) == 0
+            guard ok else {
+                let e = errorText()
+                close(fd)
+                throw MachineStateError("unix:\(path): cannot listen: \(e)")
+            }
+            return fd
+        case .file, .exec:
+            preconditionFailure("not a socket URI")
+        }
+    }
+
+    /// Accepts one connection and closes the listener (and unlinks a Unix socket's path).
+    static func acceptOne(_ listener: Int32, uri: MigrationURI) throws -> Int32 {
+        defer {
+            close(listener)
+            if case .unix(let path) = uri { unlink(path) }
+        }
+        while true {
+            let fd = accept(listener, nil, nil)
+            if fd >= 0 {
+                _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+                var one: Int32 = 1
+                setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                return fd
+            }
+            if errno == EINTR { continue }
+            throw MachineStateError("cannot accept the migration connection: \(errorText())")
+        }
+    }
+
+    private static func withUnixAddress<T>(_ path: String, _ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            for (i, b) in bytes.enumerated() where i < p.count - 1 { p[i] = b }
+        }
+        return withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+    }
+
+    /// Writes all of `bytes` (MSG_NOSIGNAL: a closed peer is an error, not a signal).
+    static func sendAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) throws {
+        var done = 0
+        while done < bytes.count {
+            let n = send(fd, bytes.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw MachineStateError("the migration connection broke: \(errorText())")
+            }
+            done += n
+        }
+    }
+
+    /// Reads exactly `count` bytes, waiting at most `timeout` seconds in all; nil on a timeout.
+    static func receive(_ fd: Int32, count: Int, timeout: Double) throws -> [UInt8]? {
+        var out = [UInt8](repeating: 0, count: count)
+        var done = 0
+        let deadline = Date(timeIntervalSinceNow: timeout)
+        while done < count {
+            let left = deadline.timeIntervalSinceNow
+            if left <= 0 { return nil }
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let r = poll(&p, 1, Int32(min(left * 1000, 1000)) + 1)
+            if r < 0 {
+                if errno == EINTR { continue }
+                throw MachineStateError("the migration connection broke: \(errorText())")
+            }
+            if r == 0 { continue }
+            let n = out.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + done, count - done, 0) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw MachineStateError("the migration connection broke: \(errorText())")
+            }
+            if n == 0 { throw MachineStateError("the destination closed the connection") }
+            done += n
+        }
+        return out
+    }
+
+    /// True when the peer has sent something (or closed) that can be read without waiting.
+    static func hasInput(_ fd: Int32) -> Bool {
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        return poll(&p, 1, 0) > 0
+    }
+}
+
+/// The destination's answers on the return path: after the whole stream is loaded and the
+/// disks are taken over it sends `ok`; when it refuses the stream it sends `refused` with the
+/// reason (u32 length + UTF-8) and closes.
+enum MigrationReply {
+    static let ok: [UInt8] = Array("MSVMOK\0\0".utf8)
+    static let refused: [UInt8] = Array("MSVMERR\0".utf8)
+    /// Longest reason accepted from a destination.
+    static let maxReason = 4096
+
+    static func refusal(_ message: String) -> [UInt8] {
+        let text = Array(message.utf8.prefix(maxReason))
+        var out = refused
+        withUnsafeBytes(of: UInt32(text.count).littleEndian) { out.append(contentsOf: $0) }
+        return out + text
+    }
+
+    /// Reads one reply: nil for `ok`; the reason for a refusal. Throws for anything else,
+    /// including a timeout.
+    static func read(_ fd: Int32, timeout: Double) throws -> String? {
+        guard let tag = try MigrationSocket.receive(fd, count: 8, timeout: timeout) else {
+            throw MachineStateError("the destination did not answer within \(Int(timeout)) s")
+        }
+        if tag == ok { return nil }
+        guard tag == refused else { throw MachineStateError("the destination sent an unknown reply") }
+        guard let lengthBytes = try MigrationSocket.receive(fd, count: 4, timeout: 5) else {
+            throw MachineStateError("the destination refused the stream (no reason given)")
+        }
+        let length = Int(UInt32(lengthBytes[0]) | UInt32(lengthBytes[1]) << 8 | UInt32(lengthBytes[2]) << 16 | UInt32(lengthBytes[3]) << 24)
+        guard length <= maxReason, let text = try MigrationSocket.receive(fd, count: length, timeout: 5) else {
+            throw MachineStateError("the destination refused the stream (its reason is unreadable)")
+        }
+        return String(decoding: text, as: UTF8.self)
+    }
+}
