@@ -93,6 +93,8 @@ public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked S
     // Event-thread state (touched only on the event thread after `start`).
     private var screen: rfbScreenInfoPtr?
     private var framebuffer: UnsafeMutableRawPointer?
+    /// The desktop name as libvncserver holds it (its pointer, freed with the screen).
+    private var desktopName: UnsafeMutablePointer<CChar>?
     private var fbWidth = 0
     private var fbHeight = 0
     private var fbFormat = PixelFormat.r8g8b8x8
@@ -286,7 +288,8 @@ public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked S
         // restore stale pixels from under it over what the guest drew meanwhile.
         scr.pointee.cursor = nil
         scr.pointee.screenData = Unmanaged.passUnretained(self).toOpaque()
-        scr.pointee.desktopName = Self.desktopNameStorage(configuration.desktopName)
+        desktopName = strdup(configuration.desktopName)
+        scr.pointee.desktopName = UnsafePointer(desktopName)
         scr.pointee.kbdAddEvent = { down, keysym, cl in
             guard let cl, let server = VNCServer.owner(of: cl) else { return }
             server.keyEvent(client: cl, keysym: UInt32(truncatingIfNeeded: keysym), down: down != 0)
@@ -321,11 +324,6 @@ public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked S
         }
     }
 
-    /// A C string that lives as long as the process (libvncserver keeps the pointer).
-    private static func desktopNameStorage(_ name: String) -> UnsafePointer<CChar> {
-        UnsafePointer(strdup(name)!)
-    }
-
     fileprivate static func owner(of cl: rfbClientPtr) -> VNCServer? {
         guard let data = cl.pointee.screen?.pointee.screenData else { return nil }
         return Unmanaged<VNCServer>.fromOpaque(data).takeUnretainedValue()
@@ -348,6 +346,8 @@ public final class VNCServer: RemoteDisplayServer, DisplayListener, @unchecked S
         screen = nil
         free(framebuffer)
         framebuffer = nil
+        free(desktopName)
+        desktopName = nil
         stopRequested.store(false, ordering: .sequentiallyConsistent)
         finished.signal()
     }
