@@ -245,8 +245,6 @@ public final class QMPServer: Sendable {
             qmpEvent = .reset(ResetEventData(guest: cause.isGuest, reason: ShutdownCause(cause)))
         case .shutdown(let cause):
             qmpEvent = .shutdown(ShutdownEventData(guest: cause.isGuest, reason: ShutdownCause(cause)))
-        case .migration(let status):
-            qmpEvent = .migration(MigrationEventData(status: MigrationStatus(rawValue: status.rawValue) ?? .failed))
         case .jobStatusChange(let id, let status):
             qmpEvent = .jobStatusChange(JobStatusChangeEventData(id: id, status: Schema.JobStatus(rawValue: status.rawValue) ?? .undefined))
         case .migration(let status):
