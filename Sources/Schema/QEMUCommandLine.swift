@@ -717,7 +717,14 @@ private struct Parser {
             var o: JSONObject = ["driver": .string(driver)]
             let pci = driver.hasSuffix("-pci") || kind == .pcieRootPort
             var allowed: Set<String> = ["driver", "id"]
-            if pci { allowed.formUnion(["bus", "addr"]) }
+            if pci {
+                allowed.formUnion(["bus", "addr", "romfile"])
+                // QEMU's way to say "no option ROM" (needed where the ROM files are not
+                // installed); machine-server's PCI devices have none.
+                if let rom = dev["romfile"], !rom.isEmpty {
+                    throw QEMUCommandLineError("\(what): romfile=\(rom): option ROMs are not supported (only romfile= with no file)")
+                }
+            }
             switch kind {
             case .virtioBlkDevice, .virtioBlkPci:
                 allowed.insert("drive")

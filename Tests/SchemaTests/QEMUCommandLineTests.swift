@@ -163,7 +163,7 @@ import Testing
         #expect(client.netdevs?.first?.json == ["id": "s1", "type": "stream", "addr": ["type": "unix", "path": "/work/net.sock"], "server": false, "reconnect": 2])
     }
 
-    @Test func badNetdevsAreRefusedNamingTheOption() {
+    @Test func badNetdevsAreRefusedNamingTheOption() throws {
         #expect(refusal(["-M", "virt", "-netdev", "tap,id=t0"]) == "-netdev tap: not supported (supported: user, stream)")
         #expect(refusal(["-M", "virt", "-netdev", "user"])?.hasPrefix("-netdev user:") == true)  // no id
         #expect(refusal(["-M", "virt", "-netdev", "user,id=n,restrict=maybe"])?.contains("'restrict' expects 'on' or 'off'") == true)
@@ -180,6 +180,8 @@ import Testing
         #expect(refusal(["-M", "virt", "-netdev", "user,id=n", "-device", "virtio-net-pci,netdev=n", "-device", "virtio-net-device,netdev=n"])?
             .contains("already in use") == true)
         #expect(refusal(["-M", "virt", "-netdev", "user,id=n", "-device", "virtio-net-pci,netdev=n,mq=on"])?.contains("'mq'") == true)
+        #expect(try parse(["-M", "virt", "-netdev", "user,id=n", "-device", "virtio-net-pci,netdev=n,romfile="]).description.devices?.count == 1)
+        #expect(refusal(["-M", "virt", "-netdev", "user,id=n", "-device", "virtio-net-pci,netdev=n,romfile=efi-virtio.rom"])?.contains("option ROMs") == true)
         #expect(refusal(["-M", "none", "-netdev", "user,id=n"])?.contains("-machine none") == true)
     }
 
