@@ -79,7 +79,6 @@ public enum QEMUCommandLine {
 
     /// Why options QEMU has are refused, when there is more to say than "not supported".
     static let refusalReasons: [String: String] = [
-        "nic": "use -netdev user,id=ID[,hostfwd=...] with -device virtio-net-pci,netdev=ID",
         "net": "the legacy -net is not supported; use -netdev user,id=ID[,hostfwd=...] with -device virtio-net-pci,netdev=ID",
         "enable-kvm": "machine-server has no KVM; it is its own TCG-like engine (-accel tcg)",
         "snapshot": "temporary snapshot overlays are not implemented; use a qcow2 overlay (machine-img create -b)",
@@ -169,6 +168,7 @@ public enum QEMUCommandLine {
         -netdev stream,id=ID,server=on|off,addr.type=inet,addr.host=H,addr.port=P | addr.type=unix,addr.path=P[,reconnect=N]
                 (JSON accepted: -netdev {"type":"user","id":"n0","hostfwd":[{"str":"tcp::2222-:22"}]})
         -device virtio-net-pci|virtio-net-device,netdev=ID[,mac=52:54:00:XX:XX:XX][,id=ID][,bus=][,addr=]
+        -nic user|stream,model=virtio-net-pci|virtio-net-device[,mac=][,id=][,the -netdev parameters] | none
 
         Character devices and monitors:
         -chardev socket,id=ID,path=P|host=H,port=N|fd=N,server=on,wait=off | file,id=ID,path=P | ringbuf,id=ID[,size=N] | stdio,id=ID | null,id=ID
@@ -182,7 +182,7 @@ public enum QEMUCommandLine {
         Process:
         -pidfile FILE  -daemonize  -D LOGFILE  -version  -help  --print-description (print the description and exit)
 
-        Refused by name: -nic/-net (use -netdev with -device), -snapshot, -enable-kvm,
+        Refused by name: -net (use -netdev with -device, or -nic), -snapshot, -enable-kvm,
         and every other QEMU option. See docs/qemu-cli.md.
 
         """
@@ -221,6 +221,8 @@ private struct Parser {
     var netdevs: [Netdev] = []
     /// -gdb / -s: the description's tcp:HOST:PORT (nil: none).
     var gdb: String?
+    /// -nic options so far (their backends' default ids count up).
+    var nicCount = 0
     var nographic = false
     var displayNone = false
     var vnc: String?
@@ -288,6 +290,30 @@ private struct Parser {
                 throw QEMUCommandLineError("-netdev \(v): Duplicate ID '\(netdev.id)' for netdev")
             }
             netdevs.append(netdev)
+        case "nic":
+            // QEMU's shorthand for a -netdev plus its NIC: the backend's id is the given id or
+            // __org.qemu.nicN, the NIC is model= (machine-server needs it named) with mac=.
+            let kv = try QEMUKeyValue(parsing: v, impliedKey: "type", repeatable: ["hostfwd", "guestfwd"])
+            if kv["type"] == "none" {
+                guard kv.keys == ["type"] else { throw QEMUCommandLineError("-nic none: takes no parameters") }
+                break
+            }
+            guard let model = kv["model"] else {
+                throw QEMUCommandLineError("-nic \(v): needs model=virtio-net-pci or model=virtio-net-device")
+            }
+            let id = kv["id"] ?? "__org.qemu.nic\(nicCount)"
+            nicCount += 1
+            // QEMU's -nic without a type is user networking.
+            let backend = [("type", kv["type"] ?? "user"), ("id", id)]
+                + kv.pairs.filter { !["type", "model", "mac", "id"].contains($0.key) }.map { ($0.key, $0.value) }
+            let netdev = try netdevOption(v, keyValue: QEMUKeyValue(backend), option: "-nic")
+            guard !netdevs.contains(where: { $0.id == netdev.id }) else {
+                throw QEMUCommandLineError("-nic \(v): Duplicate ID '\(netdev.id)' for netdev")
+            }
+            netdevs.append(netdev)
+            var nic: [(String, String)] = [("driver", model), ("netdev", id)]
+            if let mac = kv["mac"] { nic.append(("mac", mac)) }
+            devices.append(QEMUKeyValue(nic))
         case "gdb": gdb = try gdbAddress(v, what: "-gdb \(v)")
         case "s": gdb = try gdbAddress("tcp::1234", what: "-s")
         case "serial": serials.append(v)
@@ -809,17 +835,21 @@ private struct Parser {
     /// it stands; the key=value form is converted member by member (on/off to booleans,
     /// numbers to integers, each `hostfwd=`/`guestfwd=` to a list item) and decoded by the same
     /// generated decoder, so the schema stays the one grammar.
-    func netdevOption(_ text: String) throws(QEMUCommandLineError) -> Netdev {
-        var what = "-netdev \(text)"
+    /// `-nic` passes its backend's members already split (`keyValue`) and its own name.
+    func netdevOption(_ text: String, keyValue: QEMUKeyValue? = nil, option: String = "-netdev") throws(QEMUCommandLineError) -> Netdev {
+        var what = "\(option) \(text)"
         let json: JSONValue
-        if text.first == "{" {
+        if keyValue == nil, text.first == "{" {
             do { json = try JSONValue.parse(text) } catch {
                 throw QEMUCommandLineError("\(what): not valid JSON: \(error)")
             }
         } else {
-            let kv = try QEMUKeyValue(parsing: text, impliedKey: "type", repeatable: ["hostfwd", "guestfwd"])
+            let kv: QEMUKeyValue
+            if let keyValue { kv = keyValue } else {
+                kv = try QEMUKeyValue(parsing: text, impliedKey: "type", repeatable: ["hostfwd", "guestfwd"])
+            }
             let type = kv["type"] ?? ""
-            if let id = kv["id"] { what = "-netdev \(type),id=\(id)" }
+            if let id = kv["id"] { what = "\(option) \(type),id=\(id)" }
             var o: JSONObject = ["type": .string(type)]
             if let id = kv["id"] { o["id"] = .string(id) }
             switch type {
@@ -859,7 +889,7 @@ private struct Parser {
             case "":
                 throw QEMUCommandLineError("\(what): needs a type (user or stream)")
             default:
-                throw QEMUCommandLineError("-netdev \(type): not supported (supported: user, stream)")
+                throw QEMUCommandLineError("\(option) \(type): not supported (supported: user, stream)")
             }
             json = .object(o)
         }

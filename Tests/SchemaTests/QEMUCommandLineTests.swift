@@ -114,7 +114,7 @@ import Testing
     }
 
     @Test func unsupportedThingsAreRefusedByName() {
-        #expect(refusal(["-M", "virt", "-nic", "user"])?.hasPrefix("-nic: not supported: use -netdev") == true)
+        #expect(refusal(["-M", "virt", "-nic", "user"])?.contains("needs model=virtio-net-pci") == true)
         #expect(refusal(["-M", "virt", "-net", "nic"])?.hasPrefix("-net: not supported") == true)
         #expect(refusal(["-M", "virt", "-frobnicate"]) == "-frobnicate: invalid option")
         #expect(refusal(["-M", "virt", "-usbdevice", "tablet"]) == "-usbdevice: not supported by machine-server")
@@ -153,6 +153,20 @@ import Testing
         #expect(json.netdevs?.first?.json == ["id": "hostnet0", "type": "user", "hostfwd": [["str": "tcp::2222-:22"]]])
         // An unused netdev is kept, with QEMU's warning.
         #expect(try parse(["-M", "virt", "-netdev", "user,id=lonely"]).warnings == ["warning: netdev lonely has no peer"])
+    }
+
+    @Test func nicIsANetdevPlusItsNIC() throws {
+        let d = try parse(["-M", "virt", "-nic", "user,model=virtio-net-pci,mac=52:54:00:00:00:09,hostfwd=tcp::2222-:22,hostfwd=tcp::8080-:80",
+                           "-nic", "model=virtio-net-device", "-nic", "none"]).description
+        #expect(d.netdevs?.map(\.json) == [["id": "__org.qemu.nic0", "type": "user", "hostfwd": [["str": "tcp::2222-:22"], ["str": "tcp::8080-:80"]]],
+                                             ["id": "__org.qemu.nic1", "type": "user"]])
+        #expect(d.devices?.map(\.json) == [["driver": "virtio-net-pci", "netdev": "__org.qemu.nic0", "mac": "52:54:00:00:00:09"],
+                                            ["driver": "virtio-net-device", "netdev": "__org.qemu.nic1"]])
+        let named = try parse(["-M", "virt", "-nic", "stream,id=l0,model=virtio-net-device,addr.type=unix,addr.path=/s"]).description
+        #expect(named.netdevs?.first?.id == "l0" && named.devices?.first?.json == ["driver": "virtio-net-device", "netdev": "l0"])
+        #expect(refusal(["-M", "virt", "-nic", "tap,model=virtio-net-pci"]) == "-nic tap: not supported (supported: user, stream)")
+        #expect(refusal(["-M", "virt", "-nic", "user,model=e1000"])?.hasPrefix("-device e1000: not supported") == true)
+        #expect(refusal(["-M", "virt", "-nic", "user,model=virtio-net-pci,smb=/x"])?.contains("-nic user,id=__org.qemu.nic0: parameter 'smb'") == true)
     }
 
     @Test func netdevStreamConvertsTypes() throws {
@@ -280,7 +294,7 @@ import Testing
                       "-chardev", "-serial", "-qmp", "-mon", "-smp", "server=on", "wait=off", "id=", "drive=", "chardev:",
                       "unix:", "tcp:", "file:", "18446744073709551616", "0x", "-1", "none", "{\"driver\":",
                       "-netdev", "user,id=", "stream,id=", "hostfwd=", "guestfwd=", "addr.type=", "addr.port=", "netdev=",
-                      "-gdb", "-s", "-incoming", "{\"type\":"]
+                      "-gdb", "-s", "-incoming", "{\"type\":", "-nic", "model=virtio-net-pci"]
         var unnamed: [String] = []
         let report = Fuzz.run(target: "qemu-argv", seeds: seeds, seconds: Fuzz.budget(ci: 2),
                               dictionary: tokens.map { Array($0.utf8) }) { input in

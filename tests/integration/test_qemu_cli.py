@@ -280,8 +280,8 @@ def test_print_description_shows_netdevs_nics_and_gdb(tmp_path):
     assert d["gdb"] == "tcp:0.0.0.0:1234"
 
 
-def test_legacy_nic_options_are_refused_by_name():
-    for argv, words in [(["-nic", "user"], "-nic: not supported"), (["-net", "nic"], "-net: not supported"),
+def test_bad_network_options_are_refused_by_name():
+    for argv, words in [(["-nic", "user"], "needs model="), (["-net", "nic"], "-net: not supported"),
                         (["-netdev", "tap,id=t0"], "-netdev tap"),
                         (["-device", "virtio-net-pci,netdev=nowhere"], "netdev=nowhere"),
                         (["-machine", "none", "-kernel", "/x"], "-machine none")]:
