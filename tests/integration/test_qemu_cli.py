@@ -11,6 +11,7 @@ Needs qemu-system-riscv64 (the reference) and python's qemu.qmp.
 """
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -287,3 +288,30 @@ def test_bad_network_options_are_refused_by_name():
                         (["-machine", "none", "-kernel", "/x"], "-machine none")]:
         r = subprocess.run([SERVER, "-M", "virt", *argv], capture_output=True, text=True, timeout=30)
         assert r.returncode == 1 and words in r.stderr, (argv, r.stderr)
+
+
+@pytest.mark.parametrize("which", BINARIES)
+def test_gdb_tcp_with_an_empty_host_answers_the_remote_protocol(tmp_path, which):
+    """-gdb tcp::PORT (what -s is, on port 1234) listens on every interface; a stop-reason query
+    answers with a stop packet on both binaries."""
+    import socket
+    port = free_port()
+    pid = daemonize(tmp_path, which, guest_argv(tmp_path, "true", "-S", "-gdb", f"tcp::{port}"))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"$?#3f")
+            reply = b""
+            while not re.search(rb"\$[^#]*#[0-9a-fA-F]{2}", reply):
+                chunk = s.recv(4096)
+                assert chunk, f"{which}: the stub closed the connection ({reply!r})"
+                reply += chunk
+            assert re.match(rb"\+?\$[ST][0-9a-fA-F]{2}", reply), (which, reply)
+            s.sendall(b"+")
+
+        async def quit(client):
+            await client.execute("quit")
+        asyncio.run(qmp_session(tmp_path, quit))
+        wait_gone(pid, 30, f"{which}: quit ends the process")
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, 9)  # our own daemon, by its pid
