@@ -109,5 +109,8 @@ public enum QEMUCapabilities {
                    ("aio", "string"), ("werror", "string"), ("rerror", "string")]),
         ("mon", [("chardev", "string"), ("mode", "string"), ("pretty", "boolean"), ("id", "string")]),
         ("chardev", []),
+        // As QEMU's: -netdev's parameters depend on its type and are described by the QAPI
+        // schema (Netdev in query-qmp-schema), so the option group lists none.
+        ("netdev", []),
     ]
 }

@@ -79,11 +79,7 @@ public enum QEMUCommandLine {
 
     /// Why options QEMU has are refused, when there is more to say than "not supported".
     static let refusalReasons: [String: String] = [
-        "netdev": "networking is not available in machine-server yet",
-        "nic": "networking is not available in machine-server yet",
-        "net": "networking is not available in machine-server yet",
-        "gdb": "there is no gdb stub in machine-server yet",
-        "s": "there is no gdb stub in machine-server yet (-s is -gdb tcp::1234)",
+        "net": "the legacy -net is not supported; use -netdev user,id=ID[,hostfwd=...] with -device virtio-net-pci,netdev=ID",
         "enable-kvm": "machine-server has no KVM; it is its own TCG-like engine (-accel tcg)",
         "snapshot": "temporary snapshot overlays are not implemented; use a qcow2 overlay (machine-img create -b)",
         "hda": "use -drive file=...,format=...,if=virtio",
@@ -155,7 +151,8 @@ public enum QEMUCommandLine {
         -S                        start paused (QMP cont)
         -no-reboot                a guest reboot ends the machine; -no-shutdown: a guest power-off pauses it
         -action reboot=reset|shutdown,shutdown=poweroff|pause
-        -incoming file:PATH|exec:CMD|defer
+        -incoming tcp:[HOST]:PORT|unix:PATH|file:PATH|exec:CMD|defer
+        -gdb tcp:[HOST]:PORT|none  -s (= -gdb tcp::1234; an empty HOST listens on all interfaces, as QEMU's)
         -object memory-backend-ram,id=ID,size=SIZE | memory-backend-file,id=ID,size=SIZE,mem-path=PATH[,share=on]
                 (the machine's RAM, with -machine memory-backend=ID) | rng-random,id=ID,filename=/dev/urandom | rng-builtin,id=ID
 
@@ -164,6 +161,14 @@ public enum QEMUCommandLine {
         -blockdev driver=file,node-name=N,filename=F | driver=raw|qcow2,node-name=N,file=NODE (or JSON)
         -device virtio-blk-device|virtio-blk-pci,drive=ID[,id=ID][,bus=][,addr=]
         -device virtio-gpu-*|virtio-keyboard-*|virtio-tablet-*|virtio-rng-*|pcie-root-port (-device or -pci forms; JSON accepted)
+
+        Network:
+        -netdev user,id=ID[,net=ADDR/MASK][,host=][,dns=][,dhcpstart=][,hostname=][,domainname=][,restrict=on|off]
+                [,hostfwd=[tcp|udp]:[HADDR]:HPORT-[GADDR]:GPORT]...[,guestfwd=tcp:SERVER:PORT-cmd:COMMAND]...
+        -netdev stream,id=ID,server=on|off,addr.type=inet,addr.host=H,addr.port=P | addr.type=unix,addr.path=P[,reconnect=N]
+                (JSON accepted: -netdev {"type":"user","id":"n0","hostfwd":[{"str":"tcp::2222-:22"}]})
+        -device virtio-net-pci|virtio-net-device,netdev=ID[,mac=52:54:00:XX:XX:XX][,id=ID][,bus=][,addr=]
+        -nic user|stream,model=virtio-net-pci|virtio-net-device[,mac=][,id=][,the -netdev parameters] | none
 
         Character devices and monitors:
         -chardev socket,id=ID,path=P|host=H,port=N|fd=N,server=on,wait=off | file,id=ID,path=P | ringbuf,id=ID[,size=N] | stdio,id=ID | null,id=ID
@@ -177,7 +182,7 @@ public enum QEMUCommandLine {
         Process:
         -pidfile FILE  -daemonize  -D LOGFILE  -version  -help  --print-description (print the description and exit)
 
-        Refused by name: -netdev/-nic/-net (no networking yet), -gdb/-s (no gdb stub yet), -snapshot, -enable-kvm,
+        Refused by name: -net (use -netdev with -device, or -nic), -snapshot, -enable-kvm,
         and every other QEMU option. See docs/qemu-cli.md.
 
         """
@@ -212,6 +217,12 @@ private struct Parser {
     var fdsets: [Int64: [Int64]] = [:]
     var secrets: Set<String> = []
     var objects: [QEMUKeyValue] = []
+    /// -netdev, decoded by the schema's Netdev, in order.
+    var netdevs: [Netdev] = []
+    /// -gdb / -s: the description's tcp:HOST:PORT (nil: none).
+    var gdb: String?
+    /// -nic options so far (their backends' default ids count up).
+    var nicCount = 0
     var nographic = false
     var displayNone = false
     var vnc: String?
@@ -273,6 +284,38 @@ private struct Parser {
             }
             devices.append(try QEMUKeyValue(parsing: v, impliedKey: "driver", acceptsJSON: true))
         case "chardev": chardevs.append(try QEMUKeyValue(parsing: v, impliedKey: "backend"))
+        case "netdev":
+            let netdev = try netdevOption(v)
+            guard !netdevs.contains(where: { $0.id == netdev.id }) else {
+                throw QEMUCommandLineError("-netdev \(v): Duplicate ID '\(netdev.id)' for netdev")
+            }
+            netdevs.append(netdev)
+        case "nic":
+            // QEMU's shorthand for a -netdev plus its NIC: the backend's id is the given id or
+            // __org.qemu.nicN, the NIC is model= (machine-server needs it named) with mac=.
+            let kv = try QEMUKeyValue(parsing: v, impliedKey: "type", repeatable: ["hostfwd", "guestfwd"])
+            if kv["type"] == "none" {
+                guard kv.keys == ["type"] else { throw QEMUCommandLineError("-nic none: takes no parameters") }
+                break
+            }
+            guard let model = kv["model"] else {
+                throw QEMUCommandLineError("-nic \(v): needs model=virtio-net-pci or model=virtio-net-device")
+            }
+            let id = kv["id"] ?? "__org.qemu.nic\(nicCount)"
+            nicCount += 1
+            // QEMU's -nic without a type is user networking.
+            let backend = [("type", kv["type"] ?? "user"), ("id", id)]
+                + kv.pairs.filter { !["type", "model", "mac", "id"].contains($0.key) }.map { ($0.key, $0.value) }
+            let netdev = try netdevOption(v, keyValue: QEMUKeyValue(backend), option: "-nic")
+            guard !netdevs.contains(where: { $0.id == netdev.id }) else {
+                throw QEMUCommandLineError("-nic \(v): Duplicate ID '\(netdev.id)' for netdev")
+            }
+            netdevs.append(netdev)
+            var nic: [(String, String)] = [("driver", model), ("netdev", id)]
+            if let mac = kv["mac"] { nic.append(("mac", mac)) }
+            devices.append(QEMUKeyValue(nic))
+        case "gdb": gdb = try gdbAddress(v, what: "-gdb \(v)")
+        case "s": gdb = try gdbAddress("tcp::1234", what: "-s")
         case "serial": serials.append(v)
         case "mon": mons.append(try QEMUKeyValue(parsing: v, impliedKey: "chardev"))
         case "qmp": qmps.append(v)
@@ -363,10 +406,7 @@ private struct Parser {
                 throw QEMUCommandLineError("-sandbox \(v): there is no seccomp sandbox in machine-server (only -sandbox off)")
             }
         case "incoming":
-            guard v == "defer" || v.hasPrefix("file:") || v.hasPrefix("exec:") else {
-                throw QEMUCommandLineError("-incoming: '\(v)' is not file:PATH, exec:CMD or defer (no network migration)")
-            }
-            invocation.incoming = v.hasPrefix("file:") ? "file:" + absolute(String(v.dropFirst(5))) : v
+            invocation.incoming = try incomingURI(v)
         case "D": invocation.logFile = absolute(v)
         case "object":
             objects.append(try QEMUKeyValue(parsing: v, impliedKey: "qom-type", acceptsJSON: true))
@@ -402,7 +442,8 @@ private struct Parser {
             for (option, given) in [("-kernel", kernel != nil), ("-initrd", initrd != nil), ("-append", append != nil),
                                     ("-bios", bios != nil), ("-drive", !drives.isEmpty), ("-blockdev", !blockdevs.isEmpty),
                                     ("-device", !devices.isEmpty), ("-vnc", vnc != nil && vnc != "none"),
-                                    ("-object", !objects.isEmpty), ("-m", memory != nil), ("-smp", smp != nil)] where given {
+                                    ("-object", !objects.isEmpty), ("-m", memory != nil), ("-smp", smp != nil),
+                                    ("-netdev", !netdevs.isEmpty), ("-gdb", gdb != nil)] where given {
                 throw QEMUCommandLineError("\(option): -machine none has no CPUs, RAM or devices")
             }
             if let s = serials.first, s != "null", s != "none" {
@@ -648,6 +689,7 @@ private struct Parser {
         var driveTable: [String: JSONValue] = [:]
         var usedDrives: Set<String> = []
         var virtioDrives: [(String, JSONValue)] = []
+        var usedNetdevs: Set<String> = []
         for (n, drv) in drives.enumerated() {
             try drv.rejectUnknown(["file", "format", "if", "id", "index", "readonly", "media", "cache", "discard", "aio", "werror", "rerror"], in: "-drive")
             guard let file = drv["file"] else { throw QEMUCommandLineError("-drive: file= is required (empty drives are not supported)") }
@@ -693,7 +735,7 @@ private struct Parser {
         for dev in devices {
             guard var driver = dev["driver"] else { throw QEMUCommandLineError("-device: needs a driver") }
             // QEMU's aliases on a machine with PCI.
-            if ["virtio-blk", "virtio-gpu", "virtio-keyboard", "virtio-tablet", "virtio-rng"].contains(driver) { driver += "-pci" }
+            if ["virtio-blk", "virtio-gpu", "virtio-keyboard", "virtio-tablet", "virtio-rng", "virtio-net"].contains(driver) { driver += "-pci" }
             guard let kind = DeviceDriver(rawValue: driver) else {
                 throw QEMUCommandLineError("-device \(driver): not supported (supported: \(DeviceDriver.allCases.map(\.rawValue).joined(separator: ", ")))")
             }
@@ -701,7 +743,14 @@ private struct Parser {
             var o: JSONObject = ["driver": .string(driver)]
             let pci = driver.hasSuffix("-pci") || kind == .pcieRootPort
             var allowed: Set<String> = ["driver", "id"]
-            if pci { allowed.formUnion(["bus", "addr"]) }
+            if pci {
+                allowed.formUnion(["bus", "addr", "romfile"])
+                // QEMU's way to say "no option ROM" (needed where the ROM files are not
+                // installed); machine-server's PCI devices have none.
+                if let rom = dev["romfile"], !rom.isEmpty {
+                    throw QEMUCommandLineError("\(what): romfile=\(rom): option ROMs are not supported (only romfile= with no file)")
+                }
+            }
             switch kind {
             case .virtioBlkDevice, .virtioBlkPci:
                 allowed.insert("drive")
@@ -716,6 +765,19 @@ private struct Parser {
                 if let r = dev["rng"], !rngObjects.contains(r) {
                     throw QEMUCommandLineError("\(what): rng=\(r) names no -object rng-random or rng-builtin")
                 }
+            case .virtioNetDevice, .virtioNetPci:
+                allowed.formUnion(["netdev", "mac"])
+                if let ref = dev["netdev"] {
+                    guard netdevs.contains(where: { $0.id == ref }) else {
+                        throw QEMUCommandLineError("\(what): netdev=\(ref) names no -netdev")
+                    }
+                    guard !usedNetdevs.contains(ref) else {
+                        throw QEMUCommandLineError("\(what): netdev \(ref) is already in use by another device")
+                    }
+                    usedNetdevs.insert(ref)
+                    o["netdev"] = .string(ref)
+                }
+                if let mac = dev["mac"] { o["mac"] = .string(mac) }
             case .pcieRootPort:
                 allowed.formUnion(["chassis", "slot", "port", "multifunction"])
                 if let c = try dev.integer("chassis", in: what) { o["chassis"] = .int(c) }
@@ -754,6 +816,11 @@ private struct Parser {
             }
         }
         if !devs.isEmpty { d["devices"] = .array(devs) }
+        if !netdevs.isEmpty { d["netdevs"] = .array(netdevs.map(\.json)) }
+        for n in netdevs where !usedNetdevs.contains(n.id) {
+            invocation.warnings.append("warning: netdev \(n.id) has no peer")
+        }
+        if let gdb { d["gdb"] = .string(gdb) }
 
         do {
             invocation.description = try MachineDescription(json: .object(d), at: .root)
@@ -762,6 +829,122 @@ private struct Parser {
         }
         invocation.action = action
         return invocation
+    }
+
+    /// A `-netdev` option as the schema's `Netdev`: the JSON form is QEMU's Netdev object as
+    /// it stands; the key=value form is converted member by member (on/off to booleans,
+    /// numbers to integers, each `hostfwd=`/`guestfwd=` to a list item) and decoded by the same
+    /// generated decoder, so the schema stays the one grammar.
+    /// `-nic` passes its backend's members already split (`keyValue`) and its own name.
+    func netdevOption(_ text: String, keyValue: QEMUKeyValue? = nil, option: String = "-netdev") throws(QEMUCommandLineError) -> Netdev {
+        var what = "\(option) \(text)"
+        let json: JSONValue
+        if keyValue == nil, text.first == "{" {
+            do { json = try JSONValue.parse(text) } catch {
+                throw QEMUCommandLineError("\(what): not valid JSON: \(error)")
+            }
+        } else {
+            let kv: QEMUKeyValue
+            if let keyValue { kv = keyValue } else {
+                kv = try QEMUKeyValue(parsing: text, impliedKey: "type", repeatable: ["hostfwd", "guestfwd"])
+            }
+            let type = kv["type"] ?? ""
+            if let id = kv["id"] { what = "\(option) \(type),id=\(id)" }
+            var o: JSONObject = ["type": .string(type)]
+            if let id = kv["id"] { o["id"] = .string(id) }
+            switch type {
+            case "user":
+                let strings = ["net", "host", "dns", "dhcpstart", "hostname", "domainname"]
+                try kv.rejectUnknown(Set(["type", "id", "restrict", "hostfwd", "guestfwd"] + strings), in: what)
+                for k in strings { if let v = kv[k] { o[k] = .string(v) } }
+                if let r = try kv.bool("restrict", in: what) { o["restrict"] = .bool(r) }
+                for k in ["hostfwd", "guestfwd"] where !kv.values(k).isEmpty {
+                    o[k] = .array(kv.values(k).map { .object(["str": .string($0)]) })
+                }
+            case "stream":
+                try kv.rejectUnknown(["type", "id", "server", "reconnect", "addr."], in: what)
+                if let server = try kv.bool("server", in: what) { o["server"] = .bool(server) }
+                if let r = try kv.integer("reconnect", in: what) { o["reconnect"] = .int(r) }
+                let addr = kv.nested("addr")
+                var a = JSONObject()
+                switch addr["type"] {
+                case "inet"?:
+                    try addr.rejectUnknown(["type", "host", "port"], in: "\(what) addr")
+                    a = ["type": "inet"]
+                    if let h = addr["host"] { a["host"] = .string(h) }
+                    if let p = addr["port"] {
+                        guard let n = UInt16(p), n > 0 else { throw QEMUCommandLineError("\(what): addr.port=\(p) is not a port number (1-65535)") }
+                        a["port"] = .string(String(n))
+                    }
+                case "unix"?:
+                    try addr.rejectUnknown(["type", "path"], in: "\(what) addr")
+                    a = ["type": "unix"]
+                    if let p = addr["path"] { a["path"] = .string(absolute(p)) }
+                case let t?:
+                    throw QEMUCommandLineError("\(what): addr.type=\(t) is not supported (inet, unix)")
+                case nil:
+                    throw QEMUCommandLineError("\(what): needs addr.type=inet,addr.host=H,addr.port=P or addr.type=unix,addr.path=P")
+                }
+                o["addr"] = .object(a)
+            case "":
+                throw QEMUCommandLineError("\(what): needs a type (user or stream)")
+            default:
+                throw QEMUCommandLineError("\(option) \(type): not supported (supported: user, stream)")
+            }
+            json = .object(o)
+        }
+        let netdev: Netdev
+        do { netdev = try Netdev(json: json, at: .root) } catch {
+            throw QEMUCommandLineError("\(what): \(error)")
+        }
+        guard !netdev.id.isEmpty else { throw QEMUCommandLineError("\(what): id= must not be empty") }
+        if case .stream(var s) = netdev.variant, case .unix(let u) = s.addr.variant, !u.path.hasPrefix("/") {
+            // The JSON form's relative socket path, made absolute as the key=value form's is.
+            s.addr = SocketAddress(variant: .unix(UnixSocketAddress(path: absolute(u.path))))
+            return Netdev(id: netdev.id, variant: .stream(s))
+        }
+        return netdev
+    }
+
+    /// `-gdb DEV`: QEMU's `tcp:[HOST]:PORT` (an empty HOST listens on all interfaces, as QEMU's
+    /// socket chardev does) becomes the description's `tcp:HOST:PORT`; `none` turns it off.
+    func gdbAddress(_ spec: String, what: String) throws(QEMUCommandLineError) -> String? {
+        if spec == "none" { return nil }
+        guard spec.hasPrefix("tcp:"), !spec.contains(",") else {
+            throw QEMUCommandLineError("\(what): only tcp:[HOST]:PORT (or none) is supported")
+        }
+        let (host, port) = try hostPort(String(spec.dropFirst(4)), what: what)
+        return "tcp:\(host):\(port)"
+    }
+
+    /// `-incoming`: tcp:[HOST]:PORT and unix:PATH listen for a live migration, file:PATH and
+    /// exec:CMD load a saved state, defer waits for migrate-incoming.
+    func incomingURI(_ v: String) throws(QEMUCommandLineError) -> String {
+        let what = "-incoming \(v)"
+        if v == "defer" || v.hasPrefix("exec:") { return v }
+        if v.hasPrefix("file:") { return "file:" + absolute(String(v.dropFirst(5))) }
+        if v.hasPrefix("unix:") {
+            let path = String(v.dropFirst(5))
+            guard !path.isEmpty, !path.contains(",") else { throw QEMUCommandLineError("\(what): expected unix:PATH") }
+            return "unix:" + absolute(path)
+        }
+        if v.hasPrefix("tcp:") {
+            guard !v.contains(",") else { throw QEMUCommandLineError("\(what): options after tcp:HOST:PORT are not supported") }
+            let (host, port) = try hostPort(String(v.dropFirst(4)), what: what)
+            let bracketed = host.contains(":") ? "[\(host)]" : host
+            return "tcp:\(bracketed):\(port)"
+        }
+        throw QEMUCommandLineError("\(what): not tcp:[HOST]:PORT, unix:PATH, file:PATH, exec:CMD or defer")
+    }
+
+    /// `[HOST]:PORT` with QEMU's meaning of an empty HOST: every interface (0.0.0.0).
+    func hostPort(_ text: String, what: String) throws(QEMUCommandLineError) -> (host: String, port: UInt16) {
+        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]), port > 0 else {
+            throw QEMUCommandLineError("\(what): expected [HOST]:PORT with a port number 1-65535")
+        }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        return (host.isEmpty ? "0.0.0.0" : host, port)
     }
 
     /// The description's serial member (or a QMP listener's socket) for a `-chardev` option.

@@ -15,10 +15,14 @@ public struct QEMUKeyValue: Equatable, Sendable {
         a.pairs.elementsEqual(b.pairs) { $0.key == $1.key && $0.value == $1.value }
     }
 
-    /// Parses `text`; `impliedKey` names the first element when it has no `=`.
+    /// Parses `text`; `impliedKey` names the first element when it has no `=`. Keys in
+    /// `repeatable` may be given more than once (QEMU's list-valued parameters, such as
+    /// `-netdev user`'s `hostfwd`); every other key only once.
     /// Throws a message naming the problem (a repeated key, an empty key, bad JSON).
-    public init(parsing text: String, impliedKey: String? = nil, acceptsJSON: Bool = false) throws(QEMUCommandLineError) {
+    public init(parsing text: String, impliedKey: String? = nil, acceptsJSON: Bool = false,
+                repeatable: Set<String> = []) throws(QEMUCommandLineError) {
         pairs = []
+        self.repeatable = repeatable
         if acceptsJSON, text.first == "{" {
             let value: JSONValue
             do { value = try JSONValue.parse(text) } catch {
@@ -72,8 +76,11 @@ public struct QEMUKeyValue: Equatable, Sendable {
     /// Creates a list from pairs already split (tests, and generated options).
     public init(_ pairs: [(String, String)]) { self.pairs = pairs.map { (key: $0.0, value: $0.1) } }
 
+    /// The keys that may repeat (set while parsing).
+    private var repeatable: Set<String> = []
+
     private mutating func add(_ key: String, _ value: String) throws(QEMUCommandLineError) {
-        guard !pairs.contains(where: { $0.key == key }) else {
+        guard repeatable.contains(key) || !pairs.contains(where: { $0.key == key }) else {
             throw QEMUCommandLineError("parameter '\(key)' is given more than once")
         }
         pairs.append((key, value))
@@ -99,6 +106,9 @@ public struct QEMUKeyValue: Equatable, Sendable {
 
     /// The value of `key`, if given.
     public subscript(key: String) -> String? { pairs.first(where: { $0.key == key })?.value }
+
+    /// Every value of `key`, in order (a repeatable key may have several).
+    public func values(_ key: String) -> [String] { pairs.filter { $0.key == key }.map(\.value) }
 
     /// The keys in order.
     public var keys: [String] { pairs.map(\.key) }

@@ -114,10 +114,8 @@ import Testing
     }
 
     @Test func unsupportedThingsAreRefusedByName() {
-        #expect(refusal(["-M", "virt", "-netdev", "user,id=n"])?.contains("networking") == true)
-        #expect(refusal(["-M", "virt", "-nic", "user"])?.contains("networking") == true)
-        #expect(refusal(["-M", "virt", "-gdb", "tcp::1234"])?.contains("gdb stub") == true)
-        #expect(refusal(["-M", "virt", "-s"])?.contains("gdb stub") == true)
+        #expect(refusal(["-M", "virt", "-nic", "user"])?.contains("needs model=virtio-net-pci") == true)
+        #expect(refusal(["-M", "virt", "-net", "nic"])?.hasPrefix("-net: not supported") == true)
         #expect(refusal(["-M", "virt", "-frobnicate"]) == "-frobnicate: invalid option")
         #expect(refusal(["-M", "virt", "-usbdevice", "tablet"]) == "-usbdevice: not supported by machine-server")
         #expect(refusal(["-M", "virt", "-device", "e1000,id=n"])?.hasPrefix("-device e1000: not supported") == true)
@@ -135,6 +133,89 @@ import Testing
         #expect(refusal(["disk.img"])?.contains("-hda") == true)
         #expect(refusal(["-m", "256"])?.contains("No machine specified") == true)
         #expect(refusal(["-machine", "none", "-kernel", "k"])?.contains("-machine none") == true)
+    }
+
+    @Test func netdevUserAndItsNICBecomeTheDescription() throws {
+        let inv = try parse(["-M", "virt", "-netdev", "user,id=n0,net=10.1.0.0/24,dhcpstart=10.1.0.20,restrict=off,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp::5353-:53,guestfwd=tcp:10.1.0.9:4321-cmd:cat",
+                             "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:aa:bb:cc,id=nic0,bus=pcie.0,addr=0x3"])
+        let d = inv.description
+        #expect(d.netdevs?.map(\.json) == [["id": "n0", "type": "user", "net": "10.1.0.0/24", "dhcpstart": "10.1.0.20", "restrict": false,
+            "hostfwd": [["str": "tcp:127.0.0.1:8080-:80"], ["str": "udp::5353-:53"]], "guestfwd": [["str": "tcp:10.1.0.9:4321-cmd:cat"]]]])
+        #expect(d.devices?.map(\.json) == [["driver": "virtio-net-pci", "id": "nic0", "netdev": "n0", "mac": "52:54:00:aa:bb:cc",
+                                             "bus": "pcie.0", "addr": "0x3"]])
+        #expect(inv.warnings.isEmpty)
+        // The mmio NIC, QEMU's alias virtio-net (= virtio-net-pci), and the JSON forms libvirt writes.
+        let mmio = try parse(["-M", "virt", "-netdev", "user,id=u", "-device", "virtio-net-device,netdev=u"]).description
+        #expect(mmio.devices?.map(\.json) == [["driver": "virtio-net-device", "netdev": "u"]])
+        #expect(try parse(["-M", "virt", "-netdev", "user,id=u", "-device", "virtio-net,netdev=u"]).description.devices?.first?.driver == .virtioNetPci)
+        let json = try parse(["-M", "virt", "-netdev", #"{"type":"user","id":"hostnet0","hostfwd":[{"str":"tcp::2222-:22"}]}"#,
+                              "-device", #"{"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","mac":"52:54:00:01:02:03"}"#]).description
+        #expect(json.netdevs?.first?.json == ["id": "hostnet0", "type": "user", "hostfwd": [["str": "tcp::2222-:22"]]])
+        // An unused netdev is kept, with QEMU's warning.
+        #expect(try parse(["-M", "virt", "-netdev", "user,id=lonely"]).warnings == ["warning: netdev lonely has no peer"])
+    }
+
+    @Test func nicIsANetdevPlusItsNIC() throws {
+        let d = try parse(["-M", "virt", "-nic", "user,model=virtio-net-pci,mac=52:54:00:00:00:09,hostfwd=tcp::2222-:22,hostfwd=tcp::8080-:80",
+                           "-nic", "model=virtio-net-device", "-nic", "none"]).description
+        #expect(d.netdevs?.map(\.json) == [["id": "__org.qemu.nic0", "type": "user", "hostfwd": [["str": "tcp::2222-:22"], ["str": "tcp::8080-:80"]]],
+                                             ["id": "__org.qemu.nic1", "type": "user"]])
+        #expect(d.devices?.map(\.json) == [["driver": "virtio-net-pci", "netdev": "__org.qemu.nic0", "mac": "52:54:00:00:00:09"],
+                                            ["driver": "virtio-net-device", "netdev": "__org.qemu.nic1"]])
+        let named = try parse(["-M", "virt", "-nic", "stream,id=l0,model=virtio-net-device,addr.type=unix,addr.path=/s"]).description
+        #expect(named.netdevs?.first?.id == "l0" && named.devices?.first?.json == ["driver": "virtio-net-device", "netdev": "l0"])
+        #expect(refusal(["-M", "virt", "-nic", "tap,model=virtio-net-pci"]) == "-nic tap: not supported (supported: user, stream)")
+        #expect(refusal(["-M", "virt", "-nic", "user,model=e1000"])?.hasPrefix("-device e1000: not supported") == true)
+        #expect(refusal(["-M", "virt", "-nic", "user,model=virtio-net-pci,smb=/x"])?.contains("-nic user,id=__org.qemu.nic0: parameter 'smb'") == true)
+    }
+
+    @Test func netdevStreamConvertsTypes() throws {
+        let server = try parse(["-M", "virt", "-netdev", "stream,id=s0,server=on,addr.type=inet,addr.host=127.0.0.1,addr.port=5555",
+                                "-device", "virtio-net-device,netdev=s0"]).description
+        #expect(server.netdevs?.first?.json == ["id": "s0", "type": "stream", "addr": ["type": "inet", "host": "127.0.0.1", "port": "5555"], "server": true])
+        let client = try parse(["-M", "virt", "-netdev", "stream,id=s1,server=off,addr.type=unix,addr.path=net.sock,reconnect=2"]).description
+        #expect(client.netdevs?.first?.json == ["id": "s1", "type": "stream", "addr": ["type": "unix", "path": "/work/net.sock"], "server": false, "reconnect": 2])
+    }
+
+    @Test func badNetdevsAreRefusedNamingTheOption() throws {
+        #expect(refusal(["-M", "virt", "-netdev", "tap,id=t0"]) == "-netdev tap: not supported (supported: user, stream)")
+        #expect(refusal(["-M", "virt", "-netdev", "user"])?.hasPrefix("-netdev user:") == true)  // no id
+        #expect(refusal(["-M", "virt", "-netdev", "user,id=n,restrict=maybe"])?.contains("'restrict' expects 'on' or 'off'") == true)
+        #expect(refusal(["-M", "virt", "-netdev", "user,id=n,net=10.0.0.0/8,net=10.1.0.0/16"])?.contains("'net' is given more than once") == true)
+        #expect(refusal(["-M", "virt", "-netdev", "user,id=n,smb=/srv"])?.contains("'smb' is not supported") == true)
+        #expect(refusal(["-M", "virt", "-netdev", "user,id=n", "-netdev", "user,id=n"])?.contains("Duplicate ID 'n'") == true)
+        #expect(refusal(["-M", "virt", "-netdev", "stream,id=s,addr.type=inet,addr.host=h,addr.port=99999"])?.contains("addr.port=99999") == true)
+        #expect(refusal(["-M", "virt", "-netdev", "stream,id=s,addr.type=inet,addr.port=1"])?.hasPrefix("-netdev stream,id=s:") == true)  // no host
+        #expect(refusal(["-M", "virt", "-netdev", "stream,id=s,addr.type=fd,addr.str=3"])?.contains("addr.type=fd") == true)
+        #expect(refusal(["-M", "virt", "-netdev", "stream,id=s,server=on,addr.type=unix,addr.path=/p,reconnect=4000"])?.contains("reconnect") == true)
+        #expect(refusal(["-M", "virt", "-netdev", "stream,id=s,hostfwd=x,addr.type=unix,addr.path=/p"])?.contains("'hostfwd' is not supported") == true)
+        #expect(refusal(["-M", "virt", "-netdev", "{\"type\":\"user\""])?.contains("not valid JSON") == true)
+        #expect(refusal(["-M", "virt", "-device", "virtio-net-pci,netdev=nowhere"]) == "-device virtio-net-pci: netdev=nowhere names no -netdev")
+        #expect(refusal(["-M", "virt", "-netdev", "user,id=n", "-device", "virtio-net-pci,netdev=n", "-device", "virtio-net-device,netdev=n"])?
+            .contains("already in use") == true)
+        #expect(refusal(["-M", "virt", "-netdev", "user,id=n", "-device", "virtio-net-pci,netdev=n,mq=on"])?.contains("'mq'") == true)
+        #expect(try parse(["-M", "virt", "-netdev", "user,id=n", "-device", "virtio-net-pci,netdev=n,romfile="]).description.devices?.count == 1)
+        #expect(refusal(["-M", "virt", "-netdev", "user,id=n", "-device", "virtio-net-pci,netdev=n,romfile=efi-virtio.rom"])?.contains("option ROMs") == true)
+        #expect(refusal(["-M", "none", "-netdev", "user,id=n"])?.contains("-machine none") == true)
+    }
+
+    @Test func gdbAndIncomingAddresses() throws {
+        // QEMU's -s is -gdb tcp::1234, which listens on every interface.
+        #expect(try parse(["-M", "virt", "-s"]).description.gdb == "tcp:0.0.0.0:1234")
+        #expect(try parse(["-M", "virt", "-gdb", "tcp::4321"]).description.gdb == "tcp:0.0.0.0:4321")
+        #expect(try parse(["-M", "virt", "-gdb", "tcp:127.0.0.1:1234"]).description.gdb == "tcp:127.0.0.1:1234")
+        #expect(try parse(["-M", "virt", "-s", "-gdb", "none"]).description.gdb == nil)
+        #expect(refusal(["-M", "virt", "-gdb", "unix:/tmp/g"])?.contains("only tcp:[HOST]:PORT") == true)
+        #expect(refusal(["-M", "virt", "-gdb", "tcp::70000"])?.hasPrefix("-gdb tcp::70000: expected [HOST]:PORT") == true)
+
+        #expect(try parse(["-M", "virt", "-incoming", "tcp:127.0.0.1:4444"]).incoming == "tcp:127.0.0.1:4444")
+        #expect(try parse(["-M", "virt", "-incoming", "tcp::4444"]).incoming == "tcp:0.0.0.0:4444")
+        #expect(try parse(["-M", "virt", "-incoming", "tcp:[::1]:4444"]).incoming == "tcp:[::1]:4444")
+        #expect(try parse(["-M", "virt", "-incoming", "unix:mig.sock"]).incoming == "unix:/work/mig.sock")
+        #expect(try parse(["-M", "virt", "-incoming", "defer"]).incoming == "defer")
+        #expect(try parse(["-M", "virt", "-incoming", "file:s.state"]).incoming == "file:/work/s.state")
+        #expect(refusal(["-M", "virt", "-incoming", "rdma:1.2.3.4:5"])?.contains("not tcp:[HOST]:PORT") == true)
+        #expect(refusal(["-M", "virt", "-incoming", "tcp:host"])?.contains("[HOST]:PORT") == true)
     }
 
     @Test func libvirtsProbeCommandLineIsTheEmptyMachine() throws {
@@ -185,6 +266,10 @@ import Testing
         #expect(kv["a"] == "1,2" && kv["b"] == "on")
         #expect(throws: QEMUCommandLineError.self) { try QEMUKeyValue(parsing: "a=1,a=2") }
         #expect(throws: QEMUCommandLineError.self) { try QEMUKeyValue(parsing: "=x") }
+        // Only the keys QEMU treats as lists may repeat.
+        let fwd = try QEMUKeyValue(parsing: "user,id=n,hostfwd=a,hostfwd=b", impliedKey: "type", repeatable: ["hostfwd"])
+        #expect(fwd.values("hostfwd") == ["a", "b"] && fwd["hostfwd"] == "a")
+        #expect(throws: QEMUCommandLineError.self) { try QEMUKeyValue(parsing: "id=a,id=b", repeatable: ["hostfwd"]) }
         let json = try QEMUKeyValue(parsing: #"{"driver":"qcow2","file":{"driver":"file","filename":"/x"},"read-only":true,"n":3}"#, acceptsJSON: true)
         #expect(json.keys == ["driver", "file.driver", "file.filename", "read-only", "n"])
         #expect(json["read-only"] == "on" && json["n"] == "3")
@@ -207,7 +292,9 @@ import Testing
         try #require(seeds.count >= 4, "the qemu-argv seed corpus is missing")
         let tokens = ["\0", "-", "--", ",", ",,", "=", "{", "}", ":", "-M", "virt", "-m", "-device", "-drive", "-blockdev",
                       "-chardev", "-serial", "-qmp", "-mon", "-smp", "server=on", "wait=off", "id=", "drive=", "chardev:",
-                      "unix:", "tcp:", "file:", "18446744073709551616", "0x", "-1", "none", "{\"driver\":"]
+                      "unix:", "tcp:", "file:", "18446744073709551616", "0x", "-1", "none", "{\"driver\":",
+                      "-netdev", "user,id=", "stream,id=", "hostfwd=", "guestfwd=", "addr.type=", "addr.port=", "netdev=",
+                      "-gdb", "-s", "-incoming", "{\"type\":", "-nic", "model=virtio-net-pci"]
         var unnamed: [String] = []
         let report = Fuzz.run(target: "qemu-argv", seeds: seeds, seconds: Fuzz.budget(ci: 2),
                               dictionary: tokens.map { Array($0.utf8) }) { input in

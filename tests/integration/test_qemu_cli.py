@@ -11,6 +11,7 @@ Needs qemu-system-riscv64 (the reference) and python's qemu.qmp.
 """
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -215,8 +216,102 @@ def test_print_description_shows_what_the_command_line_became(tmp_path):
     assert r2.returncode == 0 and json.loads(r2.stdout) == d, r2.stderr
 
 
-def test_netdev_and_gdb_are_refused_by_name():
-    for argv, words in [(["-netdev", "user,id=n0"], "networking"), (["-gdb", "tcp::1234"], "gdb stub"),
-                        (["-s"], "gdb stub"), (["-machine", "none", "-kernel", "/x"], "-machine none")]:
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fetch(port, pid, timeout):
+    """GETs http://127.0.0.1:PORT/ until it answers (the guest's httpd may still be starting)."""
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+                return r.read().decode()
+        except OSError as e:
+            assert pid_alive(pid), "the machine ended"
+            assert time.monotonic() < deadline, f"no answer on port {port}: {e}"
+            time.sleep(0.5)
+
+
+# The guest takes a DHCP lease from user-mode networking, serves a page with busybox httpd on
+# port 80 and waits to be stopped.
+GUEST_HTTPD = ("udhcpc,-i,eth0,-n,-q,-t,10;mkdir,-p,/tmp/www;echo,cli-page-ok>/tmp/www/index.html;"
+               "httpd,-p,80,-h,/tmp/www;echo,httpd,up;sleep,3600")
+
+
+@pytest.mark.parametrize("which", BINARIES)
+def test_netdev_user_hostfwd_reaches_the_guests_httpd(tmp_path, which):
+    fwd = free_port()
+    pid = daemonize(tmp_path, which, guest_argv(tmp_path, GUEST_HTTPD,
+                                                "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{fwd}-:80",
+                                                "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:60,romfile="))
+    try:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while "httpd up" not in serial(tmp_path):
+            assert pid_alive(pid), f"{which} ended: {serial(tmp_path)[-3000:]}"
+            assert time.monotonic() < deadline, f"{which}: no httpd: {serial(tmp_path)[-3000:]}"
+            time.sleep(0.5)
+        assert fetch(fwd, pid, 60).strip() == "cli-page-ok"
+
+        async def quit(client):
+            await client.execute("quit")
+        asyncio.run(qmp_session(tmp_path, quit))
+        wait_gone(pid, 30, f"{which}: quit ends the process")
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, 9)  # our own daemon, by its pid
+
+
+def test_print_description_shows_netdevs_nics_and_gdb(tmp_path):
+    """-incoming tcp: is accepted too (it is not part of the description)."""
+    import json
+    argv = ["-M", "virt", "-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp::5353-:53",
+            "-device", "virtio-net-device,netdev=n0,id=nic0", "-s", "-incoming", "tcp:127.0.0.1:4444",
+            "--print-description"]
+    r = subprocess.run([SERVER, *argv], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["netdevs"] == [{"type": "user", "id": "n0",
+                             "hostfwd": [{"str": "tcp:127.0.0.1:2222-:22"}, {"str": "udp::5353-:53"}]}]
+    assert d["devices"] == [{"driver": "virtio-net-device", "id": "nic0", "netdev": "n0"}]
+    assert d["gdb"] == "tcp:0.0.0.0:1234"
+
+
+def test_bad_network_options_are_refused_by_name():
+    for argv, words in [(["-nic", "user"], "needs model="), (["-net", "nic"], "-net: not supported"),
+                        (["-netdev", "tap,id=t0"], "-netdev tap"),
+                        (["-device", "virtio-net-pci,netdev=nowhere"], "netdev=nowhere"),
+                        (["-machine", "none", "-kernel", "/x"], "-machine none")]:
         r = subprocess.run([SERVER, "-M", "virt", *argv], capture_output=True, text=True, timeout=30)
         assert r.returncode == 1 and words in r.stderr, (argv, r.stderr)
+
+
+@pytest.mark.parametrize("which", BINARIES)
+def test_gdb_tcp_with_an_empty_host_answers_the_remote_protocol(tmp_path, which):
+    """-gdb tcp::PORT (what -s is, on port 1234) listens on every interface; a stop-reason query
+    answers with a stop packet on both binaries."""
+    import socket
+    port = free_port()
+    pid = daemonize(tmp_path, which, guest_argv(tmp_path, "true", "-S", "-gdb", f"tcp::{port}"))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"$?#3f")
+            reply = b""
+            while not re.search(rb"\$[^#]*#[0-9a-fA-F]{2}", reply):
+                chunk = s.recv(4096)
+                assert chunk, f"{which}: the stub closed the connection ({reply!r})"
+                reply += chunk
+            assert re.match(rb"\+?\$[ST][0-9a-fA-F]{2}", reply), (which, reply)
+            s.sendall(b"+")
+
+        async def quit(client):
+            await client.execute("quit")
+        asyncio.run(qmp_session(tmp_path, quit))
+        wait_gone(pid, 30, f"{which}: quit ends the process")
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, 9)  # our own daemon, by its pid
