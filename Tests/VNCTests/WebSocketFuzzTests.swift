@@ -112,7 +112,7 @@ extension VNCServerTests {
 private func dataBytes() throws -> Int {
     let status = try String(contentsOfFile: "/proc/self/status", encoding: .utf8)
     guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmData:") }),
-          let kB = Int(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") else {
+          let kB = Int(line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().first ?? "") else {
         throw RFBTestError.protocolError("no VmData in /proc/self/status")
     }
     return kB * 1024
