@@ -153,9 +153,10 @@ extension QMPCommandExecutor {
             return out
         },
         HMPInfo(name: "snapshots", help: "show the currently saved VM snapshots") { e, w, _ in try e.hmpSnapshot(w) },
-        HMPInfo(name: "network", help: "show the network state") { e, w, _ in e.networkHMP(w) ?? "" },
-        HMPInfo(name: "usernet", help: "show user network stack connection states") { e, w, _ in e.networkHMP(w) ?? "" },
-        HMPInfo(name: "pci", help: "show PCI info") { e, w, _ in try e.hotPlugHMP(w) ?? "" },
+        // These items' handlers take the whole command line ("info network").
+        HMPInfo(name: "network", help: "show the network state") { e, w, _ in e.networkHMP(["info"] + w) ?? "" },
+        HMPInfo(name: "usernet", help: "show user network stack connection states") { e, w, _ in e.networkHMP(["info"] + w) ?? "" },
+        HMPInfo(name: "pci", help: "show PCI info") { e, w, _ in try e.hotPlugHMP(["info"] + w) ?? "" },
     ]
 
     /// Runs one HMP command line; unknown commands and bad arguments give QEMU's messages as output.

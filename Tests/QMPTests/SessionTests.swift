@@ -185,6 +185,9 @@ func errorOf(_ reply: JSONValue) -> (String, String)? {
             h.one(#"{"execute":"human-monitor-command","arguments":{"command-line":"\#(line)"}}"#)["return"]
         }
         #expect(hmp("info status") == "VM status: running\r\n")
+        // Items whose handlers read the whole line get it ("info network", not "network").
+        #expect(hmp("info network") == "The machine has no network support\r\n")
+        #expect(hmp("info usernet") == "The machine has no network support\r\n")
         #expect(hmp("stop") == "")
         #expect(hmp("info status") == "VM status: paused\r\n")
         #expect(hmp("cont") == "")
