@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("qemu.qmp")
-from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+from machine_process import MachineProcess, servers  # noqa: E402,F401
 
 SERVER = os.environ.get("MACHINE_SERVER")
 REPO = Path(__file__).resolve().parents[2]
@@ -47,61 +49,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """One machine-server with its serial console in a file and a QMP unix socket."""
+class Server(MachineProcess):
+    """One machine-server with its serial console in a file and a QMP unix socket, connected."""
 
     def __init__(self, tmp: Path, name: str, append: str, extra=(), memory="256M", devices=(), cpus=1):
-        self.tmp = tmp
-        self.serial = tmp / f"{name}.serial.log"
-        self.sock = tmp / f"{name}.qmp"
         desc = {
             "version": 2, "machine": "virt", "cpus": cpus, "memory": memory,
             "kernel": str(KERNEL), "initrd": str(INITRD), "append": append,
-            "serial": {"backend": "file", "path": str(self.serial)},
-            "qmp": [{"backend": "unix", "path": str(self.sock)}],
             "devices": list(devices),
         }
-        self.desc_path = tmp / f"{name}.json"
-        self.desc_path.write_text(json.dumps(desc))
-        self.log = tmp / f"{name}.log"
-        self.proc = subprocess.Popen([SERVER, "--config", str(self.desc_path), *extra], stdin=subprocess.DEVNULL,
-                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
-        self.qmp = None
+        super().__init__(tmp, name, desc, extra)
         self.connect()
-
-    def connect(self, timeout=30):
-        deadline = time.monotonic() + timeout
-        while not self.sock.exists():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"machine-server exited with {self.proc.returncode}: {self.log.read_text()}")
-            assert time.monotonic() < deadline, "QMP socket did not appear"
-            time.sleep(0.05)
-        self.qmp = QEMUMonitorProtocol(str(self.sock))
-        self.qmp.connect()
-
-    def cmd(self, name, **args):
-        r = self.qmp.cmd_raw(name, args or None)
-        assert "return" in r, f"{name}: {r}"
-        return r["return"]
-
-    def text(self) -> str:
-        try:
-            return self.serial.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def expect(self, pattern, timeout, start=0):
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.text(), start)
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited ({self.proc.returncode}) before {pattern!r}:\n"
-                                     f"{self.text()[-2000:]}\n{self.log.read_text()[-2000:]}")
-            assert time.monotonic() < deadline, f"{pattern!r} did not appear in {timeout} s:\n{self.text()[-2000:]}"
-            time.sleep(0.05)
 
     def wait_migration(self, states, timeout=120):
         deadline = time.monotonic() + timeout
@@ -120,28 +78,6 @@ class Server:
                 return
             assert time.monotonic() < deadline, f"run state {status}, not {wanted}, after {timeout} s"
             time.sleep(0.02)
-
-    def close(self):
-        if self.qmp:
-            try:
-                self.qmp.close()
-            except Exception:
-                pass
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@pytest.fixture
-def servers():
-    started = []
-    yield started
-    for s in started:
-        s.close()
 
 
 def counts(text):

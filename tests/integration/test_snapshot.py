@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("qemu.qmp")
-from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+from machine_process import MachineProcess, servers  # noqa: E402,F401
 
 SERVER = os.environ.get("MACHINE_SERVER")
 REPO = Path(__file__).resolve().parents[2]
@@ -40,63 +41,18 @@ pytestmark = [
 ]
 
 
-class Server:
+class Server(MachineProcess):
     """One machine-server with its serial console in a file and a QMP unix socket."""
 
     def __init__(self, tmp: Path, name: str, append: str, extra=(), memory="256M", devices=(), display=None):
-        self.tmp = tmp
-        self.serial = tmp / f"{name}.serial.log"
-        self.sock = tmp / f"{name}.qmp"
         desc = {
             "version": 2, "machine": "virt", "cpus": 1, "memory": memory,
             "kernel": str(KERNEL), "initrd": str(INITRD), "append": append,
-            "serial": {"backend": "file", "path": str(self.serial)},
-            "qmp": [{"backend": "unix", "path": str(self.sock)}],
             "devices": list(devices),
         }
         if display:
             desc["display"] = display
-        self.desc_path = tmp / f"{name}.json"
-        self.desc_path.write_text(json.dumps(desc))
-        self.log = tmp / f"{name}.log"
-        self.proc = subprocess.Popen([SERVER, "--config", str(self.desc_path), *extra], stdin=subprocess.DEVNULL,
-                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
-        self.qmp = None
-
-    def connect(self, timeout=30):
-        deadline = time.monotonic() + timeout
-        while not self.sock.exists():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"machine-server exited with {self.proc.returncode}: {self.log.read_text()}")
-            assert time.monotonic() < deadline, "QMP socket did not appear"
-            time.sleep(0.05)
-        self.qmp = QEMUMonitorProtocol(str(self.sock))
-        self.qmp.connect()
-        return self
-
-    def cmd(self, name, **args):
-        r = self.qmp.cmd_raw(name, args or None)
-        assert "return" in r, f"{name}: {r}"
-        return r["return"]
-
-    def text(self) -> str:
-        try:
-            return self.serial.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def expect(self, pattern, timeout, start=0):
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.text(), start)
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited ({self.proc.returncode}) before {pattern!r}:\n"
-                                     f"{self.text()[-2000:]}\n{self.log.read_text()[-2000:]}")
-            assert time.monotonic() < deadline, f"{pattern!r} did not appear in {timeout} s:\n{self.text()[-2000:]}"
-            time.sleep(0.05)
+        super().__init__(tmp, name, desc, extra)
 
     def migrate(self, uri, timeout=60):
         self.cmd("migrate", uri=uri)
@@ -118,28 +74,6 @@ class Server:
                 return status
             assert time.monotonic() < deadline, f"still {status} after {timeout} s"
             time.sleep(0.02)
-
-    def close(self):
-        if self.qmp:
-            try:
-                self.qmp.close()
-            except Exception:
-                pass
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@pytest.fixture
-def servers():
-    started = []
-    yield started
-    for s in started:
-        s.close()
 
 
 def counts(text):
