@@ -43,6 +43,7 @@ import Translator
             }
         }
         print(report)
+        #expect(report.problems.isEmpty, "\(report.problems)")
     }
 
     /// A machine of one hart looping at 0x8000_0000 (`j .`), with a GDB server on a free port.
@@ -117,6 +118,7 @@ import Translator
             _ = try Self.exchange(server.port, bytes, quiet: 0.02)
         }
         print(report)
+        #expect(report.problems.isEmpty, "\(report.problems)")
         // Still serving: a new debugger attaches and gets a stop reply.
         let after = String(decoding: try Self.exchange(server.port, GDBPacketParser.frame(Array("?".utf8)), quiet: 1), as: UTF8.self)
         #expect(after.contains("$T05"), "\(after)")

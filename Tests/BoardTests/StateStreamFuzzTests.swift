@@ -33,6 +33,7 @@ struct StateStreamFuzzTests {
             if round % 3 == 0 { try t.withPipeSource(input, load) } else { try t.withFileSource(input, load) }
         }
         print(report)
+        #expect(report.problems.isEmpty, "\(report.problems)")
         #expect(report.executions > 10)
         #expect(report.rejected > report.executions / 2, "most mutants should be refused: \(report)")
     }

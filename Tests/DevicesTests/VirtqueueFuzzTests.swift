@@ -43,6 +43,7 @@ import Testing
             }
         }
         print(report)
+        #expect(report.problems.isEmpty, "\(report.problems)")
         #expect(escapes.isEmpty, "\(escapes.prefix(5))")
     }
 }

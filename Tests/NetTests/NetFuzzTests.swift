@@ -35,6 +35,7 @@ import Testing
             if rejected == 3 { throw NetError("rejected") }
         }
         print(report)
+        #expect(report.problems.isEmpty, "\(report.problems)")
         #expect(problems.isEmpty, "\(problems.prefix(5))")
     }
 
@@ -76,6 +77,7 @@ import Testing
             if failed { throw StreamFrameReader.Failure.frameTooLarge(0) }
         }
         print(report)
+        #expect(report.problems.isEmpty, "\(report.problems)")
         #expect(problems.isEmpty, "\(problems.prefix(5))")
     }
 }

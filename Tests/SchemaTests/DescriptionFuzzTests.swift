@@ -24,6 +24,7 @@ import Testing
             }
         }
         print(report)
+        #expect(report.problems.isEmpty, "\(report.problems)")
         #expect(unnamed.isEmpty, "refusals without a message: \(unnamed)")
         #expect(report.executions > seeds.count)
     }

@@ -32,6 +32,7 @@ extension VNCServerTests {
             while buf.withUnsafeMutableBytes({ recv(client.fd, $0.baseAddress, $0.count, 0) }) > 0 {}
         }
         print(report)
+        #expect(report.problems.isEmpty, "\(report.problems)")
         let viewer = try RFBClient(port: server.port)
         let start = Date()
         #expect(try viewer.handshake() == 0)

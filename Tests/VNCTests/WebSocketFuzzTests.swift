@@ -53,6 +53,7 @@ extension VNCServerTests {
             _ = try exchange(input, port: wsPort)
         }
         print(report)
+        #expect(report.problems.isEmpty, "\(report.problems)")
         let viewer = try RFBClient(port: server.port)
         let start = Date()
         #expect(try viewer.handshake() == 0)
