@@ -200,7 +200,7 @@ def test_qmp_clients_that_never_read_are_throttled_not_buffered(tmp_path):
         threads = [threading.Thread(target=flood, args=(s,), daemon=True) for s in flooders]
         for t in threads:
             t.start()
-        worst_latency = 0.0
+        latencies = []
         peak = baseline
         end = time.monotonic() + 15
         while time.monotonic() < end:
@@ -210,17 +210,21 @@ def test_qmp_clients_that_never_read_are_throttled_not_buffered(tmp_path):
                 m = json.loads(good_f.readline())
                 if m.get("id") == "probe":
                     break
-            worst_latency = max(worst_latency, time.monotonic() - t)
+            latencies.append(time.monotonic() - t)
             peak = max(peak, rss_bytes(proc.pid))
             time.sleep(0.1)
         stop.set()
         for t in threads:
             t.join()
-        print(f"peak growth {(peak - baseline) >> 20} MiB, worst latency {worst_latency:.2f} s")
+        latencies.sort()
+        p90, worst = latencies[int(len(latencies) * 0.9)], latencies[-1]
+        print(f"peak growth {(peak - baseline) >> 20} MiB, {len(latencies)} probes, p90 {p90:.2f} s, worst {worst:.2f} s")
         assert peak - baseline < 200 << 20, f"the server grew by {(peak - baseline) >> 20} MiB"
-        # Before the fix the probe starved (its 15 s socket timeout expired); a loaded CI machine
-        # can still delay one probe by a second or two, hence the margin.
-        assert worst_latency < 5.0, f"a well-behaved client waited {worst_latency:.1f} s for a reply"
+        # Before the fix the probe starved (its 15 s socket timeout expired). A loaded CI machine
+        # can delay a few probes by seconds (the flooders' 20 threads compete with the server
+        # for 2 cores), so the bound is on the 90th percentile, with a loose one on the worst.
+        assert p90 < 2.0, f"a well-behaved client waited {p90:.1f} s for 1 reply in 10 (worst {worst:.1f} s)"
+        assert worst < 10.0, f"a well-behaved client waited {worst:.1f} s for a reply"
         for s in flooders:
             s.close()
         flooders = []
