@@ -503,7 +503,8 @@ def test_nic_add_remove_cycles_leak_nothing(shell_guest):
         g.ok("device_add", driver="virtio-net-pci", id="b", bus="rp1")
         wait_interfaces(g, lambda s: len(s) == 2)
         assert net_threads(g) == sorted(["net-n0", "net-b-unconnected"[:15]]), net_threads(g)
-        iface = g.sh("for i in /sys/class/net/eth*; do [ $(cat $i/address) = 52:54:00:12:34:56 ] && basename $i; done").strip()
+        out = g.sh("for i in /sys/class/net/eth*; do grep -q 52:54:00:12:34:56 $i/address && echo nic-a-is-${i##*/}; done")
+        iface = re.search(r"(?m)^nic-a-is-(eth\d+)", out).group(1)
         out = g.sh(f"udhcpc -i {iface} -n -q -t 10 >/dev/null 2>&1; ip -4 addr show {iface}", timeout=120)
         assert "inet 10.0.2.15/24" in out, (n, out)
         for id_ in ("a", "b"):
