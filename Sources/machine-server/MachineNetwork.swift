@@ -152,9 +152,11 @@ final class MachineNetwork: NetworkRegistry, @unchecked Sendable {  // unchecked
         for b in statefulBackends { try machine.addManagedDevice(b) }
     }
 
-    /// Closes every netdev (after the machine stopped).
+    /// Closes every netdev and the threads of hot-plugged NICs without one (after the machine stopped).
     func close() {
-        for n in lists.withLock({ $0.netdevs }) { n.close() }
+        let (netdevs, unconnected) = lists.withLock { l in (l.netdevs, l.nics.compactMap(\.unconnected)) }
+        for n in netdevs { n.close() }
+        for u in unconnected { u.close() }
     }
 
     // MARK: NetworkRegistry

@@ -523,3 +523,45 @@ def test_nic_add_remove_cycles_leak_nothing(shell_guest):
         assert net_threads(g) == [], n
     growth = g.rss_kib() - rss
     assert growth < 24 * 1024, f"RSS grew by {growth} KiB over 4 rounds"
+
+
+def test_apply_description_plugs_and_unplugs_a_nic(shell_guest):
+    """query-description carries the netdevs added at run time; apply-description with a
+    virtio-net-pci on one plugs it (the guest's eth0 appears), round-trips unchanged, refuses
+    a NIC on an unknown or taken netdev whole, and removing the entry unplugs it, freeing the
+    netdev."""
+    g = shell_guest
+    launch = g.ok("query-description")
+    assert "netdevs" not in launch
+    g.ok("netdev_add", type="user", id="n0")
+    now = g.ok("query-description")
+    assert now["netdevs"] == [{"type": "user", "id": "n0"}]
+    nic = {"driver": "virtio-net-pci", "id": "nic0", "netdev": "n0", "mac": "52:54:00:12:34:70", "bus": "rp0"}
+    pci = g.ok("query-pci")
+    for bad, text in [(dict(nic, netdev="nope"), "can't find value 'nope'"),
+                      (dict(nic, mac="01:02:03:04:05:06"), "not a unicast MAC address"),
+                      (dict(nic, bus="rp9"), "Bus 'rp9' not found")]:
+        err = g.error("apply-description", description=dict(now, devices=now["devices"] + [bad]))
+        assert "nothing was changed" in err["desc"] and text in err["desc"], (bad, err)
+    # Two NICs on one netdev: refused whole, neither is plugged.
+    err = g.error("apply-description", description=dict(now, devices=now["devices"] + [nic, dict(nic, id="nic1", bus="rp1")]))
+    assert "netdev 'n0' is named by two NICs" in err["desc"], err
+    assert g.ok("query-pci") == pci
+
+    wanted = dict(now, devices=now["devices"] + [nic])
+    g.ok("apply-description", description=wanted)
+    assert wait_interfaces(g, lambda s: s == {"eth0"}) == {"eth0"}
+    assert g.ok("query-description") == wanted
+    g.ok("apply-description", description=wanted)          # no change
+    err = g.error("netdev_del", id="n0")
+    assert "in use by NIC 'nic0'" in err["desc"]
+    # Another NIC naming the taken netdev is refused.
+    err = g.error("apply-description", description=dict(wanted, devices=wanted["devices"] + [dict(nic, id="nic1", bus="rp1")]))
+    assert "can't take value 'n0', it's in use" in err["desc"], err
+
+    g.ok("apply-description", description=now)
+    g.wait_event("DEVICE_DELETED", {"device": "nic0"}, timeout=UNPLUG_TIMEOUT)
+    assert wait_interfaces(g, lambda s: not s) == set()
+    assert g.ok("query-description") == now
+    g.ok("netdev_del", id="n0")
+    assert g.ok("query-description") == launch
