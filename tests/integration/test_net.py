@@ -498,7 +498,8 @@ def test_nic_add_remove_cycles_leak_nothing(shell_guest):
     g = shell_guest
 
     def cycle(n):
-        g.ok("netdev_add", type="user", id="n0", hostfwd=[{"str": f"tcp:127.0.0.1:{free_port()}-:80"}])
+        fwd = free_port()
+        g.ok("netdev_add", type="user", id="n0", hostfwd=[{"str": f"tcp:127.0.0.1:{fwd}-:80"}])
         g.ok("device_add", driver="virtio-net-pci", id="a", netdev="n0", bus="rp0")
         g.ok("device_add", driver="virtio-net-pci", id="b", bus="rp1")
         wait_interfaces(g, lambda s: len(s) == 2)
@@ -507,11 +508,36 @@ def test_nic_add_remove_cycles_leak_nothing(shell_guest):
         iface = re.search(r"(?m)^nic-a-is-(eth\d+)", out).group(1)
         out = g.sh(f"udhcpc -i {iface} -n -q -t 10 >/dev/null 2>&1; ip -4 addr show {iface}", timeout=120)
         assert "inet 10.0.2.15/24" in out, (n, out)
-        for id_ in ("a", "b"):
-            g.ok("device_del", id=id_)
-        for id_ in ("a", "b"):
-            g.wait_event("DEVICE_DELETED", {"device": id_}, timeout=UNPLUG_TIMEOUT)
+        # Traffic both ways while the NICs go: the host keeps fetching from the guest's httpd
+        # through the hostfwd, the guest keeps pinging the gateway.
+        out = g.sh("mkdir -p /tmp/www && echo page > /tmp/www/index.html && httpd -p 80 -h /tmp/www && "
+                   "(ping 10.0.2.2 >/dev/null 2>&1 &) && echo traffic-on")
+        assert "traffic-on" in out, out
+        assert fetch(fwd).strip() == "page"
+        stop = threading.Event()
+        fetched = []
+
+        def hammer():
+            while not stop.is_set():
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{fwd}/", timeout=5) as r:
+                        fetched.append(r.read())
+                except OSError:
+                    time.sleep(0.01)
+
+        t = threading.Thread(target=hammer, daemon=True)
+        t.start()
+        try:
+            for id_ in ("a", "b"):
+                g.ok("device_del", id=id_)
+            for id_ in ("a", "b"):
+                g.wait_event("DEVICE_DELETED", {"device": id_}, timeout=UNPLUG_TIMEOUT)
+        finally:
+            stop.set()
+            t.join(30)
+        assert fetched, "no page came through while the NIC was going"
         g.ok("netdev_del", id="n0")
+        g.sh("killall httpd ping")
         wait_interfaces(g, lambda s: not s)
 
     cycle(0)   # warm-up
