@@ -492,9 +492,11 @@ def test_refused_nic_requests_name_the_problem_and_change_nothing(shell_guest):
 
 def test_nic_add_remove_cycles_leak_nothing(shell_guest):
     """Rounds of: netdev_add (with a hostfwd), a NIC on it in rp0 and a NIC without a netdev
-    (a thread of its own) in rp1, DHCP on the first, device_del of both, netdev_del. After a
-    warm-up round, the file descriptors and threads are back to where they were after each
-    round, and RSS grows by less than 24 MiB over the rest."""
+    (a thread of its own) in rp1, DHCP on the first, device_del of both while the host fetches
+    from the guest's httpd through the hostfwd and the guest pings the gateway (frames in flight
+    as the NICs go), netdev_del. Both network threads run while the NICs are in and are gone
+    after each round; after a warm-up round the file descriptors are back to where they were
+    after each round, and RSS grows by less than 24 MiB over the rest."""
     g = shell_guest
 
     def cycle(n):
