@@ -134,7 +134,7 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
                                            name: "\(driver) \(context.address) (\(device.name))",
                                            stateSection: "virtio-pci@\(context.address)",
                                            logger: MachineDevices.logger("machine.virtio-pci"))
-                    }, behind: bus, hotPlug: true)
+                    }, behind: bus, hotPlug: true, label: "\(driver) '\(r.id ?? path)'")
                 } catch {
                     block?.reset()
                     if let nic { network?.unplugNIC(id: nic.id) }

@@ -103,6 +103,8 @@ final class MachineNetwork: NetworkRegistry, @unchecked Sendable {  // unchecked
             let backend: NetworkLoop
             var unconnected: DisconnectedNetwork?
             let nicID = id ?? (0...).lazy.map { "\(driver).\($0)" }.first { n in !l.nics.contains { $0.id == n } }!
+            // The hot-plug side checked the QOM ids; a launch NIC without one has a generated id.
+            if let id, l.nics.contains(where: { $0.id == id }) { throw .duplicateID(id) }
             if let netdev {
                 guard let n = l.netdevs.first(where: { $0.id == netdev }) else {
                     throw .netdevNotFound(driver: driver, netdev: netdev)

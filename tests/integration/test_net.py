@@ -420,7 +420,7 @@ def test_hot_plugged_nic_gets_dhcp_serves_through_hostfwd_and_goes(shell_guest, 
     assert "in use by NIC 'nic0'" in err["desc"], err
     # Saved states cover the machine as launched: refused, naming the device.
     err = g.error("migrate", uri=f"file:{tmp_path / 'state.bin'}")
-    assert "hot-plugged" in err["desc"] and "rp0" in err["desc"] and "device_del" in err["desc"], err
+    assert "hot-plugged devices (virtio-net-pci 'nic0' in root port 'rp0')" in err["desc"] and "device_del" in err["desc"], err
     assert g.ok("query-status")["status"] == "running"
 
     # device_del (through HMP): the guest lets go, DEVICE_DELETED follows, eth0 is gone.
