@@ -542,13 +542,20 @@ def test_nic_add_remove_cycles_leak_nothing(shell_guest):
         g.sh("killall httpd ping")
         wait_interfaces(g, lambda s: not s)
 
+    def settled(predicate, what, timeout=10):
+        """Waits briefly for a thread that was told to end to leave /proc (it signals before it exits)."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, what()
+            time.sleep(0.05)
+
     cycle(0)   # warm-up
-    assert net_threads(g) == []
+    settled(lambda: net_threads(g) == [], lambda: net_threads(g))
     fds, rss = g.fd_count(), g.rss_kib()
     for n in range(1, 5):
         cycle(n)
-        assert g.fd_count() == fds, n
-        assert net_threads(g) == [], n
+        settled(lambda: net_threads(g) == [], lambda: (n, net_threads(g)))
+        settled(lambda: g.fd_count() == fds, lambda: (n, g.fd_count(), fds))
     growth = g.rss_kib() - rss
     assert growth < 24 * 1024, f"RSS grew by {growth} KiB over 4 rounds"
 
