@@ -118,8 +118,8 @@ final class MachineNetwork: NetworkRegistry, @unchecked Sendable {  // unchecked
                 unconnected = u
                 backend = u
             }
-            let address = mac ?? (0...).lazy.map { MACAddress.qemuDefault(index: $0) }
-                .first { m in !l.nics.contains { $0.device.mac == m.bytes } }!
+            let address = mac ?? (0..<256).lazy.map { MACAddress.qemuDefault(index: $0) }
+                .first { m in !l.nics.contains { $0.device.mac == m.bytes } } ?? MACAddress.qemuDefault(index: l.nics.count)
             let device = VirtioNet(mac: address.bytes, backend: backend, name: name, logger: MachineDevices.logger("machine.virtio-net"))
             let nic = NIC(id: nicID, driver: driver, device: device, netdev: netdev, unconnected: unconnected, hotPlugged: true)
             l.nics.append(nic)
@@ -209,11 +209,14 @@ final class MachineNetwork: NetworkRegistry, @unchecked Sendable {  // unchecked
     }
 
     func setLink(name: String, up: Bool) throws {
-        let (nic, netdev) = lists.withLock { l in
-            (l.nics.first { $0.id == name } ?? l.nics.first { $0.netdev == name }, l.netdevs.first { $0.id == name })
+        // Under the lock, so that a NIC's unplug (which sets its netdev's link up again) does not
+        // interleave with it.
+        try lists.withLock { l in
+            let nic = l.nics.first { $0.id == name } ?? l.nics.first { $0.netdev == name }
+            let netdev = l.netdevs.first { $0.id == name }
+            guard nic != nil || netdev != nil else { throw QMPError(.deviceNotFound, "Device '\(name)' not found") }
+            if let nic { nic.device.setLink(up: up) } else { netdev?.linkUp = up }
         }
-        guard nic != nil || netdev != nil else { throw QMPError(.deviceNotFound, "Device '\(name)' not found") }
-        if let nic { nic.device.setLink(up: up) } else { netdev?.linkUp = up }
     }
 
     func rxFilters(name: String?) throws -> [RxFilterInfo] {

@@ -423,13 +423,19 @@ def test_hot_plugged_nic_gets_dhcp_serves_through_hostfwd_and_goes(shell_guest, 
     assert "hot-plugged devices (virtio-net-pci 'nic0' in root port 'rp0')" in err["desc"] and "device_del" in err["desc"], err
     assert g.ok("query-status")["status"] == "running"
 
+    # set_link on the NIC takes its netdev's link down too ...
+    assert g.qmp.cmd_raw("set_link", {"name": "nic0", "up": False}) == {"return": {}}
+    assert "[link=down]" in hmp(g, "info network")
+
     # device_del (through HMP): the guest lets go, DEVICE_DELETED follows, eth0 is gone.
     assert hmp(g, "device_del nic0") == ""
     e = g.wait_event("DEVICE_DELETED", {"device": "nic0"}, timeout=UNPLUG_TIMEOUT)
     assert e["data"]["path"] == "/machine/peripheral/nic0"
     assert wait_interfaces(g, lambda s: not s) == set()
     assert "invalid net client name: nic0" in rx_filter(g, "nic0")["error"]["desc"]
-    assert "nic0" not in hmp(g, "info network")
+    info = hmp(g, "info network")
+    # ... and the netdev, free again, has its link up (for the next NIC).
+    assert "nic0" not in info and "n0: index=0,type=user" in info and "[link=down]" not in info, info
     assert g.ok("query-description")["devices"][-1]["driver"] == "pcie-root-port"
     # The netdev is free again: netdev_del succeeds and its forwarded port closes.
     g.ok("netdev_del", id="n0")
