@@ -242,8 +242,9 @@ public final class VirtBoard: @unchecked Sendable {  // unchecked: its vars chan
     /// Builds a PCI function into the slot of root port `portID` and registers it; with
     /// `hotPlug` the guest is told (presence and link change). Behind a port the function is
     /// device 0 of the secondary bus; its INTA reaches the root bus as the port's INTA (the
-    /// bridge swizzle of device 0). Control thread.
-    public func attachPCI(_ factory: PCIDeviceFactory, behind portID: String, hotPlug: Bool) throws {
+    /// bridge swizzle of device 0). `label` names a hot-plugged device in the errors that refuse
+    /// saved states ("virtio-net-pci 'nic1'"). Control thread.
+    public func attachPCI(_ factory: PCIDeviceFactory, behind portID: String, hotPlug: Bool, label: String? = nil) throws {
         guard let pcieHost, let (slot, port) = rootPorts[portID] else {
             throw BoardError.invalidConfig("Bus '\(portID)' not found")
         }
@@ -253,7 +254,7 @@ public final class VirtBoard: @unchecked Sendable {  // unchecked: its vars chan
         let function = try factory(PCIDeviceContext(ram: ram, intx: pcieHost.intx.line(slot: slot, pin: 1), slot: nil,
                                                     port: portID, clock: clock))
         if let managed = function as? any ManagedDevice {
-            try deviceManager.register(managed, hotPlugged: hotPlug ? "the device in root port '\(portID)'" : nil)
+            try deviceManager.register(managed, hotPlugged: hotPlug ? "\(label ?? "the device") in root port '\(portID)'" : nil)
         }
         do {
             try port.plug(function, hotPlug: hotPlug)

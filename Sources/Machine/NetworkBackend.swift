@@ -36,3 +36,42 @@ public protocol NetworkFrontend: AnyObject, Sendable {
     /// `NetworkBackend.receiveRoomAvailable()` (or drops it when its own queue is full).
     func receive(_ frame: UnsafeRawBufferPointer) -> Bool
 }
+
+/// A NIC's Ethernet address, written as QEMU writes it ("52:54:00:12:34:56"). The one parser
+/// of MAC addresses: the description's `mac`, device_add's `mac` and the NIC itself use it.
+public struct MACAddress: Sendable, Hashable, CustomStringConvertible {
+    /// The six bytes, first on the wire first.
+    public let bytes: [UInt8]
+
+    /// Wraps six bytes.
+    public init?(bytes: [UInt8]) {
+        guard bytes.count == 6 else { return nil }
+        self.bytes = bytes
+    }
+
+    /// Parses six two-digit hex bytes separated by ':'; nil for anything else.
+    public init?(_ text: String) {
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 6 else { return nil }
+        var out: [UInt8] = []
+        for p in parts {
+            guard p.utf8.count == 2, p.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 | 0x20 >= 0x61 && $0 | 0x20 <= 0x66) }),
+                  let b = UInt8(p, radix: 16) else { return nil }
+            out.append(b)
+        }
+        bytes = out
+    }
+
+    /// Whether it is a group (multicast or broadcast) address, which a NIC cannot have.
+    public var isMulticast: Bool { bytes[0] & 1 != 0 }
+
+    /// QEMU's default for the NIC numbered `index`: 52:54:00:12:34:56 counting up in the last byte.
+    public static func qemuDefault(index: Int) -> MACAddress {
+        MACAddress(bytes: [0x52, 0x54, 0x00, 0x12, 0x34, UInt8(truncatingIfNeeded: 0x56 + index)])!
+    }
+
+    /// "52:54:00:12:34:56" (lower case).
+    public var description: String {
+        bytes.map { b in let s = String(b, radix: 16); return s.count == 1 ? "0" + s : s }.joined(separator: ":")
+    }
+}

@@ -52,14 +52,26 @@ open class NetworkLoop: NetworkBackend, @unchecked Sendable {  // unchecked: loo
 
     /// Starts the loop's thread; subclasses call it at the end of their initializer.
     public func start() {
+        let name = "net-\(id)"
         let t = Thread { [self] in
+            Self.nameCurrentThread(name)
             threadID.withLock { $0 = pthread_self() }
             run()
             done.signal()
         }
-        t.name = "net-\(id)"
+        t.name = name
         thread = t
         t.start()
+    }
+
+    /// Names the calling thread for ps, top and /proc (the first 15 bytes: "net-n0"), by writing
+    /// /proc/thread-self/comm (Foundation's `Thread.name` does not reach the kernel on Linux).
+    private static func nameCurrentThread(_ name: String) {
+        let fd = open("/proc/thread-self/comm", O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { return }
+        let bytes = Array(name.utf8.prefix(15))
+        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        Foundation.close(fd)
     }
 
     /// Whether the link is up (`set_link`); while down, frames are dropped both ways.

@@ -15,7 +15,7 @@ extension QMPCommandExecutor {
     static func deviceAddRequest(_ a: DeviceAddArguments) throws(HotPlugError) -> DeviceAddRequest {
         guard let driver = HotPlugDriver(rawValue: a.driver) else {
             let known = ["virtio-blk-device", "virtio-gpu-device", "virtio-keyboard-device", "virtio-tablet-device",
-                         "virtio-rng-device", "virtio-gpu-pci", "pcie-root-port"]
+                         "virtio-rng-device", "virtio-net-device", "virtio-gpu-pci", "pcie-root-port"]
             throw known.contains(a.driver) ? .notHotPluggable(a.driver) : .unknownDriver(a.driver)
         }
         if let id = a.id, !HotPlugError.isIdentifier(id) { throw .badID(id) }
@@ -48,6 +48,18 @@ extension QMPCommandExecutor {
                                        reason: "a pcie-root-port has one slot, 0 (write \"0\" or \"0.0\"), not \(m.value)")
                 }
             case "drive": request.drive = try string()
+            case "netdev": request.netdev = try string()
+            case "mac":
+                let text = try string()
+                guard let mac = MACAddress(text) else {
+                    throw .badValue(driver: driver.rawValue, property: "mac", value: text,
+                                    why: "expected six hex bytes separated by ':', e.g. 52:54:00:12:34:56")
+                }
+                guard !mac.isMulticast else {
+                    throw .badValue(driver: driver.rawValue, property: "mac", value: text,
+                                    why: "it is a multicast address; a NIC needs a unicast one, with an even first byte")
+                }
+                request.mac = mac
             case "serial":
                 let s = try string()
                 guard s.utf8.count <= 20 else {

@@ -1,3 +1,4 @@
+import Machine
 import Schema
 
 /// A device `device_add` can hot-plug behind a `pcie-root-port`.
@@ -6,10 +7,15 @@ public enum HotPlugDriver: String, Sendable, CaseIterable {
     case virtioRngPci = "virtio-rng-pci"
     case virtioKeyboardPci = "virtio-keyboard-pci"
     case virtioTabletPci = "virtio-tablet-pci"
+    case virtioNetPci = "virtio-net-pci"
 
     /// The driver properties `device_add` accepts for it besides driver, id and bus.
     public var properties: [String] {
-        self == .virtioBlkPci ? ["addr", "drive", "serial"] : ["addr"]
+        switch self {
+        case .virtioBlkPci: return ["addr", "drive", "serial"]
+        case .virtioNetPci: return ["addr", "netdev", "mac"]
+        default: return ["addr"]
+        }
     }
 }
 
@@ -25,14 +31,22 @@ public struct DeviceAddRequest: Sendable, Equatable {
     public var drive: String?
     /// The disk serial (virtio-blk-pci).
     public var serial: String?
+    /// The netdev the NIC is connected to (virtio-net-pci); nil: a NIC with no cable.
+    public var netdev: String?
+    /// The NIC's address (virtio-net-pci); nil: QEMU's default, the first 52:54:00:12:34:XX
+    /// from ...:56 up that no NIC has.
+    public var mac: MACAddress?
 
     /// Creates a request.
-    public init(driver: HotPlugDriver, id: String? = nil, bus: String? = nil, drive: String? = nil, serial: String? = nil) {
+    public init(driver: HotPlugDriver, id: String? = nil, bus: String? = nil, drive: String? = nil, serial: String? = nil,
+                netdev: String? = nil, mac: MACAddress? = nil) {
         self.driver = driver
         self.id = id
         self.bus = bus
         self.drive = drive
         self.serial = serial
+        self.netdev = netdev
+        self.mac = mac
     }
 }
 
@@ -159,6 +173,12 @@ public enum HotPlugError: Error, Equatable, CustomStringConvertible {
     case driveInUse(driver: String, node: String, user: String)
     /// `drive` names a file node (we attach format nodes only).
     case driveIsProtocolNode(String)
+    /// `netdev` names no netdev (QEMU's qdev wording).
+    case netdevNotFound(driver: String, netdev: String)
+    /// `netdev` names a netdev another NIC is connected to.
+    case netdevInUse(driver: String, netdev: String, user: String)
+    /// A property value QEMU's qdev would refuse ("doesn't take value"), with what it expects.
+    case badValue(driver: String, property: String, value: String, why: String)
     /// blockdev-add without node-name.
     case nodeNameMissing
     /// A node name that is not an identifier.
@@ -203,6 +223,11 @@ public enum HotPlugError: Error, Equatable, CustomStringConvertible {
         case .driveInUse(let d, let n, let u): return "Property '\(d).drive' can't take value '\(n)': it is in use by device '\(u)'"
         case .driveIsProtocolNode(let n):
             return "Node '\(n)' is a file node; add a raw or qcow2 node over it with blockdev-add and use that as the drive"
+        case .netdevNotFound(let d, let n):
+            return "Property '\(d).netdev' can't find value '\(n)' (no netdev has this id; add one with netdev_add)"
+        case .netdevInUse(let d, let n, let u):
+            return "Property '\(d).netdev' can't take value '\(n)', it's in use (by NIC '\(u)'; a netdev takes one NIC)"
+        case .badValue(let d, let p, let v, let w): return "Property '\(d).\(p)' doesn't take value '\(v)' (\(w))"
         case .nodeNameMissing: return "'node-name' must be specified for the root node"
         case .badNodeName(let n): return "Invalid node-name: '\(n)' (a letter, then letters, digits, '-', '.', '_')"
         case .duplicateNode(let n): return "Duplicate nodes with node-name='\(n)'"

@@ -41,6 +41,8 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
         var drive: String?
         var serial: String?
         var block: VirtioBlock?
+        /// A NIC's id in the machine's network (its device id, or DRIVER.N), its netdev and MAC.
+        var nic: (id: String, netdev: String?, mac: String)? = nil
         var unplugRequested: Bool
     }
 
@@ -58,12 +60,14 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
     private let launchDescription: MachineDescription
     private let baseDirectory: String
     private let display: Display?
+    /// The netdevs a hot-plugged NIC is connected to.
+    private let network: MachineNetwork?
     private let state = Mutex(State())
     /// Where DEVICE_DELETED goes (the QMP server), set once it exists.
     let eventSink = Mutex<(@Sendable (QMPEvent) -> Void)?>(nil)
 
     /// Creates the registry for a machine whose board is a `VirtBoard` built from `launched`.
-    init?(machine: VirtualMachine, plan: LaunchPlan, display: Display?) {
+    init?(machine: VirtualMachine, plan: LaunchPlan, display: Display?, network: MachineNetwork?) {
         guard let board = machine.board as? VirtBoard, board.pcieHost != nil else { return nil }
         self.machine = machine
         self.board = board
@@ -71,6 +75,7 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
         self.launchDescription = plan.description
         self.baseDirectory = plan.baseDirectory
         self.display = display
+        self.network = network
     }
 
     // MARK: Devices
@@ -94,6 +99,7 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
                 }
                 let device: any VirtioDevice
                 var block: VirtioBlock?
+                var nic: MachineNetwork.NIC?
                 let anonymous = r.id == nil
                 let path = r.id.map { "/machine/peripheral/\($0)" } ?? "/machine/peripheral-anon/device[\(s.nextAnonymous)]"
                 let label = r.id ?? "anon\(s.nextAnonymous)"
@@ -114,6 +120,12 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
                 case .virtioRngPci: device = VirtioEntropy(name: "virtio-rng-\(label)")
                 case .virtioKeyboardPci: device = VirtioInput(kind: .keyboard, display: display, name: "virtio-keyboard-\(label)")
                 case .virtioTabletPci: device = VirtioInput(kind: .tablet, display: display, name: "virtio-tablet-\(label)")
+                case .virtioNetPci:
+                    guard let network else { throw HotPlugError.failed("The machine has no network support") }
+                    let n = try network.plugNIC(id: r.id, driver: r.driver.rawValue, netdev: r.netdev, mac: r.mac,
+                                                name: "virtio-net-\(label)")
+                    nic = n
+                    device = n.device
                 }
                 let driver = r.driver.rawValue
                 do {
@@ -122,15 +134,17 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
                                            name: "\(driver) \(context.address) (\(device.name))",
                                            stateSection: "virtio-pci@\(context.address)",
                                            logger: MachineDevices.logger("machine.virtio-pci"))
-                    }, behind: bus, hotPlug: true)
+                    }, behind: bus, hotPlug: true, label: "\(driver) '\(r.id ?? path)'")
                 } catch {
                     block?.reset()
+                    if let nic { network?.unplugNIC(id: nic.id) }
                     throw HotPlugError.failed("\(error)")
                 }
                 port.onPowerOff.withLock { $0 = { [weak self] in self?.guestPoweredOff(port: bus) } }
                 if anonymous { s.nextAnonymous += 1 }
                 s.plugged.append(Plugged(id: r.id, path: path, driver: r.driver, port: bus, drive: r.drive, serial: r.serial,
-                                         block: block, unplugRequested: false))
+                                         block: block, nic: nic.map { ($0.id, $0.netdev, VirtioNet.format($0.device.mac)) },
+                                         unplugRequested: false))
             }
         }
     }
@@ -164,6 +178,8 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
                     self.board.rootPorts[port]?.port.onPowerOff.withLock { $0 = nil }
                     let p = s.plugged.remove(at: i)
                     p.block?.reset()   // drains its I/O; the node stays open for blockdev-del
+                    // A NIC stops on its backend's thread and lets go of its netdev (free for netdev_del).
+                    if let nic = p.nic { self.network?.unplugNIC(id: nic.id) }
                     // ... unless apply-description opened it for this device.
                     if let d = p.drive, let j = s.nodes.firstIndex(where: { $0.name == d && $0.autoClose }) {
                         let node = s.nodes.remove(at: j)
@@ -307,6 +323,10 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
                 var props: [(name: String, value: String)] = [("bus", p.port), ("addr", "00.0")]
                 if let d = p.drive { props.append(("drive", d)) }
                 if let serial = p.serial { props.append(("serial", serial)) }
+                if let nic = p.nic {
+                    if let netdev = nic.netdev { props.append(("netdev", netdev)) }
+                    props.append(("mac", nic.mac))
+                }
                 return PeripheralDevice(id: p.id, path: p.path, driver: p.driver.rawValue, hotPlugged: true, hotPluggable: true,
                                         properties: props)
             }
@@ -393,6 +413,9 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
     func currentDescription() throws -> MachineDescription {
         var d = launchDescription
         d.devices = (launchDescription.devices ?? []) + hotDeviceDescriptions()
+        // The netdevs as they are now (netdev_add and netdev_del included), so that a hot-plugged
+        // NIC's netdev is in the description that launches the same machine.
+        if let network, launchDescription.netdevs != nil || !network.specs.isEmpty { d.netdevs = network.specs }
         return d
     }
 
@@ -411,6 +434,9 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
                 case .virtioRngPci: return DeviceDescription(variant: .virtioRngPci(PCIDeviceOptions(id: p.id, bus: p.port)))
                 case .virtioKeyboardPci: return DeviceDescription(variant: .virtioKeyboardPci(PCIDeviceOptions(id: p.id, bus: p.port)))
                 case .virtioTabletPci: return DeviceDescription(variant: .virtioTabletPci(PCIDeviceOptions(id: p.id, bus: p.port)))
+                case .virtioNetPci:
+                    return DeviceDescription(variant: .virtioNetPci(PCINetDeviceOptions(id: p.id, netdev: p.nic?.netdev, mac: p.nic?.mac,
+                                                                                          bus: p.port)))
                 }
             }
         }
@@ -454,6 +480,7 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
             if keptIDs.contains(id) || plans.contains(where: { $0.request.id == id }) { throw refuse("devices: \(HotPlugError.duplicateID(id))") }
             let driver: HotPlugDriver, bus: String?, addr: String?
             var file: String?, format = "raw", readOnly = false
+            var netdev: String?, mac: MACAddress?
             switch d.variant {
             case .virtioBlkPci(let o):
                 driver = .virtioBlkPci
@@ -464,6 +491,24 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
             case .virtioRngPci(let o): (driver, bus, addr) = (.virtioRngPci, o.bus, o.addr)
             case .virtioKeyboardPci(let o): (driver, bus, addr) = (.virtioKeyboardPci, o.bus, o.addr)
             case .virtioTabletPci(let o): (driver, bus, addr) = (.virtioTabletPci, o.bus, o.addr)
+            case .virtioNetPci(let o):
+                (driver, bus, addr) = (.virtioNetPci, o.bus, o.addr)
+                if let text = o.mac {
+                    guard let m = MACAddress(text), !m.isMulticast else {
+                        throw refuse("devices: \(name): mac '\(text)' is not a unicast MAC address (six hex bytes separated by ':', e.g. 52:54:00:12:34:56)")
+                    }
+                    mac = m
+                }
+                netdev = o.netdev
+                if let n = o.netdev {
+                    if network?.netdev(n) == nil { throw refuse("devices: \(name): \(HotPlugError.netdevNotFound(driver: driver.rawValue, netdev: n))") }
+                    if let user = network?.nics.first(where: { $0.netdev == n }) {
+                        throw refuse("devices: \(name): \(HotPlugError.netdevInUse(driver: driver.rawValue, netdev: n, user: user.id))")
+                    }
+                    if plans.contains(where: { $0.request.netdev == n }) {
+                        throw refuse("devices: \(name): netdev '\(n)' is named by two NICs of this change")
+                    }
+                }
             default: throw refuse("devices: \(name): \(HotPlugError.notHotPluggable(d.driver.rawValue))")
             }
             guard let bus, bus != PlannedDevice.rootBus else { throw refuse("devices: \(name): \(HotPlugError.busNoHotplug(PlannedDevice.rootBus))") }
@@ -478,7 +523,8 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
                 throw refuse("devices: \(name): bus '\(bus)' holds a device already")
             }
             ports.insert(bus)
-            plans.append((DeviceAddRequest(driver: driver, id: id, bus: bus, drive: file.map { _ in "desc-\(id)" }), file, format, readOnly))
+            plans.append((DeviceAddRequest(driver: driver, id: id, bus: bus, drive: file.map { _ in "desc-\(id)" }, netdev: netdev, mac: mac),
+                          file, format, readOnly))
         }
         let pending = state.withLock { s in s.plugged.filter(\.unplugRequested).compactMap(\.id) }
         for r in removals {

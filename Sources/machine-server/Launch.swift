@@ -92,7 +92,7 @@ struct Launch {
                 throw LaunchError("--incoming: \(error)")
             }
         }
-        let hotPlug = MachineHotPlug(machine: machine, plan: plan, display: devices.display)
+        let hotPlug = MachineHotPlug(machine: machine, plan: plan, display: devices.display, network: network)
         defer { hotPlug?.close() }
         let servers = try ProtocolServers.start(machine: machine, chardevs: chardevs, devices: devices, network: network, hotPlug: hotPlug,
                                                 plan: plan)

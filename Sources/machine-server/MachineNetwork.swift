@@ -44,10 +44,16 @@ final class MachineNetwork: NetworkRegistry, @unchecked Sendable {  // unchecked
         let driver: String
         let device: VirtioNet
         let netdev: String?
+        /// The thread behind a hot-plugged NIC without a netdev, closed when it goes.
+        var unconnected: DisconnectedNetwork? = nil
+        /// Whether device_add plugged it (device_del removes it with `unplugNIC`).
+        var hotPlugged = false
     }
 
     private struct Lists {
         var netdevs: [NetworkLoop] = []
+        /// What each netdev was built from, in the same order (for query-description).
+        var specs: [Netdev] = []
         var nics: [NIC] = []
     }
     private let lists = Mutex(Lists())
@@ -65,8 +71,15 @@ final class MachineNetwork: NetworkRegistry, @unchecked Sendable {  // unchecked
                 throw LaunchError("netdevs[\(i)] ('\(n.id)'): \(error.description)")
             }
         }
-        lists.withLock { $0.netdevs = built }
+        lists.withLock { l in
+            l.netdevs = built
+            l.specs = netdevs
+        }
     }
+
+    /// The netdevs as they are now (the launch ones not deleted, then those netdev_add added),
+    /// as description entries.
+    var specs: [Netdev] { lists.withLock { $0.specs } }
 
     /// The netdev with this id.
     func netdev(_ id: String) -> NetworkLoop? { lists.withLock { $0.netdevs.first { $0.id == id } } }
@@ -76,6 +89,59 @@ final class MachineNetwork: NetworkRegistry, @unchecked Sendable {  // unchecked
 
     /// The NICs.
     var nics: [NIC] { lists.withLock { $0.nics } }
+
+    // MARK: Hot-plug
+
+    /// Builds a hot-plugged NIC (`device_add virtio-net-pci`) and connects it to `netdev`,
+    /// which it then holds until `unplugNIC`: a second NIC and netdev_del are refused meanwhile.
+    /// Without a netdev the NIC gets a thread of its own that drops what it sends. `mac` nil
+    /// takes QEMU's default, the first 52:54:00:12:34:56 + n no NIC has. `id` nil names the NIC
+    /// `DRIVER.N` (as QEMU names an anonymous one). Throws `HotPlugError` and changes nothing.
+    /// Control queue (with the harts out of guest code).
+    func plugNIC(id: String?, driver: String, netdev: String?, mac: MACAddress?, name: String) throws(HotPlugError) -> NIC {
+        try lists.withLock { l throws(HotPlugError) -> NIC in
+            let backend: NetworkLoop
+            var unconnected: DisconnectedNetwork?
+            let nicID = id ?? (0...).lazy.map { "\(driver).\($0)" }.first { n in !l.nics.contains { $0.id == n } }!
+            // The hot-plug side checked the QOM ids; a launch NIC without one has a generated id.
+            if let id, l.nics.contains(where: { $0.id == id }) { throw .duplicateID(id) }
+            if let netdev {
+                guard let n = l.netdevs.first(where: { $0.id == netdev }) else {
+                    throw .netdevNotFound(driver: driver, netdev: netdev)
+                }
+                if let user = l.nics.first(where: { $0.netdev == netdev }) {
+                    throw .netdevInUse(driver: driver, netdev: netdev, user: user.id)
+                }
+                backend = n
+            } else {
+                let u = DisconnectedNetwork(id: "\(nicID)-unconnected")
+                unconnected = u
+                backend = u
+            }
+            let address = mac ?? (0..<256).lazy.map { MACAddress.qemuDefault(index: $0) }
+                .first { m in !l.nics.contains { $0.device.mac == m.bytes } } ?? MACAddress.qemuDefault(index: l.nics.count)
+            let device = VirtioNet(mac: address.bytes, backend: backend, name: name, logger: MachineDevices.logger("machine.virtio-net"))
+            let nic = NIC(id: nicID, driver: driver, device: device, netdev: netdev, unconnected: unconnected, hotPlugged: true)
+            l.nics.append(nic)
+            return nic
+        }
+    }
+
+    /// Removes a hot-plugged NIC once its function left the bus: the NIC stops on its backend's
+    /// thread (no frame reaches it, it touches no guest RAM afterwards), the netdev lets go of
+    /// it (free for another NIC or netdev_del, its link up again: `set_link` on the NIC had set
+    /// both), and a NIC without a netdev has its thread stopped. Control queue.
+    func unplugNIC(id: String) {
+        lists.withLock { l in
+            guard let i = l.nics.firstIndex(where: { $0.id == id && $0.hotPlugged }) else { return }
+            let nic = l.nics.remove(at: i)
+            // Under the lock, so that no device_add claims the netdev before it is free.
+            nic.device.reset()            // on the backend's thread: the NIC forgets its queues
+            nic.device.backend.detach()   // on the backend's thread: no frame is offered to it again
+            nic.device.backend.linkUp = true
+            nic.unconnected?.close()
+        }
+    }
 
     /// The backends whose state goes into saved states (user networks), in description order.
     var statefulBackends: [any ManagedDevice] {
@@ -88,9 +154,11 @@ final class MachineNetwork: NetworkRegistry, @unchecked Sendable {  // unchecked
         for b in statefulBackends { try machine.addManagedDevice(b) }
     }
 
-    /// Closes every netdev (after the machine stopped).
+    /// Closes every netdev and the threads of hot-plugged NICs without one (after the machine stopped).
     func close() {
-        for n in lists.withLock({ $0.netdevs }) { n.close() }
+        let (netdevs, unconnected) = lists.withLock { l in (l.netdevs, l.nics.compactMap(\.unconnected)) }
+        for n in netdevs { n.close() }
+        for u in unconnected { u.close() }
     }
 
     // MARK: NetworkRegistry
@@ -115,6 +183,7 @@ final class MachineNetwork: NetworkRegistry, @unchecked Sendable {  // unchecked
         let duplicate = lists.withLock { l -> Bool in
             if l.netdevs.contains(where: { $0.id == netdev.id }) { return true }
             l.netdevs.append(n)
+            l.specs.append(netdev)
             return false
         }
         if duplicate {
@@ -132,6 +201,7 @@ final class MachineNetwork: NetworkRegistry, @unchecked Sendable {  // unchecked
             if let nic = l.nics.first(where: { $0.netdev == id }) {
                 throw QMPError(.genericError, "netdev '\(id)' is in use by NIC '\(nic.id)'; a NIC's netdev cannot be removed while the NIC exists")
             }
+            l.specs.removeAll { $0.id == id }
             return l.netdevs.remove(at: i)
         }
         if let slirp = removed as? SlirpNetwork { machineBox.withLock { $0 }?.removeManagedDevice(slirp) }
@@ -139,11 +209,14 @@ final class MachineNetwork: NetworkRegistry, @unchecked Sendable {  // unchecked
     }
 
     func setLink(name: String, up: Bool) throws {
-        let (nic, netdev) = lists.withLock { l in
-            (l.nics.first { $0.id == name } ?? l.nics.first { $0.netdev == name }, l.netdevs.first { $0.id == name })
+        // Under the lock, so that a NIC's unplug (which sets its netdev's link up again) does not
+        // interleave with it.
+        try lists.withLock { l in
+            let nic = l.nics.first { $0.id == name } ?? l.nics.first { $0.netdev == name }
+            let netdev = l.netdevs.first { $0.id == name }
+            guard nic != nil || netdev != nil else { throw QMPError(.deviceNotFound, "Device '\(name)' not found") }
+            if let nic { nic.device.setLink(up: up) } else { netdev?.linkUp = up }
         }
-        guard nic != nil || netdev != nil else { throw QMPError(.deviceNotFound, "Device '\(name)' not found") }
-        if let nic { nic.device.setLink(up: up) } else { netdev?.linkUp = up }
     }
 
     func rxFilters(name: String?) throws -> [RxFilterInfo] {

@@ -244,6 +244,32 @@ struct TestRing {
         #expect(tx.takeUsed().count == 1)
     }
 
+    /// The unplug sequence (the transport quiesces it, then the NIC resets and its netdev lets
+    /// go): work queued before it (a kick, a frame on its way, a link change) runs afterwards
+    /// without touching guest RAM or raising an interrupt, and the backend holds nothing for it.
+    @Test func anUnpluggedNICTouchesNothing() throws {
+        var (nic, backend, rx, tx, irq) = try make()
+        rx.add(addr: 0x8005_0000, len: 1500, writable: true)
+        let frame = Self.udpFrame(payload: [9, 9, 9])
+        try ram.write(Data([UInt8](repeating: 0, count: 12) + frame), at: GuestPhysicalAddress(0x8004_0000))
+        tx.add(addr: 0x8004_0000, len: UInt32(12 + frame.count), writable: false)
+        let before = try ram.read(GuestPhysicalAddress(0x8001_0000), count: 0x5_0000)
+        let interrupts = irq.used.load(ordering: .relaxed)
+        nic.quiesce()
+        nic.reset()
+        backend.detach()
+        #expect(backend.frontend == nil)
+        let taken = [UInt8](repeating: 5, count: 80).withUnsafeBytes { nic.receive($0) }
+        #expect(taken)                                          // dropped, not held for a NIC that is gone
+        nic.queueNotify(1)
+        nic.queueNotify(0)
+        nic.setLink(up: false)
+        nic.resume()                                            // even a stray resume finds no queues
+        #expect(try ram.read(GuestPhysicalAddress(0x8001_0000), count: 0x5_0000) == before)
+        #expect(irq.used.load(ordering: .relaxed) == interrupts && irq.config.load(ordering: .relaxed) == 0)
+        #expect(backend.sent.isEmpty && rx.takeUsed().isEmpty && tx.takeUsed().isEmpty)
+    }
+
     /// Random headers and frames from a hostile driver: whatever csum_start/csum_offset say,
     /// the checksum is written inside the frame or the frame is refused.
     @Test func checksumRequestsStayInsideTheFrame() {
@@ -285,5 +311,12 @@ struct TestRing {
         for bad in ["", "52:54:00:12:34", "52:54:00:12:34:567", "zz:54:00:12:34:56", "52-54-00-12-34-56"] {
             #expect(VirtioNet.parseMAC(bad) == nil, "\(bad)")
         }
+        for bad in ["+1:54:00:12:34:56", "52:54:00:12:34:+6", " 5:54:00:12:34:56"] {
+            #expect(MACAddress(bad) == nil, "\(bad)")
+        }
+        #expect(MACAddress("52:54:00:AB:CD:EF")?.description == "52:54:00:ab:cd:ef")
+        #expect(MACAddress("01:00:5e:00:00:01")?.isMulticast == true && MACAddress("52:54:00:12:34:56")?.isMulticast == false)
+        #expect(MACAddress.qemuDefault(index: 1).description == "52:54:00:12:34:57")
+        #expect(MACAddress(bytes: [1, 2, 3]) == nil)
     }
 }

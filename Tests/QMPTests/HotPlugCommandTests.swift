@@ -1,4 +1,5 @@
 import Foundation
+import FuzzSupport
 import Machine
 import Schema
 import Synchronization
@@ -88,6 +89,55 @@ final class HotPlugDevices: DeviceRegistry {
         #expect(HotPlugError.unknownDriver("x").description.contains("'x' is not a valid device model name"))
         #expect(HotPlugError.deviceNotFound("x").errorClass == .deviceNotFound)
         #expect(HotPlugError.busNotFound("x").errorClass == .genericError)
+    }
+
+    @Test func deviceAddOfAVirtioNetPciTakesNetdevAndMac() throws {
+        let r = try request(["driver": "virtio-net-pci", "id": "nic0", "bus": "rp0", "netdev": "n0", "mac": "52:54:00:AB:cd:01",
+                             "addr": "0"])
+        #expect(r == DeviceAddRequest(driver: .virtioNetPci, id: "nic0", bus: "rp0", netdev: "n0",
+                                      mac: MACAddress(bytes: [0x52, 0x54, 0, 0xab, 0xcd, 1])))
+        #expect(r.mac?.description == "52:54:00:ab:cd:01")
+        // Neither is required: a NIC with no cable, QEMU's default address.
+        let bare = try request(["driver": "virtio-net-pci", "bus": "rp1"])
+        #expect(bare.netdev == nil && bare.mac == nil && bare.id == nil)
+        // Refusals, in QEMU's qdev wording.
+        #expect(refusal(["driver": "virtio-net-pci", "bus": "rp0", "mac": "52:54:00:12:34"])
+                == .badValue(driver: "virtio-net-pci", property: "mac", value: "52:54:00:12:34",
+                             why: "expected six hex bytes separated by ':', e.g. 52:54:00:12:34:56"))
+        if case .badValue(_, "mac", "03:00:00:00:00:01", let why)? = refusal(["driver": "virtio-net-pci", "mac": "03:00:00:00:00:01"]) {
+            #expect(why.contains("multicast"))
+        } else {
+            Issue.record("a multicast mac was taken")
+        }
+        if case .badProperty(_, "netdev", _)? = refusal(["driver": "virtio-net-pci", "netdev": 1]) {} else { Issue.record("netdev 1") }
+        if case .badProperty(_, "mac", _)? = refusal(["driver": "virtio-net-pci", "mac": true]) {} else { Issue.record("mac true") }
+        #expect(refusal(["driver": "virtio-net-pci", "drive": "n"]) == .unknownProperty(driver: "virtio-net-pci", property: "drive"))
+        #expect(refusal(["driver": "virtio-rng-pci", "netdev": "n0"]) == .unknownProperty(driver: "virtio-rng-pci", property: "netdev"))
+        #expect(refusal(["driver": "virtio-net-device", "netdev": "n0"]) == .notHotPluggable("virtio-net-device"))
+        #expect(HotPlugError.netdevNotFound(driver: "virtio-net-pci", netdev: "x").description
+                .hasPrefix("Property 'virtio-net-pci.netdev' can't find value 'x'"))
+        #expect(HotPlugError.netdevInUse(driver: "virtio-net-pci", netdev: "n0", user: "nic0").description
+                .hasPrefix("Property 'virtio-net-pci.netdev' can't take value 'n0', it's in use"))
+        #expect(HotPlugError.netdevInUse(driver: "virtio-net-pci", netdev: "n0", user: "nic0").errorClass == .genericError)
+    }
+
+    /// device_add's `mac` is outside input: any string is either a unicast address that reads
+    /// back the same (ignoring case), or refused with badValue naming it.
+    @Test func fuzzedMacsAreParsedOrRefused() {
+        let seeds = ["52:54:00:12:34:56", "ff:ff:ff:ff:ff:ff", "0:1:2:3:4:5", "52:54:00:12:34:5g", "+1:54:00:12:34:56"].map { Array($0.utf8) }
+        let report = Fuzz.run(target: "device-add-mac", seeds: seeds, seconds: Fuzz.budget(ci: 1), maxLength: 64,
+                              dictionary: [Array(":".utf8), Array("0x".utf8), Array("-".utf8)]) { bytes in
+            let text = String(decoding: bytes, as: UTF8.self)
+            do {
+                let r = try QMPCommandExecutor.deviceAddRequest(DeviceAddArguments(json: ["driver": "virtio-net-pci", "mac": .string(text)], at: .root))
+                guard let mac = r.mac else { Issue.record("no mac for \(text)"); return }
+                #expect(mac.description == text.lowercased() && !mac.isMulticast, "\(text)")
+            } catch let e as HotPlugError {
+                guard case .badValue(_, "mac", text, _) = e else { Issue.record("\(text): \(e)"); return }
+                throw e
+            }
+        }
+        #expect(report.executions > seeds.count)
     }
 
     @Test func refusedRequestsNeverReachTheMachine() {

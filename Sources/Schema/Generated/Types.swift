@@ -7111,7 +7111,7 @@ public struct DeviceAddArguments: SchemaCodable, Equatable {
     public var bus: String?
     /// The device id, by which device_del, qom-get and DEVICE_DELETED know it (/machine/peripheral/ID). Optional.
     public var id: String?
-    /// The driver's properties, as QEMU's -device takes them: `addr` ("0" or "0.0": the only slot behind a root port), `drive` (virtio-blk-pci: the node name), `serial` (virtio-blk-pci: the disk serial, a string). Values may be strings or, for addr, integers; an unknown property is refused. Any member not listed above, as given.
+    /// The driver's properties, as QEMU's -device takes them: `addr` ("0" or "0.0": the only slot behind a root port), `drive` (virtio-blk-pci: the node name), `serial` (virtio-blk-pci: the disk serial, a string), `netdev` (virtio-net-pci: the netdev's id; absent, a NIC with no cable), `mac` (virtio-net-pci: six hex bytes separated by ':'; absent, the first 52:54:00:12:34:XX from :56 up that no NIC has). Values may be strings or, for addr, integers; an unknown property is refused. Any member not listed above, as given.
     public var extraMembers: JSONObject
 
     /// Creates a value from its members.

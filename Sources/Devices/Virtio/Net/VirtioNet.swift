@@ -153,20 +153,11 @@ public final class VirtioNet: VirtioDevice, NetworkFrontend, @unchecked Sendable
 
     /// "52:54:00:12:34:56".
     public static func format(_ mac: [UInt8]) -> String {
-        mac.map { b in let s = String(b, radix: 16); return s.count == 1 ? "0" + s : s }.joined(separator: ":")
+        MACAddress(bytes: mac)?.description ?? mac.map { String($0, radix: 16) }.joined(separator: ":")
     }
 
-    /// Parses "52:54:00:12:34:56"; nil when it is not six hex bytes.
-    public static func parseMAC(_ text: String) -> [UInt8]? {
-        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
-        guard parts.count == 6 else { return nil }
-        var out: [UInt8] = []
-        for p in parts {
-            guard p.count == 2, let b = UInt8(p, radix: 16) else { return nil }
-            out.append(b)
-        }
-        return out
-    }
+    /// Parses "52:54:00:12:34:56" (`MACAddress`'s grammar); nil when it is not six hex bytes.
+    public static func parseMAC(_ text: String) -> [UInt8]? { MACAddress(text)?.bytes }
 
     // MARK: Backend thread
 
