@@ -52,17 +52,23 @@ def isa_line(out):
 def test_linux_sees_the_claimed_extensions(tmp_path):
     """Linux 6.1 reports the extensions it knows from the device tree: Zicbom, Zihintpause,
     Sstc, Svinval, Svpbmt (it then uses stimecmp for its timer and PBMT in its page tables)."""
-    out = run_guest(tmp_path, "cat,/proc/cpuinfo")
+    out = run_guest(tmp_path, "cat,/proc/cpuinfo;cat,/proc/device-tree/cpus/cpu@0/riscv?isa")
     isa = isa_line(out)
     for ext in ["zicbom", "zihintpause", "sstc", "svinval", "svpbmt"]:
         assert ext in isa.split("_"), f"{ext} missing from {isa}"
+    # Names Linux 6.1 does not know reach it in the device tree all the same (and it boots).
+    m = re.search(r"(rv64imafdc_\S*zicsr\S*)", out[out.index("processor"):])
+    assert m, out[-2000:]
+    for ext in ["zfh", "zfhmin", "zba", "zbb"]:
+        assert ext in m.group(1).split("_"), f"{ext} missing from the device tree's {m.group(1)}"
 
 
 def test_narrowed_isa_claims_and_runs_only_rv64gc(tmp_path):
     """`"cpu": {"isa": "rv64gc"}` claims no extension beyond RV64GC, and the guest still boots."""
-    out = run_guest(tmp_path, "cat,/proc/cpuinfo", cpu={"isa": "rv64gc"})
+    out = run_guest(tmp_path, "cat,/proc/cpuinfo;cat,/proc/device-tree/cpus/cpu@0/riscv?isa", cpu={"isa": "rv64gc"})
     isa = isa_line(out)
     assert not any(e in isa for e in ["zicbom", "sstc", "svpbmt", "svinval", "zihintpause"]), isa
+    assert re.search(r"rv64imafdc_zicsr_zifencei\b(?!_)", out[out.index("processor"):]), out[-2000:]
 
 
 def test_bad_isa_string_is_refused_naming_the_extension(tmp_path):
