@@ -29,6 +29,7 @@ GCC_OPTS="-static -mcmodel=medany -fvisibility=hidden -nostdlib -nostartfiles -f
 skip() { echo "riscv-tests: SKIPPED: $*"; exit 77; }
 start=$SECONDS
 command -v ${PREFIX}gcc >/dev/null || skip "${PREFIX}gcc is not installed (scripts/deps installs gcc-riscv64-linux-gnu)"
+command -v make >/dev/null || skip "make is not installed (scripts/deps installs it)"
 SERVER=$(cd "$(dirname "$SERVER")" && pwd)/$(basename "$SERVER")
 [ -x "$SERVER" ] || { echo "riscv-tests: $SERVER is not an executable"; exit 1; }
 
