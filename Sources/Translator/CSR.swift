@@ -264,7 +264,7 @@ extension Hart {
             // WARL: an mcontrol with action 0 (breakpoint exception), match 0 (equal), no
             // chain, timing before; its M, S, U, execute, store and load bits. Anything else
             // (or type 0) leaves no trigger at this index.
-            tdata1[Int(tselect)] = v >> 60 == 2 ? (2 << 60) | (v & 0x5f) : 0
+            tdata1[Int(tselect)] = v >> 60 == 2 ? (2 << 60) | (v & Hart.mcontrolBits) : 0
         case 0x7a2: tdata2[Int(tselect)] = v
         case 0x7a3, 0x7a4: break
         default:

@@ -149,11 +149,11 @@ extension Hart {
         var reads = false, writes = false
         switch o.kind {
         case .lb, .lbu: size = 1; reads = true
-        case .lh, .lhu: size = 2; reads = true
+        case .lh, .lhu, .flh: size = 2; reads = true
         case .lw, .lwu, .flw: size = 4; reads = true
         case .ld, .fld: size = 8; reads = true
         case .sb: size = 1; writes = true
-        case .sh: size = 2; writes = true
+        case .sh, .fsh: size = 2; writes = true
         case .sw, .fsw: size = 4; writes = true
         case .sd, .fsd: size = 8; writes = true
         case .lr: size = UInt64(o.imm); reads = true

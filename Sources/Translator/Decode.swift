@@ -1,4 +1,4 @@
-/// Instruction decoding: 32-bit RV64IMAFD and the C extension (expanded to 32-bit first).
+/// Instruction decoding: 32-bit RV64IMAFD (with Zfh) and the C extension (expanded to 32-bit first).
 enum Decoder {
     @inline(__always) static func bits(_ i: UInt32, _ hi: Int, _ lo: Int) -> UInt32 {
         (i >> UInt32(lo)) & ((1 << UInt32(hi - lo + 1)) - 1)
@@ -260,6 +260,7 @@ enum Decoder {
             op.rd = rd
             op.imm = immI
             switch f3 {
+            case 1: op.kind = .flh
             case 2: op.kind = .flw
             case 3: op.kind = .fld
             default: return ill()
@@ -267,6 +268,7 @@ enum Decoder {
         case 0x27:
             op.imm = immS
             switch f3 {
+            case 1: op.kind = .fsh
             case 2: op.kind = .fsw
             case 3: op.kind = .fsd
             default: return ill()
@@ -276,13 +278,20 @@ enum Decoder {
             op.rd = rd
             op.rs3 = UInt8(bits(i, 31, 27))
             op.rm = UInt8(f3)
-            let single = fmt == 0
-            guard fmt <= 1 else { return ill() }
-            switch opcode {
-            case 0x43: op.kind = single ? .fmaddS : .fmaddD
-            case 0x47: op.kind = single ? .fmsubS : .fmsubD
-            case 0x4b: op.kind = single ? .fnmsubS : .fnmsubD
-            default: op.kind = single ? .fnmaddS : .fnmaddD
+            switch (fmt, opcode) {
+            case (0, 0x43): op.kind = .fmaddS
+            case (0, 0x47): op.kind = .fmsubS
+            case (0, 0x4b): op.kind = .fnmsubS
+            case (0, _): op.kind = .fnmaddS
+            case (1, 0x43): op.kind = .fmaddD
+            case (1, 0x47): op.kind = .fmsubD
+            case (1, 0x4b): op.kind = .fnmsubD
+            case (1, _): op.kind = .fnmaddD
+            case (2, 0x43): op.kind = .fmaddH
+            case (2, 0x47): op.kind = .fmsubH
+            case (2, 0x4b): op.kind = .fnmsubH
+            case (2, _): op.kind = .fnmaddH
+            default: return ill()
             }
         case 0x53:
             return decodeFP(i, op)
@@ -343,11 +352,11 @@ enum Decoder {
             guard validRM else { return ill() }
             switch rs2 { case 0: op.kind = .fcvtDW; case 1: op.kind = .fcvtDWU; case 2: op.kind = .fcvtDL; case 3: op.kind = .fcvtDLU; default: return ill() }
         case 0x20:
-            guard validRM, rs2 == 1 else { return ill() }
-            op.kind = .fcvtSD
+            guard validRM else { return ill() }
+            switch rs2 { case 1: op.kind = .fcvtSD; case 2: op.kind = .fcvtSH; default: return ill() }
         case 0x21:
-            guard validRM, rs2 == 0 else { return ill() }
-            op.kind = .fcvtDS
+            guard validRM else { return ill() }
+            switch rs2 { case 0: op.kind = .fcvtDS; case 2: op.kind = .fcvtDH; default: return ill() }
         case 0x70:
             guard rs2 == 0 else { return ill() }
             intDest()
@@ -362,6 +371,36 @@ enum Decoder {
         case 0x79:
             guard rs2 == 0, f3 == 0 else { return ill() }
             op.kind = .fmvDX
+        // Zfh and Zfhmin (fmt = 2)
+        case 0x02: guard validRM else { return ill() }; op.kind = .faddH
+        case 0x06: guard validRM else { return ill() }; op.kind = .fsubH
+        case 0x0a: guard validRM else { return ill() }; op.kind = .fmulH
+        case 0x0e: guard validRM else { return ill() }; op.kind = .fdivH
+        case 0x2e: guard validRM, rs2 == 0 else { return ill() }; op.kind = .fsqrtH
+        case 0x12:
+            switch f3 { case 0: op.kind = .fsgnjH; case 1: op.kind = .fsgnjnH; case 2: op.kind = .fsgnjxH; default: return ill() }
+        case 0x16:
+            switch f3 { case 0: op.kind = .fminH; case 1: op.kind = .fmaxH; default: return ill() }
+        case 0x52:
+            intDest()
+            switch f3 { case 0: op.kind = .fleH; case 1: op.kind = .fltH; case 2: op.kind = .feqH; default: return ill() }
+        case 0x62:
+            guard validRM else { return ill() }
+            intDest()
+            switch rs2 { case 0: op.kind = .fcvtWH; case 1: op.kind = .fcvtWUH; case 2: op.kind = .fcvtLH; case 3: op.kind = .fcvtLUH; default: return ill() }
+        case 0x6a:
+            guard validRM else { return ill() }
+            switch rs2 { case 0: op.kind = .fcvtHW; case 1: op.kind = .fcvtHWU; case 2: op.kind = .fcvtHL; case 3: op.kind = .fcvtHLU; default: return ill() }
+        case 0x22:
+            guard validRM else { return ill() }
+            switch rs2 { case 0: op.kind = .fcvtHS; case 1: op.kind = .fcvtHD; default: return ill() }
+        case 0x72:
+            guard rs2 == 0 else { return ill() }
+            intDest()
+            switch f3 { case 0: op.kind = .fmvXH; case 1: op.kind = .fclassH; default: return ill() }
+        case 0x7a:
+            guard rs2 == 0, f3 == 0 else { return ill() }
+            op.kind = .fmvHX
         default:
             return ill()
         }

@@ -290,6 +290,15 @@ extension Hart {
                         }
                     }
 
+                case .flh, .fsh:
+                    switch executeHalfMemory(o, pc: pcOf(op)) {
+                    case JITStatus.trapped: return trapExit(op)
+                    case JITStatus.leave:
+                        instret &+= UInt64(op - opBase + 1)
+                        return -1
+                    default: break
+                    }
+
                 // System
                 case .illegal:
                     raise(.illegalInstruction, tval: UInt64(o.raw), pc: pcOf(op))

@@ -37,16 +37,22 @@ public struct ISAExtensions: OptionSet, Sendable, Hashable {
     public static let svinval = ISAExtensions(rawValue: 1 << 13)
     /// NAPOT translation contiguity (64 KiB pages through PTE bit 63).
     public static let svnapot = ISAExtensions(rawValue: 1 << 14)
+    /// Minimal half precision: flh/fsh, fmv.x.h/fmv.h.x and conversions between H and S/D.
+    public static let zfhmin = ISAExtensions(rawValue: 1 << 15)
+    /// Half-precision arithmetic, comparisons and integer conversions (implies Zfhmin).
+    public static let zfh = ISAExtensions(rawValue: 1 << 16)
 
     /// Every extension this CPU implements.
     public static let all: ISAExtensions = [.zba, .zbb, .zbc, .zbs, .zicond, .zicbom, .zicboz, .zicbop,
-                                            .zihintpause, .zicntr, .zihpm, .sstc, .svpbmt, .svinval, .svnapot]
+                                            .zihintpause, .zicntr, .zihpm, .zfh, .zfhmin,
+                                            .sstc, .svpbmt, .svinval, .svnapot]
 
     /// Each extension with its name as the device tree and ISA strings spell it, in the
     /// canonical order of an ISA string (Z extensions by their category letter, then S ones).
     public static let names: [(ISAExtensions, String)] = [
         (.zicbom, "zicbom"), (.zicbop, "zicbop"), (.zicboz, "zicboz"), (.zicntr, "zicntr"), (.zicond, "zicond"),
         (.zihintpause, "zihintpause"), (.zihpm, "zihpm"),
+        (.zfh, "zfh"), (.zfhmin, "zfhmin"),
         (.zba, "zba"), (.zbb, "zbb"), (.zbc, "zbc"), (.zbs, "zbs"),
         (.sstc, "sstc"), (.svinval, "svinval"), (.svnapot, "svnapot"), (.svpbmt, "svpbmt"),
     ]
@@ -79,7 +85,7 @@ public struct ISAExtensions: OptionSet, Sendable, Hashable {
     /// Parses an ISA string such as `rv64gc`, `rv64imafdc_zicsr_zifencei_zba_zbb` or
     /// `rv64gc_zba`: the base must be RV64 with I, M, A, F, D and C (G stands for IMAFD with
     /// Zicsr and Zifencei); each `_`-separated name must be one this CPU implements.
-    /// Returns the extensions beyond the base, or a message naming what is wrong.
+    /// Zfh implies Zfhmin. Returns the extensions beyond the base, or a message naming what is wrong.
     public static func parse(_ s: String) -> Result<ISAExtensions, ISAStringError> {
         let lower = s.lowercased()
         let parts = lower.split(separator: "_", omittingEmptySubsequences: false).map(String.init)
@@ -106,6 +112,7 @@ public struct ISAExtensions: OptionSet, Sendable, Hashable {
             }
             result.insert(e)
         }
+        if result.contains(.zfh) { result.insert(.zfhmin) }
         return .success(result)
     }
 }
@@ -127,8 +134,15 @@ extension OpKind {
         case .bclr, .bclri, .bext, .bexti, .binv, .binvi, .bset, .bseti: return .zbs
         case .czeroEqz, .czeroNez: return .zicond
         case .sfenceInval: return .svinval
+        case .flh, .fsh, .fmvXH, .fmvHX, .fcvtSH, .fcvtHS, .fcvtDH, .fcvtHD: return .zfhmin
+        case _ where isHalf: return .zfh
         default: return nil
         }
+    }
+
+    /// Whether the op is one of the half-precision ops `executeHalf` computes (not flh/fsh).
+    var isHalf: Bool {
+        rawValue >= OpKind.fmaddH.rawValue && rawValue <= OpKind.fcvtHD.rawValue
     }
 
     /// Whether the op is one of the pure integer ops `bitManip` computes.

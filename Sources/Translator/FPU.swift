@@ -99,6 +99,7 @@ extension Hart {
 
     /// Executes an F/D arithmetic op. Returns false for an invalid rounding mode (illegal).
     func executeFP(_ o: Op) -> Bool {
+        if o.kind.isHalf { return executeHalf(o) }
         var rm = UInt64(o.rm)
         if rm == 7 { rm = frm }
         let usesRM: Bool
@@ -264,7 +265,7 @@ extension Hart {
     }
 
     /// fcvt to a signed integer with saturation and exact flags.
-    private func toInt(_ v: Double, rm: UInt64, lo: Double, hi: Double, signExtend32: Bool) -> UInt64 {
+    func toInt(_ v: Double, rm: UInt64, lo: Double, hi: Double, signExtend32: Bool) -> UInt64 {
         let saved = saveHostFlags()
         defer { restoreHostFlags(saved) }
         if v.isNaN {
@@ -287,7 +288,7 @@ extension Hart {
     }
 
     /// fcvt to an unsigned integer with saturation and exact flags.
-    private func toUInt(_ v: Double, rm: UInt64, hi: Double, signExtend32: Bool) -> UInt64 {
+    func toUInt(_ v: Double, rm: UInt64, hi: Double, signExtend32: Bool) -> UInt64 {
         let saved = saveHostFlags()
         defer { restoreHostFlags(saved) }
         if v.isNaN {

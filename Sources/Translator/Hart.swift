@@ -123,6 +123,12 @@ public final class Hart: VirtualCPU {
     var tdata2 = [UInt64](repeating: 0, count: Hart.triggerCount)
     /// Whether some trigger matches executes, loads or stores (and so needs the exact mode).
     var triggersArmed: Bool { tdata1.contains { $0 & 7 != 0 } }
+    /// The mcontrol bits a trigger keeps (M, S, U, execute, store, load); the rest of a
+    /// type-2 `tdata1` reads as zero.
+    static let mcontrolBits: UInt64 = 0x5f
+    /// Whether `v` is a `tdata1` the WARL write can leave: no trigger, or an mcontrol with only
+    /// `mcontrolBits`.
+    static func isValidTData1(_ v: UInt64) -> Bool { v == 0 || v & ~mcontrolBits == 2 << 60 }
     /// Called on the vCPU thread when the hart stops for its debugger (with the hart id); the
     /// hart then waits in `run()` until asked to exit. Set while out of `run()`.
     public var debugStopHandler: (@Sendable (Int) -> Void)?

@@ -1,11 +1,13 @@
 import Machine
 
 /// The saved state of one hart: every architectural register (x, f, pc, privilege, every CSR,
-/// fflags and frm held explicitly), the LR reservation and whether the hart waits in `wfi`.
+/// fflags and frm held explicitly, the Sdtrig trigger registers), the LR reservation and
+/// whether the hart waits in `wfi`.
 /// Translations, the soft TLB and the jump cache are caches and are rebuilt after a load.
 public struct HartSavedState: DeviceState {
-    /// Version 2 added `stimecmp` (Sstc).
-    public static let version: UInt32 = 2
+    /// Version 2 added `stimecmp` (Sstc); version 3 the Sdtrig triggers (`tselect`, `tdata1`,
+    /// `tdata2`). Older versions load with `stimecmp` at its reset value and no trigger armed.
+    public static let version: UInt32 = 3
 
     public var x: [UInt64]          // x1…x31 (x0 is zero)
     public var f: [UInt64]          // f0…f31, raw bits
@@ -42,6 +44,9 @@ public struct HartSavedState: DeviceState {
     public var reservationValue: UInt64
     public var waitingForInterrupt: Bool
     public var stimecmp: UInt64
+    public var tselect: UInt64
+    public var tdata1: [UInt64]     // `Hart.triggerCount` entries
+    public var tdata2: [UInt64]     // `Hart.triggerCount` entries
 
     public func encode(to w: inout StateWriter) {
         w.u64s(x)
@@ -56,6 +61,9 @@ public struct HartSavedState: DeviceState {
         for v in [fflags, frm, instret, reservation, reservationValue] { w.u64(v) }
         w.bool(waitingForInterrupt)
         w.u64(stimecmp)
+        w.u64(tselect)
+        w.u64s(tdata1)
+        w.u64s(tdata2)
     }
 
     public init(from r: inout StateReader, version: UInt32) throws(SavedStateError) {
@@ -94,6 +102,15 @@ public struct HartSavedState: DeviceState {
         reservationValue = try r.u64("reservation-value")
         waitingForInterrupt = try r.bool("wfi")
         stimecmp = version >= 2 ? try r.u64("stimecmp") : .max
+        if version >= 3 {
+            tselect = try r.u64("tselect")
+            tdata1 = try r.u64s("tdata1", exactly: Hart.triggerCount)
+            tdata2 = try r.u64s("tdata2", exactly: Hart.triggerCount)
+        } else {
+            tselect = 0
+            tdata1 = [UInt64](repeating: 0, count: Hart.triggerCount)
+            tdata2 = [UInt64](repeating: 0, count: Hart.triggerCount)
+        }
     }
 
     init(_ h: Hart) {
@@ -111,6 +128,7 @@ public struct HartSavedState: DeviceState {
         reservation = h.reservation; reservationValue = h.reservationValue
         waitingForInterrupt = h.waitingForInterrupt
         stimecmp = h.stimecmp
+        tselect = h.tselect; tdata1 = h.tdata1; tdata2 = h.tdata2
     }
 
     /// Refuses values the hart could not hold (a hart never produces them), naming the field.
@@ -132,6 +150,12 @@ public struct HartSavedState: DeviceState {
         }
         guard mipSoftware & ~(Irq.ssi | Irq.sti | Irq.sei) == 0 else {
             throw bad("mip", "0x\(String(mipSoftware, radix: 16)) sets bits software cannot write")
+        }
+        guard tselect < UInt64(Hart.triggerCount) else {
+            throw bad("tselect", "\(tselect) is not below the \(Hart.triggerCount) triggers")
+        }
+        for (i, t) in tdata1.enumerated() where !Hart.isValidTData1(t) {
+            throw bad("tdata1", "trigger \(i): 0x\(String(t, radix: 16)) is not a value the trigger can hold")
         }
     }
 }
@@ -164,6 +188,7 @@ extension Hart {
         reservation = s.reservation; reservationValue = s.reservationValue
         waitingForInterrupt = s.waitingForInterrupt
         stimecmp = s.stimecmp
+        tselect = s.tselect; tdata1 = s.tdata1; tdata2 = s.tdata2
         pollTimer()
         hostFPUStale = true
         flushAllTranslations()

@@ -151,9 +151,11 @@ extension Hart {
         return JITStatus.next
     }
 
-    /// Floating-point arithmetic, comparisons, conversions and moves.
+    /// Floating-point arithmetic, comparisons, conversions and moves, and the half-precision
+    /// loads and stores (which the compiler does not emit inline).
     func jitFP(_ op: UnsafePointer<Op>, pc: UInt64) -> Int64 {
         let o = op.pointee
+        if o.kind == .flh || o.kind == .fsh { return executeHalfMemory(o, pc: pc) }
         if !fpEnabled || !executeFP(o) {
             raise(.illegalInstruction, tval: UInt64(o.raw), pc: pc)
             trapped = false

@@ -42,6 +42,13 @@ enum OpKind: UInt8 {
     case cbo
     // Svinval: sfence.w.inval and sfence.inval.ir (sinval.vma decodes as sfenceVma).
     case sfenceInval
+    // Zfhmin/Zfh: half-precision loads and stores, then the ops `executeHalf` computes (keep
+    // those contiguous from fmaddH to fcvtHD: `OpKind.isHalf`). `rm` holds the rounding mode.
+    case flh, fsh
+    case fmaddH, fmsubH, fnmsubH, fnmaddH, faddH, fsubH, fmulH, fdivH, fsqrtH
+    case fsgnjH, fsgnjnH, fsgnjxH, fminH, fmaxH, feqH, fltH, fleH, fclassH
+    case fcvtWH, fcvtWUH, fcvtLH, fcvtLUH, fcvtHW, fcvtHWU, fcvtHL, fcvtHLU, fmvXH, fmvHX
+    case fcvtSH, fcvtHS, fcvtDH, fcvtHD
 }
 
 /// One pre-decoded instruction.

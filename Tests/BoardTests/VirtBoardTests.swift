@@ -55,7 +55,7 @@ struct VirtBoardTests {
         #expect(root.node(at: "cpus")?.property("timebase-frequency") == .u32([10_000_000]))
         let cpu1 = root.node(at: "cpus/cpu@1")
         #expect(cpu1?.property("riscv,isa") == .string(
-            "rv64imafdc_zicbom_zicbop_zicboz_zicntr_zicond_zicsr_zifencei_zihintpause_zihpm_zba_zbb_zbc_zbs_sstc_svinval_svnapot_svpbmt"))
+            "rv64imafdc_zicbom_zicbop_zicboz_zicntr_zicond_zicsr_zifencei_zihintpause_zihpm_zfh_zfhmin_zba_zbb_zbc_zbs_sstc_svinval_svnapot_svpbmt"))
         #expect(cpu1?.property("riscv,isa-base") == .string("rv64i"))
         #expect(cpu1?.property("riscv,isa-extensions") == .strings(ISAExtensions.all.extensionList))
         #expect(cpu1?.property("riscv,cboz-block-size") == .u32([64]))

@@ -7,7 +7,7 @@ import Testing
 import Glibc
 #endif
 
-/// Differential testing of the JIT against the interpreter: random valid RV64GC programs run on
+/// Differential testing of the JIT against the interpreter: random valid RV64GC (and Zfh) programs run on
 /// one hart of each engine in lock step, one block at a time, and the architectural state
 /// (integer and FP registers, pc, instret, privilege, trap CSRs, fflags/frm, data memory) must
 /// be identical after every block.
@@ -220,7 +220,7 @@ struct TestRNG {
     mutating func chance(_ percent: Int) -> Bool { below(100) < percent }
 }
 
-/// Generates random, valid, terminating RV64GC programs: straight-line runs of random integer,
+/// Generates random, valid, terminating RV64GC (and Zfh) programs: straight-line runs of random integer,
 /// M, A, F/D, CSR and memory instructions, with forward branches, direct and indirect jumps,
 /// counted loops, traps (a handler at `handler` skips the faulting 4-byte instruction) and the
 /// occasional store into the code itself. x7 is the loop counter, x8 the data pointer, x9 the
@@ -245,10 +245,13 @@ struct ProgramGenerator {
         let specials: [UInt64] = [0, 1 << 63, 0x7ff0_0000_0000_0000, 0xfff0_0000_0000_0000, 0x7ff8_0000_0000_0000,
                                   0x7ff0_0000_0000_0001, 0x0000_0000_0000_0001, 0x3ff0_0000_0000_0000,
                                   0xffff_ffff_7f80_0000, 0xffff_ffff_7fc0_0000, 0xffff_ffff_7f80_0001,
-                                  0xffff_ffff_3f80_0000, 0xffff_ffff_0000_0001, 0x0000_0000_3f80_0000]
-        switch rng.below(4) {
+                                  0xffff_ffff_3f80_0000, 0xffff_ffff_0000_0001, 0x0000_0000_3f80_0000,
+                                  0xffff_ffff_ffff_7c01, 0xffff_ffff_ffff_7e00, 0xffff_ffff_ffff_0001,
+                                  0xffff_ffff_ffff_3c00, 0xffff_ffff_ffff_fbff, 0xffff_fffe_ffff_3c00]
+        switch rng.below(5) {
         case 0: return specials[rng.below(specials.count)]
         case 1: return 0xffff_ffff_0000_0000 | (rng.next() & 0xffff_ffff)
+        case 4: return 0xffff_ffff_ffff_0000 | (rng.next() & 0xffff)                            // a boxed half
         case 2: return Double(Int64(bitPattern: rng.next()) >> Int64(rng.below(60))).bitPattern   // integer-valued
         default: return rng.next()
         }
@@ -349,8 +352,8 @@ struct ProgramGenerator {
             let rs2 = f5 == 2 ? 0 : src()
             emit32((f5 << 27) | (rs2 << 20) | (8 << 15) | ((rng.chance(50) ? 2 : 3) << 12) | (dest() << 7) | 0x2f)
         case 72..<76:
-            // FP loads and stores through the data pointer.
-            let f3: UInt32 = rng.chance(50) ? 2 : 3
+            // FP loads and stores through the data pointer (half, single, double).
+            let f3 = UInt32(1 + rng.below(3))
             let imm = Int32(rng.below(4096)) - 2048
             if rng.chance(50) {
                 emit32(Self.i(imm, 8, f3, freg(), 0x07))
@@ -375,7 +378,7 @@ struct ProgramGenerator {
     }
 
     mutating func fpInstruction() {
-        let fmt = UInt32(rng.below(2))
+        let fmt = UInt32(rng.below(3))  // single, double, half
         switch rng.below(12) {
         case 0..<4:
             let f5 = [0x00, 0x04, 0x08, 0x0c][rng.below(4)]
@@ -396,12 +399,16 @@ struct ProgramGenerator {
         case 10:
             emit32(Self.r(0x68 | fmt, UInt32(rng.below(4)), src(), rm(), freg(), 0x53))     // fcvt to FP
         default:
-            switch rng.below(5) {
+            switch rng.below(6) {
             case 0: emit32(Self.r(0x70 | fmt, 0, freg(), 0, dest(), 0x53))                  // fmv.x
             case 1: emit32(Self.r(0x78 | fmt, 0, src(), 0, freg(), 0x53))                   // fmv to FP
             case 2: emit32(Self.r(0x70 | fmt, 0, freg(), 1, dest(), 0x53))                  // fclass
             case 3: emit32(Self.r(0x20, 1, freg(), rm(), freg(), 0x53))                     // fcvt.s.d
-            default: emit32(Self.r(0x21, 0, freg(), rm(), freg(), 0x53))                    // fcvt.d.s
+            case 4: emit32(Self.r(0x21, 0, freg(), rm(), freg(), 0x53))                     // fcvt.d.s
+            default:
+                // fcvt.h.s, fcvt.h.d, fcvt.s.h, fcvt.d.h
+                let (f7, rs2): (UInt32, UInt32) = [(0x22, 0), (0x22, 1), (0x20, 2), (0x21, 2)][rng.below(4)]
+                emit32(Self.r(f7, rs2, freg(), rm(), freg(), 0x53))
             }
         }
     }

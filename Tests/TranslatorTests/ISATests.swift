@@ -45,7 +45,7 @@ import Testing
     /// What the assembler accepts beyond RV64GC (Debian's GCC 12 driver knows fewer extension
     /// names than its binutils, so the list goes to the assembler directly; Zicond is written
     /// with `.insn`, binutils 2.40 having no mnemonics for it).
-    static let assemblerISA = "rv64gc_zba_zbb_zbc_zbs_zicbom_zicboz_zicbop_zihintpause_svinval"
+    static let assemblerISA = "rv64gc_zfh_zba_zbb_zbc_zbs_zicbom_zicboz_zicbop_zihintpause_svinval"
 
     static func assemble(_ name: String) throws -> Data {
         let out = FileManager.default.temporaryDirectory.appendingPathComponent("isa-\(name)-\(getpid())-\(UUID().uuidString)")
@@ -89,7 +89,7 @@ import Testing
     }
 
     @Test(arguments: ["alu", "mem", "atomic", "trap", "vm", "sfence", "smc", "fp", "irq",
-                      "bitmanip", "cbo", "sstc", "pte", "counters", "trigger"], ExecutionEngine.allCases)
+                      "bitmanip", "cbo", "sstc", "pte", "counters", "trigger", "zfh"], ExecutionEngine.allCases)
     func program(_ name: String, engine: ExecutionEngine) throws {
         let result = try Self.run(name, engine: engine)
         let failed = result.map { $0 >> 1 } ?? 0

@@ -52,17 +52,23 @@ def isa_line(out):
 def test_linux_sees_the_claimed_extensions(tmp_path):
     """Linux 6.1 reports the extensions it knows from the device tree: Zicbom, Zihintpause,
     Sstc, Svinval, Svpbmt (it then uses stimecmp for its timer and PBMT in its page tables)."""
-    out = run_guest(tmp_path, "cat,/proc/cpuinfo")
+    out = run_guest(tmp_path, "cat,/proc/cpuinfo;cat,/proc/device-tree/cpus/cpu@0/riscv?isa")
     isa = isa_line(out)
     for ext in ["zicbom", "zihintpause", "sstc", "svinval", "svpbmt"]:
         assert ext in isa.split("_"), f"{ext} missing from {isa}"
+    # Names Linux 6.1 does not know reach it in the device tree all the same (and it boots).
+    m = re.search(r"(rv64imafdc_\S*zicsr\S*)", out[out.index("processor"):])
+    assert m, out[-2000:]
+    for ext in ["zfh", "zfhmin", "zba", "zbb"]:
+        assert ext in m.group(1).split("_"), f"{ext} missing from the device tree's {m.group(1)}"
 
 
 def test_narrowed_isa_claims_and_runs_only_rv64gc(tmp_path):
     """`"cpu": {"isa": "rv64gc"}` claims no extension beyond RV64GC, and the guest still boots."""
-    out = run_guest(tmp_path, "cat,/proc/cpuinfo", cpu={"isa": "rv64gc"})
+    out = run_guest(tmp_path, "cat,/proc/cpuinfo;cat,/proc/device-tree/cpus/cpu@0/riscv?isa", cpu={"isa": "rv64gc"})
     isa = isa_line(out)
     assert not any(e in isa for e in ["zicbom", "sstc", "svpbmt", "svinval", "zihintpause"]), isa
+    assert re.search(r"rv64imafdc_zicsr_zifencei\b(?!_)", out[out.index("processor"):]), out[-2000:]
 
 
 def test_bad_isa_string_is_refused_naming_the_extension(tmp_path):
@@ -111,3 +117,50 @@ def test_elf_with_tohost_symbol_gets_the_htif_there(tmp_path, code):
                                "kernel": str(elf), "serial": {"backend": "none"}}))
     r = subprocess.run([SERVER, "--config", str(cfg)], capture_output=True, text=True, timeout=60)
     assert r.returncode == code, r.stderr
+
+
+ZFH_DIR = os.path.join(REPO, "tests", "integration", "zfh")
+QEMU = shutil.which("qemu-system-riscv64")
+
+
+def run_zfh_program(tmp_path, argv, serial_path=None):
+    """Runs a build of zfh/random.c; returns its output lines (it ends with 'zfhdiff done')."""
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    out = open(serial_path, errors="replace").read() if serial_path else r.stdout
+    assert "zfhdiff done" in out, f"{argv[0]} exited {r.returncode}: {r.stderr[-2000:]}\n{out[-2000:]}"
+    lines = [l for l in out.splitlines() if re.match(r"^\S+ [0-9a-f]{16}$", l)]
+    assert len(lines) == 32, out
+    return lines
+
+
+@pytest.mark.skipif(shutil.which("riscv64-linux-gnu-gcc") is None, reason="riscv64-linux-gnu-gcc is not installed")
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-riscv64 is not installed")
+def test_zfh_results_and_flags_match_qemu(tmp_path):
+    """Every Zfh instruction on random operands (specials, subnormals, unboxed registers) in all
+    five rounding modes: the results and fflags hash the same on QEMU (softfloat) and on both of
+    our engines."""
+    elf = tmp_path / "zfh.elf"
+    subprocess.run(["riscv64-linux-gnu-gcc", "-march=rv64gc_zfh", "-mabi=lp64d", "-O2", "-ffreestanding", "-nostdlib",
+                    "-nostartfiles", "-static", "-fno-pic", "-no-pie", "-mcmodel=medany", "-Wl,--build-id=none",
+                    "-DITERATIONS=1500", "-T", os.path.join(ZFH_DIR, "link.ld"), "-o", str(elf),
+                    os.path.join(ZFH_DIR, "start.S"), os.path.join(ZFH_DIR, "random.c")],
+                   check=True, capture_output=True)
+    # QEMU 7.2 spells the property Zfh; later versions zfh.
+    qemu = None
+    for prop in ["Zfh=true", "zfh=true"]:
+        argv = [QEMU, "-M", "virt", "-cpu", "rv64," + prop, "-bios", "none", "-kernel", str(elf),
+                "-display", "none", "-serial", "stdio", "-monitor", "none"]
+        if subprocess.run(argv[:5] + ["-M", "virt,dumpdtb=" + str(tmp_path / "probe.dtb")],
+                          capture_output=True, timeout=60).returncode == 0:
+            qemu = run_zfh_program(tmp_path, argv)
+            break
+    assert qemu, "qemu-system-riscv64 has no Zfh CPU property"
+    for engine in ["jit", "interpreter"]:
+        serial = tmp_path / f"serial-{engine}.log"
+        cfg = tmp_path / f"zfh-{engine}.json"
+        cfg.write_text(json.dumps({"version": 2, "machine": "virt", "memory": "64M", "firmware": "none",
+                                   "kernel": str(elf), "accel": {"engine": engine},
+                                   "serial": {"backend": "file", "path": str(serial)}}))
+        ours = run_zfh_program(tmp_path, [SERVER, "--config", str(cfg)], serial_path=str(serial))
+        differing = [f"{q} (qemu) != {o} ({engine})" for q, o in zip(qemu, ours) if q != o]
+        assert not differing, "\n".join(differing)

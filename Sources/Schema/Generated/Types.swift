@@ -4744,7 +4744,7 @@ public struct ActionsDescription: SchemaCodable, Equatable {
 
 /// The harts' instruction set.
 public struct CPUDescription: SchemaCodable, Equatable {
-    /// The ISA the harts implement and the device tree claims, as an ISA string: 'rv64gc' or 'rv64imafdc', then '_'-separated extensions from zba, zbb, zbc, zbs, zicond, zicbom, zicboz, zicbop, zihintpause, zicntr, zihpm, sstc, svpbmt, svinval, svnapot (zicsr and zifencei are always present), e.g. "rv64gc_zba_zbb". Absent means every extension this CPU implements; narrow it to match firmware written for an older core. Optional.
+    /// The ISA the harts implement and the device tree claims, as an ISA string: 'rv64gc' or 'rv64imafdc', then '_'-separated extensions from zba, zbb, zbc, zbs, zicond, zicbom, zicboz, zicbop, zihintpause, zicntr, zihpm, zfh, zfhmin, sstc, svpbmt, svinval, svnapot (zicsr and zifencei are always present; zfh implies zfhmin), e.g. "rv64gc_zba_zbb". Absent means every extension this CPU implements; narrow it to match firmware written for an older core. Optional.
     public var isa: String?
 
     /// Creates a value from its members.
