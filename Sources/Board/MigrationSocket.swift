@@ -46,7 +46,7 @@ enum MigrationSocket {
                 throw MachineStateError("unix:\(path): cannot connect: \(e)")
             }
             return fd
-        case .file, .exec:
+        case .file, .exec, .fd:
             preconditionFailure("not a socket URI")
         }
     }
@@ -86,7 +86,7 @@ enum MigrationSocket {
                 throw MachineStateError("unix:\(path): cannot listen: \(e)")
             }
             return fd
-        case .file, .exec:
+        case .file, .exec, .fd:
             preconditionFailure("not a socket URI")
         }
     }

@@ -13,7 +13,10 @@ extension QMPCommandExecutor {
 
     /// Checks the arguments as QEMU's qdev does and turns them into a request.
     static func deviceAddRequest(_ a: DeviceAddArguments) throws(HotPlugError) -> DeviceAddRequest {
-        guard let driver = HotPlugDriver(rawValue: a.driver) else {
+        // QEMU's modern-only name for virtio-blk-pci (libvirt's model='virtio-non-transitional'):
+        // machine-server's virtio-pci devices are all modern-only.
+        let name = a.driver == QEMUCapabilities.nonTransitionalBlock ? HotPlugDriver.virtioBlkPci.rawValue : a.driver
+        guard let driver = HotPlugDriver(rawValue: name) else {
             let known = ["virtio-blk-device", "virtio-gpu-device", "virtio-keyboard-device", "virtio-tablet-device",
                          "virtio-rng-device", "virtio-gpu-pci", "pcie-root-port"]
             throw known.contains(a.driver) ? .notHotPluggable(a.driver) : .unknownDriver(a.driver)

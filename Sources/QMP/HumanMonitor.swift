@@ -159,9 +159,52 @@ extension QMPCommandExecutor {
         HMPInfo(name: "pci", help: "show PCI info") { e, w, _ in try e.hotPlugHMP(["info"] + w) ?? "" },
     ]
 
+    /// The words of an HMP command line: split at blanks, with QEMU's double-quoted strings
+    /// (`savevm "snap 1"`, as libvirt sends names) taken whole, backslash escapes `\\`,
+    /// `\"`, `\'`, `\n`, `\r` inside them.
+    static func hmpWords(_ line: String) throws -> [String] {
+        var words: [String] = []
+        var it = Array(line).makeIterator()
+        var current: String? = nil
+        while let c = it.next() {
+            switch c {
+            case " ", "\t", "\n", "\r":
+                if let w = current { words.append(w); current = nil }
+            case "\"" where current == nil:
+                var w = ""
+                var closed = false
+                while let q = it.next() {
+                    if q == "\"" { closed = true; break }
+                    if q == "\\" {
+                        guard let e = it.next() else { break }
+                        switch e {
+                        case "n": w.append("\n")
+                        case "r": w.append("\r")
+                        case "\\", "\"", "'": w.append(e)
+                        default: throw HMPError.message("unsupported escape code: '\\\(e)'")
+                        }
+                        continue
+                    }
+                    w.append(q)
+                }
+                guard closed else { throw HMPError.message("unterminated string literal") }
+                words.append(w)
+            default:
+                current = (current ?? "") + String(c)
+            }
+        }
+        if let w = current { words.append(w) }
+        return words
+    }
+
     /// Runs one HMP command line; unknown commands and bad arguments give QEMU's messages as output.
     func runHumanMonitorCommand(_ line: String, cpuIndex: Int?) throws -> String {
-        let words = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init)
+        let words: [String]
+        do {
+            words = try Self.hmpWords(line)
+        } catch let e as HMPError {
+            return e.text + "\r\n"
+        }
         guard let verb = words.first else { return "" }
         guard let command = Self.hmpCommands.first(where: { $0.names.contains(verb) }) else {
             return "unknown command: '\(verb)'\r\n"

@@ -1,3 +1,4 @@
+import Foundation
 import Dispatch
 import Machine
 import Schema
@@ -18,11 +19,14 @@ extension QMPCommandExecutor {
         if arguments.resume == true {
             throw QMPError(.genericError, "Parameter 'resume' is not supported: there is no paused migration to resume")
         }
+        let m = try migration
+        let uri = try resolveDescriptorURI(arguments.uri, numericAllowed: false)
         do {
-            try migration.startMigration(uri: arguments.uri)
-        } catch let e as QMPError {
-            throw e
+            try m.startMigration(uri: uri)
         } catch {
+            // Refused before it started: the descriptor taken from the table is still ours.
+            if uri != arguments.uri, let fd = Int32(uri.dropFirst(3)) { close(fd) }
+            if let e = error as? QMPError { throw e }
             throw QMPError(.genericError, "\(error)")
         }
     }
@@ -63,8 +67,10 @@ extension QMPCommandExecutor {
         guard controlForMigration.runState == .inmigrate, try migration.migrationProgress().status == .none else {
             throw QMPError(.genericError, "The incoming migration has already been started or the machine was not started with --incoming defer")
         }
+        let m = try migration
+        let uri = try resolveDescriptorURI(arguments.uri, numericAllowed: true)
         do {
-            try migration.incomingMigration(uri: arguments.uri)
+            try m.incomingMigration(uri: uri)
         } catch let e as QMPError {
             throw e
         } catch {
@@ -90,7 +96,8 @@ extension QMPCommandExecutor {
             return v
         }
         if let v = try check(a.downtimeLimit, "downtime-limit", 0...2_000_000) { p.downtimeLimit = UInt64(v) }
-        if let v = try check(a.maxBandwidth, "max-bandwidth", 0...Int64(Int32.max) * 1024) { p.maxBandwidth = UInt64(v) }
+        // QEMU takes any size_t (libvirt asks for about 8 EiB/s, "unlimited", before a save).
+        if let v = try check(a.maxBandwidth, "max-bandwidth", 0...Int64.max) { p.maxBandwidth = UInt64(v) }
         if let v = try check(a.cpuThrottleInitial, "cpu-throttle-initial", 1...99) { p.throttleInitial = Int(v) }
         if let v = try check(a.cpuThrottleIncrement, "cpu-throttle-increment", 1...99) { p.throttleIncrement = Int(v) }
         if let v = try check(a.maxCpuThrottle, "max-cpu-throttle", 1...99) { p.maxThrottle = Int(v) }

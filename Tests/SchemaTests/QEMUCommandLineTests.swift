@@ -73,8 +73,13 @@ import Testing
         #expect(try parse(["-M", "virt", "-serial", "tcp:127.0.0.1:4444,server=on,wait=off"]).description.serial?.json
                 == ["backend": "tcp", "host": "127.0.0.1", "port": 4444])
         #expect(try parse(["-M", "virt", "-chardev", "ringbuf,id=r,size=1024", "-serial", "chardev:r"]).description.serial?.json
-                == ["backend": "ringbuf", "size": 1024])
-        #expect(refusal(["-M", "virt", "-serial", "pty"])?.hasPrefix("-serial pty: not supported") == true)
+                == ["backend": "ringbuf", "size": 1024, "id": "r"])
+        // libvirt's console: a pty chardev whose id is the label query-chardev reports.
+        #expect(try parse(["-M", "virt", "-chardev", "pty,id=charserial0", "-serial", "chardev:charserial0"]).description.serial?.json
+                == ["backend": "pty", "id": "charserial0"])
+        #expect(try parse(["-M", "virt", "-serial", "pty"]).description.serial?.json == ["backend": "pty"])
+        #expect(refusal(["-M", "virt", "-chardev", "pty,id=p,path=/tmp/link", "-serial", "chardev:p"])?.contains("path=") == true)
+        #expect(refusal(["-M", "virt", "-serial", "vc"])?.hasPrefix("-serial vc: not supported") == true)
         #expect(refusal(["-M", "virt", "-serial", "unix:/tmp/s,server=on"])?.contains("wait=off") == true)
         #expect(refusal(["-M", "virt", "-serial", "null", "-serial", "null"])?.contains("one serial port") == true)
     }
@@ -245,7 +250,7 @@ import Testing
             "-msg", "timestamp=on"])
         let d = inv.description
         #expect(d.qmp?.map(\.json) == [["backend": "fd", "fd": 24]])
-        #expect(d.serial?.json == ["backend": "file", "path": "/proc/self/fd/27", "append": true])
+        #expect(d.serial?.json == ["backend": "file", "path": "/proc/self/fd/27", "append": true, "id": "charserial0"])
         #expect(d.devices?.first?.json == ["driver": "virtio-blk-device", "id": "virtio-disk0",
             "drive": ["file": "/g/d.qcow2", "format": "qcow2", "read-only": false, "node-name": "libvirt-1-format",
                       "file-node-name": "libvirt-1-storage"]])

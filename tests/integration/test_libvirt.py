@@ -60,8 +60,12 @@ def session():
     shutil.copy2(SERVER, emulator)
     for f in (KERNEL, INITRD):
         shutil.copy2(f, dirs["guest"] / f.name)
-    for disk in ("ms-test.qcow2", "ms-run.qcow2"):
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(dirs["guest"] / disk), "32M"], check=True)
+    for disk, size in (("ms-test.qcow2", "32M"), ("ms-run.qcow2", "32M"), ("ms-hp.qcow2", "32M"), ("ms-hp-extra.qcow2", "16M")):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(dirs["guest"] / disk), size], check=True)
+    # The daemon logs what it says to the monitor (kept with the test's files while it runs).
+    (dirs["config"] / "libvirt").mkdir()
+    (dirs["config"] / "libvirt" / "libvirtd.conf").write_text(
+        f'log_filters="1:qemu.qemu_monitor 3:*"\nlog_outputs="1:file:{root / "libvirtd.log"}"\n')
     as_root = os.geteuid() == 0
     if as_root:
         nobody = pwd.getpwnam("nobody")
@@ -77,8 +81,9 @@ def session():
             assert r.returncode == 0, f"virsh {' '.join(args)}: {r.stderr}"
         return r
 
-    yield {"root": root, "emulator": emulator, "guest": dirs["guest"], "virsh": virsh}
-    virsh("destroy", "ms-run", check=False)
+    yield {"root": root, "emulator": emulator, "guest": dirs["guest"], "virsh": virsh, "prefix": prefix}
+    for domain in ("ms-run", "ms-hp"):
+        virsh("destroy", domain, check=False)
     for daemon in ("libvirtd", "virtlogd"):
         pidfile = dirs["run"] / "libvirt" / f"{daemon}.pid"
         if pidfile.exists():
@@ -247,3 +252,174 @@ def test_virsh_drives_a_running_domain(session):
     virsh("destroy", "ms-run")
     assert virsh("domstate", "ms-run").stdout.strip() == "shut off"
     virsh("undefine", "ms-run")
+
+
+class Console:
+    """`virsh console DOMAIN` on a pseudo-terminal of its own (virsh wants a terminal), read
+    and typed into as a person would; the domain's serial line is machine-server's pty chardev."""
+
+    def __init__(self, session, domain):
+        import pty
+        argv = session["prefix"] + ["virsh", "-c", "qemu:///session", "console", "--force", domain]
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.execvp(argv[0], argv)
+        self.out = b""
+
+    def read_until(self, pattern, timeout, poke=None):
+        """Reads until `pattern` (bytes) appears after what was seen so far; `poke` is sent
+        every few seconds meanwhile (a newline brings a prompt back)."""
+        import select
+        start = len(self.out)
+        deadline = time.monotonic() + timeout
+        next_poke = time.monotonic()
+        while pattern not in self.out[start:]:
+            now = time.monotonic()
+            assert now < deadline, f"{pattern!r} did not appear on the console:\n{self.out[-2000:].decode(errors='replace')}"
+            if poke is not None and now >= next_poke:
+                os.write(self.fd, poke)
+                next_poke = now + 3
+            r, _, _ = select.select([self.fd], [], [], 0.5)
+            if r:
+                try:
+                    self.out += os.read(self.fd, 65536)
+                except OSError:
+                    break
+        return self.out[start:].decode(errors="replace")
+
+    def run(self, command, expect, timeout=60):
+        """Types a shell command and waits for `expect` in what follows."""
+        os.write(self.fd, command.encode() + b"\r")
+        return self.read_until(expect.encode(), timeout)
+
+    def close(self):
+        try:
+            os.write(self.fd, b"\x1d")  # virsh's escape, Ctrl-]
+        except OSError:
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if os.waitpid(self.pid, os.WNOHANG)[0] == self.pid:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        os.close(self.fd)
+
+
+def hotplug_domain_xml(s, name="ms-hp"):
+    """A domain with a PCIe root port for hot-plug and its serial console on a pty."""
+    g = s["guest"]
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>8d2f7a0e-ab2c-4e7a-9f4a-5b3c4d5e6f70</uuid>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='riscv64' machine='virt'>hvm</type>
+    <kernel>{g / KERNEL.name}</kernel>
+    <initrd>{g / INITRD.name}</initrd>
+    <cmdline>console=ttyS0</cmdline>
+  </os>
+  <devices>
+    <emulator>{s["emulator"]}</emulator>
+    <controller type='pci' model='pcie-root'/>
+    <controller type='pci' model='pcie-root-port'/>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{g / (name + ".qcow2")}'/>
+      <target dev='vda' bus='virtio'/>
+      <address type='virtio-mmio'/>
+    </disk>
+    <serial type='pty'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def write_as_daemon_user(path, text):
+    path.write_text(text)
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+
+
+def test_virsh_console_hotplug_snapshots_save_restore(session):
+    """On one booted domain: virsh console (the pty chardev), attach-device/detach-device of a
+    virtio disk on the domain's pcie-root-port, snapshot-create-as/list/revert/delete
+    (internal snapshots, the guest's memory comes back), save and restore (migration to the
+    descriptor libvirt passes with getfd, and back with migrate-incoming fd:N)."""
+    virsh = session["virsh"]
+    root, g = session["root"], session["guest"]
+    write_as_daemon_user(root / "ms-hp.xml", hotplug_domain_xml(session))
+    write_as_daemon_user(root / "vdb.xml", f"""<disk type='file' device='disk'>
+  <driver name='qemu' type='qcow2'/>
+  <source file='{g / "ms-hp-extra.qcow2"}'/>
+  <target dev='vdb' bus='virtio'/>
+</disk>
+""")
+    virsh("define", str(root / "ms-hp.xml"))
+    virsh("start", "ms-hp")
+    chardev = json.loads(virsh("qemu-monitor-command", "ms-hp", '{"execute":"query-chardev"}').stdout)["return"]
+    assert chardev[0]["label"] == "charserial0" and chardev[0]["filename"].startswith("pty:/dev/pts/"), chardev
+
+    console = Console(session, "ms-hp")
+    try:
+        # The guest's shell on its serial line, through the pty: a newline brings the prompt.
+        console.read_until(b"guest:/# ", BOOT_TIMEOUT, poke=b"\r")
+        console.run("echo console-$((6*7))", "console-42")
+
+        # Hot-plug: libvirt's blockdev-add (file and qcow2 nodes), device_add on its root port.
+        virsh("attach-device", "ms-hp", str(root / "vdb.xml"))
+        assert re.search(r"vdb\s+.*ms-hp-extra\.qcow2", virsh("domblklist", "ms-hp").stdout)
+        console.run("for i in $(seq 60); do [ -e /sys/block/vdb ] && break; sleep 1; done; echo vdb-$(cat /sys/block/vdb/size)",
+                    "vdb-32768")
+        # Unplug: device_del, the guest lets go, DEVICE_DELETED, blockdev-del.
+        virsh("detach-device", "ms-hp", str(root / "vdb.xml"))
+        deadline = time.monotonic() + 60
+        while "vdb" in virsh("domblklist", "ms-hp").stdout:
+            assert time.monotonic() < deadline, "the disk was never removed"
+            time.sleep(0.5)
+        console.run("[ -e /sys/block/vdb ] || echo vdb-gone", "vdb-gone")
+
+        # Internal snapshots (HMP savevm/loadvm/delvm in libvirt 9.0; revert restarts the
+        # machine with -loadvm). The guest's memory comes back with the snapshot.
+        console.run("echo before > /tmp/mark; echo marked", "marked")
+        virsh("snapshot-create-as", "ms-hp", "snap1")
+        assert "snap1" in virsh("snapshot-list", "ms-hp", "--name").stdout
+        console.run("echo after > /tmp/mark; echo changed", "changed")
+    finally:
+        console.close()
+    virsh("snapshot-revert", "ms-hp", "snap1")
+    assert virsh("domstate", "ms-hp").stdout.strip() == "running"
+    console = Console(session, "ms-hp")
+    try:
+        console.read_until(b"guest:/# ", 60, poke=b"\r")
+        console.run("echo mark-$(cat /tmp/mark)", "mark-before")
+    finally:
+        console.close()
+    virsh("snapshot-delete", "ms-hp", "snap1")
+    assert virsh("snapshot-list", "ms-hp", "--name").stdout.strip() == ""
+    assert "There is no snapshot available" in virsh("qemu-monitor-command", "ms-hp", "--hmp", "info snapshots").stdout
+
+    # save: the machine's state goes into libvirt's file through the passed descriptor; the
+    # process ends. restore: a new process receives it and the guest goes on where it was.
+    saved = g / "ms-hp.save"
+    virsh("save", "ms-hp", str(saved))
+    assert virsh("domstate", "ms-hp").stdout.strip() == "shut off"
+    assert saved.stat().st_size > 1 << 20
+    virsh("restore", str(saved))
+    assert virsh("domstate", "ms-hp").stdout.strip() == "running"
+    console = Console(session, "ms-hp")
+    try:
+        console.read_until(b"guest:/# ", 60, poke=b"\r")
+        console.run("echo restored-$(cat /tmp/mark)", "restored-before")
+    finally:
+        console.close()
+    log = (root / "libvirtd.log").read_text(errors="replace") if (root / "libvirtd.log").exists() else ""
+    if log:  # what libvirt sent, when the daemon logs the monitor
+        assert '"execute":"getfd"' in log and "fd:migrate" in log
+    virsh("destroy", "ms-hp")
+    virsh("undefine", "ms-hp", "--snapshots-metadata")

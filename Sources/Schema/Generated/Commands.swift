@@ -32,6 +32,10 @@ public protocol QMPCommandHandler: Sendable {
     func queryUuid() throws -> UuidInfo
     /// `query-status`: Returns the machine's run state.
     func queryStatus() throws -> StatusInfo
+    /// `getfd`: Takes the file descriptor sent with this command (SCM_RIGHTS ancillary data on a unix-socket monitor) and keeps it under a name on this connection, for `migrate fd:NAME` (libvirt's `virsh save`). A name already in use has its old descriptor closed and replaced. Descriptors not claimed by the command they came with are closed; those still named when the connection closes are closed with it.
+    func getfd(_ arguments: GetfdArguments) throws
+    /// `closefd`: Closes a descriptor kept with getfd on this connection.
+    func closefd(_ arguments: ClosefdArguments) throws
     /// `stop`: Pauses every vCPU. Emits STOP if the machine was running; stopping a paused machine succeeds and does nothing.
     func stop() throws
     /// `cont`: Resumes every vCPU. Emits RESUME if the machine was paused.
@@ -60,11 +64,11 @@ public protocol QMPCommandHandler: Sendable {
     func inputSendEvent(_ arguments: InputSendEventArguments) throws
     /// `query-qmp-schema`: Returns the whole QMP schema: every command, event and type reachable from them.
     func queryQmpSchema() throws -> [SchemaInfo]
-    /// `migrate`: Migrates the machine to a destination, as QEMU does, and returns at once; query-migrate and the MIGRATION event tell how it goes. `tcp:HOST:PORT` and `unix:PATH` run a live pre-copy migration to a machine-server started with `--incoming` on the same URI: RAM is sent while the guest runs, then again what the guest dirtied, pass after pass, until the rest fits `downtime-limit` at the measured bandwidth (capped by `max-bandwidth`); then the guest stops, the rest of RAM and the device state go over, the disks are flushed and their locks handed to the destination, and once the destination confirms it runs the guest the source stays paused in `postmigrate`. If anything fails (the connection drops, the destination dies or refuses the stream, migrate_cancel) the source runs on, with its disks, and the status is `failed` or `cancelled`. `file:PATH` writes the state to PATH (via a temporary file renamed into place once complete) with RAM pages aligned so that `--incoming file:PATH` maps them; `exec:CMD` runs CMD with /bin/sh and writes the stream to its standard input; both pause the guest for the whole save.
+    /// `migrate`: Migrates the machine to a destination, as QEMU does, and returns at once; query-migrate and the MIGRATION event tell how it goes. `tcp:HOST:PORT` and `unix:PATH` run a live pre-copy migration to a machine-server started with `--incoming` on the same URI: RAM is sent while the guest runs, then again what the guest dirtied, pass after pass, until the rest fits `downtime-limit` at the measured bandwidth (capped by `max-bandwidth`); then the guest stops, the rest of RAM and the device state go over, the disks are flushed and their locks handed to the destination, and once the destination confirms it runs the guest the source stays paused in `postmigrate`. If anything fails (the connection drops, the destination dies or refuses the stream, migrate_cancel) the source runs on, with its disks, and the status is `failed` or `cancelled`. `file:PATH` writes the state to PATH (via a temporary file renamed into place once complete) with RAM pages aligned so that `--incoming file:PATH` maps them; `exec:CMD` runs CMD with /bin/sh and writes the stream to its standard input; `fd:NAME` writes it to a descriptor passed on this monitor connection with getfd (from its current offset; the descriptor is closed when done, as libvirt's `virsh save` expects); these three pause the guest for the whole save.
     func migrate(_ arguments: MigrateArguments) throws
     /// `query-migrate`: Returns the state of the current or last migration.
     func queryMigrate() throws -> MigrationInfo
-    /// `migrate-incoming`: Receives a machine state into a machine started with `--incoming defer`, then runs it (or leaves it paused when started with -S or when the source was paused). Sources: `tcp:HOST:PORT` and `unix:PATH` listen for one live migration and return at once (if the stream fails, the server exits with status 1, as QEMU does); `file:PATH` (RAM is mapped copy-on-write from the file) and `exec:CMD` (the stream is read from CMD's standard output) load before returning.
+    /// `migrate-incoming`: Receives a machine state into a machine started with `--incoming defer`, then runs it (or leaves it paused when started with -S or when the source was paused). Sources: `tcp:HOST:PORT` and `unix:PATH` listen for one live migration and return at once (if the stream fails, the server exits with status 1, as QEMU does); `file:PATH` (RAM is mapped copy-on-write from the file) and `exec:CMD` (the stream is read from CMD's standard output) and `fd:N` or `fd:NAME` (an inherited descriptor, or one passed with getfd, read from its current offset: libvirt's `virsh restore`) load before returning; MIGRATION events (with the `events` capability) say active, then completed or failed.
     func migrateIncoming(_ arguments: MigrateIncomingArguments) throws
     /// `migrate_cancel`: Cancels the migration in progress: the source stops sending, keeps (or takes back) its disks and runs on as before; the status becomes `cancelled`. Does nothing when no migration runs.
     func migrateCancel() throws
@@ -156,6 +160,10 @@ public enum QMPCommand: Sendable, Equatable {
     case queryUuid
     /// `query-status`.
     case queryStatus
+    /// `getfd`.
+    case getfd(GetfdArguments)
+    /// `closefd`.
+    case closefd(ClosefdArguments)
     /// `stop`.
     case stop
     /// `cont`.
@@ -266,6 +274,8 @@ public enum QMPCommand: Sendable, Equatable {
         "query-name",
         "query-uuid",
         "query-status",
+        "getfd",
+        "closefd",
         "stop",
         "cont",
         "system_reset",
@@ -335,6 +345,8 @@ public enum QMPCommand: Sendable, Equatable {
         case .queryName: return "query-name"
         case .queryUuid: return "query-uuid"
         case .queryStatus: return "query-status"
+        case .getfd: return "getfd"
+        case .closefd: return "closefd"
         case .stop: return "stop"
         case .cont: return "cont"
         case .systemReset: return "system_reset"
@@ -436,6 +448,10 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
             }
             return .queryStatus
+        case "getfd":
+            return .getfd(try GetfdArguments(json: .object(arguments), at: .root))
+        case "closefd":
+            return .closefd(try ClosefdArguments(json: .object(arguments), at: .root))
         case "stop":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -629,6 +645,12 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
             return try handler.queryUuid().json
         case .queryStatus:
             return try handler.queryStatus().json
+        case .getfd(let arguments):
+            try handler.getfd(arguments)
+            return .object(JSONObject())
+        case .closefd(let arguments):
+            try handler.closefd(arguments)
+            return .object(JSONObject())
         case .stop:
             try handler.stop()
             return .object(JSONObject())

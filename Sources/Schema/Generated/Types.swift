@@ -329,6 +329,26 @@ public struct BlockdevOptionsQcow2: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// What a node does with discard requests (QEMU's names).
+public enum BlockdevDiscardOptions: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "ignore".
+    case ignore = "ignore"
+    /// The value "unmap".
+    case unmap = "unmap"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
 /// The options of a block node, as QEMU's blockdev-add takes them (the subset machine-server supports).
 public struct BlockdevOptions: SchemaCodable, Equatable {
     /// The branch, selected by `driver`, with the members it adds.
@@ -345,13 +365,19 @@ public struct BlockdevOptions: SchemaCodable, Equatable {
     public var nodeName: String?
     /// Open the image read-only; guest writes fail. Optional; default false.
     public var readOnly: Bool
+    /// Accepted (libvirt sends it on every file node): the node is opened as 'read-only' says; there is no fall-back to read-only for a file that cannot be opened for writing (that is refused). Optional.
+    public var autoReadOnly: Bool?
+    /// Accepted (libvirt sends 'unmap'): the disks do not offer discard to the guest, so no discard request reaches the node either way. Optional.
+    public var discard: BlockdevDiscardOptions?
     /// The branch.
     public var variant: Variant
 
     /// Creates a value from its members.
-    public init(nodeName: String? = nil, readOnly: Bool = false, variant: Variant) {
+    public init(nodeName: String? = nil, readOnly: Bool = false, autoReadOnly: Bool? = nil, discard: BlockdevDiscardOptions? = nil, variant: Variant) {
         self.nodeName = nodeName
         self.readOnly = readOnly
+        self.autoReadOnly = autoReadOnly
+        self.discard = discard
         self.variant = variant
     }
 
@@ -368,7 +394,7 @@ public struct BlockdevOptions: SchemaCodable, Equatable {
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
         let r = try SchemaObjectReader(json, at: path)
         let tag = try r.required("driver", as: BlockdevDriver.self)
-        let baseNames: Set<String> = ["driver", "node-name", "read-only"]
+        let baseNames: Set<String> = ["driver", "node-name", "read-only", "auto-read-only", "discard"]
         switch tag {
         case .file:
             try r.rejectUnknown(allowed: baseNames.union(BlockdevOptionsFile.memberNames))
@@ -382,6 +408,8 @@ public struct BlockdevOptions: SchemaCodable, Equatable {
         }
         self.nodeName = try r.optional("node-name", as: String.self)
         self.readOnly = try r.optional("read-only", as: Bool.self) ?? false
+        self.autoReadOnly = try r.optional("auto-read-only", as: Bool.self)
+        self.discard = try r.optional("discard", as: BlockdevDiscardOptions.self)
     }
 
     /// The JSON object form: base members, then the branch's members.
@@ -390,6 +418,8 @@ public struct BlockdevOptions: SchemaCodable, Equatable {
         o["driver"] = self.driver.json
         if let v = self.nodeName { o["node-name"] = v.json }
         o["read-only"] = self.readOnly.json
+        if let v = self.autoReadOnly { o["auto-read-only"] = v.json }
+        if let v = self.discard { o["discard"] = v.json }
         switch variant {
         case .file(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .raw(let b): for m in b.jsonMembers { o[m.key] = m.value }
@@ -973,6 +1003,78 @@ public struct StatusInfo: SchemaCodable, Equatable {
         o["running"] = self.running.json
         if let v = self.singlestep { o["singlestep"] = v.json }
         o["status"] = self.status.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `getfd` command.
+public struct GetfdArguments: SchemaCodable, Equatable {
+    /// The name to keep the descriptor under (not starting with a digit).
+    public var fdname: String
+
+    /// Creates a value from its members.
+    public init(fdname: String) {
+        self.fdname = fdname
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["fdname"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.fdname = try r.required("fdname", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["fdname"] = self.fdname.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `closefd` command.
+public struct ClosefdArguments: SchemaCodable, Equatable {
+    /// The name given to getfd.
+    public var fdname: String
+
+    /// Creates a value from its members.
+    public init(fdname: String) {
+        self.fdname = fdname
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["fdname"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.fdname = try r.required("fdname", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["fdname"] = self.fdname.json
         return o
     }
 
@@ -3413,6 +3515,8 @@ public enum SerialBackend: String, SchemaCodable, CaseIterable, Equatable {
     case file = "file"
     /// The value "ringbuf".
     case ringbuf = "ringbuf"
+    /// The value "pty".
+    case pty = "pty"
     /// The value "none".
     case none = "none"
 
@@ -3613,15 +3717,20 @@ public struct SerialDescription: SchemaCodable, Equatable {
         case file(SerialFileOptions)
         /// `backend` is "ringbuf"; the branch adds the members of `SerialRingbufOptions`.
         case ringbuf(SerialRingbufOptions)
+        /// `backend` is "pty"; the branch adds no members.
+        case pty
         /// `backend` is "none"; the branch adds no members.
         case none
     }
 
+    /// The chardev's label in query-chardev and ringbuf-read/ringbuf-write (default serial0); QEMU's command line sets it to the -chardev id (libvirt looks its pty up by it). Optional.
+    public var id: String?
     /// The branch.
     public var variant: Variant
 
     /// Creates a value from its members.
-    public init(variant: Variant) {
+    public init(id: String? = nil, variant: Variant) {
+        self.id = id
         self.variant = variant
     }
 
@@ -3633,6 +3742,7 @@ public struct SerialDescription: SchemaCodable, Equatable {
         case .tcp: return .tcp
         case .file: return .file
         case .ringbuf: return .ringbuf
+        case .pty: return .pty
         case .none: return .none
         }
     }
@@ -3641,7 +3751,7 @@ public struct SerialDescription: SchemaCodable, Equatable {
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
         let r = try SchemaObjectReader(json, at: path)
         let tag = try r.required("backend", as: SerialBackend.self)
-        let baseNames: Set<String> = ["backend"]
+        let baseNames: Set<String> = ["backend", "id"]
         switch tag {
         case .stdio:
             try r.rejectUnknown(allowed: baseNames)
@@ -3658,22 +3768,28 @@ public struct SerialDescription: SchemaCodable, Equatable {
         case .ringbuf:
             try r.rejectUnknown(allowed: baseNames.union(SerialRingbufOptions.memberNames))
             self.variant = .ringbuf(try SerialRingbufOptions(reader: r))
+        case .pty:
+            try r.rejectUnknown(allowed: baseNames)
+            self.variant = .pty
         case .none:
             try r.rejectUnknown(allowed: baseNames)
             self.variant = .none
         }
+        self.id = try r.optional("id", as: String.self)
     }
 
     /// The JSON object form: base members, then the branch's members.
     public var json: JSONValue {
         var o = JSONObject()
         o["backend"] = self.backend.json
+        if let v = self.id { o["id"] = v.json }
         switch variant {
         case .stdio: break
         case .unix(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .tcp(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .file(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .ringbuf(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .pty: break
         case .none: break
         }
         return .object(o)
