@@ -117,6 +117,7 @@ def domain_xml(s, name="ms-test", run="echo,libvirt-argv-ok", serial="serial.log
       <driver name='qemu' type='qcow2'/>
       <source file='{g / (name + ".qcow2")}'/>
       <target dev='vda' bus='virtio'/>
+      <address type='virtio-mmio'/>
     </disk>
     {f"<serial type='file'><source path='{g / serial}'/></serial>" if serial else ""}
     <input type='keyboard' bus='virtio'/>
