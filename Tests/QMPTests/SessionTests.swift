@@ -185,6 +185,21 @@ func errorOf(_ reply: JSONValue) -> (String, String)? {
                 == "Parameter 'data' does not accept value 'nosuch'")  // QEMU 7.2's wording
     }
 
+    @Test func humanMonitorWordsTakeQuotedStringsWhole() throws {
+        #expect(try QMPCommandExecutor.hmpWords(#"savevm "snap1""#) == ["savevm", "snap1"])
+        #expect(try QMPCommandExecutor.hmpWords(#"  delvm   "a b"  "#) == ["delvm", "a b"])
+        #expect(try QMPCommandExecutor.hmpWords(#"x "q\"s\\t\n""#) == ["x", "q\"s\\t\n"])
+        #expect(try QMPCommandExecutor.hmpWords("info\tstatus") == ["info", "status"])
+        #expect(try QMPCommandExecutor.hmpWords("") == [])
+        var h = Harness()
+        func hmp(_ line: String) -> JSONValue? {
+            h.one(#"{"execute":"human-monitor-command","arguments":{"command-line":"\#(line)"}}"#)["return"]
+        }
+        #expect(hmp(#"savevm \"unterminated"#) == "unterminated string literal\r\n")
+        #expect(hmp(#"savevm \"a\\qb\""#) == "unsupported escape code: '\\q'\r\n")
+        #expect(hmp(#"info \"status\""#) == "VM status: running\r\n")
+    }
+
     @Test func humanMonitorCommandsMapOntoQMP() {
         var h = Harness()
         func hmp(_ line: String) -> JSONValue? {
