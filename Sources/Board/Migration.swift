@@ -16,6 +16,9 @@ enum MigrationURI: Equatable {
     /// owns and closes; written or read one way from its current offset, like `exec:`. QMP's
     /// `fd:NAME` (a descriptor passed with `getfd`) is turned into this form by the monitor.
     case fd(Int32)
+    /// `fd:N` naming a connected stream socket (libvirt connects to the destination itself and
+    /// passes the socket): a live migration over it, as over `tcp:`.
+    case socket(Int32)
 
     init(_ uri: String) throws {
         if uri.hasPrefix("file:") {
@@ -56,7 +59,15 @@ enum MigrationURI: Equatable {
             guard kind == S_IFREG || kind == S_IFIFO || kind == S_IFSOCK || kind == S_IFBLK else {
                 throw MachineStateError("fd:\(fd): not a file, pipe or socket")
             }
-            self = .fd(fd)
+            // The stream is written and read with blocking calls on the migration queue.
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
+            var type: Int32 = 0
+            var len = socklen_t(MemoryLayout<Int32>.size)
+            if kind == S_IFSOCK, getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0, type == Int32(SOCK_STREAM.rawValue) {
+                self = .socket(fd)
+            } else {
+                self = .fd(fd)
+            }
         } else if uri.hasPrefix("rdma:") || uri.hasPrefix("vsock:") {
             let scheme = uri.prefix { $0 != ":" }
             throw MachineStateError("migration URI scheme '\(scheme):' is not supported (use tcp:, unix:, fd:, file: or exec:)")
@@ -68,7 +79,7 @@ enum MigrationURI: Equatable {
     /// True for the socket transports, which run a live (pre-copy) migration.
     var isLive: Bool {
         switch self {
-        case .tcp, .unix: return true
+        case .tcp, .unix, .socket: return true
         case .file, .exec, .fd: return false
         }
     }
@@ -204,7 +215,7 @@ extension VirtualMachine: MachineMigration {
                     close(fd)
                     closed = true
                 })
-            case .tcp, .unix:
+            case .tcp, .unix, .socket:
                 preconditionFailure("a live migration runs in runLiveMigration")
             }
             do {
@@ -314,7 +325,7 @@ extension VirtualMachine: MachineMigration {
                     throw MachineStateError("fd:\(fd): read failed: \(String(cString: strerror(errno)))")
                 }
             })
-        case .tcp, .unix:
+        case .tcp, .unix, .socket:
             preconditionFailure("a live migration is received by listenForLiveMigration")
         }
     }

@@ -118,6 +118,12 @@ extension QMPCommandExecutor {
             switch entry.capability {
             case .events: c.events = entry.state
             case .autoConverge: c.autoConverge = entry.state
+            case .returnPath:
+                // The destination always answers on the migration connection (the switch-over
+                // is confirmed there), which is what QEMU's return-path switches on.
+                // Turning it off (libvirt does after each migration) is accepted and changes
+                // nothing: query-migrate-capabilities keeps reporting it on.
+                break
             }
         }
         do {
@@ -130,7 +136,9 @@ extension QMPCommandExecutor {
     public func queryMigrateCapabilities() throws -> [MigrationCapabilityStatus] {
         // A machine that cannot migrate (machine none, which libvirt probes) has them all off.
         let c = (controlForMigration as? any MachineMigration)?.migrationCapabilities() ?? MigrationCapabilities()
+        let canMigrate = controlForMigration is any MachineMigration
         return [MigrationCapabilityStatus(capability: .events, state: c.events),
-                MigrationCapabilityStatus(capability: .autoConverge, state: c.autoConverge)]
+                MigrationCapabilityStatus(capability: .autoConverge, state: c.autoConverge),
+                MigrationCapabilityStatus(capability: .returnPath, state: canMigrate)]
     }
 }

@@ -76,7 +76,7 @@ public protocol QMPCommandHandler: Sendable {
     func migrateSetParameters(_ arguments: MigrateSetParametersArguments) throws
     /// `query-migrate-parameters`: Returns every migration parameter.
     func queryMigrateParameters() throws -> MigrationParameters
-    /// `migrate-set-capabilities`: Switches migration capabilities on or off. Refused while a migration runs. `events` sends the MIGRATION and MIGRATION_PASS events; `auto-converge` throttles the vCPUs when the guest dirties memory faster than the migration sends it.
+    /// `migrate-set-capabilities`: Switches migration capabilities on or off. Refused while a migration runs. `events` sends the MIGRATION and MIGRATION_PASS events; `auto-converge` throttles the vCPUs when the guest dirties memory faster than the migration sends it; `return-path` (the destination answering on the migration connection) is always on: turning it off is accepted and changes nothing.
     func migrateSetCapabilities(_ arguments: MigrateSetCapabilitiesArguments) throws
     /// `query-migrate-capabilities`: Returns every migration capability and whether it is on.
     func queryMigrateCapabilities() throws -> [MigrationCapabilityStatus]

@@ -5455,6 +5455,8 @@ public enum MigrationCapability: String, SchemaCodable, CaseIterable, Equatable 
     case events = "events"
     /// The value "auto-converge".
     case autoConverge = "auto-converge"
+    /// The value "return-path".
+    case returnPath = "return-path"
 
     /// Decodes one of the values; anything else is an error listing them.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
