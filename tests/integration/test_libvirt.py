@@ -47,30 +47,23 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def session():
-    """A private libvirt session: directories, a copy of the binary the daemon user can run, virsh."""
-    root = Path(tempfile.mkdtemp(prefix="ms-libvirt-"))
-    root.chmod(0o755)
-    dirs = {k: root / k for k in ("home", "run", "config", "cache", "guest")}
+def daemon_dirs(base, host_uuid, log):
+    """The directories of one private session daemon under `base`; its libvirtd.conf logs
+    what it says to the monitor into `log` and names its host `host_uuid` (two daemons on one
+    machine must differ, or libvirt refuses to migrate between them)."""
+    dirs = {k: base / k for k in ("home", "run", "config", "cache")}
     for d in dirs.values():
-        d.mkdir()
+        d.mkdir(parents=True)
     dirs["run"].chmod(0o700)
-    emulator = root / "machine-server"
-    shutil.copy2(SERVER, emulator)
-    for f in (KERNEL, INITRD):
-        shutil.copy2(f, dirs["guest"] / f.name)
-    for disk, size in (("ms-test.qcow2", "32M"), ("ms-run.qcow2", "32M"), ("ms-hp.qcow2", "32M"), ("ms-hp-extra.qcow2", "16M")):
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(dirs["guest"] / disk), size], check=True)
-    # The daemon logs what it says to the monitor (kept with the test's files while it runs).
     (dirs["config"] / "libvirt").mkdir()
     (dirs["config"] / "libvirt" / "libvirtd.conf").write_text(
-        f'log_filters="1:qemu.qemu_monitor 3:*"\nlog_outputs="1:file:{root / "libvirtd.log"}"\n')
-    as_root = os.geteuid() == 0
-    if as_root:
-        nobody = pwd.getpwnam("nobody")
-        for p in [root, *root.rglob("*")]:
-            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+        f'log_filters="1:qemu.qemu_monitor 3:*"\nlog_outputs="1:file:{log}"\nhost_uuid="{host_uuid}"\n')
+    return dirs
+
+
+def daemon_client(dirs, as_root):
+    """The command prefix that runs a program as the daemon's user in its environment, and
+    virsh on that daemon's qemu:///session (virsh starts the daemon)."""
     env = {"HOME": str(dirs["home"]), "XDG_RUNTIME_DIR": str(dirs["run"]), "XDG_CONFIG_HOME": str(dirs["config"]),
            "XDG_CACHE_HOME": str(dirs["cache"]), "PATH": "/usr/bin:/usr/sbin:/bin"}
     prefix = (["runuser", "-u", "nobody", "--"] if as_root else []) + ["env", "-i"] + [f"{k}={v}" for k, v in env.items()]
@@ -80,10 +73,10 @@ def session():
         if check:
             assert r.returncode == 0, f"virsh {' '.join(args)}: {r.stderr}"
         return r
+    return prefix, virsh
 
-    yield {"root": root, "emulator": emulator, "guest": dirs["guest"], "virsh": virsh, "prefix": prefix}
-    for domain in ("ms-run", "ms-hp"):
-        virsh("destroy", domain, check=False)
+
+def stop_daemons(dirs):
     for daemon in ("libvirtd", "virtlogd"):
         pidfile = dirs["run"] / "libvirt" / f"{daemon}.pid"
         if pidfile.exists():
@@ -91,6 +84,40 @@ def session():
                 os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
             except (ProcessLookupError, ValueError):
                 pass
+
+
+@pytest.fixture(scope="module")
+def session():
+    """A private libvirt session: directories, a copy of the binary the daemon user can run,
+    virsh; and a second daemon ("dest", another host as far as libvirt knows) to migrate to."""
+    root = Path(tempfile.mkdtemp(prefix="ms-libvirt-"))
+    root.chmod(0o755)
+    dirs = daemon_dirs(root, "6b0d5e8c-0000-4000-8000-000000000001", root / "libvirtd.log")
+    dest_dirs = daemon_dirs(root / "dest", "6b0d5e8c-0000-4000-8000-000000000002", root / "dest-libvirtd.log")
+    dirs["guest"] = root / "guest"
+    dirs["guest"].mkdir()
+    emulator = root / "machine-server"
+    shutil.copy2(SERVER, emulator)
+    for f in (KERNEL, INITRD):
+        shutil.copy2(f, dirs["guest"] / f.name)
+    for disk, size in (("ms-test.qcow2", "32M"), ("ms-run.qcow2", "32M"), ("ms-hp.qcow2", "32M"), ("ms-hp-extra.qcow2", "16M")):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(dirs["guest"] / disk), size], check=True)
+    as_root = os.geteuid() == 0
+    if as_root:
+        nobody = pwd.getpwnam("nobody")
+        for p in [root, *root.rglob("*")]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    prefix, virsh = daemon_client(dirs, as_root)
+    dest_prefix, dest_virsh = daemon_client(dest_dirs, as_root)
+
+    yield {"root": root, "emulator": emulator, "guest": dirs["guest"], "virsh": virsh, "prefix": prefix,
+           "dest_virsh": dest_virsh, "dest_prefix": dest_prefix,
+           "dest_uri": f"qemu+unix:///session?socket={dest_dirs['run'] / 'libvirt' / 'libvirt-sock'}"}
+    for domain in ("ms-run", "ms-hp"):
+        virsh("destroy", domain, check=False)
+    dest_virsh("destroy", "ms-hp", check=False)
+    stop_daemons(dirs)
+    stop_daemons(dest_dirs)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -259,9 +286,9 @@ class Console:
     """`virsh console DOMAIN` on a pseudo-terminal of its own (virsh wants a terminal), read
     and typed into as a person would; the domain's serial line is machine-server's pty chardev."""
 
-    def __init__(self, session, domain):
+    def __init__(self, session, domain, prefix=None):
         import pty
-        argv = session["prefix"] + ["virsh", "-c", "qemu:///session", "console", "--force", domain]
+        argv = (prefix or session["prefix"]) + ["virsh", "-c", "qemu:///session", "console", "--force", domain]
         self.pid, self.fd = pty.fork()
         if self.pid == 0:
             os.execvp(argv[0], argv)
@@ -422,5 +449,21 @@ def test_virsh_console_hotplug_snapshots_save_restore(session):
     log = (root / "libvirtd.log").read_text(errors="replace") if (root / "libvirtd.log").exists() else ""
     if log:  # what libvirt sent, when the daemon logs the monitor
         assert '"execute":"getfd"' in log and "fd:migrate" in log
-    virsh("destroy", "ms-hp")
+
+    # Live migration to the second daemon: libvirt starts the destination with -incoming defer
+    # and migrate-incoming tcp:[::]:PORT, connects to it itself and passes the socket to the
+    # source (getfd, migrate fd:migrate). Same host, so the storage is shared (--unsafe: libvirt
+    # cannot tell). The guest goes on on the destination.
+    dest = session["dest_virsh"]
+    dest("list")  # starts the destination daemon
+    virsh("migrate", "--live", "--unsafe", "ms-hp", session["dest_uri"])
+    assert dest("domstate", "ms-hp").stdout.strip() == "running"
+    assert virsh("domstate", "ms-hp").stdout.strip() == "shut off"
+    console = Console(session, "ms-hp", prefix=session["dest_prefix"])
+    try:
+        console.read_until(b"guest:/# ", 60, poke=b"\r")
+        console.run("echo migrated-$(cat /tmp/mark)", "migrated-before")
+    finally:
+        console.close()
+    dest("destroy", "ms-hp")
     virsh("undefine", "ms-hp", "--snapshots-metadata")
