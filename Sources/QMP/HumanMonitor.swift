@@ -163,15 +163,16 @@ extension QMPCommandExecutor {
     /// (`savevm "snap 1"`, as libvirt sends names) taken whole, backslash escapes `\\`,
     /// `\"`, `\'`, `\n`, `\r` inside them.
     static func hmpWords(_ line: String) throws -> [String] {
+        // Unicode scalars, not Characters: a combining mark after a quote must not hide it.
         var words: [String] = []
-        var it = Array(line).makeIterator()
-        var current: String? = nil
+        var it = line.unicodeScalars.makeIterator()
+        var current: String.UnicodeScalarView? = nil
         while let c = it.next() {
             switch c {
             case " ", "\t", "\n", "\r":
-                if let w = current { words.append(w); current = nil }
+                if let w = current { words.append(String(w)); current = nil }
             case "\"" where current == nil:
-                var w = ""
+                var w = String.UnicodeScalarView()
                 var closed = false
                 while let q = it.next() {
                     if q == "\"" { closed = true; break }
@@ -188,12 +189,13 @@ extension QMPCommandExecutor {
                     w.append(q)
                 }
                 guard closed else { throw HMPError.message("unterminated string literal") }
-                words.append(w)
+                words.append(String(w))
             default:
-                current = (current ?? "") + String(c)
+                if current == nil { current = String.UnicodeScalarView() }
+                current!.append(c)
             }
         }
-        if let w = current { words.append(w) }
+        if let w = current { words.append(String(w)) }
         return words
     }
 
