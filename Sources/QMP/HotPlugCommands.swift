@@ -100,6 +100,9 @@ extension QMPCommandExecutor {
                 throw .badNodeOption("Parameter 'file' expects a node name or a file node's options ({\"driver\": \"file\", \"filename\": ...})")
             }
         }
+        if o.discard == .ignore {
+            throw .badNodeOption("Parameter 'discard': 'ignore' is not supported; the disks pass the guest's discard requests to the image ('unmap')")
+        }
         switch o.variant {
         case .file(let f):
             return BlockNodeRequest(nodeName: name, kind: .file(filename: f.filename), readOnly: o.readOnly)

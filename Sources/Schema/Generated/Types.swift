@@ -367,7 +367,7 @@ public struct BlockdevOptions: SchemaCodable, Equatable {
     public var readOnly: Bool
     /// Accepted (libvirt sends it on every file node): the node is opened as 'read-only' says; there is no fall-back to read-only for a file that cannot be opened for writing (that is refused). Optional.
     public var autoReadOnly: Bool?
-    /// Accepted (libvirt sends 'unmap'): the disks do not offer discard to the guest, so no discard request reaches the node either way. Optional.
+    /// What happens to the guest's discard requests: 'unmap' (what libvirt sends, and what machine-server does: virtio-blk offers discard and the image frees the range); 'ignore' is refused. Optional.
     public var discard: BlockdevDiscardOptions?
     /// The branch.
     public var variant: Variant
