@@ -109,6 +109,7 @@ extension QMPCommandExecutor {
                     + "    Cache mode:       writeback\r\n\r\n"
             }.joined()
         },
+        HMPInfo(name: "blockstats", help: "show block device statistics") { e, _, _ in try e.hmpBlockstats() },
         HMPInfo(name: "chardev", help: "show the character devices") { e, _, _ in
             try e.queryChardev().map { "\($0.label): filename=\($0.filename)\r\n" }.joined()
         },

@@ -404,6 +404,12 @@ def test_virsh_console_hotplug_snapshots_save_restore(session):
         assert re.search(r"vdb\s+.*ms-hp-extra\.qcow2", virsh("domblklist", "ms-hp").stdout)
         console.run("for i in $(seq 60); do [ -e /sys/block/vdb ] && break; sleep 1; done; echo vdb-$(cat /sys/block/vdb/size)",
                     "vdb-32768")
+        # Block statistics (query-blockstats): the guest's writes to the new disk are counted.
+        console.run("dd if=/dev/zero of=/dev/vdb bs=4096 count=4 conv=fsync; echo dd-done", "dd-done")
+        stats = dict(line.split()[1:3] for line in virsh("domblkstat", "ms-hp", "vdb").stdout.splitlines() if line.strip())
+        assert int(stats["wr_bytes"]) >= 16384 and int(stats["wr_req"]) >= 1, stats
+        assert int(dict(line.split()[1:3] for line in virsh("domblkstat", "ms-hp", "vda").stdout.splitlines() if line.strip())["rd_req"]) > 0
+        assert re.search(r"virtio-disk1: rd_bytes=\d+ wr_bytes=(\d+)", virsh("qemu-monitor-command", "ms-hp", "--hmp", "info blockstats").stdout)
         # Unplug: device_del, the guest lets go, DEVICE_DELETED, blockdev-del.
         virsh("detach-device", "ms-hp", str(root / "vdb.xml"))
         deadline = time.monotonic() + 60

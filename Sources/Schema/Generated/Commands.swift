@@ -6,6 +6,8 @@
 /// at a time per connection, always with arguments that already passed the schema's checks.
 /// Errors thrown are mapped to QMP error classes by the server.
 public protocol QMPCommandHandler: Sendable {
+    /// `query-blockstats`: Each virtio disk's I/O statistics since the server started (libvirt's `virsh domblkstat`; HMP `info blockstats`). Counted per request as the device completes it.
+    func queryBlockstats(_ arguments: QueryBlockstatsArguments) throws -> [BlockStats]
     /// `query-block`: Lists the virtio block devices and their images.
     func queryBlock() throws -> [BlockInfo]
     /// `blockdev-add`: Opens an image as a named node (taking QEMU-compatible locks), for device_add's drive property. A format node (raw or qcow2) over a file node; a file node given inline gets an automatic name. Refused: a node name already in use, a missing or locked file, a file that is not of the named format.
@@ -134,6 +136,8 @@ public protocol QMPCommandHandler: Sendable {
 
 /// One command with its decoded, checked arguments: the typed action a request becomes.
 public enum QMPCommand: Sendable, Equatable {
+    /// `query-blockstats`.
+    case queryBlockstats(QueryBlockstatsArguments)
     /// `query-block`.
     case queryBlock
     /// `blockdev-add`.
@@ -261,6 +265,7 @@ public enum QMPCommand: Sendable, Equatable {
 
     /// Every command name, in schema order.
     public static let names: [String] = [
+        "query-blockstats",
         "query-block",
         "blockdev-add",
         "blockdev-del",
@@ -332,6 +337,7 @@ public enum QMPCommand: Sendable, Equatable {
     /// The command's name.
     public var name: String {
         switch self {
+        case .queryBlockstats: return "query-blockstats"
         case .queryBlock: return "query-block"
         case .blockdevAdd: return "blockdev-add"
         case .blockdevDel: return "blockdev-del"
@@ -401,6 +407,8 @@ public enum QMPCommand: Sendable, Equatable {
 /// Errors name the offending argument.
 public static func decode(name: String, arguments: JSONObject) throws(SchemaDecodingError) -> QMPCommand? {
     switch name {
+        case "query-blockstats":
+            return .queryBlockstats(try QueryBlockstatsArguments(json: .object(arguments), at: .root))
         case "query-block":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -615,6 +623,8 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
 /// (an empty object for commands without a return value).
 public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
     switch self {
+        case .queryBlockstats(let arguments):
+            return try handler.queryBlockstats(arguments).json
         case .queryBlock:
             return try handler.queryBlock().json
         case .blockdevAdd(let arguments):
