@@ -130,6 +130,12 @@ extension QMPCommandExecutor {
             }
             return out
         },
+        HMPInfo(name: "irq", help: "show the interrupts statistics (if available)") { e, _, _ in
+            // QEMU's layout: a heading per controller, then " SOURCE: COUNT" for sources raised.
+            e.controlForMigration.interruptStatistics().map { c in
+                "IRQ statistics for \(c.controller):\r\n" + c.counts.map { " \(String(repeating: " ", count: max(0, 2 - String($0.source).count)))\($0.source): \($0.count)\r\n" }.joined()
+            }.joined()
+        },
         HMPInfo(name: "migrate", help: "show migration status") { e, _, _ in
             let m = try e.queryMigrate()
             guard let status = m.status else { return "" }

@@ -316,7 +316,9 @@ class Console:
         return self.out[start:].decode(errors="replace")
 
     def run(self, command, expect, timeout=60):
-        """Types a shell command and waits for `expect` in what follows."""
+        """Types a shell command and waits for `expect` in what follows (the terminal echoes
+        the command: `expect` must be something only its output contains)."""
+        assert expect not in command
         os.write(self.fd, command.encode() + b"\r")
         return self.read_until(expect.encode(), timeout)
 
@@ -398,6 +400,9 @@ def test_virsh_console_hotplug_snapshots_save_restore(session):
         # The guest's shell on its serial line, through the pty: a newline brings the prompt.
         console.read_until(b"guest:/# ", BOOT_TIMEOUT, poke=b"\r")
         console.run("echo console-$((6*7))", "console-42")
+        # The UART (PLIC source 10 on virt) has interrupted for what was typed (HMP info irq).
+        irq = virsh("qemu-monitor-command", "ms-hp", "--hmp", "info irq").stdout
+        assert "IRQ statistics for plic:" in irq and re.search(r"^ ?10: [1-9]", irq, re.M), irq
 
         # Hot-plug: libvirt's blockdev-add (file and qcow2 nodes), device_add on its root port.
         virsh("attach-device", "ms-hp", str(root / "vdb.xml"))
@@ -405,7 +410,7 @@ def test_virsh_console_hotplug_snapshots_save_restore(session):
         console.run("for i in $(seq 60); do [ -e /sys/block/vdb ] && break; sleep 1; done; echo vdb-$(cat /sys/block/vdb/size)",
                     "vdb-32768")
         # Block statistics (query-blockstats): the guest's writes to the new disk are counted.
-        console.run("dd if=/dev/zero of=/dev/vdb bs=4096 count=4 conv=fsync; echo dd-done", "dd-done")
+        console.run("dd if=/dev/zero of=/dev/vdb bs=4096 count=4 conv=fsync; echo dd-$((1+1))", "dd-2")
         stats = dict(line.split()[1:3] for line in virsh("domblkstat", "ms-hp", "vdb").stdout.splitlines() if line.strip())
         assert int(stats["wr_bytes"]) >= 16384 and int(stats["wr_req"]) >= 1, stats
         assert int(dict(line.split()[1:3] for line in virsh("domblkstat", "ms-hp", "vda").stdout.splitlines() if line.strip())["rd_req"]) > 0
@@ -416,14 +421,14 @@ def test_virsh_console_hotplug_snapshots_save_restore(session):
         while "vdb" in virsh("domblklist", "ms-hp").stdout:
             assert time.monotonic() < deadline, "the disk was never removed"
             time.sleep(0.5)
-        console.run("[ -e /sys/block/vdb ] || echo vdb-gone", "vdb-gone")
+        console.run("[ -e /sys/block/vdb ] || echo vdb-$((2+3))", "vdb-5")
 
         # Internal snapshots (HMP savevm/loadvm/delvm in libvirt 9.0; revert restarts the
         # machine with -loadvm). The guest's memory comes back with the snapshot.
-        console.run("echo before > /tmp/mark; echo marked", "marked")
+        console.run("echo before > /tmp/mark; echo marked-$((3+4))", "marked-7")
         virsh("snapshot-create-as", "ms-hp", "snap1")
         assert "snap1" in virsh("snapshot-list", "ms-hp", "--name").stdout
-        console.run("echo after > /tmp/mark; echo changed", "changed")
+        console.run("echo after > /tmp/mark; echo changed-$((4+5))", "changed-9")
     finally:
         console.close()
     virsh("snapshot-revert", "ms-hp", "snap1")
