@@ -130,6 +130,7 @@ extension QMPCommandExecutor {
             }
             return out
         },
+        HMPInfo(name: "qtree", help: "show device tree") { e, _, _ in try e.hmpQtree() },
         HMPInfo(name: "irq", help: "show the interrupts statistics (if available)") { e, _, _ in
             // QEMU's layout: a heading per controller, then " SOURCE: COUNT" for sources raised.
             e.controlForMigration.interruptStatistics().map { c in

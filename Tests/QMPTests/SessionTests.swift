@@ -220,6 +220,8 @@ func errorOf(_ reply: JSONValue) -> (String, String)? {
         #expect(hmp("drive_add x") == "unknown command: 'drive_add'\r\n")  // QEMU names the command only
         #expect(hmp("info registers") == "No CPU 0\r\n")  // the fake machine exposes no registers
         #expect(hmp("info uuid") == "00000000-0000-0000-0000-000000000000\r\n")
+        #expect(hmp("info qtree") == "bus: main-system-bus\r\n  type System\r\n")  // the fake has no device windows or PCI
+        #expect(hmp("info irq") == "")  // nor an interrupt controller
         #expect(hmp("xp /2xw 0x80000000") == "this machine does not expose its memory\r\n")
         #expect(hmp("info nosuch") == "unknown command: 'info nosuch'\r\n")
         #expect(hmp("sendkey") == "Usage: sendkey keys [hold_ms]\r\n")

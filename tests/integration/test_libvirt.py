@@ -415,6 +415,10 @@ def test_virsh_console_hotplug_snapshots_save_restore(session):
         assert int(stats["wr_bytes"]) >= 16384 and int(stats["wr_req"]) >= 1, stats
         assert int(dict(line.split()[1:3] for line in virsh("domblkstat", "ms-hp", "vda").stdout.splitlines() if line.strip())["rd_req"]) > 0
         assert re.search(r"virtio-disk1: rd_bytes=\d+ wr_bytes=(\d+)", virsh("qemu-monitor-command", "ms-hp", "--hmp", "info blockstats").stdout)
+        # HMP info qtree: the root port on pcie.0 and the disk on the bus behind it.
+        qtree = virsh("qemu-monitor-command", "ms-hp", "--hmp", "info qtree").stdout
+        assert re.search(r'dev: pcie-root-port, id "pci\.1"\s+addr = 01\.0.*?bus: pci\.1.*?dev: virtio-blk-pci, id "virtio-disk1"', qtree, re.S), qtree
+        assert re.search(r"dev: uart0?.*\n\s+mmio 0000000010000000/", qtree) or "mmio 0000000010000000/" in qtree, qtree
         # Unplug: device_del, the guest lets go, DEVICE_DELETED, blockdev-del.
         virsh("detach-device", "ms-hp", str(root / "vdb.xml"))
         deadline = time.monotonic() + 60
