@@ -12,6 +12,13 @@ enum MigrationURI: Equatable {
     case tcp(host: String, port: UInt16)
     /// `unix:PATH`, a Unix-domain stream socket.
     case unix(String)
+    /// `fd:N`, an open descriptor of this process (a file, pipe or socket) that the migration
+    /// owns and closes; written or read one way from its current offset, like `exec:`. QMP's
+    /// `fd:NAME` (a descriptor passed with `getfd`) is turned into this form by the monitor.
+    case fd(Int32)
+    /// `fd:N` naming a connected stream socket (libvirt connects to the destination itself and
+    /// passes the socket): a live migration over it, as over `tcp:`.
+    case socket(Int32)
 
     init(_ uri: String) throws {
         if uri.hasPrefix("file:") {
@@ -41,9 +48,29 @@ enum MigrationURI: Equatable {
             guard !path.isEmpty else { throw MachineStateError("unix: needs a socket path") }
             guard path.utf8.count < 108 else { throw MachineStateError("unix: the socket path is longer than 107 bytes") }
             self = .unix(path)
-        } else if uri.hasPrefix("rdma:") || uri.hasPrefix("fd:") || uri.hasPrefix("vsock:") {
+        } else if uri.hasPrefix("fd:") {
+            let text = uri.dropFirst(3)
+            guard let fd = Int32(text), fd >= 0 else {
+                throw MachineStateError("fd: needs a descriptor number or the name of a descriptor passed with getfd (got '\(text)')")
+            }
+            var st = stat()
+            guard fstat(fd, &st) == 0 else { throw MachineStateError("fd:\(fd): not an open descriptor") }
+            let kind = st.st_mode & S_IFMT
+            guard kind == S_IFREG || kind == S_IFIFO || kind == S_IFSOCK || kind == S_IFBLK else {
+                throw MachineStateError("fd:\(fd): not a file, pipe or socket")
+            }
+            // The stream is written and read with blocking calls on the migration queue.
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
+            var type: Int32 = 0
+            var len = socklen_t(MemoryLayout<Int32>.size)
+            if kind == S_IFSOCK, getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0, type == Int32(SOCK_STREAM.rawValue) {
+                self = .socket(fd)
+            } else {
+                self = .fd(fd)
+            }
+        } else if uri.hasPrefix("rdma:") || uri.hasPrefix("vsock:") {
             let scheme = uri.prefix { $0 != ":" }
-            throw MachineStateError("migration URI scheme '\(scheme):' is not supported (use tcp:, unix:, file: or exec:)")
+            throw MachineStateError("migration URI scheme '\(scheme):' is not supported (use tcp:, unix:, fd:, file: or exec:)")
         } else {
             throw MachineStateError("unknown migration protocol: \(uri)")
         }
@@ -52,8 +79,8 @@ enum MigrationURI: Equatable {
     /// True for the socket transports, which run a live (pre-copy) migration.
     var isLive: Bool {
         switch self {
-        case .tcp, .unix: return true
-        case .file, .exec: return false
+        case .tcp, .unix, .socket: return true
+        case .file, .exec, .fd: return false
         }
     }
 }
@@ -175,7 +202,20 @@ extension VirtualMachine: MachineMigration {
                     finished = true
                     try shell.finish(closing: true)
                 })
-            case .tcp, .unix:
+            case .fd(let fd):
+                // QEMU's fd: migration: the stream goes from the descriptor's current offset
+                // (libvirt's save file has its own header before it); the descriptor is ours.
+                var closed = false
+                cleanup = { if !closed { close(fd) } }
+                sink = StateSink(write: StateSink.writeAll(to: fd), finish: {
+                    var st = stat()
+                    if fstat(fd, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG && fsync(fd) != 0 {
+                        throw MachineStateError("fd:\(fd): cannot sync: \(String(cString: strerror(errno)))")
+                    }
+                    close(fd)
+                    closed = true
+                })
+            case .tcp, .unix, .socket:
                 preconditionFailure("a live migration runs in runLiveMigration")
             }
             do {
@@ -236,6 +276,7 @@ extension VirtualMachine: MachineMigration {
             m.status = .active
             m.ramTotal = board.ram.size
         }
+        emitMigrationEvent(.migration(status: .active))
         var failure: (any Error)? = nil
         do {
             try loadFrom(uri)
@@ -249,6 +290,7 @@ extension VirtualMachine: MachineMigration {
             m.totalTime = micros / 1000
             m.downtime = m.totalTime
         }
+        emitMigrationEvent(.migration(status: failure == nil ? .completed : .failed))
         if let failure { throw failure }
         let ms = String(format: "%.3f", Double(micros) / 1000)
         FileHandle.standardError.write(Data("machine-server: restored the machine state from \(uri) in \(ms) ms\n".utf8))
@@ -271,7 +313,19 @@ extension VirtualMachine: MachineMigration {
                 throw error
             }
             try shell.finish(closing: true)
-        case .tcp, .unix:
+        case .fd(let fd):
+            // Read as a stream from the current offset (a save file may start with its
+            // writer's own header, so the RAM is not mapped from it).
+            defer { close(fd) }
+            try loadIncoming(StateSource { p, n in
+                while true {
+                    let r = Foundation.read(fd, p, n)
+                    if r >= 0 { return r }
+                    if errno == EINTR { continue }
+                    throw MachineStateError("fd:\(fd): read failed: \(String(cString: strerror(errno)))")
+                }
+            })
+        case .tcp, .unix, .socket:
             preconditionFailure("a live migration is received by listenForLiveMigration")
         }
     }

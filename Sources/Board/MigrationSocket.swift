@@ -46,7 +46,9 @@ enum MigrationSocket {
                 throw MachineStateError("unix:\(path): cannot connect: \(e)")
             }
             return fd
-        case .file, .exec:
+        case .socket(let fd):
+            return fd
+        case .file, .exec, .fd:
             preconditionFailure("not a socket URI")
         }
     }
@@ -86,7 +88,9 @@ enum MigrationSocket {
                 throw MachineStateError("unix:\(path): cannot listen: \(e)")
             }
             return fd
-        case .file, .exec:
+        case .socket(let fd):
+            throw MachineStateError("fd:\(fd): receiving a live migration on a passed socket is not supported (use tcp: or unix:)")
+        case .file, .exec, .fd:
             preconditionFailure("not a socket URI")
         }
     }

@@ -267,6 +267,12 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
         }
     }
 
+    /// The PLIC's per-source counts.
+    public func interruptStatistics() -> [(controller: String, counts: [(source: Int, count: UInt64)])] {
+        guard let plic = (board as? VirtBoard)?.plic else { return [] }
+        return [(controller: plic.name, counts: plic.interruptCounts())]
+    }
+
     public func memoryMap() -> [MemoryMapEntry] {
         let ram = board.ram.region
         var out = [MemoryMapEntry(base: ram.base.raw, size: ram.size, name: "ram", isRAM: true)]

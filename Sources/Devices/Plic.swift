@@ -42,6 +42,8 @@ public final class Plic: MMIODevice, Sendable {
         var threshold: [UInt32]
         /// Last level driven on each context's output.
         var output: [Bool]
+        /// How many times each source became pending (HMP `info irq`; not saved state).
+        var raised: [UInt64] = []
     }
 
     /// Creates the PLIC for `harts` (index = hart ID) with sources 1…`sourceCount`.
@@ -62,7 +64,14 @@ public final class Plic: MMIODevice, Sendable {
                      claimed: [UInt32](repeating: 0, count: words),
                      enable: [[UInt32]](repeating: [UInt32](repeating: 0, count: words), count: contexts),
                      threshold: [UInt32](repeating: 0, count: contexts),
-                     output: [Bool](repeating: false, count: contexts))
+                     output: [Bool](repeating: false, count: contexts),
+                     raised: [UInt64](repeating: 0, count: sourceCount + 1))
+    }
+
+    /// How many times each source has become pending since the PLIC was created (a source
+    /// held high counts once until it is claimed or drops): the sources with a count. Any thread.
+    public func interruptCounts() -> [(source: Int, count: UInt64)] {
+        state.withLock { s in s.raised.enumerated().filter { $0.element > 0 }.map { (source: $0.offset, count: $0.element) } }
     }
 
     /// Number of contexts (two per hart).
@@ -81,7 +90,10 @@ public final class Plic: MMIODevice, Sendable {
             let w = source / 32, bit = UInt32(1) << UInt32(source % 32)
             if high {
                 s.level[w] |= bit
-                if s.claimed[w] & bit == 0 { s.pending[w] |= bit }
+                if s.claimed[w] & bit == 0 {
+                    if s.pending[w] & bit == 0 { s.raised[source] &+= 1 }
+                    s.pending[w] |= bit
+                }
             } else {
                 s.level[w] &= ~bit
                 s.pending[w] &= ~bit  // a level source that drops its request is no longer pending
@@ -95,7 +107,9 @@ public final class Plic: MMIODevice, Sendable {
     public func reset() {
         state.withLock { s in
             let level = s.level
+            let raised = s.raised
             s = Self.initialState(sourceCount: sourceCount, contexts: contextCount)
+            s.raised = raised
             s.output = [Bool](repeating: true, count: contextCount)  // force every output low
             s.level = level
             s.pending = level

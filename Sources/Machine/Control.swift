@@ -92,6 +92,9 @@ public protocol MachineControl: AnyObject, Sendable {
     func readPhysicalMemory(_ address: UInt64, count: Int) throws(MachineInspectionError) -> [UInt8]
     /// The guest physical address map: RAM and every device window, by base address.
     func memoryMap() -> [MemoryMapEntry]
+    /// Each interrupt controller's name and how many times each of its sources was raised
+    /// (the monitor's `info irq`).
+    func interruptStatistics() -> [(controller: String, counts: [(source: Int, count: UInt64)])]
     /// The machine's UUID (`-uuid`, the description's `uuid`), if one was given.
     var machineUUID: String? { get }
     /// Pauses all vCPUs (emits STOP if it was running).
@@ -127,6 +130,8 @@ extension MachineControl {
     }
     /// No memory map unless the machine provides it.
     public func memoryMap() -> [MemoryMapEntry] { [] }
+    /// No interrupt controller unless the machine has one.
+    public func interruptStatistics() -> [(controller: String, counts: [(source: Int, count: UInt64)])] { [] }
 }
 
 /// Why the monitor could not look into the machine; `description` is the message.

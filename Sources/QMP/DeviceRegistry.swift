@@ -48,12 +48,17 @@ public struct BlockDeviceStatus: Sendable, Equatable {
     public var backingDepth: Int
     /// The format node's and file node's names, when the drive has them.
     public var nodeName: String?
+    /// The device's I/O statistics, when it keeps them.
+    public var statistics: BlockIOStatistics?
+    /// True for a disk added with device_add (its nodes are blockdev-add's, listed apart).
+    public var hotPlugged = false
     public var fileNodeName: String?
 
     /// Creates a status value.
     public init(id: String, file: String, format: String, readOnly: Bool, virtualSize: UInt64,
                 actualSize: UInt64? = nil, backingFile: String? = nil, backingDepth: Int = 0,
-                nodeName: String? = nil, fileNodeName: String? = nil) {
+                nodeName: String? = nil, fileNodeName: String? = nil, statistics: BlockIOStatistics? = nil) {
+        self.statistics = statistics
         self.nodeName = nodeName
         self.fileNodeName = fileNodeName
         self.id = id

@@ -122,10 +122,44 @@ extension QMPCommandExecutor {
         }
     }
 
+    /// Each disk's I/O statistics.
+    public func queryBlockstats(_ arguments: QueryBlockstatsArguments) throws -> [BlockStats] {
+        // With query-nodes (libvirt asks so), the disks are listed by their format node:
+        // statistics are kept per device, and each disk has one format node.
+        let byNode = arguments.queryNodes == true
+        let now = DispatchTime.now().uptimeNanoseconds
+        return (devices?.blockDevices() ?? []).filter { !byNode || $0.nodeName != nil }.map { b in
+            let s = b.statistics ?? BlockIOStatistics()
+            func i(_ v: UInt64) -> Int64 { Int64(clamping: v) }
+            let stats = BlockDeviceStats(
+                rdBytes: i(s.readBytes), wrBytes: i(s.writtenBytes), unmapBytes: i(s.discardedBytes),
+                rdOperations: i(s.readOperations), wrOperations: i(s.writeOperations), flushOperations: i(s.flushOperations),
+                unmapOperations: i(s.discardOperations), rdTotalTimeNs: i(s.readTimeNanoseconds), wrTotalTimeNs: i(s.writeTimeNanoseconds),
+                flushTotalTimeNs: i(s.flushTimeNanoseconds), unmapTotalTimeNs: i(s.discardTimeNanoseconds),
+                wrHighestOffset: i(s.highestWriteOffset), rdMerged: 0, wrMerged: 0, unmapMerged: 0,
+                idleTimeNs: s.lastCompletion.map { i(now &- $0) },
+                failedRdOperations: i(s.failedReadOperations), failedWrOperations: i(s.failedWriteOperations),
+                failedFlushOperations: i(s.failedFlushOperations), failedUnmapOperations: i(s.failedDiscardOperations),
+                invalidRdOperations: 0, invalidWrOperations: 0, invalidFlushOperations: 0, invalidUnmapOperations: 0,
+                accountInvalid: false, accountFailed: true, timedStats: [])
+            return BlockStats(device: b.id, qdev: "/machine/peripheral/\(b.id)/virtio-backend", nodeName: b.nodeName, stats: stats)
+        }
+    }
+
+    /// HMP `info blockstats`, QEMU's layout: one line per disk.
+    func hmpBlockstats() throws -> String {
+        try queryBlockstats(QueryBlockstatsArguments()).map { b in
+            let s = b.stats
+            return "\(b.device): rd_bytes=\(s.rdBytes) wr_bytes=\(s.wrBytes) rd_operations=\(s.rdOperations) wr_operations=\(s.wrOperations)"
+                + " flush_operations=\(s.flushOperations) wr_total_time_ns=\(s.wrTotalTimeNs) rd_total_time_ns=\(s.rdTotalTimeNs)"
+                + " flush_total_time_ns=\(s.flushTotalTimeNs) rd_merged=\(s.rdMerged) wr_merged=\(s.wrMerged) idle_time_ns=\(s.idleTimeNs ?? 0)\r\n"
+        }.joined()
+    }
+
     /// The named block nodes of the description's disks: each disk's format node and file
     /// node, when its drive names them (query-named-block-nodes adds blockdev-add's nodes).
     func launchBlockNodes() -> [BlockDeviceInfo] {
-        (devices?.blockDevices() ?? []).flatMap { b -> [BlockDeviceInfo] in
+        (devices?.blockDevices() ?? []).filter { !$0.hotPlugged }.flatMap { b -> [BlockDeviceInfo] in
             var out: [BlockDeviceInfo] = []
             if let n = b.nodeName {
                 let image = ImageInfo(filename: b.file, format: b.format, virtualSize: Int64(clamping: b.virtualSize),

@@ -13,7 +13,10 @@ extension QMPCommandExecutor {
 
     /// Checks the arguments as QEMU's qdev does and turns them into a request.
     static func deviceAddRequest(_ a: DeviceAddArguments) throws(HotPlugError) -> DeviceAddRequest {
-        guard let driver = HotPlugDriver(rawValue: a.driver) else {
+        // QEMU's modern-only name for virtio-blk-pci (libvirt's model='virtio-non-transitional'):
+        // machine-server's virtio-pci devices are all modern-only.
+        let name = a.driver == QEMUCapabilities.nonTransitionalBlock ? HotPlugDriver.virtioBlkPci.rawValue : a.driver
+        guard let driver = HotPlugDriver(rawValue: name) else {
             let known = ["virtio-blk-device", "virtio-gpu-device", "virtio-keyboard-device", "virtio-tablet-device",
                          "virtio-rng-device", "virtio-net-device", "virtio-gpu-pci", "pcie-root-port"]
             throw known.contains(a.driver) ? .notHotPluggable(a.driver) : .unknownDriver(a.driver)
@@ -109,6 +112,9 @@ extension QMPCommandExecutor {
                 throw .badNodeOption("Parameter 'file' expects a node name or a file node's options ({\"driver\": \"file\", \"filename\": ...})")
             }
         }
+        if o.discard == .ignore {
+            throw .badNodeOption("Parameter 'discard': 'ignore' is not supported; the disks pass the guest's discard requests to the image ('unmap')")
+        }
         switch o.variant {
         case .file(let f):
             return BlockNodeRequest(nodeName: name, kind: .file(filename: f.filename), readOnly: o.readOnly)
@@ -162,6 +168,39 @@ extension QMPCommandExecutor {
 
     /// The PCI buses (an empty list for a machine without PCIe).
     public func queryPci() throws -> [PciInfo] { devices?.hotPlug?.pciBuses() ?? [] }
+
+    /// HMP `info qtree`, in QEMU's layout, from what exists: the system bus's devices are the
+    /// memory map's device windows (`mmio BASE/SIZE`), the PCIe host's buses are query-pci's
+    /// (each function with its driver from the QOM peripherals when it has an id, its class
+    /// otherwise, and `addr`), root ports with the bus behind them.
+    func hmpQtree() throws -> String {
+        let peripherals = devices?.hotPlug?.peripherals() ?? []
+        var out = "bus: main-system-bus\r\n  type System\r\n"
+        for r in control.memoryMap() where !r.isRAM {
+            out += "  dev: \(r.name), id \"\"\r\n    mmio \(Self.hex16(r.base))/\(Self.hex16(r.size))\r\n"
+        }
+        func hex(_ v: Int64, _ width: Int) -> String {
+            let t = String(v, radix: 16)
+            return String(repeating: "0", count: max(0, width - t.count)) + t
+        }
+        func functions(_ list: [PciDeviceInfo], busName: String, indent: String) {
+            out += "\(indent)bus: \(busName)\r\n\(indent)  type PCIE\r\n"
+            for f in list where !(f.bus == 0 && f.slot == 0) {
+                let driver = peripherals.first { !f.qdevId.isEmpty && $0.id == f.qdevId }?.driver ?? (f.classInfo.desc ?? "pci-device")
+                out += "\(indent)  dev: \(driver), id \"\(f.qdevId)\"\r\n"
+                out += "\(indent)    addr = \(hex(f.slot, 2)).\(hex(f.function, 1))\r\n"
+                out += "\(indent)    class \(f.classInfo.desc ?? hex(f.classInfo.class, 4)), addr \(hex(f.bus, 2)):\(hex(f.slot, 2)).\(hex(f.function, 1)), pci id \(hex(f.id.vendor, 4)):\(hex(f.id.device, 4))\r\n"
+                if let b = f.pciBridge {
+                    functions(b.devices ?? [], busName: f.qdevId.isEmpty ? "pci.\(b.bus.secondary)" : f.qdevId, indent: indent + "    ")
+                }
+            }
+        }
+        if let root = try queryPci().first {
+            out += "  dev: gpex-pcihost, id \"\"\r\n"
+            functions(root.devices, busName: "pcie.0", indent: "    ")
+        }
+        return out
+    }
 
     /// The object at a QOM path this server knows.
     private enum QOMObject {

@@ -109,6 +109,7 @@ extension QMPCommandExecutor {
                     + "    Cache mode:       writeback\r\n\r\n"
             }.joined()
         },
+        HMPInfo(name: "blockstats", help: "show block device statistics") { e, _, _ in try e.hmpBlockstats() },
         HMPInfo(name: "chardev", help: "show the character devices") { e, _, _ in
             try e.queryChardev().map { "\($0.label): filename=\($0.filename)\r\n" }.joined()
         },
@@ -128,6 +129,13 @@ extension QMPCommandExecutor {
                 out += "    \(QMPCommandExecutor.hex16(r.base))-\(QMPCommandExecutor.hex16(last)) (prio 0, \(r.isRAM ? "ram" : "i/o")): \(r.name)\r\n"
             }
             return out
+        },
+        HMPInfo(name: "qtree", help: "show device tree") { e, _, _ in try e.hmpQtree() },
+        HMPInfo(name: "irq", help: "show the interrupts statistics (if available)") { e, _, _ in
+            // QEMU's layout: a heading per controller, then " SOURCE: COUNT" for sources raised.
+            e.controlForMigration.interruptStatistics().map { c in
+                "IRQ statistics for \(c.controller):\r\n" + c.counts.map { " \(String(repeating: " ", count: max(0, 2 - String($0.source).count)))\($0.source): \($0.count)\r\n" }.joined()
+            }.joined()
         },
         HMPInfo(name: "migrate", help: "show migration status") { e, _, _ in
             let m = try e.queryMigrate()
@@ -159,9 +167,54 @@ extension QMPCommandExecutor {
         HMPInfo(name: "pci", help: "show PCI info") { e, w, _ in try e.hotPlugHMP(["info"] + w) ?? "" },
     ]
 
+    /// The words of an HMP command line: split at blanks, with QEMU's double-quoted strings
+    /// (`savevm "snap 1"`, as libvirt sends names) taken whole, backslash escapes `\\`,
+    /// `\"`, `\'`, `\n`, `\r` inside them.
+    static func hmpWords(_ line: String) throws -> [String] {
+        // Unicode scalars, not Characters: a combining mark after a quote must not hide it.
+        var words: [String] = []
+        var it = line.unicodeScalars.makeIterator()
+        var current: String.UnicodeScalarView? = nil
+        while let c = it.next() {
+            switch c {
+            case " ", "\t", "\n", "\r":
+                if let w = current { words.append(String(w)); current = nil }
+            case "\"" where current == nil:
+                var w = String.UnicodeScalarView()
+                var closed = false
+                while let q = it.next() {
+                    if q == "\"" { closed = true; break }
+                    if q == "\\" {
+                        guard let e = it.next() else { break }
+                        switch e {
+                        case "n": w.append("\n")
+                        case "r": w.append("\r")
+                        case "\\", "\"", "'": w.append(e)
+                        default: throw HMPError.message("unsupported escape code: '\\\(e)'")
+                        }
+                        continue
+                    }
+                    w.append(q)
+                }
+                guard closed else { throw HMPError.message("unterminated string literal") }
+                words.append(String(w))
+            default:
+                if current == nil { current = String.UnicodeScalarView() }
+                current!.append(c)
+            }
+        }
+        if let w = current { words.append(String(w)) }
+        return words
+    }
+
     /// Runs one HMP command line; unknown commands and bad arguments give QEMU's messages as output.
     func runHumanMonitorCommand(_ line: String, cpuIndex: Int?) throws -> String {
-        let words = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init)
+        let words: [String]
+        do {
+            words = try Self.hmpWords(line)
+        } catch let e as HMPError {
+            return e.text + "\r\n"
+        }
         guard let verb = words.first else { return "" }
         guard let command = Self.hmpCommands.first(where: { $0.names.contains(verb) }) else {
             return "unknown command: '\(verb)'\r\n"

@@ -1,3 +1,4 @@
+import Foundation
 import Dispatch
 import Machine
 import Schema
@@ -18,11 +19,14 @@ extension QMPCommandExecutor {
         if arguments.resume == true {
             throw QMPError(.genericError, "Parameter 'resume' is not supported: there is no paused migration to resume")
         }
+        let m = try migration
+        let uri = try resolveDescriptorURI(arguments.uri, numericAllowed: false)
         do {
-            try migration.startMigration(uri: arguments.uri)
-        } catch let e as QMPError {
-            throw e
+            try m.startMigration(uri: uri)
         } catch {
+            // Refused before it started: the descriptor taken from the table is still ours.
+            if uri != arguments.uri, let fd = Int32(uri.dropFirst(3)) { close(fd) }
+            if let e = error as? QMPError { throw e }
             throw QMPError(.genericError, "\(error)")
         }
     }
@@ -63,8 +67,10 @@ extension QMPCommandExecutor {
         guard controlForMigration.runState == .inmigrate, try migration.migrationProgress().status == .none else {
             throw QMPError(.genericError, "The incoming migration has already been started or the machine was not started with --incoming defer")
         }
+        let m = try migration
+        let uri = try resolveDescriptorURI(arguments.uri, numericAllowed: true)
         do {
-            try migration.incomingMigration(uri: arguments.uri)
+            try m.incomingMigration(uri: uri)
         } catch let e as QMPError {
             throw e
         } catch {
@@ -90,7 +96,8 @@ extension QMPCommandExecutor {
             return v
         }
         if let v = try check(a.downtimeLimit, "downtime-limit", 0...2_000_000) { p.downtimeLimit = UInt64(v) }
-        if let v = try check(a.maxBandwidth, "max-bandwidth", 0...Int64(Int32.max) * 1024) { p.maxBandwidth = UInt64(v) }
+        // QEMU takes any size_t (libvirt asks for about 8 EiB/s, "unlimited", before a save).
+        if let v = try check(a.maxBandwidth, "max-bandwidth", 0...Int64.max) { p.maxBandwidth = UInt64(v) }
         if let v = try check(a.cpuThrottleInitial, "cpu-throttle-initial", 1...99) { p.throttleInitial = Int(v) }
         if let v = try check(a.cpuThrottleIncrement, "cpu-throttle-increment", 1...99) { p.throttleIncrement = Int(v) }
         if let v = try check(a.maxCpuThrottle, "max-cpu-throttle", 1...99) { p.maxThrottle = Int(v) }
@@ -111,6 +118,12 @@ extension QMPCommandExecutor {
             switch entry.capability {
             case .events: c.events = entry.state
             case .autoConverge: c.autoConverge = entry.state
+            case .returnPath:
+                // The destination always answers on the migration connection (the switch-over
+                // is confirmed there), which is what QEMU's return-path switches on.
+                // Turning it off (libvirt does after each migration) is accepted and changes
+                // nothing: query-migrate-capabilities keeps reporting it on.
+                break
             }
         }
         do {
@@ -123,7 +136,9 @@ extension QMPCommandExecutor {
     public func queryMigrateCapabilities() throws -> [MigrationCapabilityStatus] {
         // A machine that cannot migrate (machine none, which libvirt probes) has them all off.
         let c = (controlForMigration as? any MachineMigration)?.migrationCapabilities() ?? MigrationCapabilities()
+        let canMigrate = controlForMigration is any MachineMigration
         return [MigrationCapabilityStatus(capability: .events, state: c.events),
-                MigrationCapabilityStatus(capability: .autoConverge, state: c.autoConverge)]
+                MigrationCapabilityStatus(capability: .autoConverge, state: c.autoConverge),
+                MigrationCapabilityStatus(capability: .returnPath, state: canMigrate)]
     }
 }

@@ -16,14 +16,48 @@ public final class QMPCommandExecutor: QMPCommandHandler {
     let devices: (any DeviceRegistry)?
     private let version: VersionInfo
     private let quitRequested = Mutex(false)
+    /// The descriptors this connection's client passed (`getfd`); nil on a connection that
+    /// cannot carry them (TCP, tests).
+    let descriptors: PassedDescriptors?
 
     /// Creates an executor for one connection.
     public init(control: any MachineControl, chardevs: any ChardevRegistry, devices: (any DeviceRegistry)? = nil,
-                version: VersionInfo) {
+                version: VersionInfo, descriptors: PassedDescriptors? = nil) {
         self.control = control
         self.chardevs = chardevs
         self.devices = devices
         self.version = version
+        self.descriptors = descriptors
+    }
+
+    /// Keeps the descriptor that came with this command under `fdname`.
+    public func getfd(_ arguments: GetfdArguments) throws {
+        guard let descriptors else { throw QMPError(.genericError, "No file descriptor supplied via SCM_RIGHTS") }
+        try descriptors.claim(name: arguments.fdname)
+    }
+
+    /// Closes a descriptor kept with getfd.
+    public func closefd(_ arguments: ClosefdArguments) throws {
+        guard let descriptors else { throw QMPError(.genericError, "File descriptor named '\(arguments.fdname)' not found") }
+        try descriptors.close(name: arguments.fdname)
+    }
+
+    /// A migration URI with `fd:NAME` turned into `fd:N` (the named descriptor taken out of
+    /// this connection's table); other URIs unchanged. `numericAllowed`: whether `fd:N`
+    /// (an inherited descriptor) may be used as it is (incoming only).
+    func resolveDescriptorURI(_ uri: String, numericAllowed: Bool) throws -> String {
+        guard uri.hasPrefix("fd:") else { return uri }
+        let name = String(uri.dropFirst(3))
+        if let first = name.first, first.isNumber {
+            guard numericAllowed else {
+                throw QMPError(.genericError, "fd:\(name): an outgoing migration takes a descriptor passed with getfd, by name")
+            }
+            return uri
+        }
+        guard let fd = descriptors?.take(name: name) else {
+            throw QMPError(.genericError, "File descriptor named '\(name)' has not been found")
+        }
+        return "fd:\(fd)"
     }
 
     /// True (once) when the last command asked to quit; the caller then calls `control.quit()`

@@ -99,9 +99,12 @@ public final class QMPServer: Sendable {
         var started = false
         var stopped = false
         var listeners: [any Channel] = []
+        /// Unix-socket listeners (relayed so that clients can pass descriptors).
+        var unixListeners: [UnixMonitorListener] = []
+        /// What each listener is bound to, in listener order ("unix:PATH", "tcp:HOST:PORT").
+        var addresses: [String] = []
         var connections: [ObjectIdentifier: QMPConnection] = [:]
         var observerToken: Int?
-        var unixPaths: [String] = []
     }
     private let state = Mutex(State())
 
@@ -125,45 +128,88 @@ public final class QMPServer: Sendable {
         let token = control.addEventObserver { [weak self] event in self?.broadcast(event) }
         state.withLock { $0.observerToken = token }
         var bound: [any Channel] = []
+        var unixBound: [UnixMonitorListener] = []
+        var addresses: [String] = []
         for (spec, human) in listeners.map({ ($0, false) }) + humanMonitorListeners.map({ ($0, true) }) {
             let bootstrap = ServerBootstrap(group: group)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelInitializer { [weak self] channel in
                     guard let self else { return channel.close() }
                     return channel.eventLoop.makeCompletedFuture {
-                        if human {
-                            try channel.pipeline.syncOperations.addHandler(HMPChannelHandler(server: self))
-                        } else {
-                            try channel.pipeline.syncOperations.addHandler(QMPChannelHandler(server: self))
-                        }
+                        try self.addHandler(to: channel, human: human, descriptors: nil)
                     }
                 }
             do {
-                let channel: any Channel
                 switch spec {
                 case .unix(let path):
-                    channel = try Self.bindPrivately { try bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).wait() }
-                    state.withLock { $0.unixPaths.append(path) }
+                    let fd = try Self.bindPrivately { try UnixMonitorListener.bind(path: path) }
+                    unixBound.append(startUnixListener(fd: fd, path: path, human: human))
+                    addresses.append("unix:\(path)")
                 case .tcp(let host, let port):
-                    channel = try bootstrap.bind(host: host, port: port).wait()
+                    let channel = try bootstrap.bind(host: host, port: port).wait()
+                    bound.append(channel)
+                    addresses.append(channel.localAddress.map { "tcp:\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? spec.description)
                 case .fd(let fd):
                     var type: Int32 = 0
                     var len = socklen_t(MemoryLayout<Int32>.size)
                     guard getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0, type == Int32(SOCK_STREAM.rawValue) else {
                         throw QMPServerError.bindFailed(spec.description, "descriptor \(fd) is not an open stream socket")
                     }
-                    channel = try bootstrap.withBoundSocket(fd).wait()
+                    if UnixMonitorListener.isUnixSocket(fd) {
+                        // libvirt's monitor: a listening unix socket it created and passed.
+                        _ = fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC)
+                        unixBound.append(startUnixListener(fd: fd, path: nil, human: human))
+                        addresses.append(spec.description)
+                    } else {
+                        let channel = try bootstrap.withBoundSocket(fd).wait()
+                        bound.append(channel)
+                        addresses.append(channel.localAddress.map { "tcp:\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? spec.description)
+                    }
                 }
-                bound.append(channel)
-                logger.info("\(human ? "HMP" : "QMP") listening on \(channel.localAddress.map { "\($0)" } ?? spec.description)")
+                logger.info("\(human ? "HMP" : "QMP") listening on \(addresses.last ?? spec.description)")
             } catch {
                 for c in bound { _ = try? c.close().wait() }
+                for u in unixBound { u.shutdown() }
                 control.removeEventObserver(token)
                 state.withLock { $0.observerToken = nil }
+                if let e = error as? QMPServerError { throw e }
                 throw .bindFailed(spec.description, "\(error)")
             }
         }
-        state.withLock { $0.listeners = bound }
+        state.withLock { s in
+            s.listeners = bound
+            s.unixListeners = unixBound
+            s.addresses = addresses
+        }
+    }
+
+    /// The session handler for a new channel: QMP, or the human monitor.
+    private func addHandler(to channel: any Channel, human: Bool, descriptors: PassedDescriptors?) throws {
+        if human {
+            try channel.pipeline.syncOperations.addHandler(HMPChannelHandler(server: self))
+        } else {
+            try channel.pipeline.syncOperations.addHandler(QMPChannelHandler(server: self, descriptors: descriptors))
+        }
+    }
+
+    /// Accepts on a listening unix socket; each client's relayed end becomes a NIO channel.
+    private func startUnixListener(fd: Int32, path: String?, human: Bool) -> UnixMonitorListener {
+        let group = self.group
+        return UnixMonitorListener(fd: fd, path: path) { [weak self] local, descriptors in
+            guard let self else {
+                close(local)
+                return
+            }
+            let connected = ClientBootstrap(group: group)
+                .channelInitializer { [weak self] channel in
+                    guard let self else { return channel.close() }
+                    return channel.eventLoop.makeCompletedFuture {
+                        try self.addHandler(to: channel, human: human, descriptors: descriptors)
+                    }
+                }
+                .withConnectedSocket(local)
+            if (try? connected.wait()) == nil { close(local) }
+        }
     }
 
     /// Serializes `bindPrivately` between servers of one process.
@@ -184,35 +230,29 @@ public final class QMPServer: Sendable {
 
     /// The bound addresses ("unix:PATH" or "tcp:HOST:PORT"), in listener order; useful with port 0.
     public var boundAddresses: [String] {
-        state.withLock { s in
-            s.listeners.compactMap { c -> String? in
-                guard let a = c.localAddress else { return nil }
-                if let p = a.pathname { return "unix:\(p)" }
-                return "tcp:\(a.ipAddress ?? "?"):\(a.port ?? 0)"
-            }
-        }
+        state.withLock { $0.addresses }
     }
 
     /// Stops listening, closes every connection (after pending replies are written) and ends the
     /// I/O thread. Idempotent. Must not be called from a QMP command (it waits for I/O to finish).
     public func shutdown() {
-        let (listeners, connections, token, paths) = state.withLock { s in
-            if s.stopped { return ([any Channel](), [QMPConnection](), Int?.none, [String]()) }
+        let (listeners, connections, token, unixListeners) = state.withLock { s in
+            if s.stopped { return ([any Channel](), [QMPConnection](), Int?.none, [UnixMonitorListener]()) }
             s.stopped = true
-            defer { s.listeners = []; s.connections = [:]; s.observerToken = nil }
-            return (s.listeners, Array(s.connections.values), s.observerToken, s.unixPaths)
+            defer { s.listeners = []; s.unixListeners = []; s.connections = [:]; s.observerToken = nil }
+            return (s.listeners, Array(s.connections.values), s.observerToken, s.unixListeners)
         }
         if let token { control.removeEventObserver(token) }
         for l in listeners { _ = try? l.close().wait() }
+        for u in unixListeners { u.shutdown() }
         for c in connections { c.closeAfterPendingWork() }
-        for p in paths { unlink(p) }
         try? group.syncShutdownGracefully()
     }
 
-    func makeConnection(channel: any Channel) -> QMPConnection {
+    func makeConnection(channel: any Channel, descriptors: PassedDescriptors? = nil) -> QMPConnection {
         let c = QMPConnection(channel: channel, server: self,
                               executor: QMPCommandExecutor(control: control, chardevs: chardevs, devices: devices,
-                                                                version: configuration.version))
+                                                                version: configuration.version, descriptors: descriptors))
         state.withLock { $0.connections[ObjectIdentifier(c)] = c }
         return c
     }
@@ -400,13 +440,17 @@ final class QMPChannelHandler: ChannelDuplexHandler {
     /// The index in `waiting` of the capabilities reply, until it has been handed to the connection.
     private var negotiationReply: Int?
 
-    init(server: QMPServer) {
+    /// The descriptors the client passes (unix sockets); nil where none can arrive.
+    private let descriptors: PassedDescriptors?
+
+    init(server: QMPServer, descriptors: PassedDescriptors? = nil) {
         self.server = server
+        self.descriptors = descriptors
         self.session = QMPSession(maxMessageSize: server.maxMessageSize)
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        let c = server.makeConnection(channel: context.channel)
+        let c = server.makeConnection(channel: context.channel, descriptors: descriptors)
         connection = c
         c.perform(.send(QMPSession.greeting(version: server.version)))
         context.fireChannelActive()

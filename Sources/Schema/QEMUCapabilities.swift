@@ -30,8 +30,18 @@ public enum QEMUCapabilities {
         default: break
         }
         if pci { props.append(("addr", "int32", "Slot and optional function number, example: 06.0 or 06")) }
+        if pci && driver != .pcieRootPort {
+            // The transport is modern only (1af4:1040+N, no legacy I/O BAR): libvirt reads this
+            // property as "virtio devices are PCI Express" and then puts them behind root ports.
+            props.append(("disable-legacy", "OnOffAuto", "on or auto: the device is modern-only (off is refused)"))
+        }
         return props
     }
+
+    /// QEMU's name for a virtio-blk-pci without the legacy interface; machine-server's
+    /// virtio-blk-pci is exactly that, so the name is an alias (libvirt reads its presence as
+    /// "virtio devices are PCI Express" and then plugs them into root ports).
+    public static let nonTransitionalBlock = "virtio-blk-pci-non-transitional"
 
     /// Every QOM type machine-server has, parents first.
     public static let types: [QOMType] = {
@@ -49,6 +59,12 @@ public enum QEMUCapabilities {
             // The board's virtio-mmio transports (8 slots); devices go in them as -device *-device.
             QOMType(name: "virtio-mmio", parent: "sys-bus-device", abstract: false, properties: []),
             QOMType(name: "pci-device", parent: "device", abstract: true, properties: []),
+            // The board's generic ECAM PCIe host (built when a -pci device or a root port is
+            // given); libvirt takes this type as "riscv virt has PCI" and then accepts
+            // pcie-root and pcie-root-port controllers.
+            QOMType(name: "pci-host-bridge", parent: "sys-bus-device", abstract: true, properties: []),
+            QOMType(name: "pcie-host-bridge", parent: "pci-host-bridge", abstract: true, properties: []),
+            QOMType(name: "gpex-pcihost", parent: "pcie-host-bridge", abstract: false, properties: []),
             QOMType(name: "virtio-pci", parent: "pci-device", abstract: true, properties: []),
             QOMType(name: "memory-backend", parent: "object", abstract: true, properties: []),
             QOMType(name: "memory-backend-ram", parent: "memory-backend", abstract: false, properties: [
@@ -69,13 +85,15 @@ public enum QEMUCapabilities {
                 ("filename", "str", "/dev/urandom or /dev/random")]),
             QOMType(name: "chardev", parent: "object", abstract: true, properties: []),
         ]
-        for c in ["chardev-socket", "chardev-file", "chardev-ringbuf", "chardev-stdio", "chardev-null"] {
+        for c in ["chardev-socket", "chardev-file", "chardev-ringbuf", "chardev-stdio", "chardev-pty", "chardev-null"] {
             t.append(QOMType(name: c, parent: "chardev", abstract: false, properties: []))
         }
         for d in DeviceDriver.allCases {
             let parent = d == .pcieRootPort ? "pci-device" : d.rawValue.hasSuffix("-pci") ? "virtio-pci" : "virtio-device"
             t.append(QOMType(name: d.rawValue, parent: parent, abstract: false, properties: deviceProperties(d)))
         }
+        t.append(QOMType(name: nonTransitionalBlock, parent: "virtio-pci", abstract: false,
+                         properties: deviceProperties(.virtioBlkPci)))
         return t
     }()
 

@@ -34,6 +34,9 @@ public struct QEMUInvocation: Sendable {
     public var logFile: String?
     /// `-incoming URI|defer`.
     public var incoming: String?
+    /// `-loadvm TAG`: the internal snapshot loaded before the vCPUs first run (libvirt's
+    /// snapshot-revert restarts the machine with it).
+    public var loadvm: String?
     /// `-msg timestamp=on`: error lines start with the UTC time, as QEMU's do.
     public var messageTimestamps = false
     /// Notes for the user (e.g. a probed image format), printed before starting.
@@ -84,7 +87,6 @@ public enum QEMUCommandLine {
         "snapshot": "temporary snapshot overlays are not implemented; use a qcow2 overlay (machine-img create -b)",
         "hda": "use -drive file=...,format=...,if=virtio",
         "cdrom": "there is no CD-ROM device on this board",
-        "loadvm": "use QMP snapshot-load or HMP loadvm once the machine runs",
         "readconfig": "configuration files are QEMU's; machine-server's is --config (a machine description)",
     ]
 
@@ -171,7 +173,7 @@ public enum QEMUCommandLine {
         -nic user|stream,model=virtio-net-pci|virtio-net-device[,mac=][,id=][,the -netdev parameters] | none
 
         Character devices and monitors:
-        -chardev socket,id=ID,path=P|host=H,port=N|fd=N,server=on,wait=off | file,id=ID,path=P | ringbuf,id=ID[,size=N] | stdio,id=ID | null,id=ID
+        -chardev socket,id=ID,path=P|host=H,port=N|fd=N,server=on,wait=off | file,id=ID,path=P | ringbuf,id=ID[,size=N] | stdio,id=ID | pty,id=ID | null,id=ID
         -serial stdio|mon:stdio|null|none|file:P|unix:P,server=on,wait=off|tcp:H:N,server=on,wait=off|chardev:ID
         -qmp unix:P,server=on,wait=off|tcp:H:N,server=on,wait=off   -mon chardev=ID[,mode=control|readline]
         -monitor unix:P,server=on,wait=off|tcp:H:N,server=on,wait=off|none   (HMP with the (qemu) prompt)
@@ -407,6 +409,9 @@ private struct Parser {
             }
         case "incoming":
             invocation.incoming = try incomingURI(v)
+        case "loadvm":
+            guard !v.isEmpty else { throw QEMUCommandLineError("-loadvm: needs a snapshot name") }
+            invocation.loadvm = v
         case "D": invocation.logFile = absolute(v)
         case "object":
             objects.append(try QEMUKeyValue(parsing: v, impliedKey: "qom-type", acceptsJSON: true))
@@ -629,7 +634,9 @@ private struct Parser {
                     throw QEMUCommandLineError("-serial chardev:\(id): a serial line on a passed descriptor (fd=) is not supported; only monitors take one")
                 }
                 usedChardevs.insert(id)
-                d["serial"] = c
+                guard case .object(var o) = c else { throw QEMUCommandLineError("-serial chardev:\(id): not a chardev") }
+                o["id"] = .string(id)
+                d["serial"] = .object(o)
             } else {
                 d["serial"] = try legacyChardev(spec, what: "-serial", forSerial: true)
             }
@@ -736,6 +743,7 @@ private struct Parser {
             guard var driver = dev["driver"] else { throw QEMUCommandLineError("-device: needs a driver") }
             // QEMU's aliases on a machine with PCI.
             if ["virtio-blk", "virtio-gpu", "virtio-keyboard", "virtio-tablet", "virtio-rng", "virtio-net"].contains(driver) { driver += "-pci" }
+            if driver == QEMUCapabilities.nonTransitionalBlock { driver = DeviceDriver.virtioBlkPci.rawValue }
             guard let kind = DeviceDriver(rawValue: driver) else {
                 throw QEMUCommandLineError("-device \(driver): not supported (supported: \(DeviceDriver.allCases.map(\.rawValue).joined(separator: ", ")))")
             }
@@ -749,6 +757,12 @@ private struct Parser {
                 // installed); machine-server's PCI devices have none.
                 if let rom = dev["romfile"], !rom.isEmpty {
                     throw QEMUCommandLineError("\(what): romfile=\(rom): option ROMs are not supported (only romfile= with no file)")
+                }
+                if kind != .pcieRootPort {
+                    allowed.insert("disable-legacy")
+                    if let v = dev["disable-legacy"], v != "on", v != "auto" {
+                        throw QEMUCommandLineError("\(what): disable-legacy=\(v): only modern virtio devices exist here (disable-legacy=on or auto)")
+                    }
                 }
             }
             switch kind {
@@ -934,7 +948,12 @@ private struct Parser {
             let bracketed = host.contains(":") ? "[\(host)]" : host
             return "tcp:\(bracketed):\(port)"
         }
-        throw QEMUCommandLineError("\(what): not tcp:[HOST]:PORT, unix:PATH, file:PATH, exec:CMD or defer")
+        if v.hasPrefix("fd:") {
+            // An inherited descriptor (libvirt's restore passes the save file this way).
+            guard let fd = Int32(v.dropFirst(3)), fd >= 0 else { throw QEMUCommandLineError("\(what): expected fd:N (a descriptor number)") }
+            return "fd:\(fd)"
+        }
+        throw QEMUCommandLineError("\(what): not tcp:[HOST]:PORT, unix:PATH, fd:N, file:PATH, exec:CMD or defer")
     }
 
     /// `[HOST]:PORT` with QEMU's meaning of an empty HOST: every interface (0.0.0.0).
@@ -993,8 +1012,12 @@ private struct Parser {
         case "null":
             try c.rejectUnknown(["backend", "id"], in: what)
             return ["backend": "none"]
+        case "pty":
+            try c.rejectUnknown(["backend", "id", "path"], in: what)
+            if c["path"] != nil { throw QEMUCommandLineError("\(what): path= (a symlink to the pty) is not supported") }
+            return ["backend": "pty"]
         default:
-            throw QEMUCommandLineError("\(what): backend '\(backend)' is not supported (socket, file, ringbuf, stdio, null)")
+            throw QEMUCommandLineError("\(what): backend '\(backend)' is not supported (socket, file, ringbuf, stdio, pty, null)")
         }
     }
 
@@ -1030,6 +1053,9 @@ private struct Parser {
         case "null", "none":
             guard forSerial else { throw QEMUCommandLineError("\(w): QMP needs a socket") }
             return ["backend": "none"]
+        case "pty":
+            guard forSerial else { throw QEMUCommandLineError("\(w): QMP needs a socket") }
+            return ["backend": "pty"]
         default: break
         }
         if spec.hasPrefix("file:") {
@@ -1054,7 +1080,7 @@ private struct Parser {
             if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
             return ["backend": "tcp", "host": .string(host.isEmpty ? "0.0.0.0" : host), "port": .int(Int64(port))]
         }
-        throw QEMUCommandLineError("\(w): not supported (stdio, mon:stdio, null, file:PATH, unix:PATH,server=on,wait=off, tcp:HOST:PORT,server=on,wait=off\(forSerial ? ", chardev:ID" : ""))")
+        throw QEMUCommandLineError("\(w): not supported (stdio, mon:stdio, null, pty, file:PATH, unix:PATH,server=on,wait=off, tcp:HOST:PORT,server=on,wait=off\(forSerial ? ", chardev:ID" : ""))")
     }
 
     /// A QMP listener from a chardev's description form (unix or tcp only).

@@ -32,6 +32,7 @@ struct MachineServerCommand: ParsableCommand {
           tcp:HOST:PORT     a TCP server on HOST only (e.g. tcp:127.0.0.1:4444)
           file:PATH         output to a file (truncated; add ,append=on to append)
           ringbuf[:SIZE]    kept in memory for QMP ringbuf-read / ringbuf-write
+          pty               a new pseudo-terminal (its /dev/pts path is printed and in query-chardev)
           none              not connected
 
         Devices ("devices", each in its own virtio-mmio slot, at most 8): virtio-blk-device with "id" and "drive": {"file", "format": "raw"|"qcow2", "read-only"}; virtio-gpu-device (needs a VNC display); virtio-keyboard-device; virtio-tablet-device. A VNC display ("display": {"vnc": {"listen": "127.0.0.1:5900", "password": ..., "websocket": ...}} or --vnc) adds a GPU, keyboard and tablet when no GPU is listed.
@@ -64,7 +65,7 @@ struct MachineServerCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("The machine's name (query-name); overrides \"name\".", valueName: "NAME"))
     var name: String?
 
-    @Option(name: .long, help: ArgumentHelp("Receive the machine instead of booting: tcp:HOST:PORT or unix:PATH (listen for a live migration), file:PATH (RAM mapped from the file), exec:CMD (read from CMD's output), or defer (wait for QMP migrate-incoming). Disk images are opened without locks until the state arrives. The machine runs afterwards unless -S (or the source was paused).", valueName: "URI"))
+    @Option(name: .long, help: ArgumentHelp("Receive the machine instead of booting: tcp:HOST:PORT or unix:PATH (listen for a live migration), file:PATH (RAM mapped from the file), exec:CMD (read from CMD's output), fd:N (an inherited descriptor, read from its offset), or defer (wait for QMP migrate-incoming). Disk images are opened without locks until the state arrives. The machine runs afterwards unless -S (or the source was paused).", valueName: "URI"))
     var incoming: String?
 
     @Flag(name: [.customShort("S"), .customLong("paused")], help: "Start with the vCPUs stopped until QMP 'cont' (like QEMU -S).")
@@ -104,6 +105,8 @@ struct LaunchOverrides {
     var accel: String?
     var name: String?
     var incoming: String?
+    /// `-loadvm TAG`: load this internal snapshot before the vCPUs first run.
+    var loadvm: String?
     var paused = false
     /// `--gdb tcp:HOST:PORT`, overriding the description's "gdb".
     var gdb: String?
@@ -165,7 +168,7 @@ func runQEMUFrontEnd(_ arguments: [String]) -> Never {
         FileHandle.standardError.write(Data("machine-server: warning: \(w)\n".utf8))
     }
     do {
-        let overrides = LaunchOverrides(incoming: invocation.incoming, process: ProcessOptions(
+        let overrides = LaunchOverrides(incoming: invocation.incoming, loadvm: invocation.loadvm, process: ProcessOptions(
             pidfile: invocation.pidfile, daemonize: invocation.daemonize, logFile: invocation.logFile))
         let plan = try LaunchPlan(description: invocation.description,
                                   baseDirectory: FileManager.default.currentDirectoryPath, options: overrides)

@@ -54,7 +54,8 @@ final class MachineDeviceRegistry: DeviceRegistry, Sendable {
             }
             return BlockDeviceStatus(id: b.id, file: b.image.path, format: b.image.format.rawValue, readOnly: b.readOnly,
                                      virtualSize: b.image.virtualSize, actualSize: actual, backingFile: backing,
-                                     backingDepth: depth, nodeName: b.nodeName, fileNodeName: b.fileNodeName)
+                                     backingDepth: depth, nodeName: b.nodeName, fileNodeName: b.fileNodeName,
+                                     statistics: b.device.statistics)
         } + (hotPlugRegistry?.hotPluggedDisks() ?? [])
     }
 }

@@ -293,8 +293,11 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
         state.withLock { s in
             s.plugged.compactMap { p in
                 guard let drive = p.drive, let node = s.nodes.first(where: { $0.name == drive }), let image = node.image else { return nil }
-                return BlockDeviceStatus(id: p.id ?? p.path, file: image.path, format: image.format.rawValue, readOnly: node.readOnly,
-                                         virtualSize: image.virtualSize, backingFile: (image as? Qcow2Image)?.header.backingFile)
+                var status = BlockDeviceStatus(id: p.id ?? p.path, file: image.path, format: image.format.rawValue, readOnly: node.readOnly,
+                                               virtualSize: image.virtualSize, backingFile: (image as? Qcow2Image)?.header.backingFile,
+                                               nodeName: drive, statistics: p.block?.statistics)
+                status.hotPlugged = true
+                return status
             }
         }
     }

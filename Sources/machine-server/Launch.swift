@@ -40,7 +40,7 @@ struct Launch {
 
         let serial: (any CharBackend)?
         do {
-            serial = try plan.serial.makeBackend(id: "serial0") {
+            serial = try plan.serial.makeBackend(id: plan.serialID) {
                 machineBox.requestHostShutdown(cause: .hostUI)
             }
         } catch {
@@ -105,6 +105,17 @@ struct Launch {
             try machine.start()
         } catch {
             throw LaunchError("cannot start the machine: \(error)")
+        }
+        if let tag = plan.loadvm {
+            // QEMU's -loadvm: the snapshot is in place before any guest instruction runs.
+            do {
+                try machine.loadSnapshot(tag: tag)
+            } catch {
+                machine.requestHostShutdown(cause: .hostError, exitCode: 1)
+                _ = machine.waitUntilExit()
+                throw LaunchError("-loadvm \(tag): \(error)")
+            }
+            if plan.resumeAfterLoadvm { machine.cont() }
         }
         daemon?.ready(keepStandardError: plan.process.logFile != nil)
         if let incoming = plan.incoming {

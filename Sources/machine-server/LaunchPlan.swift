@@ -10,6 +10,10 @@ import Translator
 struct LaunchPlan {
     var name: String?
     var startPaused: Bool
+    /// `-loadvm TAG`: the snapshot loaded before the vCPUs first run.
+    var loadvm: String?
+    /// True when the machine starts paused only so that `loadvm` can be applied first.
+    var resumeAfterLoadvm = false
     var cpuCount: Int
     /// The engine that executes guest code.
     var engine: ExecutionEngine
@@ -24,6 +28,8 @@ struct LaunchPlan {
     var initrd: String?
     var commandLine: String?
     var serial: ChardevSpec
+    /// The serial chardev's label (query-chardev, ringbuf-read): the description's `serial.id`.
+    var serialID: String = "serial0"
     var qmp: [QMPListenerSpec]
     /// The human monitor (HMP) listeners (`hmp`, QEMU's -mon mode=readline).
     var hmp: [QMPListenerSpec]
@@ -98,9 +104,15 @@ struct LaunchPlan {
                                               shutdownPauses: d.actions?.shutdown == .pause)
         process = options.process
         startPaused = options.paused || d.start == .paused
+        if let tag = options.loadvm {
+            guard options.incoming == nil else { throw LaunchError("-loadvm \(tag): cannot be combined with -incoming") }
+            loadvm = tag
+            resumeAfterLoadvm = !startPaused
+            startPaused = true
+        }
         if let incoming = options.incoming {
-            guard incoming == "defer" || ["file:", "exec:", "tcp:", "unix:"].contains(where: { incoming.hasPrefix($0) }) else {
-                throw LaunchError("--incoming: '\(incoming)' is not tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD or defer")
+            guard incoming == "defer" || ["file:", "exec:", "tcp:", "unix:", "fd:"].contains(where: { incoming.hasPrefix($0) }) else {
+                throw LaunchError("--incoming: '\(incoming)' is not tcp:HOST:PORT, unix:PATH, fd:N, file:PATH, exec:CMD or defer")
             }
         }
         self.incoming = options.incoming
@@ -176,6 +188,12 @@ struct LaunchPlan {
             do { serial = try ChardevSpec(parsing: spec) } catch { throw LaunchError("--serial: \(error)") }
         } else {
             serial = Self.chardevSpec(d.serial, resolve: resolve)
+            if let id = d.serial?.id {
+                guard !id.isEmpty, id.allSatisfy({ $0.isLetter || $0.isNumber || "-_.".contains($0) }) else {
+                    throw LaunchError("serial.id: '\(id)' is not an identifier (letters, digits, '-', '_', '.')")
+                }
+                serialID = id
+            }
         }
 
         if !options.qmp.isEmpty {
@@ -242,6 +260,7 @@ struct LaunchPlan {
         switch s.variant {
         case .stdio: return .stdio
         case .none: return .none
+        case .pty: return .pty
         case .unix(let o): return .unix(path: resolve(o.path))
         case .tcp(let o): return .tcp(host: o.host, port: UInt16(o.port))
         case .file(let o): return .file(path: resolve(o.path), append: o.append)

@@ -424,3 +424,92 @@ extension CharBackend {
         #expect(after.c_lflag == before.c_lflag && after.c_iflag == before.c_iflag, "close restores the terminal")
     }
 }
+
+// MARK: - pty
+
+@Suite struct PtyChardevTests {
+    /// Opens the slave as a terminal program would.
+    func openSlave(_ pty: PtyChardev) throws -> Int32 {
+        let fd = open(pty.slavePath, O_RDWR | O_NOCTTY | O_CLOEXEC)
+        guard fd >= 0 else { throw ChardevError.system(what: "open \(pty.slavePath)", errno: errno) }
+        return fd
+    }
+
+    func readAvailable(_ fd: Int32, until want: Int, timeout: Int32 = 5000) -> [UInt8] {
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 4096)
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        while out.count < want, poll(&pfd, 1, timeout) > 0 {
+            let n = Glibc.read(fd, &buf, buf.count)
+            if n <= 0 { break }
+            out += buf[0..<n]
+        }
+        return out
+    }
+
+    @Test func specAndFilename() throws {
+        #expect(try ChardevSpec(parsing: "pty") == .pty)
+        #expect(ChardevSpec.pty.description == "pty")
+        let announced = Mutex<[String]>([])
+        let pty = try PtyChardev(id: "charserial0") { line in announced.withLock { $0.append(line) } }
+        defer { pty.close() }
+        #expect(pty.slavePath.hasPrefix("/dev/pts/"))
+        #expect(pty.filename == "pty:" + pty.slavePath)
+        #expect(announced.withLock { $0 } == ["char device redirected to \(pty.slavePath) (label charserial0)"])
+    }
+
+    @Test func outputIsDroppedUntilATerminalOpensThenPassesRawBothWays() throws {
+        let pty = try PtyChardev(id: "serial0", announce: { _ in })
+        defer { pty.close() }
+        let sink = ByteSink()
+        pty.setReceiver(sink.receiver)
+        #expect(!pty.isConnected)
+        Array("lost\n".utf8).withUnsafeBytes { pty.write($0) }
+        #expect(pty.droppedBytes == 5, "nobody has the slave open: output is dropped, not buffered in the terminal")
+
+        let slave = try openSlave(pty)
+        #expect(eventually { pty.isConnected })
+        // Raw mode: "\n" stays "\n" (no CR added) and nothing is echoed back to the guest.
+        let line = Array("guest says hi\n".utf8)
+        line.withUnsafeBytes { pty.write($0) }
+        #expect(readAvailable(slave, until: line.count) == line)
+        let typed = Array("ls\r".utf8)
+        _ = typed.withUnsafeBytes { Glibc.write(slave, $0.baseAddress, $0.count) }
+        #expect(eventually { sink.value == typed }, "keystrokes reach the guest unchanged")
+        usleep(100_000)
+        #expect(sink.value == typed, "guest output is not echoed back as input")
+
+        // The terminal program quits: the pty goes back to dropping output.
+        Glibc.close(slave)
+        #expect(eventually { !pty.isConnected })
+        let before = pty.droppedBytes
+        Array("gone".utf8).withUnsafeBytes { pty.write($0) }
+        #expect(pty.droppedBytes == before + 4)
+        // And reconnects.
+        let again = try openSlave(pty)
+        defer { Glibc.close(again) }
+        #expect(eventually { pty.isConnected })
+        Array("back".utf8).withUnsafeBytes { pty.write($0) }
+        #expect(readAvailable(again, until: 4) == Array("back".utf8))
+    }
+
+    @Test func inputWaitsInTheTerminalWhileTheGuestHasNoRoom() throws {
+        let pty = try PtyChardev(id: "serial0", announce: { _ in })
+        defer { pty.close() }
+        let uart = Uart16550(irq: IgnoredLine(), backend: pty, inputCapacity: 64)
+        let slave = try openSlave(pty)
+        defer { Glibc.close(slave) }
+        #expect(eventually { pty.isConnected })
+        let payload = (0..<1000).map { UInt8(ascii: "a") + UInt8($0 % 26) }
+        _ = payload.withUnsafeBytes { Glibc.write(slave, $0.baseAddress, $0.count) }
+        #expect(eventually { uart.pendingInputBytes == 64 })
+        usleep(100_000)
+        #expect(uart.pendingInputBytes == 64 && uart.droppedInputBytes == 0, "the rest waits in the terminal")
+        var received: [UInt8] = []
+        #expect(eventually(10) {
+            while uart.read(offset: 5, size: 1) & 1 != 0 { received.append(UInt8(uart.read(offset: 0, size: 1))) }
+            return received.count == payload.count
+        })
+        #expect(received == payload && uart.droppedInputBytes == 0)
+    }
+}

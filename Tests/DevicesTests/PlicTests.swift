@@ -135,4 +135,18 @@ struct PlicTests {
         #expect(plic.read(offset: 0x1000, size: 4) == 0x1FE)
         #expect(bits(harts[0]) == HartInterrupts.seip)
     }
+
+    @Test func interruptCountsCountEachTimeASourceBecomesPending() {
+        let (plic, _) = make()
+        #expect(plic.interruptCounts().isEmpty)
+        plic.setLevel(source: 5, true)
+        plic.setLevel(source: 5, true)  // still pending: not a new interrupt
+        #expect(plic.interruptCounts().map(\.source) == [5] && plic.interruptCounts().map(\.count) == [1])
+        plic.setLevel(source: 5, false)
+        plic.setLevel(source: 5, true)
+        plic.setLevel(source: 10, true)
+        #expect(plic.interruptCounts().map(\.source) == [5, 10] && plic.interruptCounts().map(\.count) == [2, 1])
+        plic.reset()
+        #expect(plic.interruptCounts().map(\.count) == [2, 1], "a system reset keeps the counts, as the inputs are kept")
+    }
 }

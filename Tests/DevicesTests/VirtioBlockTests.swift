@@ -62,13 +62,19 @@ import Testing
         #expect(written == 1025)
         #expect(try blk.drive.image.read(count: 1024, at: 3 * 512) == payload)
         #expect(request(&d, type: VirtioBlock.RequestType.flush, sector: 0).0 == 0)
+        // query-blockstats' counts: one write of 1024 bytes ending at 4096, one read, one flush.
+        let s = blk.statistics
+        #expect(s.writeOperations == 1 && s.writtenBytes == 1024 && s.highestWriteOffset == 3 * 512 + 1024)
+        #expect(s.readOperations == 1 && s.readBytes == 1024 && s.flushOperations == 1)
+        #expect(s.failedReadOperations == 0 && s.failedWriteOperations == 0 && s.lastCompletion != nil)
     }
 
     @Test func outOfRangeAndUnsupported() throws {
-        var (_, _, d, _) = try makeDevice()
+        var (blk, _, d, _) = try makeDevice()
         #expect(request(&d, type: VirtioBlock.RequestType.in, sector: 2048, inLength: 512).0 == 1)
         #expect(request(&d, type: VirtioBlock.RequestType.in, sector: 0, inLength: 100).0 == 1)
         #expect(request(&d, type: 99, sector: 0).0 == 2)
+        #expect(blk.statistics.failedReadOperations == 2 && blk.statistics.readOperations == 0, "refused reads are counted as failed")
     }
 
     @Test func getID() throws {

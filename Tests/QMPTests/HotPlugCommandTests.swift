@@ -196,6 +196,10 @@ final class HotPlugDevices: DeviceRegistry {
         #expect(refusal(#"{"driver":"qcow2","node-name":"n","file":3}"#)?.contains("Parameter 'file'") == true)
         #expect(refusal(#"{"driver":"qcow2","node-name":"n","file":"f0","backing":"b"}"#)?.contains("backing") == true)
         #expect(refusal(#"{"driver":"vmdk","node-name":"n","file":"f0"}"#)?.contains("vmdk") == true)
+        // libvirt's nodes for attach-device.
+        #expect(try node(#"{"driver":"file","filename":"/a.qcow2","node-name":"libvirt-2-storage","auto-read-only":true,"discard":"unmap"}"#)
+                == BlockNodeRequest(nodeName: "libvirt-2-storage", kind: .file(filename: "/a.qcow2"), readOnly: false))
+        #expect(refusal(#"{"driver":"file","filename":"/a","node-name":"n","discard":"ignore"}"#)?.contains("'ignore' is not supported") == true)
     }
 
     @Test func hmpDeviceAddAndDeviceDelGoThroughTheSameChecks() {

@@ -33,3 +33,47 @@ import Testing
         #expect(failures.isEmpty, "\(failures)")
     }
 }
+
+/// Fuzzes the human monitor's word splitter (QEMU's quoted strings) and every HMP command
+/// behind `human-monitor-command` with mutations of command lines libvirt and people send.
+/// For every input: nothing crashes; the splitter either refuses the line or returns words
+/// that, quoted again, split back to the same words; and the command gives text, not an error.
+@Suite struct HMPFuzzTests {
+    static func quoted(_ w: String) -> String {
+        var out = "\""
+        for c in w.unicodeScalars {
+            switch c {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            default: out.unicodeScalars.append(c)
+            }
+        }
+        return out + "\""
+    }
+
+    @Test func mutatedCommandLinesAreSplitConsistentlyAndAnswered() {
+        let seeds = [#"savevm "snap1""#, #"delvm "a b""#, #"loadvm "x\"y""#, "info status", "info block", "info pci",
+                     "x /4xw 0x80000000", "sendkey ctrl-alt-delete 100", "device_del disk1", "info snapshots",
+                     #"migrate "exec:cat > /dev/null""#, "help info"].map { Array($0.utf8) }
+        let tokens = ["\"", "\\", "\\\"", " ", "\t", "\n", "info", "savevm", "\u{0}", "\u{FF}"].map { Array($0.utf8) }
+        var failures: [String] = []
+        let report = Fuzz.run(target: "hmp", seeds: seeds, seconds: Fuzz.budget(ci: 1), maxLength: 512, dictionary: tokens) { input in
+            let line = String(decoding: input, as: UTF8.self)
+            if let words = try? QMPCommandExecutor.hmpWords(line) {
+                let again = try? QMPCommandExecutor.hmpWords(words.map(Self.quoted).joined(separator: " "))
+                if again != words, failures.count < 5 { failures.append("\(words) re-split as \(String(describing: again))") }
+            }
+            guard !line.hasPrefix("quit") else { return }
+            var h = Harness()
+            let args: JSONValue = ["command-line": .string(line)]
+            let r = h.one(JSONValue.object(["execute": "human-monitor-command", "arguments": args]).serialized())
+            if r["return"]?.stringValue == nil && r["error"]?["class"] != "GenericError", failures.count < 5 {
+                failures.append("\(line.debugDescription): \(r)")
+            }
+        }
+        print(report)
+        #expect(failures.isEmpty, "\(failures)")
+    }
+}

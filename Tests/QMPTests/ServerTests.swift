@@ -93,6 +93,88 @@ func makeStaleSocket(_ path: String) {
         #expect(FileManager.default.contents(atPath: path) == Data("keep".utf8))
     }
 
+    /// Sends `text` with `fd` as SCM_RIGHTS ancillary data, as libvirt sends getfd.
+    func send(_ text: String, passing fd: Int32, on socketFD: Int32) -> Int {
+        var bytes = Array(text.utf8)
+        var control = [UInt8](repeating: 0, count: 24)  // cmsghdr (16) + one int, aligned
+        control.withUnsafeMutableBytes { c in
+            c.storeBytes(of: UInt64(20), toByteOffset: 0, as: UInt64.self)  // CMSG_LEN(4)
+            c.storeBytes(of: SOL_SOCKET, toByteOffset: 8, as: Int32.self)
+            c.storeBytes(of: Int32(SCM_RIGHTS), toByteOffset: 12, as: Int32.self)
+            c.storeBytes(of: fd, toByteOffset: 16, as: Int32.self)
+        }
+        return bytes.withUnsafeMutableBytes { b in
+            control.withUnsafeMutableBytes { c in
+                var iov = iovec(iov_base: b.baseAddress, iov_len: b.count)
+                return withUnsafeMutablePointer(to: &iov) { iovp in
+                    var msg = msghdr()
+                    msg.msg_iov = iovp
+                    msg.msg_iovlen = 1
+                    msg.msg_control = c.baseAddress
+                    msg.msg_controllen = c.count
+                    return sendmsg(socketFD, &msg, 0)
+                }
+            }
+        }
+    }
+
+    @Test func getfdTakesTheDescriptorSentWithItAndClosefdClosesIt() throws {
+        let server = QMPServer(control: FakeMachine(), chardevs: FakeChardevs())
+        let path = tempPath("fd.sock")
+        try server.start(listeners: [.unix(path: path)])
+        defer { server.shutdown() }
+        let c = try SocketClient(unixPath: path)
+        #expect(c.read()?["QMP"] != nil)
+        c.write(#"{"execute":"qmp_capabilities"}"#)
+        #expect(c.read() == ["return": [:]])
+        c.write(#"{"execute":"getfd","arguments":{"fdname":"migrate"}}"#)
+        #expect(c.reply().reply?["error"]?["desc"] == "No file descriptor supplied via SCM_RIGHTS")
+
+        var p: [Int32] = [-1, -1]
+        #expect(pipe(&p) == 0)
+        defer { close(p[0]) }
+        #expect(send(#"{"execute":"getfd","arguments":{"fdname":"migrate"}}"#, passing: p[1], on: c.fd) > 0)
+        #expect(c.reply().reply == ["return": [:]])
+        close(p[1])
+        // The server holds the write end: the pipe has no EOF until closefd.
+        var pfd = pollfd(fd: p[0], events: Int16(POLLIN), revents: 0)
+        #expect(poll(&pfd, 1, 200) == 0, "the server keeps the descriptor it was given")
+        c.write(#"{"execute":"closefd","arguments":{"fdname":"migrate"}}"#)
+        #expect(c.reply().reply == ["return": [:]])
+        pfd.revents = 0
+        #expect(poll(&pfd, 1, 5000) == 1 && pfd.revents & Int16(POLLHUP) != 0, "closefd closed the server's copy")
+        c.write(#"{"execute":"closefd","arguments":{"fdname":"migrate"}}"#)
+        #expect(c.reply().reply?["error"]?["desc"] == "File descriptor named 'migrate' not found")
+        // A name that looks like a number is refused (fd:N means an inherited descriptor).
+        var q: [Int32] = [-1, -1]
+        #expect(pipe(&q) == 0)
+        defer { close(q[0]); close(q[1]) }
+        #expect(send(#"{"execute":"getfd","arguments":{"fdname":"3"}}"#, passing: q[1], on: c.fd) > 0)
+        #expect(c.reply().reply?["error"]?["class"] == "GenericError")
+        // The machine cannot migrate here, whatever the descriptor.
+        c.write(#"{"execute":"migrate","arguments":{"uri":"fd:nothing"}}"#)
+        #expect(c.reply().reply?["error"]?["class"] == "GenericError")
+    }
+
+    @Test func controlMessagesAreParsedForRightsOnly() {
+        var control = [UInt8](repeating: 0, count: 48)
+        control.withUnsafeMutableBytes { c in
+            c.storeBytes(of: UInt64(24), toByteOffset: 0, as: UInt64.self)  // two descriptors
+            c.storeBytes(of: SOL_SOCKET, toByteOffset: 8, as: Int32.self)
+            c.storeBytes(of: Int32(SCM_RIGHTS), toByteOffset: 12, as: Int32.self)
+            c.storeBytes(of: Int32(7), toByteOffset: 16, as: Int32.self)
+            c.storeBytes(of: Int32(9), toByteOffset: 20, as: Int32.self)
+            c.storeBytes(of: UInt64(20), toByteOffset: 24, as: UInt64.self)  // credentials: skipped
+            c.storeBytes(of: SOL_SOCKET, toByteOffset: 32, as: Int32.self)
+            c.storeBytes(of: Int32(2), toByteOffset: 36, as: Int32.self)
+        }
+        #expect(control.withUnsafeBytes { UnixMonitorListener.parseRights($0) } == [7, 9])
+        #expect(control.withUnsafeBytes { UnixMonitorListener.parseRights(UnsafeRawBufferPointer(rebasing: $0[0..<10])) } == [])
+        var bad = control
+        bad.withUnsafeMutableBytes { $0.storeBytes(of: UInt64(1000), toByteOffset: 0, as: UInt64.self) }
+        #expect(bad.withUnsafeBytes { UnixMonitorListener.parseRights($0) } == [], "a length past the buffer ends the walk")
+    }
+
     @Test func listenerSpecsParse() throws {
         #expect(try QMPListenerSpec(parsing: "unix:/tmp/x") == .unix(path: "/tmp/x"))
         #expect(try QMPListenerSpec(parsing: "tcp:127.0.0.1:4444") == .tcp(host: "127.0.0.1", port: 4444))

@@ -73,8 +73,13 @@ import Testing
         #expect(try parse(["-M", "virt", "-serial", "tcp:127.0.0.1:4444,server=on,wait=off"]).description.serial?.json
                 == ["backend": "tcp", "host": "127.0.0.1", "port": 4444])
         #expect(try parse(["-M", "virt", "-chardev", "ringbuf,id=r,size=1024", "-serial", "chardev:r"]).description.serial?.json
-                == ["backend": "ringbuf", "size": 1024])
-        #expect(refusal(["-M", "virt", "-serial", "pty"])?.hasPrefix("-serial pty: not supported") == true)
+                == ["backend": "ringbuf", "id": "r", "size": 1024])
+        // libvirt's console: a pty chardev whose id is the label query-chardev reports.
+        #expect(try parse(["-M", "virt", "-chardev", "pty,id=charserial0", "-serial", "chardev:charserial0"]).description.serial?.json
+                == ["backend": "pty", "id": "charserial0"])
+        #expect(try parse(["-M", "virt", "-serial", "pty"]).description.serial?.json == ["backend": "pty"])
+        #expect(refusal(["-M", "virt", "-chardev", "pty,id=p,path=/tmp/link", "-serial", "chardev:p"])?.contains("path=") == true)
+        #expect(refusal(["-M", "virt", "-serial", "vc"])?.hasPrefix("-serial vc: not supported") == true)
         #expect(refusal(["-M", "virt", "-serial", "unix:/tmp/s,server=on"])?.contains("wait=off") == true)
         #expect(refusal(["-M", "virt", "-serial", "null", "-serial", "null"])?.contains("one serial port") == true)
     }
@@ -213,6 +218,21 @@ import Testing
         #expect(try parse(["-M", "virt", "-incoming", "tcp:[::1]:4444"]).incoming == "tcp:[::1]:4444")
         #expect(try parse(["-M", "virt", "-incoming", "unix:mig.sock"]).incoming == "unix:/work/mig.sock")
         #expect(try parse(["-M", "virt", "-incoming", "defer"]).incoming == "defer")
+        // libvirt's restore passes the save file as an inherited descriptor.
+        #expect(try parse(["-M", "virt", "-incoming", "fd:22"]).incoming == "fd:22")
+        #expect(refusal(["-M", "virt", "-incoming", "fd:migrate"])?.contains("fd:N") == true)
+        // libvirt's snapshot-revert restarts the machine with -loadvm.
+        #expect(try parse(["-M", "virt", "-loadvm", "snap1"]).loadvm == "snap1")
+        #expect(try parse(["-M", "virt"]).loadvm == nil)
+        // What libvirt puts on the command line for a virtio disk behind a root port.
+        let pcie = try parse(["-M", "virt", "-device", "pcie-root-port,port=8,chassis=1,id=pci.1,bus=pcie.0,addr=0x1",
+                              "-blockdev", #"{"driver":"file","filename":"/g/d.qcow2","node-name":"s","auto-read-only":true,"discard":"unmap"}"#,
+                              "-blockdev", #"{"node-name":"f","read-only":false,"driver":"qcow2","file":"s"}"#,
+                              "-device", "virtio-blk-pci-non-transitional,bus=pci.1,addr=0x0,drive=f,id=virtio-disk1,disable-legacy=on"]).description
+        #expect(pcie.devices?.last?.json["driver"] == "virtio-blk-pci")
+        #expect(refusal(["-M", "virt", "-blockdev", #"{"driver":"file","filename":"/g/d.qcow2","node-name":"s"}"#,
+                         "-blockdev", #"{"node-name":"f","driver":"qcow2","file":"s"}"#,
+                         "-device", "virtio-blk-pci,drive=f,disable-legacy=off"])?.contains("disable-legacy=off") == true)
         #expect(try parse(["-M", "virt", "-incoming", "file:s.state"]).incoming == "file:/work/s.state")
         #expect(refusal(["-M", "virt", "-incoming", "rdma:1.2.3.4:5"])?.contains("not tcp:[HOST]:PORT") == true)
         #expect(refusal(["-M", "virt", "-incoming", "tcp:host"])?.contains("[HOST]:PORT") == true)
@@ -245,7 +265,7 @@ import Testing
             "-msg", "timestamp=on"])
         let d = inv.description
         #expect(d.qmp?.map(\.json) == [["backend": "fd", "fd": 24]])
-        #expect(d.serial?.json == ["backend": "file", "path": "/proc/self/fd/27", "append": true])
+        #expect(d.serial?.json == ["backend": "file", "id": "charserial0", "path": "/proc/self/fd/27", "append": true])
         #expect(d.devices?.first?.json == ["driver": "virtio-blk-device", "id": "virtio-disk0",
             "drive": ["file": "/g/d.qcow2", "format": "qcow2", "read-only": false, "node-name": "libvirt-1-format",
                       "file-node-name": "libvirt-1-storage"]])

@@ -47,26 +47,23 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def session():
-    """A private libvirt session: directories, a copy of the binary the daemon user can run, virsh."""
-    root = Path(tempfile.mkdtemp(prefix="ms-libvirt-"))
-    root.chmod(0o755)
-    dirs = {k: root / k for k in ("home", "run", "config", "cache", "guest")}
+def daemon_dirs(base, host_uuid, log):
+    """The directories of one private session daemon under `base`; its libvirtd.conf logs
+    what it says to the monitor into `log` and names its host `host_uuid` (two daemons on one
+    machine must differ, or libvirt refuses to migrate between them)."""
+    dirs = {k: base / k for k in ("home", "run", "config", "cache")}
     for d in dirs.values():
-        d.mkdir()
+        d.mkdir(parents=True)
     dirs["run"].chmod(0o700)
-    emulator = root / "machine-server"
-    shutil.copy2(SERVER, emulator)
-    for f in (KERNEL, INITRD):
-        shutil.copy2(f, dirs["guest"] / f.name)
-    for disk in ("ms-test.qcow2", "ms-run.qcow2"):
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(dirs["guest"] / disk), "32M"], check=True)
-    as_root = os.geteuid() == 0
-    if as_root:
-        nobody = pwd.getpwnam("nobody")
-        for p in [root, *root.rglob("*")]:
-            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    (dirs["config"] / "libvirt").mkdir()
+    (dirs["config"] / "libvirt" / "libvirtd.conf").write_text(
+        f'log_filters="1:qemu.qemu_monitor 3:*"\nlog_outputs="1:file:{log}"\nhost_uuid="{host_uuid}"\n')
+    return dirs
+
+
+def daemon_client(dirs, as_root):
+    """The command prefix that runs a program as the daemon's user in its environment, and
+    virsh on that daemon's qemu:///session (virsh starts the daemon)."""
     env = {"HOME": str(dirs["home"]), "XDG_RUNTIME_DIR": str(dirs["run"]), "XDG_CONFIG_HOME": str(dirs["config"]),
            "XDG_CACHE_HOME": str(dirs["cache"]), "PATH": "/usr/bin:/usr/sbin:/bin"}
     prefix = (["runuser", "-u", "nobody", "--"] if as_root else []) + ["env", "-i"] + [f"{k}={v}" for k, v in env.items()]
@@ -76,9 +73,10 @@ def session():
         if check:
             assert r.returncode == 0, f"virsh {' '.join(args)}: {r.stderr}"
         return r
+    return prefix, virsh
 
-    yield {"root": root, "emulator": emulator, "guest": dirs["guest"], "virsh": virsh}
-    virsh("destroy", "ms-run", check=False)
+
+def stop_daemons(dirs):
     for daemon in ("libvirtd", "virtlogd"):
         pidfile = dirs["run"] / "libvirt" / f"{daemon}.pid"
         if pidfile.exists():
@@ -86,6 +84,40 @@ def session():
                 os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
             except (ProcessLookupError, ValueError):
                 pass
+
+
+@pytest.fixture(scope="module")
+def session():
+    """A private libvirt session: directories, a copy of the binary the daemon user can run,
+    virsh; and a second daemon ("dest", another host as far as libvirt knows) to migrate to."""
+    root = Path(tempfile.mkdtemp(prefix="ms-libvirt-"))
+    root.chmod(0o755)
+    dirs = daemon_dirs(root, "6b0d5e8c-0000-4000-8000-000000000001", root / "libvirtd.log")
+    dest_dirs = daemon_dirs(root / "dest", "6b0d5e8c-0000-4000-8000-000000000002", root / "dest-libvirtd.log")
+    dirs["guest"] = root / "guest"
+    dirs["guest"].mkdir()
+    emulator = root / "machine-server"
+    shutil.copy2(SERVER, emulator)
+    for f in (KERNEL, INITRD):
+        shutil.copy2(f, dirs["guest"] / f.name)
+    for disk, size in (("ms-test.qcow2", "32M"), ("ms-run.qcow2", "32M"), ("ms-hp.qcow2", "32M"), ("ms-hp-extra.qcow2", "16M")):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(dirs["guest"] / disk), size], check=True)
+    as_root = os.geteuid() == 0
+    if as_root:
+        nobody = pwd.getpwnam("nobody")
+        for p in [root, *root.rglob("*")]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    prefix, virsh = daemon_client(dirs, as_root)
+    dest_prefix, dest_virsh = daemon_client(dest_dirs, as_root)
+
+    yield {"root": root, "emulator": emulator, "guest": dirs["guest"], "virsh": virsh, "prefix": prefix,
+           "dest_virsh": dest_virsh, "dest_prefix": dest_prefix,
+           "dest_uri": f"qemu+unix:///session?socket={dest_dirs['run'] / 'libvirt' / 'libvirt-sock'}"}
+    for domain in ("ms-run", "ms-hp"):
+        virsh("destroy", domain, check=False)
+    dest_virsh("destroy", "ms-hp", check=False)
+    stop_daemons(dirs)
+    stop_daemons(dest_dirs)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -112,6 +144,7 @@ def domain_xml(s, name="ms-test", run="echo,libvirt-argv-ok", serial="serial.log
       <driver name='qemu' type='qcow2'/>
       <source file='{g / (name + ".qcow2")}'/>
       <target dev='vda' bus='virtio'/>
+      <address type='virtio-mmio'/>
     </disk>
     {f"<serial type='file'><source path='{g / serial}'/></serial>" if serial else ""}
     <input type='keyboard' bus='virtio'/>
@@ -247,3 +280,205 @@ def test_virsh_drives_a_running_domain(session):
     virsh("destroy", "ms-run")
     assert virsh("domstate", "ms-run").stdout.strip() == "shut off"
     virsh("undefine", "ms-run")
+
+
+class Console:
+    """`virsh console DOMAIN` on a pseudo-terminal of its own (virsh wants a terminal), read
+    and typed into as a person would; the domain's serial line is machine-server's pty chardev."""
+
+    def __init__(self, session, domain, prefix=None):
+        import pty
+        argv = (prefix or session["prefix"]) + ["virsh", "-c", "qemu:///session", "console", "--force", domain]
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.execvp(argv[0], argv)
+        self.out = b""
+
+    def read_until(self, pattern, timeout, poke=None):
+        """Reads until `pattern` (bytes) appears after what was seen so far; `poke` is sent
+        every few seconds meanwhile (a newline brings a prompt back)."""
+        import select
+        start = len(self.out)
+        deadline = time.monotonic() + timeout
+        next_poke = time.monotonic()
+        while pattern not in self.out[start:]:
+            now = time.monotonic()
+            assert now < deadline, f"{pattern!r} did not appear on the console:\n{self.out[-2000:].decode(errors='replace')}"
+            if poke is not None and now >= next_poke:
+                os.write(self.fd, poke)
+                next_poke = now + 3
+            r, _, _ = select.select([self.fd], [], [], 0.5)
+            if r:
+                try:
+                    self.out += os.read(self.fd, 65536)
+                except OSError:
+                    break
+        return self.out[start:].decode(errors="replace")
+
+    def run(self, command, expect, timeout=60):
+        """Types a shell command and waits for `expect` in what follows (the terminal echoes
+        the command: `expect` must be something only its output contains)."""
+        assert expect not in command
+        os.write(self.fd, command.encode() + b"\r")
+        return self.read_until(expect.encode(), timeout)
+
+    def close(self):
+        try:
+            os.write(self.fd, b"\x1d")  # virsh's escape, Ctrl-]
+        except OSError:
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if os.waitpid(self.pid, os.WNOHANG)[0] == self.pid:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        os.close(self.fd)
+
+
+def hotplug_domain_xml(s, name="ms-hp"):
+    """A domain with a PCIe root port for hot-plug and its serial console on a pty."""
+    g = s["guest"]
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>8d2f7a0e-ab2c-4e7a-9f4a-5b3c4d5e6f70</uuid>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='riscv64' machine='virt'>hvm</type>
+    <kernel>{g / KERNEL.name}</kernel>
+    <initrd>{g / INITRD.name}</initrd>
+    <cmdline>console=ttyS0</cmdline>
+  </os>
+  <devices>
+    <emulator>{s["emulator"]}</emulator>
+    <controller type='pci' model='pcie-root'/>
+    <controller type='pci' model='pcie-root-port'/>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{g / (name + ".qcow2")}'/>
+      <target dev='vda' bus='virtio'/>
+      <address type='virtio-mmio'/>
+    </disk>
+    <serial type='pty'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def write_as_daemon_user(path, text):
+    path.write_text(text)
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+
+
+def test_virsh_console_hotplug_snapshots_save_restore(session):
+    """On one booted domain: virsh console (the pty chardev), attach-device/detach-device of a
+    virtio disk on the domain's pcie-root-port, snapshot-create-as/list/revert/delete
+    (internal snapshots, the guest's memory comes back), save and restore (migration to the
+    descriptor libvirt passes with getfd, and back with migrate-incoming fd:N)."""
+    virsh = session["virsh"]
+    root, g = session["root"], session["guest"]
+    write_as_daemon_user(root / "ms-hp.xml", hotplug_domain_xml(session))
+    write_as_daemon_user(root / "vdb.xml", f"""<disk type='file' device='disk'>
+  <driver name='qemu' type='qcow2'/>
+  <source file='{g / "ms-hp-extra.qcow2"}'/>
+  <target dev='vdb' bus='virtio'/>
+</disk>
+""")
+    virsh("define", str(root / "ms-hp.xml"))
+    virsh("start", "ms-hp")
+    chardev = json.loads(virsh("qemu-monitor-command", "ms-hp", '{"execute":"query-chardev"}').stdout)["return"]
+    assert chardev[0]["label"] == "charserial0" and chardev[0]["filename"].startswith("pty:/dev/pts/"), chardev
+
+    console = Console(session, "ms-hp")
+    try:
+        # The guest's shell on its serial line, through the pty: a newline brings the prompt.
+        console.read_until(b"guest:/# ", BOOT_TIMEOUT, poke=b"\r")
+        console.run("echo console-$((6*7))", "console-42")
+        # The UART (PLIC source 10 on virt) has interrupted for what was typed (HMP info irq).
+        irq = virsh("qemu-monitor-command", "ms-hp", "--hmp", "info irq").stdout
+        assert "IRQ statistics for plic:" in irq and re.search(r"^ ?10: [1-9]", irq, re.M), irq
+
+        # Hot-plug: libvirt's blockdev-add (file and qcow2 nodes), device_add on its root port.
+        virsh("attach-device", "ms-hp", str(root / "vdb.xml"))
+        assert re.search(r"vdb\s+.*ms-hp-extra\.qcow2", virsh("domblklist", "ms-hp").stdout)
+        console.run("for i in $(seq 60); do [ -e /sys/block/vdb ] && break; sleep 1; done; echo vdb-$(cat /sys/block/vdb/size)",
+                    "vdb-32768")
+        # Block statistics (query-blockstats): the guest's writes to the new disk are counted.
+        console.run("dd if=/dev/zero of=/dev/vdb bs=4096 count=4 conv=fsync; echo dd-$((1+1))", "dd-2")
+        stats = dict(line.split()[1:3] for line in virsh("domblkstat", "ms-hp", "vdb").stdout.splitlines() if line.strip())
+        assert int(stats["wr_bytes"]) >= 16384 and int(stats["wr_req"]) >= 1, stats
+        assert int(dict(line.split()[1:3] for line in virsh("domblkstat", "ms-hp", "vda").stdout.splitlines() if line.strip())["rd_req"]) > 0
+        assert re.search(r"virtio-disk1: rd_bytes=\d+ wr_bytes=(\d+)", virsh("qemu-monitor-command", "ms-hp", "--hmp", "info blockstats").stdout)
+        # HMP info qtree: the root port on pcie.0 and the disk on the bus behind it.
+        qtree = virsh("qemu-monitor-command", "ms-hp", "--hmp", "info qtree").stdout
+        assert re.search(r'dev: pcie-root-port, id "pci\.1"\s+addr = 01\.0.*?bus: pci\.1.*?dev: virtio-blk-pci, id "virtio-disk1"', qtree, re.S), qtree
+        assert re.search(r"dev: uart0?.*\n\s+mmio 0000000010000000/", qtree) or "mmio 0000000010000000/" in qtree, qtree
+        # Unplug: device_del, the guest lets go, DEVICE_DELETED, blockdev-del.
+        virsh("detach-device", "ms-hp", str(root / "vdb.xml"))
+        deadline = time.monotonic() + 60
+        while "vdb" in virsh("domblklist", "ms-hp").stdout:
+            assert time.monotonic() < deadline, "the disk was never removed"
+            time.sleep(0.5)
+        console.run("[ -e /sys/block/vdb ] || echo vdb-$((2+3))", "vdb-5")
+
+        # Internal snapshots (HMP savevm/loadvm/delvm in libvirt 9.0; revert restarts the
+        # machine with -loadvm). The guest's memory comes back with the snapshot.
+        console.run("echo before > /tmp/mark; echo marked-$((3+4))", "marked-7")
+        virsh("snapshot-create-as", "ms-hp", "snap1")
+        assert "snap1" in virsh("snapshot-list", "ms-hp", "--name").stdout
+        console.run("echo after > /tmp/mark; echo changed-$((4+5))", "changed-9")
+    finally:
+        console.close()
+    virsh("snapshot-revert", "ms-hp", "snap1")
+    assert virsh("domstate", "ms-hp").stdout.strip() == "running"
+    console = Console(session, "ms-hp")
+    try:
+        console.read_until(b"guest:/# ", 60, poke=b"\r")
+        console.run("echo mark-$(cat /tmp/mark)", "mark-before")
+    finally:
+        console.close()
+    virsh("snapshot-delete", "ms-hp", "snap1")
+    assert virsh("snapshot-list", "ms-hp", "--name").stdout.strip() == ""
+    assert "There is no snapshot available" in virsh("qemu-monitor-command", "ms-hp", "--hmp", "info snapshots").stdout
+
+    # save: the machine's state goes into libvirt's file through the passed descriptor; the
+    # process ends. restore: a new process receives it and the guest goes on where it was.
+    saved = g / "ms-hp.save"
+    virsh("save", "ms-hp", str(saved))
+    assert virsh("domstate", "ms-hp").stdout.strip() == "shut off"
+    assert saved.stat().st_size > 1 << 20
+    virsh("restore", str(saved))
+    assert virsh("domstate", "ms-hp").stdout.strip() == "running"
+    console = Console(session, "ms-hp")
+    try:
+        console.read_until(b"guest:/# ", 60, poke=b"\r")
+        console.run("echo restored-$(cat /tmp/mark)", "restored-before")
+    finally:
+        console.close()
+    log = (root / "libvirtd.log").read_text(errors="replace") if (root / "libvirtd.log").exists() else ""
+    if log:  # what libvirt sent, when the daemon logs the monitor
+        assert '"execute":"getfd"' in log and "fd:migrate" in log
+
+    # Live migration to the second daemon: libvirt starts the destination with -incoming defer
+    # and migrate-incoming tcp:[::]:PORT, connects to it itself and passes the socket to the
+    # source (getfd, migrate fd:migrate). Same host, so the storage is shared (--unsafe: libvirt
+    # cannot tell). The guest goes on on the destination.
+    dest = session["dest_virsh"]
+    dest("list")  # starts the destination daemon
+    virsh("migrate", "--live", "--unsafe", "ms-hp", session["dest_uri"])
+    assert dest("domstate", "ms-hp").stdout.strip() == "running"
+    assert virsh("domstate", "ms-hp").stdout.strip() == "shut off"
+    console = Console(session, "ms-hp", prefix=session["dest_prefix"])
+    try:
+        console.read_until(b"guest:/# ", 60, poke=b"\r")
+        console.run("echo migrated-$(cat /tmp/mark)", "migrated-before")
+    finally:
+        console.close()
+    dest("destroy", "ms-hp")
+    virsh("undefine", "ms-hp", "--snapshots-metadata")

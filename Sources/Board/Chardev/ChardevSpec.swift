@@ -31,7 +31,7 @@ public enum ChardevError: Error, CustomStringConvertible, Equatable {
 ///
 /// Accepted forms: `stdio`, `unix:PATH`, `tcp:HOST:PORT` (HOST may be `[v6addr]`), `file:PATH`
 /// (truncates; `file:PATH,append=on` appends), `ringbuf` or `ringbuf:SIZE` (SIZE a power of two,
-/// optional `K`/`M` suffix), and `none`. Socket forms also accept QEMU's `,server=on` and
+/// optional `K`/`M` suffix), `pty` (a new pseudo-terminal) and `none`. Socket forms also accept QEMU's `,server=on` and
 /// `,wait=off` suffixes, which describe the only mode supported. A plain value, usable anywhere.
 public enum ChardevSpec: Equatable, Sendable, CustomStringConvertible {
     case stdio
@@ -39,6 +39,7 @@ public enum ChardevSpec: Equatable, Sendable, CustomStringConvertible {
     case tcp(host: String, port: UInt16)
     case file(path: String, append: Bool)
     case ringbuf(size: Int)
+    case pty
     case none
 
     /// QEMU's default ring buffer size (64 KiB).
@@ -57,9 +58,9 @@ public enum ChardevSpec: Equatable, Sendable, CustomStringConvertible {
             rest = nil
         }
         switch kind {
-        case "stdio", "none":
+        case "stdio", "none", "pty":
             guard rest == nil else { throw bad("'\(kind)' takes no argument") }
-            self = kind == "stdio" ? .stdio : .none
+            self = kind == "stdio" ? .stdio : kind == "pty" ? .pty : .none
         case "unix":
             let body = try Self.stripServerOptions(rest ?? "", spec: spec)
             guard !body.isEmpty else { throw bad("expected unix:PATH, for example unix:/tmp/serial.sock") }
@@ -87,9 +88,9 @@ public enum ChardevSpec: Equatable, Sendable, CustomStringConvertible {
             let size = try Self.parseSize(rest, spec: spec)
             self = .ringbuf(size: size)
         case "":
-            throw bad("empty chardev; expected one of stdio, unix:PATH, tcp:HOST:PORT, file:PATH, ringbuf[:SIZE], none")
+            throw bad("empty chardev; expected one of stdio, unix:PATH, tcp:HOST:PORT, file:PATH, ringbuf[:SIZE], pty, none")
         default:
-            throw bad("unknown kind '\(kind)'; expected one of stdio, unix:PATH, tcp:HOST:PORT, file:PATH, ringbuf[:SIZE], none")
+            throw bad("unknown kind '\(kind)'; expected one of stdio, unix:PATH, tcp:HOST:PORT, file:PATH, ringbuf[:SIZE], pty, none")
         }
     }
 
@@ -98,6 +99,7 @@ public enum ChardevSpec: Equatable, Sendable, CustomStringConvertible {
         switch self {
         case .stdio: return "stdio"
         case .none: return "none"
+        case .pty: return "pty"
         case .unix(let p): return "unix:\(p)"
         case .tcp(let h, let p): return h.contains(":") ? "tcp:[\(h)]:\(p)" : "tcp:\(h):\(p)"
         case .file(let p, let a): return a ? "file:\(p),append=on" : "file:\(p)"
@@ -117,6 +119,7 @@ public enum ChardevSpec: Equatable, Sendable, CustomStringConvertible {
         case .tcp(let host, let port): return try SocketChardev(id: id, host: host, port: port)
         case .file(let path, let append): return try FileChardev(id: id, path: path, append: append)
         case .ringbuf(let size): return RingbufChardev(id: id, size: size)
+        case .pty: return try PtyChardev(id: id)
         }
     }
 

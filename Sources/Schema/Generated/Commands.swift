@@ -6,6 +6,8 @@
 /// at a time per connection, always with arguments that already passed the schema's checks.
 /// Errors thrown are mapped to QMP error classes by the server.
 public protocol QMPCommandHandler: Sendable {
+    /// `query-blockstats`: Each virtio disk's I/O statistics since the server started (libvirt's `virsh domblkstat`; HMP `info blockstats`). Counted per request as the device completes it.
+    func queryBlockstats(_ arguments: QueryBlockstatsArguments) throws -> [BlockStats]
     /// `query-block`: Lists the virtio block devices and their images.
     func queryBlock() throws -> [BlockInfo]
     /// `blockdev-add`: Opens an image as a named node (taking QEMU-compatible locks), for device_add's drive property. A format node (raw or qcow2) over a file node; a file node given inline gets an automatic name. Refused: a node name already in use, a missing or locked file, a file that is not of the named format.
@@ -32,6 +34,10 @@ public protocol QMPCommandHandler: Sendable {
     func queryUuid() throws -> UuidInfo
     /// `query-status`: Returns the machine's run state.
     func queryStatus() throws -> StatusInfo
+    /// `getfd`: Takes the file descriptor sent with this command (SCM_RIGHTS ancillary data on a unix-socket monitor) and keeps it under a name on this connection, for `migrate fd:NAME` (libvirt's `virsh save`). A name already in use has its old descriptor closed and replaced. Descriptors not claimed by the command they came with are closed; those still named when the connection closes are closed with it.
+    func getfd(_ arguments: GetfdArguments) throws
+    /// `closefd`: Closes a descriptor kept with getfd on this connection.
+    func closefd(_ arguments: ClosefdArguments) throws
     /// `stop`: Pauses every vCPU. Emits STOP if the machine was running; stopping a paused machine succeeds and does nothing.
     func stop() throws
     /// `cont`: Resumes every vCPU. Emits RESUME if the machine was paused.
@@ -60,11 +66,11 @@ public protocol QMPCommandHandler: Sendable {
     func inputSendEvent(_ arguments: InputSendEventArguments) throws
     /// `query-qmp-schema`: Returns the whole QMP schema: every command, event and type reachable from them.
     func queryQmpSchema() throws -> [SchemaInfo]
-    /// `migrate`: Migrates the machine to a destination, as QEMU does, and returns at once; query-migrate and the MIGRATION event tell how it goes. `tcp:HOST:PORT` and `unix:PATH` run a live pre-copy migration to a machine-server started with `--incoming` on the same URI: RAM is sent while the guest runs, then again what the guest dirtied, pass after pass, until the rest fits `downtime-limit` at the measured bandwidth (capped by `max-bandwidth`); then the guest stops, the rest of RAM and the device state go over, the disks are flushed and their locks handed to the destination, and once the destination confirms it runs the guest the source stays paused in `postmigrate`. If anything fails (the connection drops, the destination dies or refuses the stream, migrate_cancel) the source runs on, with its disks, and the status is `failed` or `cancelled`. `file:PATH` writes the state to PATH (via a temporary file renamed into place once complete) with RAM pages aligned so that `--incoming file:PATH` maps them; `exec:CMD` runs CMD with /bin/sh and writes the stream to its standard input; both pause the guest for the whole save.
+    /// `migrate`: Migrates the machine to a destination, as QEMU does, and returns at once; query-migrate and the MIGRATION event tell how it goes. `tcp:HOST:PORT` and `unix:PATH` run a live pre-copy migration to a machine-server started with `--incoming` on the same URI: RAM is sent while the guest runs, then again what the guest dirtied, pass after pass, until the rest fits `downtime-limit` at the measured bandwidth (capped by `max-bandwidth`); then the guest stops, the rest of RAM and the device state go over, the disks are flushed and their locks handed to the destination, and once the destination confirms it runs the guest the source stays paused in `postmigrate`. If anything fails (the connection drops, the destination dies or refuses the stream, migrate_cancel) the source runs on, with its disks, and the status is `failed` or `cancelled`. `file:PATH` writes the state to PATH (via a temporary file renamed into place once complete) with RAM pages aligned so that `--incoming file:PATH` maps them; `exec:CMD` runs CMD with /bin/sh and writes the stream to its standard input; `fd:NAME` writes it to a descriptor passed on this monitor connection with getfd (from its current offset; the descriptor is closed when done, as libvirt's `virsh save` expects); these three pause the guest for the whole save.
     func migrate(_ arguments: MigrateArguments) throws
     /// `query-migrate`: Returns the state of the current or last migration.
     func queryMigrate() throws -> MigrationInfo
-    /// `migrate-incoming`: Receives a machine state into a machine started with `--incoming defer`, then runs it (or leaves it paused when started with -S or when the source was paused). Sources: `tcp:HOST:PORT` and `unix:PATH` listen for one live migration and return at once (if the stream fails, the server exits with status 1, as QEMU does); `file:PATH` (RAM is mapped copy-on-write from the file) and `exec:CMD` (the stream is read from CMD's standard output) load before returning.
+    /// `migrate-incoming`: Receives a machine state into a machine started with `--incoming defer`, then runs it (or leaves it paused when started with -S or when the source was paused). Sources: `tcp:HOST:PORT` and `unix:PATH` listen for one live migration and return at once (if the stream fails, the server exits with status 1, as QEMU does); `file:PATH` (RAM is mapped copy-on-write from the file) and `exec:CMD` (the stream is read from CMD's standard output) and `fd:N` or `fd:NAME` (an inherited descriptor, or one passed with getfd, read from its current offset: libvirt's `virsh restore`) load before returning; MIGRATION events (with the `events` capability) say active, then completed or failed.
     func migrateIncoming(_ arguments: MigrateIncomingArguments) throws
     /// `migrate_cancel`: Cancels the migration in progress: the source stops sending, keeps (or takes back) its disks and runs on as before; the status becomes `cancelled`. Does nothing when no migration runs.
     func migrateCancel() throws
@@ -72,7 +78,7 @@ public protocol QMPCommandHandler: Sendable {
     func migrateSetParameters(_ arguments: MigrateSetParametersArguments) throws
     /// `query-migrate-parameters`: Returns every migration parameter.
     func queryMigrateParameters() throws -> MigrationParameters
-    /// `migrate-set-capabilities`: Switches migration capabilities on or off. Refused while a migration runs. `events` sends the MIGRATION and MIGRATION_PASS events; `auto-converge` throttles the vCPUs when the guest dirties memory faster than the migration sends it.
+    /// `migrate-set-capabilities`: Switches migration capabilities on or off. Refused while a migration runs. `events` sends the MIGRATION and MIGRATION_PASS events; `auto-converge` throttles the vCPUs when the guest dirties memory faster than the migration sends it; `return-path` (the destination answering on the migration connection) is always on: turning it off is accepted and changes nothing.
     func migrateSetCapabilities(_ arguments: MigrateSetCapabilitiesArguments) throws
     /// `query-migrate-capabilities`: Returns every migration capability and whether it is on.
     func queryMigrateCapabilities() throws -> [MigrationCapabilityStatus]
@@ -130,6 +136,8 @@ public protocol QMPCommandHandler: Sendable {
 
 /// One command with its decoded, checked arguments: the typed action a request becomes.
 public enum QMPCommand: Sendable, Equatable {
+    /// `query-blockstats`.
+    case queryBlockstats(QueryBlockstatsArguments)
     /// `query-block`.
     case queryBlock
     /// `blockdev-add`.
@@ -156,6 +164,10 @@ public enum QMPCommand: Sendable, Equatable {
     case queryUuid
     /// `query-status`.
     case queryStatus
+    /// `getfd`.
+    case getfd(GetfdArguments)
+    /// `closefd`.
+    case closefd(ClosefdArguments)
     /// `stop`.
     case stop
     /// `cont`.
@@ -253,6 +265,7 @@ public enum QMPCommand: Sendable, Equatable {
 
     /// Every command name, in schema order.
     public static let names: [String] = [
+        "query-blockstats",
         "query-block",
         "blockdev-add",
         "blockdev-del",
@@ -266,6 +279,8 @@ public enum QMPCommand: Sendable, Equatable {
         "query-name",
         "query-uuid",
         "query-status",
+        "getfd",
+        "closefd",
         "stop",
         "cont",
         "system_reset",
@@ -322,6 +337,7 @@ public enum QMPCommand: Sendable, Equatable {
     /// The command's name.
     public var name: String {
         switch self {
+        case .queryBlockstats: return "query-blockstats"
         case .queryBlock: return "query-block"
         case .blockdevAdd: return "blockdev-add"
         case .blockdevDel: return "blockdev-del"
@@ -335,6 +351,8 @@ public enum QMPCommand: Sendable, Equatable {
         case .queryName: return "query-name"
         case .queryUuid: return "query-uuid"
         case .queryStatus: return "query-status"
+        case .getfd: return "getfd"
+        case .closefd: return "closefd"
         case .stop: return "stop"
         case .cont: return "cont"
         case .systemReset: return "system_reset"
@@ -389,6 +407,8 @@ public enum QMPCommand: Sendable, Equatable {
 /// Errors name the offending argument.
 public static func decode(name: String, arguments: JSONObject) throws(SchemaDecodingError) -> QMPCommand? {
     switch name {
+        case "query-blockstats":
+            return .queryBlockstats(try QueryBlockstatsArguments(json: .object(arguments), at: .root))
         case "query-block":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -436,6 +456,10 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
             }
             return .queryStatus
+        case "getfd":
+            return .getfd(try GetfdArguments(json: .object(arguments), at: .root))
+        case "closefd":
+            return .closefd(try ClosefdArguments(json: .object(arguments), at: .root))
         case "stop":
             if let extra = arguments.keys.first {
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
@@ -599,6 +623,8 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
 /// (an empty object for commands without a return value).
 public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
     switch self {
+        case .queryBlockstats(let arguments):
+            return try handler.queryBlockstats(arguments).json
         case .queryBlock:
             return try handler.queryBlock().json
         case .blockdevAdd(let arguments):
@@ -629,6 +655,12 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
             return try handler.queryUuid().json
         case .queryStatus:
             return try handler.queryStatus().json
+        case .getfd(let arguments):
+            try handler.getfd(arguments)
+            return .object(JSONObject())
+        case .closefd(let arguments):
+            try handler.closefd(arguments)
+            return .object(JSONObject())
         case .stop:
             try handler.stop()
             return .object(JSONObject())

@@ -190,6 +190,259 @@ public struct BlockInfo: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// What a disk has done since the server started (QEMU's BlockDeviceStats, the members machine-server counts).
+public struct BlockDeviceStats: SchemaCodable, Equatable {
+    /// Bytes read.
+    public var rdBytes: Int64
+    /// Bytes written (write-zeroes included, as QEMU counts them).
+    public var wrBytes: Int64
+    /// Bytes discarded.
+    public var unmapBytes: Int64
+    /// Read requests completed.
+    public var rdOperations: Int64
+    /// Write and write-zeroes requests completed.
+    public var wrOperations: Int64
+    /// Flush requests completed.
+    public var flushOperations: Int64
+    /// Discard requests completed.
+    public var unmapOperations: Int64
+    /// Time spent in reads.
+    public var rdTotalTimeNs: Int64
+    /// Time spent in writes.
+    public var wrTotalTimeNs: Int64
+    /// Time spent in flushes.
+    public var flushTotalTimeNs: Int64
+    /// Time spent in discards.
+    public var unmapTotalTimeNs: Int64
+    /// The end of the furthest write, in bytes.
+    public var wrHighestOffset: Int64
+    /// Always 0: requests are not merged.
+    public var rdMerged: Int64
+    /// Always 0: requests are not merged.
+    public var wrMerged: Int64
+    /// Always 0: requests are not merged.
+    public var unmapMerged: Int64
+    /// Time since the last request completed (absent before the first). Optional.
+    public var idleTimeNs: Int64?
+    /// Reads that failed.
+    public var failedRdOperations: Int64
+    /// Writes that failed.
+    public var failedWrOperations: Int64
+    /// Flushes that failed.
+    public var failedFlushOperations: Int64
+    /// Discards that failed.
+    public var failedUnmapOperations: Int64
+    /// Always 0 (out-of-range reads count as failed).
+    public var invalidRdOperations: Int64
+    /// Always 0 (out-of-range writes count as failed).
+    public var invalidWrOperations: Int64
+    /// Always 0.
+    public var invalidFlushOperations: Int64
+    /// Always 0.
+    public var invalidUnmapOperations: Int64
+    /// False: invalid requests are not counted apart.
+    public var accountInvalid: Bool
+    /// True: failed requests are counted.
+    public var accountFailed: Bool
+    /// Always empty: no interval statistics are kept.
+    public var timedStats: [Int64]
+
+    /// Creates a value from its members.
+    public init(rdBytes: Int64, wrBytes: Int64, unmapBytes: Int64, rdOperations: Int64, wrOperations: Int64, flushOperations: Int64, unmapOperations: Int64, rdTotalTimeNs: Int64, wrTotalTimeNs: Int64, flushTotalTimeNs: Int64, unmapTotalTimeNs: Int64, wrHighestOffset: Int64, rdMerged: Int64, wrMerged: Int64, unmapMerged: Int64, idleTimeNs: Int64? = nil, failedRdOperations: Int64, failedWrOperations: Int64, failedFlushOperations: Int64, failedUnmapOperations: Int64, invalidRdOperations: Int64, invalidWrOperations: Int64, invalidFlushOperations: Int64, invalidUnmapOperations: Int64, accountInvalid: Bool, accountFailed: Bool, timedStats: [Int64]) {
+        self.rdBytes = rdBytes
+        self.wrBytes = wrBytes
+        self.unmapBytes = unmapBytes
+        self.rdOperations = rdOperations
+        self.wrOperations = wrOperations
+        self.flushOperations = flushOperations
+        self.unmapOperations = unmapOperations
+        self.rdTotalTimeNs = rdTotalTimeNs
+        self.wrTotalTimeNs = wrTotalTimeNs
+        self.flushTotalTimeNs = flushTotalTimeNs
+        self.unmapTotalTimeNs = unmapTotalTimeNs
+        self.wrHighestOffset = wrHighestOffset
+        self.rdMerged = rdMerged
+        self.wrMerged = wrMerged
+        self.unmapMerged = unmapMerged
+        self.idleTimeNs = idleTimeNs
+        self.failedRdOperations = failedRdOperations
+        self.failedWrOperations = failedWrOperations
+        self.failedFlushOperations = failedFlushOperations
+        self.failedUnmapOperations = failedUnmapOperations
+        self.invalidRdOperations = invalidRdOperations
+        self.invalidWrOperations = invalidWrOperations
+        self.invalidFlushOperations = invalidFlushOperations
+        self.invalidUnmapOperations = invalidUnmapOperations
+        self.accountInvalid = accountInvalid
+        self.accountFailed = accountFailed
+        self.timedStats = timedStats
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["rd_bytes", "wr_bytes", "unmap_bytes", "rd_operations", "wr_operations", "flush_operations", "unmap_operations", "rd_total_time_ns", "wr_total_time_ns", "flush_total_time_ns", "unmap_total_time_ns", "wr_highest_offset", "rd_merged", "wr_merged", "unmap_merged", "idle_time_ns", "failed_rd_operations", "failed_wr_operations", "failed_flush_operations", "failed_unmap_operations", "invalid_rd_operations", "invalid_wr_operations", "invalid_flush_operations", "invalid_unmap_operations", "account_invalid", "account_failed", "timed_stats"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.rdBytes = try r.required("rd_bytes", as: Int64.self)
+        self.wrBytes = try r.required("wr_bytes", as: Int64.self)
+        self.unmapBytes = try r.required("unmap_bytes", as: Int64.self)
+        self.rdOperations = try r.required("rd_operations", as: Int64.self)
+        self.wrOperations = try r.required("wr_operations", as: Int64.self)
+        self.flushOperations = try r.required("flush_operations", as: Int64.self)
+        self.unmapOperations = try r.required("unmap_operations", as: Int64.self)
+        self.rdTotalTimeNs = try r.required("rd_total_time_ns", as: Int64.self)
+        self.wrTotalTimeNs = try r.required("wr_total_time_ns", as: Int64.self)
+        self.flushTotalTimeNs = try r.required("flush_total_time_ns", as: Int64.self)
+        self.unmapTotalTimeNs = try r.required("unmap_total_time_ns", as: Int64.self)
+        self.wrHighestOffset = try r.required("wr_highest_offset", as: Int64.self)
+        self.rdMerged = try r.required("rd_merged", as: Int64.self)
+        self.wrMerged = try r.required("wr_merged", as: Int64.self)
+        self.unmapMerged = try r.required("unmap_merged", as: Int64.self)
+        self.idleTimeNs = try r.optional("idle_time_ns", as: Int64.self)
+        self.failedRdOperations = try r.required("failed_rd_operations", as: Int64.self)
+        self.failedWrOperations = try r.required("failed_wr_operations", as: Int64.self)
+        self.failedFlushOperations = try r.required("failed_flush_operations", as: Int64.self)
+        self.failedUnmapOperations = try r.required("failed_unmap_operations", as: Int64.self)
+        self.invalidRdOperations = try r.required("invalid_rd_operations", as: Int64.self)
+        self.invalidWrOperations = try r.required("invalid_wr_operations", as: Int64.self)
+        self.invalidFlushOperations = try r.required("invalid_flush_operations", as: Int64.self)
+        self.invalidUnmapOperations = try r.required("invalid_unmap_operations", as: Int64.self)
+        self.accountInvalid = try r.required("account_invalid", as: Bool.self)
+        self.accountFailed = try r.required("account_failed", as: Bool.self)
+        self.timedStats = try r.required("timed_stats", as: [Int64].self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["rd_bytes"] = self.rdBytes.json
+        o["wr_bytes"] = self.wrBytes.json
+        o["unmap_bytes"] = self.unmapBytes.json
+        o["rd_operations"] = self.rdOperations.json
+        o["wr_operations"] = self.wrOperations.json
+        o["flush_operations"] = self.flushOperations.json
+        o["unmap_operations"] = self.unmapOperations.json
+        o["rd_total_time_ns"] = self.rdTotalTimeNs.json
+        o["wr_total_time_ns"] = self.wrTotalTimeNs.json
+        o["flush_total_time_ns"] = self.flushTotalTimeNs.json
+        o["unmap_total_time_ns"] = self.unmapTotalTimeNs.json
+        o["wr_highest_offset"] = self.wrHighestOffset.json
+        o["rd_merged"] = self.rdMerged.json
+        o["wr_merged"] = self.wrMerged.json
+        o["unmap_merged"] = self.unmapMerged.json
+        if let v = self.idleTimeNs { o["idle_time_ns"] = v.json }
+        o["failed_rd_operations"] = self.failedRdOperations.json
+        o["failed_wr_operations"] = self.failedWrOperations.json
+        o["failed_flush_operations"] = self.failedFlushOperations.json
+        o["failed_unmap_operations"] = self.failedUnmapOperations.json
+        o["invalid_rd_operations"] = self.invalidRdOperations.json
+        o["invalid_wr_operations"] = self.invalidWrOperations.json
+        o["invalid_flush_operations"] = self.invalidFlushOperations.json
+        o["invalid_unmap_operations"] = self.invalidUnmapOperations.json
+        o["account_invalid"] = self.accountInvalid.json
+        o["account_failed"] = self.accountFailed.json
+        o["timed_stats"] = self.timedStats.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// One disk's statistics.
+public struct BlockStats: SchemaCodable, Equatable {
+    /// The device id.
+    public var device: String
+    /// The device's QOM path.
+    public var qdev: String
+    /// The format node's name, when it has one. Optional.
+    public var nodeName: String?
+    /// The counts.
+    public var stats: BlockDeviceStats
+
+    /// Creates a value from its members.
+    public init(device: String, qdev: String, nodeName: String? = nil, stats: BlockDeviceStats) {
+        self.device = device
+        self.qdev = qdev
+        self.nodeName = nodeName
+        self.stats = stats
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["device", "qdev", "node-name", "stats"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.device = try r.required("device", as: String.self)
+        self.qdev = try r.required("qdev", as: String.self)
+        self.nodeName = try r.optional("node-name", as: String.self)
+        self.stats = try r.required("stats", as: BlockDeviceStats.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["device"] = self.device.json
+        o["qdev"] = self.qdev.json
+        if let v = self.nodeName { o["node-name"] = v.json }
+        o["stats"] = self.stats.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `query-blockstats` command.
+public struct QueryBlockstatsArguments: SchemaCodable, Equatable {
+    /// List the disks that have a named format node, by that node (statistics are kept per device; each disk has one format node). Optional.
+    public var queryNodes: Bool?
+
+    /// Creates a value from its members.
+    public init(queryNodes: Bool? = nil) {
+        self.queryNodes = queryNodes
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["query-nodes"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.queryNodes = try r.optional("query-nodes", as: Bool.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        if let v = self.queryNodes { o["query-nodes"] = v.json }
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
 /// The block drivers blockdev-add accepts: the file protocol and the raw and qcow2 formats.
 public enum BlockdevDriver: String, SchemaCodable, CaseIterable, Equatable {
     /// The value "file".
@@ -329,6 +582,26 @@ public struct BlockdevOptionsQcow2: SchemaCodable, Equatable {
     public var json: JSONValue { .object(jsonMembers) }
 }
 
+/// What a node does with discard requests (QEMU's names).
+public enum BlockdevDiscardOptions: String, SchemaCodable, CaseIterable, Equatable {
+    /// The value "ignore".
+    case ignore = "ignore"
+    /// The value "unmap".
+    case unmap = "unmap"
+
+    /// Decodes one of the values; anything else is an error listing them.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let text = try String(json: json, at: path)
+        guard let value = Self(rawValue: text) else {
+            throw SchemaDecodingError(path: path, problem: .notOneOf(Self.allCases.map(\.rawValue), found: text))
+        }
+        self = value
+    }
+
+    /// The value as a JSON string.
+    public var json: JSONValue { .string(rawValue) }
+}
+
 /// The options of a block node, as QEMU's blockdev-add takes them (the subset machine-server supports).
 public struct BlockdevOptions: SchemaCodable, Equatable {
     /// The branch, selected by `driver`, with the members it adds.
@@ -345,13 +618,19 @@ public struct BlockdevOptions: SchemaCodable, Equatable {
     public var nodeName: String?
     /// Open the image read-only; guest writes fail. Optional; default false.
     public var readOnly: Bool
+    /// Accepted (libvirt sends it on every file node): the node is opened as 'read-only' says; there is no fall-back to read-only for a file that cannot be opened for writing (that is refused). Optional.
+    public var autoReadOnly: Bool?
+    /// What happens to the guest's discard requests: 'unmap' (what libvirt sends, and what machine-server does: virtio-blk offers discard and the image frees the range); 'ignore' is refused. Optional.
+    public var discard: BlockdevDiscardOptions?
     /// The branch.
     public var variant: Variant
 
     /// Creates a value from its members.
-    public init(nodeName: String? = nil, readOnly: Bool = false, variant: Variant) {
+    public init(nodeName: String? = nil, readOnly: Bool = false, autoReadOnly: Bool? = nil, discard: BlockdevDiscardOptions? = nil, variant: Variant) {
         self.nodeName = nodeName
         self.readOnly = readOnly
+        self.autoReadOnly = autoReadOnly
+        self.discard = discard
         self.variant = variant
     }
 
@@ -368,7 +647,7 @@ public struct BlockdevOptions: SchemaCodable, Equatable {
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
         let r = try SchemaObjectReader(json, at: path)
         let tag = try r.required("driver", as: BlockdevDriver.self)
-        let baseNames: Set<String> = ["driver", "node-name", "read-only"]
+        let baseNames: Set<String> = ["driver", "node-name", "read-only", "auto-read-only", "discard"]
         switch tag {
         case .file:
             try r.rejectUnknown(allowed: baseNames.union(BlockdevOptionsFile.memberNames))
@@ -382,6 +661,8 @@ public struct BlockdevOptions: SchemaCodable, Equatable {
         }
         self.nodeName = try r.optional("node-name", as: String.self)
         self.readOnly = try r.optional("read-only", as: Bool.self) ?? false
+        self.autoReadOnly = try r.optional("auto-read-only", as: Bool.self)
+        self.discard = try r.optional("discard", as: BlockdevDiscardOptions.self)
     }
 
     /// The JSON object form: base members, then the branch's members.
@@ -390,6 +671,8 @@ public struct BlockdevOptions: SchemaCodable, Equatable {
         o["driver"] = self.driver.json
         if let v = self.nodeName { o["node-name"] = v.json }
         o["read-only"] = self.readOnly.json
+        if let v = self.autoReadOnly { o["auto-read-only"] = v.json }
+        if let v = self.discard { o["discard"] = v.json }
         switch variant {
         case .file(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .raw(let b): for m in b.jsonMembers { o[m.key] = m.value }
@@ -973,6 +1256,78 @@ public struct StatusInfo: SchemaCodable, Equatable {
         o["running"] = self.running.json
         if let v = self.singlestep { o["singlestep"] = v.json }
         o["status"] = self.status.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `getfd` command.
+public struct GetfdArguments: SchemaCodable, Equatable {
+    /// The name to keep the descriptor under (not starting with a digit).
+    public var fdname: String
+
+    /// Creates a value from its members.
+    public init(fdname: String) {
+        self.fdname = fdname
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["fdname"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.fdname = try r.required("fdname", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["fdname"] = self.fdname.json
+        return o
+    }
+
+    /// The JSON object form.
+    public var json: JSONValue { .object(jsonMembers) }
+}
+
+/// The arguments of the `closefd` command.
+public struct ClosefdArguments: SchemaCodable, Equatable {
+    /// The name given to getfd.
+    public var fdname: String
+
+    /// Creates a value from its members.
+    public init(fdname: String) {
+        self.fdname = fdname
+    }
+
+    /// The member names this type accepts.
+    public static let memberNames: Set<String> = ["fdname"]
+
+    /// Decodes strictly: the value must be an object with exactly these members.
+    public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
+        let r = try SchemaObjectReader(json, at: path)
+        try r.rejectUnknown(allowed: Self.memberNames)
+        try self.init(reader: r)
+    }
+
+    /// Decodes the members from `r`; the caller has already rejected unknown members.
+    public init(reader r: SchemaObjectReader) throws(SchemaDecodingError) {
+        self.fdname = try r.required("fdname", as: String.self)
+    }
+
+    /// The members as JSON, in schema order.
+    public var jsonMembers: JSONObject {
+        var o = JSONObject()
+        o["fdname"] = self.fdname.json
         return o
     }
 
@@ -3413,6 +3768,8 @@ public enum SerialBackend: String, SchemaCodable, CaseIterable, Equatable {
     case file = "file"
     /// The value "ringbuf".
     case ringbuf = "ringbuf"
+    /// The value "pty".
+    case pty = "pty"
     /// The value "none".
     case none = "none"
 
@@ -3613,15 +3970,20 @@ public struct SerialDescription: SchemaCodable, Equatable {
         case file(SerialFileOptions)
         /// `backend` is "ringbuf"; the branch adds the members of `SerialRingbufOptions`.
         case ringbuf(SerialRingbufOptions)
+        /// `backend` is "pty"; the branch adds no members.
+        case pty
         /// `backend` is "none"; the branch adds no members.
         case none
     }
 
+    /// The chardev's label in query-chardev and ringbuf-read/ringbuf-write (default serial0); QEMU's command line sets it to the -chardev id (libvirt looks its pty up by it). Optional.
+    public var id: String?
     /// The branch.
     public var variant: Variant
 
     /// Creates a value from its members.
-    public init(variant: Variant) {
+    public init(id: String? = nil, variant: Variant) {
+        self.id = id
         self.variant = variant
     }
 
@@ -3633,6 +3995,7 @@ public struct SerialDescription: SchemaCodable, Equatable {
         case .tcp: return .tcp
         case .file: return .file
         case .ringbuf: return .ringbuf
+        case .pty: return .pty
         case .none: return .none
         }
     }
@@ -3641,7 +4004,7 @@ public struct SerialDescription: SchemaCodable, Equatable {
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
         let r = try SchemaObjectReader(json, at: path)
         let tag = try r.required("backend", as: SerialBackend.self)
-        let baseNames: Set<String> = ["backend"]
+        let baseNames: Set<String> = ["backend", "id"]
         switch tag {
         case .stdio:
             try r.rejectUnknown(allowed: baseNames)
@@ -3658,22 +4021,28 @@ public struct SerialDescription: SchemaCodable, Equatable {
         case .ringbuf:
             try r.rejectUnknown(allowed: baseNames.union(SerialRingbufOptions.memberNames))
             self.variant = .ringbuf(try SerialRingbufOptions(reader: r))
+        case .pty:
+            try r.rejectUnknown(allowed: baseNames)
+            self.variant = .pty
         case .none:
             try r.rejectUnknown(allowed: baseNames)
             self.variant = .none
         }
+        self.id = try r.optional("id", as: String.self)
     }
 
     /// The JSON object form: base members, then the branch's members.
     public var json: JSONValue {
         var o = JSONObject()
         o["backend"] = self.backend.json
+        if let v = self.id { o["id"] = v.json }
         switch variant {
         case .stdio: break
         case .unix(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .tcp(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .file(let b): for m in b.jsonMembers { o[m.key] = m.value }
         case .ringbuf(let b): for m in b.jsonMembers { o[m.key] = m.value }
+        case .pty: break
         case .none: break
         }
         return .object(o)
@@ -5339,6 +5708,8 @@ public enum MigrationCapability: String, SchemaCodable, CaseIterable, Equatable 
     case events = "events"
     /// The value "auto-converge".
     case autoConverge = "auto-converge"
+    /// The value "return-path".
+    case returnPath = "return-path"
 
     /// Decodes one of the values; anything else is an error listing them.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {

@@ -65,6 +65,36 @@ public final class VirtioBlock: VirtioDevice, Sendable {
     private nonisolated(unsafe) var broken = false
     /// Set while the machine is paused: requests stay in the ring until `resume()`.
     private nonisolated(unsafe) var quiesced = false
+    private let stats = Mutex(BlockIOStatistics())
+
+    /// The requests done so far (not part of the saved state: they count this process's work).
+    /// Any thread.
+    public var statistics: BlockIOStatistics { stats.withLock { $0 } }
+
+    /// Records one completed request. I/O queue.
+    private func account(_ kind: UInt32, ok: Bool, bytes: Int, end: UInt64, since start: UInt64) {
+        let now = DispatchTime.now().uptimeNanoseconds
+        let ns = now &- start
+        stats.withLock { s in
+            s.lastCompletion = now
+            switch kind {
+            case RequestType.in:
+                if ok { s.readOperations += 1; s.readBytes += UInt64(bytes); s.readTimeNanoseconds += ns } else { s.failedReadOperations += 1 }
+            case RequestType.out, RequestType.writeZeroes:  // QEMU counts write-zeroes as writes
+                if ok {
+                    s.writeOperations += 1; s.writtenBytes += UInt64(bytes); s.writeTimeNanoseconds += ns
+                    s.highestWriteOffset = max(s.highestWriteOffset, end)
+                } else {
+                    s.failedWriteOperations += 1
+                }
+            case RequestType.flush:
+                if ok { s.flushOperations += 1; s.flushTimeNanoseconds += ns } else { s.failedFlushOperations += 1 }
+            case RequestType.discard:
+                if ok { s.discardOperations += 1; s.discardedBytes += UInt64(bytes); s.discardTimeNanoseconds += ns } else { s.failedDiscardOperations += 1 }
+            default: break
+            }
+        }
+    }
 
     /// Creates a block device for `drive`. `name` is used for logs and the I/O thread label.
     public init(drive: DriveConfig, name: String = "virtio-blk0", logger: Logger = Logger(label: "machine.virtio-blk")) {
@@ -158,6 +188,9 @@ public final class VirtioBlock: VirtioDevice, Sendable {
         func inRange(_ sector: UInt64, _ bytes: UInt64) -> Bool {
             sector <= size / 512 && bytes <= size - sector * 512
         }
+        let started = DispatchTime.now().uptimeNanoseconds
+        var accounted = (ok: false, bytes: 0, end: UInt64(0))
+        defer { account(type, ok: accounted.ok, bytes: accounted.bytes, end: accounted.end, since: started) }
         do {
             switch type {
             case RequestType.in:
@@ -168,6 +201,7 @@ public final class VirtioBlock: VirtioDevice, Sendable {
                 var buf = [UInt8](repeating: 0, count: len)
                 try buf.withUnsafeMutableBytes { try image.read(into: $0, at: sector * 512) }
                 chain.write(buf, to: ram, offset: 0)
+                accounted = (true, len, 0)
                 return finish(RequestStatus.ok, data: len)
             case RequestType.out:
                 let len = chain.readableLength - 16
@@ -177,9 +211,11 @@ public final class VirtioBlock: VirtioDevice, Sendable {
                 }
                 let data = chain.readBytes(from: ram, offset: 16, count: len)
                 try image.write(data, at: sector * 512)
+                accounted = (true, len, sector * 512 + UInt64(len))
                 return finish(RequestStatus.ok)
             case RequestType.flush:
                 try image.flush()
+                accounted.ok = true
                 return finish(RequestStatus.ok)
             case RequestType.getID:
                 var id = Array(drive.serial.utf8.prefix(20))
@@ -204,6 +240,7 @@ public final class VirtioBlock: VirtioDevice, Sendable {
                 } else {
                     try image.writeZeroes(offset: start * 512, length: UInt64(count) * 512)
                 }
+                accounted = (true, Int(count) * 512, type == RequestType.writeZeroes ? (start + UInt64(count)) * 512 : 0)
                 return finish(RequestStatus.ok)
             default:
                 return finish(RequestStatus.unsupported)
