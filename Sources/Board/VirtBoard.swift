@@ -62,11 +62,11 @@ public final class VirtBoard: @unchecked Sendable {  // unchecked: its vars chan
     public let pcieHost: PCIeHost?
     /// The 64-bit PCI MMIO window (placed after RAM, as QEMU does).
     public let pcieHighMMIO: GuestRegion
-    /// The PCI functions plugged into the root bus, by slot (the host bridge at 0 not included;
-    /// root ports included).
-    public private(set) var pciFunctions: [Int: any PCIFunction] = [:]
-    /// The root ports by id, with their slot on the root bus.
-    public private(set) var rootPorts: [String: (slot: Int, port: PCIeRootPort)] = [:]
+    /// The PCI functions plugged into the root bus, by slot and function (the host bridge at
+    /// 00.0 not included; root ports included).
+    public private(set) var pciFunctions: [PCIRootAddress: any PCIFunction] = [:]
+    /// The root ports by id, with their place on the root bus.
+    public private(set) var rootPorts: [String: (address: PCIRootAddress, port: PCIeRootPort)] = [:]
 
     /// The boot state after the last `loadBootImages()`.
     public var bootState: BootState {
@@ -168,28 +168,39 @@ public final class VirtBoard: @unchecked Sendable {  // unchecked: its vars chan
         for factory in config.virtioTransports { _ = try attachVirtio(factory) }
         for p in config.pciDevices {
             switch p.kind {
-            case .rootPort(let id, let physicalSlot): try attachRootPort(id: id, slot: p.slot, physicalSlot: physicalSlot)
+            case .rootPort(let id, let physicalSlot):
+                try attachRootPort(id: id, slot: p.slot, function: p.function, multifunction: p.multifunction,
+                                   physicalSlot: physicalSlot)
             case .function(let make):
-                if let port = p.port { try attachPCI(make, behind: port, hotPlug: false) } else { try attachPCI(make, slot: p.slot) }
+                if let port = p.port {
+                    try attachPCI(make, behind: port, hotPlug: false)
+                } else {
+                    try attachPCI(make, slot: p.slot, function: p.function, multifunction: p.multifunction)
+                }
             }
         }
     }
 
-    /// Builds a PCI function into `slot` of the root bus (the lowest free one when nil) and
-    /// registers it with the device manager; returns the slot. The guest finds it when it
-    /// enumerates the bus. Control thread, vCPUs stopped.
+    /// Builds a PCI function into `slot`.`function` of the root bus (the lowest free slot when
+    /// nil; `multifunction` as QEMU's property of function 0) and registers it with the device
+    /// manager; returns its place. The guest finds it when it enumerates the bus. Control
+    /// thread, vCPUs stopped.
     @discardableResult
-    public func attachPCI(_ factory: PCIDeviceFactory, slot wanted: Int? = nil) throws -> Int {
+    public func attachPCI(_ factory: PCIDeviceFactory, slot wanted: Int? = nil, function number: Int = 0,
+                          multifunction: Bool = false) throws -> PCIRootAddress {
         guard let pcieHost else { throw BoardError.invalidConfig("the board was built without a PCIe host") }
         guard let slot = wanted ?? pcieHost.freeSlot() else { throw BoardError.exhausted("PCI slot on the root bus") }
-        guard slot > 0 && slot < PCIeHost.slotCount, pcieHost.function(slot: slot) == nil else {
-            throw BoardError.invalidConfig(slot > 0 && slot < PCIeHost.slotCount ? PCIError.slotInUse(slot).description
-                                                                                  : PCIError.badSlot(slot).description)
+        guard slot > 0 && slot < PCIeHost.slotCount else { throw BoardError.invalidConfig(PCIError.badSlot(slot).description) }
+        guard number >= 0 && number < PCIeHost.functionCount else {
+            throw BoardError.invalidConfig(PCIError.badFunction(number).description)
+        }
+        guard pcieHost.function(slot: slot, function: number) == nil else {
+            throw BoardError.invalidConfig(PCIError.slotInUse(slot, function: number).description)
         }
         let function = try factory(PCIDeviceContext(ram: ram, intx: pcieHost.intx.line(slot: slot, pin: 1), slot: slot,
-                                                    port: nil, clock: clock))
+                                                    function: number, port: nil, clock: clock))
         do {
-            try pcieHost.plug(function, slot: slot)
+            try pcieHost.plug(function, slot: slot, function: number, multifunction: multifunction)
         } catch {
             throw BoardError.invalidConfig(error.description)
         }
@@ -197,31 +208,33 @@ public final class VirtBoard: @unchecked Sendable {  // unchecked: its vars chan
             do {
                 try deviceManager.register(managed)
             } catch {
-                pcieHost.unplug(slot: slot)
+                pcieHost.unplug(slot: slot, function: number)
                 throw error
             }
         }
-        pciFunctions[slot] = function
-        return slot
+        let address = PCIRootAddress(slot: slot, function: number)
+        pciFunctions[address] = function
+        return address
     }
 
-    /// Builds a `pcie-root-port` known as `id` into `slot` of the root bus (the lowest free one
-    /// when nil) and registers it; returns the slot. Control thread, vCPUs stopped.
+    /// Builds a `pcie-root-port` known as `id` into `slot`.`function` of the root bus (the lowest
+    /// free slot when nil) and registers it; returns its place. Control thread, vCPUs stopped.
     @discardableResult
-    public func attachRootPort(id: String, slot: Int? = nil, physicalSlot: Int) throws -> Int {
+    public func attachRootPort(id: String, slot: Int? = nil, function: Int = 0, multifunction: Bool = false,
+                               physicalSlot: Int) throws -> PCIRootAddress {
         guard rootPorts[id] == nil else { throw BoardError.invalidConfig("a root port '\(id)' exists already") }
         guard let router = pcieHost?.intx else { throw BoardError.invalidConfig("the board was built without a PCIe host") }
         let childWires = rootPortChildWires
-        let slot = try attachPCI({ context in
+        let address = try attachPCI({ context in
             let s = context.slot ?? 0
             let pin = Self.rootPortPin(slot: s, avoiding: childWires.union([PCIIntxRouter.wire(slot: s, pin: 1)]))
             return PCIeRootPort(name: "pcie-root-port \(id) \(context.address)", stateSection: "pcie-root-port@\(context.address)",
                                 intx: router.line(slot: s, pin: pin), port: s, physicalSlot: physicalSlot,
                                 interruptPin: UInt8(pin))
-        }, slot: slot)
-        guard let port = pciFunctions[slot] as? PCIeRootPort else { preconditionFailure("slot \(slot) holds the port just built") }
-        rootPorts[id] = (slot, port)
-        return slot
+        }, slot: slot, function: function, multifunction: multifunction)
+        guard let port = pciFunctions[address] as? PCIeRootPort else { preconditionFailure("\(address) holds the port just built") }
+        rootPorts[id] = (address, port)
+        return address
     }
 
     /// The INTx wires that devices behind the root ports use (each port's INTA wire), from the
@@ -245,13 +258,13 @@ public final class VirtBoard: @unchecked Sendable {  // unchecked: its vars chan
     /// bridge swizzle of device 0). `label` names a hot-plugged device in the errors that refuse
     /// saved states ("virtio-net-pci 'nic1'"). Control thread.
     public func attachPCI(_ factory: PCIDeviceFactory, behind portID: String, hotPlug: Bool, label: String? = nil) throws {
-        guard let pcieHost, let (slot, port) = rootPorts[portID] else {
+        guard let pcieHost, let (address, port) = rootPorts[portID] else {
             throw BoardError.invalidConfig("Bus '\(portID)' not found")
         }
         guard port.child == nil else {
             throw BoardError.invalidConfig("PCI: slot 0 function 0 not available, in use by another device on bus '\(portID)'")
         }
-        let function = try factory(PCIDeviceContext(ram: ram, intx: pcieHost.intx.line(slot: slot, pin: 1), slot: nil,
+        let function = try factory(PCIDeviceContext(ram: ram, intx: pcieHost.intx.line(slot: address.slot, pin: 1), slot: nil,
                                                     port: portID, clock: clock))
         if let managed = function as? any ManagedDevice {
             try deviceManager.register(managed, hotPlugged: hotPlug ? "\(label ?? "the device") in root port '\(portID)'" : nil)
@@ -273,15 +286,15 @@ public final class VirtBoard: @unchecked Sendable {  // unchecked: its vars chan
         if let managed = function as? any ManagedDevice { deviceManager.unregister(managed) }
     }
 
-    /// Removes the PCI function in `slot` from the bus and the device manager (hot-unplug).
+    /// Removes the PCI function at `address` from the bus and the device manager (hot-unplug).
     /// Control thread.
-    public func detachPCI(slot: Int) {
-        guard let function = pciFunctions.removeValue(forKey: slot) else { return }
-        if let id = rootPorts.first(where: { $0.value.slot == slot })?.key {
+    public func detachPCI(_ address: PCIRootAddress) {
+        guard let function = pciFunctions.removeValue(forKey: address) else { return }
+        if let id = rootPorts.first(where: { $0.value.address == address })?.key {
             detachPCI(behind: id)
             rootPorts[id] = nil
         }
-        pcieHost?.unplug(slot: slot)
+        pcieHost?.unplug(slot: address.slot, function: address.function)
         if let managed = function as? any ManagedDevice { deviceManager.unregister(managed) }
     }
 

@@ -38,14 +38,20 @@ public struct PCIPlacement: Sendable {
     }
     /// Its slot (device number) on bus 0, 1…31; nil takes the lowest free one. Ignored behind a port.
     public var slot: Int?
+    /// Its function number in the slot, 0…7 (above 0 only with an explicit slot).
+    public var function = 0
+    /// QEMU's `multifunction` property: on function 0, the slot has other functions.
+    public var multifunction = false
     /// The id of the root port to plug the function behind; nil for the root bus.
     public var port: String?
     /// What is placed.
     public var kind: Kind
 
-    /// A function on the root bus.
-    public init(slot: Int? = nil, make: @escaping PCIDeviceFactory) {
+    /// A function on the root bus, at `slot`.`function`.
+    public init(slot: Int? = nil, function: Int = 0, multifunction: Bool = false, make: @escaping PCIDeviceFactory) {
         self.slot = slot
+        self.function = function
+        self.multifunction = multifunction
         self.port = nil
         self.kind = .function(make)
     }
@@ -57,9 +63,13 @@ public struct PCIPlacement: Sendable {
         self.kind = .function(make)
     }
 
-    /// A root port on the root bus.
-    public static func rootPort(id: String, slot: Int? = nil, physicalSlot: Int) -> PCIPlacement {
-        PCIPlacement(slot: slot, port: nil, kind: .rootPort(id: id, physicalSlot: physicalSlot))
+    /// A root port on the root bus, at `slot`.`function`.
+    public static func rootPort(id: String, slot: Int? = nil, function: Int = 0, multifunction: Bool = false,
+                                physicalSlot: Int) -> PCIPlacement {
+        var p = PCIPlacement(slot: slot, port: nil, kind: .rootPort(id: id, physicalSlot: physicalSlot))
+        p.function = function
+        p.multifunction = multifunction
+        return p
     }
 
     private init(slot: Int?, port: String?, kind: Kind) {
@@ -78,6 +88,8 @@ public struct PCIDeviceContext: Sendable {
     public let intx: any InterruptLine
     /// Its device number on bus 0, or nil behind a root port.
     public let slot: Int?
+    /// Its function number in `slot` (0 behind a root port).
+    public var function = 0
     /// The root port it sits behind, if any.
     public let port: String?
     /// The machine's virtual clock.
@@ -89,6 +101,21 @@ public struct PCIDeviceContext: Sendable {
     public var address: String {
         if let port { return port }
         let s = slot ?? 0
-        return "00:\(s < 16 ? "0" : "")\(String(s, radix: 16)).0"
+        return "00:\(s < 16 ? "0" : "")\(String(s, radix: 16)).\(function)"
     }
+}
+
+/// A place on the root bus: a slot (device number) and a function in it.
+public struct PCIRootAddress: Hashable, Sendable, CustomStringConvertible {
+    /// The device number, 0…31.
+    public var slot: Int
+    /// The function, 0…7.
+    public var function: Int
+    /// `slot`.`function`.
+    public init(slot: Int, function: Int = 0) {
+        self.slot = slot
+        self.function = function
+    }
+    /// As QEMU's `addr` property prints it ("01.2").
+    public var description: String { "\(slot < 16 ? "0" : "")\(String(slot, radix: 16)).\(function)" }
 }

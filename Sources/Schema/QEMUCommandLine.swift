@@ -752,7 +752,9 @@ private struct Parser {
             let pci = driver.hasSuffix("-pci") || kind == .pcieRootPort
             var allowed: Set<String> = ["driver", "id"]
             if pci {
-                allowed.formUnion(["bus", "addr", "romfile"])
+                allowed.formUnion(["bus", "addr", "romfile", "multifunction"])
+                // QEMU's multifunction=on (libvirt packs its root ports as functions of one slot).
+                if let m = try dev.bool("multifunction", in: what) { o["multifunction"] = .bool(m) }
                 // QEMU's way to say "no option ROM" (needed where the ROM files are not
                 // installed); machine-server's PCI devices have none.
                 if let rom = dev["romfile"], !rom.isEmpty {
@@ -793,12 +795,9 @@ private struct Parser {
                 }
                 if let mac = dev["mac"] { o["mac"] = .string(mac) }
             case .pcieRootPort:
-                allowed.formUnion(["chassis", "slot", "port", "multifunction"])
+                allowed.formUnion(["chassis", "slot", "port"])
                 if let c = try dev.integer("chassis", in: what) { o["chassis"] = .int(c) }
                 if let s = try dev.integer("slot", in: what) { o["slot"] = .int(s) }
-                if try dev.bool("multifunction", in: what) == true {
-                    throw QEMUCommandLineError("\(what): multifunction=on is not supported")
-                }
                 _ = try dev.integer("port", in: what)
             case .virtioGpuDevice, .virtioGpuPci:
                 allowed.insert("max_outputs")

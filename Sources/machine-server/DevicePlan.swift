@@ -1,3 +1,4 @@
+import Board
 import Devices
 import Foundation
 import Schema
@@ -28,8 +29,8 @@ struct PlannedDevice: Equatable {
     enum Transport: Equatable {
         /// A virtio-mmio slot (the `-device` drivers).
         case mmio
-        /// In `slot` of the PCIe root bus `pcie.0` (the `-pci` drivers and root ports).
-        case pci(slot: Int)
+        /// In `slot`.`function` of the PCIe root bus `pcie.0` (the `-pci` drivers and root ports).
+        case pci(slot: Int, function: Int = 0)
         /// In the slot of the root port with this id.
         case pciPort(String)
     }
@@ -40,6 +41,8 @@ struct PlannedDevice: Equatable {
     var hasExplicitID: Bool
     var kind: Kind
     var transport: Transport = .mmio
+    /// QEMU's `multifunction` property (function 0 of a slot with other functions).
+    var multifunction = false
     /// The drive's block node names (format node, file node), when the description names them.
     var nodeName: String? = nil
     var fileNodeName: String? = nil
@@ -63,8 +66,14 @@ struct PlannedDevice: Equatable {
 
     /// The slot on the root bus, for devices there.
     var pciSlotNumber: Int? {
-        if case .pci(let slot) = transport { return slot }
+        if case .pci(let slot, _) = transport { return slot }
         return nil
+    }
+
+    /// The function in its slot on the root bus (0 elsewhere).
+    var pciFunctionNumber: Int {
+        if case .pci(_, let function) = transport { return function }
+        return 0
     }
 
     /// Where the device is on the PCIe bus, for the state identity: "0x3" on the root bus, or
@@ -72,7 +81,8 @@ struct PlannedDevice: Equatable {
     var pciLocation: String? {
         switch transport {
         case .mmio: return nil
-        case .pci(let slot): return "0x\(String(slot, radix: 16))"
+        case .pci(let slot, let function):
+            return "0x\(String(slot, radix: 16))" + (function == 0 ? "" : ".\(function)")
         case .pciPort(let port): return port
         }
     }
@@ -86,8 +96,8 @@ struct PlannedDevice: Equatable {
 
     /// Where a PCI device asked to go.
     enum PCIRequest: Equatable {
-        /// The root bus, in this slot or the lowest free one.
-        case root(slot: Int?)
+        /// The root bus, in this slot and function, or function 0 of the lowest free slot.
+        case root(slot: Int?, function: Int)
         /// Behind the root port with this id.
         case port(String)
     }
@@ -98,32 +108,40 @@ struct PlannedDevice: Equatable {
                            isPort: Bool = false) throws -> PCIRequest {
         if let bus, bus != rootBus {
             guard ports[bus] != nil, !isPort else { throw LaunchError("\(field).bus: Bus '\(bus)' not found") }
-            if let addr, try parseSlot(addr, field: field, range: 0...0) != 0 {
-                throw LaunchError("\(field).addr: a root port has one slot, 0")
+            if let addr, try parseSlot(addr, field: field, range: 0...0) != (0, 0) {
+                throw LaunchError("\(field).addr: a root port has one slot, 0, with one function")
             }
             return .port(bus)
         }
-        guard let addr else { return .root(slot: nil) }
-        let slot = try parseSlot(addr, field: field, range: pciSlots)
-        return .root(slot: slot)
+        guard let addr else { return .root(slot: nil, function: 0) }
+        let (slot, function) = try parseSlot(addr, field: field, range: pciSlots)
+        return .root(slot: slot, function: function)
     }
 
-    private static func parseSlot(_ addr: String, field: String, range: ClosedRange<Int>) throws -> Int {
-        var text = Substring(addr.lowercased())
-        if text.hasPrefix("0x") { text = text.dropFirst(2) }
-        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
-        guard (1...2).contains(parts.count), let slot = Int(parts[0], radix: 16), parts[0].count <= 2,
-              parts.count == 1 || Int(parts[1], radix: 16) != nil else {
-            throw LaunchError("\(field).addr: '\(addr)' is not a PCI address; write SLOT or SLOT.FUNCTION in hex, e.g. '0x3' or '03.0'")
+    /// Parses QEMU's `addr`: "SLOT" or "SLOT.FUNCTION", each in hex with an optional 0x
+    /// ("0x1.0x1", "01.1"); the function is 0…7.
+    static func parseSlot(_ addr: String, field: String, range: ClosedRange<Int>) throws -> (slot: Int, function: Int) {
+        func hex(_ part: Substring) -> Int? {
+            let digits = part.hasPrefix("0x") ? part.dropFirst(2) : part
+            guard !digits.isEmpty, digits.count <= 2 else { return nil }
+            return Int(digits, radix: 16)
         }
-        if parts.count == 2, Int(parts[1], radix: 16) != 0 {
-            throw LaunchError("\(field).addr: function \(parts[1]) is not supported; each device is function 0 of its slot")
+        let parts = Substring(addr.lowercased()).split(separator: ".", omittingEmptySubsequences: false)
+        guard (1...2).contains(parts.count), let slot = hex(parts[0]) else {
+            throw LaunchError("\(field).addr: '\(addr)' is not a PCI address; write SLOT or SLOT.FUNCTION in hex, e.g. '0x3' or '03.1'")
+        }
+        let function = parts.count == 2 ? hex(parts[1]) : 0
+        guard let function else {
+            throw LaunchError("\(field).addr: '\(addr)' is not a PCI address; write SLOT or SLOT.FUNCTION in hex, e.g. '0x3' or '03.1'")
+        }
+        guard slot < 32 && function < 8 else {
+            throw LaunchError("\(field).addr: Property 'addr' doesn't take value '\(addr)' (slot 0...1f, function 0...7)")
         }
         guard range.contains(slot) else {
-            throw LaunchError(slot == 0 ? "\(field).addr: PCI: slot 0 function 0 not available, in use by gpex-root"
+            throw LaunchError(slot == 0 ? "\(field).addr: PCI: slot 0 function \(function) not available, in use by gpex-root"
                                         : "\(field).addr: slot \(slot) is outside the bus (\(range.lowerBound)...\(range.upperBound))")
         }
-        return slot
+        return (slot, function)
     }
 
     /// Checks a block device's drive and returns its kind; `files` remembers which device owns
@@ -157,8 +175,9 @@ struct PlannedDevice: Equatable {
         var planned: [PlannedDevice] = []
         var ids: [String: Int] = [:]
         var files: [String: Int] = [:]
-        var pciSlotOwners: [Int: Int] = [:]        // slot -> devices[i]
-        var pciRequests: [Int: Int?] = [:]        // index in `planned` -> slot asked for
+        var pciSlotOwners: [PCIRootAddress: Int] = [:]  // slot.function -> devices[i]
+        var pciRequests: [Int: PCIRootAddress?] = [:]    // index in `planned` -> slot.function asked for
+        var multifunctions: Set<Int> = []                // indexes in `planned` with multifunction=on
         var ports: [String: Int] = [:]            // root port id -> devices[i]
         var portChildren: [String: Int] = [:]     // root port id -> devices[i] plugged into it
         var portRequests: [Int: String] = [:]     // index in `planned` -> root port id
@@ -192,6 +211,7 @@ struct PlannedDevice: Equatable {
             let kind: Kind
             let explicitID: String?
             var pciRequest: PCIRequest?       // nil: a virtio-mmio device
+            var multifunction = false
             switch d.variant {
             case .virtioBlkDevice(let o):
                 explicitID = o.id
@@ -215,10 +235,12 @@ struct PlannedDevice: Equatable {
                 explicitID = o.id
                 kind = try nic(netdev: o.netdev, mac: o.mac, field: field, driver: d.driver.rawValue)
                 pciRequest = try pciAddress(bus: o.bus, addr: o.addr, field: field, ports: ports)
+                multifunction = o.multifunction ?? false
             case .virtioBlkPci(let o):
                 explicitID = o.id
                 kind = try block(o.drive, field: field, index: i, files: &files, resolve: resolve)
                 pciRequest = try pciAddress(bus: o.bus, addr: o.addr, field: field, ports: ports)
+                multifunction = o.multifunction ?? false
             case .virtioGpuPci(let o), .virtioKeyboardPci(let o), .virtioTabletPci(let o), .virtioRngPci(let o):
                 explicitID = o.id
                 switch d.driver {
@@ -228,6 +250,7 @@ struct PlannedDevice: Equatable {
                 default: kind = .rng
                 }
                 pciRequest = try pciAddress(bus: o.bus, addr: o.addr, field: field, ports: ports)
+                multifunction = o.multifunction ?? false
             case .pcieRootPort(let o):
                 explicitID = o.id
                 if let slot = o.slot, !(0...8191).contains(slot) {
@@ -235,6 +258,7 @@ struct PlannedDevice: Equatable {
                 }
                 kind = .rootPort(physicalSlot: Int(o.slot ?? Int64(ports.count + 1)))
                 pciRequest = try pciAddress(bus: o.bus, addr: o.addr, field: field, ports: ports, isPort: true)
+                multifunction = o.multifunction ?? false
                 if ports[o.id] != nil || ids[o.id] != nil {
                     throw LaunchError("\(field).id: '\(o.id)' is already the id of devices[\(ports[o.id] ?? ids[o.id]!)]")
                 }
@@ -251,15 +275,22 @@ struct PlannedDevice: Equatable {
             }
             switch pciRequest {
             case nil: break
-            case .root(let wanted)?:
-                if let wanted {
-                    if let other = pciSlotOwners[wanted] {
-                        throw LaunchError("\(field).addr: PCI: slot \(wanted) function 0 not available for \(d.driver.rawValue), in use by devices[\(other)]")
+            case .root(let slot, let function)?:
+                var wanted: PCIRootAddress?
+                if let slot {
+                    let address = PCIRootAddress(slot: slot, function: function)
+                    if let other = pciSlotOwners[address] {
+                        throw LaunchError("\(field).addr: PCI: slot \(slot) function \(function) not available for \(d.driver.rawValue), in use by devices[\(other)]")
                     }
-                    pciSlotOwners[wanted] = i
+                    pciSlotOwners[address] = i
+                    wanted = address
                 }
                 pciRequests[planned.count] = wanted
+                if multifunction { multifunctions.insert(planned.count) }
             case .port(let port)?:
+                if multifunction {
+                    throw LaunchError("\(field).multifunction: a root port's slot has one function; multifunction is for the root bus")
+                }
                 if let other = portChildren[port] {
                     throw LaunchError("\(field).bus: PCI: slot 0 function 0 not available for \(d.driver.rawValue), in use by devices[\(other)]")
                 }
@@ -282,13 +313,16 @@ struct PlannedDevice: Equatable {
             }
             planned.append(p)
         }
-        // PCI devices without an address take the lowest free slot, in order, after the explicit ones.
+        // PCI devices without an address take function 0 of the lowest slot with no function
+        // taken, in order, after the explicit ones.
         for (index, wanted) in pciRequests.sorted(by: { $0.key < $1.key }) {
-            guard let slot = wanted ?? pciSlots.first(where: { pciSlotOwners[$0] == nil }) else {
+            let taken = Set(pciSlotOwners.keys.map(\.slot))
+            guard let address = wanted ?? pciSlots.first(where: { !taken.contains($0) }).map({ PCIRootAddress(slot: $0) }) else {
                 throw LaunchError("\(planned[index].origin): no free slot is left on the PCIe root bus")
             }
-            pciSlotOwners[slot] = index
-            planned[index].transport = .pci(slot: slot)
+            pciSlotOwners[address] = index
+            planned[index].transport = .pci(slot: address.slot, function: address.function)
+            planned[index].multifunction = multifunctions.contains(index)
         }
         for (index, port) in portRequests { planned[index].transport = .pciPort(port) }
         let mmioCount = planned.filter { $0.transport == .mmio }.count

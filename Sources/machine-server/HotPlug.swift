@@ -315,7 +315,9 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
             var props: [(name: String, value: String)] = []
             switch d.transport {
             case .mmio: break
-            case .pci(let slot): props = [("bus", PlannedDevice.rootBus), ("addr", String(format: "%02x.0", slot))]
+            case .pci(let slot, let function):
+                props = [("bus", PlannedDevice.rootBus), ("addr", PCIRootAddress(slot: slot, function: function).description)]
+                if d.multifunction { props.append(("multifunction", "on")) }
             case .pciPort(let port): props = [("bus", port), ("addr", "00.0")]
             }
             return PeripheralDevice(id: d.id, path: "/machine/peripheral/\(d.id)", driver: d.driver, hotPlugged: false,
@@ -340,23 +342,25 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
     func pciBuses() -> [PciInfo] {
         guard let host = board.pcieHost else { return [] }
         let hotIDs = state.withLock { s in Dictionary(s.plugged.map { ($0.port, $0.id ?? "") }, uniquingKeysWith: { a, _ in a }) }
-        func qdevID(slot: Int?, port: String?) -> String {
+        func qdevID(_ address: PCIRootAddress?, port: String?) -> String {
             if let port {
                 if let id = hotIDs[port] { return id }
                 return launched.first { $0.transport == .pciPort(port) && $0.hasExplicitID }?.id ?? ""
             }
-            guard let slot else { return "" }
-            if let id = board.rootPorts.first(where: { $0.value.slot == slot })?.key { return id }
-            return launched.first { $0.transport == .pci(slot: slot) && $0.hasExplicitID }?.id ?? ""
+            guard let address else { return "" }
+            if let id = board.rootPorts.first(where: { $0.value.address == address })?.key { return id }
+            return launched.first {
+                $0.transport == .pci(slot: address.slot, function: address.function) && $0.hasExplicitID
+            }?.id ?? ""
         }
         var devices: [PciDeviceInfo] = []
-        for slot in 0..<PCIeHost.slotCount {
-            guard let f = host.function(slot: slot) else { continue }
-            var info = Self.info(f, bus: 0, slot: slot, qdevID: qdevID(slot: slot, port: nil))
+        for (slot, function, f) in host.rootFunctions() {
+            let address = PCIRootAddress(slot: slot, function: function)
+            var info = Self.info(f, bus: 0, slot: slot, function: function, qdevID: qdevID(address, port: nil))
             if let bridge = f as? any PCIBridge, var b = info.pciBridge {
-                let port = board.rootPorts.first { $0.value.slot == slot }?.key
+                let port = board.rootPorts.first { $0.value.address == address }?.key
                 if let child = bridge.child {
-                    b.devices = [Self.info(child, bus: bridge.secondaryBus, slot: 0, qdevID: qdevID(slot: nil, port: port))]
+                    b.devices = [Self.info(child, bus: bridge.secondaryBus, slot: 0, qdevID: qdevID(nil, port: port))]
                 } else {
                     b.devices = []
                 }
@@ -368,7 +372,7 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
     }
 
     /// One function's identity, BARs and (for a bridge) windows, read from its configuration space.
-    static func info(_ f: any PCIFunction, bus: Int, slot: Int, qdevID: String) -> PciDeviceInfo {
+    static func info(_ f: any PCIFunction, bus: Int, slot: Int, function: Int = 0, qdevID: String) -> PciDeviceInfo {
         func r(_ o: Int, _ n: Int) -> Int64 { Int64(f.configRead(offset: o, size: n)) }
         let headerType = r(PCIConfig.headerType, 1) & 0x7f
         let cls = r(PCIConfig.classCode + 1, 2)
@@ -405,7 +409,7 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
         let names: [Int64: String] = [0x0100: "SCSI controller", 0x0180: "Storage controller", 0x0200: "Ethernet controller",
                                       0x0300: "VGA controller", 0x0380: "Display controller", 0x0600: "Host bridge",
                                       0x0604: "PCI bridge", 0x0900: "Keyboard", 0x0902: "Mouse"]
-        return PciDeviceInfo(bus: Int64(bus), slot: Int64(slot), function: 0,
+        return PciDeviceInfo(bus: Int64(bus), slot: Int64(slot), function: Int64(function),
                              classInfo: PciDeviceClass(desc: names[cls], class: cls), id: ids,
                              irq: pin != 0 ? r(PCIConfig.interruptLine, 1) : nil, irqPin: pin != 0 ? pin : nil,
                              qdevId: qdevID, pciBridge: bridge, regions: regions)

@@ -64,6 +64,7 @@ final class MachineDevices: Sendable {
             for p in planned {
                 if case .rootPort(let physicalSlot) = p.kind {
                     pciDevices.append(.rootPort(id: p.id, slot: p.transport == .mmio ? nil : p.pciSlotNumber,
+                                                function: p.pciFunctionNumber, multifunction: p.multifunction,
                                                 physicalSlot: physicalSlot))
                     continue
                 }
@@ -137,7 +138,8 @@ final class MachineDevices: Sendable {
                     if case .pciPort(let port) = p.transport {
                         pciDevices.append(PCIPlacement(port: port, make: make))
                     } else {
-                        pciDevices.append(PCIPlacement(slot: p.pciSlotNumber, make: make))
+                        pciDevices.append(PCIPlacement(slot: p.pciSlotNumber, function: p.pciFunctionNumber,
+                                                       multifunction: p.multifunction, make: make))
                     }
                 }
             }

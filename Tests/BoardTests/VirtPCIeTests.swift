@@ -55,8 +55,8 @@ struct VirtPCIeTests {
         // Slot 1, INTA lands on PLIC source 33.
         board.bus.write(GuestPhysicalAddress(0x4000_1000), size: 4, value: 1)
         #expect(board.plic.read(offset: 0x1000 + 4 * UInt64(33 / 32), size: 4) & (1 << (33 % 32)) != 0)
-        #expect(board.pciFunctions[1] != nil)
-        board.detachPCI(slot: 1)
+        #expect(board.pciFunctions[PCIRootAddress(slot: 1)] != nil)
+        board.detachPCI(PCIRootAddress(slot: 1))
         #expect(board.bus.read(ecam + (1 << 15), size: 4) == 0xffff_ffff)
     }
 

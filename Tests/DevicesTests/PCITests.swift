@@ -178,7 +178,7 @@ final class ScratchFunction: PCIFunction, @unchecked Sendable {
         #expect(h.host.freeSlot() == 1)
         try h.host.plug(ScratchFunction(), slot: 1)
         #expect(h.host.freeSlot() == 2)
-        #expect(throws: PCIError.slotInUse(1)) { try h.host.plug(ScratchFunction(), slot: 1) }
+        #expect(throws: PCIError.slotInUse(1, function: 0)) { try h.host.plug(ScratchFunction(), slot: 1) }
         #expect(throws: PCIError.badSlot(0)) { try h.host.plug(ScratchFunction(), slot: 0) }
         #expect(throws: PCIError.badSlot(32)) { try h.host.plug(ScratchFunction(), slot: 32) }
     }

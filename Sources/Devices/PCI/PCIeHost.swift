@@ -6,7 +6,8 @@ import Synchronization
 /// windows in which the functions' BARs decode, INTx routed through `PCIIntxRouter`, and the
 /// host bridge's own function at 00:00.0 (Red Hat 1b36:0008, class 0600).
 ///
-/// Devices plug into bus 0 or behind a `PCIBridge` (a root port) on it, one level deep.
+/// Devices plug into bus 0 (up to eight functions per slot, as QEMU's `multifunction=on`) or
+/// behind a `PCIBridge` (a root port) on it, one level deep.
 /// BAR addresses are chosen by the guest (Linux assigns them on `virt`, as no firmware does);
 /// the memory windows are identity-mapped (PCI address = CPU address) and the I/O window maps
 /// PCI I/O address 0 at its base, as the device tree's `ranges` say.
@@ -16,6 +17,8 @@ import Synchronization
 public final class PCIeHost: Sendable {
     /// Devices per bus.
     public static let slotCount = 32
+    /// Functions per device.
+    public static let functionCount = 8
 
     /// The ECAM window (map it at the board's ECAM base; 1 MiB per bus).
     public let ecam: ECAMWindow
@@ -42,7 +45,13 @@ public final class PCIeHost: Sendable {
     /// The layout, when the host has a device-tree node.
     public let layout: Layout?
 
-    private let slots: Mutex<[(any PCIFunction)?]>
+    /// One device number of bus 0: its functions and whether function 0 is multi-function.
+    private struct PCISlot {
+        var functions = [(any PCIFunction)?](repeating: nil, count: PCIeHost.functionCount)
+        var multifunction = false
+        var isEmpty: Bool { functions.allSatisfy { $0 == nil } }
+    }
+    private let slots: Mutex<[PCISlot]>
     let logger: Logger
 
     /// Creates a host whose INTx wires drive `intxWires` (INTA…INTD), laid out as `layout`.
@@ -53,8 +62,8 @@ public final class PCIeHost: Sendable {
         self.layout = layout
         intx = PCIIntxRouter(wires: intxWires)
         rootFunction = PCIHostBridgeFunction()
-        var table = [(any PCIFunction)?](repeating: nil, count: Self.slotCount)
-        table[0] = rootFunction
+        var table = [PCISlot](repeating: PCISlot(), count: Self.slotCount)
+        table[0].functions[0] = rootFunction
         slots = Mutex(table)
         ecam = ECAMWindow()
         ecam.host = self
@@ -66,44 +75,77 @@ public final class PCIeHost: Sendable {
         BARWindow(host: self, space: space, pciBase: pciBase)
     }
 
-    /// Puts `function` in `slot` of bus 0. Throws when the slot is out of range or taken.
-    public func plug(_ function: any PCIFunction, slot: Int) throws(PCIError) {
+    /// Puts `function` at `slot`.`function` of bus 0; `multifunction` is QEMU's property of the
+    /// same name and matters on function 0, whose header-type byte then carries the
+    /// multi-function bit (0x80) so that the guest scans functions 1…7. Refuses, in QEMU's
+    /// words, a taken place, a function above 0 in a slot whose function 0 is single-function,
+    /// and a single-function function 0 in a slot that already has other functions. Control
+    /// thread.
+    public func plug(_ function: any PCIFunction, slot: Int, function number: Int = 0,
+                     multifunction: Bool = false) throws(PCIError) {
         guard slot > 0 && slot < Self.slotCount else { throw .badSlot(slot) }
-        try slots.withLock { (s: inout [(any PCIFunction)?]) throws(PCIError) in
-            guard s[slot] == nil else { throw .slotInUse(slot) }
-            s[slot] = function
+        guard number >= 0 && number < Self.functionCount else { throw .badFunction(number) }
+        try slots.withLock { (s: inout [PCISlot]) throws(PCIError) in
+            guard s[slot].functions[number] == nil else { throw .slotInUse(slot, function: number) }
+            if number > 0 {
+                if s[slot].functions[0] != nil && !s[slot].multifunction { throw .singleFunction(slot, function: number) }
+            } else if !multifunction, let other = (1..<Self.functionCount).first(where: { s[slot].functions[$0] != nil }) {
+                throw .singleFunctionButPopulated(slot, function: other)
+            }
+            s[slot].functions[number] = function
+            if number == 0 { s[slot].multifunction = multifunction }
         }
     }
 
-    /// Removes whatever is in `slot` (hot-unplug). Control thread.
-    public func unplug(slot: Int) {
-        guard slot > 0 && slot < Self.slotCount else { return }
-        slots.withLock { $0[slot] = nil }
+    /// Removes function `number` of `slot` (hot-unplug, or undoing a failed plug). Control thread.
+    public func unplug(slot: Int, function number: Int = 0) {
+        guard slot > 0 && slot < Self.slotCount, number >= 0 && number < Self.functionCount else { return }
+        slots.withLock {
+            $0[slot].functions[number] = nil
+            if number == 0 { $0[slot].multifunction = false }
+        }
     }
 
-    /// The lowest free slot above the host bridge, or nil when the bus is full.
+    /// The lowest slot above the host bridge with no function at all, or nil when the bus is full.
     public func freeSlot() -> Int? {
-        slots.withLock { s in (1..<Self.slotCount).first { s[$0] == nil } }
+        slots.withLock { s in (1..<Self.slotCount).first { s[$0].isEmpty } }
     }
 
-    /// The function in `slot`, if any.
-    public func function(slot: Int) -> (any PCIFunction)? {
-        guard slot >= 0 && slot < Self.slotCount else { return nil }
-        return slots.withLock { $0[slot] }
+    /// Function `number` (0 by default) of `slot` on bus 0, if any.
+    public func function(slot: Int, function number: Int = 0) -> (any PCIFunction)? {
+        guard slot >= 0 && slot < Self.slotCount, number >= 0 && number < Self.functionCount else { return nil }
+        return slots.withLock { $0[slot].functions[number] }
+    }
+
+    /// Whether function 0 of `slot` was plugged as a multi-function device.
+    public func isMultifunction(slot: Int) -> Bool {
+        guard slot >= 0 && slot < Self.slotCount else { return false }
+        return slots.withLock { $0[slot].multifunction }
+    }
+
+    /// Every function on bus 0 with its slot and function number, in bus order.
+    public func rootFunctions() -> [(slot: Int, function: Int, device: any PCIFunction)] {
+        slots.withLock { s in
+            var out: [(slot: Int, function: Int, device: any PCIFunction)] = []
+            for slot in 0..<Self.slotCount {
+                for fn in 0..<Self.functionCount { if let f = s[slot].functions[fn] { out.append((slot, fn, f)) } }
+            }
+            return out
+        }
     }
 
     /// Every function: those on bus 0 and the devices behind root ports.
     fileprivate func allFunctions() -> [any PCIFunction] {
-        let root = slots.withLock { $0.compactMap { $0 } }
+        let root = rootFunctions().map(\.device)
         return root + root.compactMap { ($0 as? any PCIBridge)?.child }
     }
 
-    /// The function at `bus`/`device` (function 0): bus 0 is the root bus; any other bus is the
-    /// secondary bus of a root port, which holds only device 0.
-    public func function(bus: Int, device: Int) -> (any PCIFunction)? {
-        if bus == 0 { return function(slot: device) }
-        guard device == 0 else { return nil }
-        let bridges = slots.withLock { $0.compactMap { $0 as? any PCIBridge } }
+    /// The function at `bus`/`device`/`function`: bus 0 is the root bus (eight functions per
+    /// slot); any other bus is the secondary bus of a root port, which holds only 00.0.
+    public func function(bus: Int, device: Int, function number: Int = 0) -> (any PCIFunction)? {
+        if bus == 0 { return function(slot: device, function: number) }
+        guard device == 0, number == 0 else { return nil }
+        let bridges = rootFunctions().compactMap { $0.device as? any PCIBridge }
         return bridges.first { $0.secondaryBus == bus }?.child
     }
 
@@ -125,22 +167,35 @@ public final class PCIeHost: Sendable {
 public enum PCIError: Error, Equatable, CustomStringConvertible {
     /// The slot number is outside the bus (1…31; 0 holds the host bridge).
     case badSlot(Int)
-    /// The slot already holds a device.
-    case slotInUse(Int)
+    /// The function number is outside 0…7.
+    case badFunction(Int)
+    /// The slot's function already holds a device.
+    case slotInUse(Int, function: Int)
+    /// A function above 0 in a slot whose function 0 is not multi-function (QEMU's wording).
+    case singleFunction(Int, function: Int)
+    /// A single-function function 0 in a slot whose other functions are populated (QEMU's wording).
+    case singleFunctionButPopulated(Int, function: Int)
     /// Every slot of the bus is taken.
     case busFull
 
     public var description: String {
+        func hex(_ v: Int) -> String { String(v, radix: 16) }
         switch self {
         case .badSlot(let s): return "PCI slot \(s) is outside 1...\(PCIeHost.slotCount - 1)"
-        case .slotInUse(let s): return "PCI slot \(s) is already in use"
+        case .badFunction(let f): return "PCI function \(f) is outside 0...\(PCIeHost.functionCount - 1)"
+        case .slotInUse(let s, let f): return "PCI: slot \(s) function \(f) is already in use"
+        case .singleFunction(let s, let f):
+            return "PCI: single function device can't be populated in function \(hex(s)).\(hex(f))"
+        case .singleFunctionButPopulated(let s, let f):
+            return "PCI: \(hex(s)).0 indicates single function, but \(hex(s)).\(hex(f)) is already populated."
         case .busFull: return "no free PCI slot on the root bus"
         }
     }
 }
 
 /// The ECAM configuration window: offset = bus << 20 | device << 15 | function << 12 | register;
-/// a bus other than 0 reaches the device behind the root port whose secondary bus it is.
+/// bus 0 has eight functions per slot; a bus other than 0 reaches the device behind the root
+/// port whose secondary bus it is.
 /// Absent functions and buses read all ones and ignore writes, as on hardware.
 public final class ECAMWindow: MMIODevice, @unchecked Sendable {  // unchecked: `host` is set once by PCIeHost.init before the window is mapped
     public let name = "pcie-ecam"
@@ -150,14 +205,21 @@ public final class ECAMWindow: MMIODevice, @unchecked Sendable {  // unchecked: 
 
     private func target(_ offset: UInt64, _ size: Int) -> (any PCIFunction, Int)? {
         guard size == 1 || size == 2 || size == 4 else { return nil }
-        let bus = Int(offset >> 20), device = Int((offset >> 15) & 31), fn = (offset >> 12) & 7, reg = Int(offset & 0xfff)
-        guard fn == 0, reg % size == 0, let f = host?.function(bus: bus, device: device) else { return nil }
+        let bus = Int(offset >> 20), device = Int((offset >> 15) & 31), fn = Int((offset >> 12) & 7), reg = Int(offset & 0xfff)
+        guard reg % size == 0, let f = host?.function(bus: bus, device: device, function: fn) else { return nil }
         return (f, reg)
     }
 
     public func read(offset: UInt64, size: Int) -> UInt64 {
         guard let (f, reg) = target(offset, size) else { return size >= 8 ? ~0 : (1 << (8 * UInt64(size))) - 1 }
-        return UInt64(f.configRead(offset: reg, size: size))
+        var value = UInt64(f.configRead(offset: reg, size: size))
+        // Function 0 of a multi-function slot of bus 0: the header type's bit 7 says so.
+        let header = PCIConfig.headerType
+        if (offset >> 12) & 0xff07 == 0, reg <= header, header < reg + size,
+           let host, host.isMultifunction(slot: Int((offset >> 15) & 31)) {
+            value |= 0x80 << (8 * UInt64(header - reg))
+        }
+        return value
     }
 
     public func write(offset: UInt64, size: Int, value: UInt64) {

@@ -135,7 +135,7 @@ public final class PCIeRootPort: PCIBridge, Sendable {
     /// Throws when occupied.
     public func plug(_ device: any PCIFunction, hotPlug: Bool) throws(PCIError) {
         try plugged.withLock { (p: inout (any PCIFunction)?) throws(PCIError) in
-            guard p == nil else { throw .slotInUse(0) }
+            guard p == nil else { throw .slotInUse(0, function: 0) }
             p = device
         }
         // A hot-plug also presses the attention button, as QEMU does: Linux pciehp ignores

@@ -4552,19 +4552,22 @@ public struct PCIBlockDeviceOptions: SchemaCodable, Equatable {
     public var drive: DriveDescription
     /// The bus to plug it into: the root bus 'pcie.0' (the default) or the id of a pcie-root-port listed earlier. Optional.
     public var bus: String?
-    /// Its slot on the bus, as QEMU writes it: 'SLOT' or 'SLOT.0' in hex (e.g. '0x3', '03.0'); the lowest free slot from 1 when absent. Optional.
+    /// Its slot and function on the bus, as QEMU writes it: 'SLOT' or 'SLOT.FUNCTION' in hex (e.g. '0x3', '03.0', '0x1.0x1'; a function above 0 on the root bus only, in a slot whose function 0 has 'multifunction'); function 0 of the lowest free slot from 1 when absent. Optional.
     public var addr: String?
+    /// QEMU's multifunction property: on function 0 of a root-bus slot, the slot has other functions (the header type's multi-function bit); default false. Optional.
+    public var multifunction: Bool?
 
     /// Creates a value from its members.
-    public init(id: String, drive: DriveDescription, bus: String? = nil, addr: String? = nil) {
+    public init(id: String, drive: DriveDescription, bus: String? = nil, addr: String? = nil, multifunction: Bool? = nil) {
         self.id = id
         self.drive = drive
         self.bus = bus
         self.addr = addr
+        self.multifunction = multifunction
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["id", "drive", "bus", "addr"]
+    public static let memberNames: Set<String> = ["id", "drive", "bus", "addr", "multifunction"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -4579,6 +4582,7 @@ public struct PCIBlockDeviceOptions: SchemaCodable, Equatable {
         self.drive = try r.required("drive", as: DriveDescription.self)
         self.bus = try r.optional("bus", as: String.self)
         self.addr = try r.optional("addr", as: String.self)
+        self.multifunction = try r.optional("multifunction", as: Bool.self)
     }
 
     /// The members as JSON, in schema order.
@@ -4588,6 +4592,7 @@ public struct PCIBlockDeviceOptions: SchemaCodable, Equatable {
         o["drive"] = self.drive.json
         if let v = self.bus { o["bus"] = v.json }
         if let v = self.addr { o["addr"] = v.json }
+        if let v = self.multifunction { o["multifunction"] = v.json }
         return o
     }
 
@@ -4601,18 +4606,21 @@ public struct PCIDeviceOptions: SchemaCodable, Equatable {
     public var id: String?
     /// The bus to plug it into: the root bus 'pcie.0' (the default) or the id of a pcie-root-port listed earlier. Optional.
     public var bus: String?
-    /// Its slot on the bus, as QEMU writes it: 'SLOT' or 'SLOT.0' in hex (e.g. '0x3', '03.0'); the lowest free slot from 1 when absent. Optional.
+    /// Its slot and function on the bus, as QEMU writes it: 'SLOT' or 'SLOT.FUNCTION' in hex (e.g. '0x3', '03.0', '0x1.0x1'; a function above 0 on the root bus only, in a slot whose function 0 has 'multifunction'); function 0 of the lowest free slot from 1 when absent. Optional.
     public var addr: String?
+    /// QEMU's multifunction property: on function 0 of a root-bus slot, the slot has other functions (the header type's multi-function bit); default false. Optional.
+    public var multifunction: Bool?
 
     /// Creates a value from its members.
-    public init(id: String? = nil, bus: String? = nil, addr: String? = nil) {
+    public init(id: String? = nil, bus: String? = nil, addr: String? = nil, multifunction: Bool? = nil) {
         self.id = id
         self.bus = bus
         self.addr = addr
+        self.multifunction = multifunction
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["id", "bus", "addr"]
+    public static let memberNames: Set<String> = ["id", "bus", "addr", "multifunction"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -4626,6 +4634,7 @@ public struct PCIDeviceOptions: SchemaCodable, Equatable {
         self.id = try r.optional("id", as: String.self)
         self.bus = try r.optional("bus", as: String.self)
         self.addr = try r.optional("addr", as: String.self)
+        self.multifunction = try r.optional("multifunction", as: Bool.self)
     }
 
     /// The members as JSON, in schema order.
@@ -4634,6 +4643,7 @@ public struct PCIDeviceOptions: SchemaCodable, Equatable {
         if let v = self.id { o["id"] = v.json }
         if let v = self.bus { o["bus"] = v.json }
         if let v = self.addr { o["addr"] = v.json }
+        if let v = self.multifunction { o["multifunction"] = v.json }
         return o
     }
 
@@ -4697,20 +4707,23 @@ public struct PCINetDeviceOptions: SchemaCodable, Equatable {
     public var mac: String?
     /// The bus to plug it into: the root bus 'pcie.0' (the default) or the id of a pcie-root-port listed earlier. Optional.
     public var bus: String?
-    /// Its slot on the bus, as QEMU writes it: 'SLOT' or 'SLOT.0' in hex (e.g. '0x3', '03.0'); the lowest free slot from 1 when absent. Optional.
+    /// Its slot and function on the bus, as QEMU writes it: 'SLOT' or 'SLOT.FUNCTION' in hex (e.g. '0x3', '03.0', '0x1.0x1'; a function above 0 on the root bus only, in a slot whose function 0 has 'multifunction'); function 0 of the lowest free slot from 1 when absent. Optional.
     public var addr: String?
+    /// QEMU's multifunction property: on function 0 of a root-bus slot, the slot has other functions (the header type's multi-function bit); default false. Optional.
+    public var multifunction: Bool?
 
     /// Creates a value from its members.
-    public init(id: String? = nil, netdev: String? = nil, mac: String? = nil, bus: String? = nil, addr: String? = nil) {
+    public init(id: String? = nil, netdev: String? = nil, mac: String? = nil, bus: String? = nil, addr: String? = nil, multifunction: Bool? = nil) {
         self.id = id
         self.netdev = netdev
         self.mac = mac
         self.bus = bus
         self.addr = addr
+        self.multifunction = multifunction
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["id", "netdev", "mac", "bus", "addr"]
+    public static let memberNames: Set<String> = ["id", "netdev", "mac", "bus", "addr", "multifunction"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -4726,6 +4739,7 @@ public struct PCINetDeviceOptions: SchemaCodable, Equatable {
         self.mac = try r.optional("mac", as: String.self)
         self.bus = try r.optional("bus", as: String.self)
         self.addr = try r.optional("addr", as: String.self)
+        self.multifunction = try r.optional("multifunction", as: Bool.self)
     }
 
     /// The members as JSON, in schema order.
@@ -4736,6 +4750,7 @@ public struct PCINetDeviceOptions: SchemaCodable, Equatable {
         if let v = self.mac { o["mac"] = v.json }
         if let v = self.bus { o["bus"] = v.json }
         if let v = self.addr { o["addr"] = v.json }
+        if let v = self.multifunction { o["multifunction"] = v.json }
         return o
     }
 
@@ -4749,24 +4764,27 @@ public struct PCIeRootPortOptions: SchemaCodable, Equatable {
     public var id: String
     /// The bus to plug it into; only the root bus 'pcie.0' takes root ports. Optional.
     public var bus: String?
-    /// Its slot on the root bus, as QEMU writes it ('0x3', '03.0'); the lowest free slot from 1 when absent. Optional.
+    /// Its slot and function on the root bus, as QEMU writes it ('0x3', '03.0', '0x1.0x1' as libvirt packs its ports; a function above 0 in a slot whose function 0 has 'multifunction'); function 0 of the lowest free slot from 1 when absent. Optional.
     public var addr: String?
+    /// QEMU's multifunction property: on function 0 of a slot, the slot has other functions (the header type's multi-function bit); default false. Optional.
+    public var multifunction: Bool?
     /// The chassis number (QEMU's property; recorded, one chassis only). Optional.
     public var chassis: Int64?
     /// The physical slot number the guest shows (/sys/bus/pci/slots/N); by default 1 more than the number of root ports before it. Optional.
     public var slot: Int64?
 
     /// Creates a value from its members.
-    public init(id: String, bus: String? = nil, addr: String? = nil, chassis: Int64? = nil, slot: Int64? = nil) {
+    public init(id: String, bus: String? = nil, addr: String? = nil, multifunction: Bool? = nil, chassis: Int64? = nil, slot: Int64? = nil) {
         self.id = id
         self.bus = bus
         self.addr = addr
+        self.multifunction = multifunction
         self.chassis = chassis
         self.slot = slot
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["id", "bus", "addr", "chassis", "slot"]
+    public static let memberNames: Set<String> = ["id", "bus", "addr", "multifunction", "chassis", "slot"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -4780,6 +4798,7 @@ public struct PCIeRootPortOptions: SchemaCodable, Equatable {
         self.id = try r.required("id", as: String.self)
         self.bus = try r.optional("bus", as: String.self)
         self.addr = try r.optional("addr", as: String.self)
+        self.multifunction = try r.optional("multifunction", as: Bool.self)
         self.chassis = try r.optional("chassis", as: Int64.self)
         self.slot = try r.optional("slot", as: Int64.self)
     }
@@ -4790,6 +4809,7 @@ public struct PCIeRootPortOptions: SchemaCodable, Equatable {
         o["id"] = self.id.json
         if let v = self.bus { o["bus"] = v.json }
         if let v = self.addr { o["addr"] = v.json }
+        if let v = self.multifunction { o["multifunction"] = v.json }
         if let v = self.chassis { o["chassis"] = v.json }
         if let v = self.slot { o["slot"] = v.json }
         return o
