@@ -118,6 +118,21 @@ import Testing
         #expect(devs[3] == ["driver": "virtio-blk-pci", "id": "virtio1", "drive": ["file": "/i/c.img", "format": "raw", "read-only": false]])
     }
 
+    @Test func libvirtsPackedRootPortsKeepTheirFunctionsAndMultifunction() throws {
+        // libvirt 9's automatic root ports on riscv virt: functions of slot 1.
+        let d = try parse(["-M", "virt",
+                           "-device", "pcie-root-port,port=8,chassis=1,id=pci.1,bus=pcie.0,multifunction=on,addr=0x1",
+                           "-device", "pcie-root-port,port=9,chassis=2,id=pci.2,bus=pcie.0,addr=0x1.0x1",
+                           "-device", "virtio-rng-pci,id=rng0,bus=pcie.0,addr=0x2,multifunction=off"]).description
+        let devs = d.devices?.map(\.json) ?? []
+        #expect(devs.count == 3)
+        #expect(devs[0] == ["driver": "pcie-root-port", "id": "pci.1", "bus": "pcie.0", "addr": "0x1", "multifunction": true, "chassis": 1])
+        #expect(devs[1] == ["driver": "pcie-root-port", "id": "pci.2", "bus": "pcie.0", "addr": "0x1.0x1", "chassis": 2])
+        #expect(devs[2] == ["driver": "virtio-rng-pci", "id": "rng0", "bus": "pcie.0", "addr": "0x2", "multifunction": false])
+        #expect(refusal(["-M", "virt", "-device", "pcie-root-port,id=p,multifunction=maybe"])?.contains("multifunction") == true)
+        #expect(refusal(["-M", "virt", "-device", "virtio-rng-device,multifunction=on"])?.contains("multifunction") == true)
+    }
+
     @Test func unsupportedThingsAreRefusedByName() {
         #expect(refusal(["-M", "virt", "-nic", "user"])?.contains("needs model=virtio-net-pci") == true)
         #expect(refusal(["-M", "virt", "-net", "nic"])?.hasPrefix("-net: not supported") == true)
