@@ -24,7 +24,8 @@ PROMPT = "guest:/# "
 class Guest:
     """One machine (ours or QEMU) with root ports rp0 and rp1, booted to its shell."""
 
-    def __init__(self, workdir, server=None, qemu=None, ports=2, memory="256M", boot_timeout=240):
+    def __init__(self, workdir, server=None, qemu=None, ports=2, memory="256M", boot_timeout=240, devices=None):
+        """`devices` replaces the root ports rp0… of our description (machine-server only)."""
         self.workdir = Path(workdir)
         self.sock = str(self.workdir / "qmp.sock")
         self.counter = 0
@@ -37,7 +38,8 @@ class Guest:
                 "kernel": str(KERNEL), "initrd": str(INITRD), "append": "console=ttyS0",
                 "serial": {"backend": "ringbuf", "size": 1 << 20},
                 "qmp": [{"backend": "unix", "path": self.sock}],
-                "devices": [{"driver": "pcie-root-port", "id": f"rp{i}", "chassis": i + 1, "slot": i + 1} for i in range(ports)],
+                "devices": devices if devices is not None else
+                           [{"driver": "pcie-root-port", "id": f"rp{i}", "chassis": i + 1, "slot": i + 1} for i in range(ports)],
             }
             cfg = self.workdir / "machine.json"
             cfg.write_text(json.dumps(desc))
