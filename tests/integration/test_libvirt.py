@@ -144,7 +144,6 @@ def domain_xml(s, name="ms-test", run="echo,libvirt-argv-ok", serial="serial.log
       <driver name='qemu' type='qcow2'/>
       <source file='{g / (name + ".qcow2")}'/>
       <target dev='vda' bus='virtio'/>
-      <address type='virtio-mmio'/>
     </disk>
     {f"<serial type='file'><source path='{g / serial}'/></serial>" if serial else ""}
     <input type='keyboard' bus='virtio'/>
@@ -184,8 +183,15 @@ def test_libvirts_command_line_boots_the_guest(session):
     d = json.loads(described.stdout)
     assert d["memory"] == "256M" and d["cpus"] == 1 and d["start"] == "paused"
     assert d["uuid"] == "6b0d5e8c-8f0a-4c5e-9d2e-3f1a2b3c4d5e" and d["name"] == "ms-test"
-    assert d["devices"][0]["driver"] == "virtio-blk-device" and d["devices"][0]["id"] == "virtio-disk0"
-    assert d["devices"][0]["drive"]["format"] == "qcow2"
+    # libvirt 9 puts virtio on PCI: its own root ports, packed as functions of slot 1, and
+    # each virtio device behind one of them (no virtio-mmio address needed).
+    devs = {x.get("id"): x for x in d["devices"]}
+    disk = devs["virtio-disk0"]
+    assert disk["driver"] == "virtio-blk-pci" and disk["drive"]["format"] == "qcow2"
+    ports = [x for x in d["devices"] if x["driver"] == "pcie-root-port"]
+    assert ports[0]["addr"] == "0x1" and ports[0]["multifunction"] is True
+    assert [p["addr"] for p in ports[1:]] == [f"0x1.0x{i}" for i in range(1, len(ports))]
+    assert disk["bus"] in {p["id"] for p in ports}
     assert d["actions"]["shutdown"] == "pause"  # libvirt's -no-shutdown
     monitor = d["qmp"][0]["path"]
 
@@ -339,7 +345,9 @@ class Console:
 
 
 def hotplug_domain_xml(s, name="ms-hp"):
-    """A domain with a PCIe root port for hot-plug and its serial console on a pty."""
+    """A domain with its serial console on a pty and two PCIe root ports: libvirt puts vda
+    (virtio on PCI, no address given) behind one and leaves the other free for hot-plug; it
+    packs them as functions of slot 1."""
     g = s["guest"]
     return f"""<domain type='qemu'>
   <name>{name}</name>
@@ -356,11 +364,11 @@ def hotplug_domain_xml(s, name="ms-hp"):
     <emulator>{s["emulator"]}</emulator>
     <controller type='pci' model='pcie-root'/>
     <controller type='pci' model='pcie-root-port'/>
+    <controller type='pci' model='pcie-root-port'/>
     <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2'/>
       <source file='{g / (name + ".qcow2")}'/>
       <target dev='vda' bus='virtio'/>
-      <address type='virtio-mmio'/>
     </disk>
     <serial type='pty'/>
     <memballoon model='none'/>
@@ -415,9 +423,15 @@ def test_virsh_console_hotplug_snapshots_save_restore(session):
         assert int(stats["wr_bytes"]) >= 16384 and int(stats["wr_req"]) >= 1, stats
         assert int(dict(line.split()[1:3] for line in virsh("domblkstat", "ms-hp", "vda").stdout.splitlines() if line.strip())["rd_req"]) > 0
         assert re.search(r"virtio-disk1: rd_bytes=\d+ wr_bytes=(\d+)", virsh("qemu-monitor-command", "ms-hp", "--hmp", "info blockstats").stdout)
-        # HMP info qtree: the root port on pcie.0 and the disk on the bus behind it.
+        # The disk went onto a free one of libvirt's root ports, functions of slot 1 (query-pci).
+        pci = json.loads(virsh("qemu-monitor-command", "ms-hp", '{"execute":"query-pci"}').stdout)["return"][0]["devices"]
+        [port] = [d for d in pci if [c["qdev_id"] for c in d.get("pci_bridge", {}).get("devices", [])] == ["virtio-disk1"]]
+        assert port["bus"] == 0 and port["slot"] == 1, port
+        # HMP info qtree: the root port on pcie.0 at its slot.function and the disk on the bus behind it.
         qtree = virsh("qemu-monitor-command", "ms-hp", "--hmp", "info qtree").stdout
-        assert re.search(r'dev: pcie-root-port, id "pci\.1"\s+addr = 01\.0.*?bus: pci\.1.*?dev: virtio-blk-pci, id "virtio-disk1"', qtree, re.S), qtree
+        pid = re.escape(port["qdev_id"])
+        assert re.search(rf'dev: pcie-root-port, id "{pid}"\s+addr = 01\.{port["function"]}.*?bus: {pid}\b.*?'
+                         r'dev: virtio-blk-pci, id "virtio-disk1"', qtree, re.S), qtree
         assert re.search(r"dev: uart0?.*\n\s+mmio 0000000010000000/", qtree) or "mmio 0000000010000000/" in qtree, qtree
         # Unplug: device_del, the guest lets go, DEVICE_DELETED, blockdev-del.
         virsh("detach-device", "ms-hp", str(root / "vdb.xml"))
