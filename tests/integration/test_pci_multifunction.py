@@ -105,3 +105,42 @@ def test_qemus_multifunction_rules_refuse_the_description(tmp_path):
     cfg.write_text(json.dumps(dict(base, devices=[dict(PORTS[1], addr="0x1.0x8")])))
     r = subprocess.run([SERVER, "--config", str(cfg)], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "devices[0].addr" in r.stderr, r.stderr
+
+
+def test_disk_behind_function_2_keeps_working_across_a_saved_state(tmp_path):
+    """A boot-time disk behind the port at 01.2, written in rounds; a migrate file: save in the
+    middle and a new server going on from it: the ports' bus numbers and the disk come back."""
+    from test_snapshot import Server  # the QMP-driven server helper
+
+    disk = tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), "32M"], check=True)
+    devices = PORTS + [{"driver": "virtio-blk-pci", "id": "d1", "bus": "pci.3",
+                        "drive": {"file": str(disk), "format": "raw"}}]
+    loop = ("for,n,in,1,2,3,4,5,6,7,8;do,yes,mf-$n|head,-c,1048576,>/tmp/p;"
+            "dd,if=/tmp/p,of=/dev/vda,bs=64k,seek=$((n*16)),conv=fsync,2>/dev/null;echo,wrote,$n;done;"
+            "ls,/sys/bus/pci/devices")
+    servers = []
+    try:
+        src = Server(tmp_path, "src", f"console=ttyS0 guest.run={loop}", devices=devices)
+        servers.append(src)
+        src.connect()
+        src.expect(r"wrote 2\b", 240)
+        info = src.migrate(f"file:{tmp_path / 'state'}", timeout=120)
+        assert info["status"] == "completed", info
+        src.cmd("quit")
+        src.proc.wait(30)
+        dst = Server(tmp_path, "dst", f"console=ttyS0 guest.run={loop}", devices=devices,
+                     extra=["--incoming", f"file:{tmp_path / 'state'}"])
+        servers.append(dst)
+        dst.connect()
+        dst.expect(r"guest: run done, status 0", 240)
+        text = dst.text()
+        assert "boot ok" not in text and "wrote 8" in text, text[-2000:]
+        assert "0000:00:01.2" in text and "I/O error" not in text, text[-2000:]
+    finally:
+        for s in servers:
+            s.close()
+    data = disk.read_bytes()
+    for n in range(1, 9):
+        line = f"mf-{n}\n".encode()
+        assert data[n << 20:(n + 1) << 20] == (line * ((1 << 20) // len(line) + 1))[:1 << 20], f"round {n}"
