@@ -144,6 +144,24 @@ struct PlannedDevice: Equatable {
         return (slot, function)
     }
 
+    /// QEMU's rules for the functions of a root-bus slot, checked in description order as QEMU
+    /// realizes devices: a function above 0 after a single-function function 0 is refused, and
+    /// a single-function function 0 after functions above 0 of its slot.
+    private static func checkMultifunction(_ planned: [PlannedDevice]) throws {
+        var slots: [Int: [(index: Int, function: Int)]] = [:]
+        for (i, p) in planned.enumerated() {
+            if case .pci(let slot, let function) = p.transport { slots[slot, default: []].append((i, function)) }
+        }
+        for (slot, members) in slots {
+            guard let zero = members.first(where: { $0.function == 0 }), !planned[zero.index].multifunction,
+                  let other = members.filter({ $0.function != 0 }).min(by: { $0.index < $1.index }) else { continue }
+            if other.index > zero.index {
+                throw LaunchError("\(planned[other.index].origin).addr: \(PCIError.singleFunction(slot, function: other.function))")
+            }
+            throw LaunchError("\(planned[zero.index].origin).addr: \(PCIError.singleFunctionButPopulated(slot, function: other.function))")
+        }
+    }
+
     /// Checks a block device's drive and returns its kind; `files` remembers which device owns
     /// each image.
     private static func block(_ drive: DriveDescription, field: String, index: Int, files: inout [String: Int],
@@ -324,6 +342,7 @@ struct PlannedDevice: Equatable {
             planned[index].transport = .pci(slot: address.slot, function: address.function)
             planned[index].multifunction = multifunctions.contains(index)
         }
+        try checkMultifunction(planned)
         for (index, port) in portRequests { planned[index].transport = .pciPort(port) }
         let mmioCount = planned.filter { $0.transport == .mmio }.count
         if mmioCount > slotCount {

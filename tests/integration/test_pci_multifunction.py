@@ -100,7 +100,11 @@ def test_qemus_multifunction_rules_refuse_the_description(tmp_path):
     cfg = tmp_path / "m.json"
     cfg.write_text(json.dumps(dict(base, devices=single)))
     r = subprocess.run([SERVER, "--config", str(cfg)], capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "PCI: single function device can't be populated in function 1.1" in r.stderr, r.stderr
+    assert r.returncode != 0 and "devices[1].addr: PCI: single function device can't be populated in function 1.1" in r.stderr, r.stderr
+    # The other order: functions above 0 first, then a single-function function 0.
+    cfg.write_text(json.dumps(dict(base, devices=[PORTS[1], dict(PORTS[0], multifunction=False)])))
+    r = subprocess.run([SERVER, "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "devices[1].addr: PCI: 1.0 indicates single function, but 1.1 is already populated." in r.stderr, r.stderr
     # A function number outside 0...7.
     cfg.write_text(json.dumps(dict(base, devices=[dict(PORTS[1], addr="0x1.0x8")])))
     r = subprocess.run([SERVER, "--config", str(cfg)], capture_output=True, text=True, timeout=60)
