@@ -487,19 +487,19 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
             if keptIDs.contains(id) || plans.contains(where: { $0.request.id == id }) { throw refuse("devices: \(HotPlugError.duplicateID(id))") }
             let driver: HotPlugDriver, bus: String?, addr: String?
             var file: String?, format = "raw", readOnly = false
-            var netdev: String?, mac: MACAddress?
+            var netdev: String?, mac: MACAddress?, multifunction: Bool?
             switch d.variant {
             case .virtioBlkPci(let o):
                 driver = .virtioBlkPci
-                (bus, addr) = (o.bus, o.addr)
+                (bus, addr, multifunction) = (o.bus, o.addr, o.multifunction)
                 file = o.drive.file.hasPrefix("/") ? o.drive.file : (baseDirectory as NSString).appendingPathComponent(o.drive.file)
                 format = o.drive.format.rawValue
                 readOnly = o.drive.readOnly
-            case .virtioRngPci(let o): (driver, bus, addr) = (.virtioRngPci, o.bus, o.addr)
-            case .virtioKeyboardPci(let o): (driver, bus, addr) = (.virtioKeyboardPci, o.bus, o.addr)
-            case .virtioTabletPci(let o): (driver, bus, addr) = (.virtioTabletPci, o.bus, o.addr)
+            case .virtioRngPci(let o): (driver, bus, addr, multifunction) = (.virtioRngPci, o.bus, o.addr, o.multifunction)
+            case .virtioKeyboardPci(let o): (driver, bus, addr, multifunction) = (.virtioKeyboardPci, o.bus, o.addr, o.multifunction)
+            case .virtioTabletPci(let o): (driver, bus, addr, multifunction) = (.virtioTabletPci, o.bus, o.addr, o.multifunction)
             case .virtioNetPci(let o):
-                (driver, bus, addr) = (.virtioNetPci, o.bus, o.addr)
+                (driver, bus, addr, multifunction) = (.virtioNetPci, o.bus, o.addr, o.multifunction)
                 if let text = o.mac {
                     guard let m = MACAddress(text), !m.isMulticast else {
                         throw refuse("devices: \(name): mac '\(text)' is not a unicast MAC address (six hex bytes separated by ':', e.g. 52:54:00:12:34:56)")
@@ -522,6 +522,9 @@ final class MachineHotPlug: HotPlugRegistry, @unchecked Sendable {  // unchecked
             guard let (_, port) = board.rootPorts[bus] else { throw refuse("devices: \(name): \(HotPlugError.busNotFound(bus))") }
             if let addr, !["0", "00", "0.0", "00.0", "0x0"].contains(addr.lowercased()) {
                 throw refuse("devices: \(name): addr '\(addr)': a pcie-root-port has one slot, 0")
+            }
+            if multifunction == true {
+                throw refuse("devices: \(name): multifunction: a pcie-root-port's slot has one function")
             }
             if removals.contains(where: { Self.bus($0) == bus }) {
                 throw refuse("devices: \(name): bus '\(bus)' is freed by this change only once the guest lets go of its device; add to it after DEVICE_DELETED")

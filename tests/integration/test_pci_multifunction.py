@@ -61,6 +61,14 @@ def test_three_root_ports_in_one_slot_and_a_disk_hot_plugged_behind_function_2(g
     secondaries = [ports[p]["pci_bridge"]["bus"]["secondary"] for p in ("pci.1", "pci.2", "pci.3")]
     assert len(set(secondaries)) == 3 and 0 not in secondaries, secondaries
     sec = secondaries[2]
+    # The description keeps the layout and round-trips; a hot device asking for multifunction
+    # behind a port is refused by name.
+    now = guest.ok("query-description")
+    assert now["devices"][:3] == PORTS, now["devices"]
+    guest.ok("apply-description", description=now)
+    bad = {"driver": "virtio-rng-pci", "id": "rng9", "bus": "pci.2", "multifunction": True}
+    err = guest.error("apply-description", description=dict(now, devices=now["devices"] + [bad]))
+    assert "multifunction" in err["desc"] and "nothing was changed" in err["desc"], err
 
     img = tmp_path / "hot.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "32M"], check=True)
