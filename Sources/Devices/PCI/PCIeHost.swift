@@ -52,6 +52,9 @@ public final class PCIeHost: Sendable {
         var isEmpty: Bool { functions.allSatisfy { $0 == nil } }
     }
     private let slots: Mutex<[PCISlot]>
+    /// Every function of bus 0 in bus order, rebuilt on plug and unplug so that BAR decoding
+    /// (each access to a BAR window) walks only what is there.
+    private let present = Mutex<[(slot: Int, function: Int, device: any PCIFunction)]>([])
     let logger: Logger
 
     /// Creates a host whose INTx wires drive `intxWires` (INTA…INTD), laid out as `layout`.
@@ -67,6 +70,7 @@ public final class PCIeHost: Sendable {
         slots = Mutex(table)
         ecam = ECAMWindow()
         ecam.host = self
+        present.withLock { $0 = [(0, 0, rootFunction)] }
     }
 
     /// A window to map at a memory range of the bus whose PCI addresses equal its CPU addresses
@@ -94,7 +98,17 @@ public final class PCIeHost: Sendable {
             }
             s[slot].functions[number] = function
             if number == 0 { s[slot].multifunction = multifunction }
+            refreshPresent(s)
         }
+    }
+
+    /// Rebuilds `present` from the table (under the table's lock).
+    private func refreshPresent(_ s: [PCISlot]) {
+        var out: [(slot: Int, function: Int, device: any PCIFunction)] = []
+        for slot in 0..<Self.slotCount {
+            for fn in 0..<Self.functionCount { if let f = s[slot].functions[fn] { out.append((slot, fn, f)) } }
+        }
+        present.withLock { $0 = out }
     }
 
     /// Removes function `number` of `slot` (hot-unplug, or undoing a failed plug). Control thread.
@@ -103,6 +117,7 @@ public final class PCIeHost: Sendable {
         slots.withLock {
             $0[slot].functions[number] = nil
             if number == 0 { $0[slot].multifunction = false }
+            refreshPresent($0)
         }
     }
 
@@ -125,13 +140,7 @@ public final class PCIeHost: Sendable {
 
     /// Every function on bus 0 with its slot and function number, in bus order.
     public func rootFunctions() -> [(slot: Int, function: Int, device: any PCIFunction)] {
-        slots.withLock { s in
-            var out: [(slot: Int, function: Int, device: any PCIFunction)] = []
-            for slot in 0..<Self.slotCount {
-                for fn in 0..<Self.functionCount { if let f = s[slot].functions[fn] { out.append((slot, fn, f)) } }
-            }
-            return out
-        }
+        present.withLock { $0 }
     }
 
     /// Every function: those on bus 0 and the devices behind root ports.
