@@ -229,7 +229,9 @@ public final class VirtBoard: @unchecked Sendable {  // unchecked: its vars chan
             let s = context.slot ?? 0
             let pin = Self.rootPortPin(slot: s, avoiding: childWires.union([PCIIntxRouter.wire(slot: s, pin: 1)]))
             return PCIeRootPort(name: "pcie-root-port \(id) \(context.address)", stateSection: "pcie-root-port@\(context.address)",
-                                intx: router.line(slot: s, pin: pin), port: s, physicalSlot: physicalSlot,
+                                // The Link Capabilities port number: unique among the functions of the slot.
+                                intx: router.line(slot: s, pin: pin), port: s | context.function << 5,
+                                physicalSlot: physicalSlot,
                                 interruptPin: UInt8(pin))
         }, slot: slot, function: function, multifunction: multifunction)
         guard let port = pciFunctions[address] as? PCIeRootPort else { preconditionFailure("\(address) holds the port just built") }

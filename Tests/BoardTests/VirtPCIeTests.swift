@@ -82,6 +82,42 @@ struct VirtPCIeTests {
         #expect(board.bus.read(ecam + (2 << 20), size: 4) == 0x5678_1234)
     }
 
+    @Test func rootPortsAsFunctionsOfOneSlotEachHaveABusASectionAndAPortNumber() throws {
+        var c = config(pcie: true)
+        c.pciDevices = [.rootPort(id: "pci.1", slot: 1, function: 0, multifunction: true, physicalSlot: 1),
+                        .rootPort(id: "pci.2", slot: 1, function: 1, physicalSlot: 2),
+                        .rootPort(id: "pci.3", slot: 1, function: 2, physicalSlot: 3),
+                        PCIPlacement(port: "pci.3") { PinFunction($0) }]
+        let board = try VirtBoard(config: c, system: NullSystem())
+        let ecam = VirtMemoryMap.pcieECAM.base
+        func fn(_ f: UInt64) -> GuestPhysicalAddress { ecam + (1 << 15) + (f << 12) }
+        for f: UInt64 in 0...2 { #expect(board.bus.read(fn(f), size: 4) == 0x000c_1b36) }
+        #expect(board.bus.read(fn(3), size: 4) == 0xffff_ffff)
+        #expect(board.bus.read(fn(0) + 0x0e, size: 1) == 0x81)                         // bridge, multi-function
+        #expect(board.bus.read(fn(1) + 0x0e, size: 1) == 0x01)
+        #expect(board.rootPorts["pci.3"]?.address == PCIRootAddress(slot: 1, function: 2))
+        for section in ["pcie-root-port@00:01.0", "pcie-root-port@00:01.1", "pcie-root-port@00:01.2"] {
+            #expect(board.deviceManager.device(section: section) != nil, "\(section)")
+        }
+        // Link Capabilities port numbers (bits 31:24 at the PCIe capability + 0x0c) differ.
+        func portNumber(_ f: UInt64) -> UInt64 {
+            var at = board.bus.read(fn(f) + 0x34, size: 1)
+            while at != 0 && board.bus.read(fn(f) + at, size: 1) != 0x10 { at = board.bus.read(fn(f) + at + 1, size: 1) }
+            return board.bus.read(fn(f) + at + 0x0c, size: 4) >> 24
+        }
+        #expect(Set([portNumber(0), portNumber(1), portNumber(2)]).count == 3)
+        // The guest numbers the secondary bus of 01.2; the device behind it answers there.
+        board.bus.write(fn(2) + 0x18, size: 4, value: 0x0003_0300)
+        #expect(board.bus.read(ecam + (3 << 20), size: 4) == 0x5678_1234)
+        // A function above 0 in a single-function slot is refused in QEMU's words.
+        try board.attachPCI({ PinFunction($0) }, slot: 5)
+        #expect(throws: BoardError.invalidConfig("PCI: single function device can't be populated in function 5.3")) {
+            try board.attachPCI({ PinFunction($0) }, slot: 5, function: 3)
+        }
+        board.detachPCI(PCIRootAddress(slot: 1, function: 2))
+        #expect(board.bus.read(fn(2), size: 4) == 0xffff_ffff && board.rootPorts["pci.3"] == nil)
+    }
+
     @Test func hostIsAManagedDeviceWithItsOwnSection() throws {
         let board = try VirtBoard(config: config(pcie: true), system: NullSystem())
         #expect(board.deviceManager.device(section: "pcie-host@30000000") != nil)
