@@ -39,14 +39,14 @@ extension QMPCommandExecutor {
                                       duplicate: Int64(p.zeroPages), normal: Int64(p.normalPages),
                                       normalBytes: Int64(p.normalPages * pageSize), mbps: p.mbps,
                                       dirtyPagesRate: Int64(p.dirtyPagesRate), dirtySyncCount: Int64(p.dirtySyncCount),
-                                      pagesPerSecond: Int64(p.pagesPerSecond))
+                                      pagesPerSecond: Int64(p.pagesPerSecond), postcopyRequests: Int64(p.postcopyRequests))
         }
         switch p.status {
-        case .active, .cancelling:
+        case .active, .cancelling, .postcopyActive:
             info.totalTime = Int64(p.startedAt == 0 ? p.totalTime : (DispatchTime.now().uptimeNanoseconds &- p.startedAt) / 1_000_000)
             info.setupTime = Int64(p.setupTime)
             info.expectedDowntime = Int64(p.expectedDowntime)
-        case .completed, .failed, .cancelled:
+        case .completed, .failed, .cancelled, .postcopyPaused:
             info.totalTime = Int64(p.totalTime)
             info.setupTime = Int64(p.setupTime)
         default:
@@ -75,6 +75,17 @@ extension QMPCommandExecutor {
     /// Cancels the outgoing migration in progress.
     public func migrateCancel() throws {
         try migration.cancelMigration()
+    }
+
+    /// Switches the outgoing migration to post-copy.
+    public func migrateStartPostcopy() throws {
+        do {
+            try migration.startPostcopy()
+        } catch let e as QMPError {
+            throw e
+        } catch {
+            throw QMPError(.genericError, "\(error)")
+        }
     }
 
     /// Changes the migration parameters given; each is checked against its range first, so a
@@ -111,6 +122,7 @@ extension QMPCommandExecutor {
             switch entry.capability {
             case .events: c.events = entry.state
             case .autoConverge: c.autoConverge = entry.state
+            case .postcopyRam: c.postcopyRam = entry.state
             }
         }
         do {
@@ -124,6 +136,7 @@ extension QMPCommandExecutor {
         // A machine that cannot migrate (machine none, which libvirt probes) has them all off.
         let c = (controlForMigration as? any MachineMigration)?.migrationCapabilities() ?? MigrationCapabilities()
         return [MigrationCapabilityStatus(capability: .events, state: c.events),
-                MigrationCapabilityStatus(capability: .autoConverge, state: c.autoConverge)]
+                MigrationCapabilityStatus(capability: .autoConverge, state: c.autoConverge),
+                MigrationCapabilityStatus(capability: .postcopyRam, state: c.postcopyRam)]
     }
 }

@@ -4941,7 +4941,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
 
 // MARK: - migration
 
-/// Where a migration stands, with QEMU's names. machine-server uses none, setup, active, cancelling, cancelled, completed and failed (no post-copy, COLO or pre-switchover pause).
+/// Where a migration stands, with QEMU's names. machine-server uses none, setup, active, postcopy-active (the guest runs on the destination, which pulls the pages it lacks), postcopy-paused (post-copy broke off: the guest can continue nowhere; the source keeps its paused copy; there is no recovery), cancelling, cancelled, completed and failed (no post-copy recovery, COLO or pre-switchover pause).
 public enum MigrationStatus: String, SchemaCodable, CaseIterable, Equatable {
     /// The value "none".
     case none = "none"
@@ -5009,9 +5009,11 @@ public struct MigrationStats: SchemaCodable, Equatable {
     public var dirtySyncCount: Int64
     /// Pages sent per second during the last pass.
     public var pagesPerSecond: Int64
+    /// Post-copy: pages the destination asked for because the guest touched them before they arrived (0 without post-copy).
+    public var postcopyRequests: Int64
 
     /// Creates a value from its members.
-    public init(transferred: Int64, remaining: Int64, total: Int64, duplicate: Int64, normal: Int64, normalBytes: Int64, mbps: Double, dirtyPagesRate: Int64, dirtySyncCount: Int64, pagesPerSecond: Int64) {
+    public init(transferred: Int64, remaining: Int64, total: Int64, duplicate: Int64, normal: Int64, normalBytes: Int64, mbps: Double, dirtyPagesRate: Int64, dirtySyncCount: Int64, pagesPerSecond: Int64, postcopyRequests: Int64) {
         self.transferred = transferred
         self.remaining = remaining
         self.total = total
@@ -5022,10 +5024,11 @@ public struct MigrationStats: SchemaCodable, Equatable {
         self.dirtyPagesRate = dirtyPagesRate
         self.dirtySyncCount = dirtySyncCount
         self.pagesPerSecond = pagesPerSecond
+        self.postcopyRequests = postcopyRequests
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["transferred", "remaining", "total", "duplicate", "normal", "normal-bytes", "mbps", "dirty-pages-rate", "dirty-sync-count", "pages-per-second"]
+    public static let memberNames: Set<String> = ["transferred", "remaining", "total", "duplicate", "normal", "normal-bytes", "mbps", "dirty-pages-rate", "dirty-sync-count", "pages-per-second", "postcopy-requests"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -5046,6 +5049,7 @@ public struct MigrationStats: SchemaCodable, Equatable {
         self.dirtyPagesRate = try r.required("dirty-pages-rate", as: Int64.self)
         self.dirtySyncCount = try r.required("dirty-sync-count", as: Int64.self)
         self.pagesPerSecond = try r.required("pages-per-second", as: Int64.self)
+        self.postcopyRequests = try r.required("postcopy-requests", as: Int64.self)
     }
 
     /// The members as JSON, in schema order.
@@ -5061,6 +5065,7 @@ public struct MigrationStats: SchemaCodable, Equatable {
         o["dirty-pages-rate"] = self.dirtyPagesRate.json
         o["dirty-sync-count"] = self.dirtySyncCount.json
         o["pages-per-second"] = self.pagesPerSecond.json
+        o["postcopy-requests"] = self.postcopyRequests.json
         return o
     }
 
@@ -5076,7 +5081,7 @@ public struct MigrationInfo: SchemaCodable, Equatable {
     public var ram: MigrationStats?
     /// Milliseconds from the start until now (active) or until the end (completed, failed, cancelled). Optional.
     public var totalTime: Int64?
-    /// Milliseconds the guest was paused for the switch-over (completed migrations). Optional.
+    /// Milliseconds the guest was paused for the switch-over (completed migrations; for post-copy, from the pause on the source until the destination runs the guest). Optional.
     public var downtime: Int64?
     /// Milliseconds spent setting up (connecting to or opening the destination). Optional.
     public var setupTime: Int64?
@@ -5145,7 +5150,7 @@ public struct MigrateArguments: SchemaCodable, Equatable {
     public var uri: String
     /// Accepted for compatibility; migrate always returns at once. Optional.
     public var detach: Bool?
-    /// Must be false or absent (paused postcopy migrations do not exist here). Optional.
+    /// Must be false or absent (a paused post-copy migration cannot be resumed here). Optional.
     public var resume: Bool?
 
     /// Creates a value from its members.
@@ -5339,6 +5344,8 @@ public enum MigrationCapability: String, SchemaCodable, CaseIterable, Equatable 
     case events = "events"
     /// The value "auto-converge".
     case autoConverge = "auto-converge"
+    /// The value "postcopy-ram".
+    case postcopyRam = "postcopy-ram"
 
     /// Decodes one of the values; anything else is an error listing them.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
