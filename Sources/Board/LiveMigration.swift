@@ -391,8 +391,26 @@ extension VirtualMachine {
             }
             var batch: [UInt64] = []
             batch.reserveCapacity(MachineStateFormat.maxPagesPerRecord)
+            var windowStart = now()
+            var windowBytes: UInt64 = 0
             while toSend.count > 0 {
                 for m in try replies.available() { try handle(m) }
+                // max-postcopy-bandwidth holds back the background pages, never requested ones.
+                let limit = live.parameters.withLock { $0.maxPostcopyBandwidth }
+                if urgent.isEmpty && limit > 0 {
+                    let due = UInt64(Double(windowBytes) / Double(limit) * 1e9)
+                    let elapsed = now() &- windowStart
+                    if elapsed < due {
+                        // Wait for the time to pass or a request to arrive, whichever is first.
+                        var p = pollfd(fd: replies.fd, events: Int16(POLLIN), revents: 0)
+                        _ = poll(&p, 1, Int32(min((due - elapsed) / 1_000_000 + 1, 10)))
+                        continue
+                    }
+                    if elapsed > 100_000_000 {
+                        windowStart = now()
+                        windowBytes = 0
+                    }
+                }
                 batch.removeAll(keepingCapacity: true)
                 // Requested pages first (those not yet sent), then the next ones in order.
                 var requested = 0
@@ -412,8 +430,10 @@ extension VirtualMachine {
                     }
                 }
                 if batch.isEmpty { continue }
+                let before = sink.position
                 let sent = try MachineStateWriter.writePages(batch[...], ram: board.ram, skipZero: false, to: sink)
                 try sink.flush()
+                if requested == 0 { windowBytes += sink.position - before }
                 let left = UInt64(toSend.count) * 4096
                 migration.withLock { m in
                     m.normalPages += UInt64(sent.normal)

@@ -144,7 +144,8 @@ struct ReturnPathParser {
 /// The source's end of the return path: reads the connection through a `ReturnPathParser`.
 /// Migration queue only.
 final class ReturnPathReader {
-    private let fd: Int32
+    /// The connection.
+    let fd: Int32
     private var parser: ReturnPathParser
     private var queued: [ReturnPathMessage] = []
 

@@ -221,6 +221,8 @@ public struct MigrationParameters: Sendable, Equatable {
     public var throttleInitial = 20
     public var throttleIncrement = 10
     public var maxThrottle = 99
+    /// Most bytes per second of post-copy's background stream (0: unlimited, QEMU's default).
+    public var maxPostcopyBandwidth: UInt64 = 0
     public init() {}
 }
 

@@ -105,6 +105,9 @@ extension QMPCommandExecutor {
         if let v = try check(a.cpuThrottleInitial, "cpu-throttle-initial", 1...99) { p.throttleInitial = Int(v) }
         if let v = try check(a.cpuThrottleIncrement, "cpu-throttle-increment", 1...99) { p.throttleIncrement = Int(v) }
         if let v = try check(a.maxCpuThrottle, "max-cpu-throttle", 1...99) { p.maxThrottle = Int(v) }
+        if let v = try check(a.maxPostcopyBandwidth, "max-postcopy-bandwidth", 0...Int64(Int32.max) * 1024) {
+            p.maxPostcopyBandwidth = UInt64(v)
+        }
         m.setMigrationParameters(p)
     }
 
@@ -112,7 +115,7 @@ extension QMPCommandExecutor {
         let p = try migration.migrationParameters()
         return Schema.MigrationParameters(downtimeLimit: Int64(p.downtimeLimit), maxBandwidth: Int64(p.maxBandwidth),
                                    cpuThrottleInitial: Int64(p.throttleInitial), cpuThrottleIncrement: Int64(p.throttleIncrement),
-                                   maxCpuThrottle: Int64(p.maxThrottle))
+                                   maxCpuThrottle: Int64(p.maxThrottle), maxPostcopyBandwidth: Int64(p.maxPostcopyBandwidth))
     }
 
     public func migrateSetCapabilities(_ a: MigrateSetCapabilitiesArguments) throws {

@@ -174,7 +174,8 @@ func errorOf(_ reply: JSONValue) -> (String, String)? {
         #expect(errorOf(h.one(#"{"execute":"query-command-line-options","arguments":{"option":"spice"}}"#))?.1 == "invalid option name: spice")
         let events = names(h.one(#"{"execute":"query-events"}"#)["return"])
         #expect(events.contains("SHUTDOWN") && events.contains("STOP"))
-        #expect(h.one(#"{"execute":"query-migrate-capabilities"}"#)["return"] == [["capability": "events", "state": false], ["capability": "auto-converge", "state": false]])
+        #expect(h.one(#"{"execute":"query-migrate-capabilities"}"#)["return"] == [["capability": "events", "state": false], ["capability": "auto-converge", "state": false],
+                                                                                     ["capability": "postcopy-ram", "state": false]])
         #expect(errorOf(h.one(#"{"execute":"send-key","arguments":{"keys":[{"type":"qcode","data":"nosuch"}]}}"#))?.1
                 == "Parameter 'data' does not accept value 'nosuch'")  // QEMU 7.2's wording
     }

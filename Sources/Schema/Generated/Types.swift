@@ -5238,18 +5238,21 @@ public struct MigrationParameters: SchemaCodable, Equatable {
     public var cpuThrottleIncrement: Int64?
     /// The highest throttle auto-converge may reach, in percent (default 99; 1...99). Optional.
     public var maxCpuThrottle: Int64?
+    /// The most bytes per second post-copy's background stream sends (default 0: unlimited, as QEMU); pages the destination asks for are sent regardless. Optional.
+    public var maxPostcopyBandwidth: Int64?
 
     /// Creates a value from its members.
-    public init(downtimeLimit: Int64? = nil, maxBandwidth: Int64? = nil, cpuThrottleInitial: Int64? = nil, cpuThrottleIncrement: Int64? = nil, maxCpuThrottle: Int64? = nil) {
+    public init(downtimeLimit: Int64? = nil, maxBandwidth: Int64? = nil, cpuThrottleInitial: Int64? = nil, cpuThrottleIncrement: Int64? = nil, maxCpuThrottle: Int64? = nil, maxPostcopyBandwidth: Int64? = nil) {
         self.downtimeLimit = downtimeLimit
         self.maxBandwidth = maxBandwidth
         self.cpuThrottleInitial = cpuThrottleInitial
         self.cpuThrottleIncrement = cpuThrottleIncrement
         self.maxCpuThrottle = maxCpuThrottle
+        self.maxPostcopyBandwidth = maxPostcopyBandwidth
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["downtime-limit", "max-bandwidth", "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle"]
+    public static let memberNames: Set<String> = ["downtime-limit", "max-bandwidth", "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle", "max-postcopy-bandwidth"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -5265,6 +5268,7 @@ public struct MigrationParameters: SchemaCodable, Equatable {
         self.cpuThrottleInitial = try r.optional("cpu-throttle-initial", as: Int64.self)
         self.cpuThrottleIncrement = try r.optional("cpu-throttle-increment", as: Int64.self)
         self.maxCpuThrottle = try r.optional("max-cpu-throttle", as: Int64.self)
+        self.maxPostcopyBandwidth = try r.optional("max-postcopy-bandwidth", as: Int64.self)
     }
 
     /// The members as JSON, in schema order.
@@ -5275,6 +5279,7 @@ public struct MigrationParameters: SchemaCodable, Equatable {
         if let v = self.cpuThrottleInitial { o["cpu-throttle-initial"] = v.json }
         if let v = self.cpuThrottleIncrement { o["cpu-throttle-increment"] = v.json }
         if let v = self.maxCpuThrottle { o["max-cpu-throttle"] = v.json }
+        if let v = self.maxPostcopyBandwidth { o["max-postcopy-bandwidth"] = v.json }
         return o
     }
 
@@ -5294,18 +5299,21 @@ public struct MigrateSetParametersArguments: SchemaCodable, Equatable {
     public var cpuThrottleIncrement: Int64?
     /// See MigrationParameters. Optional.
     public var maxCpuThrottle: Int64?
+    /// See MigrationParameters; applies at once to a post-copy in progress. Optional.
+    public var maxPostcopyBandwidth: Int64?
 
     /// Creates a value from its members.
-    public init(downtimeLimit: Int64? = nil, maxBandwidth: Int64? = nil, cpuThrottleInitial: Int64? = nil, cpuThrottleIncrement: Int64? = nil, maxCpuThrottle: Int64? = nil) {
+    public init(downtimeLimit: Int64? = nil, maxBandwidth: Int64? = nil, cpuThrottleInitial: Int64? = nil, cpuThrottleIncrement: Int64? = nil, maxCpuThrottle: Int64? = nil, maxPostcopyBandwidth: Int64? = nil) {
         self.downtimeLimit = downtimeLimit
         self.maxBandwidth = maxBandwidth
         self.cpuThrottleInitial = cpuThrottleInitial
         self.cpuThrottleIncrement = cpuThrottleIncrement
         self.maxCpuThrottle = maxCpuThrottle
+        self.maxPostcopyBandwidth = maxPostcopyBandwidth
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["downtime-limit", "max-bandwidth", "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle"]
+    public static let memberNames: Set<String> = ["downtime-limit", "max-bandwidth", "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle", "max-postcopy-bandwidth"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -5321,6 +5329,7 @@ public struct MigrateSetParametersArguments: SchemaCodable, Equatable {
         self.cpuThrottleInitial = try r.optional("cpu-throttle-initial", as: Int64.self)
         self.cpuThrottleIncrement = try r.optional("cpu-throttle-increment", as: Int64.self)
         self.maxCpuThrottle = try r.optional("max-cpu-throttle", as: Int64.self)
+        self.maxPostcopyBandwidth = try r.optional("max-postcopy-bandwidth", as: Int64.self)
     }
 
     /// The members as JSON, in schema order.
@@ -5331,6 +5340,7 @@ public struct MigrateSetParametersArguments: SchemaCodable, Equatable {
         if let v = self.cpuThrottleInitial { o["cpu-throttle-initial"] = v.json }
         if let v = self.cpuThrottleIncrement { o["cpu-throttle-increment"] = v.json }
         if let v = self.maxCpuThrottle { o["max-cpu-throttle"] = v.json }
+        if let v = self.maxPostcopyBandwidth { o["max-postcopy-bandwidth"] = v.json }
         return o
     }
 
