@@ -505,3 +505,41 @@ def test_a_dropped_connection_in_postcopy_leaves_the_source_paused_with_its_copy
     assert dst.proc.wait(60) == 1, dst.log.read_text()[-2000:]
     assert "post-copy broke off" in dst.log.read_text()
     assert src.text() == quiet, "the source ran its guest again"
+
+
+def test_a_system_reset_during_a_migration_reaches_the_destination(tmp_path, servers):
+    """system_reset while pass 1 is still going (the link is held to 8 MiB/s): the boot loader
+    rewrites the firmware, kernel and initramfs in RAM, which must count as dirty, and the
+    devices start over. The guest reboots on the source, and once the migration completes the
+    destination goes on with the rebooted guest from the next count (a destination holding
+    stale firmware or kernel pages, or device state from before the reset, would not)."""
+    fill = "dd,if=/dev/urandom,of=/tmp/r,bs=1M,count=48,2>/dev/null&&echo,filled&&" + COUNTER
+    port = free_port()
+    src = Server(tmp_path, "src", f"console=ttyS0 guest.run={fill}")
+    dst = Server(tmp_path, "dst", f"console=ttyS0 guest.run={fill}", extra=["--incoming", f"tcp:127.0.0.1:{port}"])
+    servers += [src, dst]
+    src.expect(r"count 3\b", BOOT_TIMEOUT)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    deadline = time.monotonic() + 60
+    while (info := src.cmd("query-migrate"))["status"] != "active" or info["ram"]["transferred"] < 2 << 20:
+        assert info["status"] in ("setup", "active") and time.monotonic() < deadline, info
+        time.sleep(0.05)
+    boots = src.text().count("guest: boot ok")
+    src.cmd("system_reset")
+    info = src.cmd("query-migrate")
+    assert info["status"] == "active" and info["ram"]["dirty-sync-count"] == 0, f"not in pass 1 at the reset: {info}"
+    assert any(e["event"] == "RESET" for e in src.qmp.get_events())
+    # The rebooted guest runs on the source (its second boot) while the migration goes on.
+    src.expect(r"guest: boot ok(?s:.*)guest: boot ok", BOOT_TIMEOUT)
+    assert src.text().count("guest: boot ok") == boots + 1
+    src.expect(r"(?m)^filled(?s:.*)count 1\b", BOOT_TIMEOUT, start=src.text().rindex("guest: boot ok"))
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 30})
+    info = src.wait_migration(("completed", "failed"), timeout=120)
+    assert info["status"] == "completed", info
+    # The count the source reached after its second boot goes on on the destination.
+    after_reset = src.text().rsplit("guest: boot ok", 1)[1]
+    last = counts(after_reset)[-1]
+    dst.expect(rf"count {last + 3}\b", 60)
+    assert counts(dst.text())[:3] == [last + 1, last + 2, last + 3], dst.text()[-500:]
+    assert "boot ok" not in dst.text()
