@@ -531,9 +531,9 @@ def test_a_system_reset_during_a_migration_reaches_the_destination(tmp_path, ser
     assert info["status"] == "active" and info["ram"]["dirty-sync-count"] == 0, f"not in pass 1 at the reset: {info}"
     assert any(e["event"] == "RESET" for e in src.qmp.get_events())
     # The rebooted guest runs on the source (its second boot) while the migration goes on.
-    src.expect(r"guest: boot ok(?s:.*)guest: boot ok", BOOT_TIMEOUT)
+    src.expect(r"guest: boot ok(?s:.*)guest: boot ok", BOOT_TIMEOUT * 2)
     assert src.text().count("guest: boot ok") == boots + 1
-    src.expect(r"(?m)^filled(?s:.*)count 1\b", BOOT_TIMEOUT, start=src.text().rindex("guest: boot ok"))
+    src.expect(r"(?m)^filled(?s:.*)count 1\b", BOOT_TIMEOUT * 2, start=src.text().rindex("guest: boot ok"))
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 30})
     info = src.wait_migration(("completed", "failed"), timeout=120)
     assert info["status"] == "completed", info
