@@ -56,6 +56,26 @@ private let postcopyPagesPerRecord = 32
 
 private func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
 
+/// Timestamps of a switch-over's steps, written to stderr when MACHINE_SERVER_MIGRATION_TRACE
+/// is set (for docs/PERFORMANCE.md: where the pause goes). One thread at a time.
+struct SwitchOverTrace {
+    static let enabled = ProcessInfo.processInfo.environment["MACHINE_SERVER_MIGRATION_TRACE"] != nil
+    private var marks: [(String, UInt64)] = []
+
+    mutating func mark(_ label: @autoclosure () -> String) {
+        if Self.enabled { marks.append((label(), now())) }
+    }
+
+    /// Writes every step with its time since the first mark (and the first mark's clock, so
+    /// that two processes' traces line up), in microseconds.
+    func dump(_ side: String) {
+        guard Self.enabled, let first = marks.first else { return }
+        var line = "machine-server: migration trace (\(side), t0 \(first.1 / 1000) us):"
+        for (label, t) in marks { line += " \(label) +\((t &- first.1) / 1000)" }
+        FileHandle.standardError.write(Data((line + "\n").utf8))
+    }
+}
+
 extension VirtualMachine {
     // MARK: Parameters, capabilities, events
 
@@ -207,6 +227,10 @@ extension VirtualMachine {
                 let passStart = now()
                 let bytesBefore = sink.position
                 let finished = try sendPages(pages, skipZero: pass == 1, sink: sink, replies: replies, stale: &stale)
+                // The pass ends when the destination has read it, not when it sits in socket
+                // buffers: the bandwidth is then the real one, and a switch-over never starts
+                // with megabytes still in flight for the destination to read while paused.
+                if finished { try drain(sequence: UInt32(truncatingIfNeeded: pass), sink: sink, replies: replies) }
                 let dirty = onControl { withHartsOut { board.ram.harvestDirtyPages() } }
                 if stale != nil { for p in dirty { stale!.insert(p) } }
                 if !finished {
@@ -238,8 +262,26 @@ extension VirtualMachine {
                 // and makes the pause shorter, down to about a millisecond's worth of pages.
                 let shrinking = dirty.count * 2 < pages.count && pass < 30
                 let small = Double(remaining) <= bandwidth / 1000 || dirty.count <= 16
-                if expectedMs <= Double(limit.downtimeLimit) && (small || !shrinking) { pages = dirty; break }
-                if migrationCapabilities().autoConverge {
+                let autoConverge = migrationCapabilities().autoConverge
+                if expectedMs <= Double(limit.downtimeLimit) && (small || !shrinking) {
+                    // A guest whose dirty set no longer shrinks would switch with up to
+                    // downtime-limit's worth of pages. With auto-converge, while the throttle can
+                    // still rise, slow it down one more step and take one more pass instead, so
+                    // that the pause holds about a millisecond's worth (QEMU's guests dirty
+                    // slower under TCG and get there without this).
+                    let throttle = live.throttle.load(ordering: .relaxed)
+                    if small || !autoConverge || throttle >= limit.maxThrottle || pass >= 30 {
+                        pages = dirty
+                        break
+                    }
+                    raiseThrottle(limit)
+                    highDirtyCount = 0
+                    pages = dirty
+                    pass += 1
+                    emitMigrationEvent(.migrationPass(pass))
+                    continue
+                }
+                if autoConverge {
                     // QEMU's rule: when the guest dirtied more than half of what was sent, twice
                     // in a row, slow the vCPUs down (first step, then one increment each time).
                     if remaining * 2 > sent {
@@ -323,6 +365,25 @@ extension VirtualMachine {
             }
         }
         return true
+    }
+
+    /// Sends a sync record and waits until the destination has read up to it. Migration queue.
+    private func drain(sequence: UInt32, sink: StateSink, replies: ReturnPathReader) throws {
+        try MachineStateWriter.writeSync(sequence: sequence, to: sink)
+        try sink.flush()
+        let deadline = now() + UInt64(replyTimeout * 1e9)
+        while true {
+            if live.cancelled.load(ordering: .relaxed) { throw MachineStateError("cancelled") }
+            guard now() < deadline else {
+                throw MachineStateError("the destination did not read the stream within \(Int(replyTimeout)) s")
+            }
+            switch try replies.next(timeout: 0.1) {
+            case nil: continue
+            case .synced(let n) where n == sequence: return
+            case .refused(let why): throw DestinationRefused(reason: why)
+            case let m?: throw MachineStateError("the destination sent \(m) instead of sync \(sequence)")
+            }
+        }
     }
 
     /// Post-copy, source side. The guest stops (`finish-migrate`) and the package goes out: the
@@ -505,13 +566,18 @@ extension VirtualMachine {
         try onControl {
             guard isLive else { throw MachineStateError("the machine shut down during the migration") }
             let pausedAt = now()
+            var trace = SwitchOverTrace()
+            trace.mark("pause")
+            defer { trace.dump("source") }
             let wasRunning = runState == .running
             var handedOver = false
             try whilePaused(during: .finishMigrate) {
                 do {
+                    trace.mark("paused")
                     if live.cancelled.load(ordering: .sequentiallyConsistent) { throw MachineStateError("cancelled") }
                     let last = Set(remainingPages).union(board.ram.harvestDirtyPages()).sorted()
                     board.ram.stopDirtyLogging()
+                    trace.mark("harvested(\(last.count))")
                     var i = 0
                     while i < last.count {
                         let end = min(i + pagesPerRecord, last.count)
@@ -522,14 +588,20 @@ extension VirtualMachine {
                         }
                         i = end
                     }
-                    try MachineStateWriter.writeSections(collectSections(), to: sink)
+                    trace.mark("pages")
+                    let sections = collectSections()
+                    trace.mark("collected(\(sections.reduce(0) { $0 + $1.payload.count }))")
+                    try MachineStateWriter.writeSections(sections, to: sink)
                     // The disks: flushed and their locks released before the destination is
                     // told to go, so that it can take them.
                     try handOverDisks()
+                    trace.mark("disks")
                     handedOver = true
                     try MachineStateWriter.writeRunState(running: wasRunning, to: sink)
                     try MachineStateWriter.writeEnd(to: sink)
                     try sink.flush()
+                    trace.mark("sent")
+                    defer { trace.mark("answered") }
                     if let refusal = try replies.awaitReply(timeout: replyTimeout, other: { m in
                         throw MachineStateError("the destination sent \(m) instead of its answer")
                     }) {
@@ -677,7 +749,7 @@ extension VirtualMachine {
             }
             try send(why.map { .postcopyUnavailable($0) } ?? .postcopyReady)
         }
-        let switchOver = try reader.readUntilSwitchOver(into: board.ram)
+        let switchOver = try reader.readUntilSwitchOver(into: board.ram) { try send(.synced($0)) }
         guard case .complete(let sections, let running) = switchOver else {
             if case .postcopy(let sections, let running, let pending) = switchOver {
                 try receivePostcopy(fd, reader: reader, sections: sections, running: running, pending: pending,
@@ -686,23 +758,31 @@ extension VirtualMachine {
             return
         }
         let switchStart = now()
+        var trace = SwitchOverTrace()
+        trace.mark("end read")
         try onControl {
+            trace.mark("control")
             guard isLive, runState == .inmigrate else { throw MachineStateError("the machine is not waiting for a migration") }
             do {
                 try checkSectionsPresent(sections)
                 try applySections(sections)
+                trace.mark("applied")
                 try takeBackDisks()
+                trace.mark("disks")
             } catch {
                 throw refuse(error)
             }
             try send(.ok)
+            trace.mark("ok sent")
             if running && !startPaused {
                 resumeAll()
+                trace.mark("resumed")
                 emit(.resume)
             } else {
                 setRunState(.paused)
             }
         }
+        trace.dump("destination")
         let micros = (now() &- start) / 1000
         setMigrationStatus(.completed) { m in
             m.totalTime = micros / 1000

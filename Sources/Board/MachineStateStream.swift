@@ -32,6 +32,10 @@ import Machine
 /// sections and the run-state record, which ends the package; then page records holding only
 /// pending pages, each once, in any order; then the end record.
 ///
+/// A sync record (kind 6, u32 sequence number) may follow any pre-copy page record: the
+/// destination answers on the return path once it has read everything before it, so that the
+/// source knows the stream is drained (each pass ends with one; see LiveMigration.swift).
+///
 /// The destination zeroes its RAM when the stream starts, so the first pass leaves out zero
 /// pages; a page may appear in many records (each pass resends what the guest dirtied), and
 /// the last copy wins.
@@ -48,6 +52,7 @@ public enum MachineStateFormat {
     static let kindPages: UInt8 = 3
     static let kindRunState: UInt8 = 4
     static let kindPostcopy: UInt8 = 5
+    static let kindSync: UInt8 = 6
     /// Header flag: the source may switch to post-copy (`postcopy-ram`).
     public static let flagPostcopy: UInt32 = 1
     /// Most pages in one page record.
@@ -371,6 +376,14 @@ public enum MachineStateWriter {
         try sink.write(crcs.bytes)
         try sink.write(data)
         return (dataPages.count, zero)
+    }
+
+    /// A sync record of a live stream (the destination answers `sequence` once it reads it).
+    public static func writeSync(sequence: UInt32, to sink: StateSink) throws {
+        var w = StateWriter()
+        w.u8(MachineStateFormat.kindSync)
+        w.u32(sequence)
+        try sink.write(w.bytes)
     }
 
     /// The post-copy record of a live stream: the pages the destination must fetch.
@@ -767,7 +780,9 @@ public final class LiveStateReader {
     /// first), then either the sections, run state and end record (`complete`) or the
     /// post-copy record, sections and run state (`postcopy`). RAM is left partly written when
     /// this throws: the caller must not run the machine then.
-    public func readUntilSwitchOver(into ram: GuestRAM) throws -> LiveSwitchOver {
+    /// `onSync` is called with the sequence number of each sync record, when everything before
+    /// it has been read.
+    public func readUntilSwitchOver(into ram: GuestRAM, onSync: (UInt32) throws -> Void = { _ in }) throws -> LiveSwitchOver {
         try ram.zeroAll()
         let pageSize = MachineStateFormat.pageSize
         let pages = ram.size / UInt64(pageSize)
@@ -799,6 +814,12 @@ public final class LiveStateReader {
                 guard data == dataCRC else {
                     throw MachineStateError("ram: the pages of the record at offset \(at) fail their checksum (the stream is corrupt)")
                 }
+            case MachineStateFormat.kindSync:
+                guard sections.isEmpty, running == nil, pending == nil else {
+                    throw MachineStateError("a sync record at offset \(at) follows the device sections")
+                }
+                var r = StateReader(section: "sync", bytes: try source.bytes(4, what: "a sync record"))
+                try onSync(try r.u32("sequence"))
             case MachineStateFormat.kindPostcopy:
                 guard postcopyAdvised else {
                     throw MachineStateError("a post-copy record at offset \(at) in a stream whose header did not advise post-copy")

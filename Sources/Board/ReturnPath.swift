@@ -11,6 +11,7 @@ import Foundation
 /// | post-copy unavailable | `MSVMPCNO`, u32 length (≤ 4096), UTF-8 reason |
 /// | running | `MSVMRUN\0`: post-copy: the destination has loaded the devices and runs the guest |
 /// | page request | `MSVMREQ\0`, u32 count n (1...1024), n × u64 page index (< RAM pages): post-copy: send these pages first |
+/// | synced | `MSVMSYNC`, u32 sequence: the destination has read everything up to the sync record with that number |
 ///
 /// Integers are little-endian.
 enum ReturnPathMessage: Equatable, Sendable {
@@ -20,6 +21,7 @@ enum ReturnPathMessage: Equatable, Sendable {
     case postcopyUnavailable(String)
     case running
     case pageRequest([UInt64])
+    case synced(UInt32)
 
     static let tagOK: [UInt8] = Array("MSVMOK\0\0".utf8)
     static let tagRefused: [UInt8] = Array("MSVMERR\0".utf8)
@@ -27,6 +29,7 @@ enum ReturnPathMessage: Equatable, Sendable {
     static let tagPostcopyUnavailable: [UInt8] = Array("MSVMPCNO".utf8)
     static let tagRunning: [UInt8] = Array("MSVMRUN\0".utf8)
     static let tagRequest: [UInt8] = Array("MSVMREQ\0".utf8)
+    static let tagSynced: [UInt8] = Array("MSVMSYNC".utf8)
     /// Longest reason accepted.
     static let maxReason = 4096
     /// Most pages in one request.
@@ -47,6 +50,10 @@ enum ReturnPathMessage: Equatable, Sendable {
         case .postcopyReady: return Self.tagPostcopyReady
         case .postcopyUnavailable(let s): return withText(Self.tagPostcopyUnavailable, s)
         case .running: return Self.tagRunning
+        case .synced(let n):
+            var out = Self.tagSynced
+            withUnsafeBytes(of: n.littleEndian) { out.append(contentsOf: $0) }
+            return out
         case .pageRequest(let pages):
             precondition(!pages.isEmpty && pages.count <= Self.maxRequestPages)
             var out = Self.tagRequest
@@ -100,6 +107,10 @@ struct ReturnPathParser {
             case ReturnPathMessage.tagRunning:
                 out.append(.running)
                 at += 8
+            case ReturnPathMessage.tagSynced:
+                guard left >= 4 else { return out }
+                out.append(.synced(UInt32(u32(at: at + 8))))
+                at += 12
             case ReturnPathMessage.tagRefused, ReturnPathMessage.tagPostcopyUnavailable:
                 guard left >= 4 else { return out }
                 let length = u32(at: at + 8)

@@ -13,7 +13,7 @@ struct PostcopyTests {
 
     static let messages: [ReturnPathMessage] = [
         .postcopyReady, .pageRequest([5]), .running, .pageRequest([0, 63, 7, 7]), .postcopyUnavailable("no userfaultfd"),
-        .refused("disk locked: é"), .ok,
+        .refused("disk locked: é"), .synced(7), .ok, .synced(UInt32.max),
     ]
     static let largest = ReturnPathMessage.pageRequest((0..<1024).map { UInt64($0) % 64 })
 
@@ -250,7 +250,7 @@ struct PostcopyTests {
         let seed = try Self.postcopyStream(ram: a, first: [0, 2, 3], pending: pending, later: [[41], [3, 40, 63]], sections: sections)
         let b = try GuestRAM(base: GuestPhysicalAddress(0x8000_0000), size: 64 << 12)
         let report = Fuzz.run(target: "postcopy-stream", seeds: [seed], seconds: Fuzz.budget(ci: 2), maxLength: seed.count * 2,
-                              dictionary: [MachineStateFormat.magic, [5], [3], [4], [0xff], [1, 0, 0, 0]]) { input in
+                              dictionary: [MachineStateFormat.magic, [5], [3], [4], [6], [0xff], [1, 0, 0, 0]]) { input in
             let reader = try LiveStateReader(source: Self.source(input))
             guard case .postcopy(_, _, let pend) = try reader.readUntilSwitchOver(into: b) else { return }
             try reader.readPostcopyPages(pending: pend) { page, _ in
