@@ -543,3 +543,27 @@ def test_a_system_reset_during_a_migration_reaches_the_destination(tmp_path, ser
     dst.expect(rf"count {last + 3}\b", 60)
     assert counts(dst.text())[:3] == [last + 1, last + 2, last + 3], dst.text()[-500:]
     assert "boot ok" not in dst.text()
+
+
+def test_guest_bench_moved_in_postcopy_keeps_qemus_checksum(tmp_path, servers):
+    """guest-bench switched to post-copy as soon as the migration is active: nearly all of its
+    RAM reaches the destination after the guest runs there (pulled on demand or streamed in the
+    background), and it still finishes with the checksum QEMU computes."""
+    port = free_port()
+    src = Server(tmp_path, "src", "console=ttyS0 guest.run=guest-bench,1")
+    dst = Server(tmp_path, "dst", "console=ttyS0 guest.run=guest-bench,1", extra=["--incoming", f"tcp:127.0.0.1:{port}"])
+    servers += [src, dst]
+    postcopy_caps(dst, src)
+    # Pass 1 (about 20 MB) then takes over a second: post-copy starts during it.
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+    src.expect(r"guest-bench crc32 ", BOOT_TIMEOUT)
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    src.wait_migration(("active", "completed", "failed"), timeout=60)
+    src.cmd("migrate-start-postcopy")
+    info = src.wait_migration(("completed", "failed", "postcopy-paused"))
+    assert info["status"] == "completed", info
+    assert "postcopy-active" in [e["data"]["status"] for e in src.qmp.get_events() if e["event"] == "MIGRATION"]
+    assert "checksum" not in src.text(), "guest-bench finished before the switch-over; migrate earlier"
+    m = dst.expect(r"guest-bench total +([0-9.]+) s checksum ([0-9a-f]{16})", 480)
+    assert m.group(2) == QEMU_CHECKSUM_SCALE1
+    assert src.cmd("query-status")["status"] == "postmigrate"
