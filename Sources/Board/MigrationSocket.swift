@@ -135,32 +135,6 @@ enum MigrationSocket {
         }
     }
 
-    /// Reads exactly `count` bytes, waiting at most `timeout` seconds in all; nil on a timeout.
-    static func receive(_ fd: Int32, count: Int, timeout: Double) throws -> [UInt8]? {
-        var out = [UInt8](repeating: 0, count: count)
-        var done = 0
-        let deadline = Date(timeIntervalSinceNow: timeout)
-        while done < count {
-            let left = deadline.timeIntervalSinceNow
-            if left <= 0 { return nil }
-            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let r = poll(&p, 1, Int32(min(left * 1000, 1000)) + 1)
-            if r < 0 {
-                if errno == EINTR { continue }
-                throw MachineStateError("the migration connection broke: \(errorText())")
-            }
-            if r == 0 { continue }
-            let n = out.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + done, count - done, 0) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw MachineStateError("the migration connection broke: \(errorText())")
-            }
-            if n == 0 { throw MachineStateError("the destination closed the connection") }
-            done += n
-        }
-        return out
-    }
-
     /// True when the peer has sent something (or closed) that can be read without waiting.
     static func hasInput(_ fd: Int32) -> Bool {
         var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
