@@ -350,9 +350,10 @@ extension VirtualMachine {
                 m.transferred = sink.position
             }
             i = end
-            // Rate limit: the bytes of this window may not run ahead of max-bandwidth.
-            let bandwidth = max(live.parameters.withLock { $0.maxBandwidth }, 1)
+            // Rate limit: the bytes of this window may not run ahead of max-bandwidth (read
+            // again each time, so that raising it frees a migration held by a low one).
             while true {
+                let bandwidth = max(live.parameters.withLock { $0.maxBandwidth }, 1)
                 let due = UInt64(Double(windowBytes) / Double(bandwidth) * 1e9)
                 let elapsed = now() &- windowStart
                 if elapsed >= due { break }
