@@ -511,8 +511,9 @@ def test_a_system_reset_during_a_migration_reaches_the_destination(tmp_path, ser
     """system_reset while pass 1 is still going (the link is held to 8 MiB/s): the boot loader
     rewrites the firmware, kernel and initramfs in RAM, which must count as dirty, and the
     devices start over. The guest reboots on the source, and once the migration completes the
-    destination goes on with the rebooted guest from the next count (a destination holding
-    stale firmware or kernel pages, or device state from before the reset, would not)."""
+    destination goes on with the rebooted guest from the next count. (Most kernel and initramfs
+    pages are not sent yet at the reset, so this does not catch missing dirty marks of the boot
+    loader: see docs/migration.md, Not done yet.)"""
     fill = "dd,if=/dev/urandom,of=/tmp/r,bs=1M,count=48,2>/dev/null&&echo,filled&&" + COUNTER
     port = free_port()
     src = Server(tmp_path, "src", f"console=ttyS0 guest.run={fill}")
