@@ -450,7 +450,11 @@ public final class Hart: VirtualCPU {
         if let cache = codeCache {
             let site = slot == 0 ? p.pointee.jitSites.0 : p.pointee.jitSites.1
             let target = blocks[Int(to)].jitCode
-            if site >= 0 && target >= 0 {
+            // A site without a PC check takes only the block its own page holds at its target.
+            let samePage = slot == 0 ? p.pointee.jitSamePageTargets.0 : p.pointee.jitSamePageTargets.1
+            let fits = samePage < 0 || (blocks[Int(to)].physicalPC == (p.pointee.physicalPC & ~0xfff) + UInt64(samePage)
+                                        && blocks[Int(to)].privilege == p.pointee.privilege)
+            if site >= 0 && target >= 0 && fits {
                 BlockCompiler.patchChain(cache, site: Int(site), epoch: mmuEpoch, pc: pc, target: Int(target))
             }
         }
