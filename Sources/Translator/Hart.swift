@@ -338,6 +338,12 @@ public final class Hart: VirtualCPU {
 
     // MARK: Run loop
 
+    /// Blocks run per turn of the run loop (JIT chains check for a kick only when they run
+    /// out): at a few nanoseconds a block, interrupts wait microseconds at most, and the
+    /// turn's own cost (clock read, interrupt check, block lookup, entering generated code)
+    /// stays small.
+    static let blocksPerTurn = 2048
+
     public func run() {
         let lines = interrupts
         if hostFPUStale {
@@ -370,7 +376,7 @@ public final class Hart: VirtualCPU {
                 }
                 continue
             }
-            runSlice(budget: blockTrace == nil ? 512 : 1)
+            runSlice(budget: blockTrace == nil ? Self.blocksPerTurn : 1)
         }
     }
 
@@ -380,7 +386,7 @@ public final class Hart: VirtualCPU {
     /// engines after every block.
     func runSlice(budget: Int) {
         let lines = interrupts
-        // Between runs of blocks (at most 512 blocks apart, or sooner when kicked): see
+        // Between runs of blocks (at most `blocksPerTurn` blocks apart, or sooner when kicked): see
         // code-page changes, the timer and any interrupt that became deliverable.
         checkCodeEpoch()
         lines.kick.store(false, ordering: .relaxed)
