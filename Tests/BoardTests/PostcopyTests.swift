@@ -90,6 +90,7 @@ struct PostcopyTests {
             if parser.pendingBytes > 0 { throw MachineStateError("incomplete") }
         }
         print(report)
+        #expect(report.problems.isEmpty, "\(report.problems)")
         #expect(report.executions > 10)
     }
 
@@ -258,6 +259,7 @@ struct PostcopyTests {
             }
         }
         print(report)
+        #expect(report.problems.isEmpty, "\(report.problems)")
         #expect(report.executions > 10)
         #expect(report.rejected > report.executions / 2, "most mutants should be refused: \(report)")
     }
