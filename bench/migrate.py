@@ -7,15 +7,17 @@ Guests (512 MiB, one vCPU, the shared Linux guest):
   - idle:        the shell after boot;
   - guest-bench: guest-bench,3 running (migrated once its first kernel has reported);
   - dirty:       a loop rewriting a 200 MiB file in RAM (/tmp is a tmpfs) with non-zero bytes,
-                 migrated with auto-converge on.
+                 migrated with auto-converge on;
+  - dirty-postcopy: the same loop, postcopy-ram on both ends, migrate-start-postcopy as soon
+                 as the migration is active (pass 1 then goes on as post-copy's background).
 Both emulators get the same parameters: max-bandwidth (default 1 GiB/s) and downtime-limit
 (default 300 ms, QEMU's), set with migrate-set-parameters. For each: total-time, downtime and
-bytes sent (ram.transferred) and passes (dirty-sync-count) from query-migrate on the source
-once completed; "pause", the time the guest really stood still, from the source's STOP event
+bytes sent (ram.transferred), passes (dirty-sync-count) and post-copy page requests
+(postcopy-requests) from query-migrate on the source once completed; "pause", the time the guest really stood still, from the source's STOP event
 to the destination's RESUME event (QMP timestamps, one host clock); and whether the
 destination runs the guest on. Prints a table with the ratios ours/QEMU (below 1: ours lower).
 
-Usage: python3 bench/migrate.py [--guests idle,guest-bench,dirty] [--repeat 3]
+Usage: python3 bench/migrate.py [--guests idle,guest-bench,dirty,dirty-postcopy] [--repeat 3]
                                 [--bandwidth BYTES] [--downtime-limit MS]
 Environment: MACHINE_SERVER (the binary to measure; default .build/release/machine-server),
 GUEST_DIR (the shared guest).
@@ -43,6 +45,7 @@ MEMORY = "512M"
 
 GUESTS = {
     # name: (kernel command line, serial text that says the workload runs, auto-converge)
+    # (dirty-postcopy: the dirty guest with post-copy, below)
     "idle": ("console=ttyS0", "boot ok", False),
     "guest-bench": ("console=ttyS0 guest.run=guest-bench,3", "guest-bench crc32", False),
     "dirty": ("console=ttyS0 guest.run=yes,abcdefghijklmnopqrstuvwxyz|head,-c,1048576,>/tmp/c&&"
@@ -50,6 +53,9 @@ GUESTS = {
               "dd,if=/tmp/a,of=/tmp/a,bs=1M,conv=notrunc,2>/dev/null&&echo,round,$i;i=$((i+1));done",
               "round 1", True),
 }
+
+
+GUESTS["dirty-postcopy"] = (GUESTS["dirty"][0], GUESTS["dirty"][1], False)
 
 
 def free_port() -> int:
@@ -139,12 +145,20 @@ def one_run(kind, guest, args):
                 time.sleep(2)  # let the boot's own writes settle
             src.cmd("migrate-set-parameters", **{"max-bandwidth": args.bandwidth, "downtime-limit": args.downtime_limit})
             caps = [{"capability": "auto-converge", "state": auto_converge}]
+            postcopy = guest == "dirty-postcopy"
+            if postcopy:
+                caps.append({"capability": "postcopy-ram", "state": True})
+                dst.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
             src.cmd("migrate-set-capabilities", capabilities=caps)
             src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+            started = False
             while True:
                 info = src.cmd("query-migrate")
-                if info.get("status") in ("completed", "failed", "cancelled"):
+                if info.get("status") in ("completed", "failed", "cancelled", "postcopy-paused"):
                     break
+                if postcopy and not started and info.get("status") == "active":
+                    src.cmd("migrate-start-postcopy")
+                    started = True
                 time.sleep(0.01)
             if info["status"] != "completed":
                 sys.exit(f"{kind} {guest}: {info}")
@@ -155,7 +169,7 @@ def one_run(kind, guest, args):
                 if time.monotonic() > deadline:
                     sys.exit(f"{kind} {guest}: the destination did not run")
                 time.sleep(0.01)
-            if guest == "dirty":
+            if guest.startswith("dirty"):
                 dst.wait_serial("round", start=marker)
             # The pause the guest sees: the source's STOP to the destination's RESUME (QMP event
             # timestamps, one host clock). query-migrate's downtime is each emulator's own
@@ -171,7 +185,8 @@ def one_run(kind, guest, args):
                 sys.exit(f"{kind} {guest}: no {name} event")
             gap = (stamp(dst, "RESUME") - stamp(src, "STOP")) * 1000
             return {"total": info["total-time"], "downtime": info["downtime"], "pause": gap,
-                    "bytes": info["ram"]["transferred"], "passes": info["ram"].get("dirty-sync-count", 0)}
+                    "bytes": info["ram"]["transferred"], "passes": info["ram"].get("dirty-sync-count", 0),
+                    "requests": info["ram"].get("postcopy-requests", 0)}
         finally:
             src.close()
             dst.close()
@@ -179,7 +194,7 @@ def one_run(kind, guest, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--guests", default="idle,guest-bench,dirty")
+    p.add_argument("--guests", default="idle,guest-bench,dirty,dirty-postcopy")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--bandwidth", type=int, default=1 << 30, help="max-bandwidth in bytes/s for both")
     p.add_argument("--downtime-limit", type=int, default=300, help="downtime-limit in ms for both")
@@ -199,7 +214,8 @@ def main():
     print()
     print(f"{'guest':12s} {'metric':10s} {'ours':>12s} {'qemu':>12s} {'ours/qemu':>10s}")
     for guest, r in rows:
-        for metric, unit in (("total", "ms"), ("downtime", "ms"), ("pause", "ms"), ("bytes", "B"), ("passes", "")):
+        for metric, unit in (("total", "ms"), ("downtime", "ms"), ("pause", "ms"), ("bytes", "B"), ("passes", ""),
+                             ("requests", "")):
             o, q = r["ours"][metric], r["qemu"][metric]
             ratio = f"{o / q:.2f}" if q else "-"
             print(f"{guest:12s} {metric + (' ' + unit if unit else ''):10s} {o:12.1f} {q:12.1f} {ratio:>10s}")

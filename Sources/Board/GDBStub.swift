@@ -109,7 +109,7 @@ public final class GDBServer: @unchecked Sendable {  // unchecked: session state
         session.withLock { fd in
             guard let fd else { return }
             let packet = GDBPacketParser.frame(Array("W\(GDBSession.hex2(UInt8(truncatingIfNeeded: code)))".utf8))
-            _ = packet.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            _ = packet.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
             shutdown(fd, Int32(SHUT_RDWR))
         }
         stop()
@@ -293,7 +293,7 @@ struct GDBSession {
     func writeAll(_ bytes: [UInt8]) {
         var off = 0
         while off < bytes.count {
-            let n = bytes[off...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            let n = bytes[off...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
             if n <= 0 { if errno == EINTR { continue }; return }
             off += n
         }

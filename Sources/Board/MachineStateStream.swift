@@ -25,6 +25,17 @@ import Machine
 /// | run-state record | kind 4, u8: 1 when the source was running (the destination then runs), 0 when paused |
 /// | end record | kind 0xFF, the magic again |
 ///
+/// Header flag bit 0 (`flagPostcopy`) advises post-copy: the destination answers on the return
+/// path whether it can do it. A post-copy switch-over puts a post-copy record (kind 5: RAM
+/// pages u64, a bitmap of the pages the destination does not hold up to date, one bit per
+/// page, u64 words, CRC-32 of both) after the last pre-copy page record; then come the
+/// sections and the run-state record, which ends the package; then page records holding only
+/// pending pages, each once, in any order; then the end record.
+///
+/// A sync record (kind 6, u32 sequence number) may follow any pre-copy page record: the
+/// destination answers on the return path once it has read everything before it, so that the
+/// source knows the stream is drained (each pass ends with one; see LiveMigration.swift).
+///
 /// The destination zeroes its RAM when the stream starts, so the first pass leaves out zero
 /// pages; a page may appear in many records (each pass resends what the guest dirtied), and
 /// the last copy wins.
@@ -40,6 +51,10 @@ public enum MachineStateFormat {
     public static let liveVersion: UInt32 = 2
     static let kindPages: UInt8 = 3
     static let kindRunState: UInt8 = 4
+    static let kindPostcopy: UInt8 = 5
+    static let kindSync: UInt8 = 6
+    /// Header flag: the source may switch to post-copy (`postcopy-ram`).
+    public static let flagPostcopy: UInt32 = 1
     /// Most pages in one page record.
     public static let maxPagesPerRecord = 1024
     public static let pageSize = 4096
@@ -275,11 +290,11 @@ public enum MachineStateWriter {
     }
 
     /// The header: magic, `version`, flags, identity and their CRC.
-    public static func writeHeader(identity: String, version: UInt32, to sink: StateSink) throws {
+    public static func writeHeader(identity: String, version: UInt32, flags: UInt32 = 0, to sink: StateSink) throws {
         var h = StateWriter()
         for b in MachineStateFormat.magic { h.u8(b) }
         h.u32(version)
-        h.u32(0)
+        h.u32(flags)
         h.string(identity)
         let headerCRC = h.bytes.withUnsafeBytes { crc32Update(0, $0) }
         h.u32(headerCRC)
@@ -363,6 +378,27 @@ public enum MachineStateWriter {
         return (dataPages.count, zero)
     }
 
+    /// A sync record of a live stream (the destination answers `sequence` once it reads it).
+    public static func writeSync(sequence: UInt32, to sink: StateSink) throws {
+        var w = StateWriter()
+        w.u8(MachineStateFormat.kindSync)
+        w.u32(sequence)
+        try sink.write(w.bytes)
+    }
+
+    /// The post-copy record of a live stream: the pages the destination must fetch.
+    public static func writePostcopy(pending: PageBitmap, to sink: StateSink) throws {
+        var w = StateWriter()
+        w.u64(pending.pageCount)
+        for word in pending.words { w.u64(word) }
+        let crc = w.bytes.withUnsafeBytes { crc32Update(0, $0) }
+        try sink.write([MachineStateFormat.kindPostcopy])
+        try sink.write(w.bytes)
+        var c = StateWriter()
+        c.u32(crc)
+        try sink.write(c.bytes)
+    }
+
     /// Runs of non-zero pages: (first page, page count).
     /// Pages the host never materialised are zero without being read (see
     /// `GuestRAM.possiblyNonZeroPages`); the others are read.
@@ -437,7 +473,7 @@ public struct MachineStateReader {
     /// stopping at the RAM record.
     public init(source: StateSource) throws {
         self.source = source
-        let (version, identity) = try Self.readHeader(source)
+        let (version, identity, _) = try Self.readHeader(source)
         guard version == MachineStateFormat.version else {
             if version == MachineStateFormat.liveVersion {
                 throw MachineStateError("this is a live-migration stream (format version 2): it can only be received by --incoming tcp: or unix:")
@@ -464,7 +500,7 @@ public struct MachineStateReader {
 
     /// Reads and checks a header (magic, CRC, identity); returns its format version (not yet
     /// checked against what the caller reads) and identity.
-    static func readHeader(_ source: StateSource) throws -> (version: UInt32, identity: String) {
+    static func readHeader(_ source: StateSource) throws -> (version: UInt32, identity: String, flags: UInt32) {
         let magic = try source.bytes(8, what: "the header")
         guard magic == MachineStateFormat.magic else {
             throw MachineStateError("not a machine-state stream (bad magic)")
@@ -472,7 +508,7 @@ public struct MachineStateReader {
         let fixedBytes = try source.bytes(12, what: "the header")
         var fixed = StateReader(section: "header", bytes: fixedBytes)
         let version = try fixed.u32("format version")
-        _ = try fixed.u32("flags")
+        let flags = try fixed.u32("flags")
         let idLength = Int(try fixed.u32("identity length"))
         guard version == MachineStateFormat.version || version == MachineStateFormat.liveVersion else {
             throw MachineStateError("stream format version \(version) is not supported (this build reads \(MachineStateFormat.version) and \(MachineStateFormat.liveVersion))")
@@ -490,7 +526,7 @@ public struct MachineStateReader {
         guard let identity = String(validating: idBytes, as: UTF8.self) else {
             throw MachineStateError("header: the machine identity is not UTF-8")
         }
-        return (version, identity)
+        return (version, identity, flags)
     }
 
     /// Reads one section record after its kind byte, checking its limits and CRC.
@@ -586,13 +622,99 @@ public struct MachineStateReader {
     }
 }
 
+/// A set of RAM pages, one bit per page: the pages a post-copy destination does not yet hold
+/// up to date. A plain value.
+public struct PageBitmap: Equatable, Sendable {
+    /// Pages the bitmap covers.
+    public let pageCount: UInt64
+    /// One bit per page, page p at bit p % 64 of word p / 64; bits past `pageCount` are zero.
+    public private(set) var words: [UInt64]
+    /// Pages in the set.
+    public private(set) var count: Int = 0
+
+    public init(pageCount: UInt64) {
+        self.pageCount = pageCount
+        words = [UInt64](repeating: 0, count: Int((pageCount + 63) / 64))
+    }
+
+    /// A bitmap from its words; throws when a bit past `pageCount` is set.
+    public init(pageCount: UInt64, words: [UInt64]) throws {
+        precondition(words.count == Int((pageCount + 63) / 64))
+        self.pageCount = pageCount
+        self.words = words
+        if pageCount % 64 != 0, let last = words.last, last >> (pageCount % 64) != 0 {
+            throw MachineStateError("ram: the post-copy bitmap names pages past the \(pageCount) pages of RAM")
+        }
+        count = words.reduce(0) { $0 + $1.nonzeroBitCount }
+    }
+
+    @inline(__always) public func contains(_ page: UInt64) -> Bool {
+        page < pageCount && words[Int(page >> 6)] & (1 << (page & 63)) != 0
+    }
+
+    public mutating func insert(_ page: UInt64) {
+        let bit: UInt64 = 1 << (page & 63)
+        if words[Int(page >> 6)] & bit == 0 {
+            words[Int(page >> 6)] |= bit
+            count += 1
+        }
+    }
+
+    public mutating func remove(_ page: UInt64) {
+        let bit: UInt64 = 1 << (page & 63)
+        if words[Int(page >> 6)] & bit != 0 {
+            words[Int(page >> 6)] &= ~bit
+            count -= 1
+        }
+    }
+
+    /// The first page in the set at or after `from`, if any.
+    public func next(from: UInt64) -> UInt64? {
+        var w = Int(from >> 6)
+        guard w < words.count else { return nil }
+        var word = words[w] & (~0 << (from & 63))
+        while true {
+            if word != 0 { return UInt64(w) << 6 + UInt64(word.trailingZeroBitCount) }
+            w += 1
+            guard w < words.count else { return nil }
+            word = words[w]
+        }
+    }
+
+    /// Runs of consecutive pages in the set: (first page, count).
+    public var runs: [(UInt64, UInt64)] {
+        var out: [(UInt64, UInt64)] = []
+        var p: UInt64 = 0
+        while let first = next(from: p) {
+            var end = first + 1
+            while end < pageCount && contains(end) { end += 1 }
+            out.append((first, end - first))
+            p = end
+        }
+        return out
+    }
+}
+
+/// Where a live stream stands when its switch-over package has been read.
+public enum LiveSwitchOver {
+    /// A pre-copy stream, complete: RAM is whole; the sections and whether the source ran.
+    case complete(sections: [StateSection], running: Bool)
+    /// A post-copy package: the sections, whether the source ran, and the pages still to come
+    /// (their old contents in RAM are stale); `readPostcopyPages` reads them.
+    case postcopy(sections: [StateSection], running: Bool, pending: PageBitmap)
+}
+
 /// Reads a live-migration stream (format version 2) into a machine waiting in `inmigrate`:
 /// page records go straight into guest RAM as they arrive, sections are collected and
-/// checked, and the run-state and end records close it. Everything is validated as untrusted
-/// input: indices inside RAM, counts within limits, CRCs over every table and every page.
-/// Migration thread, while no hart runs and no device touches RAM.
+/// checked, and the run-state and end records close it (or, for post-copy, the post-copy
+/// record, sections and run state make a package after which the pending pages follow).
+/// Everything is validated as untrusted input: indices inside RAM, counts within limits, CRCs
+/// over every table and every page. Migration thread, while no hart runs and no device
+/// touches RAM (post-copy pages are handed to a placer instead).
 public final class LiveStateReader {
     public let identity: String
+    /// Whether the header advises post-copy.
+    public let postcopyAdvised: Bool
     private let source: StateSource
     /// Pages received with data and as zero.
     public private(set) var normalPages: UInt64 = 0
@@ -601,59 +723,82 @@ public final class LiveStateReader {
     /// Reads and checks the header; throws unless it is a version-2 stream.
     public init(source: StateSource) throws {
         self.source = source
-        let (version, identity) = try MachineStateReader.readHeader(source)
+        let (version, identity, flags) = try MachineStateReader.readHeader(source)
         guard version == MachineStateFormat.liveVersion else {
             throw MachineStateError("stream format version \(version) is not a live-migration stream (expected \(MachineStateFormat.liveVersion))")
         }
+        guard flags & ~MachineStateFormat.flagPostcopy == 0 else {
+            throw MachineStateError("header: unknown flags \(flags)")
+        }
         self.identity = identity
+        postcopyAdvised = flags & MachineStateFormat.flagPostcopy != 0
     }
 
     /// Bytes read so far.
     public var position: UInt64 { source.position }
 
-    /// Reads every record after the header: RAM pages into `ram` (zeroed first), then the
-    /// sections, the run state and the end record. Returns the sections and whether the source
-    /// was running. RAM is left partly written when this throws: the caller must not run the
-    /// machine then.
+    /// Reads every record after the header of a pre-copy stream (see `readUntilSwitchOver`);
+    /// throws at a post-copy record.
     public func readAll(into ram: GuestRAM) throws -> (sections: [StateSection], running: Bool) {
+        switch try readUntilSwitchOver(into: ram) {
+        case .complete(let sections, let running): return (sections, running)
+        case .postcopy: throw MachineStateError("the source switched to post-copy, which this load does not accept")
+        }
+    }
+
+    /// One page record's table after its kind byte: the entries (page << 1 | zero flag) and
+    /// the data CRC, checked against RAM's `pages`.
+    private func readPageTable(at: UInt64, pages: UInt64) throws -> (entries: [UInt64], dataCRC: UInt32) {
+        let countBytes = try source.bytes(4, what: "a page record")
+        var c = StateReader(section: "ram", bytes: countBytes)
+        let count = Int(try c.u32("page count"))
+        guard count > 0, count <= MachineStateFormat.maxPagesPerRecord else {
+            throw MachineStateError("ram: a page record at offset \(at) holds \(count) pages (1...\(MachineStateFormat.maxPagesPerRecord) allowed)")
+        }
+        let entryBytes = try source.bytes(count * 8, what: "a page record")
+        var crcs = StateReader(section: "ram", bytes: try source.bytes(8, what: "a page record"))
+        let tableCRC = try crcs.u32("table crc"), dataCRC = try crcs.u32("data crc")
+        var crc = countBytes.withUnsafeBytes { crc32Update(0, $0) }
+        crc = entryBytes.withUnsafeBytes { crc32Update(crc, $0) }
+        guard crc == tableCRC else {
+            throw MachineStateError("ram: the page table at offset \(at) fails its checksum (the stream is corrupt)")
+        }
+        var table = StateReader(section: "ram", bytes: entryBytes)
+        var entries: [UInt64] = []
+        entries.reserveCapacity(count)
+        for i in 0..<count {
+            let e = try table.u64("pages[\(i)]")
+            guard e >> 1 < pages else {
+                throw MachineStateError("ram: page \(e >> 1) at offset \(at) is outside the \(pages) pages of RAM")
+            }
+            entries.append(e)
+        }
+        return (entries, dataCRC)
+    }
+
+    /// Reads the records after the header up to the switch-over: RAM pages into `ram` (zeroed
+    /// first), then either the sections, run state and end record (`complete`) or the
+    /// post-copy record, sections and run state (`postcopy`). RAM is left partly written when
+    /// this throws: the caller must not run the machine then.
+    /// `onSync` is called with the sequence number of each sync record, when everything before
+    /// it has been read.
+    public func readUntilSwitchOver(into ram: GuestRAM, onSync: (UInt32) throws -> Void = { _ in }) throws -> LiveSwitchOver {
         try ram.zeroAll()
         let pageSize = MachineStateFormat.pageSize
         let pages = ram.size / UInt64(pageSize)
         var sections: [StateSection] = []
         var sectionBytes: UInt64 = 0
         var running: Bool? = nil
+        var pending: PageBitmap? = nil
         while true {
             let at = source.position
             let kind = try source.bytes(1, what: "a record kind")[0]
             switch kind {
             case MachineStateFormat.kindPages:
-                guard sections.isEmpty, running == nil else {
+                guard sections.isEmpty, running == nil, pending == nil else {
                     throw MachineStateError("a page record at offset \(at) follows the device sections")
                 }
-                let countBytes = try source.bytes(4, what: "a page record")
-                var c = StateReader(section: "ram", bytes: countBytes)
-                let count = Int(try c.u32("page count"))
-                guard count > 0, count <= MachineStateFormat.maxPagesPerRecord else {
-                    throw MachineStateError("ram: a page record at offset \(at) holds \(count) pages (1...\(MachineStateFormat.maxPagesPerRecord) allowed)")
-                }
-                let entryBytes = try source.bytes(count * 8, what: "a page record")
-                var crcs = StateReader(section: "ram", bytes: try source.bytes(8, what: "a page record"))
-                let tableCRC = try crcs.u32("table crc"), dataCRC = try crcs.u32("data crc")
-                var crc = countBytes.withUnsafeBytes { crc32Update(0, $0) }
-                crc = entryBytes.withUnsafeBytes { crc32Update(crc, $0) }
-                guard crc == tableCRC else {
-                    throw MachineStateError("ram: the page table at offset \(at) fails its checksum (the stream is corrupt)")
-                }
-                var table = StateReader(section: "ram", bytes: entryBytes)
-                var entries: [UInt64] = []
-                entries.reserveCapacity(count)
-                for i in 0..<count {
-                    let e = try table.u64("pages[\(i)]")
-                    guard e >> 1 < pages else {
-                        throw MachineStateError("ram: page \(e >> 1) at offset \(at) is outside the \(pages) pages of RAM")
-                    }
-                    entries.append(e)
-                }
+                let (entries, dataCRC) = try readPageTable(at: at, pages: pages)
                 var data: UInt32 = 0
                 for e in entries {
                     let p = UnsafeMutableRawBufferPointer(start: ram.pointer + Int(e >> 1) * pageSize, count: pageSize)
@@ -669,6 +814,35 @@ public final class LiveStateReader {
                 guard data == dataCRC else {
                     throw MachineStateError("ram: the pages of the record at offset \(at) fail their checksum (the stream is corrupt)")
                 }
+            case MachineStateFormat.kindSync:
+                guard sections.isEmpty, running == nil, pending == nil else {
+                    throw MachineStateError("a sync record at offset \(at) follows the device sections")
+                }
+                var r = StateReader(section: "sync", bytes: try source.bytes(4, what: "a sync record"))
+                try onSync(try r.u32("sequence"))
+            case MachineStateFormat.kindPostcopy:
+                guard postcopyAdvised else {
+                    throw MachineStateError("a post-copy record at offset \(at) in a stream whose header did not advise post-copy")
+                }
+                guard sections.isEmpty, running == nil, pending == nil else {
+                    throw MachineStateError("the post-copy record at offset \(at) follows the device sections or another one")
+                }
+                let wordCount = Int((pages + 63) / 64)
+                let body = try source.bytes(8 + wordCount * 8, what: "the post-copy record")
+                var crcBytes = StateReader(section: "ram", bytes: try source.bytes(4, what: "the post-copy record"))
+                let stored = try crcBytes.u32("crc")
+                guard body.withUnsafeBytes({ crc32Update(0, $0) }) == stored else {
+                    throw MachineStateError("ram: the post-copy record at offset \(at) fails its checksum (the stream is corrupt)")
+                }
+                var r = StateReader(section: "ram", bytes: body)
+                let count = try r.u64("page count")
+                guard count == pages else {
+                    throw MachineStateError("ram: the post-copy record covers \(count) pages, this machine has \(pages)")
+                }
+                var words: [UInt64] = []
+                words.reserveCapacity(wordCount)
+                for i in 0..<wordCount { words.append(try r.u64("bitmap[\(i)]")) }
+                pending = try PageBitmap(pageCount: pages, words: words)
             case MachineStateFormat.kindSection:
                 guard running == nil else { throw MachineStateError("a section at offset \(at) follows the run-state record") }
                 let section = try MachineStateReader.readSection(source)
@@ -685,14 +859,67 @@ public final class LiveStateReader {
                 guard running == nil else { throw MachineStateError("a second run-state record at offset \(at)") }
                 let v = try source.bytes(1, what: "the run-state record")[0]
                 guard v <= 1 else { throw MachineStateError("the run-state record holds \(v) (0 or 1 expected)") }
+                if let pending { return .postcopy(sections: sections, running: v == 1, pending: pending) }
                 running = v == 1
             case MachineStateFormat.kindEnd:
                 let magic = try source.bytes(8, what: "the end record")
                 guard magic == MachineStateFormat.magic else { throw MachineStateError("the end record is corrupt") }
                 guard let running else { throw MachineStateError("the stream ends without its run-state record") }
-                return (sections, running)
+                return .complete(sections: sections, running: running)
             default:
                 throw MachineStateError("unknown record kind \(kind) at offset \(at)")
+            }
+        }
+    }
+
+    /// Reads the post-copy pages after the package: page records holding only pending pages,
+    /// each at most once, then the end record, which must come once every pending page has
+    /// arrived. Each record is read whole and checked before its pages go to `place` (page
+    /// index, its 4 KiB, or nil for a zero page), so nothing unchecked reaches guest RAM.
+    public func readPostcopyPages(pending: PageBitmap, place: (UInt64, UnsafeRawPointer?) throws -> Void) throws {
+        let pageSize = MachineStateFormat.pageSize
+        var missing = pending
+        var data = [UInt8](repeating: 0, count: MachineStateFormat.maxPagesPerRecord * pageSize)
+        while true {
+            let at = source.position
+            let kind = try source.bytes(1, what: "a record kind")[0]
+            switch kind {
+            case MachineStateFormat.kindPages:
+                let (entries, dataCRC) = try readPageTable(at: at, pages: pending.pageCount)
+                var inRecord = Set<UInt64>()
+                for e in entries where !missing.contains(e >> 1) || !inRecord.insert(e >> 1).inserted {
+                    let why = pending.contains(e >> 1) ? "was sent twice" : "was not pending"
+                    throw MachineStateError("ram: post-copy page \(e >> 1) at offset \(at) \(why)")
+                }
+                let withData = entries.filter { $0 & 1 == 0 }.count
+                try data.withUnsafeMutableBytes { d in
+                    let buffer = UnsafeMutableRawBufferPointer(rebasing: d[0..<withData * pageSize])
+                    try source.read(into: buffer, what: "the RAM pages")
+                    guard crc32Update(0, UnsafeRawBufferPointer(buffer)) == dataCRC else {
+                        throw MachineStateError("ram: the pages of the record at offset \(at) fail their checksum (the stream is corrupt)")
+                    }
+                    var k = 0
+                    for e in entries {
+                        missing.remove(e >> 1)
+                        if e & 1 != 0 {
+                            zeroPages += 1
+                            try place(e >> 1, nil)
+                        } else {
+                            normalPages += 1
+                            try place(e >> 1, UnsafeRawPointer(d.baseAddress! + k * pageSize))
+                            k += 1
+                        }
+                    }
+                }
+            case MachineStateFormat.kindEnd:
+                let magic = try source.bytes(8, what: "the end record")
+                guard magic == MachineStateFormat.magic else { throw MachineStateError("the end record is corrupt") }
+                guard missing.count == 0 else {
+                    throw MachineStateError("the stream ends with \(missing.count) post-copy pages not sent")
+                }
+                return
+            default:
+                throw MachineStateError("unknown record kind \(kind) at offset \(at) among the post-copy pages")
             }
         }
     }

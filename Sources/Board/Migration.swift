@@ -135,7 +135,8 @@ extension VirtualMachine: MachineMigration {
             throw MachineStateError("the machine was already migrated; its disks belong to the destination")
         }
         try migration.withLock { m in
-            if m.status == .setup || m.status == .active || m.status == .cancelling {
+            // (An incoming post-copy still pulling pages counts too.)
+            if [.setup, .active, .cancelling, .postcopyActive, .postcopyPaused].contains(m.status) {
                 throw MachineStateError("There's a migration process in progress")
             }
             m = MigrationProgress()

@@ -139,70 +139,9 @@ enum MigrationSocket {
         }
     }
 
-    /// Reads exactly `count` bytes, waiting at most `timeout` seconds in all; nil on a timeout.
-    static func receive(_ fd: Int32, count: Int, timeout: Double) throws -> [UInt8]? {
-        var out = [UInt8](repeating: 0, count: count)
-        var done = 0
-        let deadline = Date(timeIntervalSinceNow: timeout)
-        while done < count {
-            let left = deadline.timeIntervalSinceNow
-            if left <= 0 { return nil }
-            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let r = poll(&p, 1, Int32(min(left * 1000, 1000)) + 1)
-            if r < 0 {
-                if errno == EINTR { continue }
-                throw MachineStateError("the migration connection broke: \(errorText())")
-            }
-            if r == 0 { continue }
-            let n = out.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + done, count - done, 0) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw MachineStateError("the migration connection broke: \(errorText())")
-            }
-            if n == 0 { throw MachineStateError("the destination closed the connection") }
-            done += n
-        }
-        return out
-    }
-
     /// True when the peer has sent something (or closed) that can be read without waiting.
     static func hasInput(_ fd: Int32) -> Bool {
         var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         return poll(&p, 1, 0) > 0
-    }
-}
-
-/// The destination's answers on the return path: after the whole stream is loaded and the
-/// disks are taken over it sends `ok`; when it refuses the stream it sends `refused` with the
-/// reason (u32 length + UTF-8) and closes.
-enum MigrationReply {
-    static let ok: [UInt8] = Array("MSVMOK\0\0".utf8)
-    static let refused: [UInt8] = Array("MSVMERR\0".utf8)
-    /// Longest reason accepted from a destination.
-    static let maxReason = 4096
-
-    static func refusal(_ message: String) -> [UInt8] {
-        let text = Array(message.utf8.prefix(maxReason))
-        var out = refused
-        withUnsafeBytes(of: UInt32(text.count).littleEndian) { out.append(contentsOf: $0) }
-        return out + text
-    }
-
-    /// Reads one reply: nil for `ok`; the reason for a refusal. Throws for anything else,
-    /// including a timeout.
-    static func read(_ fd: Int32, timeout: Double) throws -> String? {
-        guard let tag = try MigrationSocket.receive(fd, count: 8, timeout: timeout) else {
-            throw MachineStateError("the destination did not answer within \(Int(timeout)) s")
-        }
-        if tag == ok { return nil }
-        guard tag == refused else { throw MachineStateError("the destination sent an unknown reply") }
-        guard let lengthBytes = try MigrationSocket.receive(fd, count: 4, timeout: 5) else {
-            throw MachineStateError("the destination refused the stream (no reason given)")
-        }
-        let length = Int(UInt32(lengthBytes[0]) | UInt32(lengthBytes[1]) << 8 | UInt32(lengthBytes[2]) << 16 | UInt32(lengthBytes[3]) << 24)
-        guard length <= maxReason, let text = try MigrationSocket.receive(fd, count: length, timeout: 5) else {
-            throw MachineStateError("the destination refused the stream (its reason is unreadable)")
-        }
-        return String(decoding: text, as: UTF8.self)
     }
 }

@@ -200,7 +200,8 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
 
     public func stop() {
         onControl {
-            guard self.isLive, self.runState == .running else { return }
+            // After a broken post-copy, harts may be blocked on pages that never come.
+            guard self.isLive, self.runState == .running, !self.live.postcopyBroken.load(ordering: .sequentiallyConsistent) else { return }
             self.pauseHarts()
             self.board.deviceManager.quiesce()
             self.board.clock.pause()
@@ -318,6 +319,8 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
             shutdownNow(cause: cause, exitCode: 0)
             return
         }
+        // A source paused for a switch-over or serving post-copy pages keeps its RAM as it was.
+        guard runState != .finishMigrate else { return }
         let wasRunning = runState == .running
         if wasRunning { pauseHarts() }
         do {
@@ -339,7 +342,9 @@ public final class VirtualMachine: MachineControl, SystemControl, Sendable {
 
     private func shutdownNow(cause: ShutdownCause, exitCode: Int32) {
         guard isLive else { return }
-        if runState == .running {
+        // After a broken post-copy, harts and devices may be blocked on pages that never
+        // come: nothing waits for them (the process ends, and them with it).
+        if runState == .running && !live.postcopyBroken.load(ordering: .sequentiallyConsistent) {
             pauseHarts()
             board.deviceManager.quiesce()
         }

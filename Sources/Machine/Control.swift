@@ -171,6 +171,11 @@ public struct MigrationProgress: Sendable, Equatable {
     /// QEMU's `MigrationStatus` names that machine-server uses.
     public enum Status: String, Sendable {
         case none, setup, active, cancelling, cancelled, completed, failed
+        /// Post-copy: the guest runs on the destination, which pulls the pages it still lacks.
+        case postcopyActive = "postcopy-active"
+        /// Post-copy broke off (the connection, or the other end, failed): the guest cannot
+        /// continue on the destination and the source holds its copy, paused.
+        case postcopyPaused = "postcopy-paused"
     }
 
     public var status: Status = .none
@@ -201,6 +206,8 @@ public struct MigrationProgress: Sendable, Equatable {
     public var mbps: Double = 0
     /// Times the dirty log was collected.
     public var dirtySyncCount: UInt64 = 0
+    /// Post-copy: pages the destination asked for because the guest touched them.
+    public var postcopyRequests: UInt64 = 0
     /// Auto-converge's current throttle in percent (0: not throttling).
     public var throttlePercentage: Int = 0
     /// When it started (DispatchTime-style uptime nanoseconds), for total-time while active.
@@ -219,6 +226,8 @@ public struct MigrationParameters: Sendable, Equatable {
     public var throttleInitial = 20
     public var throttleIncrement = 10
     public var maxThrottle = 99
+    /// Most bytes per second of post-copy's background stream (0: unlimited, QEMU's default).
+    public var maxPostcopyBandwidth: UInt64 = 0
     public init() {}
 }
 
@@ -228,6 +237,9 @@ public struct MigrationCapabilities: Sendable, Equatable {
     public var events = false
     /// Throttle the vCPUs when the guest dirties RAM faster than it is sent.
     public var autoConverge = false
+    /// QEMU's `postcopy-ram`: the migration may switch to post-copy (`migrate-start-postcopy`);
+    /// both ends must set it.
+    public var postcopyRam = false
     public init() {}
 }
 
@@ -250,8 +262,12 @@ public protocol MachineMigration: AnyObject, Sendable {
     func setMigrationParameters(_ p: MigrationParameters)
     /// The capabilities.
     func migrationCapabilities() -> MigrationCapabilities
-    /// Replaces the capabilities; throws while a migration runs.
+    /// Replaces the capabilities; throws while a migration runs, or when `postcopyRam` is
+    /// asked for on a host without userfaultfd.
     func setMigrationCapabilities(_ c: MigrationCapabilities) throws
+    /// Switches the outgoing migration in progress to post-copy (QEMU's
+    /// `migrate-start-postcopy`); throws, saying why, when it cannot.
+    func startPostcopy() throws
 }
 
 /// A background job's state, with QEMU's `JobStatus` names.

@@ -216,6 +216,13 @@ public struct UserNetworkOptions: Sendable, Equatable {
         try inside("host", host, &self.host)
         try inside("dns", dns, &self.dns)
         try inside("dhcpstart", dhcpStart, &self.dhcpStart)
+        // The defaults (.2, .3, .15 of the network) need a network of at least 32 addresses;
+        // in a smaller one they fall outside it or on its broadcast address (QEMU refuses
+        // those outside too: "DHCP doesn't belong to network").
+        for (name, a) in [("host", self.host), ("dns", self.dns), ("dhcpstart", self.dhcpStart)]
+        where a.value & mask.value != network.value || a == network || a.value | mask.value == UInt32.max {
+            throw NetError("Parameter '\(name)': its default \(a) is not a usable address of the guest network \(network)/\(prefixLength); give '\(name)' or a network of /27 or larger")
+        }
         guard self.host != self.dns else { throw NetError("Parameter 'dns': \(self.dns) is also the host address") }
         self.restrict = restrict
         self.hostname = hostname

@@ -57,6 +57,9 @@ extension QMPCommandExecutor {
         HMPCommand(names: ["migrate_cancel"], arguments: "", help: "cancel the current VM migration") { e, _, _ in
             try e.migrateCancel(); return ""
         },
+        HMPCommand(names: ["migrate_start_postcopy"], arguments: "", help: "Followup to a migration command to switch the migration to postcopy mode. The postcopy-ram capability must be set on both source and destination before the original migration command.") { e, _, _ in
+            try e.migrateStartPostcopy(); return ""
+        },
         HMPCommand(names: ["device_add"], arguments: "driver[,prop=value][,...]", help: "add device, like -device on the command line") { e, w, _ in
             try e.hotPlugHMP(w) ?? ""
         },
@@ -155,6 +158,7 @@ extension QMPCommandExecutor {
                 out += "normal bytes: \(ram.normalBytes / 1024) kbytes\r\n"
                 out += "dirty sync count: \(ram.dirtySyncCount)\r\n"
                 out += "dirty pages rate: \(ram.dirtyPagesRate) pages\r\n"
+                if ram.postcopyRequests > 0 { out += "postcopy request count: \(ram.postcopyRequests)\r\n" }
             }
             if let t = m.cpuThrottlePercentage { out += "cpu throttle percentage: \(t)\r\n" }
             if let err = m.errorDesc { out += "error description: \(err)\r\n" }

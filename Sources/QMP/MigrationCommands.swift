@@ -43,14 +43,14 @@ extension QMPCommandExecutor {
                                       duplicate: Int64(p.zeroPages), normal: Int64(p.normalPages),
                                       normalBytes: Int64(p.normalPages * pageSize), mbps: p.mbps,
                                       dirtyPagesRate: Int64(p.dirtyPagesRate), dirtySyncCount: Int64(p.dirtySyncCount),
-                                      pagesPerSecond: Int64(p.pagesPerSecond))
+                                      pagesPerSecond: Int64(p.pagesPerSecond), postcopyRequests: Int64(p.postcopyRequests))
         }
         switch p.status {
-        case .active, .cancelling:
+        case .active, .cancelling, .postcopyActive:
             info.totalTime = Int64(p.startedAt == 0 ? p.totalTime : (DispatchTime.now().uptimeNanoseconds &- p.startedAt) / 1_000_000)
             info.setupTime = Int64(p.setupTime)
             info.expectedDowntime = Int64(p.expectedDowntime)
-        case .completed, .failed, .cancelled:
+        case .completed, .failed, .cancelled, .postcopyPaused:
             info.totalTime = Int64(p.totalTime)
             info.setupTime = Int64(p.setupTime)
         default:
@@ -83,6 +83,17 @@ extension QMPCommandExecutor {
         try migration.cancelMigration()
     }
 
+    /// Switches the outgoing migration to post-copy.
+    public func migrateStartPostcopy() throws {
+        do {
+            try migration.startPostcopy()
+        } catch let e as QMPError {
+            throw e
+        } catch {
+            throw QMPError(.genericError, "\(error)")
+        }
+    }
+
     /// Changes the migration parameters given; each is checked against its range first, so a
     /// refused call changes nothing.
     public func migrateSetParameters(_ a: MigrateSetParametersArguments) throws {
@@ -101,6 +112,9 @@ extension QMPCommandExecutor {
         if let v = try check(a.cpuThrottleInitial, "cpu-throttle-initial", 1...99) { p.throttleInitial = Int(v) }
         if let v = try check(a.cpuThrottleIncrement, "cpu-throttle-increment", 1...99) { p.throttleIncrement = Int(v) }
         if let v = try check(a.maxCpuThrottle, "max-cpu-throttle", 1...99) { p.maxThrottle = Int(v) }
+        if let v = try check(a.maxPostcopyBandwidth, "max-postcopy-bandwidth", 0...Int64(Int32.max) * 1024) {
+            p.maxPostcopyBandwidth = UInt64(v)
+        }
         m.setMigrationParameters(p)
     }
 
@@ -108,7 +122,7 @@ extension QMPCommandExecutor {
         let p = try migration.migrationParameters()
         return Schema.MigrationParameters(downtimeLimit: Int64(p.downtimeLimit), maxBandwidth: Int64(p.maxBandwidth),
                                    cpuThrottleInitial: Int64(p.throttleInitial), cpuThrottleIncrement: Int64(p.throttleIncrement),
-                                   maxCpuThrottle: Int64(p.maxThrottle))
+                                   maxCpuThrottle: Int64(p.maxThrottle), maxPostcopyBandwidth: Int64(p.maxPostcopyBandwidth))
     }
 
     public func migrateSetCapabilities(_ a: MigrateSetCapabilitiesArguments) throws {
@@ -124,6 +138,7 @@ extension QMPCommandExecutor {
                 // Turning it off (libvirt does after each migration) is accepted and changes
                 // nothing: query-migrate-capabilities keeps reporting it on.
                 break
+            case .postcopyRam: c.postcopyRam = entry.state
             }
         }
         do {
@@ -139,6 +154,7 @@ extension QMPCommandExecutor {
         let canMigrate = controlForMigration is any MachineMigration
         return [MigrationCapabilityStatus(capability: .events, state: c.events),
                 MigrationCapabilityStatus(capability: .autoConverge, state: c.autoConverge),
+                MigrationCapabilityStatus(capability: .postcopyRam, state: c.postcopyRam),
                 MigrationCapabilityStatus(capability: .returnPath, state: canMigrate)]
     }
 }

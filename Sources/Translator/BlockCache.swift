@@ -107,7 +107,7 @@ extension Hart {
         block.opCount = Int32(n)
         block.byteLength = Int32(offset)
         block.valid = true
-        if let cache = codeCache { compileJIT(&block, index: index, cache) }
+        if let cache = codeCache { compileJIT(&block, index: index, virtualPC: virtualPC, cache) }
         blocks[Int(index)] = block
         blockCount += 1
         opCount += n

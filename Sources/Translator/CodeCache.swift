@@ -69,8 +69,9 @@ final class CodeCache {
     }
 
     /// Entry: save the callee-saved registers (keeping the stack 16-byte aligned for helper
-    /// calls), pin the state in rbx, load the chain budget into r14 and instret into r15, jump
-    /// to the block. Exit: store r14 and r15 back, restore, return eax.
+    /// calls), pin the state in rbx, load the chain budget into r14, instret into r15 and the
+    /// pinned guest registers (`BlockCompiler.pinned`) into theirs, jump to the block. Exit:
+    /// store them all back, restore, return eax.
     private func emitTrampolines() {
         var e = X86Emitter(buffer: writable, capacity: size, position: 0)
         for r: X86Reg in [.rbx, .rbp, .r12, .r13, .r14, .r15] { e.push(r) }
@@ -78,10 +79,13 @@ final class CodeCache {
         e.mov(.rbx, .rdi)
         e.load(.r14, X86Mem(.rbx, Int32(StateLayout.budget)))
         e.load(.r15, X86Mem(.rbx, Int32(StateLayout.instret)))
-        e.jmp(.rsi)
+        e.mov(.rax, .rsi)
+        for (g, h) in BlockCompiler.pinned { e.load(h, BlockCompiler.xr(g)) }
+        e.jmp(.rax)
         exitOffset = e.position
         e.store(X86Mem(.rbx, Int32(StateLayout.budget)), .r14)
         e.store(X86Mem(.rbx, Int32(StateLayout.instret)), .r15)
+        for (g, h) in BlockCompiler.pinned { e.store(BlockCompiler.xr(g), h) }
         e.alu(.add, .rsp, imm: 8)
         for r: X86Reg in [.r15, .r14, .r13, .r12, .rbp, .rbx] { e.pop(r) }
         e.ret()

@@ -344,6 +344,12 @@ public final class Hart: VirtualCPU {
 
     // MARK: Run loop
 
+    /// Blocks run per turn of the run loop (JIT chains check for a kick only when they run
+    /// out): at a few nanoseconds a block, interrupts wait microseconds at most, and the
+    /// turn's own cost (clock read, interrupt check, block lookup, entering generated code)
+    /// stays small.
+    static let blocksPerTurn = 2048
+
     public func run() {
         let lines = interrupts
         if hostFPUStale {
@@ -376,7 +382,7 @@ public final class Hart: VirtualCPU {
                 }
                 continue
             }
-            runSlice(budget: blockTrace == nil ? 512 : 1)
+            runSlice(budget: blockTrace == nil ? Self.blocksPerTurn : 1)
         }
     }
 
@@ -386,7 +392,7 @@ public final class Hart: VirtualCPU {
     /// engines after every block.
     func runSlice(budget: Int) {
         let lines = interrupts
-        // Between runs of blocks (at most 512 blocks apart, or sooner when kicked): see
+        // Between runs of blocks (at most `blocksPerTurn` blocks apart, or sooner when kicked): see
         // code-page changes, the timer and any interrupt that became deliverable.
         checkCodeEpoch()
         lines.kick.store(false, ordering: .relaxed)
@@ -456,7 +462,11 @@ public final class Hart: VirtualCPU {
         if let cache = codeCache {
             let site = slot == 0 ? p.pointee.jitSites.0 : p.pointee.jitSites.1
             let target = blocks[Int(to)].jitCode
-            if site >= 0 && target >= 0 {
+            // A site without a PC check takes only the block its own page holds at its target.
+            let samePage = slot == 0 ? p.pointee.jitSamePageTargets.0 : p.pointee.jitSamePageTargets.1
+            let fits = samePage < 0 || (blocks[Int(to)].physicalPC == (p.pointee.physicalPC & ~0xfff) + UInt64(samePage)
+                                        && blocks[Int(to)].privilege == p.pointee.privilege)
+            if site >= 0 && target >= 0 && fits {
                 BlockCompiler.patchChain(cache, site: Int(site), epoch: mmuEpoch, pc: pc, target: Int(target))
             }
         }

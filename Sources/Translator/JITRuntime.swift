@@ -31,15 +31,18 @@ extension Hart {
 
     /// Compiles `block` (to become block `index`) into the code cache, setting its code offset
     /// and chain sites.
-    func compileJIT(_ block: inout TranslationBlock, index: Int32, _ cache: CodeCache) {
+    func compileJIT(_ block: inout TranslationBlock, index: Int32, virtualPC: UInt64, _ cache: CodeCache) {
         let start = cache.used
         var c = BlockCompiler(emitter: cache.emitter(), helpers: jitHelpers, exitOffset: cache.exitOffset, blockIndex: index,
-                              hasFMA: cache.hasFMA)
+                              hasFMA: cache.hasFMA, pageOffset: Int(block.physicalPC & 0xfff))
         c.compile(ops: ops + Int(block.opStart), count: Int(block.opCount), byteLength: Int(block.byteLength))
         cache.commit(c.e)
         jitBytes += cache.used - start
         block.jitCode = Int32(start)
         block.jitSites = c.sites
+        block.jitSamePageTargets = c.samePageTargets
+        PerfMap.shared?.record(address: cache.code(at: start), bytes: cache.writable + start, size: c.e.position - start,
+                               pc: block.physicalPC, virtualPC: virtualPC, privilege: block.privilege)
     }
 
     /// The JIT counterpart of `execute`: runs block `index` entered at virtual PC `base` and

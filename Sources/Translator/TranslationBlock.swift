@@ -26,4 +26,8 @@ struct TranslationBlock {
     var jitCode: Int32 = -1
     /// Offsets of the patchable chain sites for slots 0 and 1 in the code cache, or -1.
     var jitSites: (Int32, Int32) = (-1, -1)
+    /// For a chain site without a PC check (its target lies in the block's own page): the
+    /// target's offset in that page, which only a block at that physical address may be linked
+    /// to; -1 for a site that checks the PC.
+    var jitSamePageTargets: (Int32, Int32) = (-1, -1)
 }

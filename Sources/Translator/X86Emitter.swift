@@ -4,6 +4,8 @@ enum X86Reg: UInt8 {
 
     var low: UInt8 { rawValue & 7 }
     var high: UInt8 { rawValue >> 3 }
+    /// Whether the System V ABI has a callee preserve it.
+    var calleeSaved: Bool { [.rbx, .rsp, .rbp, .r12, .r13, .r14, .r15].contains(self) }
 }
 
 /// A memory operand `[base + index << scale + disp]`.

@@ -89,6 +89,36 @@ import Translator
         return out
     }
 
+    /// Found by the gdb-stub fuzzer's hour-long run: the stub wrote replies with write(2), so a
+    /// debugger that closed before reading them raised SIGPIPE, which ended the whole process
+    /// (machine-server ignores SIGPIPE, but the stub must not depend on its host for that).
+    @Test func aDebuggerLeavingBeforeItsRepliesDoesNotKillTheProcess() throws {
+        let (vm, server) = try Self.machine()
+        defer {
+            server.stop()
+            vm.quit()
+            _ = vm.waitUntilExit()
+        }
+        // 64 reads of 4 KiB each (8 KiB of reply per packet), sent and abandoned at once: the
+        // stub is still answering when the connection goes.
+        let request = (0..<64).flatMap { _ in GDBPacketParser.frame(Array("m80000000,1000".utf8)) }
+        for _ in 0..<50 {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var addr = sockaddr_in()
+            addr.sin_family = sa_family_t(AF_INET)
+            addr.sin_port = in_port_t(UInt16(server.port).bigEndian)
+            addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let r = withUnsafePointer(to: &addr) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            try #require(r == 0)
+            _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            close(fd)
+        }
+        let after = String(decoding: try Self.exchange(server.port, GDBPacketParser.frame(Array("?".utf8)), quiet: 1), as: UTF8.self)
+        #expect(after.contains("$T05"), "\(after)")
+    }
+
     @Test func stubAnswersTheBasicsAndSurvivesFuzzedPackets() throws {
         let (vm, server) = try Self.machine()
         defer {

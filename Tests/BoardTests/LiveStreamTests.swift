@@ -10,7 +10,7 @@ struct LiveStreamTests {
     static let pageSize = MachineStateFormat.pageSize
 
     /// A stream as a source writes it: pass 1 with `first`, pass 2 with `second` (pages then
-    /// re-read from `ram`), sections, run state, end.
+    /// re-read from `ram`), each ending with a sync record, sections, run state, end.
     static func stream(ram: GuestRAM, first: [UInt64], second: [UInt64], sections: [StateSection],
                        running: Bool = true, identity: String = "test-identity") throws -> [UInt8] {
         var out: [UInt8] = []
@@ -23,6 +23,7 @@ struct LiveStreamTests {
                 try MachineStateWriter.writePages(pass[i..<end], ram: ram, skipZero: pass == first, to: sink)
                 i = end
             }
+            try MachineStateWriter.writeSync(sequence: pass == first ? 1 : 2, to: sink)
         }
         try MachineStateWriter.writeSections(sections, to: sink)
         try MachineStateWriter.writeRunState(running: running, to: sink)
@@ -137,6 +138,51 @@ struct LiveStreamTests {
         #expect(throws: MachineStateError.self) { _ = try MachineStateReader(source: source) }
     }
 
+    /// Sync records end each pass: the reader reports each one once everything before it is in
+    /// RAM; one after the sections is refused.
+    @Test func syncRecordsAreReportedAfterWhatPrecedesThem() throws {
+        let a = try GuestRAM(base: GuestPhysicalAddress(0x8000_0000), size: 64 << 12)
+        for p in [1, 9] { Self.fill(a, page: p, with: UInt64(p) + 3) }
+        func stream(syncAfterSections: Bool) throws -> [UInt8] {
+            var out: [UInt8] = []
+            let sink = StateSink(write: { out += $0 })
+            try MachineStateWriter.writeHeader(identity: "test-identity", version: MachineStateFormat.liveVersion, to: sink)
+            try MachineStateWriter.writePages([1], ram: a, skipZero: true, to: sink)
+            try MachineStateWriter.writeSync(sequence: 1, to: sink)
+            try MachineStateWriter.writePages([9], ram: a, skipZero: true, to: sink)
+            try MachineStateWriter.writeSync(sequence: 2, to: sink)
+            try MachineStateWriter.writeSections([StateSection(name: "clock", version: 1, payload: [0, 0, 0, 0, 0, 0, 0, 0])], to: sink)
+            if syncAfterSections { try MachineStateWriter.writeSync(sequence: 3, to: sink) }
+            try MachineStateWriter.writeRunState(running: true, to: sink)
+            try MachineStateWriter.writeEnd(to: sink)
+            try sink.finish()
+            return out
+        }
+        func source(_ bytes: [UInt8]) -> StateSource {
+            var offset = 0
+            return StateSource(read: { p, n in
+                let k = min(n, bytes.count - offset)
+                bytes.withUnsafeBytes { p.copyMemory(from: $0.baseAddress! + offset, byteCount: k) }
+                offset += k
+                return k
+            })
+        }
+        let b = try GuestRAM(base: GuestPhysicalAddress(0x8000_0000), size: 64 << 12)
+        var seen: [(UInt32, UInt64, UInt64)] = []
+        let result = try LiveStateReader(source: source(try stream(syncAfterSections: false))).readUntilSwitchOver(into: b) { n in
+            seen.append((n, b.pointer.load(fromByteOffset: 1 * 4096, as: UInt64.self), b.pointer.load(fromByteOffset: 9 * 4096, as: UInt64.self)))
+        }
+        #expect(seen.map { [UInt64($0.0), $0.1, $0.2] } == [[1, 4, 0], [2, 4, 12]])
+        guard case .complete(_, let running) = result else {
+            Issue.record("not complete")
+            return
+        }
+        #expect(running)
+        #expect(throws: MachineStateError("a sync record at offset \(try stream(syncAfterSections: true).count - 9 - 2 - 5) follows the device sections")) {
+            _ = try LiveStateReader(source: source(try stream(syncAfterSections: true))).readAll(into: b)
+        }
+    }
+
     /// Mutations of a valid live stream fed to a destination's reader: every outcome is a
     /// clean refusal or a load, never a crash or a hang. `Fuzz.budget` (3 s in CI).
     @Test func mutatedLiveStreamsNeverCrash() throws {
@@ -148,7 +194,7 @@ struct LiveStreamTests {
         let b = try GuestRAM(base: GuestPhysicalAddress(0x8000_0000), size: 256 << 10)
         let report = Fuzz.run(target: "live-stream", seeds: [seed], seconds: Fuzz.budget(ci: 3),
                               maxLength: seed.count * 2,
-                              dictionary: [MachineStateFormat.magic, [2, 0, 0, 0], [3], [4], [0xff], [0, 4, 0, 0]]) { input in
+                              dictionary: [MachineStateFormat.magic, [2, 0, 0, 0], [3], [4], [6], [0xff], [0, 4, 0, 0]]) { input in
             _ = try Self.read(input, into: b)
         }
         print(report)

@@ -28,8 +28,9 @@ import Testing
             do {
                 let o = try UserNetworkOptions(net: text, host: nil, dns: nil, dhcpStart: nil, restrict: false, hostname: nil,
                                                domainName: nil, hostForwards: [], guestForwards: [])
-                for a in [o.host, o.dns, o.dhcpStart] where a.value & o.mask.value != o.network.value {
-                    problems.append("\(a) outside \(o.network)/\(o.prefixLength) from \(text.debugDescription)")
+                for a in [o.host, o.dns, o.dhcpStart]
+                where a.value & o.mask.value != o.network.value || a == o.network || a.value | o.mask.value == UInt32.max {
+                    problems.append("\(a) outside \(o.network)/\(o.prefixLength) or not a host address, from \(text.debugDescription)")
                 }
             } catch { rejected += 1 }
             if rejected == 3 { throw NetError("rejected") }

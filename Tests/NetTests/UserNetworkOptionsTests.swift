@@ -16,6 +16,30 @@ import Testing
         #expect(o.host.description == "192.168.0.2" && o.dns.description == "192.168.9.9" && o.dhcpStart.description == "192.168.0.15")
     }
 
+    /// Found by the hostfwd fuzzer's hour-long run: in a /30 the default DHCP start (.15) lies
+    /// outside the network and the default DNS (.3) is its broadcast address; in a /28 .15 is
+    /// the broadcast address.
+    @Test func aNetworkTooSmallForTheDefaultsIsRefusedByName() throws {
+        for net in ["10.0.3.0/30", "10.0.3.1/255.255.255.252", "10.0.3.0/29", "10.0.3.0/28"] {
+            #expect(throws: NetError.self) {
+                try UserNetworkOptions(net: net, host: nil, dns: nil, dhcpStart: nil, restrict: false, hostname: nil,
+                                       domainName: nil, hostForwards: [], guestForwards: [])
+            }
+        }
+        do {
+            _ = try UserNetworkOptions(net: "10.0.3.0/29", host: nil, dns: nil, dhcpStart: nil, restrict: false, hostname: nil,
+                                       domainName: nil, hostForwards: [], guestForwards: [])
+        } catch {
+            #expect(error.description.contains("'dhcpstart'") && error.description.contains("10.0.3.15"), "\(error)")
+        }
+        // Given explicitly, addresses inside a small network are fine.
+        let o = try UserNetworkOptions(net: "10.0.3.0/29", host: nil, dns: nil, dhcpStart: "10.0.3.4", restrict: false,
+                                       hostname: nil, domainName: nil, hostForwards: [], guestForwards: [])
+        #expect(o.dhcpStart.description == "10.0.3.4")
+        #expect(try UserNetworkOptions(net: "10.0.3.0/27", host: nil, dns: nil, dhcpStart: nil, restrict: false, hostname: nil,
+                                       domainName: nil, hostForwards: [], guestForwards: []).dhcpStart.description == "10.0.3.15")
+    }
+
     @Test(arguments: [
         ("net", "10.0.2.0/33", "prefix length"),
         ("net", "10.0.2", "not an IPv4 address"),

@@ -137,6 +137,8 @@ final class HotPlugDevices: DeviceRegistry {
                 throw e
             }
         }
+        print(report)
+        #expect(report.problems.isEmpty, "\(report.problems)")
         #expect(report.executions > seeds.count)
     }
 

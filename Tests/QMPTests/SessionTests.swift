@@ -181,7 +181,7 @@ func errorOf(_ reply: JSONValue) -> (String, String)? {
         let events = names(h.one(#"{"execute":"query-events"}"#)["return"])
         #expect(events.contains("SHUTDOWN") && events.contains("STOP"))
         #expect(h.one(#"{"execute":"query-migrate-capabilities"}"#)["return"] == [["capability": "events", "state": false], ["capability": "auto-converge", "state": false],
-                                                                               ["capability": "return-path", "state": false]])
+                                                                                      ["capability": "postcopy-ram", "state": false], ["capability": "return-path", "state": false]])
         #expect(errorOf(h.one(#"{"execute":"send-key","arguments":{"keys":[{"type":"qcode","data":"nosuch"}]}}"#))?.1
                 == "Parameter 'data' does not accept value 'nosuch'")  // QEMU 7.2's wording
     }

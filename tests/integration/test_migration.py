@@ -2,13 +2,16 @@
 `--incoming tcp:`/`unix:`): a guest moves mid-run and finishes on the destination; cancel,
 a killed destination, a dropped connection and a refused stream leave the source running;
 a guest writing its qcow2 disk loses nothing; a guest dirtying memory fast converges with
-auto-converge.
+auto-converge, and moves with post-copy (a checksum of its memory proves nothing was lost);
+a dropped connection in post-copy leaves the source paused with its copy; a system_reset
+during a migration reaches the destination.
 
 Environment:
   MACHINE_SERVER  path of the built machine-server executable (tests skip without it)
 The shared guest (Linux 6.1 + busybox initramfs) comes from GUEST_DIR (default
 ../shared/guests).
 """
+import hashlib
 import json
 import os
 import re
@@ -366,3 +369,202 @@ def test_a_guest_dirtying_memory_fast_converges_with_auto_converge(tmp_path, ser
     assert passes == list(range(1, len(passes) + 1)) and len(passes) >= 3, passes
     last = int(re.findall(r"round (\d+)", src.text())[-1])
     dst.expect(rf"round {last + 1}\b", 120)
+
+
+def postcopy_caps(*servers_):
+    for s_ in servers_:
+        s_.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True},
+                                                       {"capability": "events", "state": True}])
+
+
+def shifted_file_md5(rounds):
+    """The md5 of the guest's /tmp/a after `rounds` in-place shifts by 4 KiB (see SHIFT_LOOP)."""
+    data = bytearray(((b"abcdefghijklmnopqrstuvwxyz\n" * 40000)[:1 << 20]) * 200)
+    for _ in range(rounds):
+        data[0:len(data) - 4096] = data[4096:]
+    return hashlib.md5(data).hexdigest()
+
+
+# 200 MiB of RAM-backed file, then ROUNDS passes that move it 4 KiB towards its start in place
+# (dd reads ahead of where it writes), so every page changes each round, then its md5.
+def shift_loop(rounds):
+    return ("yes,abcdefghijklmnopqrstuvwxyz|head,-c,1048576,>/tmp/c&&for,n,in,$(seq,200);do,cat,/tmp/c;done>/tmp/a&&"
+            "echo,filled,$(wc,-c</tmp/a)&&"
+            f"for,i,in,$(seq,0,{rounds - 1});do,dd,if=/tmp/a,of=/tmp/a,bs=4096,skip=1,conv=notrunc,2>/dev/null&&"
+            "echo,round,$i;done&&md5sum,/tmp/a")
+
+
+def test_a_guest_dirtying_memory_fast_moves_with_postcopy(tmp_path, servers):
+    """The 200 MiB store loop, over a link (32 MiB/s) it outruns, switches to post-copy: the
+    destination runs the guest at once and pulls the pages it touches; the migration ends in
+    bounded time, the guest finishes its rounds on the destination, and the md5 of its 200 MiB
+    is the one the rounds must give. migrate-start-postcopy is refused without the capability
+    and without a migration."""
+    rounds = 5
+    port = free_port()
+    src = Server(tmp_path, "src", f"console=ttyS0 guest.run={shift_loop(rounds)}", memory="512M")
+    dst = Server(tmp_path, "dst", f"console=ttyS0 guest.run={shift_loop(rounds)}", memory="512M",
+                 extra=["--incoming", f"tcp:127.0.0.1:{port}"])
+    servers += [src, dst]
+    err = src.raw("migrate-start-postcopy")["error"]
+    assert err["desc"] == "Enable postcopy with migrate_set_capability before the start of migration", err
+    postcopy_caps(dst, src)
+    assert {"capability": "postcopy-ram", "state": True} in src.cmd("query-migrate-capabilities")
+    err = src.raw("migrate-start-postcopy")["error"]
+    assert err["desc"] == "Postcopy must be started after migration has been started", err
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 32 << 20})
+    src.expect(r"filled 209715200", BOOT_TIMEOUT * 2)
+    src.expect(r"round 0\b", BOOT_TIMEOUT)
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    deadline = time.monotonic() + 60
+    while (info := src.cmd("query-migrate"))["status"] != "active" or info["ram"]["transferred"] < 8 << 20:
+        assert info["status"] in ("setup", "active") and time.monotonic() < deadline, info
+        time.sleep(0.05)
+    started = time.monotonic()
+    src.cmd("human-monitor-command", **{"command-line": "migrate_start_postcopy"})
+    info = src.wait_migration(("completed", "failed", "postcopy-paused"), timeout=120)
+    assert info["status"] == "completed", info
+    # Bounded: RAM at loopback speed, not the guest's dirtying rate against 32 MiB/s.
+    assert time.monotonic() - started < 90
+    assert info["ram"]["postcopy-requests"] > 0 and info["downtime"] <= info["total-time"], info
+    assert src.cmd("query-status")["status"] == "postmigrate"
+    src_events = [e["data"]["status"] for e in src.qmp.get_events() if e["event"] == "MIGRATION"]
+    assert src_events == ["setup", "active", "postcopy-active", "completed"], src_events
+    dst_events = [e["data"]["status"] for e in dst.qmp.get_events() if e["event"] == "MIGRATION"]
+    assert dst_events == ["active", "postcopy-active", "completed"], dst_events
+    assert dst.cmd("query-migrate")["ram"]["postcopy-requests"] > 0
+    hmp = src.cmd("human-monitor-command", **{"command-line": "info migrate"})
+    assert "Migration status: completed" in hmp and "postcopy request count:" in hmp, hmp
+
+    last = int(re.findall(r"round (\d+)", src.text())[-1])
+    assert last < rounds - 1, "the guest finished its rounds before the switch; migrate earlier"
+    m = dst.expect(r"([0-9a-f]{32})  /tmp/a", 600)
+    rest = re.findall(r"round (\d+)", dst.text())
+    assert [int(r) for r in rest] == list(range(last + 1, rounds)), rest
+    assert m.group(1) == shifted_file_md5(rounds)
+    assert not re.search(r"[0-9a-f]{32}  /tmp/a", src.text()), "the source finished the rounds too"
+    assert dst.proc.wait(120) == 0
+    src.cmd("cont")
+    assert src.cmd("query-status")["status"] == "postmigrate"
+
+
+def test_a_dropped_connection_in_postcopy_leaves_the_source_paused_with_its_copy(tmp_path, servers):
+    """Post-copy's background stream is held to 512 KiB/s; while it runs the source sits in
+    finish-migrate and the guest counts on the destination. Then the connection drops: the guest
+    can continue nowhere. The source reports postcopy-paused with the reason and stays paused
+    (cont does not run it: the destination ran the guest and owns the disks), and the
+    destination exits with status 1 saying why. A destination without postcopy-ram makes
+    migrate-start-postcopy fail with the reason, and that migration goes on in pre-copy."""
+    fill = "dd,if=/dev/urandom,of=/tmp/r,bs=1M,count=24,2>/dev/null&&echo,filled&&" + COUNTER
+    src = Server(tmp_path, "src", f"console=ttyS0 guest.run={fill}")
+    servers.append(src)
+    postcopy_caps(src)
+    src.expect(r"count 3\b", BOOT_TIMEOUT)
+
+    # A destination that did not set postcopy-ram: refused, and pre-copy completes.
+    port = free_port()
+    plain = Server(tmp_path, "plain", f"console=ttyS0 guest.run={fill}", extra=["--incoming", f"tcp:127.0.0.1:{port}"])
+    servers.append(plain)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    src.wait_migration(("active",), timeout=60)
+    err = src.raw("migrate-start-postcopy")["error"]
+    assert "the destination cannot run post-copy: the postcopy-ram capability is not set on the destination" in err["desc"], err
+    src.cmd("migrate_cancel")
+    assert src.wait_migration(("cancelled", "failed", "completed"))["status"] == "cancelled"
+    assert_source_runs_on(src)
+
+    port = free_port()
+    dst = Server(tmp_path, "dst", f"console=ttyS0 guest.run={fill}", extra=["--incoming", f"tcp:127.0.0.1:{port}"])
+    servers.append(dst)
+    postcopy_caps(dst)
+    proxy = DroppingProxy(port)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20, "max-postcopy-bandwidth": 512 << 10})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
+    src.wait_migration(("active",), timeout=60)
+    src.cmd("migrate-start-postcopy")
+    info = src.wait_migration(("postcopy-active", "completed", "failed"), timeout=60)
+    assert info["status"] == "postcopy-active", info
+    assert src.cmd("query-status")["status"] == "finish-migrate"
+    assert dst.wait_migration(("postcopy-active", "completed", "failed"), timeout=60)["status"] == "postcopy-active"
+    dst.wait_status("running")
+    last = counts(src.text())[-1]
+    dst.expect(rf"count {last + 2}\b", 60)
+    assert src.cmd("query-migrate")["status"] == "postcopy-active", "post-copy ended before the drop"
+
+    proxy.drop()
+    info = src.wait_migration(("postcopy-paused", "failed", "completed"), timeout=60)
+    assert info["status"] == "postcopy-paused", info
+    assert "post-copy broke off" in info["error-desc"] and "keeps its paused copy" in info["error-desc"], info
+    assert src.cmd("query-status")["status"] == "finish-migrate"
+    src.cmd("cont")
+    time.sleep(0.5)
+    assert src.cmd("query-status")["status"] == "finish-migrate"
+    quiet = src.text()
+    assert "already migrated" in src.raw("migrate", uri="tcp:127.0.0.1:1")["error"]["desc"]
+    assert dst.proc.wait(60) == 1, dst.log.read_text()[-2000:]
+    assert "post-copy broke off" in dst.log.read_text()
+    assert src.text() == quiet, "the source ran its guest again"
+
+
+def test_a_system_reset_during_a_migration_reaches_the_destination(tmp_path, servers):
+    """system_reset while pass 1 is still going (the link is held to 8 MiB/s): the boot loader
+    rewrites the firmware, kernel and initramfs in RAM, which must count as dirty, and the
+    devices start over. The guest reboots on the source, and once the migration completes the
+    destination goes on with the rebooted guest from the next count. (Most kernel and initramfs
+    pages are not sent yet at the reset, so this does not catch missing dirty marks of the boot
+    loader: see docs/migration.md, Not done yet.)"""
+    fill = "dd,if=/dev/urandom,of=/tmp/r,bs=1M,count=48,2>/dev/null&&echo,filled&&" + COUNTER
+    port = free_port()
+    src = Server(tmp_path, "src", f"console=ttyS0 guest.run={fill}")
+    dst = Server(tmp_path, "dst", f"console=ttyS0 guest.run={fill}", extra=["--incoming", f"tcp:127.0.0.1:{port}"])
+    servers += [src, dst]
+    src.expect(r"count 3\b", BOOT_TIMEOUT)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    deadline = time.monotonic() + 60
+    while (info := src.cmd("query-migrate"))["status"] != "active" or info["ram"]["transferred"] < 2 << 20:
+        assert info["status"] in ("setup", "active") and time.monotonic() < deadline, info
+        time.sleep(0.05)
+    boots = src.text().count("guest: boot ok")
+    src.cmd("system_reset")
+    info = src.cmd("query-migrate")
+    assert info["status"] == "active" and info["ram"]["dirty-sync-count"] == 0, f"not in pass 1 at the reset: {info}"
+    assert any(e["event"] == "RESET" for e in src.qmp.get_events())
+    # The rebooted guest runs on the source (its second boot) while the migration goes on.
+    src.expect(r"guest: boot ok(?s:.*)guest: boot ok", BOOT_TIMEOUT * 2)
+    assert src.text().count("guest: boot ok") == boots + 1
+    src.expect(r"(?m)^filled(?s:.*)count 1\b", BOOT_TIMEOUT * 2, start=src.text().rindex("guest: boot ok"))
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 30})
+    info = src.wait_migration(("completed", "failed"), timeout=120)
+    assert info["status"] == "completed", info
+    # The count the source reached after its second boot goes on on the destination.
+    after_reset = src.text().rsplit("guest: boot ok", 1)[1]
+    last = counts(after_reset)[-1]
+    dst.expect(rf"count {last + 3}\b", 60)
+    assert counts(dst.text())[:3] == [last + 1, last + 2, last + 3], dst.text()[-500:]
+    assert "boot ok" not in dst.text()
+
+
+def test_guest_bench_moved_in_postcopy_keeps_qemus_checksum(tmp_path, servers):
+    """guest-bench switched to post-copy as soon as the migration is active: nearly all of its
+    RAM reaches the destination after the guest runs there (pulled on demand or streamed in the
+    background), and it still finishes with the checksum QEMU computes."""
+    port = free_port()
+    src = Server(tmp_path, "src", "console=ttyS0 guest.run=guest-bench,1")
+    dst = Server(tmp_path, "dst", "console=ttyS0 guest.run=guest-bench,1", extra=["--incoming", f"tcp:127.0.0.1:{port}"])
+    servers += [src, dst]
+    postcopy_caps(dst, src)
+    # Pass 1 (about 20 MB) then takes over a second: post-copy starts during it.
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+    src.expect(r"guest-bench crc32 ", BOOT_TIMEOUT)
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    src.wait_migration(("active", "completed", "failed"), timeout=60)
+    src.cmd("migrate-start-postcopy")
+    info = src.wait_migration(("completed", "failed", "postcopy-paused"))
+    assert info["status"] == "completed", info
+    assert "postcopy-active" in [e["data"]["status"] for e in src.qmp.get_events() if e["event"] == "MIGRATION"]
+    assert "checksum" not in src.text(), "guest-bench finished before the switch-over; migrate earlier"
+    m = dst.expect(r"guest-bench total +([0-9.]+) s checksum ([0-9a-f]{16})", 480)
+    assert m.group(2) == QEMU_CHECKSUM_SCALE1
+    assert src.cmd("query-status")["status"] == "postmigrate"

@@ -78,10 +78,12 @@ public protocol QMPCommandHandler: Sendable {
     func migrateSetParameters(_ arguments: MigrateSetParametersArguments) throws
     /// `query-migrate-parameters`: Returns every migration parameter.
     func queryMigrateParameters() throws -> MigrationParameters
-    /// `migrate-set-capabilities`: Switches migration capabilities on or off. Refused while a migration runs. `events` sends the MIGRATION and MIGRATION_PASS events; `auto-converge` throttles the vCPUs when the guest dirties memory faster than the migration sends it; `return-path` (the destination answering on the migration connection) is always on: turning it off is accepted and changes nothing.
+    /// `migrate-set-capabilities`: Switches migration capabilities on or off. Refused while a migration runs (a destination may still change them while it waits for the stream). `events` sends the MIGRATION and MIGRATION_PASS events; `auto-converge` throttles the vCPUs when the guest dirties memory faster than the migration sends it; `postcopy-ram` lets migrate-start-postcopy switch the migration to post-copy, and must be set on both ends (on the destination it is refused when userfaultfd is not available); `return-path` (the destination answering on the migration connection) is always on: turning it off is accepted and changes nothing.
     func migrateSetCapabilities(_ arguments: MigrateSetCapabilitiesArguments) throws
     /// `query-migrate-capabilities`: Returns every migration capability and whether it is on.
     func queryMigrateCapabilities() throws -> [MigrationCapabilityStatus]
+    /// `migrate-start-postcopy`: Switches the outgoing migration in progress to post-copy, as QEMU does; the migration must have been started with the `postcopy-ram` capability on both ends. At the end of the current page record the source stops (run state `finish-migrate`) and sends the device state and the list of pages the destination does not hold up to date, hands over the disks, and the destination runs the guest at once (status `postcopy-active` on both ends); pages the guest touches there before they arrive are fetched on demand (userfaultfd), ahead of the rest, which the source streams in the background. Once every page is across the status is `completed` and the source `postmigrate`. Post-copy moves a guest that dirties memory faster than the link carries in bounded time, but while it runs the guest lives on both hosts: if the connection or either end fails, the guest cannot continue (status `postcopy-paused`; the destination exits with status 1, the source keeps its paused copy and does not run it again). Refused when the capability is off, when no migration runs, or when the destination said it cannot do post-copy (the reason is given). If the migration completes in pre-copy first, it simply completes.
+    func migrateStartPostcopy() throws
     /// `netdev_add`: Adds a network backend while the machine runs. Its forwarded ports listen at once; it carries frames once a NIC uses it. Fails without adding anything when the id is taken, an option is invalid, or a port cannot be bound.
     func netdevAdd(_ arguments: Netdev) throws
     /// `netdev_del`: Removes a network backend that no NIC uses, closing its sockets. A netdev a NIC is connected to is refused until the NIC is gone (for a hot-plugged virtio-net-pci: after device_del's DEVICE_DELETED).
@@ -212,6 +214,8 @@ public enum QMPCommand: Sendable, Equatable {
     case migrateSetCapabilities(MigrateSetCapabilitiesArguments)
     /// `query-migrate-capabilities`.
     case queryMigrateCapabilities
+    /// `migrate-start-postcopy`.
+    case migrateStartPostcopy
     /// `netdev_add`.
     case netdevAdd(Netdev)
     /// `netdev_del`.
@@ -303,6 +307,7 @@ public enum QMPCommand: Sendable, Equatable {
         "query-migrate-parameters",
         "migrate-set-capabilities",
         "query-migrate-capabilities",
+        "migrate-start-postcopy",
         "netdev_add",
         "netdev_del",
         "set_link",
@@ -375,6 +380,7 @@ public enum QMPCommand: Sendable, Equatable {
         case .queryMigrateParameters: return "query-migrate-parameters"
         case .migrateSetCapabilities: return "migrate-set-capabilities"
         case .queryMigrateCapabilities: return "query-migrate-capabilities"
+        case .migrateStartPostcopy: return "migrate-start-postcopy"
         case .netdevAdd: return "netdev_add"
         case .netdevDel: return "netdev_del"
         case .setLink: return "set_link"
@@ -540,6 +546,11 @@ public static func decode(name: String, arguments: JSONObject) throws(SchemaDeco
                 throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
             }
             return .queryMigrateCapabilities
+        case "migrate-start-postcopy":
+            if let extra = arguments.keys.first {
+                throw SchemaDecodingError(path: SchemaPath.root.member(extra), problem: .unexpected)
+            }
+            return .migrateStartPostcopy
         case "netdev_add":
             return .netdevAdd(try Netdev(json: .object(arguments), at: .root))
         case "netdev_del":
@@ -720,6 +731,9 @@ public func execute(on handler: some QMPCommandHandler) throws -> JSONValue {
             return .object(JSONObject())
         case .queryMigrateCapabilities:
             return try handler.queryMigrateCapabilities().json
+        case .migrateStartPostcopy:
+            try handler.migrateStartPostcopy()
+            return .object(JSONObject())
         case .netdevAdd(let arguments):
             try handler.netdevAdd(arguments)
             return .object(JSONObject())

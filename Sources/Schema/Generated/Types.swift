@@ -5330,7 +5330,7 @@ public struct MachineDescription: SchemaCodable, Equatable {
 
 // MARK: - migration
 
-/// Where a migration stands, with QEMU's names. machine-server uses none, setup, active, cancelling, cancelled, completed and failed (no post-copy, COLO or pre-switchover pause).
+/// Where a migration stands, with QEMU's names. machine-server uses none, setup, active, postcopy-active (the guest runs on the destination, which pulls the pages it lacks), postcopy-paused (post-copy broke off: the guest can continue nowhere; the source keeps its paused copy; there is no recovery), cancelling, cancelled, completed and failed (no post-copy recovery, COLO or pre-switchover pause).
 public enum MigrationStatus: String, SchemaCodable, CaseIterable, Equatable {
     /// The value "none".
     case none = "none"
@@ -5398,9 +5398,11 @@ public struct MigrationStats: SchemaCodable, Equatable {
     public var dirtySyncCount: Int64
     /// Pages sent per second during the last pass.
     public var pagesPerSecond: Int64
+    /// Post-copy: pages the destination asked for because the guest touched them before they arrived (0 without post-copy).
+    public var postcopyRequests: Int64
 
     /// Creates a value from its members.
-    public init(transferred: Int64, remaining: Int64, total: Int64, duplicate: Int64, normal: Int64, normalBytes: Int64, mbps: Double, dirtyPagesRate: Int64, dirtySyncCount: Int64, pagesPerSecond: Int64) {
+    public init(transferred: Int64, remaining: Int64, total: Int64, duplicate: Int64, normal: Int64, normalBytes: Int64, mbps: Double, dirtyPagesRate: Int64, dirtySyncCount: Int64, pagesPerSecond: Int64, postcopyRequests: Int64) {
         self.transferred = transferred
         self.remaining = remaining
         self.total = total
@@ -5411,10 +5413,11 @@ public struct MigrationStats: SchemaCodable, Equatable {
         self.dirtyPagesRate = dirtyPagesRate
         self.dirtySyncCount = dirtySyncCount
         self.pagesPerSecond = pagesPerSecond
+        self.postcopyRequests = postcopyRequests
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["transferred", "remaining", "total", "duplicate", "normal", "normal-bytes", "mbps", "dirty-pages-rate", "dirty-sync-count", "pages-per-second"]
+    public static let memberNames: Set<String> = ["transferred", "remaining", "total", "duplicate", "normal", "normal-bytes", "mbps", "dirty-pages-rate", "dirty-sync-count", "pages-per-second", "postcopy-requests"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -5435,6 +5438,7 @@ public struct MigrationStats: SchemaCodable, Equatable {
         self.dirtyPagesRate = try r.required("dirty-pages-rate", as: Int64.self)
         self.dirtySyncCount = try r.required("dirty-sync-count", as: Int64.self)
         self.pagesPerSecond = try r.required("pages-per-second", as: Int64.self)
+        self.postcopyRequests = try r.required("postcopy-requests", as: Int64.self)
     }
 
     /// The members as JSON, in schema order.
@@ -5450,6 +5454,7 @@ public struct MigrationStats: SchemaCodable, Equatable {
         o["dirty-pages-rate"] = self.dirtyPagesRate.json
         o["dirty-sync-count"] = self.dirtySyncCount.json
         o["pages-per-second"] = self.pagesPerSecond.json
+        o["postcopy-requests"] = self.postcopyRequests.json
         return o
     }
 
@@ -5465,7 +5470,7 @@ public struct MigrationInfo: SchemaCodable, Equatable {
     public var ram: MigrationStats?
     /// Milliseconds from the start until now (active) or until the end (completed, failed, cancelled). Optional.
     public var totalTime: Int64?
-    /// Milliseconds the guest was paused for the switch-over (completed migrations). Optional.
+    /// Milliseconds the guest was paused for the switch-over (completed migrations; for post-copy, from the pause on the source until the destination runs the guest). Optional.
     public var downtime: Int64?
     /// Milliseconds spent setting up (connecting to or opening the destination). Optional.
     public var setupTime: Int64?
@@ -5534,7 +5539,7 @@ public struct MigrateArguments: SchemaCodable, Equatable {
     public var uri: String
     /// Accepted for compatibility; migrate always returns at once. Optional.
     public var detach: Bool?
-    /// Must be false or absent (paused postcopy migrations do not exist here). Optional.
+    /// Must be false or absent (a paused post-copy migration cannot be resumed here). Optional.
     public var resume: Bool?
 
     /// Creates a value from its members.
@@ -5622,18 +5627,21 @@ public struct MigrationParameters: SchemaCodable, Equatable {
     public var cpuThrottleIncrement: Int64?
     /// The highest throttle auto-converge may reach, in percent (default 99; 1...99). Optional.
     public var maxCpuThrottle: Int64?
+    /// The most bytes per second post-copy's background stream sends (default 0: unlimited, as QEMU); pages the destination asks for are sent regardless. Optional.
+    public var maxPostcopyBandwidth: Int64?
 
     /// Creates a value from its members.
-    public init(downtimeLimit: Int64? = nil, maxBandwidth: Int64? = nil, cpuThrottleInitial: Int64? = nil, cpuThrottleIncrement: Int64? = nil, maxCpuThrottle: Int64? = nil) {
+    public init(downtimeLimit: Int64? = nil, maxBandwidth: Int64? = nil, cpuThrottleInitial: Int64? = nil, cpuThrottleIncrement: Int64? = nil, maxCpuThrottle: Int64? = nil, maxPostcopyBandwidth: Int64? = nil) {
         self.downtimeLimit = downtimeLimit
         self.maxBandwidth = maxBandwidth
         self.cpuThrottleInitial = cpuThrottleInitial
         self.cpuThrottleIncrement = cpuThrottleIncrement
         self.maxCpuThrottle = maxCpuThrottle
+        self.maxPostcopyBandwidth = maxPostcopyBandwidth
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["downtime-limit", "max-bandwidth", "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle"]
+    public static let memberNames: Set<String> = ["downtime-limit", "max-bandwidth", "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle", "max-postcopy-bandwidth"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -5649,6 +5657,7 @@ public struct MigrationParameters: SchemaCodable, Equatable {
         self.cpuThrottleInitial = try r.optional("cpu-throttle-initial", as: Int64.self)
         self.cpuThrottleIncrement = try r.optional("cpu-throttle-increment", as: Int64.self)
         self.maxCpuThrottle = try r.optional("max-cpu-throttle", as: Int64.self)
+        self.maxPostcopyBandwidth = try r.optional("max-postcopy-bandwidth", as: Int64.self)
     }
 
     /// The members as JSON, in schema order.
@@ -5659,6 +5668,7 @@ public struct MigrationParameters: SchemaCodable, Equatable {
         if let v = self.cpuThrottleInitial { o["cpu-throttle-initial"] = v.json }
         if let v = self.cpuThrottleIncrement { o["cpu-throttle-increment"] = v.json }
         if let v = self.maxCpuThrottle { o["max-cpu-throttle"] = v.json }
+        if let v = self.maxPostcopyBandwidth { o["max-postcopy-bandwidth"] = v.json }
         return o
     }
 
@@ -5678,18 +5688,21 @@ public struct MigrateSetParametersArguments: SchemaCodable, Equatable {
     public var cpuThrottleIncrement: Int64?
     /// See MigrationParameters. Optional.
     public var maxCpuThrottle: Int64?
+    /// See MigrationParameters; applies at once to a post-copy in progress. Optional.
+    public var maxPostcopyBandwidth: Int64?
 
     /// Creates a value from its members.
-    public init(downtimeLimit: Int64? = nil, maxBandwidth: Int64? = nil, cpuThrottleInitial: Int64? = nil, cpuThrottleIncrement: Int64? = nil, maxCpuThrottle: Int64? = nil) {
+    public init(downtimeLimit: Int64? = nil, maxBandwidth: Int64? = nil, cpuThrottleInitial: Int64? = nil, cpuThrottleIncrement: Int64? = nil, maxCpuThrottle: Int64? = nil, maxPostcopyBandwidth: Int64? = nil) {
         self.downtimeLimit = downtimeLimit
         self.maxBandwidth = maxBandwidth
         self.cpuThrottleInitial = cpuThrottleInitial
         self.cpuThrottleIncrement = cpuThrottleIncrement
         self.maxCpuThrottle = maxCpuThrottle
+        self.maxPostcopyBandwidth = maxPostcopyBandwidth
     }
 
     /// The member names this type accepts.
-    public static let memberNames: Set<String> = ["downtime-limit", "max-bandwidth", "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle"]
+    public static let memberNames: Set<String> = ["downtime-limit", "max-bandwidth", "cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle", "max-postcopy-bandwidth"]
 
     /// Decodes strictly: the value must be an object with exactly these members.
     public init(json: JSONValue, at path: SchemaPath) throws(SchemaDecodingError) {
@@ -5705,6 +5718,7 @@ public struct MigrateSetParametersArguments: SchemaCodable, Equatable {
         self.cpuThrottleInitial = try r.optional("cpu-throttle-initial", as: Int64.self)
         self.cpuThrottleIncrement = try r.optional("cpu-throttle-increment", as: Int64.self)
         self.maxCpuThrottle = try r.optional("max-cpu-throttle", as: Int64.self)
+        self.maxPostcopyBandwidth = try r.optional("max-postcopy-bandwidth", as: Int64.self)
     }
 
     /// The members as JSON, in schema order.
@@ -5715,6 +5729,7 @@ public struct MigrateSetParametersArguments: SchemaCodable, Equatable {
         if let v = self.cpuThrottleInitial { o["cpu-throttle-initial"] = v.json }
         if let v = self.cpuThrottleIncrement { o["cpu-throttle-increment"] = v.json }
         if let v = self.maxCpuThrottle { o["max-cpu-throttle"] = v.json }
+        if let v = self.maxPostcopyBandwidth { o["max-postcopy-bandwidth"] = v.json }
         return o
     }
 
@@ -5728,6 +5743,8 @@ public enum MigrationCapability: String, SchemaCodable, CaseIterable, Equatable 
     case events = "events"
     /// The value "auto-converge".
     case autoConverge = "auto-converge"
+    /// The value "postcopy-ram".
+    case postcopyRam = "postcopy-ram"
     /// The value "return-path".
     case returnPath = "return-path"
 
