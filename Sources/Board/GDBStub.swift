@@ -232,7 +232,7 @@ struct GDBSession {
             if fds[0].revents != 0 {
                 let got = read(fd, &buf, buf.count)
                 if got <= 0 { break }
-                for e in parser.feed(buf[0..<got]) { handle(e) }
+                for e in parser.feed(buf[0..<got]) where open { handle(e) }
             }
             if !machine.isLiveForDebugger { break }
         }
@@ -288,13 +288,20 @@ struct GDBSession {
         }
     }
 
-    func send(_ s: String) { writeAll(GDBPacketParser.frame(Array(s.utf8))) }
+    mutating func send(_ s: String) { writeAll(GDBPacketParser.frame(Array(s.utf8))) }
 
-    func writeAll(_ bytes: [UInt8]) {
+    /// Writes `bytes` (MSG_NOSIGNAL: a debugger that left is an error here, not a SIGPIPE for
+    /// the whole process). A failed write ends the session: the packets still buffered from a
+    /// debugger that is gone are not answered.
+    mutating func writeAll(_ bytes: [UInt8]) {
         var off = 0
-        while off < bytes.count {
+        while open && off < bytes.count {
             let n = bytes[off...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            if n <= 0 { if errno == EINTR { continue }; return }
+            if n <= 0 {
+                if n < 0 && errno == EINTR { continue }
+                open = false
+                return
+            }
             off += n
         }
     }
