@@ -233,8 +233,19 @@ public final class StateSource {
     }
 
     public func bytes(_ count: Int, what: String) throws -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: count)
+        // A length read from the stream is only the peer's claim: the array grows (doubling)
+        // with the bytes that arrive, so a section that announces a gigabyte and holds a few
+        // bytes costs a few bytes and a truncation error, not a gigabyte zeroed first.
+        let first = 1 << 20
+        var out = [UInt8](repeating: 0, count: min(count, first))
         try out.withUnsafeMutableBytes { try read(into: $0, what: what) }
+        while out.count < count {
+            let start = out.count
+            out.append(contentsOf: repeatElement(0, count: min(count - start, start)))
+            try out.withUnsafeMutableBytes {
+                try read(into: UnsafeMutableRawBufferPointer(rebasing: $0[start...]), what: what)
+            }
+        }
         return out
     }
 

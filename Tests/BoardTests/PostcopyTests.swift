@@ -240,6 +240,50 @@ struct PostcopyTests {
         #expect(throws: MachineStateError.self) { _ = try Self.load(corrupt, into: b) }
     }
 
+    /// Found by the postcopy-stream fuzzer's hour-long run (its input kept in
+    /// tests/fuzz/corpus/postcopy-stream): a section whose length field claims up to 1 GiB, in
+    /// a stream from a socket, had the whole claim allocated and zeroed before its first byte was
+    /// read (0.5 s and a gigabyte per record). The reader now grows with the bytes that arrive:
+    /// no read asks the source for more than twice what it has delivered, and the refusal names
+    /// the section.
+    @Test func aSectionLengthIsAClaimNotAnAllocation() throws {
+        var stream: [UInt8] = []
+        let sink = StateSink(write: { stream += $0 })
+        try MachineStateWriter.writeHeader(identity: "test-identity", version: MachineStateFormat.liveVersion, to: sink)
+        var w = StateWriter()
+        w.u8(MachineStateFormat.kindSection)
+        w.string("clock")
+        w.u32(1)
+        w.u64(MachineStateFormat.maxSectionBytes)  // the claim
+        w.u32(0)
+        try sink.write(w.bytes + [UInt8](repeating: 7, count: 100))  // the bytes that follow
+        try sink.finish()
+        var offset = 0, largestAsk = 0
+        let source = StateSource(read: { p, n in
+            largestAsk = max(largestAsk, n)
+            let k = min(n, stream.count - offset)
+            stream.withUnsafeBytes { p.copyMemory(from: $0.baseAddress! + offset, byteCount: k) }
+            offset += k
+            return k
+        })
+        let ram = try GuestRAM(base: GuestPhysicalAddress(0x8000_0000), size: 16 << 12)
+        let reader = try LiveStateReader(source: source)
+        #expect {
+            _ = try reader.readUntilSwitchOver(into: ram)
+        } throws: { "\($0)".contains("truncated in section clock") }
+        #expect(largestAsk <= 2 << 20, "asked the source for \(largestAsk) bytes at once")
+
+        // The fuzzer's input (now a seed of its corpus): refused the same way.
+        let kept = Fuzz.corpus("postcopy-stream")
+        #expect(!kept.isEmpty)
+        let b = try GuestRAM(base: GuestPhysicalAddress(0x8000_0000), size: 64 << 12)
+        for input in kept {
+            #expect {
+                _ = try LiveStateReader(source: Self.source(input)).readUntilSwitchOver(into: b)
+            } throws: { "\($0)".contains("truncated in section clock") }
+        }
+    }
+
     /// Mutations of a post-copy stream: a clean refusal or a load, never a crash or a hang;
     /// no page outside RAM or outside the pending set reaches the placer. `Fuzz.budget`.
     @Test func mutatedPostcopyStreamsNeverCrash() throws {
@@ -250,7 +294,7 @@ struct PostcopyTests {
         let sections = [StateSection(name: "clock", version: 1, payload: [1, 2, 3, 4, 5, 6, 7, 8])]
         let seed = try Self.postcopyStream(ram: a, first: [0, 2, 3], pending: pending, later: [[41], [3, 40, 63]], sections: sections)
         let b = try GuestRAM(base: GuestPhysicalAddress(0x8000_0000), size: 64 << 12)
-        let report = Fuzz.run(target: "postcopy-stream", seeds: [seed], seconds: Fuzz.budget(ci: 2), maxLength: seed.count * 2,
+        let report = Fuzz.run(target: "postcopy-stream", seeds: [seed] + Fuzz.corpus("postcopy-stream"), seconds: Fuzz.budget(ci: 2), maxLength: seed.count * 2,
                               dictionary: [MachineStateFormat.magic, [5], [3], [4], [6], [0xff], [1, 0, 0, 0]]) { input in
             let reader = try LiveStateReader(source: Self.source(input))
             guard case .postcopy(_, _, let pend) = try reader.readUntilSwitchOver(into: b) else { return }
