@@ -1,3 +1,5 @@
+import Glibc
+
 /// A bounded first-in first-out queue of bytes in one fixed ring allocation.
 ///
 /// A value type with no locking of its own: each backend keeps it inside its `Mutex`.
@@ -81,5 +83,63 @@ struct ByteQueue {
     mutating func removeAll() {
         head = 0
         count = 0
+    }
+}
+
+/// Guest output on its way to a peer that may be slow or absent (a socket client, a terminal
+/// on a pty): what the peer takes at once goes straight out, the rest waits in a bounded queue
+/// for the backend's I/O thread, and what neither takes is dropped and counted.
+///
+/// A value type with no locking of its own, kept inside the backend's `Mutex`. `send` writes
+/// without blocking and returns what the peer took, or -1 with `errno` set.
+struct PendingOutput {
+    private var queue: ByteQueue
+    /// Bytes lost so far: written with no peer, or more than the queue holds.
+    private(set) var dropped: UInt64 = 0
+
+    init(capacity: Int) {
+        queue = ByteQueue(capacity: capacity)
+    }
+
+    /// True when nothing waits for the peer (the I/O thread need not poll for writability).
+    var isEmpty: Bool { queue.isEmpty }
+
+    /// Sends `bytes` to a present peer, trying at once only when nothing is queued (so bytes
+    /// keep their order) and queueing the rest; drops them all when there is no peer. Returns
+    /// true when the queue has just become non-empty: the I/O thread must be woken to flush it.
+    mutating func write(_ bytes: UnsafeRawBufferPointer, peerPresent: Bool,
+                        send: (UnsafeRawBufferPointer) -> Int) -> Bool {
+        guard peerPresent else {
+            dropped &+= UInt64(bytes.count)
+            return false
+        }
+        let wasEmpty = queue.isEmpty
+        var sent = 0
+        if wasEmpty { sent = max(send(bytes), 0) }
+        guard sent < bytes.count else { return false }
+        dropped &+= UInt64(queue.append(UnsafeRawBufferPointer(rebasing: bytes[sent...])))
+        return wasEmpty
+    }
+
+    /// Sends queued bytes while the peer takes them. Returns false when `send` failed with an
+    /// error other than EAGAIN or EINTR (the peer is gone).
+    mutating func flush(send: (UnsafeRawBufferPointer) -> Int) -> Bool {
+        var healthy = true
+        while !queue.isEmpty {
+            var progressed = false
+            queue.consumeContiguous { run in
+                let n = send(run)
+                if n < 0, errno != EAGAIN, errno != EINTR { healthy = false }
+                progressed = n > 0
+                return max(n, 0)
+            }
+            if !progressed { break }
+        }
+        return healthy
+    }
+
+    /// Forgets what is queued (the peer left, or a new one came: it starts with fresh output).
+    mutating func removeAll() {
+        queue.removeAll()
     }
 }

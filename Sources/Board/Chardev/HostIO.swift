@@ -107,3 +107,39 @@ func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Bool {
     }
     return true
 }
+
+/// The input side of a backend whose I/O thread reads host input (pty, socket, stdio): where
+/// the bytes go, how many the guest can take now (the gate, see `CharBackend.setInputGate`), and
+/// the backend's wake-up pipe, signalled when either changes so the thread polls again.
+final class ChardevInput: Sendable {
+    private let wake: WakePipe
+    private let state = Mutex<(receiver: (@Sendable ([UInt8]) -> Void)?, gate: (@Sendable () -> Int)?)>((nil, nil))
+
+    init(wake: WakePipe) {
+        self.wake = wake
+    }
+
+    func setReceiver(_ receiver: @escaping @Sendable ([UInt8]) -> Void) {
+        state.withLock { $0.receiver = receiver }
+    }
+
+    func setGate(_ room: @escaping @Sendable () -> Int) {
+        state.withLock { $0.gate = room }
+        wake.signal()
+    }
+
+    /// The receiver has room again: the I/O thread asks the gate anew.
+    func roomAvailable() { wake.signal() }
+
+    /// How many bytes to read now: what the gate allows, at most `limit` (all of it with no gate).
+    func room(limit: Int) -> Int {
+        let gate = state.withLock { $0.gate }
+        return min(limit, gate?() ?? limit)
+    }
+
+    /// Hands bytes read from the host to the receiver (dropped while there is none).
+    func deliver(_ bytes: [UInt8]) {
+        let receiver = state.withLock { $0.receiver }
+        receiver?(bytes)
+    }
+}

@@ -29,16 +29,14 @@ public final class PtyChardev: CharBackend, Sendable {
 
     private let master: Int32
     private let wake: WakePipe
+    private let input: ChardevInput
     private let ended = ThreadExit()
     private let state = Mutex(State())
 
     private struct State {
         var connected = false
-        var output = ByteQueue(capacity: PtyChardev.outputLimit)
-        var dropped: UInt64 = 0
+        var output = PendingOutput(capacity: PtyChardev.outputLimit)
         var closed = false
-        var receiver: (@Sendable ([UInt8]) -> Void)? = nil
-        var inputGate: (@Sendable () -> Int)? = nil
         var ioThreadID: pthread_t? = nil
     }
 
@@ -79,6 +77,7 @@ public final class PtyChardev: CharBackend, Sendable {
             Glibc.close(m)
             throw error
         }
+        self.input = ChardevInput(wake: wake)
         announce("char device redirected to \(path) (label \(id))")
         start()
     }
@@ -90,39 +89,19 @@ public final class PtyChardev: CharBackend, Sendable {
     public var isConnected: Bool { state.withLock { $0.connected } }
 
     /// Output bytes lost so far (no terminal attached, or one too slow for the bounded buffer).
-    public var droppedBytes: UInt64 { state.withLock { $0.dropped } }
+    public var droppedBytes: UInt64 { state.withLock { $0.output.dropped } }
 
-    public func setReceiver(_ receiver: @escaping @Sendable ([UInt8]) -> Void) {
-        state.withLock { $0.receiver = receiver }
-    }
-
-    /// Input is read only as fast as the gate allows: while it says 0 the keystrokes stay in the
-    /// terminal (backpressure, as in QEMU).
-    public func setInputGate(_ room: @escaping @Sendable () -> Int) {
-        state.withLock { $0.inputGate = room }
-        wake.signal()
-    }
-
-    /// Wakes the I/O thread to read again. Any thread.
-    public func inputRoomAvailable() { wake.signal() }
+    // Input is read only as fast as the gate allows: while it says 0 the keystrokes stay in
+    // the terminal (backpressure, as in QEMU).
+    public func setReceiver(_ receiver: @escaping @Sendable ([UInt8]) -> Void) { input.setReceiver(receiver) }
+    public func setInputGate(_ room: @escaping @Sendable () -> Int) { input.setGate(room) }
+    public func inputRoomAvailable() { input.roomAvailable() }
 
     /// Sends guest output; never blocks (see the type's documentation). vCPU thread.
     public func write(_ bytes: UnsafeRawBufferPointer) {
         guard bytes.count > 0 else { return }
-        let needWake = state.withLock { s -> Bool in
-            guard s.connected, !s.closed else {
-                s.dropped &+= UInt64(bytes.count)
-                return false
-            }
-            var sent = 0
-            if s.output.isEmpty {
-                let n = Glibc.write(master, bytes.baseAddress, bytes.count)
-                if n > 0 { sent = n }
-            }
-            guard sent < bytes.count else { return false }
-            let wasEmpty = s.output.isEmpty
-            s.dropped &+= UInt64(s.output.append(UnsafeRawBufferPointer(rebasing: bytes[sent...])))
-            return wasEmpty
+        let needWake = state.withLock { s in
+            s.output.write(bytes, peerPresent: s.connected && !s.closed) { Glibc.write(master, $0.baseAddress, $0.count) }
         }
         if needWake { wake.signal() }
     }
@@ -161,7 +140,7 @@ public final class PtyChardev: CharBackend, Sendable {
     private func ioLoop() {
         var buf = [UInt8](repeating: 0, count: 4096)
         while true {
-            let (closed, connected, wantOut, gate) = state.withLock { ($0.closed, $0.connected, !$0.output.isEmpty, $0.inputGate) }
+            let (closed, connected, wantOut) = state.withLock { ($0.closed, $0.connected, !$0.output.isEmpty) }
             if closed { return }
             if !connected {
                 var w = pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0)
@@ -174,7 +153,7 @@ public final class PtyChardev: CharBackend, Sendable {
                 }
                 continue
             }
-            let room = gate?() ?? buf.count
+            let room = input.room(limit: buf.count)
             // POLLHUP (the slave's last close) is reported whatever the events asked for.
             var fds = [pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: master, events: (room > 0 ? Int16(POLLIN) : 0) | (wantOut ? Int16(POLLOUT) : 0), revents: 0)]
@@ -189,8 +168,7 @@ public final class PtyChardev: CharBackend, Sendable {
             if room > 0 && ev & Int16(POLLIN) != 0 {
                 let n = buf.withUnsafeMutableBytes { Glibc.read(master, $0.baseAddress, min($0.count, room)) }
                 if n > 0 {
-                    let receiver = state.withLock { $0.receiver }
-                    receiver?(Array(buf[0..<n]))
+                    input.deliver(Array(buf[0..<n]))
                     continue
                 }
             }
@@ -203,17 +181,10 @@ public final class PtyChardev: CharBackend, Sendable {
         }
     }
 
+    /// Writes out queued output while the terminal takes it (its hang-up is seen by `poll`).
     private func flush() {
         state.withLock { s in
-            while !s.output.isEmpty {
-                var progressed = false
-                s.output.consumeContiguous { run in
-                    let n = Glibc.write(master, run.baseAddress, run.count)
-                    progressed = n > 0
-                    return max(n, 0)
-                }
-                if !progressed { break }
-            }
+            _ = s.output.flush { Glibc.write(master, $0.baseAddress, $0.count) }
         }
     }
 }

@@ -25,17 +25,15 @@ public final class SocketChardev: CharBackend, Sendable {
     private let listenFD: Int32
     private let unixPath: String?
     private let wake: WakePipe
+    private let input: ChardevInput
     private let ended = ThreadExit()
     private let state = Mutex(State())
 
     private struct State {
         var client: Int32 = -1
         var peer: String? = nil
-        var output = ByteQueue(capacity: SocketChardev.outputLimit)
-        var dropped: UInt64 = 0
+        var output = PendingOutput(capacity: SocketChardev.outputLimit)
         var closed = false
-        var receiver: (@Sendable ([UInt8]) -> Void)? = nil
-        var inputGate: (@Sendable () -> Int)? = nil
         var ioThreadID: pthread_t? = nil
     }
 
@@ -77,6 +75,7 @@ public final class SocketChardev: CharBackend, Sendable {
             unlink(path)
             throw error
         }
+        input = ChardevInput(wake: wake)
         start()
     }
 
@@ -133,6 +132,7 @@ public final class SocketChardev: CharBackend, Sendable {
             Glibc.close(fd)
             throw error
         }
+        input = ChardevInput(wake: wake)
         start()
     }
 
@@ -150,39 +150,20 @@ public final class SocketChardev: CharBackend, Sendable {
     public var isConnected: Bool { state.withLock { $0.client >= 0 } }
 
     /// Output bytes lost so far (no client, or a client too slow for the bounded buffer).
-    public var droppedBytes: UInt64 { state.withLock { $0.dropped } }
+    public var droppedBytes: UInt64 { state.withLock { $0.output.dropped } }
 
-    public func setReceiver(_ receiver: @escaping @Sendable ([UInt8]) -> Void) {
-        state.withLock { $0.receiver = receiver }
-    }
-
-    /// Input is read only as fast as the gate allows: while it says 0 the client's bytes stay
-    /// in the socket, and the client's writes block (backpressure, as in QEMU).
-    public func setInputGate(_ room: @escaping @Sendable () -> Int) {
-        state.withLock { $0.inputGate = room }
-        wake.signal()
-    }
-
-    /// Wakes the I/O thread to read again. Any thread.
-    public func inputRoomAvailable() { wake.signal() }
+    // Input is read only as fast as the gate allows: while it says 0 the client's bytes stay
+    // in the socket, and the client's writes block (backpressure, as in QEMU).
+    public func setReceiver(_ receiver: @escaping @Sendable ([UInt8]) -> Void) { input.setReceiver(receiver) }
+    public func setInputGate(_ room: @escaping @Sendable () -> Int) { input.setGate(room) }
+    public func inputRoomAvailable() { input.roomAvailable() }
 
     /// Sends guest output; never blocks (see the type's documentation). vCPU thread.
     public func write(_ bytes: UnsafeRawBufferPointer) {
         guard bytes.count > 0 else { return }
-        let needWake = state.withLock { s -> Bool in
-            guard s.client >= 0, !s.closed else {
-                s.dropped &+= UInt64(bytes.count)
-                return false
-            }
-            var sent = 0
-            if s.output.isEmpty {
-                let n = send(s.client, bytes.baseAddress, bytes.count, Int32(MSG_DONTWAIT) | Int32(MSG_NOSIGNAL))
-                if n > 0 { sent = n }
-            }
-            guard sent < bytes.count else { return false }
-            let wasEmpty = s.output.isEmpty
-            s.dropped &+= UInt64(s.output.append(UnsafeRawBufferPointer(rebasing: bytes[sent...])))
-            return wasEmpty
+        let needWake = state.withLock { s in
+            let client = s.client
+            return s.output.write(bytes, peerPresent: client >= 0 && !s.closed) { Self.send($0, to: client) }
         }
         if needWake { wake.signal() }
     }
@@ -216,11 +197,11 @@ public final class SocketChardev: CharBackend, Sendable {
     private func ioLoop() {
         var buf = [UInt8](repeating: 0, count: 4096)
         while true {
-            let (closed, client, wantOut, gate) = state.withLock { ($0.closed, $0.client, !$0.output.isEmpty, $0.inputGate) }
+            let (closed, client, wantOut) = state.withLock { ($0.closed, $0.client, !$0.output.isEmpty) }
             if closed { return }
             // With no room for input, the client is not polled for it (nor for hang-up, which
             // poll always reports: its last bytes are read once there is room).
-            let room = client >= 0 ? (gate?() ?? buf.count) : 0
+            let room = client >= 0 ? input.room(limit: buf.count) : 0
             var fds = [pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0)]
             if client >= 0 && (room > 0 || wantOut) {
@@ -238,8 +219,7 @@ public final class SocketChardev: CharBackend, Sendable {
                 if room > 0 && ev & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
                     let n = buf.withUnsafeMutableBytes { Glibc.read(client, $0.baseAddress, min($0.count, room)) }
                     if n > 0 {
-                        let receiver = state.withLock { $0.receiver }
-                        receiver?(Array(buf[0..<n]))
+                        input.deliver(Array(buf[0..<n]))
                     } else if n == 0 || (errno != EAGAIN && errno != EINTR) {
                         disconnect(client)
                     }
@@ -275,21 +255,15 @@ public final class SocketChardev: CharBackend, Sendable {
     }
 
     private func flush(_ client: Int32) {
-        var broken = false
-        state.withLock { s in
-            guard s.client == client else { return }
-            while !s.output.isEmpty {
-                var progressed = false
-                s.output.consumeContiguous { run in
-                    let n = send(client, run.baseAddress, run.count, Int32(MSG_DONTWAIT) | Int32(MSG_NOSIGNAL))
-                    if n < 0, errno != EAGAIN, errno != EINTR { broken = true }
-                    progressed = n > 0
-                    return max(n, 0)
-                }
-                if !progressed { break }
-            }
+        let healthy = state.withLock { s in
+            s.client != client || s.output.flush { Self.send($0, to: client) }
         }
-        if broken { disconnect(client) }
+        if !healthy { disconnect(client) }
+    }
+
+    /// One non-blocking send that cannot raise SIGPIPE.
+    private static func send(_ bytes: UnsafeRawBufferPointer, to client: Int32) -> Int {
+        Glibc.send(client, bytes.baseAddress, bytes.count, Int32(MSG_DONTWAIT) | Int32(MSG_NOSIGNAL))
     }
 
     private func disconnect(_ client: Int32) {

@@ -24,6 +24,7 @@ public final class StdioChardev: CharBackend, @unchecked Sendable {  // unchecke
     private let outputFD: Int32
     private let onQuitRequest: @Sendable () -> Void
     private let wake: WakePipe
+    private let input: ChardevInput
     private let readerEnded = ThreadExit()
     private let writerEnded = ThreadExit()
     private let outputReady = NSCondition()
@@ -36,9 +37,6 @@ public final class StdioChardev: CharBackend, @unchecked Sendable {  // unchecke
     private var dropped: UInt64 = 0
 
     private struct State {
-        var receiver: (@Sendable ([UInt8]) -> Void)? = nil
-        /// How many input bytes the receiver can take now (see `setInputGate`).
-        var inputGate: (@Sendable () -> Int)? = nil
         var closed = false
     }
 
@@ -57,6 +55,7 @@ public final class StdioChardev: CharBackend, @unchecked Sendable {  // unchecke
         self.outputFD = outputFD
         self.onQuitRequest = onQuitRequest
         self.wake = try WakePipe()
+        self.input = ChardevInput(wake: wake)
         self.isInteractive = isatty(inputFD) == 1
         if isInteractive { try TerminalGuard.engage(inputFD) }
         startThread(named: "chardev \(id) in") { [self] in
@@ -80,19 +79,11 @@ public final class StdioChardev: CharBackend, @unchecked Sendable {  // unchecke
         return dropped
     }
 
-    public func setReceiver(_ receiver: @escaping @Sendable ([UInt8]) -> Void) {
-        state.withLock { $0.receiver = receiver }
-    }
-
-    /// Input is read only as fast as the gate allows: while it says 0 the bytes stay in the
-    /// pipe or terminal, and a writer into a pipe blocks (backpressure, as in QEMU).
-    public func setInputGate(_ room: @escaping @Sendable () -> Int) {
-        state.withLock { $0.inputGate = room }
-        wake.signal()
-    }
-
-    /// Wakes the reader thread to read again. Any thread.
-    public func inputRoomAvailable() { wake.signal() }
+    // Input is read only as fast as the gate allows: while it says 0 the bytes stay in the
+    // pipe or terminal, and a writer into a pipe blocks (backpressure, as in QEMU).
+    public func setReceiver(_ receiver: @escaping @Sendable ([UInt8]) -> Void) { input.setReceiver(receiver) }
+    public func setInputGate(_ room: @escaping @Sendable () -> Int) { input.setGate(room) }
+    public func inputRoomAvailable() { input.roomAvailable() }
 
     /// Queues guest output; never blocks on the terminal. vCPU thread.
     public func write(_ bytes: UnsafeRawBufferPointer) {
@@ -135,7 +126,7 @@ public final class StdioChardev: CharBackend, @unchecked Sendable {  // unchecke
         while !state.withLock({ $0.closed }) {
             // With no room for input, the input is not polled: it waits in the host until
             // `inputRoomAvailable` wakes this thread.
-            let room = state.withLock { $0.inputGate }?() ?? buf.count
+            let room = input.room(limit: buf.count)
             let watchInput = inputOpen && room > 0
             var fds = [pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: watchInput ? inputFD : -1, events: Int16(POLLIN), revents: 0)]
@@ -167,7 +158,7 @@ public final class StdioChardev: CharBackend, @unchecked Sendable {  // unchecke
             } else {
                 forward.append(contentsOf: buf[0..<n])
             }
-            if !forward.isEmpty, let r = state.withLock({ $0.receiver }) { r(forward) }
+            if !forward.isEmpty { input.deliver(forward) }
             if quit {
                 queueLocalText("machine-server: terminated by Ctrl-A x\r\n")
                 onQuitRequest()
