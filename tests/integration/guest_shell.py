@@ -14,10 +14,7 @@ from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-REPO = Path(__file__).resolve().parents[2]
-GUEST_DIR = Path(os.environ.get("GUEST_DIR", REPO.parent / "shared" / "guests"))
-KERNEL = GUEST_DIR / "linux-6.1-rv64-Image"
-INITRD = GUEST_DIR / "initramfs-rv64.cpio.gz"
+from guest_env import INITRD, KERNEL
 PROMPT = "guest:/# "
 
 

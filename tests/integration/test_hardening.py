@@ -8,26 +8,17 @@ Environment:
 """
 import json
 import os
-import re
-import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from guest_env import SERVER, KERNEL, INITRD, needs  # noqa: E402
 
-SERVER = os.environ.get("MACHINE_SERVER")
-REPO = Path(__file__).resolve().parents[2]
-GUEST_DIR = Path(os.environ.get("GUEST_DIR", REPO.parent / "shared" / "guests"))
-KERNEL = GUEST_DIR / "linux-6.1-rv64-Image"
-INITRD = GUEST_DIR / "initramfs-rv64.cpio.gz"
 OPENSBI = Path("/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_dynamic.bin")
 
-pytestmark = [
-    pytest.mark.skipif(not SERVER, reason="MACHINE_SERVER is not set"),
-    pytest.mark.skipif(not KERNEL.exists(), reason="the shared guest is not in GUEST_DIR"),
-]
+pytestmark = needs()
 
 
 def write_description(tmp_path, **members):

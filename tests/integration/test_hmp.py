@@ -13,19 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from guest_env import SERVER, KERNEL, INITRD, needs  # noqa: E402
 
-SERVER = os.environ.get("MACHINE_SERVER")
-REPO = Path(__file__).resolve().parents[2]
-GUESTS = Path(os.environ.get("GUEST_DIR") or REPO.parent / "shared" / "guests")
-KERNEL = GUESTS / "linux-6.1-rv64-Image"
-INITRD = GUESTS / "initramfs-rv64.cpio.gz"
 FIRMWARE = Path("/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_dynamic.bin")
 
-pytestmark = [
-    pytest.mark.skipif(not SERVER, reason="MACHINE_SERVER is not set"),
-    pytest.mark.skipif(not KERNEL.exists(), reason=f"the shared guest is not in {GUESTS}"),
+pytestmark = needs("qemu-img") + [
     pytest.mark.skipif(shutil.which("qmp-shell") is None, reason="qmp-shell (pip qemu.qmp) is not installed"),
-    pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed"),
     pytest.mark.skipif(not FIRMWARE.exists(), reason="Debian's opensbi is not installed"),
 ]
 

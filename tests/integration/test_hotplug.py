@@ -9,7 +9,6 @@ shared guest). The guest runs a shell on its serial line, driven through a ring-
 """
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -17,15 +16,11 @@ import pytest
 
 pytest.importorskip("qemu.qmp")
 sys.path.insert(0, os.path.dirname(__file__))
-from guest_shell import KERNEL, Guest  # noqa: E402
+from guest_shell import Guest  # noqa: E402
+from guest_env import SERVER, needs  # noqa: E402
 
-SERVER = os.environ.get("MACHINE_SERVER")
 
-pytestmark = [
-    pytest.mark.skipif(not SERVER, reason="MACHINE_SERVER is not set"),
-    pytest.mark.skipif(not KERNEL.exists(), reason=f"no shared guest at {KERNEL}"),
-    pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed"),
-]
+pytestmark = needs("qemu-img")
 
 UNPLUG_TIMEOUT = 90   # pciehp waits 5 s after the button; generous for a loaded CI machine
 

@@ -30,20 +30,12 @@ import pytest
 
 pytest.importorskip("qemu.qmp")
 from qemu.qmp import QMPClient  # noqa: E402
+from guest_env import SERVER, KERNEL, INITRD, BOOT_TIMEOUT, needs  # noqa: E402
 
-SERVER = os.environ.get("MACHINE_SERVER")
-REPO = Path(__file__).resolve().parents[2]
-GUESTS = Path(os.environ.get("GUEST_DIR") or REPO.parent / "shared" / "guests")
-KERNEL = GUESTS / "linux-6.1-rv64-Image"
-INITRD = GUESTS / "initramfs-rv64.cpio.gz"
-BOOT_TIMEOUT = 170
 
-pytestmark = [
-    pytest.mark.skipif(not SERVER, reason="MACHINE_SERVER is not set"),
-    pytest.mark.skipif(not KERNEL.exists(), reason=f"the shared guest is not in {GUESTS}"),
+pytestmark = needs("qemu-img") + [
     pytest.mark.skipif(shutil.which("virsh") is None or not Path("/usr/sbin/libvirtd").exists(),
                        reason="libvirt is not installed (scripts/deps libvirt)"),
-    pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed"),
 ]
 
 

@@ -12,7 +12,6 @@ The shared guest (Linux 6.1 + busybox initramfs) comes from GUEST_DIR (default
 ../shared/guests).
 """
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -29,21 +28,11 @@ import pytest
 pytest.importorskip("qemu.qmp")
 sys.path.insert(0, os.path.dirname(__file__))
 from machine_process import MachineProcess, servers  # noqa: E402,F401
+from guest_env import KERNEL, INITRD, BOOT_TIMEOUT, QEMU_CHECKSUM_SCALE1, needs  # noqa: E402
 
-SERVER = os.environ.get("MACHINE_SERVER")
-REPO = Path(__file__).resolve().parents[2]
-GUEST_DIR = Path(os.environ.get("GUEST_DIR", REPO.parent / "shared" / "guests"))
-KERNEL = GUEST_DIR / "linux-6.1-rv64-Image"
-INITRD = GUEST_DIR / "initramfs-rv64.cpio.gz"
-BOOT_TIMEOUT = float(os.environ.get("BOOT_TIMEOUT", "120"))
-# guest-bench,1 under qemu-system-riscv64 (the value tests/boot checks against QEMU).
-QEMU_CHECKSUM_SCALE1 = "0170a8bc544c8311"
 COUNTER = "i=0;while,true;do,echo,count,$i;i=$((i+1));sleep,0.2;done"
 
-pytestmark = [
-    pytest.mark.skipif(not SERVER, reason="MACHINE_SERVER is not set"),
-    pytest.mark.skipif(not KERNEL.exists(), reason=f"no shared guest in {GUEST_DIR}"),
-]
+pytestmark = needs()
 
 
 def free_port() -> int:

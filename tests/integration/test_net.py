@@ -27,18 +27,10 @@ import pytest
 pytest.importorskip("qemu.qmp")
 sys.path.insert(0, os.path.dirname(__file__))
 from machine_process import MachineProcess, servers  # noqa: E402,F401
+from guest_env import SERVER, KERNEL, INITRD, BOOT_TIMEOUT, needs  # noqa: E402
 
-SERVER = os.environ.get("MACHINE_SERVER")
-REPO = Path(__file__).resolve().parents[2]
-GUEST_DIR = Path(os.environ.get("GUEST_DIR", REPO.parent / "shared" / "guests"))
-KERNEL = GUEST_DIR / "linux-6.1-rv64-Image"
-INITRD = GUEST_DIR / "initramfs-rv64.cpio.gz"
-BOOT_TIMEOUT = float(os.environ.get("BOOT_TIMEOUT", "170"))
 
-pytestmark = [
-    pytest.mark.skipif(not SERVER, reason="MACHINE_SERVER is not set"),
-    pytest.mark.skipif(not KERNEL.exists(), reason=f"no shared guest in {GUEST_DIR}"),
-]
+pytestmark = needs()
 
 DHCP = "udhcpc,-i,eth0,-n,-q,-t,10"
 # The guest serves /tmp/www on port 80 and then waits to be stopped.

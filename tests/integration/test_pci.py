@@ -11,26 +11,15 @@ runs the result with sh -c and powers off.
 """
 import hashlib
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from guest_env import SERVER, KERNEL, INITRD, BOOT_TIMEOUT, needs  # noqa: E402
 
-SERVER = os.environ.get("MACHINE_SERVER")
-REPO = Path(__file__).resolve().parents[2]
-GUEST_DIR = Path(os.environ.get("GUEST_DIR", REPO.parent / "shared" / "guests"))
-KERNEL = GUEST_DIR / "linux-6.1-rv64-Image"
-INITRD = GUEST_DIR / "initramfs-rv64.cpio.gz"
-BOOT_TIMEOUT = float(os.environ.get("BOOT_TIMEOUT", "170"))
 
-pytestmark = [
-    pytest.mark.skipif(not SERVER, reason="MACHINE_SERVER is not set"),
-    pytest.mark.skipif(not KERNEL.exists(), reason=f"no shared guest in {GUEST_DIR}"),
-    pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed"),
-]
+pytestmark = needs("qemu-img")
 
 
 def pci_disk(id_, file, fmt="raw", **extra):

@@ -15,25 +15,16 @@ import re
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("qemu.qmp")
 from qemu.qmp import QMPClient  # noqa: E402
+from guest_env import SERVER, KERNEL, INITRD, BOOT_TIMEOUT, needs  # noqa: E402
 
-SERVER = os.environ.get("MACHINE_SERVER")
-REPO = Path(__file__).resolve().parents[2]
-GUESTS = Path(os.environ.get("GUEST_DIR") or REPO.parent / "shared" / "guests")
-KERNEL = GUESTS / "linux-6.1-rv64-Image"
-INITRD = GUESTS / "initramfs-rv64.cpio.gz"
 QEMU = shutil.which("qemu-system-riscv64")
-BOOT_TIMEOUT = 170  # seconds for one boot under load
 
-pytestmark = [
-    pytest.mark.skipif(not SERVER, reason="MACHINE_SERVER is not set"),
-    pytest.mark.skipif(not KERNEL.exists(), reason=f"the shared guest is not in {GUESTS}"),
-]
+pytestmark = needs()
 
 BINARIES = [
     pytest.param("qemu", marks=pytest.mark.skipif(QEMU is None, reason="qemu-system-riscv64 is not installed")),
