@@ -24,14 +24,15 @@ import Testing
         close(fd)
     }
 
-    /// Peak resident size of this process in bytes (VmHWM).
-    func peakRSS() -> UInt64 {
-        let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
-        for line in status.split(separator: "\n") where line.hasPrefix("VmHWM:") {
-            let kb = line.split(separator: " ").dropFirst().first.flatMap { UInt64($0) } ?? 0
-            return kb * 1024
-        }
-        return 0
+    /// Peak resident size of this process in bytes (VmHWM), signed so that differences are too:
+    /// the kernel's RSS counters are approximate (per-CPU batches), so with other tests
+    /// allocating and freeing in parallel a later reading can be a little lower than an earlier
+    /// one. (As UInt64, such a difference trapped and took the whole test process down.)
+    func peakRSS() throws -> Int {
+        let status = try String(contentsOfFile: "/proc/self/status", encoding: .utf8)
+        let line = try #require(status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") })
+        let kb = try #require(line.split(separator: " ").dropFirst().first.flatMap { Int($0) })
+        return kb * 1024
     }
 
     /// A sparse file larger than guest RAM is refused by its size, before any of it is read:
@@ -47,7 +48,7 @@ import Testing
         let small = dir + "/small.img"
         try Data(makeLinuxImage(fileSize: 4096, imageSize: 4096)).write(to: URL(fileURLWithPath: small))
         resetPeakRSS()
-        let before = peakRSS()
+        let before = try peakRSS()
         do {
             _ = try BootLoader(ram: ramRegion(64 * mib),
                                firmware: role == "firmware" ? .path(big) : nil,
@@ -57,7 +58,7 @@ import Testing
         } catch let e as MachineError {
             #expect("\(e)".contains(big) && "\(e)".contains("\(1 << 30) bytes"), "\(e)")
         }
-        let grown = peakRSS() - before
+        let grown = try peakRSS() - before
         #expect(grown < 256 << 20, "loading grew the process by \(grown >> 20) MiB")
     }
 

@@ -101,10 +101,16 @@ extension VNCServerTests {
             }
         }
         try viewersComeAndGo(20)  // warm up: caches, the event thread's first allocations
-        let before = try dataBytes()
-        try viewersComeAndGo(200)
-        let growth = try dataBytes() - before
-        #expect(growth < 3 << 20, "the data segment grew by \(growth) bytes over 200 WebSocket viewers")
+        // VmData is the whole process's, and other tests map and unmap memory in parallel: a
+        // round can see their mappings come. A leak grows every round (46 KB a viewer, 9 MiB a
+        // round, before the fix); so up to three rounds, and one under the limit passes.
+        var growths: [Int] = []
+        repeat {
+            let before = try dataBytes()
+            try viewersComeAndGo(200)
+            growths.append(try dataBytes() - before)
+        } while growths.count < 3 && growths.last! >= 3 << 20
+        #expect(growths.min()! < 3 << 20, "the data segment grew by \(growths) bytes in each round of 200 WebSocket viewers")
     }
 }
 
